@@ -1,0 +1,27 @@
+//! Generates the gRPC code for the SPIFFE Workload API.
+//!
+//! No protoc is needed on the machine: the vendored one is used unless `PROTOC` names another.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment yet.
+        unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
+
+    // The Workload API has no package; give its generated file a stable name.
+    let mut config = tonic_prost_build::Config::new();
+    config.default_package_filename("workload");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .file_descriptor_set_path(out_dir.join("workload_descriptor.bin"))
+        .compile_with_config(config, &[PathBuf::from("proto/workload.proto")], &includes)?;
+
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! The agent's composition root: [`build`] wires configuration, CA, entry source, identity cache,
+//! attestor and the Workload API endpoint together, and returns a handle with the bound socket
+//! and a shutdown trigger.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::cache::IdentityCache;
+use super::config::AgentConfig;
+use super::endpoint::{self, EndpointError};
+use super::entries::watch_config_file;
+use super::workload::{WorkloadService, check_security_header};
+use crate::attest::{Attestor, PinMode};
+use crate::ca::{CaError, load_or_create_local_ca};
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+/// How long open connections get to finish after shutdown before they are cut.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the agent could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The signing CA could not be loaded or created.
+    #[error("signing CA: {0}")]
+    Ca(#[from] CaError),
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// Reflection descriptors could not be loaded (a build defect).
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("Workload API server: {0}")]
+    Serve(String),
+}
+
+/// Knobs that are not part of the configuration file.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildOptions {
+    /// How connecting processes are pinned.
+    pub pin_mode: PinMode,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            pin_mode: PinMode::Pidfd,
+        }
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    /// The bound Workload API socket.
+    pub socket_path: PathBuf,
+    /// The identity cache, for inspection.
+    pub cache: Arc<IdentityCache>,
+    /// Set to `true` to drain and stop.
+    shutdown: watch::Sender<bool>,
+    /// The server task; ends after draining.
+    server: JoinHandle<Result<(), AgentError>>,
+}
+
+impl AgentHandle {
+    /// The socket as a SPIFFE endpoint URI (`unix:///path`), for `SPIFFE_ENDPOINT_SOCKET`.
+    pub fn socket_uri(&self) -> String {
+        format!("unix://{}", self.socket_path.display())
+    }
+
+    /// Starts draining: streams end with Unavailable, then the socket is removed.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Waits until the agent has stopped.
+    pub async fn wait(self) -> Result<(), AgentError> {
+        self.server
+            .await
+            .map_err(|e| AgentError::Serve(e.to_string()))?
+    }
+
+    /// Drains and waits.
+    pub async fn stop(self) -> Result<(), AgentError> {
+        self.shutdown();
+        self.wait().await
+    }
+}
+
+/// Resolves once shutdown has been requested (or its sender is gone).
+async fn signalled(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Builds and starts an agent. Returns once the socket accepts connections.
+pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHandle, AgentError> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let ca = Arc::new(load_or_create_local_ca(&config.ca, &config.trust_domain)?);
+    // The signing-authority seam: standalone mode publishes its one CA; an upstream server
+    // would publish each new intermediate here.
+    let (ca_tx, ca_rx) = watch::channel(ca.clone());
+    let entries = Arc::new(config.entries.clone());
+    // The entry-source seam: the config file here, the server's sync stream later.
+    let (entries_tx, entries_rx) = watch::channel(entries.clone());
+
+    let cache = IdentityCache::new(entries, ca);
+    tokio::spawn({
+        let cache = cache.clone();
+        let stop = signalled(shutdown_rx.clone());
+        async move {
+            cache.run_rotation(entries_rx, ca_rx, stop).await;
+            drop(ca_tx);
+        }
+    });
+    if let Some(file) = config.file.clone() {
+        tokio::spawn(watch_config_file(
+            file,
+            config.trust_domain.clone(),
+            entries_tx,
+            signalled(shutdown_rx.clone()),
+        ));
+    } else {
+        // No file to watch: keep the sender alive for the agent's lifetime.
+        tokio::spawn({
+            let stop = signalled(shutdown_rx.clone());
+            async move {
+                stop.await;
+                drop(entries_tx);
+            }
+        });
+    }
+
+    let attestor = Arc::new(Attestor::new(config.exe_hash_size_limit, options.pin_mode));
+    let service = WorkloadService::new(
+        cache.clone(),
+        attestor.clone(),
+        config.trust_domain.clone(),
+        config.allow_unauthenticated_verifiers,
+        shutdown_rx.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SpiffeWorkloadApiServer<WorkloadService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::WORKLOAD_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AgentError::Reflection(e.to_string()))?;
+
+    let listener = endpoint::bind(&config.socket_path)?;
+    let socket_path = config.socket_path.clone();
+    let incoming = endpoint::incoming(listener, attestor, signalled(shutdown_rx.clone()));
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(256))
+        .add_service(SpiffeWorkloadApiServer::with_interceptor(
+            service,
+            check_security_header,
+        ))
+        .add_service(health_service)
+        .add_service(reflection);
+
+    let server = tokio::spawn({
+        let socket_path = socket_path.clone();
+        let stop = signalled(shutdown_rx.clone());
+        let mut drained = shutdown_rx.clone();
+        async move {
+            let serve = router.serve_with_incoming_shutdown(incoming, stop);
+            tokio::pin!(serve);
+            let result = tokio::select! {
+                result = &mut serve => result.map_err(|e| AgentError::Serve(e.to_string())),
+                _ = async {
+                    let _ = drained.wait_for(|stop| *stop).await;
+                    tokio::time::sleep(DRAIN_TIMEOUT).await;
+                } => {
+                    tracing::warn!("connections did not drain in time; closing them");
+                    Ok(())
+                }
+            };
+            health
+                .set_not_serving::<SpiffeWorkloadApiServer<WorkloadService>>()
+                .await;
+            let _ = std::fs::remove_file(&socket_path);
+            tracing::info!(socket = %socket_path.display(), "Workload API stopped");
+            result
+        }
+    });
+
+    tracing::info!(
+        socket = %socket_path.display(),
+        trust_domain = %config.trust_domain,
+        entries = config.entries.entries.len(),
+        "Workload API serving"
+    );
+    Ok(AgentHandle {
+        socket_path,
+        cache,
+        shutdown: shutdown_tx,
+        server,
+    })
+}

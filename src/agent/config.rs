@@ -1,0 +1,566 @@
+//! The agent's TOML configuration: parsed into checked types, or refused with the file, key and
+//! value at fault and what would be right.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+use crate::attest::Selector;
+use crate::ca::LocalCaSource;
+use crate::entry::{EntrySet, RegistrationEntry};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/tessera/agent.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/agent";
+/// Executables larger than this are not hashed by default (256 MiB).
+pub const DEFAULT_EXE_HASH_SIZE_LIMIT: u64 = 256 << 20;
+const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+const MIN_X509_TTL: Duration = Duration::from_secs(2);
+const MAX_X509_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+const MAX_HINT_LEN: usize = 1024;
+
+/// A configuration the agent cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The configuration file.
+        file: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not have the expected shape.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The configuration file.
+        file: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is well-formed TOML but not acceptable.
+    #[error("{file}: {key} = {value:?}: {reason}")]
+    Invalid {
+        /// The configuration file.
+        file: String,
+        /// The key at fault, e.g. `entry[2].selectors[0]`.
+        key: String,
+        /// The value found.
+        value: String,
+        /// Why it is wrong and what would be right.
+        reason: String,
+    },
+}
+
+/// A checked agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The file the configuration came from; entries are reloaded from it. `None` when the
+    /// configuration was built in code (e.g. by `tessera dev`).
+    pub file: Option<PathBuf>,
+    /// The trust domain whose identities this agent serves.
+    pub trust_domain: TrustDomain,
+    /// Path of the Workload API socket.
+    pub socket_path: PathBuf,
+    /// Where the agent keeps its state (the standalone CA).
+    pub state_dir: PathBuf,
+    /// Serve bundles to callers that have no identity (verifier-only workloads).
+    pub allow_unauthenticated_verifiers: bool,
+    /// Executables larger than this fail attestation when an entry needs their hash.
+    pub exe_hash_size_limit: u64,
+    /// Where the signing CA comes from.
+    pub ca: LocalCaSource,
+    /// The registration entries.
+    pub entries: EntrySet,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: String,
+    socket_path: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    allow_unauthenticated_verifiers: bool,
+    #[serde(default)]
+    attestation: RawAttestation,
+    #[serde(default)]
+    ca: RawCa,
+    #[serde(default, rename = "entry")]
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAttestation {
+    exe_hash_size_limit: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCa {
+    ttl: Option<String>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+/// An entry as written in the file, before checking.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawEntry {
+    /// Optional stable id.
+    pub id: Option<String>,
+    /// The SPIFFE ID to grant.
+    pub spiffe_id: String,
+    /// Selectors the caller must show.
+    pub selectors: Vec<String>,
+    /// SVID lifetime, e.g. `5m`.
+    pub x509_ttl: String,
+    /// Who answers for the identity.
+    pub owner: String,
+    /// What it is for.
+    pub purpose: String,
+    /// RFC 3339 instant after which nothing is issued.
+    pub expires_at: Option<String>,
+    /// Optional hint.
+    pub hint: Option<String>,
+    /// Optional DNS SANs.
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Reads and checks the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let mut config = Self::parse(&file, &text)?;
+        config.file = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Checks configuration `text`; `file` names it in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &str, value: &str, reason: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            value: value.to_owned(),
+            reason,
+        };
+        let trust_domain = TrustDomain::new(&raw.trust_domain).map_err(|e| {
+            invalid(
+                "trust_domain",
+                &raw.trust_domain,
+                format!("{e} (expected a name such as \"example.org\")"),
+            )
+        })?;
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let socket_path = raw
+            .socket_path
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
+        for (key, path) in [("socket_path", &socket_path), ("state_dir", &state_dir)] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    &path.display().to_string(),
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
+        let ca = match (raw.ca.cert_file, raw.ca.key_file) {
+            (Some(cert), Some(key)) => LocalCaSource::Files { cert, key },
+            (None, None) => {
+                let ttl = match raw.ca.ttl.as_deref() {
+                    None => DEFAULT_CA_TTL,
+                    Some(text) => {
+                        let ttl = parse_duration(text)
+                            .map_err(|reason| invalid("ca.ttl", text, reason))?;
+                        if ttl < Duration::from_secs(3600) {
+                            return Err(invalid("ca.ttl", text, "must be at least 1h".into()));
+                        }
+                        ttl
+                    }
+                };
+                LocalCaSource::Generated {
+                    state_dir: state_dir.clone(),
+                    ttl,
+                }
+            }
+            (Some(cert), None) => {
+                return Err(invalid(
+                    "ca.cert_file",
+                    &cert.display().to_string(),
+                    "ca.key_file must be given too".into(),
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(invalid(
+                    "ca.key_file",
+                    &key.display().to_string(),
+                    "ca.cert_file must be given too".into(),
+                ));
+            }
+        };
+        let entries = check_entries(file, &trust_domain, raw.entries)?;
+        Ok(Self {
+            file: None,
+            trust_domain,
+            socket_path,
+            state_dir,
+            allow_unauthenticated_verifiers: raw.allow_unauthenticated_verifiers,
+            exe_hash_size_limit: raw
+                .attestation
+                .exe_hash_size_limit
+                .unwrap_or(DEFAULT_EXE_HASH_SIZE_LIMIT),
+            ca,
+            entries,
+        })
+    }
+}
+
+/// Checks every raw entry; the first problem found is returned with its key.
+pub fn check_entries(
+    file: &str,
+    trust_domain: &TrustDomain,
+    raw: Vec<RawEntry>,
+) -> Result<EntrySet, ConfigError> {
+    let mut entries = Vec::with_capacity(raw.len());
+    let mut ids = HashSet::new();
+    let mut identities = HashSet::new();
+    for (index, raw) in raw.into_iter().enumerate() {
+        let entry = check_entry(file, trust_domain, index, raw)?;
+        let key = |field: &str| format!("entry[{index}].{field}");
+        if !ids.insert(entry.id.clone()) {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                key: key("id"),
+                value: entry.id.clone(),
+                reason: "another entry has the same id".into(),
+            });
+        }
+        if !identities.insert((entry.spiffe_id.clone(), entry.selectors.clone())) {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                key: key("spiffe_id"),
+                value: entry.spiffe_id.to_string(),
+                reason: "another entry grants the same SPIFFE ID for the same selectors".into(),
+            });
+        }
+        entries.push(entry);
+    }
+    Ok(EntrySet::new(entries))
+}
+
+fn check_entry(
+    file: &str,
+    trust_domain: &TrustDomain,
+    index: usize,
+    raw: RawEntry,
+) -> Result<RegistrationEntry, ConfigError> {
+    let invalid = |field: &str, value: &str, reason: String| ConfigError::Invalid {
+        file: file.to_owned(),
+        key: format!("entry[{index}].{field}"),
+        value: value.to_owned(),
+        reason,
+    };
+    let spiffe_id = SpiffeId::parse_workload(&raw.spiffe_id).map_err(|e| {
+        invalid(
+            "spiffe_id",
+            &raw.spiffe_id,
+            format!("not a workload SPIFFE ID: {e}"),
+        )
+    })?;
+    if spiffe_id.trust_domain() != *trust_domain {
+        return Err(invalid(
+            "spiffe_id",
+            &raw.spiffe_id,
+            format!("is outside this agent's trust domain {trust_domain:?}"),
+        ));
+    }
+    if raw.selectors.is_empty() {
+        return Err(invalid(
+            "selectors",
+            "[]",
+            "at least one selector is required; an entry without selectors would match every caller".into(),
+        ));
+    }
+    let mut selectors = crate::attest::SelectorSet::new();
+    for (i, text) in raw.selectors.iter().enumerate() {
+        let selector: Selector = text
+            .parse()
+            .map_err(|e| invalid(&format!("selectors[{i}]"), text, format!("{e}")))?;
+        selectors.insert(selector);
+    }
+    let x509_ttl =
+        parse_duration(&raw.x509_ttl).map_err(|r| invalid("x509_ttl", &raw.x509_ttl, r))?;
+    if !(MIN_X509_TTL..=MAX_X509_TTL).contains(&x509_ttl) {
+        return Err(invalid(
+            "x509_ttl",
+            &raw.x509_ttl,
+            "must be between 2s and 30d".into(),
+        ));
+    }
+    for (field, value) in [("owner", &raw.owner), ("purpose", &raw.purpose)] {
+        if value.trim().is_empty() {
+            return Err(invalid(
+                field,
+                value,
+                "is required: every identity needs an owner and a purpose".into(),
+            ));
+        }
+    }
+    let expires_at = match &raw.expires_at {
+        None => None,
+        Some(text) => Some(parse_rfc3339(text).map_err(|r| invalid("expires_at", text, r))?),
+    };
+    if let Some(hint) = &raw.hint
+        && (hint.is_empty() || hint.len() > MAX_HINT_LEN)
+    {
+        return Err(invalid(
+            "hint",
+            hint,
+            format!("must be 1 to {MAX_HINT_LEN} bytes"),
+        ));
+    }
+    for (i, name) in raw.dns_names.iter().enumerate() {
+        if !is_dns_name(name) {
+            return Err(invalid(
+                &format!("dns_names[{i}]"),
+                name,
+                "not a DNS name (letters, digits, '-', '.', an optional leading '*.')".into(),
+            ));
+        }
+    }
+    let id = match raw.id {
+        Some(id) => {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    "id",
+                    &id,
+                    "must be 1 to 64 of letters, digits, '.', '-', '_'".into(),
+                ));
+            }
+            id
+        }
+        None => derived_entry_id(&spiffe_id, &selectors),
+    };
+    Ok(RegistrationEntry {
+        id,
+        spiffe_id,
+        selectors,
+        x509_ttl,
+        owner: raw.owner,
+        purpose: raw.purpose,
+        expires_at,
+        hint: raw.hint,
+        dns_names: raw.dns_names,
+    })
+}
+
+/// A stable id for an entry the operator did not name: a digest of what it grants to whom.
+fn derived_entry_id(spiffe_id: &SpiffeId, selectors: &crate::attest::SelectorSet) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(spiffe_id.as_str().as_bytes());
+    for s in selectors {
+        ctx.update(b"\n");
+        ctx.update(s.to_string().as_bytes());
+    }
+    format!("e-{}", &hex::encode(ctx.finish())[..16])
+}
+
+/// Parses a duration such as `90s`, `5m` or `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("not a duration ({e}); write e.g. \"90s\", \"5m\" or \"1h\""))
+}
+
+fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}); write e.g. \"2027-01-31T18:00:00Z\""))?;
+    Ok(SystemTime::from(at))
+}
+
+fn is_dns_name(name: &str) -> bool {
+    let body = name.strip_prefix("*.").unwrap_or(name);
+    !body.is_empty()
+        && name.len() <= 253
+        && body.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+trust_domain = "example.org"
+socket_path = "/tmp/t/agent.sock"
+state_dir = "/tmp/t/state"
+
+[[entry]]
+spiffe_id = "spiffe://example.org/agent/coder"
+selectors = ["unix:uid:1001", "systemd:unit:coder.service"]
+x509_ttl = "5m"
+owner = "ml-platform"
+purpose = "coding agent"
+expires_at = "2030-01-01T00:00:00+02:00"
+hint = "primary"
+dns_names = ["coder.internal"]
+
+[[entry]]
+id = "db-reader"
+spiffe_id = "spiffe://example.org/db/reader"
+selectors = ["unix:gid:70"]
+x509_ttl = "1h"
+owner = "data"
+purpose = "read replicas"
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let config = AgentConfig::parse("agent.toml", GOOD).unwrap();
+        assert_eq!(config.trust_domain.name(), "example.org");
+        assert_eq!(config.entries.entries.len(), 2);
+        let first = &config.entries.entries[0];
+        assert!(first.id.starts_with("e-"));
+        assert_eq!(first.x509_ttl, Duration::from_secs(300));
+        assert_eq!(
+            first.expires_at.unwrap(),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_448_800)
+        );
+        assert_eq!(config.entries.entries[1].id, "db-reader");
+        assert_eq!(config.exe_hash_size_limit, DEFAULT_EXE_HASH_SIZE_LIMIT);
+        assert!(matches!(config.ca, LocalCaSource::Generated { .. }));
+    }
+
+    fn error_for(replace: &str, with: &str) -> String {
+        let text = GOOD.replacen(replace, with, 1);
+        AgentConfig::parse("agent.toml", &text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn every_bad_value_is_named_with_file_key_and_reason() {
+        let cases = [
+            (
+                "trust_domain = \"example.org\"",
+                "trust_domain = \"Example.org\"",
+                "agent.toml: trust_domain = \"Example.org\"",
+            ),
+            (
+                "spiffe://example.org/agent/coder",
+                "spiffe://example.org/agent//coder",
+                "entry[0].spiffe_id",
+            ),
+            (
+                "spiffe://example.org/agent/coder",
+                "spiffe://other.org/agent",
+                "outside this agent's trust domain",
+            ),
+            (
+                "unix:uid:1001",
+                "unix:uid:alice",
+                "entry[0].selectors[0] = \"unix:uid:alice\": unix:uid needs a decimal id",
+            ),
+            ("unix:uid:1001", "k8s:pod:x", "unknown selector \"k8s:pod\""),
+            (
+                "x509_ttl = \"5m\"",
+                "x509_ttl = \"5 parsecs\"",
+                "entry[0].x509_ttl = \"5 parsecs\": not a duration",
+            ),
+            (
+                "x509_ttl = \"5m\"",
+                "x509_ttl = \"1s\"",
+                "must be between 2s and 30d",
+            ),
+            ("owner = \"ml-platform\"", "owner = \" \"", "entry[0].owner"),
+            (
+                "2030-01-01T00:00:00+02:00",
+                "next tuesday",
+                "entry[0].expires_at = \"next tuesday\": not an RFC 3339 time",
+            ),
+            ("coder.internal", "bad_name!", "entry[0].dns_names[0]"),
+            ("id = \"db-reader\"", "id = \"has space\"", "entry[1].id"),
+            (
+                "selectors = [\"unix:gid:70\"]",
+                "selectors = []",
+                "entry[1].selectors",
+            ),
+            (
+                "socket_path = \"/tmp/t/agent.sock\"",
+                "socket_path = \"agent.sock\"",
+                "socket_path = \"agent.sock\": must be an absolute path",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let err = error_for(from, to);
+            assert!(
+                err.contains(want),
+                "replacing {from:?} by {to:?}: got {err:?}, want {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_name_the_file_and_line() {
+        let err = error_for("x509_ttl = \"5m\"", "x509_ttl = 5m").to_string();
+        assert!(
+            err.starts_with("agent.toml: TOML parse error at line"),
+            "{err}"
+        );
+        let err = error_for("hint = \"primary\"", "hnt = \"primary\"").to_string();
+        assert!(err.contains("unknown field `hnt`"), "{err}");
+        let err = error_for("owner = \"ml-platform\"\n", "").to_string();
+        assert!(err.contains("missing field `owner`"), "{err}");
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let dup = format!(
+            "{GOOD}\n[[entry]]\nid = \"db-reader\"\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:1\"]\nx509_ttl = \"5m\"\nowner = \"o\"\npurpose = \"p\"\n"
+        );
+        let err = AgentConfig::parse("agent.toml", &dup)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("entry[2].id = \"db-reader\": another entry has the same id"),
+            "{err}"
+        );
+        let same = format!(
+            "{GOOD}\n[[entry]]\nspiffe_id = \"spiffe://example.org/db/reader\"\nselectors = [\"unix:gid:70\"]\nx509_ttl = \"5m\"\nowner = \"o\"\npurpose = \"p\"\n"
+        );
+        let err = AgentConfig::parse("agent.toml", &same)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("same SPIFFE ID for the same selectors"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! The Workload API socket: bound world-connectable on purpose (authorisation comes from
+//! attestation, not file modes), and an accept loop that captures each peer's credentials and
+//! pins its process before any byte is read.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use super::authority::AuthorityFix;
+use crate::attest::{AttestError, Attestor, PeerCredentials};
+
+/// Connections beyond this many are closed at once; each open one holds a file descriptor.
+const MAX_CONNECTIONS: usize = 32_768;
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The socket's directory could not be created.
+    #[error("cannot create socket directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Something other than a socket is in the way.
+    #[error("{path} exists and is not a socket; refusing to remove it")]
+    NotASocket {
+        /// The configured socket path.
+        path: String,
+    },
+    /// Binding or setting permissions failed.
+    #[error("cannot bind {path}: {source}")]
+    Bind {
+        /// The configured socket path.
+        path: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Binds the Workload API socket: creates the directory, removes a stale socket, makes the
+/// socket connectable by every local user.
+pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
+    let shown = || path.display().to_string();
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(|source| EndpointError::CreateDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| EndpointError::Bind {
+                path: shown(),
+                source,
+            })?;
+        }
+        Ok(_) => return Err(EndpointError::NotASocket { path: shown() }),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|source| EndpointError::Bind {
+        path: shown(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(|source| {
+        EndpointError::Bind {
+            path: shown(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// The peer of a connection, as captured at accept time; handed to every request on it.
+#[derive(Clone, Debug)]
+pub struct PeerInfo(Arc<Result<PeerCredentials, AttestError>>);
+
+impl PeerInfo {
+    /// The captured credentials, or why they could not be captured.
+    pub fn credentials(&self) -> Result<&PeerCredentials, &AttestError> {
+        self.0.as_ref().as_ref()
+    }
+}
+
+/// An accepted connection: the socket (behind the `:authority` fix) and its peer.
+pub struct PeerConnection {
+    io: AuthorityFix<UnixStream>,
+    peer: PeerInfo,
+    /// Counts against `MAX_CONNECTIONS` while the connection lives.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for PeerConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PeerConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, capturing each peer. Accept errors (such as
+/// running out of file descriptors) are logged and retried, never fatal.
+pub fn incoming(
+    listener: UnixListener,
+    attestor: Arc<Attestor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> ReceiverStream<Result<PeerConnection, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed; retrying shortly");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    limit = MAX_CONNECTIONS,
+                    "too many open connections; closing a new one"
+                );
+                continue;
+            };
+            let peer = attestor.capture_peer(stream.as_fd());
+            if let Err(e) = &peer {
+                tracing::warn!(error = %e, "could not capture peer credentials");
+            }
+            let connection = PeerConnection {
+                io: AuthorityFix::new(stream),
+                peer: PeerInfo(Arc::new(peer)),
+                _slot: slot,
+            };
+            if tx.send(Ok(connection)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}

@@ -1,0 +1,98 @@
+//! The standalone entry source: entries come from the agent's configuration file and are
+//! reloaded on SIGHUP and whenever the file changes, without a restart. A file that no longer
+//! parses is reported and the last good entries stay in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use super::config::AgentConfig;
+use crate::entry::EntrySet;
+use crate::spiffe::TrustDomain;
+
+/// How often the file's metadata is checked for a change.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What identifies one version of the file on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
+/// Watches `file` and publishes its entries on `entries` until `shutdown` resolves.
+pub async fn watch_config_file(
+    file: PathBuf,
+    trust_domain: TrustDomain,
+    entries: watch::Sender<Arc<EntrySet>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+            None
+        }
+    };
+    let mut last = stamp(&file);
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        let reason = tokio::select! {
+            _ = &mut shutdown => return,
+            _ = async { match hangup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => "SIGHUP",
+            _ = ticker.tick() => {
+                let now = stamp(&file);
+                if now == last { continue; }
+                last = now;
+                "file change"
+            }
+        };
+        reload(&file, &trust_domain, &entries, reason);
+    }
+}
+
+fn reload(
+    file: &Path,
+    trust_domain: &TrustDomain,
+    entries: &watch::Sender<Arc<EntrySet>>,
+    reason: &str,
+) {
+    match AgentConfig::load(file) {
+        Ok(config) if config.trust_domain != *trust_domain => {
+            tracing::error!(
+                file = %file.display(),
+                found = %config.trust_domain,
+                serving = %trust_domain,
+                "trust_domain changed; restart the agent to change it. Keeping the last good entries"
+            );
+        }
+        Ok(config) => {
+            let count = config.entries.entries.len();
+            let changed = entries.send_if_modified(|current| {
+                if **current == config.entries {
+                    return false;
+                }
+                *current = Arc::new(config.entries);
+                true
+            });
+            tracing::info!(file = %file.display(), reason, entries = count, changed, "reloaded registration entries");
+        }
+        Err(e) => {
+            tracing::error!(reason, error = %e, "cannot reload entries; keeping the last good ones");
+        }
+    }
+}

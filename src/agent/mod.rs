@@ -1,0 +1,13 @@
+//! The node agent: serves the SPIFFE Workload API to local workloads.
+
+pub mod app;
+pub mod authority;
+pub mod cache;
+pub mod config;
+pub mod endpoint;
+pub mod entries;
+pub mod sdnotify;
+pub mod workload;
+
+pub use app::{AgentError, AgentHandle, BuildOptions, build};
+pub use config::AgentConfig;

@@ -1,0 +1,392 @@
+//! The SPIFFE Workload API service: attests each caller, then streams the full current state of
+//! its identities (or bundles) and a new message whenever that state changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::cache::{Identities, IdentityCache, Lease};
+use super::endpoint::PeerInfo;
+use crate::attest::{AttestError, Attestor, CallerFacts};
+use crate::ca::CaError;
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use crate::proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
+    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use crate::spiffe::TrustDomain;
+
+/// The metadata key every Workload API call must carry, with the value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// At most this many attestations read /proc at once; the rest wait their turn.
+const MAX_CONCURRENT_ATTESTATIONS: usize = 64;
+
+/// Everything that can go wrong serving one call. Mapped to a gRPC status in one place,
+/// [`ServeError::into_status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The caller could not be attested.
+    #[error("workload attestation failed: {0}")]
+    Attestation(#[from] AttestError),
+    /// Peer credentials were not captured for the connection.
+    #[error("no peer credentials for the connection: {0}")]
+    NoPeer(String),
+    /// The caller matches no registration entry.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// Minting an SVID failed.
+    #[error("could not issue an X.509-SVID: {0}")]
+    Mint(#[from] CaError),
+    /// The agent is draining.
+    #[error("agent is shutting down")]
+    ShuttingDown,
+    /// A background task failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServeError {
+    /// The status a client sees. Details of attestation and internal failures stay in the log.
+    pub fn into_status(self) -> Status {
+        match self {
+            Self::NoIdentity => Status::permission_denied("no identity issued"),
+            Self::ShuttingDown => Status::unavailable("agent is shutting down"),
+            Self::Attestation(_) | Self::NoPeer(_) => {
+                tracing::warn!(error = %self, "refused a Workload API call");
+                Status::unavailable("workload attestation failed")
+            }
+            Self::Mint(_) => {
+                tracing::error!(error = %self, "refused a Workload API call");
+                Status::unavailable("could not issue an X.509-SVID; retry later")
+            }
+            Self::Internal(_) => {
+                tracing::error!(error = %self, "Workload API call failed");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// Refuses Workload API calls without exactly one `workload.spiffe.io: true` header.
+pub fn check_security_header(request: Request<()>) -> Result<Request<()>, Status> {
+    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v == "true" => Ok(request),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// The Workload API implementation. Cheap to clone; one per endpoint.
+#[derive(Clone)]
+pub struct WorkloadService {
+    /// Identities and the signing CA.
+    cache: Arc<IdentityCache>,
+    /// Reads callers' facts.
+    attestor: Arc<Attestor>,
+    /// Bounds concurrent /proc reading and hashing.
+    attest_permits: Arc<Semaphore>,
+    /// The trust domain served, for bundle map keys.
+    trust_domain: TrustDomain,
+    /// Serve bundles to callers without an identity.
+    allow_unauthenticated_verifiers: bool,
+    /// Becomes `true` when the agent drains; every stream then ends.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WorkloadService {
+    /// A service over `cache`, attesting with `attestor`.
+    pub fn new(
+        cache: Arc<IdentityCache>,
+        attestor: Arc<Attestor>,
+        trust_domain: TrustDomain,
+        allow_unauthenticated_verifiers: bool,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            cache,
+            attestor,
+            attest_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
+            trust_domain,
+            allow_unauthenticated_verifiers,
+            shutdown,
+        }
+    }
+
+    async fn attest<T>(&self, request: &Request<T>) -> Result<CallerFacts, ServeError> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .ok_or_else(|| ServeError::NoPeer("connection was not accepted by the agent".into()))?;
+        let needs = self.cache.entries().fact_needs();
+        let attestor = self.attestor.clone();
+        let _permit = self
+            .attest_permits
+            .acquire()
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?;
+        tokio::task::spawn_blocking(move || match peer.credentials() {
+            Ok(credentials) => attestor
+                .attest(credentials, needs)
+                .map_err(ServeError::from),
+            Err(e) => Err(ServeError::NoPeer(e.to_string())),
+        })
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))?
+    }
+
+    /// The caller's current identities, or `NoIdentity`.
+    fn identities(&self, facts: &CallerFacts, lease: &mut Lease) -> Result<Identities, ServeError> {
+        let entries = self.cache.entries();
+        let matching = entries.matching(&facts.selectors, SystemTime::now());
+        if matching.is_empty() {
+            return Err(ServeError::NoIdentity);
+        }
+        Ok(self.cache.acquire(&matching, lease)?)
+    }
+
+    fn entitled_to_bundles(&self, facts: &CallerFacts) -> bool {
+        self.allow_unauthenticated_verifiers
+            || !self
+                .cache
+                .entries()
+                .matching(&facts.selectors, SystemTime::now())
+                .is_empty()
+    }
+
+    fn bundles_response(&self) -> X509BundlesResponse {
+        X509BundlesResponse {
+            crl: Vec::new(),
+            bundles: HashMap::from([(self.trust_domain.id_string(), self.cache.ca().bundle_der())]),
+        }
+    }
+
+    /// Runs a stream: `next` is asked for a message after every cache change; `Ok(None)` means
+    /// "nothing new to send", `Err` ends the stream with that error.
+    fn spawn_stream<T, F>(&self, first: T, mut next: F) -> ReceiverStream<Result<T, Status>>
+    where
+        T: Send + 'static,
+        F: FnMut() -> Result<Option<T>, ServeError> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(2);
+        let mut generation = self.cache.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let ended = tokio::select! {
+                    changed = generation.changed() => changed.is_err(),
+                    _ = tx.closed() => return,
+                    _ = shutdown.wait_for(|draining| *draining) => true,
+                };
+                let outcome = if ended {
+                    Err(ServeError::ShuttingDown)
+                } else {
+                    next()
+                };
+                match outcome {
+                    Ok(None) => {}
+                    Ok(Some(message)) => {
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into_status())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// What a client would see change between two X.509-SVID messages.
+type SvidFingerprint = (Vec<(String, String)>, usize);
+
+fn fingerprint(ids: &Identities) -> SvidFingerprint {
+    let svids = ids
+        .svids
+        .iter()
+        .map(|(entry, svid)| {
+            (
+                svid.serial_hex.clone(),
+                entry.hint.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    (svids, Arc::as_ptr(&ids.ca) as usize)
+}
+
+fn svid_response(ids: &Identities) -> X509svidResponse {
+    let bundle = ids.ca.bundle_der();
+    X509svidResponse {
+        svids: ids
+            .svids
+            .iter()
+            .map(|(entry, svid)| X509svid {
+                spiffe_id: svid.spiffe_id.to_string(),
+                x509_svid: svid.chain_concat(),
+                x509_svid_key: svid.key_pkcs8.to_vec(),
+                bundle: bundle.clone(),
+                hint: entry.hint.clone().unwrap_or_default(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadService {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+    type FetchWITSVIDStream = ResponseStream<WitsvidResponse>;
+    type FetchWITBundlesStream = ResponseStream<WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        if *self.shutdown.borrow() {
+            return Err(ServeError::ShuttingDown.into_status());
+        }
+        let facts = self
+            .attest(&request)
+            .await
+            .map_err(ServeError::into_status)?;
+        let mut lease = self.cache.lease();
+        let first = self
+            .identities(&facts, &mut lease)
+            .map_err(ServeError::into_status)?;
+        tracing::debug!(pid = facts.pid, uid = facts.uid, exe = %facts.exe_path, svids = first.svids.len(), "serving X.509-SVIDs");
+        let mut last = fingerprint(&first);
+        let message = svid_response(&first);
+        let service = self.clone();
+        let stream = self.spawn_stream(message, move || {
+            let ids = service.identities(&facts, &mut lease)?;
+            let now = fingerprint(&ids);
+            if now == last {
+                return Ok(None);
+            }
+            last = now;
+            Ok(Some(svid_response(&ids)))
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        if *self.shutdown.borrow() {
+            return Err(ServeError::ShuttingDown.into_status());
+        }
+        let facts = self
+            .attest(&request)
+            .await
+            .map_err(ServeError::into_status)?;
+        if !self.entitled_to_bundles(&facts) {
+            return Err(ServeError::NoIdentity.into_status());
+        }
+        let first = self.bundles_response();
+        let mut last = first.clone();
+        let service = self.clone();
+        let stream = self.spawn_stream(first, move || {
+            if !service.entitled_to_bundles(&facts) {
+                return Err(ServeError::NoIdentity);
+            }
+            let now = service.bundles_response();
+            if now == last {
+                return Ok(None);
+            }
+            last = now.clone();
+            Ok(Some(now))
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        _request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        Err(Status::unimplemented(
+            "JWT-SVIDs are not served by this agent yet",
+        ))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "JWT bundles are not served by this agent yet",
+        ))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Err(Status::unimplemented(
+            "JWT-SVID validation is not served by this agent yet",
+        ))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _request: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _request: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn security_header_must_be_exactly_one_true() {
+        let with = |values: &[&str]| {
+            let mut request = Request::new(());
+            for v in values {
+                request
+                    .metadata_mut()
+                    .append(SECURITY_HEADER, v.parse().unwrap());
+            }
+            check_security_header(request)
+                .map(|_| ())
+                .map_err(|s| s.code())
+        };
+        assert_eq!(with(&["true"]), Ok(()));
+        assert_eq!(with(&[]), Err(tonic::Code::InvalidArgument));
+        assert_eq!(with(&["True"]), Err(tonic::Code::InvalidArgument));
+        assert_eq!(with(&["true", "true"]), Err(tonic::Code::InvalidArgument));
+    }
+}

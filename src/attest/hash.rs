@@ -1,0 +1,144 @@
+//! SHA-256 of executables, cached by (device, inode, size, mtime) so that a process started
+//! from an unchanged binary costs one fstat, not a read of the whole file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Mutex;
+
+/// The cache never holds more digests than this; when full it starts over.
+const MAX_CACHED: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_sec: i64,
+    mtime_nsec: i64,
+}
+
+/// Why an executable could not be hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    /// The file is larger than the configured limit.
+    #[error("{size} bytes is over the limit of {limit}")]
+    TooLarge {
+        /// The file's size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Reading the file failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Executable digests, shared by every attestation.
+#[derive(Debug)]
+pub struct ExeHashCache {
+    /// Files above this size are refused.
+    size_limit: u64,
+    /// Digests by file identity; lives as long as the agent, bounded by `MAX_CACHED`.
+    digests: Mutex<HashMap<FileKey, String>>,
+}
+
+impl ExeHashCache {
+    /// An empty cache refusing files over `size_limit` bytes.
+    pub fn new(size_limit: u64) -> Self {
+        Self {
+            size_limit,
+            digests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The lowercase hex SHA-256 of the open file `exe`.
+    pub fn digest(&self, mut exe: File) -> Result<String, HashError> {
+        let meta = exe.metadata()?;
+        if meta.len() > self.size_limit {
+            return Err(HashError::TooLarge {
+                size: meta.len(),
+                limit: self.size_limit,
+            });
+        }
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_sec: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        };
+        if let Some(hit) = self.lock().get(&key) {
+            return Ok(hit.clone());
+        }
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = exe.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+        let digest = hex::encode(ctx.finish());
+        let mut digests = self.lock();
+        if digests.len() >= MAX_CACHED {
+            digests.clear();
+        }
+        digests.insert(key, digest.clone());
+        Ok(digest)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, String>> {
+        // A panic while holding the lock cannot leave the map inconsistent: use it anyway.
+        self.digests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn digests_match_sha256sum_and_are_cached_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bin");
+        std::fs::write(&path, b"hello\n").unwrap();
+        let cache = ExeHashCache::new(1024);
+        let d = cache.digest(File::open(&path).unwrap()).unwrap();
+        assert_eq!(
+            d,
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
+        assert_eq!(cache.lock().len(), 1);
+
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"more").unwrap();
+        drop(f);
+        let d2 = cache.digest(File::open(&path).unwrap()).unwrap();
+        assert_ne!(d, d2);
+        assert_eq!(cache.lock().len(), 2);
+    }
+
+    #[test]
+    fn refuses_files_over_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, vec![0u8; 2048]).unwrap();
+        let err = ExeHashCache::new(1024)
+            .digest(File::open(&path).unwrap())
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            HashError::TooLarge {
+                size: 2048,
+                limit: 1024
+            }
+        ));
+    }
+}

@@ -1,0 +1,148 @@
+//! Workload attestation: who is on the other end of a Workload API connection, as the kernel
+//! tells it, turned into selectors.
+//!
+//! At accept time the agent takes the peer's credentials (SO_PEERCRED) and a pidfd for the very
+//! process that connected (SO_PEERPIDFD). Attestation then reads /proc through a directory fd
+//! that is proven, by the pidfd, to belong to that process; a recycled pid can never lend its
+//! facts to someone else. Kernels without SO_PEERPIDFD fall back to pinning /proc/<pid> at
+//! accept time and re-checking the process start time and owner after reading.
+
+mod hash;
+mod peer;
+mod process;
+mod selector;
+
+pub use hash::ExeHashCache;
+pub use peer::{PeerCredentials, PinMode};
+pub use selector::{Selector, SelectorError, SelectorKind, SelectorSet};
+
+use crate::entry::FactNeeds;
+
+/// Why a caller could not be attested. Reported to the caller only as "attestation failed";
+/// the reason goes to the agent's log.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// The socket reported no process id (the caller is in a PID namespace the agent cannot see).
+    #[error(
+        "peer process id is 0: the caller is in another PID namespace; run the agent in the host PID namespace"
+    )]
+    NoPid,
+    /// The socket's peer credentials could not be read.
+    #[error("cannot read the socket's peer credentials: {0}")]
+    PeerCredentials(nix::Error),
+    /// The process that connected has exited.
+    #[error("process {pid} that connected has exited")]
+    Vanished {
+        /// The pid the connection reported.
+        pid: i32,
+    },
+    /// The pid now names a different process than the one that connected.
+    #[error("pid {pid} now belongs to a different process than the one that connected")]
+    PidReused {
+        /// The pid the connection reported.
+        pid: i32,
+    },
+    /// The process's effective uid/gid differ from those it connected with.
+    #[error(
+        "process {pid} connected as uid {peer_uid} gid {peer_gid} but now runs as uid {uid} gid {gid}"
+    )]
+    CredentialsChanged {
+        /// The process.
+        pid: i32,
+        /// Credentials at connect time.
+        peer_uid: u32,
+        /// Credentials at connect time.
+        peer_gid: u32,
+        /// Effective credentials now.
+        uid: u32,
+        /// Effective credentials now.
+        gid: u32,
+    },
+    /// A /proc entry of the process could not be read.
+    #[error("cannot read /proc/{pid}/{entry}: {source}")]
+    Proc {
+        /// The process.
+        pid: i32,
+        /// The /proc entry, e.g. `status`.
+        entry: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A /proc entry does not have the expected format.
+    #[error("/proc/{pid}/{entry} is malformed: {detail}")]
+    ProcFormat {
+        /// The process.
+        pid: i32,
+        /// The /proc entry.
+        entry: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The executable is larger than the hashing limit.
+    #[error(
+        "executable of process {pid} is {size} bytes, over the hashing limit of {limit} bytes (attestation.exe_hash_size_limit)"
+    )]
+    ExeTooLarge {
+        /// The process.
+        pid: i32,
+        /// The executable's size.
+        size: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+}
+
+/// What attestation established about a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerFacts {
+    /// Process id.
+    pub pid: i32,
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Executable path as the kernel reports it (inside the caller's mount namespace).
+    pub exe_path: String,
+    /// SHA-256 of the executable, when some entry needs it.
+    pub exe_sha256: Option<String>,
+    /// The systemd unit the process runs in, if any.
+    pub systemd_unit: Option<String>,
+    /// Every fact as a selector.
+    pub selectors: SelectorSet,
+}
+
+/// Attests callers. One per agent; shared by every connection.
+#[derive(Debug)]
+pub struct Attestor {
+    /// Digests of executables, reused while the file is unchanged.
+    hashes: ExeHashCache,
+    /// How a connection's process is pinned at accept time.
+    pin_mode: PinMode,
+}
+
+impl Attestor {
+    /// An attestor hashing executables up to `exe_hash_size_limit` bytes.
+    pub fn new(exe_hash_size_limit: u64, pin_mode: PinMode) -> Self {
+        Self {
+            hashes: ExeHashCache::new(exe_hash_size_limit),
+            pin_mode,
+        }
+    }
+
+    /// Takes the peer's credentials and pins its process; call right after accept.
+    pub fn capture_peer(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<PeerCredentials, AttestError> {
+        PeerCredentials::capture(socket, self.pin_mode)
+    }
+
+    /// Reads the pinned process's facts. Blocking: run it off the async workers.
+    pub fn attest(
+        &self,
+        peer: &PeerCredentials,
+        needs: FactNeeds,
+    ) -> Result<CallerFacts, AttestError> {
+        process::read_facts(peer, needs, &self.hashes)
+    }
+}

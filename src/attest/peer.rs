@@ -1,0 +1,211 @@
+//! The peer of an accepted Unix connection, pinned so that its pid cannot be recycled under us.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::fcntl::{OFlag, openat};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::stat::Mode;
+
+use super::AttestError;
+
+/// How the connecting process is pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinMode {
+    /// SO_PEERPIDFD where the kernel has it (Linux 6.5+), else the /proc fallback.
+    Pidfd,
+    /// Always the /proc fallback: hold /proc/<pid> open and re-check start time and owner.
+    ProcStartTime,
+}
+
+/// The process on the other end of a connection, as captured at accept time.
+#[derive(Debug)]
+pub struct PeerCredentials {
+    /// Process id from SO_PEERCRED.
+    pub pid: i32,
+    /// Effective uid at connect time.
+    pub uid: u32,
+    /// Effective gid at connect time.
+    pub gid: u32,
+    /// How liveness and identity of the process are proven later.
+    pub(super) pin: Pin,
+}
+
+#[derive(Debug)]
+pub(super) enum Pin {
+    /// A pidfd for the exact process that connected.
+    Pidfd(OwnedFd),
+    /// `/proc/<pid>` opened at accept time, and the process start time read then.
+    Proc { dir: OwnedFd, start_time: u64 },
+}
+
+impl PeerCredentials {
+    pub(super) fn capture(socket: BorrowedFd<'_>, mode: PinMode) -> Result<Self, AttestError> {
+        let cred =
+            getsockopt(&socket, sockopt::PeerCredentials).map_err(AttestError::PeerCredentials)?;
+        let pid = cred.pid();
+        if pid <= 0 {
+            return Err(AttestError::NoPid);
+        }
+        let pidfd = match mode {
+            PinMode::Pidfd => match getsockopt(&socket, sockopt::PeerPidfd) {
+                Ok(fd) => Some(fd),
+                Err(nix::Error::ESRCH) => return Err(AttestError::Vanished { pid }),
+                // Older kernels do not know the option.
+                Err(nix::Error::ENOPROTOOPT | nix::Error::EINVAL) => None,
+                Err(e) => return Err(AttestError::PeerCredentials(e)),
+            },
+            PinMode::ProcStartTime => None,
+        };
+        let pin = match pidfd {
+            Some(fd) => Pin::Pidfd(fd),
+            None => {
+                let dir = open_proc_dir(pid)?;
+                let start_time = read_start_time(pid, dir.as_fd())?;
+                Pin::Proc { dir, start_time }
+            }
+        };
+        Ok(Self {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pin,
+        })
+    }
+
+    /// Opens `/proc/<pid>` and proves it belongs to the process that connected.
+    pub(super) fn open_verified_proc_dir(&self) -> Result<ProcDir<'_>, AttestError> {
+        match &self.pin {
+            Pin::Pidfd(_) => {
+                // Open first, then check liveness: while the pinned process has not exited, its
+                // pid cannot have been handed to anyone else, so the directory is its own.
+                let dir = open_proc_dir(self.pid)?;
+                self.ensure_alive()?;
+                Ok(ProcDir::Owned(dir))
+            }
+            Pin::Proc { dir, .. } => {
+                self.ensure_alive()?;
+                Ok(ProcDir::Borrowed(dir.as_fd()))
+            }
+        }
+    }
+
+    /// Fails if the pinned process has exited or (fallback) its pid now names another process.
+    pub(super) fn ensure_alive(&self) -> Result<(), AttestError> {
+        match &self.pin {
+            Pin::Pidfd(pidfd) => {
+                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::ZERO) {
+                    Ok(0) => Ok(()),
+                    // A pidfd polls readable once its process has exited.
+                    Ok(_) => Err(AttestError::Vanished { pid: self.pid }),
+                    Err(e) => Err(AttestError::Proc {
+                        pid: self.pid,
+                        entry: "pidfd",
+                        source: e.into(),
+                    }),
+                }
+            }
+            Pin::Proc { dir, start_time } => match read_start_time(self.pid, dir.as_fd()) {
+                Ok(now) if now == *start_time => Ok(()),
+                Ok(_) => Err(AttestError::PidReused { pid: self.pid }),
+                Err(AttestError::Proc { .. }) => Err(AttestError::Vanished { pid: self.pid }),
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+/// A directory fd for `/proc/<pid>` of the attested process.
+pub(super) enum ProcDir<'a> {
+    Owned(OwnedFd),
+    Borrowed(BorrowedFd<'a>),
+}
+
+impl ProcDir<'_> {
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Owned(fd) => fd.as_fd(),
+            Self::Borrowed(fd) => *fd,
+        }
+    }
+}
+
+fn open_proc_dir(pid: i32) -> Result<OwnedFd, AttestError> {
+    nix::fcntl::open(
+        format!("/proc/{pid}").as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        nix::Error::ENOENT | nix::Error::ESRCH => AttestError::Vanished { pid },
+        e => AttestError::Proc {
+            pid,
+            entry: "",
+            source: e.into(),
+        },
+    })
+}
+
+/// Opens `entry` below a `/proc/<pid>` directory fd.
+pub(super) fn open_entry(
+    pid: i32,
+    dir: BorrowedFd<'_>,
+    entry: &'static str,
+) -> Result<File, AttestError> {
+    openat(
+        dir,
+        entry,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(|e| AttestError::Proc {
+        pid,
+        entry,
+        source: e.into(),
+    })
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
+fn read_start_time(pid: i32, dir: BorrowedFd<'_>) -> Result<u64, AttestError> {
+    let text = std::io::read_to_string(open_entry(pid, dir, "stat")?).map_err(|source| {
+        AttestError::Proc {
+            pid,
+            entry: "stat",
+            source,
+        }
+    })?;
+    parse_start_time(&text).ok_or_else(|| AttestError::ProcFormat {
+        pid,
+        entry: "stat",
+        detail: "no start time in field 22".into(),
+    })
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // after_comm starts with field 3 (state); field 22 is the 20th from there.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_hostile_command_names() {
+        let stat = "4242 (evil) 1 2 3 (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1234 56";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn reads_own_start_time() {
+        let dir = open_proc_dir(std::process::id() as i32).unwrap();
+        let t = read_start_time(std::process::id() as i32, dir.as_fd()).unwrap();
+        assert!(t > 0);
+    }
+}

@@ -1,0 +1,249 @@
+//! Reading a pinned process's facts from /proc and turning them into selectors.
+
+use std::os::fd::BorrowedFd;
+
+use nix::fcntl::readlinkat;
+use nix::unistd::{Gid, Group, Uid, User};
+
+use super::hash::{ExeHashCache, HashError};
+use super::peer::{PeerCredentials, open_entry};
+use super::{AttestError, CallerFacts, Selector, SelectorKind, SelectorSet};
+use crate::entry::FactNeeds;
+
+/// Ids from the `Uid:`, `Gid:` and `Groups:` lines of `/proc/<pid>/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StatusIds {
+    euid: u32,
+    egid: u32,
+    groups: Vec<u32>,
+}
+
+pub(super) fn read_facts(
+    peer: &PeerCredentials,
+    needs: FactNeeds,
+    hashes: &ExeHashCache,
+) -> Result<CallerFacts, AttestError> {
+    let pid = peer.pid;
+    let dir = peer.open_verified_proc_dir()?;
+    let dir = dir.fd();
+
+    let status = read_entry(pid, dir, "status")?;
+    let ids = parse_status(&status).ok_or_else(|| AttestError::ProcFormat {
+        pid,
+        entry: "status",
+        detail: "no Uid/Gid lines".into(),
+    })?;
+    if ids.euid != peer.uid || ids.egid != peer.gid {
+        return Err(AttestError::CredentialsChanged {
+            pid,
+            peer_uid: peer.uid,
+            peer_gid: peer.gid,
+            uid: ids.euid,
+            gid: ids.egid,
+        });
+    }
+
+    let exe_path = readlinkat(dir, "exe")
+        .map_err(|e| AttestError::Proc {
+            pid,
+            entry: "exe",
+            source: e.into(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let exe_sha256 = if needs.exe_sha256 {
+        // Hash through /proc/<pid>/exe itself: the path may not exist in the agent's mount
+        // namespace, or may name a different file there.
+        let exe = open_entry(pid, dir, "exe")?;
+        Some(hashes.digest(exe).map_err(|e| match e {
+            HashError::TooLarge { size, limit } => AttestError::ExeTooLarge { pid, size, limit },
+            HashError::Io(source) => AttestError::Proc {
+                pid,
+                entry: "exe",
+                source,
+            },
+        })?)
+    } else {
+        None
+    };
+    let systemd_unit = systemd_unit_of(&read_entry(pid, dir, "cgroup")?);
+
+    // Everything above was read through a directory proven to be the caller's; a final check
+    // makes sure the process did not exit while we read (reads would fail, but be explicit).
+    peer.ensure_alive()?;
+
+    let mut selectors = SelectorSet::new();
+    let mut add = |kind, value: String| selectors.insert(Selector::observed(kind, value));
+    add(SelectorKind::Uid, ids.euid.to_string());
+    add(SelectorKind::Gid, ids.egid.to_string());
+    if let Ok(Some(user)) = User::from_uid(Uid::from_raw(ids.euid)) {
+        add(SelectorKind::User, user.name);
+    }
+    if let Ok(Some(group)) = Group::from_gid(Gid::from_raw(ids.egid)) {
+        add(SelectorKind::Group, group.name);
+    }
+    for gid in &ids.groups {
+        add(SelectorKind::SupplementaryGid, gid.to_string());
+        if let Ok(Some(group)) = Group::from_gid(Gid::from_raw(*gid)) {
+            add(SelectorKind::SupplementaryGroup, group.name);
+        }
+    }
+    add(SelectorKind::Path, exe_path.clone());
+    if let Some(digest) = &exe_sha256 {
+        add(SelectorKind::Sha256, digest.clone());
+    }
+    if let Some(unit) = &systemd_unit {
+        add(SelectorKind::SystemdUnit, unit.clone());
+    }
+
+    Ok(CallerFacts {
+        pid,
+        uid: ids.euid,
+        gid: ids.egid,
+        exe_path,
+        exe_sha256,
+        systemd_unit,
+        selectors,
+    })
+}
+
+fn read_entry(pid: i32, dir: BorrowedFd<'_>, entry: &'static str) -> Result<String, AttestError> {
+    std::io::read_to_string(open_entry(pid, dir, entry)?).map_err(|source| AttestError::Proc {
+        pid,
+        entry,
+        source,
+    })
+}
+
+fn parse_status(status: &str) -> Option<StatusIds> {
+    // Each line holds real, effective, saved and filesystem ids; the effective one is second.
+    let effective = |prefix: &str| -> Option<u32> {
+        let line = status.lines().find(|l| l.starts_with(prefix))?;
+        line[prefix.len()..].split_whitespace().nth(1)?.parse().ok()
+    };
+    let groups = status
+        .lines()
+        .find(|l| l.starts_with("Groups:"))
+        .map(|l| {
+            l["Groups:".len()..]
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(StatusIds {
+        euid: effective("Uid:")?,
+        egid: effective("Gid:")?,
+        groups,
+    })
+}
+
+/// The systemd unit from `/proc/<pid>/cgroup`: the first component of the cgroup path that is
+/// not a slice, as systemd itself resolves a process's unit.
+fn systemd_unit_of(cgroup: &str) -> Option<String> {
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .or_else(|| {
+            cgroup
+                .lines()
+                .find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p))
+        })?;
+    path.split('/')
+        .filter(|c| !c.is_empty())
+        .find(|c| !c.ends_with(".slice"))
+        .filter(|c| {
+            [".service", ".scope", ".socket", ".mount", ".swap", ".timer"]
+                .iter()
+                .any(|suffix| c.ends_with(suffix))
+        })
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attest::{Attestor, PinMode};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn parses_effective_ids_and_groups() {
+        let status = "Name:\tx\nUid:\t1000\t1001\t1001\t1001\nGid:\t100\t101\t101\t101\nGroups:\t4 27 1001 \n";
+        assert_eq!(
+            parse_status(status),
+            Some(StatusIds {
+                euid: 1001,
+                egid: 101,
+                groups: vec![4, 27, 1001]
+            })
+        );
+        assert_eq!(parse_status("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn finds_the_systemd_unit() {
+        assert_eq!(
+            systemd_unit_of("0::/system.slice/coder.service\n").as_deref(),
+            Some("coder.service")
+        );
+        assert_eq!(
+            systemd_unit_of("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.scope\n")
+                .as_deref(),
+            Some("user@1000.service")
+        );
+        assert_eq!(
+            systemd_unit_of("12:pids:/x\n1:name=systemd:/system.slice/cron.service\n").as_deref(),
+            Some("cron.service")
+        );
+        assert_eq!(systemd_unit_of("0::/\n"), None);
+        assert_eq!(systemd_unit_of("0::/docker/abcdef\n"), None);
+    }
+
+    fn attest_self(mode: PinMode, needs: FactNeeds) -> Result<CallerFacts, AttestError> {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let attestor = Attestor::new(u64::MAX, mode);
+        let peer = attestor.capture_peer(a.as_fd())?;
+        attestor.attest(&peer, needs)
+    }
+
+    #[test]
+    fn attests_this_very_process_in_both_pin_modes() {
+        for mode in [PinMode::Pidfd, PinMode::ProcStartTime] {
+            let facts = attest_self(mode, FactNeeds { exe_sha256: true }).unwrap();
+            assert_eq!(facts.pid, std::process::id() as i32);
+            assert_eq!(facts.uid, nix::unistd::geteuid().as_raw());
+            let exe = std::env::current_exe().unwrap();
+            assert_eq!(facts.exe_path, exe.to_string_lossy());
+            let want = format!("unix:uid:{}", facts.uid);
+            assert!(facts.selectors.iter().any(|s| s.to_string() == want));
+            assert_eq!(facts.exe_sha256.as_ref().map(String::len), Some(64));
+            assert!(
+                facts
+                    .selectors
+                    .iter()
+                    .any(|s| s.kind == SelectorKind::Sha256)
+            );
+        }
+        let facts = attest_self(PinMode::Pidfd, FactNeeds::default()).unwrap();
+        assert!(
+            facts.exe_sha256.is_none(),
+            "no entry needs the hash: none computed"
+        );
+    }
+
+    #[test]
+    fn oversized_executables_fail_only_when_hashed() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let attestor = Attestor::new(16, PinMode::Pidfd);
+        let peer = attestor.capture_peer(a.as_fd()).unwrap();
+        let err = attestor
+            .attest(&peer, FactNeeds { exe_sha256: true })
+            .unwrap_err();
+        assert!(
+            matches!(err, AttestError::ExeTooLarge { limit: 16, .. }),
+            "{err}"
+        );
+        assert!(attestor.attest(&peer, FactNeeds::default()).is_ok());
+    }
+}

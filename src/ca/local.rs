@@ -1,0 +1,301 @@
+//! The standalone agent's own CA: a self-signed P-256 root created once and kept in the state
+//! directory (key file 0600), or an operator's CA given as PEM files.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+};
+use x509_parser::prelude::*;
+use zeroize::Zeroizing;
+
+use super::{CaError, SigningCa, random_serial, whole_seconds};
+use crate::spiffe::TrustDomain;
+
+const CERT_FILE: &str = "ca_cert.pem";
+const KEY_FILE: &str = "ca_key.pem";
+
+/// Where the standalone signing CA comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalCaSource {
+    /// Created on first start and kept as `ca_cert.pem`/`ca_key.pem` in this directory.
+    Generated {
+        /// The agent's state directory.
+        state_dir: PathBuf,
+        /// Lifetime of a newly created CA.
+        ttl: Duration,
+    },
+    /// An operator-provided CA certificate and PKCS#8 key, both PEM.
+    Files {
+        /// The CA certificate.
+        cert: PathBuf,
+        /// Its private key.
+        key: PathBuf,
+    },
+}
+
+/// Loads the standalone CA, creating and persisting one when the state directory has none or the
+/// one it has is past 80% of its life.
+pub fn load_or_create_local_ca(
+    source: &LocalCaSource,
+    trust_domain: &TrustDomain,
+) -> Result<SigningCa, CaError> {
+    match source {
+        LocalCaSource::Files { cert, key } => load_ca_files(cert, key, trust_domain),
+        LocalCaSource::Generated { state_dir, ttl } => {
+            let cert_path = state_dir.join(CERT_FILE);
+            let key_path = state_dir.join(KEY_FILE);
+            if cert_path.exists() {
+                let ca = load_ca_files(&cert_path, &key_path, trust_domain)?;
+                if !nearly_expired(&ca, SystemTime::now()) {
+                    return Ok(ca);
+                }
+                tracing::warn!(
+                    cert = %cert_path.display(),
+                    not_after = %humantime::format_rfc3339(ca.not_after),
+                    "standalone CA is past 80% of its lifetime; creating a new one"
+                );
+            }
+            let (ca, cert_pem, key_pem) =
+                generate_self_signed(trust_domain, *ttl, SystemTime::now())?;
+            fs::create_dir_all(state_dir).map_err(|source| io_error(state_dir, source))?;
+            write_atomically(&key_path, key_pem.as_bytes(), 0o600)?;
+            write_atomically(&cert_path, cert_pem.as_bytes(), 0o644)?;
+            tracing::info!(cert = %cert_path.display(), "created standalone CA");
+            Ok(ca)
+        }
+    }
+}
+
+fn nearly_expired(ca: &SigningCa, now: SystemTime) -> bool {
+    let Some(leaf) = ca.bundle.first() else {
+        return true;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(leaf) else {
+        return true;
+    };
+    let start = cert.validity().not_before.timestamp();
+    let end = cert.validity().not_after.timestamp();
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    now >= start + (end - start) * 4 / 5
+}
+
+/// Creates a self-signed CA for `trust_domain`: returns it with its certificate and key as PEM.
+pub(crate) fn generate_self_signed(
+    trust_domain: &TrustDomain,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<(SigningCa, String, Zeroizing<String>), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    // The standalone root signs leaves directly: no CA may sit below it.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+    params.not_before = whole_seconds(now - Duration::from_secs(60)).into();
+    let not_after = whole_seconds(now + ttl);
+    params.not_after = not_after.into();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "tessera");
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("tessera standalone CA {trust_domain}"),
+    );
+    params.subject_alt_names = vec![SanType::URI(trust_domain.id_string().try_into()?)];
+
+    let cert = params.self_signed(&key)?;
+    let cert_pem = cert.pem();
+    let key_pem = Zeroizing::new(key.serialize_pem());
+    let ca = SigningCa {
+        issuer: Issuer::new(params, key),
+        intermediates: Vec::new(),
+        bundle: vec![cert.der().to_vec()],
+        not_after,
+    };
+    Ok((ca, cert_pem, key_pem))
+}
+
+fn load_ca_files(
+    cert_path: &Path,
+    key_path: &Path,
+    trust_domain: &TrustDomain,
+) -> Result<SigningCa, CaError> {
+    let bad = |path: &Path, reason: String| CaError::BadFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let cert_pem = fs::read_to_string(cert_path).map_err(|e| io_error(cert_path, e))?;
+    let key_pem = Zeroizing::new(fs::read_to_string(key_path).map_err(|e| io_error(key_path, e))?);
+    if let Ok(meta) = fs::metadata(key_path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            key = %key_path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "CA key file is readable by group or others; it should be 0600"
+        );
+    }
+
+    let cert_der = ::pem::parse_many(&cert_pem)
+        .map_err(|e| bad(cert_path, format!("not PEM: {e}")))?
+        .into_iter()
+        .find(|p| p.tag() == "CERTIFICATE")
+        .ok_or_else(|| bad(cert_path, "holds no CERTIFICATE block".into()))?
+        .into_contents();
+    let key = KeyPair::from_pem(&key_pem)
+        .map_err(|e| bad(key_path, format!("not a PEM PKCS#8 private key ({e})")))?;
+
+    let (_, cert) = X509Certificate::from_der(&cert_der)
+        .map_err(|e| bad(cert_path, format!("not an X.509 certificate: {e}")))?;
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    if !is_ca {
+        return Err(bad(
+            cert_path,
+            "is not a CA certificate (BasicConstraints cA=true is required)".into(),
+        ));
+    }
+    let can_sign = matches!(cert.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign());
+    if !can_sign {
+        return Err(bad(
+            cert_path,
+            "lacks the keyCertSign key usage a signing CA needs".into(),
+        ));
+    }
+    if cert.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
+        return Err(bad(
+            key_path,
+            format!("does not match the public key of {}", cert_path.display()),
+        ));
+    }
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        let want = trust_domain.id_string();
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name
+                && *uri != want
+            {
+                return Err(bad(
+                    cert_path,
+                    format!(
+                        "has URI SAN {uri:?}, but a CA for this trust domain must have {want:?} or none"
+                    ),
+                ));
+            }
+        }
+    }
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    if not_after <= SystemTime::now() {
+        return Err(bad(
+            cert_path,
+            format!("expired at {}", humantime::format_rfc3339(not_after)),
+        ));
+    }
+    let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
+        .map_err(|e| bad(cert_path, format!("cannot be used as an issuer: {e}")))?;
+    Ok(SigningCa {
+        issuer,
+        intermediates: Vec::new(),
+        bundle: vec![cert_der],
+        not_after,
+    })
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> CaError {
+    CaError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `bytes` to a temporary sibling with `mode`, syncs it and renames it over `path`, so a
+/// crash never leaves a half-written key or certificate.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io_error(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| io_error(&tmp, e))?;
+    file.sync_all().map_err(|e| io_error(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn created_once_then_reloaded_with_a_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = LocalCaSource::Generated {
+            state_dir: dir.path().join("state"),
+            ttl: Duration::from_secs(86400),
+        };
+        let first = load_or_create_local_ca(&source, &td()).unwrap();
+        let mode = fs::metadata(dir.path().join("state").join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let second = load_or_create_local_ca(&source, &td()).unwrap();
+        assert_eq!(first.bundle, second.bundle);
+    }
+
+    #[test]
+    fn rejects_mismatched_key_and_foreign_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, cert_pem, _) =
+            generate_self_signed(&td(), Duration::from_secs(3600), SystemTime::now()).unwrap();
+        let (_, _, other_key) =
+            generate_self_signed(&td(), Duration::from_secs(3600), SystemTime::now()).unwrap();
+        let cert = dir.path().join("ca.pem");
+        let key = dir.path().join("key.pem");
+        fs::write(&cert, &cert_pem).unwrap();
+        fs::write(&key, other_key.as_bytes()).unwrap();
+        let err = load_ca_files(&cert, &key, &td()).unwrap_err().to_string();
+        assert!(err.contains("does not match the public key"), "{err}");
+
+        let (_, cert_pem, key_pem) =
+            generate_self_signed(&td(), Duration::from_secs(3600), SystemTime::now()).unwrap();
+        fs::write(&cert, &cert_pem).unwrap();
+        fs::write(&key, key_pem.as_bytes()).unwrap();
+        let other_td = TrustDomain::new("other.org").unwrap();
+        let err = load_ca_files(&cert, &key, &other_td)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spiffe://other.org"), "{err}");
+        assert!(load_ca_files(&cert, &key, &td()).is_ok());
+    }
+
+    #[test]
+    fn replaces_a_nearly_expired_ca() {
+        let (ca, _, _) =
+            generate_self_signed(&td(), Duration::from_secs(1000), SystemTime::now()).unwrap();
+        assert!(!nearly_expired(&ca, SystemTime::now()));
+        assert!(nearly_expired(
+            &ca,
+            SystemTime::now() + Duration::from_secs(900)
+        ));
+    }
+}

@@ -1,0 +1,91 @@
+//! Certificate authority work shared by agent and (later) server: the signing authority a
+//! leaf is minted under, X509-SVID minting, and the standalone self-signed CA.
+
+mod leaf;
+mod local;
+
+pub use leaf::{LeafRequest, X509Svid, mint_x509_svid};
+pub use local::{LocalCaSource, load_or_create_local_ca};
+
+use std::time::SystemTime;
+
+use rcgen::{Issuer, KeyPair};
+
+/// Errors from minting and from loading or creating a CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The crypto library refused to generate a key or sign.
+    #[error("signing failed: {0}")]
+    Signing(#[from] rcgen::Error),
+    /// The leaf's validity would already be over: the signing CA or the registration expired.
+    #[error(
+        "validity would end at {0}, which is not in the future (the CA or the registration has expired)"
+    )]
+    NoValidityLeft(humantime::Rfc3339Timestamp),
+    /// A CA or key file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A CA certificate or key file does not hold what it should.
+    #[error("{path}: {reason}")]
+    BadFile {
+        /// The file involved.
+        path: String,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+/// The CA that signs this agent's leaves, with what clients need to build and check chains.
+///
+/// Published whole through a `watch` channel: a new value means a new CA (and so a new bundle),
+/// and every SVID minted under the old one must be replaced.
+pub struct SigningCa {
+    /// Signs leaves. Holds the CA's private key for as long as this CA is current.
+    pub issuer: Issuer<'static, KeyPair>,
+    /// DER of the CA certificates sent after the leaf, in order (empty for a root that signs
+    /// leaves directly; the node intermediate once an upstream server grants one).
+    pub intermediates: Vec<Vec<u8>>,
+    /// DER of every trust anchor of the trust domain: the bundle handed to workloads.
+    pub bundle: Vec<Vec<u8>>,
+    /// The signing certificate's own not-after; no leaf outlives it.
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for SigningCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningCa")
+            .field("intermediates", &self.intermediates.len())
+            .field("bundle", &self.bundle.len())
+            .field("not_after", &humantime::format_rfc3339(self.not_after))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigningCa {
+    /// The bundle as the Workload API carries it: the DER certificates concatenated.
+    pub fn bundle_der(&self) -> Vec<u8> {
+        self.bundle.concat()
+    }
+}
+
+/// A random, positive, 16-byte certificate serial number.
+pub(crate) fn random_serial() -> Result<[u8; 16], CaError> {
+    let mut serial = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut serial)
+        .map_err(|_| CaError::Signing(rcgen::Error::RingUnspecified))?;
+    // Clear the sign bit so the DER INTEGER stays positive, and set the next one so the encoding
+    // keeps all 16 bytes (no leading-zero stripping, never zero).
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    Ok(serial)
+}
+
+/// `t` rounded down to whole seconds, the precision of X.509 validity times.
+pub(crate) fn whole_seconds(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(since.as_secs())
+}

@@ -1,0 +1,55 @@
+//! `tessera agent run|check`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::Failure;
+use crate::agent::{AgentConfig, BuildOptions, build, sdnotify};
+
+#[derive(Subcommand, Debug)]
+pub(super) enum AgentCommand {
+    /// Serve the Workload API until SIGTERM.
+    Run(ConfigArg),
+    /// Check a configuration file and exit (0 when valid, 2 when not).
+    Check(ConfigArg),
+}
+
+#[derive(Args, Debug)]
+pub(super) struct ConfigArg {
+    /// The agent's TOML configuration file.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+}
+
+pub(super) async fn run(command: AgentCommand) -> Result<(), Failure> {
+    match command {
+        AgentCommand::Check(ConfigArg { config }) => {
+            let config = AgentConfig::load(&config).map_err(|e| Failure::usage(e.to_string()))?;
+            println!(
+                "{}: valid; trust domain {}, {} entries",
+                config
+                    .file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                config.trust_domain,
+                config.entries.entries.len()
+            );
+            Ok(())
+        }
+        AgentCommand::Run(ConfigArg { config }) => {
+            let config = AgentConfig::load(&config).map_err(|e| Failure::usage(e.to_string()))?;
+            let handle = build(config, BuildOptions::default())
+                .await
+                .map_err(|e| Failure::failed(e.to_string()))?;
+            sdnotify::notify("READY=1");
+            super::termination().await;
+            sdnotify::notify("STOPPING=1");
+            handle
+                .stop()
+                .await
+                .map_err(|e| Failure::failed(e.to_string()))
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! `tessera svid fetch|watch`: a Workload API client for workloads and for debugging.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::client::{connect, status_failure};
+use super::{Failure, Output};
+use crate::proto::workload::{X509svidRequest, X509svidResponse};
+
+#[derive(Subcommand, Debug)]
+pub(super) enum SvidCommand {
+    /// Fetch the current X.509-SVIDs once; optionally write them as PEM files.
+    Fetch(FetchArgs),
+    /// Print every update of the X.509-SVIDs until interrupted.
+    Watch(CommonArgs),
+}
+
+#[derive(Args, Debug)]
+pub(super) struct CommonArgs {
+    /// Workload API address (unix:///path).
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_name = "URI")]
+    socket: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct FetchArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Write svid.pem, svid_key.pem (0600) and bundle.pem into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+/// What is printed about one SVID.
+#[derive(Serialize)]
+struct SvidSummary {
+    spiffe_id: String,
+    serial: String,
+    not_after: String,
+    hint: String,
+}
+
+pub(super) async fn run(command: SvidCommand) -> Result<(), Failure> {
+    match command {
+        SvidCommand::Fetch(args) => fetch(args).await,
+        SvidCommand::Watch(args) => watch(args).await,
+    }
+}
+
+async fn fetch(args: FetchArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.common.socket).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .map_err(status_failure)?
+        .ok_or_else(|| Failure::failed("the Workload API closed the stream without an answer"))?;
+    let summaries = summarize(&response)?;
+    if let Some(dir) = &args.out {
+        write_pem_files(dir, &response)?;
+    }
+    print(args.common.output, &summaries);
+    if let (Some(dir), Output::Text) = (&args.out, args.common.output) {
+        println!(
+            "wrote svid.pem, svid_key.pem and bundle.pem to {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+async fn watch(args: CommonArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.socket).await?;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .map_err(status_failure)?
+        .into_inner();
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message.map_err(status_failure)?,
+            _ = super::termination() => return Ok(()),
+        };
+        let Some(response) = message else {
+            return Err(Failure::failed("the Workload API closed the stream"));
+        };
+        if args.output == Output::Text {
+            println!(
+                "update at {}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            );
+        }
+        print(args.output, &summarize(&response)?);
+    }
+}
+
+fn print(output: Output, summaries: &[SvidSummary]) {
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "svids": summaries })),
+        Output::Text => {
+            for s in summaries {
+                let hint = if s.hint.is_empty() {
+                    String::new()
+                } else {
+                    format!("  hint {}", s.hint)
+                };
+                println!(
+                    "{}  serial {}  expires {}{hint}",
+                    s.spiffe_id, s.serial, s.not_after
+                );
+            }
+        }
+    }
+    let _ = std::io::stdout().flush();
+}
+
+fn summarize(response: &X509svidResponse) -> Result<Vec<SvidSummary>, Failure> {
+    response
+        .svids
+        .iter()
+        .map(|svid| {
+            let certs = split_der(&svid.x509_svid)?;
+            let leaf = certs.first().ok_or_else(|| {
+                Failure::failed("the Workload API sent an SVID without certificates")
+            })?;
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+                .map_err(|e| Failure::failed(format!("unreadable SVID certificate: {e}")))?;
+            let not_after = cert
+                .validity()
+                .not_after
+                .to_datetime()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| cert.validity().not_after.to_string());
+            Ok(SvidSummary {
+                spiffe_id: svid.spiffe_id.clone(),
+                serial: hex::encode(cert.tbs_certificate.raw_serial()),
+                not_after,
+                hint: svid.hint.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut bytes: &[u8]) -> Result<Vec<&[u8]>, Failure> {
+    let mut certs = Vec::new();
+    while !bytes.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(bytes).map_err(|e| {
+            Failure::failed(format!(
+                "malformed certificate data from the Workload API: {e}"
+            ))
+        })?;
+        certs.push(&bytes[..bytes.len() - rest.len()]);
+        bytes = rest;
+    }
+    Ok(certs)
+}
+
+fn pem_of(tag: &str, ders: &[&[u8]]) -> String {
+    ders.iter()
+        .map(|der| ::pem::encode(&::pem::Pem::new(tag, der.to_vec())))
+        .collect()
+}
+
+/// Writes the default SVID as svid.pem/svid_key.pem and its bundle as bundle.pem; further
+/// SVIDs go to svid.N.pem/svid_key.N.pem. Each file is replaced atomically.
+fn write_pem_files(dir: &Path, response: &X509svidResponse) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::failed(format!("cannot create {}: {e}", dir.display())))?;
+    for (i, svid) in response.svids.iter().enumerate() {
+        let suffix = if i == 0 {
+            String::new()
+        } else {
+            format!(".{i}")
+        };
+        let chain = split_der(&svid.x509_svid)?;
+        write_file(
+            &dir.join(format!("svid{suffix}.pem")),
+            pem_of("CERTIFICATE", &chain).as_bytes(),
+            0o644,
+        )?;
+        let key = zeroize::Zeroizing::new(pem_of("PRIVATE KEY", &[&svid.x509_svid_key]));
+        write_file(
+            &dir.join(format!("svid_key{suffix}.pem")),
+            key.as_bytes(),
+            0o600,
+        )?;
+    }
+    if let Some(first) = response.svids.first() {
+        let bundle = split_der(&first.bundle)?;
+        write_file(
+            &dir.join("bundle.pem"),
+            pem_of("CERTIFICATE", &bundle).as_bytes(),
+            0o644,
+        )?;
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Failure> {
+    let fail = |e: std::io::Error| Failure::failed(format!("cannot write {}: {e}", path.display()));
+    let tmp = path.with_extension("pem.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(fail)?;
+    file.write_all(bytes).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}

@@ -1,0 +1,37 @@
+//! tessera: workload identity for autonomous software.
+//!
+//! A node agent serves the SPIFFE Workload API on a Unix socket, attests every caller by what the
+//! kernel says about it, and issues short-lived X.509-SVIDs that rotate before they expire.
+//!
+//! # Layout
+//!
+//! - [`spiffe`]: `SpiffeId` and `TrustDomain`, parsed strictly per the SPIFFE-ID standard.
+//! - [`attest`]: peer credentials and pidfd pinning at accept, /proc facts, executable hashing,
+//!   selectors.
+//! - [`entry`]: registration entries (who may be what, owned by whom, for what, until when) and
+//!   matching callers against them.
+//! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA.
+//! - [`agent`]: the node agent: configuration, entry source, identity cache and rotation, the
+//!   Workload API service, the socket endpoint, and `app::build`, the composition root.
+//! - [`cli`]: the `tessera` command line: `agent run`, `svid fetch|watch`, `dev`.
+//! - [`proto`]: code generated from `proto/`.
+
+pub mod agent;
+pub mod attest;
+pub mod ca;
+pub mod cli;
+pub mod entry;
+pub mod spiffe;
+
+/// Code generated from the `.proto` files.
+pub mod proto {
+    /// The SPIFFE Workload API (no protobuf package, service `SpiffeWorkloadAPI`).
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod workload {
+        tonic::include_proto!("workload");
+    }
+
+    /// Encoded descriptors of the Workload API, for gRPC server reflection.
+    pub const WORKLOAD_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("workload_descriptor");
+}
