@@ -45,6 +45,7 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Failure> {
                 .map_err(|e| Failure::failed(e.to_string()))?;
             sdnotify::notify("READY=1");
             super::termination().await;
+            tracing::info!("stopping: draining open streams");
             sdnotify::notify("STOPPING=1");
             handle
                 .stop()

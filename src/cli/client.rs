@@ -56,8 +56,17 @@ fn add_security_header(
 
 /// Connects to the Workload API at `address`.
 pub async fn connect(address: &str) -> Result<WorkloadClient, Failure> {
-    let path = socket_path(address)?;
+    let channel = channel(&socket_path(address)?).await?;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        channel,
+        add_security_header as fn(_) -> _,
+    ))
+}
+
+/// A gRPC channel to the Unix socket at `path` (no Workload API header added).
+pub async fn channel(path: &std::path::Path) -> Result<Channel, Failure> {
     let shown = path.display().to_string();
+    let path = path.to_path_buf();
     // The URI is required by tonic but unused: the connector below dials the socket.
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -77,10 +86,7 @@ pub async fn connect(address: &str) -> Result<WorkloadClient, Failure> {
                     .unwrap_or_else(|| e.to_string())
             ))
         })?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel,
-        add_security_header as fn(_) -> _,
-    ))
+    Ok(channel)
 }
 
 /// A failure for a status the Workload API returned.

@@ -1,7 +1,7 @@
 //! The `tessera` command line. Usage errors exit with code 2, failures with 1.
 
 mod agent;
-mod client;
+pub mod client;
 mod dev;
 mod svid;
 
@@ -53,8 +53,10 @@ enum Command {
 /// A failure with the exit code it deserves.
 #[derive(Debug)]
 pub struct Failure {
-    code: u8,
-    message: String,
+    /// 2 for usage errors, 1 for failures.
+    pub code: u8,
+    /// What went wrong, for stderr.
+    pub message: String,
 }
 
 impl Failure {
@@ -131,7 +133,7 @@ pub(crate) async fn termination() {
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
-        _ = int.recv() => tracing::info!("SIGINT received; draining"),
+        _ = term.recv() => tracing::debug!("SIGTERM received"),
+        _ = int.recv() => tracing::debug!("SIGINT received"),
     }
 }

@@ -1,0 +1,251 @@
+//! Helpers shared by the end-to-end tests: agents on temporary sockets, copies of the binary
+//! that other uids can run, and the X509-SVID checks every issued certificate must pass.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tessera::agent::{AgentConfig, AgentHandle, BuildOptions};
+use x509_parser::prelude::*;
+
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// A temporary directory every local user can traverse (sockets and binaries go here).
+pub fn world_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("tessera-test-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
+/// True when running as root. Otherwise: in CI a failure, elsewhere a loud notice and `false`.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test} needs root (it runs clients as other uids), and CI runs as root"
+    );
+    eprintln!("\n*** {test}: NOT RUN: needs root to start clients as other uids ***\n");
+    false
+}
+
+/// The Python interpreter of the venv with py-spiffe (set up by scripts/test.sh).
+pub fn python() -> Option<PathBuf> {
+    match std::env::var_os("TESSERA_TEST_PYTHON") {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            assert!(
+                !in_ci(),
+                "TESSERA_TEST_PYTHON is not set; run the suite through scripts/test.sh"
+            );
+            eprintln!(
+                "\n*** py-spiffe tests NOT RUN: run through scripts/test.sh to set TESSERA_TEST_PYTHON ***\n"
+            );
+            None
+        }
+    }
+}
+
+/// An agent running in this process, with its directory and config file.
+pub struct TestAgent {
+    pub handle: AgentHandle,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl TestAgent {
+    pub fn socket(&self) -> &Path {
+        &self.handle.socket_path
+    }
+
+    pub fn uri(&self) -> String {
+        self.handle.socket_uri()
+    }
+
+    /// Rewrites the entries in the config file (the agent reloads on change).
+    pub fn rewrite_entries(&self, entries: &str) {
+        std::fs::write(&self.config_path, config_text(self.dir.path(), entries, "")).unwrap();
+    }
+
+    /// Copies the tessera binary into the agent's directory as `name`, runnable by anyone.
+    pub fn tessera_copy(&self, name: &str) -> PathBuf {
+        let target = self.dir.path().join(name);
+        std::fs::copy(env!("CARGO_BIN_EXE_tessera"), &target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        target
+    }
+}
+
+pub fn config_text(dir: &Path, entries: &str, extra: &str) -> String {
+    format!(
+        "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n{extra}\n{entries}",
+        dir.join("agent.sock").display(),
+        dir.join("state").display(),
+    )
+}
+
+/// One `[[entry]]` table.
+pub fn entry(path: &str, selectors: &[&str], ttl: &str, extra: &str) -> String {
+    let selectors: Vec<String> = selectors.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "\n[[entry]]\nspiffe_id = \"spiffe://{TRUST_DOMAIN}{path}\"\nselectors = [{}]\nx509_ttl = \"{ttl}\"\nowner = \"tests\"\npurpose = \"end-to-end test\"\n{extra}\n",
+        selectors.join(", ")
+    )
+}
+
+/// Starts an agent in this process serving `entries`.
+pub async fn start_agent(entries: &str) -> TestAgent {
+    start_agent_with(entries, "", BuildOptions::default()).await
+}
+
+pub async fn start_agent_with(entries: &str, extra: &str, options: BuildOptions) -> TestAgent {
+    let dir = world_dir();
+    let config_path = dir.path().join("agent.toml");
+    std::fs::write(&config_path, config_text(dir.path(), entries, extra)).unwrap();
+    let config = AgentConfig::load(&config_path).unwrap();
+    let handle = tessera::agent::build(config, options).await.unwrap();
+    TestAgent {
+        handle,
+        dir,
+        config_path,
+    }
+}
+
+/// Selector naming this test process's uid.
+pub fn my_uid_selector() -> String {
+    format!("unix:uid:{}", nix::unistd::geteuid())
+}
+
+/// Runs `program args` as `uid` (gid = uid) with a minimal environment.
+pub fn run_as(uid: u32, program: &Path, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir("/");
+    if nix::unistd::geteuid().as_raw() != uid {
+        command.uid(uid).gid(uid);
+    }
+    command.output().unwrap()
+}
+
+/// Splits concatenated DER certificates.
+pub fn split_der(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (rest, _) = parse_x509_certificate(bytes).expect("valid DER certificate");
+        out.push(bytes[..bytes.len() - rest.len()].to_vec());
+        bytes = rest;
+    }
+    out
+}
+
+/// Checks a chain (leaf first) against the X509-SVID rules and, with `openssl verify`, against
+/// the bundle. Returns the leaf's not-after (Unix seconds).
+pub fn check_x509_svid(chain: &[Vec<u8>], bundle: &[Vec<u8>], spiffe_id: &str) -> i64 {
+    let (_, leaf) = parse_x509_certificate(&chain[0]).unwrap();
+    let bc = leaf
+        .basic_constraints()
+        .unwrap()
+        .expect("BasicConstraints present");
+    assert!(
+        bc.critical && !bc.value.ca,
+        "leaf: critical BasicConstraints cA=false"
+    );
+    let ku = leaf.key_usage().unwrap().expect("KeyUsage present");
+    assert!(
+        ku.critical && ku.value.digital_signature(),
+        "leaf: critical digitalSignature"
+    );
+    assert!(
+        !ku.value.key_cert_sign() && !ku.value.crl_sign(),
+        "leaf: no CA key usages"
+    );
+    let eku = leaf.extended_key_usage().unwrap().expect("EKU present");
+    assert!(eku.value.server_auth && eku.value.client_auth);
+    let san = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .expect("SAN present");
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uris, vec![spiffe_id], "exactly one URI SAN, the SPIFFE ID");
+    assert_eq!(
+        leaf.tbs_certificate.raw_serial()[0] & 0x80,
+        0,
+        "positive serial"
+    );
+    for ca in bundle {
+        let (_, ca) = parse_x509_certificate(ca).unwrap();
+        assert!(ca.basic_constraints().unwrap().unwrap().value.ca);
+        assert!(ca.key_usage().unwrap().unwrap().value.key_cert_sign());
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |ders: &[Vec<u8>]| -> String {
+        ders.iter()
+            .map(|d| ::pem::encode(&::pem::Pem::new("CERTIFICATE", d.clone())))
+            .collect()
+    };
+    std::fs::write(dir.path().join("bundle.pem"), pem(bundle)).unwrap();
+    std::fs::write(dir.path().join("leaf.pem"), pem(&chain[..1])).unwrap();
+    std::fs::write(dir.path().join("chain.pem"), pem(&chain[1..])).unwrap();
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-x509_strict")
+        .arg("-CAfile")
+        .arg(dir.path().join("bundle.pem"))
+        .args(if chain.len() > 1 {
+            vec![
+                "-untrusted".to_string(),
+                dir.path().join("chain.pem").display().to_string(),
+            ]
+        } else {
+            vec![]
+        })
+        .arg(dir.path().join("leaf.pem"))
+        .output()
+        .expect("openssl is installed (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl verify failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    leaf.validity().not_after.timestamp()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
