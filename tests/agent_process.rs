@@ -1,0 +1,322 @@
+//! The real `tessera` binary as an operator runs it: configuration errors, systemd readiness,
+//! reload on SIGHUP, draining on SIGTERM, and `tessera dev`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
+
+fn tessera(args: &[&str]) -> std::process::Output {
+    Command::new(TESSERA).args(args).output().unwrap()
+}
+
+/// Lines of a child's stdout, read on a thread so the test can wait with a deadline.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, signal: Signal) {
+    kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+#[test]
+fn bad_configurations_are_refused_with_exit_2_naming_file_and_key() {
+    let dir = world_dir();
+    let file = dir.path().join("agent.toml");
+    let shown = file.display().to_string();
+    let good_entry = entry("/w", &["unix:uid:1000"], "5m", "");
+    let cases = [
+        (
+            config_text(
+                dir.path(),
+                &good_entry.replace("unix:uid:1000", "unix:color:blue"),
+                "",
+            ),
+            "entry[0].selectors[0] = \"unix:color:blue\": unknown selector",
+        ),
+        (
+            config_text(
+                dir.path(),
+                &good_entry.replace("spiffe://example.org/w", "spiffe://example.org/W/../x"),
+                "",
+            ),
+            "entry[0].spiffe_id",
+        ),
+        (
+            config_text(
+                dir.path(),
+                &good_entry.replace("\"5m\"", "\"5 minutes-ish\""),
+                "",
+            ),
+            "entry[0].x509_ttl = \"5 minutes-ish\": not a duration",
+        ),
+        (
+            config_text(dir.path(), &good_entry, "").replace("example.org\"\n", "EXAMPLE.org\"\n"),
+            "trust_domain = \"EXAMPLE.org\"",
+        ),
+        (
+            config_text(dir.path(), &good_entry, "bogus_key = 1"),
+            "unknown field `bogus_key`",
+        ),
+        (
+            "trust_domain = \n".to_string(),
+            "TOML parse error at line 1",
+        ),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&file, &text).unwrap();
+        for verb in ["run", "check"] {
+            let out = tessera(&["agent", verb, "--config", &shown]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "agent {verb}: {stderr}");
+            assert!(
+                stderr.contains(&shown) && stderr.contains(want),
+                "agent {verb}: want {want:?} in {stderr}"
+            );
+        }
+    }
+    let out = tessera(&["agent", "run", "--config", "/nonexistent/agent.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml: cannot read"));
+
+    let out = tessera(&["svid", "fetch", "--socket", "tcp://127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tcp://127.0.0.1:1"));
+    assert_eq!(
+        tessera(&["agent", "run", "--no-such-flag"]).status.code(),
+        Some(2)
+    );
+
+    std::fs::write(&file, config_text(dir.path(), &good_entry, "")).unwrap();
+    let out = tessera(&["agent", "check", "--config", &shown]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("valid; trust domain example.org, 1 entries")
+    );
+}
+
+fn fetch_ids(uri: &str) -> Vec<String> {
+    let out = tessera(&["svid", "fetch", "--socket", uri, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["svids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["spiffe_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn agent_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm() {
+    let dir = world_dir();
+    let config = dir.path().join("agent.toml");
+    let socket = dir.path().join("agent.sock");
+    let uri = format!("unix://{}", socket.display());
+    let uid = my_uid_selector();
+    std::fs::write(
+        &config,
+        config_text(dir.path(), &entry("/before", &[&uid], "5m", ""), ""),
+    )
+    .unwrap();
+
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut agent = Command::new(TESSERA)
+        .args(["agent", "run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // READY means the socket accepts: no retry needed.
+    assert_eq!(fetch_ids(&uri), ["spiffe://example.org/before"]);
+
+    // A change the file poll cannot see (same size, same mtime): only SIGHUP picks it up.
+    let modified = std::fs::metadata(&config).unwrap().modified().unwrap();
+    std::fs::write(
+        &config,
+        config_text(dir.path(), &entry("/after_", &[&uid], "5m", ""), ""),
+    )
+    .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&config)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        fetch_ids(&uri),
+        ["spiffe://example.org/before"],
+        "no reload without SIGHUP"
+    );
+    signal(&agent, Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fetch_ids(&uri) != ["spiffe://example.org/after_"] {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the entries"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut watcher = Command::new(TESSERA)
+        .args(["svid", "watch", "--socket", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut watcher);
+    lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watch prints the first update");
+
+    signal(&agent, Signal::SIGTERM);
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(wait_exit(&mut agent, Duration::from_secs(10)).success());
+    assert!(!socket.exists(), "socket removed on shutdown");
+    let status = wait_exit(&mut watcher, Duration::from_secs(5));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(watcher.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("Unavailable") && stderr.contains("agent is shutting down"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn svid_fetch_writes_pem_files_openssl_accepts() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let agent = runtime.block_on(start_agent(&entry(
+        "/files",
+        &[&my_uid_selector()],
+        "5m",
+        "",
+    )));
+    let out_dir = agent.dir.path().join("out");
+    let out = tessera(&[
+        "svid",
+        "fetch",
+        "--socket",
+        &agent.uri(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("spiffe://example.org/files  serial "),
+        "{stdout}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out_dir.join("svid_key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let verify = Command::new("openssl")
+        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile"])
+        .arg(out_dir.join("bundle.pem"))
+        .arg(out_dir.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    // The key file holds the leaf's key.
+    let key_pub = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(out_dir.join("svid_key.pem"))
+        .output()
+        .unwrap();
+    let cert_pub = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(out_dir.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(key_pub.status.success());
+    assert_eq!(key_pub.stdout, cert_pub.stdout);
+    runtime.block_on(agent.handle.stop()).unwrap();
+}
+
+#[test]
+fn tessera_dev_serves_the_calling_user() {
+    let dir = world_dir();
+    let mut dev = Command::new(TESSERA)
+        .args(["dev", "--ttl", "30s", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut dev);
+    let uri = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("dev prints its socket");
+        if let Some(uri) = line.trim().strip_prefix("socket:") {
+            break uri.trim().to_owned();
+        }
+    };
+    let ids = fetch_ids(&uri);
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    assert_eq!(ids, [format!("spiffe://tessera.dev/user/{user}")]);
+    signal(&dev, Signal::SIGTERM);
+    assert!(wait_exit(&mut dev, Duration::from_secs(10)).success());
+    assert!(!Path::new(&uri["unix://".len()..]).exists());
+}
