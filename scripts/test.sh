@@ -14,10 +14,12 @@ else
   venv="${TESSERA_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-test/venv}"
 fi
 
-# Debian packages: openssl (certificates are checked with `openssl verify`) and a system Python
+# Debian packages: openssl (certificates are checked with `openssl verify`), systemd (the unit
+# file is checked with `systemd-analyze verify`) and a system Python
 # with venv, which other uids can execute (an interpreter under /root cannot be).
 packages=()
 command -v openssl >/dev/null || packages+=(openssl)
+command -v systemd-analyze >/dev/null || packages+=(systemd)
 [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
   || packages+=(python3 python3-venv)
 if ((${#packages[@]})); then

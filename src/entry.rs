@@ -63,13 +63,22 @@ pub struct FactNeeds {
 pub struct EntrySet {
     /// The entries, in order.
     pub entries: Vec<Arc<RegistrationEntry>>,
+    /// What attestation must gather for these entries; computed once per set.
+    needs: FactNeeds,
 }
 
 impl EntrySet {
     /// Builds a set from validated entries.
     pub fn new(entries: Vec<RegistrationEntry>) -> Self {
+        let needs = FactNeeds {
+            exe_sha256: entries
+                .iter()
+                .flat_map(|e| &e.selectors)
+                .any(|s| s.kind == SelectorKind::Sha256),
+        };
         Self {
             entries: entries.into_iter().map(Arc::new).collect(),
+            needs,
         }
     }
 
@@ -98,13 +107,7 @@ impl EntrySet {
 
     /// The facts attestation must gather for these entries.
     pub fn fact_needs(&self) -> FactNeeds {
-        FactNeeds {
-            exe_sha256: self
-                .entries
-                .iter()
-                .flat_map(|e| &e.selectors)
-                .any(|s| s.kind == SelectorKind::Sha256),
-        }
+        self.needs
     }
 
     /// The earliest registration expiry after `now`, when the set of matches next changes.

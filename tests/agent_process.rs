@@ -320,3 +320,36 @@ fn tessera_dev_serves_the_calling_user() {
     assert!(wait_exit(&mut dev, Duration::from_secs(10)).success());
     assert!(!Path::new(&uri["unix://".len()..]).exists());
 }
+
+#[test]
+fn deploy_files_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tessera(&[
+        "agent",
+        "check",
+        "--config",
+        root.join("deploy/agent.example.toml").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // systemd checks the unit offline; point it at the binary under test.
+    let unit = std::fs::read_to_string(root.join("deploy/tessera-agent.service")).unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    let dir = tempfile::tempdir().unwrap();
+    let unit_path = dir.path().join("tessera-agent.service");
+    std::fs::write(&unit_path, unit.replace("/usr/local/bin/tessera", TESSERA)).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .output()
+        .expect("systemd-analyze is installed (scripts/test.sh installs systemd)");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}

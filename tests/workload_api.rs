@@ -390,3 +390,52 @@ async fn shutdown_ends_open_streams_with_unavailable_and_removes_the_socket() {
         .unwrap();
     assert!(!socket.exists());
 }
+
+#[tokio::test]
+async fn streams_reattest_when_entries_start_selecting_on_the_executable_hash() {
+    let uid = my_uid_selector();
+    let plain = entry("/plain", &[&uid], "5m", "");
+    let agent = start_agent(&plain).await;
+    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().svids.len(), 1);
+
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let digest = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &exe));
+    let hashed = entry(
+        "/hashed",
+        &[&uid, &format!("unix:sha256:{digest}")],
+        "5m",
+        "",
+    );
+    agent.rewrite_entries(&[plain, hashed].concat());
+
+    // The open stream was attested without the hash: it is told to reconnect.
+    let status = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = stream
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .svids
+        .into_iter()
+        .map(|s| s.spiffe_id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/plain", "spiffe://example.org/hashed"]
+    );
+}

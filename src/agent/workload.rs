@@ -47,6 +47,10 @@ pub enum ServeError {
     /// The agent is draining.
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// Entries now select on facts this stream's attestation did not gather; the client must
+    /// reconnect to be attested afresh.
+    #[error("registration entries now need facts gathered at connect time; reconnect")]
+    StaleAttestation,
     /// A background task failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -58,6 +62,9 @@ impl ServeError {
         match self {
             Self::NoIdentity => Status::permission_denied("no identity issued"),
             Self::ShuttingDown => Status::unavailable("agent is shutting down"),
+            Self::StaleAttestation => Status::unavailable(
+                "registration entries changed what a caller is attested by; reconnect",
+            ),
             Self::Attestation(_) | Self::NoPeer(_) => {
                 tracing::warn!(error = %self, "refused a Workload API call");
                 Status::unavailable("workload attestation failed")
@@ -147,6 +154,9 @@ impl WorkloadService {
     /// The caller's current identities, or `NoIdentity`.
     fn identities(&self, facts: &CallerFacts, lease: &mut Lease) -> Result<Identities, ServeError> {
         let entries = self.cache.entries();
+        if entries.fact_needs().exe_sha256 && facts.exe_sha256.is_none() {
+            return Err(ServeError::StaleAttestation);
+        }
         let matching = entries.matching(&facts.selectors, SystemTime::now());
         if matching.is_empty() {
             return Err(ServeError::NoIdentity);
