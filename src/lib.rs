@@ -13,11 +13,13 @@
 //! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA.
 //! - [`agent`]: the node agent: configuration, entry source, identity cache and rotation, the
 //!   Workload API service, the socket endpoint, and `app::build`, the composition root.
-//! - [`cli`]: the `tessera` command line: `agent run`, `svid fetch|watch`, `dev`.
+//! - [`bench`]: `tessera bench`, the agent measured against its baselines, with a report.
+//! - [`cli`]: the `tessera` command line: `agent run|check`, `svid fetch|watch`, `dev`, `bench`.
 //! - [`proto`]: code generated from `proto/`.
 
 pub mod agent;
 pub mod attest;
+pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod entry;

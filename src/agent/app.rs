@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,8 +15,9 @@ use super::endpoint::{self, EndpointError};
 use super::entries::watch_config_file;
 use super::workload::{WorkloadService, check_security_header};
 use crate::attest::{Attestor, PinMode};
-use crate::ca::{CaError, load_or_create_local_ca};
+use crate::ca::{CaError, LocalCaSource, SigningCa, load_or_create_local_ca, renew_local_ca};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::spiffe::TrustDomain;
 
 /// How long open connections get to finish after shutdown before they are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,6 +91,57 @@ impl AgentHandle {
     }
 }
 
+/// Replaces a generated standalone CA at 80% of its life and publishes the new one (its bundle
+/// keeps the old root). Holds the signing-authority sender for the agent's lifetime.
+async fn renew_ca_when_due(
+    source: LocalCaSource,
+    trust_domain: TrustDomain,
+    ca_tx: watch::Sender<Arc<SigningCa>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let due = ca_tx.borrow().renewal_time();
+        // Re-check the wall clock at least hourly: timers do not run while a machine sleeps.
+        let wait = due
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .min(Duration::from_secs(3600));
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if SystemTime::now() < due {
+            continue;
+        }
+        let current = ca_tx.borrow().clone();
+        let (source, trust_domain) = (source.clone(), trust_domain.clone());
+        let renewed =
+            tokio::task::spawn_blocking(move || renew_local_ca(&source, &trust_domain, &current))
+                .await;
+        match renewed {
+            Ok(Ok(Some(ca))) => {
+                ca_tx.send_replace(Arc::new(ca));
+            }
+            Ok(Ok(None)) => {
+                tracing::warn!(
+                    not_after = %humantime::format_rfc3339(ca_tx.borrow().not_after),
+                    "the configured CA is past 80% of its lifetime; replace ca.cert_file and ca.key_file and restart"
+                );
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(Duration::from_secs(24 * 3600)) => {}
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot renew the standalone CA; retrying in a minute");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Err(e) => tracing::error!(error = %e, "CA renewal task failed"),
+        }
+    }
+}
+
 /// Resolves once shutdown has been requested (or its sender is gone).
 async fn signalled(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
@@ -108,14 +160,17 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     let (entries_tx, entries_rx) = watch::channel(entries.clone());
 
     let cache = IdentityCache::new(entries, ca);
-    tokio::spawn({
-        let cache = cache.clone();
-        let stop = signalled(shutdown_rx.clone());
-        async move {
-            cache.run_rotation(entries_rx, ca_rx, stop).await;
-            drop(ca_tx);
-        }
-    });
+    tokio::spawn(
+        cache
+            .clone()
+            .run_rotation(entries_rx, ca_rx, signalled(shutdown_rx.clone())),
+    );
+    tokio::spawn(renew_ca_when_due(
+        config.ca.clone(),
+        config.trust_domain.clone(),
+        ca_tx,
+        signalled(shutdown_rx.clone()),
+    ));
     if let Some(file) = config.file.clone() {
         tokio::spawn(watch_config_file(
             file,

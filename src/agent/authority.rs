@@ -30,6 +30,10 @@ const FLAG_PRIORITY: u8 = 0x20;
 const MAX_FRAME: usize = 16_384;
 /// A header block larger than this closes the connection; gRPC requests need a few hundred bytes.
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// Decoded size limit of one header list (name + value + 32 per field, as RFC 9113 counts it).
+/// HPACK lets a few bytes reference a large table entry many times; without this bound a 64 KiB
+/// block could expand to hundreds of megabytes before anyone is attested.
+const MAX_DECODED_HEADER_LIST: usize = 64 * 1024;
 /// The HPACK table size the server advertises (the HTTP/2 default, which `h2` keeps).
 const HPACK_TABLE_SIZE: usize = 4096;
 /// The value used in place of an authority `h2` would reject.
@@ -120,6 +124,10 @@ impl<IO> AuthorityFix<IO> {
                     let len =
                         u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
                     let frame_type = self.raw[3];
+                    if self.pending.is_some() && frame_type != TYPE_CONTINUATION {
+                        // RFC 9113 §6.10: nothing may interleave with an open header block.
+                        return Err(invalid("frame interleaved into an open header block"));
+                    }
                     if frame_type != TYPE_HEADERS && frame_type != TYPE_CONTINUATION {
                         self.ready.put(self.raw.split_to(FRAME_HEADER_LEN));
                         self.state = ReadState::PassThrough { remaining: len };
@@ -196,8 +204,14 @@ impl<IO> AuthorityFix<IO> {
     /// Decodes one header block and re-encodes it as literals without indexing.
     fn rewrite_block(&mut self, block: &[u8]) -> io::Result<BytesMut> {
         let mut out = BytesMut::with_capacity(block.len() * 2 + 64);
+        let mut decoded = 0usize;
         self.decoder
             .decode_with_cb(block, |name, value| {
+                decoded += name.len() + value.len() + 32;
+                if decoded > MAX_DECODED_HEADER_LIST {
+                    // Keep decoding (the table must stay in step) but stop producing output.
+                    return;
+                }
                 let value: &[u8] = if &*name == b":authority" && !is_valid_authority(&value) {
                     REPLACEMENT_AUTHORITY
                 } else {
@@ -206,6 +220,9 @@ impl<IO> AuthorityFix<IO> {
                 encode_literal(&mut out, &name, value);
             })
             .map_err(|e| invalid(&format!("HPACK decoding failed: {e:?}")))?;
+        if decoded > MAX_DECODED_HEADER_LIST {
+            return Err(invalid("decoded header list larger than 64 KiB"));
+        }
         Ok(out)
     }
 }
@@ -468,6 +485,31 @@ mod tests {
         let fields = loona_hpack::Decoder::new().decode(&joined).unwrap();
         assert_eq!(fields[0].1, b"localhost:8080");
         assert_eq!(fields[1].1.len(), 20_000);
+    }
+
+    #[tokio::test]
+    async fn an_hpack_bomb_closes_the_connection() {
+        // One 4000-byte table entry, then referenced (one byte each) thousands of times.
+        let mut encoder = loona_hpack::Encoder::new();
+        let big = "v".repeat(4000);
+        let mut block = encoder.encode(vec![(&b"x-big"[..], big.as_bytes())]);
+        block.extend(std::iter::repeat_n(0x80 | 62, 16_000));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let err = filter(input).await.unwrap_err();
+        assert!(err.to_string().contains("larger than 64 KiB"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn frames_interleaved_into_a_header_block_close_the_connection() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let block = encoder.encode(vec![(&b":authority"[..], &b"localhost"[..])]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, 0, 1, &block[..1]));
+        input.extend(frame(0x8, 0, 0, &[0, 0, 1, 0])); // WINDOW_UPDATE inside the block
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &block[1..]));
+        let err = filter(input).await.unwrap_err();
+        assert!(err.to_string().contains("interleaved"), "{err}");
     }
 
     #[tokio::test]

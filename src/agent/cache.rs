@@ -21,6 +21,8 @@ const RENEWAL_RETRY: Duration = Duration::from_secs(5);
 /// Renewals are never scheduled sooner than this after minting, so that an SVID whose life is
 /// cut short (by the CA's or the registration's expiry) cannot make the agent mint in a loop.
 const MIN_RENEWAL_DELAY: Duration = Duration::from_millis(500);
+/// The rotation task looks at the wall clock at least this often.
+const MAX_SLEEP: Duration = Duration::from_secs(5);
 
 /// One entry's current SVID and its place in the schedule.
 struct Cached {
@@ -96,16 +98,22 @@ impl IdentityCache {
         self.lock().ca.clone()
     }
 
-    /// SVIDs for `entries` (all from the current set), minting any that are missing, expired or
-    /// stale; `lease` is moved to exactly these entries in the same step.
+    /// SVIDs for `entries`, chosen from the entry set `snapshot`, minting any that are missing,
+    /// expired or stale; `lease` is moved to exactly these entries in the same step. `None` when
+    /// `snapshot` is no longer the current set (the caller recomputes its matches): an entry
+    /// removed a moment ago is never minted.
     pub fn acquire(
         self: &Arc<Self>,
+        snapshot: &Arc<EntrySet>,
         entries: &[Arc<RegistrationEntry>],
         lease: &mut Lease,
-    ) -> Result<Identities, CaError> {
+    ) -> Result<Option<Identities>, CaError> {
         let now = SystemTime::now();
         let mut minted_any = false;
         let mut state = self.lock();
+        if !Arc::ptr_eq(snapshot, &state.entries) {
+            return Ok(None);
+        }
         let mut svids = Vec::with_capacity(entries.len());
         for entry in entries {
             let fresh = state
@@ -146,7 +154,7 @@ impl IdentityCache {
         if minted_any {
             self.schedule_changed.notify_one();
         }
-        Ok(Identities { svids, ca })
+        Ok(Some(Identities { svids, ca }))
     }
 
     /// An empty lease, to be filled by [`acquire`](Self::acquire).
@@ -180,7 +188,7 @@ impl IdentityCache {
         self.bump();
     }
 
-    /// Renews due SVIDs that are in demand and drops the others; returns when next to run.
+    /// Renews due SVIDs that are in demand and drops the others; returns the next renewal time.
     pub fn rotate_due(&self, now: SystemTime) -> Option<SystemTime> {
         let mut state = self.lock();
         let mut changed = false;
@@ -236,12 +244,11 @@ impl IdentityCache {
             }
         }
         let next_renewal = state.svids.values().map(|c| c.renew_at).min();
-        let next_expiry = state.entries.next_expiry_after(now);
         drop(state);
         if changed {
             self.bump();
         }
-        [next_renewal, next_expiry].into_iter().flatten().min()
+        next_renewal
     }
 
     /// Tells every stream to recompute (e.g. a registration expired).
@@ -250,6 +257,10 @@ impl IdentityCache {
     }
 
     /// Runs the rotation schedule until `shutdown` resolves. The only task that renews SVIDs.
+    ///
+    /// Deadlines are wall-clock instants (certificate validity is), while timers are monotonic:
+    /// the task re-checks the wall clock at least every `MAX_SLEEP`, so a suspended VM or a
+    /// clock step cannot leave expired SVIDs on open streams for long.
     pub async fn run_rotation(
         self: Arc<Self>,
         mut entries: watch::Receiver<Arc<EntrySet>>,
@@ -257,16 +268,22 @@ impl IdentityCache {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        let mut next = self.rotate_due(SystemTime::now());
         loop {
-            let sleep_for = next
-                .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
-                .unwrap_or(Duration::from_secs(3600));
+            let now = SystemTime::now();
+            let next_renewal = self.rotate_due(now);
+            let next_expiry = self.entries().next_expiry_after(now);
+            let wake_at = [next_renewal, next_expiry].into_iter().flatten().min();
+            let sleep_for = wake_at
+                .map(|at| at.duration_since(now).unwrap_or_default())
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep_until(Instant::now() + sleep_for) => {
-                    // A registration expiry may have passed: let streams drop it.
-                    self.bump();
+                    if next_expiry.is_some_and(|at| at <= SystemTime::now()) {
+                        // A registration expired: streams must drop it.
+                        self.bump();
+                    }
                 }
                 _ = self.schedule_changed.notified() => {}
                 changed = entries.changed() => {
@@ -280,7 +297,6 @@ impl IdentityCache {
                     self.set_ca(current);
                 }
             }
-            next = self.rotate_due(SystemTime::now());
         }
     }
 
@@ -381,14 +397,21 @@ mod tests {
         let entries = cache.entries();
         let mut first = cache.lease();
         let mut second = cache.lease();
-        let a = cache.acquire(&entries.entries[..1], &mut first).unwrap();
-        let a2 = cache.acquire(&entries.entries[..1], &mut second).unwrap();
+        let a = cache
+            .acquire(&entries, &entries.entries[..1], &mut first)
+            .unwrap()
+            .unwrap();
+        let a2 = cache
+            .acquire(&entries, &entries.entries[..1], &mut second)
+            .unwrap()
+            .unwrap();
         assert!(
             Arc::ptr_eq(&a.svids[0].1, &a2.svids[0].1),
             "matching callers share the SVID"
         );
         let b = cache
-            .acquire(&entries.entries[1..], &mut cache.lease())
+            .acquire(&entries, &entries.entries[1..], &mut cache.lease())
+            .unwrap()
             .unwrap();
         let b_serial = b.svids[0].1.serial_hex.clone();
 
@@ -403,7 +426,8 @@ mod tests {
         assert!(!state.svids.contains_key("b"));
         drop(state);
         let b_again = cache
-            .acquire(&entries.entries[1..], &mut cache.lease())
+            .acquire(&entries, &entries.entries[1..], &mut cache.lease())
+            .unwrap()
             .unwrap();
         assert_ne!(b_again.svids[0].1.serial_hex, b_serial);
 
@@ -419,7 +443,8 @@ mod tests {
         for _ in 0..50 {
             cache.set_entries(entries.clone());
             let ids = cache
-                .acquire(&entries.entries[..1], &mut cache.lease())
+                .acquire(&entries, &entries.entries[..1], &mut cache.lease())
+                .unwrap()
                 .unwrap();
             let svid = &ids.svids[0].1;
             let renew = cache.lock().svids["a"].renew_at;
@@ -438,7 +463,10 @@ mod tests {
         let cache = setup(Duration::from_secs(100));
         let entries = cache.entries();
         let mut lease = cache.lease();
-        cache.acquire(&entries.entries, &mut lease).unwrap();
+        cache
+            .acquire(&entries, &entries.entries, &mut lease)
+            .unwrap()
+            .unwrap();
         let mut changed_a = (*entries.entries[0]).clone();
         changed_a.x509_ttl = Duration::from_secs(50);
         let mut hinted_b = (*entries.entries[1]).clone();

@@ -181,6 +181,13 @@ impl AgentConfig {
             }
         }
         let ca = match (raw.ca.cert_file, raw.ca.key_file) {
+            (Some(_), Some(_)) if raw.ca.ttl.is_some() => {
+                return Err(invalid(
+                    "ca.ttl",
+                    raw.ca.ttl.as_deref().unwrap_or_default(),
+                    "applies only to a CA the agent creates; remove it, or remove ca.cert_file and ca.key_file".into(),
+                ));
+            }
             (Some(cert), Some(key)) => LocalCaSource::Files { cert, key },
             (None, None) => {
                 let ttl = match raw.ca.ttl.as_deref() {
@@ -214,6 +221,13 @@ impl AgentConfig {
                 ));
             }
         };
+        if raw.attestation.exe_hash_size_limit == Some(0) {
+            return Err(invalid(
+                "attestation.exe_hash_size_limit",
+                "0",
+                "must be at least 1 (bytes); with 0 no executable could be hashed".into(),
+            ));
+        }
         let entries = check_entries(file, &trust_domain, raw.entries)?;
         Ok(Self {
             file: None,
@@ -324,7 +338,13 @@ fn check_entry(
     }
     let expires_at = match &raw.expires_at {
         None => None,
-        Some(text) => Some(parse_rfc3339(text).map_err(|r| invalid("expires_at", text, r))?),
+        Some(text) => {
+            let at = parse_rfc3339(text).map_err(|r| invalid("expires_at", text, r))?;
+            if at <= SystemTime::now() {
+                tracing::warn!(file, key = %format!("entry[{index}].expires_at"), value = %text, "registration has already expired; nothing will be issued for it");
+            }
+            Some(at)
+        }
     };
     if let Some(hint) = &raw.hint
         && (hint.is_empty() || hint.len() > MAX_HINT_LEN)
@@ -516,6 +536,16 @@ purpose = "read replicas"
                 "socket_path = \"/tmp/t/agent.sock\"",
                 "socket_path = \"agent.sock\"",
                 "socket_path = \"agent.sock\": must be an absolute path",
+            ),
+            (
+                "state_dir = \"/tmp/t/state\"",
+                "state_dir = \"/tmp/t/state\"\n[attestation]\nexe_hash_size_limit = 0",
+                "attestation.exe_hash_size_limit = \"0\": must be at least 1",
+            ),
+            (
+                "state_dir = \"/tmp/t/state\"",
+                "state_dir = \"/tmp/t/state\"\n[ca]\nttl = \"1d\"\ncert_file = \"/c\"\nkey_file = \"/k\"",
+                "ca.ttl = \"1d\": applies only to a CA the agent creates",
             ),
         ];
         for (from, to, want) in cases {

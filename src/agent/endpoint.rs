@@ -20,8 +20,27 @@ use tonic::transport::server::Connected;
 use super::authority::AuthorityFix;
 use crate::attest::{AttestError, Attestor, PeerCredentials};
 
-/// Connections beyond this many are closed at once; each open one holds a file descriptor.
+/// Connections beyond this many are closed at once.
 const MAX_CONNECTIONS: usize = 32_768;
+/// Descriptors kept free for everything else (state files, /proc reads, logging).
+const RESERVED_FDS: u64 = 256;
+
+/// How many connections may be open: each holds two descriptors (the socket and the pidfd or
+/// /proc directory), so the limit follows RLIMIT_NOFILE, leaving room for attestation's reads.
+fn connection_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    let by_fds = soft.saturating_sub(RESERVED_FDS) / 2;
+    (by_fds as usize).clamp(16, MAX_CONNECTIONS)
+}
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +180,9 @@ pub fn incoming(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<Result<PeerConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = connection_limit();
+    tracing::debug!(limit, "connection limit from RLIMIT_NOFILE");
+    let slots = Arc::new(Semaphore::new(limit));
     tokio::spawn(async move {
         tokio::pin!(shutdown);
         loop {

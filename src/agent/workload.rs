@@ -13,6 +13,7 @@ use super::cache::{Identities, IdentityCache, Lease};
 use super::endpoint::PeerInfo;
 use crate::attest::{AttestError, Attestor, CallerFacts};
 use crate::ca::CaError;
+use crate::entry::{EntrySet, RegistrationEntry};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
@@ -136,16 +137,22 @@ impl WorkloadService {
             .ok_or_else(|| ServeError::NoPeer("connection was not accepted by the agent".into()))?;
         let needs = self.cache.entries().fact_needs();
         let attestor = self.attestor.clone();
-        let _permit = self
+        // The permit moves into the blocking task: a client that cancels its call cannot free
+        // a slot while its executable is still being hashed.
+        let permit = self
             .attest_permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))?;
-        tokio::task::spawn_blocking(move || match peer.credentials() {
-            Ok(credentials) => attestor
-                .attest(credentials, needs)
-                .map_err(ServeError::from),
-            Err(e) => Err(ServeError::NoPeer(e.to_string())),
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match peer.credentials() {
+                Ok(credentials) => attestor
+                    .attest(credentials, needs)
+                    .map_err(ServeError::from),
+                Err(e) => Err(ServeError::NoPeer(e.to_string())),
+            }
         })
         .await
         .map_err(|e| ServeError::Internal(e.to_string()))?
@@ -153,24 +160,22 @@ impl WorkloadService {
 
     /// The caller's current identities, or `NoIdentity`.
     fn identities(&self, facts: &CallerFacts, lease: &mut Lease) -> Result<Identities, ServeError> {
-        let entries = self.cache.entries();
-        if entries.fact_needs().exe_sha256 && facts.exe_sha256.is_none() {
-            return Err(ServeError::StaleAttestation);
+        loop {
+            let entries = self.cache.entries();
+            let matching = matching_entries(&entries, facts)?;
+            if matching.is_empty() {
+                return Err(ServeError::NoIdentity);
+            }
+            // `None`: the entries changed under us; match again against the new set.
+            if let Some(identities) = self.cache.acquire(&entries, &matching, lease)? {
+                return Ok(identities);
+            }
         }
-        let matching = entries.matching(&facts.selectors, SystemTime::now());
-        if matching.is_empty() {
-            return Err(ServeError::NoIdentity);
-        }
-        Ok(self.cache.acquire(&matching, lease)?)
     }
 
-    fn entitled_to_bundles(&self, facts: &CallerFacts) -> bool {
-        self.allow_unauthenticated_verifiers
-            || !self
-                .cache
-                .entries()
-                .matching(&facts.selectors, SystemTime::now())
-                .is_empty()
+    fn entitled_to_bundles(&self, facts: &CallerFacts) -> Result<bool, ServeError> {
+        Ok(self.allow_unauthenticated_verifiers
+            || !matching_entries(&self.cache.entries(), facts)?.is_empty())
     }
 
     fn bundles_response(&self) -> X509BundlesResponse {
@@ -181,14 +186,19 @@ impl WorkloadService {
     }
 
     /// Runs a stream: `next` is asked for a message after every cache change; `Ok(None)` means
-    /// "nothing new to send", `Err` ends the stream with that error.
-    fn spawn_stream<T, F>(&self, first: T, mut next: F) -> ReceiverStream<Result<T, Status>>
+    /// "nothing new to send", `Err` ends the stream with that error. `generation` must have been
+    /// subscribed before `first` was computed, so that no change in between goes unnoticed.
+    fn spawn_stream<T, F>(
+        &self,
+        mut generation: watch::Receiver<u64>,
+        first: T,
+        mut next: F,
+    ) -> ReceiverStream<Result<T, Status>>
     where
         T: Send + 'static,
         F: FnMut() -> Result<Option<T>, ServeError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(2);
-        let mut generation = self.cache.subscribe();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             if tx.send(Ok(first)).await.is_err() {
@@ -221,6 +231,17 @@ impl WorkloadService {
         });
         ReceiverStream::new(rx)
     }
+}
+
+/// Entries `facts` match now; refuses facts gathered without something the entries now need.
+fn matching_entries(
+    entries: &EntrySet,
+    facts: &CallerFacts,
+) -> Result<Vec<Arc<RegistrationEntry>>, ServeError> {
+    if entries.fact_needs().exe_sha256 && facts.exe_sha256.is_none() {
+        return Err(ServeError::StaleAttestation);
+    }
+    Ok(entries.matching(&facts.selectors, SystemTime::now()))
 }
 
 /// What a client would see change between two X.509-SVID messages.
@@ -280,6 +301,7 @@ impl SpiffeWorkloadApi for WorkloadService {
             .attest(&request)
             .await
             .map_err(ServeError::into_status)?;
+        let generation = self.cache.subscribe();
         let mut lease = self.cache.lease();
         let first = self
             .identities(&facts, &mut lease)
@@ -288,7 +310,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         let mut last = fingerprint(&first);
         let message = svid_response(&first);
         let service = self.clone();
-        let stream = self.spawn_stream(message, move || {
+        let stream = self.spawn_stream(generation, message, move || {
             let ids = service.identities(&facts, &mut lease)?;
             let now = fingerprint(&ids);
             if now == last {
@@ -311,14 +333,18 @@ impl SpiffeWorkloadApi for WorkloadService {
             .attest(&request)
             .await
             .map_err(ServeError::into_status)?;
-        if !self.entitled_to_bundles(&facts) {
+        let generation = self.cache.subscribe();
+        if !self
+            .entitled_to_bundles(&facts)
+            .map_err(ServeError::into_status)?
+        {
             return Err(ServeError::NoIdentity.into_status());
         }
         let first = self.bundles_response();
         let mut last = first.clone();
         let service = self.clone();
-        let stream = self.spawn_stream(first, move || {
-            if !service.entitled_to_bundles(&facts) {
+        let stream = self.spawn_stream(generation, first, move || {
+            if !service.entitled_to_bundles(&facts)? {
                 return Err(ServeError::NoIdentity);
             }
             let now = service.bundles_response();

@@ -1,5 +1,7 @@
-//! SHA-256 of executables, cached by (device, inode, size, mtime) so that a process started
-//! from an unchanged binary costs one fstat, not a read of the whole file.
+//! SHA-256 of executables, cached by (device, inode, size, mtime, ctime) so that a process
+//! started from an unchanged binary costs one fstat, not a read of the whole file. The ctime is
+//! part of the key because a file's owner can reset its mtime after rewriting it; nobody can set
+//! the ctime.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,6 +19,8 @@ struct FileKey {
     size: u64,
     mtime_sec: i64,
     mtime_nsec: i64,
+    ctime_sec: i64,
+    ctime_nsec: i64,
 }
 
 /// Why an executable could not be hashed.
@@ -68,6 +72,8 @@ impl ExeHashCache {
             size: meta.len(),
             mtime_sec: meta.mtime(),
             mtime_nsec: meta.mtime_nsec(),
+            ctime_sec: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
         };
         if let Some(hit) = self.lock().get(&key) {
             return Ok(hit.clone());

@@ -13,7 +13,7 @@ mod process;
 mod selector;
 
 pub use hash::ExeHashCache;
-pub use peer::{PeerCredentials, PinMode};
+pub use peer::{PeerCredentials, PinMode, kernel_has_peer_pidfd};
 pub use selector::{Selector, SelectorError, SelectorKind, SelectorSet};
 
 use crate::entry::FactNeeds;
@@ -121,12 +121,27 @@ pub struct Attestor {
 }
 
 impl Attestor {
-    /// An attestor hashing executables up to `exe_hash_size_limit` bytes.
+    /// An attestor hashing executables up to `exe_hash_size_limit` bytes. `PinMode::Pidfd` is
+    /// used when the kernel supports it (checked here, once), else the /proc fallback.
     pub fn new(exe_hash_size_limit: u64, pin_mode: PinMode) -> Self {
+        let pin_mode = match pin_mode {
+            PinMode::Pidfd if !kernel_has_peer_pidfd() => {
+                tracing::info!(
+                    "kernel has no SO_PEERPIDFD (Linux 6.5+); pinning callers through /proc start times"
+                );
+                PinMode::ProcStartTime
+            }
+            mode => mode,
+        };
         Self {
             hashes: ExeHashCache::new(exe_hash_size_limit),
             pin_mode,
         }
+    }
+
+    /// How callers are pinned on this kernel.
+    pub fn pin_mode(&self) -> PinMode {
+        self.pin_mode
     }
 
     /// Takes the peer's credentials and pins its process; call right after accept.

@@ -19,6 +19,21 @@ pub enum PinMode {
     ProcStartTime,
 }
 
+/// Whether this kernel supports SO_PEERPIDFD (Linux 6.5+), probed on a socket pair.
+pub fn kernel_has_peer_pidfd() -> bool {
+    let Ok((a, _b)) = std::os::unix::net::UnixStream::pair() else {
+        return false;
+    };
+    match getsockopt(&a, sockopt::PeerPidfd) {
+        Ok(_) => true,
+        Err(nix::Error::ENOPROTOOPT) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "unexpected error probing SO_PEERPIDFD; pinning through /proc");
+            false
+        }
+    }
+}
+
 /// The process on the other end of a connection, as captured at accept time.
 #[derive(Debug)]
 pub struct PeerCredentials {
@@ -49,11 +64,14 @@ impl PeerCredentials {
             return Err(AttestError::NoPid);
         }
         let pidfd = match mode {
+            // Support was established once at startup (`kernel_has_peer_pidfd`): any error here
+            // is about this peer. ESRCH, and EINVAL on 6.5-6.15, mean it has already been reaped;
+            // falling back to /proc now could read whoever holds the pid next.
             PinMode::Pidfd => match getsockopt(&socket, sockopt::PeerPidfd) {
                 Ok(fd) => Some(fd),
-                Err(nix::Error::ESRCH) => return Err(AttestError::Vanished { pid }),
-                // Older kernels do not know the option.
-                Err(nix::Error::ENOPROTOOPT | nix::Error::EINVAL) => None,
+                Err(nix::Error::ESRCH | nix::Error::EINVAL) => {
+                    return Err(AttestError::Vanished { pid });
+                }
                 Err(e) => return Err(AttestError::PeerCredentials(e)),
             },
             PinMode::ProcStartTime => None,

@@ -19,6 +19,9 @@ use crate::spiffe::TrustDomain;
 
 const CERT_FILE: &str = "ca_cert.pem";
 const KEY_FILE: &str = "ca_key.pem";
+/// Every root workloads should trust: the current CA and earlier ones still valid, so that SVIDs
+/// minted before a renewal keep verifying until they expire.
+const BUNDLE_FILE: &str = "bundle.pem";
 
 /// Where the standalone signing CA comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,26 +53,90 @@ pub fn load_or_create_local_ca(
         LocalCaSource::Generated { state_dir, ttl } => {
             let cert_path = state_dir.join(CERT_FILE);
             let key_path = state_dir.join(KEY_FILE);
-            if cert_path.exists() {
-                let ca = load_ca_files(&cert_path, &key_path, trust_domain)?;
-                if !nearly_expired(&ca, SystemTime::now()) {
-                    return Ok(ca);
-                }
+            if !cert_path.exists() {
+                return create_generated(state_dir, *ttl, trust_domain, Vec::new());
+            }
+            let mut ca = load_ca_files(&cert_path, &key_path, trust_domain)?;
+            ca.bundle
+                .extend(earlier_roots(&state_dir.join(BUNDLE_FILE), &ca.bundle[0]));
+            if nearly_expired(&ca, SystemTime::now()) {
                 tracing::warn!(
                     cert = %cert_path.display(),
                     not_after = %humantime::format_rfc3339(ca.not_after),
                     "standalone CA is past 80% of its lifetime; creating a new one"
                 );
+                return create_generated(state_dir, *ttl, trust_domain, ca.bundle);
             }
-            let (ca, cert_pem, key_pem) =
-                generate_self_signed(trust_domain, *ttl, SystemTime::now())?;
-            fs::create_dir_all(state_dir).map_err(|source| io_error(state_dir, source))?;
-            write_atomically(&key_path, key_pem.as_bytes(), 0o600)?;
-            write_atomically(&cert_path, cert_pem.as_bytes(), 0o644)?;
-            tracing::info!(cert = %cert_path.display(), "created standalone CA");
             Ok(ca)
         }
     }
+}
+
+/// Replaces a generated CA with a new one, keeping the old roots that are still valid in the
+/// bundle. `None` for an operator's CA, which the operator renews.
+pub fn renew_local_ca(
+    source: &LocalCaSource,
+    trust_domain: &TrustDomain,
+    current: &SigningCa,
+) -> Result<Option<SigningCa>, CaError> {
+    match source {
+        LocalCaSource::Files { .. } => Ok(None),
+        LocalCaSource::Generated { state_dir, ttl } => {
+            create_generated(state_dir, *ttl, trust_domain, current.bundle.clone()).map(Some)
+        }
+    }
+}
+
+fn create_generated(
+    state_dir: &Path,
+    ttl: Duration,
+    trust_domain: &TrustDomain,
+    earlier: Vec<Vec<u8>>,
+) -> Result<SigningCa, CaError> {
+    let now = SystemTime::now();
+    let (mut ca, cert_pem, key_pem) = generate_self_signed(trust_domain, ttl, now)?;
+    ca.bundle
+        .extend(earlier.into_iter().filter(|der| still_valid(der, now)));
+    fs::create_dir_all(state_dir).map_err(|source| io_error(state_dir, source))?;
+    let bundle_pem: String = ca
+        .bundle
+        .iter()
+        .map(|der| ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.clone())))
+        .collect();
+    write_atomically(&state_dir.join(BUNDLE_FILE), bundle_pem.as_bytes(), 0o644)?;
+    write_atomically(&state_dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
+    write_atomically(&state_dir.join(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+    tracing::info!(
+        cert = %state_dir.join(CERT_FILE).display(),
+        not_after = %humantime::format_rfc3339(ca.not_after),
+        roots_in_bundle = ca.bundle.len(),
+        "created standalone CA"
+    );
+    Ok(ca)
+}
+
+/// Roots from an earlier bundle file that are still valid, other than `current`.
+fn earlier_roots(bundle_file: &Path, current: &[u8]) -> Vec<Vec<u8>> {
+    let Ok(text) = fs::read_to_string(bundle_file) else {
+        return Vec::new();
+    };
+    let now = SystemTime::now();
+    ::pem::parse_many(&text)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.into_contents())
+        .filter(|der| der.as_slice() != current && still_valid(der, now))
+        .collect()
+}
+
+fn still_valid(der: &[u8], now: SystemTime) -> bool {
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    X509Certificate::from_der(der)
+        .is_ok_and(|(_, cert)| cert.validity().not_after.timestamp() > now)
 }
 
 fn nearly_expired(ca: &SigningCa, now: SystemTime) -> bool {
@@ -104,7 +171,8 @@ pub(crate) fn generate_self_signed(
         KeyUsagePurpose::DigitalSignature,
     ];
     params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-    params.not_before = whole_seconds(now - Duration::from_secs(60)).into();
+    let not_before = whole_seconds(now - Duration::from_secs(60));
+    params.not_before = not_before.into();
     let not_after = whole_seconds(now + ttl);
     params.not_after = not_after.into();
     params
@@ -123,6 +191,7 @@ pub(crate) fn generate_self_signed(
         issuer: Issuer::new(params, key),
         intermediates: Vec::new(),
         bundle: vec![cert.der().to_vec()],
+        not_before,
         not_after,
     };
     Ok((ca, cert_pem, key_pem))
@@ -197,6 +266,8 @@ fn load_ca_files(
     }
     let not_after = SystemTime::UNIX_EPOCH
         + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+    let not_before = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(cert.validity().not_before.timestamp().max(0) as u64);
     if not_after <= SystemTime::now() {
         return Err(bad(
             cert_path,
@@ -209,6 +280,7 @@ fn load_ca_files(
         issuer,
         intermediates: Vec::new(),
         bundle: vec![cert_der],
+        not_before,
         not_after,
     })
 }
@@ -286,6 +358,32 @@ mod tests {
             .to_string();
         assert!(err.contains("spiffe://other.org"), "{err}");
         assert!(load_ca_files(&cert, &key, &td()).is_ok());
+    }
+
+    #[test]
+    fn renewal_keeps_earlier_roots_in_the_bundle_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = LocalCaSource::Generated {
+            state_dir: dir.path().into(),
+            ttl: Duration::from_secs(86400),
+        };
+        let first = load_or_create_local_ca(&source, &td()).unwrap();
+        let second = renew_local_ca(&source, &td(), &first).unwrap().unwrap();
+        assert_eq!(second.bundle.len(), 2);
+        assert_ne!(second.bundle[0], first.bundle[0]);
+        assert_eq!(second.bundle[1], first.bundle[0]);
+        let reloaded = load_or_create_local_ca(&source, &td()).unwrap();
+        assert_eq!(
+            reloaded.bundle, second.bundle,
+            "the old root survives a restart"
+        );
+        assert!(second.renewal_time() > SystemTime::now());
+
+        let files = LocalCaSource::Files {
+            cert: "/c".into(),
+            key: "/k".into(),
+        };
+        assert!(renew_local_ca(&files, &td(), &second).unwrap().is_none());
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod leaf;
 mod local;
 
 pub use leaf::{LeafRequest, X509Svid, mint_x509_svid};
-pub use local::{LocalCaSource, load_or_create_local_ca};
+pub use local::{LocalCaSource, load_or_create_local_ca, renew_local_ca};
 
 use std::time::SystemTime;
 
@@ -52,6 +52,8 @@ pub struct SigningCa {
     pub intermediates: Vec<Vec<u8>>,
     /// DER of every trust anchor of the trust domain: the bundle handed to workloads.
     pub bundle: Vec<Vec<u8>>,
+    /// The signing certificate's own not-before.
+    pub not_before: SystemTime,
     /// The signing certificate's own not-after; no leaf outlives it.
     pub not_after: SystemTime,
 }
@@ -70,6 +72,15 @@ impl SigningCa {
     /// The bundle as the Workload API carries it: the DER certificates concatenated.
     pub fn bundle_der(&self) -> Vec<u8> {
         self.bundle.concat()
+    }
+
+    /// When this CA should be replaced: at 80% of its lifetime.
+    pub fn renewal_time(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life.mul_f64(0.8)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `tessera` command line. Usage errors exit with code 2, failures with 1.
 
 mod agent;
+mod bench;
 pub mod client;
 mod dev;
 mod svid;
@@ -48,6 +49,9 @@ enum Command {
     Svid(svid::SvidCommand),
     /// Run an agent with throwaway state and an identity for the calling user.
     Dev(dev::DevArgs),
+    /// Measure the agent against its baselines and write a report.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// A failure with the exit code it deserves.
@@ -96,6 +100,7 @@ pub fn main() -> ExitCode {
             Command::Agent(command) => agent::run(command).await,
             Command::Svid(command) => svid::run(command).await,
             Command::Dev(args) => dev::run(args).await,
+            Command::Bench(command) => bench::run(command).await,
         }
     });
     match result {

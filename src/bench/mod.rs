@@ -1,0 +1,154 @@
+//! `tessera bench`: measures the agent as workloads meet it (the real binary, a real socket) and
+//! writes a report. Every compared figure is measured side by side with its baseline in the same
+//! run and reported as a ratio, because shared machines are noisy.
+//!
+//! Scenarios: fetch latency against a bare tonic round trip; first fetch by a new process
+//! (attestation + mint), executable hash cached and not; mint throughput against a raw
+//! rcgen + aws-lc-rs loop; concurrent streams at scale with RSS, CPU and late rotations.
+
+mod report;
+mod scenarios;
+
+pub use report::{Report, ScenarioResult};
+pub use scenarios::{floor_server, probe, run_all};
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Sizes of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Round trips per latency series.
+    pub round_trips: usize,
+    /// New processes per first-fetch series.
+    pub new_processes: usize,
+    /// Mints per throughput series.
+    pub mints: usize,
+    /// Concurrent stream counts, and the TTL used to force a rotation.
+    pub stream_levels: &'static [usize],
+    /// SVID lifetime in the streams scenario.
+    pub stream_ttl: Duration,
+}
+
+impl Plan {
+    /// Seconds, for the test suite: every scenario runs, on small numbers.
+    pub const QUICK: Plan = Plan {
+        round_trips: 200,
+        new_processes: 6,
+        mints: 100,
+        stream_levels: &[100, 300],
+        stream_ttl: Duration::from_secs(4),
+    };
+    /// The full run behind the committed report (a few minutes).
+    pub const FULL: Plan = Plan {
+        round_trips: 5000,
+        new_processes: 60,
+        mints: 3000,
+        stream_levels: &[1000, 5000, 10000],
+        stream_ttl: Duration::from_secs(30),
+    };
+}
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Starting or talking to a child process failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A measurement could not be taken.
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+/// A child process (agent or floor server) killed when dropped.
+pub(crate) struct ChildProcess {
+    /// The process; killed and reaped on drop.
+    pub child: Child,
+}
+
+impl ChildProcess {
+    /// Starts `tessera <args>` and waits until `socket` accepts connections.
+    pub fn start(args: &[&str], socket: &Path) -> Result<Self, BenchError> {
+        let exe = std::env::current_exe().map_err(io_err("locating the tessera binary"))?;
+        let child = Command::new(exe)
+            .args(args)
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io_err(format!("starting tessera {}", args.join(" "))))?;
+        let process = Self { child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if Instant::now() > deadline {
+                return Err(BenchError::Failed(format!(
+                    "{} did not come up",
+                    socket.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(process)
+    }
+
+    /// Resident set size now and at peak, in KiB, from /proc/<pid>/status.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// CPU time used so far (user + system).
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let ticks: u64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / per_second)
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// p50 and p99 of a series, in microseconds.
+pub(crate) fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
+    samples.sort();
+    let at = |q: usize| samples[((samples.len() - 1) * q) / 100].as_secs_f64() * 1e6;
+    (at(50), at(99))
+}

@@ -1,0 +1,518 @@
+//! The scenarios. Each returns a [`ScenarioResult`] with its baseline measured in the same run.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use tokio::sync::Barrier;
+
+use super::{BenchError, ChildProcess, Plan, Report, ScenarioResult, io_err, percentiles};
+use crate::ca::{LeafRequest, LocalCaSource, load_or_create_local_ca, mint_x509_svid};
+use crate::cli::client::{WorkloadClient, channel, connect};
+use crate::proto::workload::X509svidRequest;
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+const TRUST_DOMAIN: &str = "bench.local";
+/// Streams per connection in the scale scenario (below the agent's per-connection limit).
+const STREAMS_PER_CONNECTION: usize = 100;
+
+fn failed(what: &str) -> impl FnOnce(crate::cli::Failure) -> BenchError + '_ {
+    move |f| BenchError::Failed(format!("{what}: {}", f.message))
+}
+
+fn status_failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
+    move |s| BenchError::Failed(format!("{what}: {:?} {}", s.code(), s.message()))
+}
+
+fn uid_selector() -> String {
+    format!("unix:uid:{}", nix::unistd::geteuid())
+}
+
+/// Writes an agent configuration serving `entries` (triples of path, selectors, TTL).
+fn agent_config(
+    dir: &Path,
+    entries: &[(String, Vec<String>, String)],
+) -> Result<(PathBuf, PathBuf), BenchError> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let socket = dir.join("agent.sock");
+    let mut text = format!(
+        "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n",
+        socket.display(),
+        dir.join("state").display()
+    );
+    for (path, selectors, ttl) in entries {
+        let selectors: Vec<String> = selectors.iter().map(|s| format!("{s:?}")).collect();
+        text += &format!(
+            "\n[[entry]]\nspiffe_id = \"spiffe://{TRUST_DOMAIN}{path}\"\nselectors = [{}]\nx509_ttl = \"{ttl}\"\nowner = \"bench\"\npurpose = \"benchmark\"\n",
+            selectors.join(", ")
+        );
+    }
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, text).map_err(io_err("writing the agent configuration"))?;
+    Ok((config, socket))
+}
+
+fn start_agent(config: &Path, socket: &Path) -> Result<ChildProcess, BenchError> {
+    let config = config.display().to_string();
+    ChildProcess::start(&["agent", "run", "--config", &config], socket)
+}
+
+async fn first_message(
+    client: &mut WorkloadClient,
+) -> Result<crate::proto::workload::X509svidResponse, BenchError> {
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .map_err(status_failed("FetchX509SVID"))?
+        .into_inner();
+    stream
+        .message()
+        .await
+        .map_err(status_failed("FetchX509SVID stream"))?
+        .ok_or_else(|| BenchError::Failed("stream ended without a message".into()))
+}
+
+/// Runs every scenario of `plan`, using `work_dir` for sockets and state.
+pub async fn run_all(plan: Plan, mode: &str, work_dir: &Path) -> Result<Report, BenchError> {
+    let mut scenarios = vec![
+        fetch_latency(plan, &work_dir.join("latency")).await?,
+        first_fetch(plan, &work_dir.join("first-fetch")).await?,
+        tokio::task::spawn_blocking(move || mint_throughput(plan))
+            .await
+            .map_err(|e| BenchError::Failed(e.to_string()))??,
+    ];
+    scenarios.push(streams_at_scale(plan, &work_dir.join("streams")).await?);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Ok(Report {
+        date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        mode: mode.to_owned(),
+        machine: format!(
+            "{} cores, Linux {}, {} build",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kernel.trim(),
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+        ),
+        scenarios,
+    })
+}
+
+/// 1. FetchX509SVID for an identity already minted, against a bare tonic unary call.
+async fn fetch_latency(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
+    let (config, socket) = agent_config(
+        dir,
+        &[("/latency".into(), vec![uid_selector()], "1h".into())],
+    )?;
+    let _agent = start_agent(&config, &socket)?;
+    let floor_socket = dir.join("floor.sock");
+    let floor_arg = floor_socket.display().to_string();
+    let _floor = ChildProcess::start(&["bench", "floor", "--socket", &floor_arg], &floor_socket)?;
+
+    let mut client = connect(&format!("unix://{}", socket.display()))
+        .await
+        .map_err(failed("connecting to the agent"))?;
+    let floor_channel = channel(&floor_socket)
+        .await
+        .map_err(failed("connecting to the floor server"))?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(floor_channel);
+    let check = || tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+
+    for _ in 0..20 {
+        first_message(&mut client).await?;
+        health
+            .check(check())
+            .await
+            .map_err(status_failed("health check"))?;
+    }
+    let (mut agent, mut floor) = (Vec::new(), Vec::new());
+    let blocks = 10;
+    for _ in 0..blocks {
+        for _ in 0..plan.round_trips / blocks {
+            let start = Instant::now();
+            first_message(&mut client).await?;
+            agent.push(start.elapsed());
+        }
+        for _ in 0..plan.round_trips / blocks {
+            let start = Instant::now();
+            health
+                .check(check())
+                .await
+                .map_err(status_failed("health check"))?;
+            floor.push(start.elapsed());
+        }
+    }
+    let (agent_p50, agent_p99) = percentiles(&mut agent);
+    let (floor_p50, floor_p99) = percentiles(&mut floor);
+    let ratio = agent_p50 / floor_p50;
+    Ok(ScenarioResult {
+        name: "fetch_latency".into(),
+        description: format!(
+            "FetchX509SVID to first message for a caller whose SVID is already minted, {} calls on one connection, against a bare tonic unary call (gRPC health Check) on another Unix socket served by a separate process.",
+            agent.len()
+        ),
+        target: "p50 within 2x the transport floor".into(),
+        met: ratio <= 2.0,
+        figures: vec![
+            ("agent p50 (µs)".into(), agent_p50),
+            ("agent p99 (µs)".into(), agent_p99),
+            ("floor p50 (µs)".into(), floor_p50),
+            ("floor p99 (µs)".into(), floor_p99),
+            ("p50 ratio agent/floor".into(), ratio),
+        ],
+        note: "Each agent call attests the caller afresh (pidfd check, /proc reads) before answering from the cache.".into(),
+    })
+}
+
+/// Links (or copies) the running binary to `target`.
+fn place_binary(exe: &Path, target: &Path, hard_link: bool) -> Result<(), BenchError> {
+    if !(hard_link && std::fs::hard_link(exe, target).is_ok()) {
+        std::fs::copy(exe, target).map_err(io_err(format!(
+            "copying the binary to {}",
+            target.display()
+        )))?;
+    }
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o755))
+        .map_err(io_err("chmod"))
+}
+
+/// 2. A new process's first fetch (attestation + mint), executable hash cached and not.
+async fn first_fetch(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
+    let exe = std::env::current_exe().map_err(io_err("locating the binary"))?;
+    let digest = {
+        let bytes = std::fs::read(&exe).map_err(io_err("reading the binary"))?;
+        hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &bytes,
+        ))
+    };
+    // Hard links share an inode (hash cached after the first); copies do not.
+    let links_dir = exe.with_file_name(format!("bench-links-{}", std::process::id()));
+    std::fs::create_dir_all(&links_dir).map_err(io_err("creating the links directory"))?;
+    let _cleanup = RemoveOnDrop(links_dir.clone());
+    let n = plan.new_processes + 1;
+    let mut entries = Vec::new();
+    let mut programs = Vec::new();
+    for (kind, hard_link) in [("cached", true), ("uncached", false)] {
+        for i in 0..n {
+            let path = links_dir.join(format!("{kind}-{i}"));
+            place_binary(&exe, &path, hard_link)?;
+            entries.push((
+                format!("/{kind}/{i}"),
+                vec![
+                    uid_selector(),
+                    format!("unix:path:{}", path.display()),
+                    format!("unix:sha256:{digest}"),
+                ],
+                "1h".to_string(),
+            ));
+            programs.push((kind, path));
+        }
+    }
+    let (config, socket) = agent_config(dir, &entries)?;
+    let agent = start_agent(&config, &socket)?;
+    let socket_arg = socket.display().to_string();
+    let (mut cached, mut uncached) = (Vec::new(), Vec::new());
+    for (i, (kind, program)) in programs.iter().enumerate() {
+        let out = Command::new(program)
+            .args(["bench", "probe", "--socket", &socket_arg])
+            .output()
+            .map_err(io_err("running a probe"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let micros: f64 = text.trim().parse().map_err(|_| {
+            BenchError::Failed(format!(
+                "probe failed: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })?;
+        // The first cached probe pays for hashing: it warms the cache.
+        if i == 0 {
+            continue;
+        }
+        let sample = Duration::from_secs_f64(micros / 1e6);
+        if *kind == "cached" {
+            cached.push(sample)
+        } else {
+            uncached.push(sample)
+        }
+    }
+    let (cached_p50, cached_p99) = percentiles(&mut cached);
+    let (uncached_p50, uncached_p99) = percentiles(&mut uncached);
+    let size = std::fs::metadata(&exe).map(|m| m.len()).unwrap_or(0);
+    drop(agent);
+    Ok(ScenarioResult {
+        name: "first_fetch".into(),
+        description: format!(
+            "A new process (a fresh pid, its own entry selecting uid + path + sha256) connects and times FetchX509SVID to first message: attestation, entry matching and minting its SVID. {} processes per series; the executable is {} bytes.",
+            cached.len(),
+            size
+        ),
+        target: "p50 under 1 ms with the exe hash cached".into(),
+        met: cached_p50 < 1000.0,
+        figures: vec![
+            ("hash cached p50 (µs)".into(), cached_p50),
+            ("hash cached p99 (µs)".into(), cached_p99),
+            ("hash uncached p50 (µs)".into(), uncached_p50),
+            ("hash uncached p99 (µs)".into(), uncached_p99),
+        ],
+        note: "Connection setup is excluded (the probe connects, then starts the clock). The uncached series hashes the whole executable through /proc/<pid>/exe.".into(),
+    })
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// 3. The agent's minting path against a raw rcgen + aws-lc-rs keygen-and-sign loop, one core.
+fn mint_throughput(plan: Plan) -> Result<ScenarioResult, BenchError> {
+    let state = tempfile::tempdir().map_err(io_err("creating a temporary directory"))?;
+    let trust_domain =
+        TrustDomain::new(TRUST_DOMAIN).map_err(|e| BenchError::Failed(e.to_string()))?;
+    let ca = load_or_create_local_ca(
+        &LocalCaSource::Generated {
+            state_dir: state.path().into(),
+            ttl: Duration::from_secs(86400),
+        },
+        &trust_domain,
+    )
+    .map_err(|e| BenchError::Failed(e.to_string()))?;
+    let id = SpiffeId::parse_workload("spiffe://bench.local/mint")
+        .map_err(|e| BenchError::Failed(e.to_string()))?;
+    let request = LeafRequest {
+        spiffe_id: &id,
+        ttl: Duration::from_secs(300),
+        dns_names: &[],
+        not_after_cap: None,
+    };
+    let mint_err = |e: crate::ca::CaError| BenchError::Failed(e.to_string());
+    let raw_err = |e: rcgen::Error| BenchError::Failed(e.to_string());
+
+    let agent_mint = || -> Result<(), BenchError> {
+        mint_x509_svid(&ca, &request, SystemTime::now()).map_err(mint_err)?;
+        Ok(())
+    };
+    let raw_mint = || -> Result<(), BenchError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(raw_err)?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://bench.local/mint".try_into().map_err(raw_err)?,
+        )];
+        params.signed_by(&key, &ca.issuer).map_err(raw_err)?;
+        Ok(())
+    };
+    for _ in 0..20 {
+        agent_mint()?;
+        raw_mint()?;
+    }
+    let (mut agent_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
+    let blocks = 5;
+    let per_block = (plan.mints / blocks).max(1);
+    for _ in 0..blocks {
+        let start = Instant::now();
+        for _ in 0..per_block {
+            agent_mint()?;
+        }
+        agent_time += start.elapsed();
+        let start = Instant::now();
+        for _ in 0..per_block {
+            raw_mint()?;
+        }
+        raw_time += start.elapsed();
+    }
+    let total = (per_block * blocks) as f64;
+    let agent_rate = total / agent_time.as_secs_f64();
+    let raw_rate = total / raw_time.as_secs_f64();
+    let ratio = agent_rate / raw_rate;
+    Ok(ScenarioResult {
+        name: "mint_throughput".into(),
+        description: format!(
+            "X.509-SVIDs per second on one thread: the agent's minting path (key, serial, every X509-SVID extension, chain) against a raw loop generating a P-256 key and signing a certificate with only a URI SAN, {} each, alternating in blocks.",
+            per_block * blocks
+        ),
+        target: "at least 70% of the raw signing rate".into(),
+        met: ratio >= 0.7,
+        figures: vec![
+            ("agent mints/s".into(), agent_rate),
+            ("raw rcgen+aws-lc-rs mints/s".into(), raw_rate),
+            ("ratio agent/raw".into(), ratio),
+            ("agent µs per mint".into(), 1e6 / agent_rate),
+        ],
+        note: "The comparison with cfssl belongs to the full benchmark harness and is not measured here.".into(),
+    })
+}
+
+/// 4. Many concurrent FetchX509SVID streams with a short TTL: RSS, CPU, late rotations.
+async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
+    let ttl = format!("{}s", plan.stream_ttl.as_secs());
+    let mut figures = Vec::new();
+    let mut met = true;
+    let mut notes = Vec::new();
+    for &level in plan.stream_levels {
+        let (config, socket) = agent_config(
+            &dir.join(level.to_string()),
+            &[("/streams".into(), vec![uid_selector()], ttl.clone())],
+        )?;
+        let agent = start_agent(&config, &socket)?;
+        let (rss_idle, _) = agent.rss_kib();
+        let cpu_before = agent.cpu_time();
+        let uri = format!("unix://{}", socket.display());
+        let mut clients = Vec::new();
+        for _ in 0..level.div_ceil(STREAMS_PER_CONNECTION) {
+            clients.push(connect(&uri).await.map_err(failed("connecting"))?);
+        }
+        let opened = Arc::new(Barrier::new(level + 1));
+        let started = Instant::now();
+        let mut tasks = Vec::with_capacity(level);
+        for i in 0..level {
+            let mut client = clients[i % clients.len()].clone();
+            let opened = opened.clone();
+            let wait = plan.stream_ttl + Duration::from_secs(10);
+            tasks.push(tokio::spawn(async move {
+                let outcome = watch_one_rotation(&mut client, &opened, wait).await;
+                if outcome.is_err() {
+                    // Never leave the barrier short of a party.
+                    opened.wait().await;
+                }
+                outcome
+            }));
+        }
+        opened.wait().await;
+        let open_time = started.elapsed();
+        let (rss_open, _) = agent.rss_kib();
+        let (mut late, mut missed, mut errors) = (0usize, 0usize, 0usize);
+        for task in tasks {
+            match task.await {
+                Ok(Ok(Some(true))) => {}
+                Ok(Ok(Some(false))) => late += 1,
+                Ok(Ok(None)) => missed += 1,
+                _ => errors += 1,
+            }
+        }
+        let (rss_now, rss_peak) = agent.rss_kib();
+        let cpu = agent.cpu_time().saturating_sub(cpu_before);
+        drop(clients);
+        drop(agent);
+        let rss_peak_mb = rss_peak as f64 / 1024.0;
+        let level_met = late + missed + errors == 0 && (level < 10_000 || rss_peak_mb < 200.0);
+        met &= level_met;
+        if errors > 0 {
+            notes.push(format!(
+                "{level} streams: {errors} streams failed to open or broke"
+            ));
+        }
+        figures.extend([
+            (
+                format!("{level} streams: time to open all (ms)"),
+                open_time.as_secs_f64() * 1e3,
+            ),
+            (
+                format!("{level} streams: agent RSS idle (MiB)"),
+                rss_idle as f64 / 1024.0,
+            ),
+            (
+                format!("{level} streams: agent RSS all open (MiB)"),
+                rss_open as f64 / 1024.0,
+            ),
+            (
+                format!("{level} streams: agent RSS after rotation (MiB)"),
+                rss_now as f64 / 1024.0,
+            ),
+            (
+                format!("{level} streams: agent RSS peak (MiB)"),
+                rss_peak_mb,
+            ),
+            (format!("{level} streams: agent CPU (s)"), cpu.as_secs_f64()),
+            (format!("{level} streams: late rotations"), late as f64),
+            (format!("{level} streams: missed rotations"), missed as f64),
+        ]);
+    }
+    Ok(ScenarioResult {
+        name: "streams_at_scale".into(),
+        description: format!(
+            "Concurrent FetchX509SVID streams on one agent ({} per connection), SVID TTL {ttl}: every stream must receive the next SVID before the one it holds expires. RSS and CPU are the agent process's own (/proc).",
+            STREAMS_PER_CONNECTION
+        ),
+        target: "10,000 streams under 200 MB RSS, zero late or missed rotations".into(),
+        met,
+        figures,
+        note: notes.join("; "),
+    })
+}
+
+/// Opens one stream, waits for all others to open, then for the next message. `Some(true)` when
+/// it arrived before the first SVID's not-after, `Some(false)` when late, `None` when missed.
+async fn watch_one_rotation(
+    client: &mut WorkloadClient,
+    opened: &Barrier,
+    wait: Duration,
+) -> Result<Option<bool>, BenchError> {
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .map_err(status_failed("FetchX509SVID"))?
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .map_err(status_failed("stream"))?
+        .ok_or_else(|| BenchError::Failed("stream ended".into()))?;
+    let not_after = leaf_not_after(&first)?;
+    opened.wait().await;
+    match tokio::time::timeout(wait, stream.message()).await {
+        Ok(Ok(Some(_))) => {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs() as i64;
+            Ok(Some(now < not_after))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn leaf_not_after(response: &crate::proto::workload::X509svidResponse) -> Result<i64, BenchError> {
+    let svid = response
+        .svids
+        .first()
+        .ok_or_else(|| BenchError::Failed("no SVID".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&svid.x509_svid)
+        .map_err(|e| BenchError::Failed(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// One FetchX509SVID from this (new) process, timed from the call to the first message.
+pub async fn probe(socket: &Path) -> Result<Duration, BenchError> {
+    let mut client = connect(&format!("unix://{}", socket.display()))
+        .await
+        .map_err(failed("connecting"))?;
+    let start = Instant::now();
+    first_message(&mut client).await?;
+    Ok(start.elapsed())
+}
+
+/// A bare tonic server (gRPC health only) on `socket`: the transport floor. Runs until killed.
+pub async fn floor_server(socket: &Path) -> Result<(), BenchError> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)
+        .map_err(io_err(format!("binding {}", socket.display())))?;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+        .map_err(|e| BenchError::Failed(e.to_string()))
+}
