@@ -2,11 +2,13 @@
 //! its identities (or bundles) and a new message whenever that state changes.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::cache::{Identities, IdentityCache, Lease};
@@ -136,6 +138,15 @@ impl WorkloadService {
             .cloned()
             .ok_or_else(|| ServeError::NoPeer("connection was not accepted by the agent".into()))?;
         let needs = self.cache.entries().fact_needs();
+        // Fast path, on this worker: /proc reads and cache hits only, which never wait on I/O.
+        // Hashing an executable or an NSS lookup goes to the blocking pool below.
+        match peer.credentials() {
+            Err(e) => return Err(ServeError::NoPeer(e.to_string())),
+            Ok(credentials) => match self.attestor.attest(credentials, needs, false) {
+                Err(AttestError::WouldBlock) => {}
+                done => return done.map_err(ServeError::from),
+            },
+        }
         let attestor = self.attestor.clone();
         // The permit moves into the blocking task: a client that cancels its call cannot free
         // a slot while its executable is still being hashed.
@@ -149,7 +160,7 @@ impl WorkloadService {
             let _permit = permit;
             match peer.credentials() {
                 Ok(credentials) => attestor
-                    .attest(credentials, needs)
+                    .attest(credentials, needs, true)
                     .map_err(ServeError::from),
                 Err(e) => Err(ServeError::NoPeer(e.to_string())),
             }
@@ -193,7 +204,7 @@ impl WorkloadService {
         mut generation: watch::Receiver<u64>,
         first: T,
         mut next: F,
-    ) -> ReceiverStream<Result<T, Status>>
+    ) -> ResponseStream<T>
     where
         T: Send + 'static,
         F: FnMut() -> Result<Option<T>, ServeError> + Send + 'static,
@@ -201,9 +212,6 @@ impl WorkloadService {
         let (tx, rx) = mpsc::channel(2);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
             loop {
                 let ended = tokio::select! {
                     changed = generation.changed() => changed.is_err(),
@@ -229,7 +237,8 @@ impl WorkloadService {
                 }
             }
         });
-        ReceiverStream::new(rx)
+        // The first message is ready now: it goes out without a hop through the update task.
+        Box::pin(tokio_stream::once(Ok(first)).chain(ReceiverStream::new(rx)))
     }
 }
 
@@ -280,7 +289,8 @@ fn svid_response(ids: &Identities) -> X509svidResponse {
     }
 }
 
-type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+/// A Workload API response stream: the first message, then every update.
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadService {

@@ -57,8 +57,13 @@ impl ExeHashCache {
         }
     }
 
-    /// The lowercase hex SHA-256 of the open file `exe`.
-    pub fn digest(&self, mut exe: File) -> Result<String, HashError> {
+    /// The digest of `exe` if it is cached (one fstat, never a read of the file).
+    pub fn cached(&self, exe: &File) -> Result<Option<String>, HashError> {
+        let key = self.key_of(exe)?;
+        Ok(self.lock().get(&key).cloned())
+    }
+
+    fn key_of(&self, exe: &File) -> Result<FileKey, HashError> {
         let meta = exe.metadata()?;
         if meta.len() > self.size_limit {
             return Err(HashError::TooLarge {
@@ -66,7 +71,7 @@ impl ExeHashCache {
                 limit: self.size_limit,
             });
         }
-        let key = FileKey {
+        Ok(FileKey {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.len(),
@@ -74,7 +79,12 @@ impl ExeHashCache {
             mtime_nsec: meta.mtime_nsec(),
             ctime_sec: meta.ctime(),
             ctime_nsec: meta.ctime_nsec(),
-        };
+        })
+    }
+
+    /// The lowercase hex SHA-256 of the open file `exe`.
+    pub fn digest(&self, mut exe: File) -> Result<String, HashError> {
+        let key = self.key_of(&exe)?;
         if let Some(hit) = self.lock().get(&key) {
             return Ok(hit.clone());
         }

@@ -8,6 +8,7 @@
 //! accept time and re-checking the process start time and owner after reading.
 
 mod hash;
+mod names;
 mod peer;
 mod process;
 mod selector;
@@ -78,6 +79,10 @@ pub enum AttestError {
         /// What was wrong.
         detail: String,
     },
+    /// Attestation needs a lookup that may block (an uncached hash or name), and the caller
+    /// asked not to block; it retries where blocking is allowed.
+    #[error("attestation needs a blocking lookup")]
+    WouldBlock,
     /// The executable is larger than the hashing limit.
     #[error(
         "executable of process {pid} is {size} bytes, over the hashing limit of {limit} bytes (attestation.exe_hash_size_limit)"
@@ -116,6 +121,8 @@ pub struct CallerFacts {
 pub struct Attestor {
     /// Digests of executables, reused while the file is unchanged.
     hashes: ExeHashCache,
+    /// User and group names, reused for a minute.
+    names: names::NameCache,
     /// How a connection's process is pinned at accept time.
     pin_mode: PinMode,
 }
@@ -135,6 +142,7 @@ impl Attestor {
         };
         Self {
             hashes: ExeHashCache::new(exe_hash_size_limit),
+            names: names::NameCache::default(),
             pin_mode,
         }
     }
@@ -152,12 +160,16 @@ impl Attestor {
         PeerCredentials::capture(socket, self.pin_mode)
     }
 
-    /// Reads the pinned process's facts. Blocking: run it off the async workers.
+    /// Reads the pinned process's facts. With `may_block` false it only reads /proc (which never
+    /// waits on I/O) and the caches, and returns [`AttestError::WouldBlock`] when it would need
+    /// to hash an executable or look a name up; with `may_block` true, run it off the async
+    /// workers.
     pub fn attest(
         &self,
         peer: &PeerCredentials,
         needs: FactNeeds,
+        may_block: bool,
     ) -> Result<CallerFacts, AttestError> {
-        process::read_facts(peer, needs, &self.hashes)
+        process::read_facts(peer, needs, &self.hashes, &self.names, may_block)
     }
 }

@@ -3,9 +3,9 @@
 use std::os::fd::BorrowedFd;
 
 use nix::fcntl::readlinkat;
-use nix::unistd::{Gid, Group, Uid, User};
 
 use super::hash::{ExeHashCache, HashError};
+use super::names::NameCache;
 use super::peer::{PeerCredentials, open_entry};
 use super::{AttestError, CallerFacts, Selector, SelectorKind, SelectorSet};
 use crate::entry::FactNeeds;
@@ -22,6 +22,8 @@ pub(super) fn read_facts(
     peer: &PeerCredentials,
     needs: FactNeeds,
     hashes: &ExeHashCache,
+    names: &NameCache,
+    may_block: bool,
 ) -> Result<CallerFacts, AttestError> {
     let pid = peer.pid;
     let dir = peer.open_verified_proc_dir()?;
@@ -55,14 +57,20 @@ pub(super) fn read_facts(
         // Hash through /proc/<pid>/exe itself: the path may not exist in the agent's mount
         // namespace, or may name a different file there.
         let exe = open_entry(pid, dir, "exe")?;
-        Some(hashes.digest(exe).map_err(|e| match e {
+        let hash_error = |e| match e {
             HashError::TooLarge { size, limit } => AttestError::ExeTooLarge { pid, size, limit },
             HashError::Io(source) => AttestError::Proc {
                 pid,
                 entry: "exe",
                 source,
             },
-        })?)
+        };
+        let digest = match hashes.cached(&exe).map_err(hash_error)? {
+            Some(digest) => digest,
+            None if may_block => hashes.digest(exe).map_err(hash_error)?,
+            None => return Err(AttestError::WouldBlock),
+        };
+        Some(digest)
     } else {
         None
     };
@@ -72,20 +80,28 @@ pub(super) fn read_facts(
     // makes sure the process did not exit while we read (reads would fail, but be explicit).
     peer.ensure_alive()?;
 
+    let would_block = |_| AttestError::WouldBlock;
+    let user = names.user(ids.euid, may_block).map_err(would_block)?;
+    let group = names.group(ids.egid, may_block).map_err(would_block)?;
+    let mut supplementary = Vec::with_capacity(ids.groups.len());
+    for gid in &ids.groups {
+        supplementary.push((*gid, names.group(*gid, may_block).map_err(would_block)?));
+    }
+
     let mut selectors = SelectorSet::new();
     let mut add = |kind, value: String| selectors.insert(Selector::observed(kind, value));
     add(SelectorKind::Uid, ids.euid.to_string());
     add(SelectorKind::Gid, ids.egid.to_string());
-    if let Ok(Some(user)) = User::from_uid(Uid::from_raw(ids.euid)) {
-        add(SelectorKind::User, user.name);
+    if let Some(user) = user {
+        add(SelectorKind::User, user);
     }
-    if let Ok(Some(group)) = Group::from_gid(Gid::from_raw(ids.egid)) {
-        add(SelectorKind::Group, group.name);
+    if let Some(group) = group {
+        add(SelectorKind::Group, group);
     }
-    for gid in &ids.groups {
+    for (gid, name) in supplementary {
         add(SelectorKind::SupplementaryGid, gid.to_string());
-        if let Ok(Some(group)) = Group::from_gid(Gid::from_raw(*gid)) {
-            add(SelectorKind::SupplementaryGroup, group.name);
+        if let Some(name) = name {
+            add(SelectorKind::SupplementaryGroup, name);
         }
     }
     add(SelectorKind::Path, exe_path.clone());
@@ -204,7 +220,7 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let attestor = Attestor::new(u64::MAX, mode);
         let peer = attestor.capture_peer(a.as_fd())?;
-        attestor.attest(&peer, needs)
+        attestor.attest(&peer, needs, true)
     }
 
     #[test]
@@ -238,12 +254,12 @@ mod tests {
         let attestor = Attestor::new(16, PinMode::Pidfd);
         let peer = attestor.capture_peer(a.as_fd()).unwrap();
         let err = attestor
-            .attest(&peer, FactNeeds { exe_sha256: true })
+            .attest(&peer, FactNeeds { exe_sha256: true }, true)
             .unwrap_err();
         assert!(
             matches!(err, AttestError::ExeTooLarge { limit: 16, .. }),
             "{err}"
         );
-        assert!(attestor.attest(&peer, FactNeeds::default()).is_ok());
+        assert!(attestor.attest(&peer, FactNeeds::default(), true).is_ok());
     }
 }
