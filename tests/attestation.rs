@@ -1,6 +1,6 @@
 //! Attestation with real processes: clients started as other uids, from other executables, and
 //! py-spiffe, each getting exactly the identities its kernel-verified facts entitle it to; and
-//! the pid-reuse defence. These tests need root to start processes as other uids.
+//! the pid-reuse defence, with the pid really recycled. These tests need root to start processes as other uids.
 
 mod common;
 
@@ -229,30 +229,76 @@ fn start_relay(
     (relay, child)
 }
 
+/// Starts a process as `uid` that gets exactly `pid`, by setting the kernel's last-pid counter
+/// just below it (root only). Retries when some other fork takes the pid first.
+fn recycle_pid(pid: u32, uid: u32) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut child = Command::new("/bin/sleep")
+            .arg("60")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap();
+        if child.id() == pid {
+            return child;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("could not recycle pid {pid}");
+}
+
+fn effective_uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
 #[tokio::test]
-async fn a_connection_whose_process_is_gone_gets_no_identity() {
-    if !require_root("a_connection_whose_process_is_gone_gets_no_identity") {
+async fn a_recycled_pid_lends_no_identity() {
+    if !require_root("a_recycled_pid_lends_no_identity") {
         return;
     }
     let Some(python) = python() else { return };
     for pin_mode in [PinMode::Pidfd, PinMode::ProcStartTime] {
-        let agent = start_agent_with(
-            &entry("/relayed", &[&format!("unix:uid:{UID_RELAY}")], "5m", ""),
-            "",
-            BuildOptions { pin_mode },
-        )
-        .await;
+        // The same user's other program has an identity of its own: the one an attacker wants.
+        let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+        let entries = [
+            entry("/relayed", &[&format!("unix:uid:{UID_RELAY}")], "5m", ""),
+            entry(
+                "/victim",
+                &[
+                    &format!("unix:uid:{UID_RELAY}"),
+                    &format!("unix:path:{}", sleep.display()),
+                ],
+                "5m",
+                "",
+            ),
+        ]
+        .concat();
+        let agent = start_agent_with(&entries, "", BuildOptions { pin_mode }).await;
         for mode in ["stay", "exit"] {
-            let (relay, mut child) = {
-                let (python, socket, dir) = (
-                    python.clone(),
-                    agent.socket().to_path_buf(),
-                    agent.dir.path().to_path_buf(),
-                );
-                tokio::task::spawn_blocking(move || start_relay(&python, &socket, &dir, mode))
-                    .await
-                    .unwrap()
-            };
+            let (python, socket, dir) = (
+                python.clone(),
+                agent.socket().to_path_buf(),
+                agent.dir.path().to_path_buf(),
+            );
+            let (relay, mut child, mut impostor) = tokio::task::spawn_blocking(move || {
+                let (relay, child) = start_relay(&python, &socket, &dir, mode);
+                // The process that connected is gone; its pid now belongs to the same user's
+                // /bin/sleep, which has an identity of its own. Reading /proc by pid would
+                // hand that identity to whoever holds the old connection.
+                let impostor = (mode == "exit").then(|| {
+                    let impostor = recycle_pid(child.id(), UID_RELAY);
+                    assert_eq!(effective_uid_of(child.id()), Some(UID_RELAY));
+                    impostor
+                });
+                (relay, child, impostor)
+            })
+            .await
+            .unwrap();
             let channel = tessera::cli::client::channel(&relay).await.unwrap();
             let mut client = tessera::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::with_interceptor(
                 channel,
@@ -276,7 +322,7 @@ async fn a_connection_whose_process_is_gone_gets_no_identity() {
                     assert_eq!(message.svids[0].spiffe_id, "spiffe://example.org/relayed");
                 }
                 _ => {
-                    let status = result.expect_err("a vanished peer must get no identity");
+                    let status = result.expect_err("a recycled pid must lend no identity");
                     assert_eq!(
                         status.code(),
                         tonic::Code::Unavailable,
@@ -287,6 +333,10 @@ async fn a_connection_whose_process_is_gone_gets_no_identity() {
             }
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(impostor) = impostor.as_mut() {
+                let _ = impostor.kill();
+                let _ = impostor.wait();
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ upstream.connect(agent_socket)
 parent = os.getpid()
 if os.fork():
     if mode == "exit":
+        time.sleep(0.3)  # let the agent accept the connection while this process still lives
         os._exit(0)
     os.wait()
     os._exit(0)
