@@ -2,12 +2,13 @@
 //! attestation, not file modes), and an accept loop that captures each peer's credentials and
 //! pins its process before any byte is read.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -120,8 +121,47 @@ impl PeerInfo {
 pub struct PeerConnection {
     io: AuthorityFix<UnixStream>,
     peer: PeerInfo,
-    /// Counts against `MAX_CONNECTIONS` while the connection lives.
+    /// Counts against the agent-wide connection limit while the connection lives.
     _slot: OwnedSemaphorePermit,
+    /// Counts against its user's share while the connection lives.
+    _user_slot: UserSlot,
+}
+
+/// Open connections per uid (`None`: peers whose credentials could not be read).
+type UserCounts = Arc<Mutex<HashMap<Option<u32>, usize>>>;
+
+/// One connection's place in its user's share; released on drop.
+struct UserSlot {
+    counts: UserCounts,
+    uid: Option<u32>,
+}
+
+impl UserSlot {
+    /// Takes a slot for `uid`, unless the user already holds `limit` connections.
+    fn take(counts: &UserCounts, uid: Option<u32>, limit: usize) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let held = map.entry(uid).or_default();
+        if *held >= limit {
+            return None;
+        }
+        *held += 1;
+        Some(Self {
+            counts: counts.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = map.get_mut(&self.uid) {
+            *held -= 1;
+            if *held == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Connected for PeerConnection {
@@ -181,8 +221,15 @@ pub fn incoming(
 ) -> ReceiverStream<Result<PeerConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let limit = connection_limit();
-    tracing::debug!(limit, "connection limit from RLIMIT_NOFILE");
+    // No single user may hold more than half of the connections: others can always connect.
+    let per_user_limit = (limit / 2).max(1);
+    tracing::debug!(
+        limit,
+        per_user_limit,
+        "connection limits from RLIMIT_NOFILE"
+    );
     let slots = Arc::new(Semaphore::new(limit));
+    let user_counts = UserCounts::default();
     tokio::spawn(async move {
         tokio::pin!(shutdown);
         loop {
@@ -209,10 +256,20 @@ pub fn incoming(
             if let Err(e) = &peer {
                 tracing::warn!(error = %e, "could not capture peer credentials");
             }
+            let uid = peer.as_ref().ok().map(|p| p.uid);
+            let Some(user_slot) = UserSlot::take(&user_counts, uid, per_user_limit) else {
+                tracing::warn!(
+                    ?uid,
+                    limit = per_user_limit,
+                    "user holds too many connections; closing a new one"
+                );
+                continue;
+            };
             let connection = PeerConnection {
                 io: AuthorityFix::new(stream),
                 peer: PeerInfo(Arc::new(peer)),
                 _slot: slot,
+                _user_slot: user_slot,
             };
             if tx.send(Ok(connection)).await.is_err() {
                 return;
@@ -220,4 +277,35 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_share_is_bounded_and_released_on_drop() {
+        let counts = UserCounts::default();
+        let a = UserSlot::take(&counts, Some(1000), 2).unwrap();
+        let _b = UserSlot::take(&counts, Some(1000), 2).unwrap();
+        assert!(
+            UserSlot::take(&counts, Some(1000), 2).is_none(),
+            "third connection refused"
+        );
+        assert!(
+            UserSlot::take(&counts, Some(1001), 2).is_some(),
+            "other users unaffected"
+        );
+        drop(a);
+        assert!(
+            UserSlot::take(&counts, Some(1000), 2).is_some(),
+            "a closed connection frees a slot"
+        );
+    }
+
+    #[test]
+    fn connection_limit_follows_the_descriptor_limit() {
+        let limit = connection_limit();
+        assert!((16..=MAX_CONNECTIONS).contains(&limit));
+    }
 }

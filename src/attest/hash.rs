@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The cache never holds more digests than this; when full it starts over.
 const MAX_CACHED: usize = 4096;
@@ -39,6 +39,9 @@ pub enum HashError {
     Io(#[from] std::io::Error),
 }
 
+/// A hash being computed; every caller that wants the same file waits for the one result.
+type InFlight = Arc<OnceLock<Result<String, String>>>;
+
 /// Executable digests, shared by every attestation.
 #[derive(Debug)]
 pub struct ExeHashCache {
@@ -46,6 +49,8 @@ pub struct ExeHashCache {
     size_limit: u64,
     /// Digests by file identity; lives as long as the agent, bounded by `MAX_CACHED`.
     digests: Mutex<HashMap<FileKey, String>>,
+    /// Hashes under way, so that many processes started from one new binary read it once.
+    in_flight: Mutex<HashMap<FileKey, InFlight>>,
 }
 
 impl ExeHashCache {
@@ -54,6 +59,7 @@ impl ExeHashCache {
         Self {
             size_limit,
             digests: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -83,33 +89,55 @@ impl ExeHashCache {
     }
 
     /// The lowercase hex SHA-256 of the open file `exe`.
-    pub fn digest(&self, mut exe: File) -> Result<String, HashError> {
+    pub fn digest(&self, exe: File) -> Result<String, HashError> {
         let key = self.key_of(&exe)?;
         if let Some(hit) = self.lock().get(&key) {
             return Ok(hit.clone());
         }
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = exe.read(&mut buf)?;
-            if n == 0 {
-                break;
+        let cell = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        // One caller hashes; the others block here until its result is in.
+        let result = cell
+            .get_or_init(|| hash_file(exe).map_err(|e| e.to_string()))
+            .clone();
+        // Cache the digest before retiring the in-flight marker, so that no caller arriving in
+        // between finds neither and hashes the file again.
+        if let Ok(digest) = &result {
+            let mut digests = self.lock();
+            if digests.len() >= MAX_CACHED {
+                digests.clear();
             }
-            ctx.update(&buf[..n]);
+            digests.insert(key, digest.clone());
         }
-        let digest = hex::encode(ctx.finish());
-        let mut digests = self.lock();
-        if digests.len() >= MAX_CACHED {
-            digests.clear();
-        }
-        digests.insert(key, digest.clone());
-        Ok(digest)
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        result.map_err(|e| HashError::Io(std::io::Error::other(e)))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, String>> {
         // A panic while holding the lock cannot leave the map inconsistent: use it anyway.
         self.digests.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn hash_file(mut exe: File) -> std::io::Result<String> {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = exe.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(hex::encode(ctx.finish()))
 }
 
 #[cfg(test)]
@@ -139,6 +167,26 @@ mod tests {
         let d2 = cache.digest(File::open(&path).unwrap()).unwrap();
         assert_ne!(d, d2);
         assert_eq!(cache.lock().len(), 2);
+    }
+
+    #[test]
+    fn concurrent_callers_share_one_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bin");
+        std::fs::write(&path, vec![7u8; 8 << 20]).unwrap();
+        let cache = Arc::new(ExeHashCache::new(u64::MAX));
+        let digests: Vec<String> = (0..8)
+            .map(|_| {
+                let (cache, path) = (cache.clone(), path.clone());
+                std::thread::spawn(move || cache.digest(File::open(path).unwrap()).unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(digests.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(cache.lock().len(), 1);
+        assert!(cache.in_flight.lock().unwrap().is_empty());
     }
 
     #[test]
