@@ -368,12 +368,7 @@ async fn abusive_clients_do_not_disturb_rotation_for_others() {
 #[tokio::test]
 async fn shutdown_ends_open_streams_with_unavailable_and_removes_the_socket() {
     let agent = start_agent(&entry("/w", &[&my_uid_selector()], "5m", "")).await;
-    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
-    let mut stream = client
-        .fetch_x509svid(X509svidRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = svid_stream(&agent).await;
     stream.message().await.unwrap().unwrap();
     let socket = agent.socket().to_path_buf();
     let stopping = tokio::spawn(agent.handle.stop());
@@ -396,12 +391,7 @@ async fn streams_reattest_when_entries_start_selecting_on_the_executable_hash() 
     let uid = my_uid_selector();
     let plain = entry("/plain", &[&uid], "5m", "");
     let agent = start_agent(&plain).await;
-    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
-    let mut stream = client
-        .fetch_x509svid(X509svidRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = svid_stream(&agent).await;
     assert_eq!(stream.message().await.unwrap().unwrap().svids.len(), 1);
 
     let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
@@ -420,11 +410,7 @@ async fn streams_reattest_when_entries_start_selecting_on_the_executable_hash() 
         .unwrap()
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    let mut stream = client
-        .fetch_x509svid(X509svidRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = svid_stream(&agent).await;
     let ids: Vec<String> = stream
         .message()
         .await

@@ -249,3 +249,15 @@ pub async fn eventually<T>(limit: Duration, mut check: impl FnMut() -> Option<T>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Opens a FetchX509SVID stream to `agent` (with the security header).
+pub async fn svid_stream(
+    agent: &TestAgent,
+) -> tonic::Streaming<tessera::proto::workload::X509svidResponse> {
+    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    client
+        .fetch_x509svid(tessera::proto::workload::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
