@@ -137,7 +137,10 @@ async fn renew_ca_when_due(
                 tracing::error!(error = %e, "cannot renew the standalone CA; retrying in a minute");
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
-            Err(e) => tracing::error!(error = %e, "CA renewal task failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "CA renewal task failed; retrying in a minute");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
         }
     }
 }

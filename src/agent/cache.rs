@@ -207,6 +207,8 @@ impl IdentityCache {
                 .cloned();
             let (true, Some(entry)) = (in_demand, entry) else {
                 state.svids.remove(&id);
+                // A stream still serves it (its registration expired): make it recompute.
+                changed |= in_demand;
                 continue;
             };
             match mint(&state.ca, &entry, now) {
@@ -268,10 +270,20 @@ impl IdentityCache {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut expiries_checked_until = SystemTime::now();
         loop {
             let now = SystemTime::now();
+            let entries_now = self.entries();
+            // Any registration that expired since the last pass, whatever woke this one.
+            if entries_now
+                .next_expiry_after(expiries_checked_until)
+                .is_some_and(|at| at <= now)
+            {
+                self.bump();
+            }
+            expiries_checked_until = now;
             let next_renewal = self.rotate_due(now);
-            let next_expiry = self.entries().next_expiry_after(now);
+            let next_expiry = entries_now.next_expiry_after(now);
             let wake_at = [next_renewal, next_expiry].into_iter().flatten().min();
             let sleep_for = wake_at
                 .map(|at| at.duration_since(now).unwrap_or_default())
@@ -279,12 +291,7 @@ impl IdentityCache {
                 .min(MAX_SLEEP);
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = tokio::time::sleep_until(Instant::now() + sleep_for) => {
-                    if next_expiry.is_some_and(|at| at <= SystemTime::now()) {
-                        // A registration expired: streams must drop it.
-                        self.bump();
-                    }
-                }
+                _ = tokio::time::sleep_until(Instant::now() + sleep_for) => {}
                 _ = self.schedule_changed.notified() => {}
                 changed = entries.changed() => {
                     if changed.is_err() { return; }

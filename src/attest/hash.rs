@@ -63,12 +63,6 @@ impl ExeHashCache {
         }
     }
 
-    /// The digest of `exe` if it is cached (one fstat, never a read of the file).
-    pub fn cached(&self, exe: &File) -> Result<Option<String>, HashError> {
-        let key = self.key_of(exe)?;
-        Ok(self.lock().get(&key).cloned())
-    }
-
     fn key_of(&self, exe: &File) -> Result<FileKey, HashError> {
         let meta = exe.metadata()?;
         if meta.len() > self.size_limit {

@@ -9,7 +9,7 @@ use nix::unistd::{Gid, Group, Uid, User};
 
 /// How long a looked-up name is trusted. A renamed user shows the old name for at most this long.
 const NAME_TTL: Duration = Duration::from_secs(60);
-/// The cache never holds more names than this; when full it starts over.
+/// The cache never holds more names than this.
 const MAX_NAMES: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,7 +60,13 @@ impl NameCache {
         };
         let mut names = self.lock();
         if names.len() >= MAX_NAMES {
-            names.clear();
+            // Make room without penalising everyone: stale names first, else any one.
+            names.retain(|_, (_, at)| at.elapsed() < NAME_TTL);
+            if names.len() >= MAX_NAMES
+                && let Some(victim) = names.keys().next().copied()
+            {
+                names.remove(&victim);
+            }
         }
         names.insert(id, (name.clone(), Instant::now()));
         Ok(name)

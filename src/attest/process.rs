@@ -10,6 +10,9 @@ use super::peer::{PeerCredentials, open_entry};
 use super::{AttestError, CallerFacts, Selector, SelectorKind, SelectorSet};
 use crate::entry::FactNeeds;
 
+/// Supplementary groups beyond this many get a `unix:supplementary_gid` selector but no name.
+const MAX_NAMED_GROUPS: usize = 64;
+
 /// Ids from the `Uid:`, `Gid:` and `Groups:` lines of `/proc/<pid>/status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StatusIds {
@@ -54,6 +57,11 @@ pub(super) fn read_facts(
         .to_string_lossy()
         .into_owned();
     let exe_sha256 = if needs.exe_sha256 {
+        // Even an fstat of the executable can wait on its file system (a hung NFS mount):
+        // only the blocking path may touch it.
+        if !may_block {
+            return Err(AttestError::WouldBlock);
+        }
         // Hash through /proc/<pid>/exe itself: the path may not exist in the agent's mount
         // namespace, or may name a different file there.
         let exe = open_entry(pid, dir, "exe")?;
@@ -65,12 +73,7 @@ pub(super) fn read_facts(
                 source,
             },
         };
-        let digest = match hashes.cached(&exe).map_err(hash_error)? {
-            Some(digest) => digest,
-            None if may_block => hashes.digest(exe).map_err(hash_error)?,
-            None => return Err(AttestError::WouldBlock),
-        };
-        Some(digest)
+        Some(hashes.digest(exe).map_err(hash_error)?)
     } else {
         None
     };
@@ -84,8 +87,14 @@ pub(super) fn read_facts(
     let user = names.user(ids.euid, may_block).map_err(would_block)?;
     let group = names.group(ids.egid, may_block).map_err(would_block)?;
     let mut supplementary = Vec::with_capacity(ids.groups.len());
-    for gid in &ids.groups {
-        supplementary.push((*gid, names.group(*gid, may_block).map_err(would_block)?));
+    for (i, gid) in ids.groups.iter().enumerate() {
+        // A process in a user namespace can carry thousands of groups; name only the first ones.
+        let name = if i < MAX_NAMED_GROUPS {
+            names.group(*gid, may_block).map_err(would_block)?
+        } else {
+            None
+        };
+        supplementary.push((*gid, name));
     }
 
     let mut selectors = SelectorSet::new();
@@ -245,6 +254,35 @@ mod tests {
         assert!(
             facts.exe_sha256.is_none(),
             "no entry needs the hash: none computed"
+        );
+    }
+
+    #[test]
+    fn the_non_blocking_path_defers_lookups_and_executable_access() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let attestor = Attestor::new(u64::MAX, PinMode::Pidfd);
+        let peer = attestor.capture_peer(a.as_fd()).unwrap();
+        let plain = FactNeeds::default();
+        let deferred = attestor.attest(&peer, plain, false);
+        assert!(
+            matches!(deferred, Err(AttestError::WouldBlock)),
+            "names not cached yet"
+        );
+        let slow = attestor.attest(&peer, plain, true).unwrap();
+        let fast = attestor.attest(&peer, plain, false).unwrap();
+        assert_eq!(fast, slow, "served from the name cache");
+        let hashed = FactNeeds { exe_sha256: true };
+        let deferred = attestor.attest(&peer, hashed, false);
+        assert!(
+            matches!(deferred, Err(AttestError::WouldBlock)),
+            "the executable is never touched inline"
+        );
+        assert!(
+            attestor
+                .attest(&peer, hashed, true)
+                .unwrap()
+                .exe_sha256
+                .is_some()
         );
     }
 

@@ -81,7 +81,7 @@ impl ChildProcess {
     /// Starts `tessera <args>` and waits until `socket` accepts connections.
     pub fn start(args: &[&str], socket: &Path) -> Result<Self, BenchError> {
         let exe = std::env::current_exe().map_err(io_err("locating the tessera binary"))?;
-        let child = Command::new(exe)
+        let child = command_dying_with_parent(&exe)
             .args(args)
             .env("TESSERA_LOG", "warn")
             .stdout(Stdio::null())
@@ -141,6 +141,51 @@ impl Drop for ChildProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A command whose process is killed when the harness dies, however it dies (a harness killed
+/// by a test timeout must not leave agents running).
+pub(crate) fn command_dying_with_parent(program: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(program);
+    // SAFETY: prctl is async-signal-safe and touches only the child being started.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Runs `command` to completion, killing it after `limit`.
+pub(crate) fn output_within(
+    command: &mut Command,
+    limit: Duration,
+) -> Result<std::process::Output, BenchError> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err("starting a probe"))?;
+    let deadline = Instant::now() + limit;
+    while child
+        .try_wait()
+        .map_err(io_err("waiting for a probe"))?
+        .is_none()
+    {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BenchError::Failed(format!(
+                "a probe did not finish within {limit:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child
+        .wait_with_output()
+        .map_err(io_err("collecting a probe's output"))
 }
 
 /// p50 and p99 of a series, in microseconds.

@@ -2,14 +2,15 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use tokio::sync::Barrier;
 
-use super::{BenchError, ChildProcess, Plan, Report, ScenarioResult, io_err, percentiles};
+use super::{
+    BenchError, ChildProcess, Plan, Report, ScenarioResult, io_err, output_within, percentiles,
+};
 use crate::ca::{LeafRequest, LocalCaSource, load_or_create_local_ca, mint_x509_svid};
 use crate::cli::client::{WorkloadClient, channel, connect};
 use crate::proto::workload::X509svidRequest;
@@ -223,10 +224,15 @@ async fn first_fetch(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchErro
     let socket_arg = socket.display().to_string();
     let (mut cached, mut uncached) = (Vec::new(), Vec::new());
     for (i, (kind, program)) in programs.iter().enumerate() {
-        let out = Command::new(program)
-            .args(["bench", "probe", "--socket", &socket_arg])
-            .output()
-            .map_err(io_err("running a probe"))?;
+        let out = output_within(
+            super::command_dying_with_parent(program).args([
+                "bench",
+                "probe",
+                "--socket",
+                &socket_arg,
+            ]),
+            Duration::from_secs(30),
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         let micros: f64 = text.trim().parse().map_err(|_| {
             BenchError::Failed(format!(

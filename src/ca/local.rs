@@ -49,16 +49,28 @@ pub fn load_or_create_local_ca(
     trust_domain: &TrustDomain,
 ) -> Result<SigningCa, CaError> {
     match source {
-        LocalCaSource::Files { cert, key } => load_ca_files(cert, key, trust_domain),
+        LocalCaSource::Files { cert, key } => {
+            load_ca_files(cert, key, trust_domain, Expired::Refuse)
+        }
         LocalCaSource::Generated { state_dir, ttl } => {
             let cert_path = state_dir.join(CERT_FILE);
             let key_path = state_dir.join(KEY_FILE);
             if !cert_path.exists() {
                 return create_generated(state_dir, *ttl, trust_domain, Vec::new());
             }
-            let mut ca = load_ca_files(&cert_path, &key_path, trust_domain)?;
-            ca.bundle
-                .extend(earlier_roots(&state_dir.join(BUNDLE_FILE), &ca.bundle[0]));
+            let bundle_file = state_dir.join(BUNDLE_FILE);
+            let mut ca = match load_ca_files(&cert_path, &key_path, trust_domain, Expired::Allow) {
+                Ok(ca) => ca,
+                // The agent owns this CA: if a crash left its key and certificate apart (or
+                // either unreadable as a CA), make a new one, as on first start.
+                Err(e @ CaError::BadFile { .. }) => {
+                    tracing::warn!(error = %e, "standalone CA is unusable; creating a new one");
+                    let earlier = earlier_roots(&bundle_file, &[]);
+                    return create_generated(state_dir, *ttl, trust_domain, earlier);
+                }
+                Err(e) => return Err(e),
+            };
+            ca.bundle.extend(earlier_roots(&bundle_file, &ca.bundle[0]));
             if nearly_expired(&ca, SystemTime::now()) {
                 tracing::warn!(
                     cert = %cert_path.display(),
@@ -197,10 +209,18 @@ pub(crate) fn generate_self_signed(
     Ok((ca, cert_pem, key_pem))
 }
 
+/// Whether loading accepts an expired certificate (a generated CA is then replaced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    Allow,
+    Refuse,
+}
+
 fn load_ca_files(
     cert_path: &Path,
     key_path: &Path,
     trust_domain: &TrustDomain,
+    expired: Expired,
 ) -> Result<SigningCa, CaError> {
     let bad = |path: &Path, reason: String| CaError::BadFile {
         path: path.display().to_string(),
@@ -268,7 +288,7 @@ fn load_ca_files(
         + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
     let not_before = SystemTime::UNIX_EPOCH
         + Duration::from_secs(cert.validity().not_before.timestamp().max(0) as u64);
-    if not_after <= SystemTime::now() {
+    if expired == Expired::Refuse && not_after <= SystemTime::now() {
         return Err(bad(
             cert_path,
             format!("expired at {}", humantime::format_rfc3339(not_after)),
@@ -345,7 +365,9 @@ mod tests {
         let key = dir.path().join("key.pem");
         fs::write(&cert, &cert_pem).unwrap();
         fs::write(&key, other_key.as_bytes()).unwrap();
-        let err = load_ca_files(&cert, &key, &td()).unwrap_err().to_string();
+        let err = load_ca_files(&cert, &key, &td(), Expired::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not match the public key"), "{err}");
 
         let (_, cert_pem, key_pem) =
@@ -353,11 +375,11 @@ mod tests {
         fs::write(&cert, &cert_pem).unwrap();
         fs::write(&key, key_pem.as_bytes()).unwrap();
         let other_td = TrustDomain::new("other.org").unwrap();
-        let err = load_ca_files(&cert, &key, &other_td)
+        let err = load_ca_files(&cert, &key, &other_td, Expired::Refuse)
             .unwrap_err()
             .to_string();
         assert!(err.contains("spiffe://other.org"), "{err}");
-        assert!(load_ca_files(&cert, &key, &td()).is_ok());
+        assert!(load_ca_files(&cert, &key, &td(), Expired::Refuse).is_ok());
     }
 
     #[test]
@@ -384,6 +406,38 @@ mod tests {
             key: "/k".into(),
         };
         assert!(renew_local_ca(&files, &td(), &second).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_generated_ca_left_unusable_is_replaced_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = LocalCaSource::Generated {
+            state_dir: dir.path().into(),
+            ttl: Duration::from_secs(86400),
+        };
+        let first = load_or_create_local_ca(&source, &td()).unwrap();
+        // A crash between the two renames of a renewal: a new key beside the old certificate.
+        let (_, _, other_key) =
+            generate_self_signed(&td(), Duration::from_secs(3600), SystemTime::now()).unwrap();
+        fs::write(dir.path().join(KEY_FILE), other_key.as_bytes()).unwrap();
+        let recovered = load_or_create_local_ca(&source, &td()).unwrap();
+        assert_ne!(recovered.bundle[0], first.bundle[0]);
+        assert!(
+            recovered.bundle.contains(&first.bundle[0]),
+            "the old root is still trusted"
+        );
+
+        // Expired while the agent was down: replaced, not refused.
+        let (_, expired_cert, expired_key) = generate_self_signed(
+            &td(),
+            Duration::from_secs(3600),
+            SystemTime::now() - Duration::from_secs(7200),
+        )
+        .unwrap();
+        fs::write(dir.path().join(CERT_FILE), expired_cert).unwrap();
+        fs::write(dir.path().join(KEY_FILE), expired_key.as_bytes()).unwrap();
+        let fresh = load_or_create_local_ca(&source, &td()).unwrap();
+        assert!(fresh.not_after > SystemTime::now());
     }
 
     #[test]
