@@ -15,7 +15,9 @@ use super::endpoint::{self, EndpointError};
 use super::entries::watch_config_file;
 use super::workload::{WorkloadService, check_security_header};
 use crate::attest::{Attestor, PinMode};
-use crate::ca::{CaError, LocalCaSource, SigningCa, load_or_create_local_ca, renew_local_ca};
+use crate::ca::{
+    CaError, LocalCaSource, SigningCa, load_or_create_local_ca, next_renewal_step, renew_local_ca,
+};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::spiffe::TrustDomain;
 
@@ -91,8 +93,9 @@ impl AgentHandle {
     }
 }
 
-/// Replaces a generated standalone CA at 80% of its life and publishes the new one (its bundle
-/// keeps the old root). Holds the signing-authority sender for the agent's lifetime.
+/// Renews a generated standalone CA in two steps (publish the next root at half of the current
+/// CA's life, sign with it from 80%) and publishes each result; warns about an operator's CA
+/// instead. Holds the signing-authority sender for the agent's lifetime.
 async fn renew_ca_when_due(
     source: LocalCaSource,
     trust_domain: TrustDomain,
@@ -101,7 +104,8 @@ async fn renew_ca_when_due(
 ) {
     tokio::pin!(stop);
     loop {
-        let due = ca_tx.borrow().renewal_time();
+        let current = ca_tx.borrow().clone();
+        let (step, due) = next_renewal_step(&source, &current);
         // Re-check the wall clock at least hourly: timers do not run while a machine sleeps.
         let wait = due
             .duration_since(SystemTime::now())
@@ -114,33 +118,35 @@ async fn renew_ca_when_due(
         if SystemTime::now() < due {
             continue;
         }
-        let current = ca_tx.borrow().clone();
         let (source, trust_domain) = (source.clone(), trust_domain.clone());
-        let renewed =
-            tokio::task::spawn_blocking(move || renew_local_ca(&source, &trust_domain, &current))
-                .await;
-        match renewed {
+        let renewed = tokio::task::spawn_blocking(move || {
+            renew_local_ca(&source, &trust_domain, &current, step)
+        })
+        .await;
+        let pause = match renewed {
             Ok(Ok(Some(ca))) => {
                 ca_tx.send_replace(Arc::new(ca));
+                continue;
             }
             Ok(Ok(None)) => {
                 tracing::warn!(
                     not_after = %humantime::format_rfc3339(ca_tx.borrow().not_after),
                     "the configured CA is past 80% of its lifetime; replace ca.cert_file and ca.key_file and restart"
                 );
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = tokio::time::sleep(Duration::from_secs(24 * 3600)) => {}
-                }
+                Duration::from_secs(24 * 3600)
             }
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot renew the standalone CA; retrying in a minute");
-                tokio::time::sleep(Duration::from_secs(60)).await;
+                tracing::error!(error = %e, ?step, "cannot renew the standalone CA; retrying in a minute");
+                Duration::from_secs(60)
             }
             Err(e) => {
                 tracing::error!(error = %e, "CA renewal task failed; retrying in a minute");
-                tokio::time::sleep(Duration::from_secs(60)).await;
+                Duration::from_secs(60)
             }
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

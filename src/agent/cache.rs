@@ -179,10 +179,16 @@ impl IdentityCache {
         self.bump();
     }
 
-    /// Installs a new signing CA: every SVID is re-minted under it on next need.
+    /// Installs a new signing CA. A new signer means every SVID is re-minted under it on next
+    /// need; a new bundle with the same signer (a root published ahead of use) keeps them.
     pub fn set_ca(&self, ca: Arc<SigningCa>) {
         let mut state = self.lock();
-        state.svids.clear();
+        let same_signer = state.ca.bundle.first() == ca.bundle.first()
+            && state.ca.intermediates == ca.intermediates
+            && state.ca.not_after == ca.not_after;
+        if !same_signer {
+            state.svids.clear();
+        }
         state.ca = ca;
         drop(state);
         self.bump();
@@ -485,5 +491,56 @@ mod tests {
             "TTL change needs a new certificate"
         );
         assert!(state.svids.contains_key("b"), "a hint change does not");
+    }
+
+    #[test]
+    fn a_root_published_ahead_keeps_svids_and_a_new_signer_replaces_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = crate::spiffe::TrustDomain::new("td").unwrap();
+        let source = LocalCaSource::Generated {
+            state_dir: dir.path().into(),
+            ttl: Duration::from_secs(86400),
+        };
+        let first = Arc::new(crate::ca::load_or_create_local_ca(&source, &td).unwrap());
+        let set = Arc::new(EntrySet::new(vec![entry(
+            "a",
+            "spiffe://td/a",
+            &["unix:uid:1"],
+        )]));
+        let cache = IdentityCache::new(set.clone(), first.clone());
+        let mut lease = cache.lease();
+        let before = cache
+            .acquire(&set, &set.entries, &mut lease)
+            .unwrap()
+            .unwrap();
+
+        let prepared =
+            crate::ca::renew_local_ca(&source, &td, &first, crate::ca::RenewalStep::Prepare)
+                .unwrap()
+                .unwrap();
+        cache.set_ca(Arc::new(prepared));
+        let during = cache
+            .acquire(&set, &set.entries, &mut lease)
+            .unwrap()
+            .unwrap();
+        assert!(
+            Arc::ptr_eq(&before.svids[0].1, &during.svids[0].1),
+            "same signer: SVID kept"
+        );
+        assert_eq!(during.ca.bundle.len(), 2, "the next root is served");
+
+        let active =
+            crate::ca::renew_local_ca(&source, &td, &during.ca, crate::ca::RenewalStep::Activate)
+                .unwrap()
+                .unwrap();
+        cache.set_ca(Arc::new(active));
+        let after = cache
+            .acquire(&set, &set.entries, &mut lease)
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            after.svids[0].1.serial_hex, before.svids[0].1.serial_hex,
+            "new signer: re-minted"
+        );
     }
 }

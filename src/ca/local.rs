@@ -19,9 +19,38 @@ use crate::spiffe::TrustDomain;
 
 const CERT_FILE: &str = "ca_cert.pem";
 const KEY_FILE: &str = "ca_key.pem";
-/// Every root workloads should trust: the current CA and earlier ones still valid, so that SVIDs
-/// minted before a renewal keep verifying until they expire.
+/// Every root workloads should trust: the current CA, the prepared next one, and earlier ones
+/// still valid, so that SVIDs verify across a renewal on both sides of it.
 const BUNDLE_FILE: &str = "bundle.pem";
+/// The next CA, published in the bundle at half of the current one's life and used for signing
+/// from 80%, so that verifiers learn its root before any SVID depends on it.
+const NEXT_CERT_FILE: &str = "next_ca_cert.pem";
+const NEXT_KEY_FILE: &str = "next_ca_key.pem";
+
+/// What the renewal of a CA needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalStep {
+    /// Create the next CA and publish its root (from half of the current CA's life).
+    Prepare,
+    /// Sign with the prepared CA from now on (from 80%).
+    Activate,
+    /// An operator's CA: the operator replaces it (warned about from 80%).
+    OperatorRenews,
+}
+
+/// The next renewal step for `current` and when it is due.
+pub fn next_renewal_step(source: &LocalCaSource, current: &SigningCa) -> (RenewalStep, SystemTime) {
+    match source {
+        LocalCaSource::Files { .. } => (RenewalStep::OperatorRenews, current.renewal_time()),
+        LocalCaSource::Generated { state_dir, .. } => {
+            if state_dir.join(NEXT_CERT_FILE).exists() {
+                (RenewalStep::Activate, current.renewal_time())
+            } else {
+                (RenewalStep::Prepare, current.prepare_time())
+            }
+        }
+    }
+}
 
 /// Where the standalone signing CA comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,26 +106,104 @@ pub fn load_or_create_local_ca(
                     not_after = %humantime::format_rfc3339(ca.not_after),
                     "standalone CA is past 80% of its lifetime; creating a new one"
                 );
-                return create_generated(state_dir, *ttl, trust_domain, ca.bundle);
+                return activate_next(state_dir, *ttl, trust_domain, ca.bundle);
             }
             Ok(ca)
         }
     }
 }
 
-/// Replaces a generated CA with a new one, keeping the old roots that are still valid in the
-/// bundle. `None` for an operator's CA, which the operator renews.
+/// Carries out `step` for a generated CA and returns the CA to publish: after `Prepare` the same
+/// signing CA with the next root added to its bundle; after `Activate` the next CA, whose bundle
+/// keeps the old root. `None` for an operator's CA.
 pub fn renew_local_ca(
     source: &LocalCaSource,
     trust_domain: &TrustDomain,
     current: &SigningCa,
+    step: RenewalStep,
 ) -> Result<Option<SigningCa>, CaError> {
-    match source {
-        LocalCaSource::Files { .. } => Ok(None),
-        LocalCaSource::Generated { state_dir, ttl } => {
-            create_generated(state_dir, *ttl, trust_domain, current.bundle.clone()).map(Some)
+    let LocalCaSource::Generated { state_dir, ttl } = source else {
+        return Ok(None);
+    };
+    match step {
+        RenewalStep::OperatorRenews => Ok(None),
+        RenewalStep::Prepare => {
+            let (next, cert_pem, key_pem) =
+                generate_self_signed(trust_domain, *ttl, SystemTime::now())?;
+            write_atomically(&state_dir.join(NEXT_KEY_FILE), key_pem.as_bytes(), 0o600)?;
+            write_atomically(&state_dir.join(NEXT_CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+            let mut bundle = current.bundle.clone();
+            bundle.insert(1.min(bundle.len()), next.bundle[0].clone());
+            write_bundle(state_dir, &bundle)?;
+            let mut republished = load_ca_files(
+                &state_dir.join(CERT_FILE),
+                &state_dir.join(KEY_FILE),
+                trust_domain,
+                Expired::Allow,
+            )?;
+            republished.bundle = bundle;
+            tracing::info!(
+                next_not_after = %humantime::format_rfc3339(next.not_after),
+                "prepared the next standalone CA; its root is now in the bundle"
+            );
+            Ok(Some(republished))
+        }
+        RenewalStep::Activate => {
+            activate_next(state_dir, *ttl, trust_domain, current.bundle.clone()).map(Some)
         }
     }
+}
+
+/// Makes the prepared next CA the signing one (or, if none was prepared, creates one).
+fn activate_next(
+    state_dir: &Path,
+    ttl: Duration,
+    trust_domain: &TrustDomain,
+    earlier: Vec<Vec<u8>>,
+) -> Result<SigningCa, CaError> {
+    let next_cert = state_dir.join(NEXT_CERT_FILE);
+    let next_key = state_dir.join(NEXT_KEY_FILE);
+    let prepared = next_cert.exists()
+        && load_ca_files(&next_cert, &next_key, trust_domain, Expired::Refuse).is_ok();
+    if !prepared {
+        let _ = fs::remove_file(&next_cert);
+        let _ = fs::remove_file(&next_key);
+        return create_generated(state_dir, ttl, trust_domain, earlier);
+    }
+    let read = |path: &Path| fs::read(path).map_err(|source| io_error(path, source));
+    let (cert_pem, key_pem) = (read(&next_cert)?, zeroize::Zeroizing::new(read(&next_key)?));
+    write_atomically(&state_dir.join(KEY_FILE), &key_pem, 0o600)?;
+    write_atomically(&state_dir.join(CERT_FILE), &cert_pem, 0o644)?;
+    let mut ca = load_ca_files(
+        &state_dir.join(CERT_FILE),
+        &state_dir.join(KEY_FILE),
+        trust_domain,
+        Expired::Refuse,
+    )?;
+    let now = SystemTime::now();
+    let active = ca.bundle[0].clone();
+    ca.bundle.extend(
+        earlier
+            .into_iter()
+            .filter(|der| *der != active && still_valid(der, now)),
+    );
+    write_bundle(state_dir, &ca.bundle)?;
+    let _ = fs::remove_file(&next_cert);
+    let _ = fs::remove_file(&next_key);
+    tracing::info!(
+        not_after = %humantime::format_rfc3339(ca.not_after),
+        roots_in_bundle = ca.bundle.len(),
+        "the prepared standalone CA now signs"
+    );
+    Ok(ca)
+}
+
+fn write_bundle(state_dir: &Path, bundle: &[Vec<u8>]) -> Result<(), CaError> {
+    let bundle_pem: String = bundle
+        .iter()
+        .map(|der| ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.clone())))
+        .collect();
+    write_atomically(&state_dir.join(BUNDLE_FILE), bundle_pem.as_bytes(), 0o644)
 }
 
 fn create_generated(
@@ -110,12 +217,7 @@ fn create_generated(
     ca.bundle
         .extend(earlier.into_iter().filter(|der| still_valid(der, now)));
     fs::create_dir_all(state_dir).map_err(|source| io_error(state_dir, source))?;
-    let bundle_pem: String = ca
-        .bundle
-        .iter()
-        .map(|der| ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.clone())))
-        .collect();
-    write_atomically(&state_dir.join(BUNDLE_FILE), bundle_pem.as_bytes(), 0o644)?;
+    write_bundle(state_dir, &ca.bundle)?;
     write_atomically(&state_dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
     write_atomically(&state_dir.join(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
     tracing::info!(
@@ -383,29 +485,62 @@ mod tests {
     }
 
     #[test]
-    fn renewal_keeps_earlier_roots_in_the_bundle_across_restarts() {
+    fn renewal_publishes_the_next_root_before_signing_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let source = LocalCaSource::Generated {
             state_dir: dir.path().into(),
             ttl: Duration::from_secs(86400),
         };
         let first = load_or_create_local_ca(&source, &td()).unwrap();
-        let second = renew_local_ca(&source, &td(), &first).unwrap().unwrap();
-        assert_eq!(second.bundle.len(), 2);
-        assert_ne!(second.bundle[0], first.bundle[0]);
-        assert_eq!(second.bundle[1], first.bundle[0]);
-        let reloaded = load_or_create_local_ca(&source, &td()).unwrap();
+        let (step, due) = next_renewal_step(&source, &first);
+        assert_eq!(step, RenewalStep::Prepare);
+        assert_eq!(due, first.prepare_time());
+
+        // Prepared: same signer, next root already trusted.
+        let prepared = renew_local_ca(&source, &td(), &first, step)
+            .unwrap()
+            .unwrap();
+        assert_eq!(prepared.bundle.len(), 2);
         assert_eq!(
-            reloaded.bundle, second.bundle,
-            "the old root survives a restart"
+            prepared.bundle[0], first.bundle[0],
+            "still signing with the first CA"
         );
-        assert!(second.renewal_time() > SystemTime::now());
+        let next_root = prepared.bundle[1].clone();
+        let (step, due) = next_renewal_step(&source, &prepared);
+        assert_eq!(
+            (step, due),
+            (RenewalStep::Activate, prepared.renewal_time())
+        );
+        let restarted = load_or_create_local_ca(&source, &td()).unwrap();
+        assert_eq!(
+            restarted.bundle, prepared.bundle,
+            "a restart keeps the prepared root"
+        );
+
+        // Activated: the prepared CA signs, the first root stays trusted.
+        let active = renew_local_ca(&source, &td(), &prepared, step)
+            .unwrap()
+            .unwrap();
+        assert_eq!(active.bundle[0], next_root);
+        assert!(active.bundle.contains(&first.bundle[0]));
+        assert_eq!(active.bundle.len(), 2);
+        assert_eq!(next_renewal_step(&source, &active).0, RenewalStep::Prepare);
+        let reloaded = load_or_create_local_ca(&source, &td()).unwrap();
+        assert_eq!(reloaded.bundle, active.bundle);
 
         let files = LocalCaSource::Files {
             cert: "/c".into(),
             key: "/k".into(),
         };
-        assert!(renew_local_ca(&files, &td(), &second).unwrap().is_none());
+        assert_eq!(
+            next_renewal_step(&files, &active).0,
+            RenewalStep::OperatorRenews
+        );
+        assert!(
+            renew_local_ca(&files, &td(), &active, RenewalStep::Prepare)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@ mod leaf;
 mod local;
 
 pub use leaf::{LeafRequest, X509Svid, mint_x509_svid};
-pub use local::{LocalCaSource, load_or_create_local_ca, renew_local_ca};
+pub use local::{
+    LocalCaSource, RenewalStep, load_or_create_local_ca, next_renewal_step, renew_local_ca,
+};
 
 use std::time::SystemTime;
 
@@ -72,6 +74,15 @@ impl SigningCa {
     /// The bundle as the Workload API carries it: the DER certificates concatenated.
     pub fn bundle_der(&self) -> Vec<u8> {
         self.bundle.concat()
+    }
+
+    /// When the next CA should be prepared and its root published: at half of this one's life.
+    pub fn prepare_time(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life / 2
     }
 
     /// When this CA should be replaced: at 80% of its lifetime.
