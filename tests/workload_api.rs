@@ -425,3 +425,53 @@ async fn streams_reattest_when_entries_start_selecting_on_the_executable_hash() 
         ["spiffe://example.org/plain", "spiffe://example.org/hashed"]
     );
 }
+
+#[tokio::test]
+async fn a_bundle_change_reaches_svid_and_bundle_streams() {
+    let agent = start_agent(&entry("/w", &[&my_uid_selector()], "5m", "")).await;
+    let client = WorkloadApiClient::connect_to(agent.uri()).await.unwrap();
+    let mut bundles = client.stream_x509_bundles().await.unwrap();
+    let mut svids = svid_stream(&agent).await;
+    let td = TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let first_bundles = bundles.next().await.unwrap().unwrap();
+    assert_eq!(first_bundles.get(&td).unwrap().authorities().len(), 1);
+    let first = svids.message().await.unwrap().unwrap();
+
+    // What the CA renewal publishes at half-life: the next root, ahead of its use.
+    let source = tessera::ca::LocalCaSource::Generated {
+        state_dir: agent.dir.path().join("state"),
+        ttl: Duration::from_secs(365 * 24 * 3600),
+    };
+    let td_name = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let current = agent.handle.cache.ca();
+    let prepared = tessera::ca::renew_local_ca(
+        &source,
+        &td_name,
+        &current,
+        tessera::ca::RenewalStep::Prepare,
+    )
+    .unwrap()
+    .unwrap();
+    agent.handle.cache.set_ca(std::sync::Arc::new(prepared));
+
+    let updated = tokio::time::timeout(Duration::from_secs(5), bundles.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.get(&td).unwrap().authorities().len(), 2);
+    let next = tokio::time::timeout(Duration::from_secs(5), svids.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        next.svids[0].x509_svid, first.svids[0].x509_svid,
+        "same signer: same SVID"
+    );
+    assert_ne!(
+        next.svids[0].bundle, first.svids[0].bundle,
+        "the new root rides along"
+    );
+    assert_eq!(split_der(&next.svids[0].bundle).len(), 2);
+}
