@@ -353,3 +353,106 @@ fn deploy_files_are_valid() {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+#[test]
+fn an_operators_ca_signs_the_svids() {
+    let dir = world_dir();
+    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+    // An operator's CA, made the way an operator would: with openssl.
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "30", "-subj", "/O=Example Ops/CN=example.org root"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .args(["-addext", "subjectAltName=URI:spiffe://example.org"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let extra = format!(
+        "[ca]\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            dir.path(),
+            &entry("/ops", &[&my_uid_selector()], "5m", ""),
+            &extra,
+        ),
+    )
+    .unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let handle = runtime
+        .block_on(tessera::agent::build(
+            tessera::agent::AgentConfig::load(&config).unwrap(),
+            Default::default(),
+        ))
+        .unwrap();
+    let out_dir = dir.path().join("out");
+    let out = tessera(&[
+        "svid",
+        "fetch",
+        "--socket",
+        &handle.socket_uri(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ders = |path: &Path| -> Vec<Vec<u8>> {
+        pem::parse_many(std::fs::read(path).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect()
+    };
+    assert_eq!(
+        ders(&out_dir.join("bundle.pem")),
+        ders(&cert),
+        "the bundle is the operator's CA"
+    );
+    assert!(
+        !std::fs::read(out_dir.join("svid.pem"))
+            .unwrap()
+            .contains(&b'\r'),
+        "LF line endings"
+    );
+    let verify = Command::new("openssl")
+        .args(["verify", "-x509_strict", "-CAfile"])
+        .arg(&cert)
+        .arg(out_dir.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    runtime.block_on(handle.stop()).unwrap();
+    assert!(
+        !dir.path().join("state").join("ca_key.pem").exists(),
+        "no CA generated beside the operator's"
+    );
+}

@@ -303,6 +303,28 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn binding_replaces_a_stale_socket_but_never_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("agent.sock");
+        let first = bind(&path).unwrap();
+        drop(first); // leaves a stale socket file behind
+        assert!(path.exists());
+        let second = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o777, "connectable by every local user");
+        drop(second);
+
+        let not_a_socket = dir.path().join("precious.txt");
+        std::fs::write(&not_a_socket, "keep me").unwrap();
+        let err = bind(&not_a_socket).unwrap_err().to_string();
+        assert!(
+            err.contains("is not a socket; refusing to remove it"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
+    }
+
     #[test]
     fn connection_limit_follows_the_descriptor_limit() {
         let limit = connection_limit();

@@ -199,9 +199,10 @@ fn activate_next(
 }
 
 fn write_bundle(state_dir: &Path, bundle: &[Vec<u8>]) -> Result<(), CaError> {
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
     let bundle_pem: String = bundle
         .iter()
-        .map(|der| ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.clone())))
+        .map(|der| ::pem::encode_config(&::pem::Pem::new("CERTIFICATE", der.clone()), config))
         .collect();
     write_atomically(&state_dir.join(BUNDLE_FILE), bundle_pem.as_bytes(), 0o644)
 }

@@ -168,8 +168,9 @@ fn split_der(mut bytes: &[u8]) -> Result<Vec<&[u8]>, Failure> {
 }
 
 fn pem_of(tag: &str, ders: &[&[u8]]) -> String {
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
     ders.iter()
-        .map(|der| ::pem::encode(&::pem::Pem::new(tag, der.to_vec())))
+        .map(|der| ::pem::encode_config(&::pem::Pem::new(tag, der.to_vec()), config))
         .collect()
 }
 
