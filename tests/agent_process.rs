@@ -230,6 +230,39 @@ fn agent_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm() {
     );
 }
 
+/// `tessera svid fetch --out dir`, which must succeed; its stdout.
+fn fetch_into(uri: &str, dir: &Path) -> String {
+    let out = tessera(&[
+        "svid",
+        "fetch",
+        "--socket",
+        uri,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `openssl verify` of a leaf (as a TLS client certificate) against `ca`, which must pass.
+fn openssl_verify(ca: &Path, leaf: &Path) {
+    let verify = Command::new("openssl")
+        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile"])
+        .arg(ca)
+        .arg(leaf)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
 #[test]
 fn svid_fetch_writes_pem_files_openssl_accepts() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -240,20 +273,7 @@ fn svid_fetch_writes_pem_files_openssl_accepts() {
         "",
     )));
     let out_dir = agent.dir.path().join("out");
-    let out = tessera(&[
-        "svid",
-        "fetch",
-        "--socket",
-        &agent.uri(),
-        "--out",
-        out_dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = fetch_into(&agent.uri(), &out_dir);
     assert!(
         stdout.starts_with("spiffe://example.org/files  serial "),
         "{stdout}"
@@ -264,17 +284,7 @@ fn svid_fetch_writes_pem_files_openssl_accepts() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let verify = Command::new("openssl")
-        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile"])
-        .arg(out_dir.join("bundle.pem"))
-        .arg(out_dir.join("svid.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    openssl_verify(&out_dir.join("bundle.pem"), &out_dir.join("svid.pem"));
     // The key file holds the leaf's key.
     let key_pub = Command::new("openssl")
         .args(["pkey", "-pubout", "-in"])
@@ -408,19 +418,7 @@ fn an_operators_ca_signs_the_svids() {
         ))
         .unwrap();
     let out_dir = dir.path().join("out");
-    let out = tessera(&[
-        "svid",
-        "fetch",
-        "--socket",
-        &handle.socket_uri(),
-        "--out",
-        out_dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fetch_into(&handle.socket_uri(), &out_dir);
     let ders = |path: &Path| -> Vec<Vec<u8>> {
         pem::parse_many(std::fs::read(path).unwrap())
             .unwrap()
@@ -439,17 +437,7 @@ fn an_operators_ca_signs_the_svids() {
             .contains(&b'\r'),
         "LF line endings"
     );
-    let verify = Command::new("openssl")
-        .args(["verify", "-x509_strict", "-CAfile"])
-        .arg(&cert)
-        .arg(out_dir.join("svid.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    openssl_verify(&cert, &out_dir.join("svid.pem"));
     runtime.block_on(handle.stop()).unwrap();
     assert!(
         !dir.path().join("state").join("ca_key.pem").exists(),
