@@ -13,7 +13,7 @@
 //! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA.
 //! - [`agent`]: the node agent: configuration, entry source, identity cache and rotation, the
 //!   Workload API service, the socket endpoint, and `app::build`, the composition root.
-//! - [`bench`]: `tessera bench`, the agent measured against its baselines, with a report.
+//! - [`bench`](mod@bench): `tessera bench`, the agent measured against its baselines, with a report.
 //! - [`cli`]: the `tessera` command line: `agent run|check`, `svid fetch|watch`, `dev`, `bench`.
 //! - [`proto`]: code generated from `proto/`.
 

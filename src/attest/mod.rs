@@ -4,7 +4,7 @@
 //! At accept time the agent takes the peer's credentials (SO_PEERCRED) and a pidfd for the very
 //! process that connected (SO_PEERPIDFD). Attestation then reads /proc through a directory fd
 //! that is proven, by the pidfd, to belong to that process; a recycled pid can never lend its
-//! facts to someone else. Kernels without SO_PEERPIDFD fall back to pinning /proc/<pid> at
+//! facts to someone else. Kernels without SO_PEERPIDFD fall back to pinning `/proc/<pid>` at
 //! accept time and re-checking the process start time and owner after reading.
 
 mod hash;

@@ -15,7 +15,7 @@ use super::AttestError;
 pub enum PinMode {
     /// SO_PEERPIDFD where the kernel has it (Linux 6.5+), else the /proc fallback.
     Pidfd,
-    /// Always the /proc fallback: hold /proc/<pid> open and re-check start time and owner.
+    /// Always the /proc fallback: hold `/proc/<pid>` open and re-check start time and owner.
     ProcStartTime,
 }
 

@@ -102,7 +102,7 @@ impl ChildProcess {
         Ok(process)
     }
 
-    /// Resident set size now and at peak, in KiB, from /proc/<pid>/status.
+    /// Resident set size now and at peak, in KiB, from `/proc/<pid>/status`.
     pub fn rss_kib(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
