@@ -82,11 +82,6 @@ impl<IO> AuthorityFix<IO> {
         }
     }
 
-    /// The wrapped connection.
-    pub fn get_ref(&self) -> &IO {
-        &self.inner
-    }
-
     /// Moves as many processed bytes as possible from `raw` to `ready`.
     fn process(&mut self) -> io::Result<()> {
         loop {

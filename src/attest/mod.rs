@@ -147,11 +147,6 @@ impl Attestor {
         }
     }
 
-    /// How callers are pinned on this kernel.
-    pub fn pin_mode(&self) -> PinMode {
-        self.pin_mode
-    }
-
     /// Takes the peer's credentials and pins its process; call right after accept.
     pub fn capture_peer(
         &self,

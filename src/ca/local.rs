@@ -199,11 +199,7 @@ fn activate_next(
 }
 
 fn write_bundle(state_dir: &Path, bundle: &[Vec<u8>]) -> Result<(), CaError> {
-    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
-    let bundle_pem: String = bundle
-        .iter()
-        .map(|der| ::pem::encode_config(&::pem::Pem::new("CERTIFICATE", der.clone()), config))
-        .collect();
+    let bundle_pem = super::to_pem("CERTIFICATE", bundle);
     write_atomically(&state_dir.join(BUNDLE_FILE), bundle_pem.as_bytes(), 0o644)
 }
 
@@ -255,19 +251,7 @@ fn still_valid(der: &[u8], now: SystemTime) -> bool {
 }
 
 fn nearly_expired(ca: &SigningCa, now: SystemTime) -> bool {
-    let Some(leaf) = ca.bundle.first() else {
-        return true;
-    };
-    let Ok((_, cert)) = X509Certificate::from_der(leaf) else {
-        return true;
-    };
-    let start = cert.validity().not_before.timestamp();
-    let end = cert.validity().not_after.timestamp();
-    let now = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64;
-    now >= start + (end - start) * 4 / 5
+    now >= ca.renewal_time()
 }
 
 /// Creates a self-signed CA for `trust_domain`: returns it with its certificate and key as PEM.

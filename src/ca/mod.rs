@@ -78,21 +78,29 @@ impl SigningCa {
 
     /// When the next CA should be prepared and its root published: at half of this one's life.
     pub fn prepare_time(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
+        self.at_fraction_of_life(0.5)
     }
 
     /// When this CA should be replaced: at 80% of its lifetime.
     pub fn renewal_time(&self) -> SystemTime {
+        self.at_fraction_of_life(0.8)
+    }
+
+    fn at_fraction_of_life(&self, fraction: f64) -> SystemTime {
         let life = self
             .not_after
             .duration_since(self.not_before)
             .unwrap_or_default();
-        self.not_before + life.mul_f64(0.8)
+        self.not_before + life.mul_f64(fraction)
     }
+}
+
+/// DER blocks as PEM with `tag` (e.g. `CERTIFICATE`), LF line endings as people expect in files.
+pub fn to_pem<D: AsRef<[u8]>>(tag: &str, ders: &[D]) -> String {
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ders.iter()
+        .map(|der| ::pem::encode_config(&::pem::Pem::new(tag, der.as_ref().to_vec()), config))
+        .collect()
 }
 
 /// A random, positive, 16-byte certificate serial number.

@@ -167,13 +167,6 @@ fn split_der(mut bytes: &[u8]) -> Result<Vec<&[u8]>, Failure> {
     Ok(certs)
 }
 
-fn pem_of(tag: &str, ders: &[&[u8]]) -> String {
-    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
-    ders.iter()
-        .map(|der| ::pem::encode_config(&::pem::Pem::new(tag, der.to_vec()), config))
-        .collect()
-}
-
 /// Writes the default SVID as svid.pem/svid_key.pem and its bundle as bundle.pem; further
 /// SVIDs go to svid.N.pem/svid_key.N.pem. Each file is replaced atomically.
 fn write_pem_files(dir: &Path, response: &X509svidResponse) -> Result<(), Failure> {
@@ -188,10 +181,10 @@ fn write_pem_files(dir: &Path, response: &X509svidResponse) -> Result<(), Failur
         let chain = split_der(&svid.x509_svid)?;
         write_file(
             &dir.join(format!("svid{suffix}.pem")),
-            pem_of("CERTIFICATE", &chain).as_bytes(),
+            crate::ca::to_pem("CERTIFICATE", &chain).as_bytes(),
             0o644,
         )?;
-        let key = zeroize::Zeroizing::new(pem_of("PRIVATE KEY", &[&svid.x509_svid_key]));
+        let key = zeroize::Zeroizing::new(crate::ca::to_pem("PRIVATE KEY", &[&svid.x509_svid_key]));
         write_file(
             &dir.join(format!("svid_key{suffix}.pem")),
             key.as_bytes(),
@@ -202,7 +195,7 @@ fn write_pem_files(dir: &Path, response: &X509svidResponse) -> Result<(), Failur
         let bundle = split_der(&first.bundle)?;
         write_file(
             &dir.join("bundle.pem"),
-            pem_of("CERTIFICATE", &bundle).as_bytes(),
+            crate::ca::to_pem("CERTIFICATE", &bundle).as_bytes(),
             0o644,
         )?;
     }
