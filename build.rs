@@ -1,4 +1,4 @@
-//! Generates the gRPC code for the SPIFFE Workload API.
+//! Generates the gRPC code for the SPIFFE Workload API and tessera's own services.
 //!
 //! No protoc is needed on the machine: the vendored one is used unless `PROTOC` names another.
 
@@ -20,6 +20,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .file_descriptor_set_path(out_dir.join("workload_descriptor.bin"))
         .compile_with_config(config, &[PathBuf::from("proto/workload.proto")], &includes)?;
+
+    // tessera's own services, package tessera.v1.
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .file_descriptor_set_path(out_dir.join("tessera_descriptor.bin"))
+        .compile_protos(
+            &[
+                PathBuf::from("proto/tessera/v1/node.proto"),
+                PathBuf::from("proto/tessera/v1/admin.proto"),
+            ],
+            &includes,
+        )?;
 
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-env-changed=PROTOC");

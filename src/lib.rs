@@ -24,6 +24,7 @@ pub mod ca;
 pub mod cli;
 pub mod entry;
 pub mod spiffe;
+pub mod store;
 
 /// Code generated from the `.proto` files.
 pub mod proto {
@@ -31,6 +32,12 @@ pub mod proto {
     #[allow(missing_docs, clippy::all, clippy::pedantic)]
     pub mod workload {
         tonic::include_proto!("workload");
+    }
+
+    /// tessera's own services: the node API (agent to server) and the admin API (CLI to server).
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod tessera {
+        tonic::include_proto!("tessera.v1");
     }
 
     /// Encoded descriptors of the Workload API, for gRPC server reflection.
