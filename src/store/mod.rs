@@ -12,6 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+mod codec;
+pub mod sqlite;
+
 /// Why a datastore operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
@@ -230,7 +233,7 @@ pub trait Datastore: Send + Sync + 'static {
     /// Every entry, ordered by creation time then id.
     async fn list_entries(&self) -> Result<Vec<EntryRecord>, StoreError>;
 
-    /// Stores a new join token.
+    /// Stores a new join token. `AlreadyExists` when its digest is taken.
     async fn create_join_token(&self, token: JoinTokenRecord) -> Result<(), StoreError>;
 
     /// Marks the token with `digest` used by `node_id` and returns its labels, in one atomic
@@ -242,8 +245,9 @@ pub trait Datastore: Send + Sync + 'static {
         now: i64,
     ) -> Result<Vec<String>, StoreError>;
 
-    /// Records a successful attestation: inserts the node, or re-activates an evicted one.
-    /// `NodeNotActive` (status banned) for a banned node, which stays banned.
+    /// Records a successful attestation: inserts the node, or replaces the record of an active
+    /// or evicted one, which becomes active (`node.status` is ignored). `NodeNotActive` (status
+    /// banned) for a banned node, which stays banned.
     async fn attest_node(&self, node: NodeRecord) -> Result<NodeRecord, StoreError>;
 
     /// Records renewed credentials of an active node and its last contact. `NodeNotActive` for
@@ -255,7 +259,7 @@ pub trait Datastore: Send + Sync + 'static {
         now: i64,
     ) -> Result<NodeRecord, StoreError>;
 
-    /// Updates a node's last contact (no change notification).
+    /// Updates a node's last contact (no change notification). `NotFound` for an unknown node.
     async fn touch_node(&self, id: &str, now: i64) -> Result<(), StoreError>;
 
     /// One node.
@@ -264,12 +268,16 @@ pub trait Datastore: Send + Sync + 'static {
     /// Every node, ordered by id.
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
 
-    /// Sets a node's status. A banned node cannot be set back to evicted (`NodeNotActive`);
-    /// `NotFound` for an unknown node.
+    /// Sets a node's status. A banned node cannot be set back to evicted or active
+    /// (`NodeNotActive` with status banned; banning it again is harmless); `NotFound` for an
+    /// unknown node.
     async fn set_node_status(&self, id: &str, status: NodeStatus)
     -> Result<NodeRecord, StoreError>;
 
-    /// Adds or replaces the root of `root.server_id` whose DER differs; keeps other roots.
+    /// Adds `root`; when the same server already published the same DER, only its not-after is
+    /// updated, so publishing again is harmless. Every other root stays, older roots of the same
+    /// server included, until it expires: agents keep trusting certificates issued under a root
+    /// that was rotated out.
     async fn publish_root(&self, root: BundleRoot) -> Result<(), StoreError>;
 
     /// Every root not expired at `now`, ordered by server id then not-after.

@@ -1,0 +1,780 @@
+//! The embedded SQLite backend, the default for a single server.
+//!
+//! One connection serves every operation, run on tokio's blocking pool so the database never
+//! stalls the async workers. The file is opened in WAL mode with `synchronous=FULL`: a committed
+//! write survives a power cut. Every write runs in one `IMMEDIATE` transaction, which takes the
+//! write lock up front so a transaction never fails half-way for lack of it.
+//!
+//! [`Datastore::changes`] only sees changes made through this [`SqliteStore`]: one process owns
+//! a SQLite file. Several servers sharing state need the PostgreSQL backend.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior};
+use tokio::sync::watch;
+
+use super::codec;
+use super::{
+    BundleRoot, Datastore, EntryRecord, JoinTokenRecord, NodeCredentialsRecord, NodeRecord,
+    NodeStatus, StoreError, TokenRefusal, unix_now,
+};
+
+/// How long a statement waits for a lock held by another connection (a backup tool, the
+/// `sqlite3` shell) before the operation fails as unavailable.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, as ordered migrations: a database records the last one applied in
+/// `schema_version` and gets the rest at open. Never edit a released step; add one.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        selectors_sha256 TEXT NOT NULL,
+        node_selectors TEXT NOT NULL,
+        x509_ttl_seconds INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        expires_at INTEGER,
+        inactivity_timeout_seconds INTEGER,
+        hint TEXT,
+        dns_names TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        CONSTRAINT entries_identity UNIQUE (spiffe_id, selectors_sha256)
+    ) STRICT;
+    CREATE INDEX entries_by_creation ON entries (created_at, id);
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        attestation TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'evicted', 'banned')),
+        attested_at INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        svid_serial TEXT NOT NULL,
+        svid_not_after INTEGER NOT NULL,
+        ca_serial TEXT NOT NULL,
+        ca_not_after INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE join_tokens (
+        digest TEXT PRIMARY KEY,
+        expires_at INTEGER NOT NULL,
+        labels TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        used_at INTEGER,
+        used_by TEXT
+    ) STRICT;
+    CREATE TABLE bundle_roots (
+        server_id TEXT NOT NULL,
+        der_sha256 TEXT NOT NULL,
+        der BLOB NOT NULL,
+        not_after INTEGER NOT NULL,
+        PRIMARY KEY (server_id, der_sha256)
+    ) STRICT;",
+)];
+
+const ENTRY_COLUMNS: &str = "id, spiffe_id, selectors, node_selectors, x509_ttl_seconds, owner, \
+    purpose, expires_at, inactivity_timeout_seconds, hint, dns_names, revision, created_at, \
+    updated_at";
+
+const NODE_COLUMNS: &str = "id, attestation, selectors, status, attested_at, last_seen, \
+    svid_serial, svid_not_after, ca_serial, ca_not_after";
+
+/// A [`Datastore`] in one SQLite file, for one server process.
+pub struct SqliteStore {
+    /// The only connection to the file. A std mutex: it is only taken on the blocking pool.
+    conn: Arc<Mutex<Connection>>,
+    /// Moves on after every committed change to entries, node status or the bundle.
+    changes: watch::Sender<u64>,
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating it (mode 0600) when absent, and brings its schema
+    /// up to date. Fails with `Corrupt` when the file is not a database or was migrated by a
+    /// newer server. Blocks while it works: call it at start-up, before serving.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        create_private(path)?;
+        let mut conn = Connection::open(path).map_err(|e| opening_error(path, e))?;
+        configure(&conn).map_err(|e| opening_error(path, e))?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            changes: watch::Sender::new(0),
+        })
+    }
+
+    /// Runs `work` on the connection, on the blocking pool.
+    async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave a transaction open (it rolls back
+            // as it unwinds), so the connection is still usable.
+            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            work(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
+    }
+
+    /// Runs `work` in one `IMMEDIATE` transaction, committed when it succeeds.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.run(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_error)?;
+            let value = work(&tx)?;
+            tx.commit().map_err(db_error)?;
+            Ok(value)
+        })
+        .await
+    }
+
+    /// Tells every `changes()` receiver that something changed.
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// Creates the file readable by its owner only, so the database never exists world-readable,
+/// not even for a moment.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "cannot create the database file {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn opening_error(path: &Path, e: rusqlite::Error) -> StoreError {
+    match db_error(e) {
+        StoreError::Corrupt(m) => StoreError::Corrupt(format!("{}: {m}", path.display())),
+        StoreError::Unavailable(m) => {
+            StoreError::Unavailable(format!("cannot open {}: {m}", path.display()))
+        }
+        other => other,
+    }
+}
+
+/// Durable, consistent settings; they hold for the connection's life.
+fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!(
+                "the file system refused WAL journal mode (got {mode})"
+            )),
+        ));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    Ok(())
+}
+
+/// Applies the migrations the database has not seen yet, all in one transaction.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_error)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+            version INTEGER PRIMARY KEY,
+            applied_at INTEGER NOT NULL
+        ) STRICT",
+    )
+    .map_err(db_error)?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(db_error)?;
+    let known = MIGRATIONS.last().map_or(0, |(version, _)| *version);
+    codec::check_schema_version(current, known)?;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql).map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+            (version, unix_now()),
+        )
+        .map_err(db_error)?;
+        tracing::info!(version, "SQLite datastore schema migrated");
+    }
+    tx.commit().map_err(db_error)
+}
+
+/// What a SQLite failure means to the caller.
+fn db_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::Error as E;
+    match &e {
+        E::SqliteFailure(failure, _) => match failure.code {
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                StoreError::Corrupt(e.to_string())
+            }
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Unavailable(
+                format!("the SQLite database is locked by another connection: {e}"),
+            ),
+            _ => StoreError::Unavailable(format!("SQLite: {e}")),
+        },
+        E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..)
+        | E::Utf8Error(..)
+        | E::InvalidColumnType(..) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Unavailable(format!("SQLite: {e}")),
+    }
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    e.sqlite_error().is_some_and(|f| {
+        f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    })
+}
+
+fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, name: &str) -> Result<T, StoreError> {
+    row.get(name).map_err(|e| match db_error(e) {
+        StoreError::Corrupt(m) => StoreError::Corrupt(format!("column {name}: {m}")),
+        other => other,
+    })
+}
+
+fn entry_from_row(row: &Row<'_>) -> Result<EntryRecord, StoreError> {
+    Ok(EntryRecord {
+        id: col(row, "id")?,
+        spiffe_id: col(row, "spiffe_id")?,
+        selectors: codec::decode_list(&col::<String>(row, "selectors")?, "entry selectors")?,
+        node_selectors: codec::decode_list(
+            &col::<String>(row, "node_selectors")?,
+            "entry node selectors",
+        )?,
+        x509_ttl_seconds: col(row, "x509_ttl_seconds")?,
+        owner: col(row, "owner")?,
+        purpose: col(row, "purpose")?,
+        expires_at: col(row, "expires_at")?,
+        inactivity_timeout_seconds: col(row, "inactivity_timeout_seconds")?,
+        hint: col(row, "hint")?,
+        dns_names: codec::decode_list(&col::<String>(row, "dns_names")?, "entry DNS names")?,
+        revision: col(row, "revision")?,
+        created_at: col(row, "created_at")?,
+        updated_at: col(row, "updated_at")?,
+    })
+}
+
+fn node_from_row(row: &Row<'_>) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        id: col(row, "id")?,
+        attestation: col(row, "attestation")?,
+        selectors: codec::decode_list(&col::<String>(row, "selectors")?, "node selectors")?,
+        status: codec::decode_status(&col::<String>(row, "status")?)?,
+        attested_at: col(row, "attested_at")?,
+        last_seen: col(row, "last_seen")?,
+        svid_serial: col(row, "svid_serial")?,
+        svid_not_after: col(row, "svid_not_after")?,
+        ca_serial: col(row, "ca_serial")?,
+        ca_not_after: col(row, "ca_not_after")?,
+    })
+}
+
+fn root_from_row(row: &Row<'_>) -> Result<BundleRoot, StoreError> {
+    Ok(BundleRoot {
+        server_id: col(row, "server_id")?,
+        der: col(row, "der")?,
+        not_after: col(row, "not_after")?,
+    })
+}
+
+/// Every row `sql` returns, decoded.
+fn query_all<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    decode: fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_error)?;
+    let mut rows = stmt.query(params).map_err(db_error)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(db_error)? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+/// The first row `sql` returns, decoded.
+fn query_first<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    decode: fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_error)?;
+    let mut rows = stmt.query(params).map_err(db_error)?;
+    rows.next().map_err(db_error)?.map(decode).transpose()
+}
+
+fn select_entry(conn: &Connection, id: &str) -> Result<Option<EntryRecord>, StoreError> {
+    query_first(
+        conn,
+        &format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ?1"),
+        [id],
+        entry_from_row,
+    )
+}
+
+fn select_node(conn: &Connection, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+    query_first(
+        conn,
+        &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"),
+        [id],
+        node_from_row,
+    )
+}
+
+fn insert_entry(tx: &Transaction<'_>, entry: &EntryRecord) -> Result<(), StoreError> {
+    let selectors = codec::encode_list(&entry.selectors);
+    let inserted = tx
+        .execute(
+            "INSERT INTO entries (id, spiffe_id, selectors, selectors_sha256, node_selectors,
+                x509_ttl_seconds, owner, purpose, expires_at, inactivity_timeout_seconds, hint,
+                dns_names, revision, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT DO NOTHING",
+            rusqlite::params![
+                entry.id,
+                entry.spiffe_id,
+                selectors,
+                codec::selectors_key(&selectors),
+                codec::encode_list(&entry.node_selectors),
+                entry.x509_ttl_seconds,
+                entry.owner,
+                entry.purpose,
+                entry.expires_at,
+                entry.inactivity_timeout_seconds,
+                entry.hint,
+                codec::encode_list(&entry.dns_names),
+                entry.revision,
+                entry.created_at,
+                entry.updated_at,
+            ],
+        )
+        .map_err(db_error)?;
+    if inserted == 1 {
+        return Ok(());
+    }
+    // Nothing inserted: one of the two unique keys is taken; say which.
+    if select_entry(tx, &entry.id)?.is_some() {
+        Err(codec::entry_id_taken(&entry.id))
+    } else {
+        Err(codec::entry_identity_taken(&entry.spiffe_id))
+    }
+}
+
+fn update_entry(
+    tx: &Transaction<'_>,
+    entry: &EntryRecord,
+    expected: i64,
+) -> Result<EntryRecord, StoreError> {
+    // Only the SPIFFE ID and selectors can clash: the id is the one updated.
+    let clash = |e: rusqlite::Error| {
+        if is_unique_violation(&e) {
+            codec::entry_identity_taken(&entry.spiffe_id)
+        } else {
+            db_error(e)
+        }
+    };
+    let selectors = codec::encode_list(&entry.selectors);
+    let mut stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE entries SET spiffe_id = ?3, selectors = ?4, selectors_sha256 = ?5,
+                node_selectors = ?6, x509_ttl_seconds = ?7, owner = ?8, purpose = ?9,
+                expires_at = ?10, inactivity_timeout_seconds = ?11, hint = ?12, dns_names = ?13,
+                revision = revision + 1, updated_at = ?14
+             WHERE id = ?1 AND revision = ?2
+             RETURNING {ENTRY_COLUMNS}"
+        ))
+        .map_err(db_error)?;
+    let mut rows = stmt
+        .query(rusqlite::params![
+            entry.id,
+            expected,
+            entry.spiffe_id,
+            selectors,
+            codec::selectors_key(&selectors),
+            codec::encode_list(&entry.node_selectors),
+            entry.x509_ttl_seconds,
+            entry.owner,
+            entry.purpose,
+            entry.expires_at,
+            entry.inactivity_timeout_seconds,
+            entry.hint,
+            codec::encode_list(&entry.dns_names),
+            entry.updated_at,
+        ])
+        .map_err(clash)?;
+    if let Some(row) = rows.next().map_err(clash)? {
+        return entry_from_row(row);
+    }
+    // Nothing matched: the entry is gone, or moved on since the caller read it.
+    match select_entry(tx, &entry.id)? {
+        None => Err(StoreError::NotFound {
+            kind: "entry",
+            id: entry.id.clone(),
+        }),
+        Some(stored) => Err(StoreError::RevisionConflict {
+            id: entry.id.clone(),
+            expected,
+            actual: stored.revision,
+        }),
+    }
+}
+
+fn consume_token(
+    tx: &Transaction<'_>,
+    digest: &str,
+    node_id: &str,
+    now: i64,
+) -> Result<Vec<String>, StoreError> {
+    let labels: Option<String> = tx
+        .query_row(
+            "UPDATE join_tokens SET used_at = ?3, used_by = ?2
+             WHERE digest = ?1 AND used_at IS NULL AND expires_at >= ?3
+             RETURNING labels",
+            (digest, node_id, now),
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(db_error)?;
+    if let Some(labels) = labels {
+        return codec::decode_list(&labels, "join token labels");
+    }
+    let used: Option<Option<i64>> = tx
+        .query_row(
+            "SELECT used_at FROM join_tokens WHERE digest = ?1",
+            [digest],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(db_error)?;
+    Err(StoreError::TokenRefused(match used {
+        None => TokenRefusal::Unknown,
+        Some(Some(_)) => TokenRefusal::Used,
+        Some(None) => TokenRefusal::Expired,
+    }))
+}
+
+fn upsert_node(tx: &Transaction<'_>, node: &NodeRecord) -> Result<NodeRecord, StoreError> {
+    // The WHERE of the upsert keeps a banned node as it is; then nothing is returned.
+    let stored = query_first(
+        tx,
+        &format!(
+            "INSERT INTO nodes ({NODE_COLUMNS})
+             VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (id) DO UPDATE SET attestation = excluded.attestation,
+                selectors = excluded.selectors, status = 'active',
+                attested_at = excluded.attested_at, last_seen = excluded.last_seen,
+                svid_serial = excluded.svid_serial, svid_not_after = excluded.svid_not_after,
+                ca_serial = excluded.ca_serial, ca_not_after = excluded.ca_not_after
+             WHERE nodes.status <> 'banned'
+             RETURNING {NODE_COLUMNS}"
+        ),
+        rusqlite::params![
+            node.id,
+            node.attestation,
+            codec::encode_list(&node.selectors),
+            node.attested_at,
+            node.last_seen,
+            node.svid_serial,
+            node.svid_not_after,
+            node.ca_serial,
+            node.ca_not_after,
+        ],
+        node_from_row,
+    )?;
+    stored.ok_or_else(|| StoreError::NodeNotActive {
+        id: node.id.clone(),
+        status: NodeStatus::Banned,
+    })
+}
+
+/// The error for a conditional node update that matched nothing: the node is unknown, or in
+/// the wrong state.
+fn node_refusal(tx: &Transaction<'_>, id: &str) -> StoreError {
+    match select_node(tx, id) {
+        Ok(None) => StoreError::NotFound {
+            kind: "node",
+            id: id.to_owned(),
+        },
+        Ok(Some(node)) => StoreError::NodeNotActive {
+            id: id.to_owned(),
+            status: node.status,
+        },
+        Err(e) => e,
+    }
+}
+
+fn renew(
+    tx: &Transaction<'_>,
+    id: &str,
+    credentials: &NodeCredentialsRecord,
+    now: i64,
+) -> Result<NodeRecord, StoreError> {
+    let stored = query_first(
+        tx,
+        &format!(
+            "UPDATE nodes SET svid_serial = ?2, svid_not_after = ?3, ca_serial = ?4,
+                ca_not_after = ?5, last_seen = ?6
+             WHERE id = ?1 AND status = 'active'
+             RETURNING {NODE_COLUMNS}"
+        ),
+        rusqlite::params![
+            id,
+            credentials.svid_serial,
+            credentials.svid_not_after,
+            credentials.ca_serial,
+            credentials.ca_not_after,
+            now,
+        ],
+        node_from_row,
+    )?;
+    stored.ok_or_else(|| node_refusal(tx, id))
+}
+
+fn set_status(
+    tx: &Transaction<'_>,
+    id: &str,
+    status: NodeStatus,
+) -> Result<NodeRecord, StoreError> {
+    // Banned is final: only a ban may be applied to a banned node.
+    let stored = query_first(
+        tx,
+        &format!(
+            "UPDATE nodes SET status = ?2
+             WHERE id = ?1 AND (status <> 'banned' OR ?2 = 'banned')
+             RETURNING {NODE_COLUMNS}"
+        ),
+        (id, status.as_str()),
+        node_from_row,
+    )?;
+    stored.ok_or_else(|| node_refusal(tx, id))
+}
+
+fn upsert_root(tx: &Transaction<'_>, root: &BundleRoot) -> Result<bool, StoreError> {
+    // Returns a row only when the root is new or its not-after moved: only then did the
+    // bundle change.
+    let changed = tx
+        .query_row(
+            "INSERT INTO bundle_roots (server_id, der_sha256, der, not_after)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (server_id, der_sha256) DO UPDATE SET not_after = excluded.not_after
+             WHERE bundle_roots.not_after <> excluded.not_after
+             RETURNING 1",
+            rusqlite::params![
+                root.server_id,
+                codec::sha256_hex(&root.der),
+                root.der,
+                root.not_after
+            ],
+            |_| Ok(()),
+        )
+        .optional()
+        .map_err(db_error)?;
+    Ok(changed.is_some())
+}
+
+#[async_trait::async_trait]
+impl Datastore for SqliteStore {
+    async fn create_entry(&self, entry: EntryRecord, now: i64) -> Result<EntryRecord, StoreError> {
+        let entry = codec::new_entry(entry, now);
+        let stored = entry.clone();
+        self.write(move |tx| insert_entry(tx, &entry)).await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn update_entry(&self, entry: EntryRecord, now: i64) -> Result<EntryRecord, StoreError> {
+        let expected = entry.revision;
+        let entry = codec::updated_entry(entry, now);
+        let stored = self
+            .write(move |tx| update_entry(tx, &entry, expected))
+            .await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn delete_entry(&self, id: &str) -> Result<EntryRecord, StoreError> {
+        let id = id.to_owned();
+        let deleted = self
+            .write(move |tx| {
+                query_first(
+                    tx,
+                    &format!("DELETE FROM entries WHERE id = ?1 RETURNING {ENTRY_COLUMNS}"),
+                    [&id],
+                    entry_from_row,
+                )?
+                .ok_or(StoreError::NotFound { kind: "entry", id })
+            })
+            .await?;
+        self.bump();
+        Ok(deleted)
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<EntryRecord>, StoreError> {
+        let id = id.to_owned();
+        self.run(move |conn| select_entry(conn, &id)).await
+    }
+
+    async fn list_entries(&self) -> Result<Vec<EntryRecord>, StoreError> {
+        self.run(|conn| {
+            query_all(
+                conn,
+                &format!("SELECT {ENTRY_COLUMNS} FROM entries ORDER BY created_at, id"),
+                [],
+                entry_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn create_join_token(&self, token: JoinTokenRecord) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO join_tokens (digest, expires_at, labels, created_at)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                    (
+                        &token.digest,
+                        token.expires_at,
+                        codec::encode_list(&token.labels),
+                        token.created_at,
+                    ),
+                )
+                .map_err(db_error)?;
+            if inserted == 0 {
+                return Err(codec::join_token_taken());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn consume_join_token(
+        &self,
+        digest: &str,
+        node_id: &str,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (digest, node_id) = (digest.to_owned(), node_id.to_owned());
+        self.write(move |tx| consume_token(tx, &digest, &node_id, now))
+            .await
+    }
+
+    async fn attest_node(&self, node: NodeRecord) -> Result<NodeRecord, StoreError> {
+        let node = codec::attested_node(node);
+        let stored = self.write(move |tx| upsert_node(tx, &node)).await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn renew_node(
+        &self,
+        id: &str,
+        credentials: NodeCredentialsRecord,
+        now: i64,
+    ) -> Result<NodeRecord, StoreError> {
+        let id = id.to_owned();
+        self.write(move |tx| renew(tx, &id, &credentials, now))
+            .await
+    }
+
+    async fn touch_node(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.write(move |tx| {
+            let touched = tx
+                .execute("UPDATE nodes SET last_seen = ?2 WHERE id = ?1", (&id, now))
+                .map_err(db_error)?;
+            if touched == 0 {
+                return Err(StoreError::NotFound { kind: "node", id });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let id = id.to_owned();
+        self.run(move |conn| select_node(conn, &id)).await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.run(|conn| {
+            query_all(
+                conn,
+                &format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"),
+                [],
+                node_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn set_node_status(
+        &self,
+        id: &str,
+        status: NodeStatus,
+    ) -> Result<NodeRecord, StoreError> {
+        let id = id.to_owned();
+        let stored = self.write(move |tx| set_status(tx, &id, status)).await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn publish_root(&self, root: BundleRoot) -> Result<(), StoreError> {
+        if self.write(move |tx| upsert_root(tx, &root)).await? {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    async fn bundle(&self, now: i64) -> Result<Vec<BundleRoot>, StoreError> {
+        self.run(move |conn| {
+            query_all(
+                conn,
+                "SELECT server_id, der, not_after FROM bundle_roots
+                 WHERE not_after >= ?1
+                 ORDER BY server_id, not_after, der_sha256",
+                [now],
+                root_from_row,
+            )
+        })
+        .await
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
