@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 mod codec;
+pub mod postgres;
 pub mod sqlite;
 
 /// Why a datastore operation failed.

@@ -1,0 +1,1148 @@
+//! The PostgreSQL backend, for several server replicas sharing one database.
+//!
+//! Operations run on a small pool of connections, opened when first needed. A connection that
+//! fails in a way that means it is gone (closed, I/O error, server shutdown, no answer in time)
+//! is dropped and the operation fails as `Unavailable`; the next operation opens a new one, so
+//! the store outlives database restarts and failovers without being rebuilt.
+//!
+//! Every write is one transaction. Changes to entries, node status and the bundle also send a
+//! notification on the `tessera_changes` channel inside that transaction, so it goes out only
+//! if the change commits. One more connection per store `LISTEN`s on that channel and moves
+//! [`Datastore::changes`] on for every notification, and also after every (re)connection,
+//! since changes may have been missed while it was down. It reconnects with backoff for as long
+//! as the store lives.
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Transaction};
+
+use super::codec;
+use super::{
+    BundleRoot, Datastore, EntryRecord, JoinTokenRecord, NodeCredentialsRecord, NodeRecord,
+    NodeStatus, StoreError, TokenRefusal, unix_now,
+};
+
+/// Connections for operations; a few let slow operations not hold up the others.
+const POOL_SIZE: usize = 4;
+/// How long opening a connection may take, unless the connection string says otherwise.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one operation may take before its connection is taken for dead.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// First and longest wait between attempts to re-establish the notification connection.
+const LISTEN_RETRY_MIN: Duration = Duration::from_millis(200);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often an idle notification connection is checked: a connection lost without a word (a
+/// network partition) would otherwise wait for notifications forever.
+const LISTEN_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// The channel changes are announced on.
+const CHANNEL: &str = "tessera_changes";
+/// The advisory lock held while migrating, so that replicas starting together take turns.
+const MIGRATION_LOCK: i64 = 0x7465_7373_6572_6101;
+
+/// The schema, as ordered migrations: a database records the last one applied in
+/// `schema_version` and gets the rest at connect. Never edit a released step; add one.
+/// Identifiers compare bytewise (`COLLATE "C"`) so listings come in the same order as SQLite's.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"CREATE TABLE entries (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        selectors_sha256 TEXT NOT NULL,
+        node_selectors TEXT NOT NULL,
+        x509_ttl_seconds BIGINT NOT NULL,
+        owner TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        expires_at BIGINT,
+        inactivity_timeout_seconds BIGINT,
+        hint TEXT,
+        dns_names TEXT NOT NULL,
+        revision BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        CONSTRAINT entries_identity UNIQUE (spiffe_id, selectors_sha256)
+    );
+    CREATE INDEX entries_by_creation ON entries (created_at, id);
+    CREATE TABLE nodes (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        attestation TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('active', 'evicted', 'banned')),
+        attested_at BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        svid_serial TEXT NOT NULL,
+        svid_not_after BIGINT NOT NULL,
+        ca_serial TEXT NOT NULL,
+        ca_not_after BIGINT NOT NULL
+    );
+    CREATE TABLE join_tokens (
+        digest TEXT PRIMARY KEY,
+        expires_at BIGINT NOT NULL,
+        labels TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        used_at BIGINT,
+        used_by TEXT
+    );
+    CREATE TABLE bundle_roots (
+        server_id TEXT COLLATE "C" NOT NULL,
+        der_sha256 TEXT COLLATE "C" NOT NULL,
+        der BYTEA NOT NULL,
+        not_after BIGINT NOT NULL,
+        PRIMARY KEY (server_id, der_sha256)
+    );"#,
+)];
+
+const ENTRY_COLUMNS: &str = "id, spiffe_id, selectors, node_selectors, x509_ttl_seconds, owner, \
+    purpose, expires_at, inactivity_timeout_seconds, hint, dns_names, revision, created_at, \
+    updated_at";
+
+const NODE_COLUMNS: &str = "id, attestation, selectors, status, attested_at, last_seen, \
+    svid_serial, svid_not_after, ca_serial, ca_not_after";
+
+/// A [`Datastore`] in a PostgreSQL database, shared by every replica of the trust domain.
+pub struct PostgresStore {
+    /// Connections for operations.
+    pool: Pool,
+    /// Moves on after every change, by this replica or another.
+    changes: Arc<watch::Sender<u64>>,
+    /// The notification listener; stops when the store is dropped.
+    _listener: AbortOnDrop,
+}
+
+impl PostgresStore {
+    /// Connects with a libpq-style connection string (`host=... dbname=... user=...` or a
+    /// `postgresql://` URL; no TLS) and brings the schema up to date. `Unavailable` when the
+    /// server cannot be reached; `Corrupt` when a newer server has migrated the database.
+    pub async fn connect(conninfo: &str) -> Result<Self, StoreError> {
+        let mut config: Config = conninfo.parse().map_err(|e| {
+            // The string itself may hold a password: only the parser's complaint is shown.
+            StoreError::Unavailable(format!("invalid PostgreSQL connection string: {e}"))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("tessera");
+        }
+        let pool = Pool::new(config.clone());
+        pool.run(|client| Box::pin(migrate(client))).await?;
+        let changes = Arc::new(watch::Sender::new(0));
+        let listener = tokio::spawn(listen(config, Arc::clone(&changes)));
+        Ok(Self {
+            pool,
+            changes,
+            _listener: AbortOnDrop(listener),
+        })
+    }
+
+    /// Tells this replica's `changes()` receivers at once, without waiting for the round trip
+    /// through the notification connection.
+    fn bump(&self) {
+        bump(&self.changes);
+    }
+}
+
+fn bump(changes: &watch::Sender<u64>) {
+    changes.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// Aborts the task when dropped, so no listener outlives its store.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why an operation failed, before it is decided whether the connection survives.
+enum Failure {
+    /// From the driver or the server.
+    Db(tokio_postgres::Error),
+    /// Decided by the operation.
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// One operation on a connection.
+type Op<'c, T> = Pin<Box<dyn Future<Output = Result<T, Failure>> + Send + 'c>>;
+
+/// A few connections, each opened when first needed and replaced when lost.
+struct Pool {
+    /// Where to connect.
+    config: Config,
+    /// Each holds a connection or nothing (not opened yet, or dropped after a failure).
+    slots: Vec<Mutex<Option<Client>>>,
+    /// Which slot to wait for when every one is busy.
+    next: AtomicUsize,
+}
+
+impl Pool {
+    fn new(config: Config) -> Self {
+        Self {
+            config,
+            slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A free slot, or else the next one in turn once it is free.
+    async fn slot(&self) -> MutexGuard<'_, Option<Client>> {
+        for slot in &self.slots {
+            if let Ok(guard) = slot.try_lock() {
+                return guard;
+            }
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.slots[turn].lock().await
+    }
+
+    /// Runs `op` on a live connection. A connection that failed for good is not put back.
+    async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: for<'c> FnOnce(&'c mut Client) -> Op<'c, T> + Send,
+    {
+        let mut slot = self.slot().await;
+        let mut client = match slot.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => connect(&self.config).await?,
+        };
+        let outcome = tokio::time::timeout(OPERATION_TIMEOUT, op(&mut client)).await;
+        match outcome {
+            Err(_) => {
+                tracing::warn!("PostgreSQL did not answer in time; dropping the connection");
+                Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer within {} s; the connection was dropped and is \
+                     re-established on the next operation",
+                    OPERATION_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Ok(value)) => {
+                *slot = Some(client);
+                Ok(value)
+            }
+            Ok(Err(Failure::Store(e))) => {
+                *slot = Some(client);
+                Err(e)
+            }
+            Ok(Err(Failure::Db(e))) if connection_lost(&e) || client.is_closed() => {
+                let reason = describe(&e);
+                tracing::warn!(%reason, "lost a PostgreSQL connection");
+                Err(StoreError::Unavailable(format!(
+                    "lost the connection to PostgreSQL ({reason}); it is re-established on the \
+                     next operation"
+                )))
+            }
+            Ok(Err(Failure::Db(e))) => {
+                *slot = Some(client);
+                Err(refusal(&e))
+            }
+        }
+    }
+}
+
+/// Opens a connection and drives it on its own task until it closes.
+async fn connect(config: &Config) -> Result<Client, StoreError> {
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "cannot connect to PostgreSQL: no answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot connect to PostgreSQL: {}", describe(&e)))
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %describe(&e), "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// True when the error means the connection can no longer be used.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        // Class 08: connection exceptions; 57P0x: the server is shutting down, crashed,
+        // starting up, dropped the database or ended an idle session.
+        Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
+        // Not a server's answer: I/O, a closed connection, or a protocol error. None of them
+        // leaves a connection worth keeping.
+        None => true,
+    }
+}
+
+/// What a server error that leaves the connection usable means to the caller.
+fn refusal(e: &tokio_postgres::Error) -> StoreError {
+    let code = e.code();
+    if code == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+        || code == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+    {
+        StoreError::Unavailable(format!(
+            "PostgreSQL aborted the transaction in favour of a concurrent one ({}); retry",
+            describe(e)
+        ))
+    } else if code == Some(&SqlState::UNIQUE_VIOLATION) {
+        StoreError::AlreadyExists(format!(
+            "the record clashes with a stored one ({})",
+            describe(e)
+        ))
+    } else {
+        StoreError::Unavailable(format!("PostgreSQL refused the operation: {}", describe(e)))
+    }
+}
+
+/// One line about a driver error: the server's message and code, or the cause.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} [{}]", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// Applies the migrations the database has not seen yet, in one transaction, holding a lock
+/// that other replicas migrating at the same moment wait for.
+async fn migrate(client: &mut Client) -> Result<(), Failure> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+            version BIGINT PRIMARY KEY,
+            applied_at BIGINT NOT NULL
+        )",
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT AS version FROM schema_version",
+            &[],
+        )
+        .await?;
+    let current: i64 = col(&row, "version")?;
+    let known = MIGRATIONS.last().map_or(0, |(version, _)| *version);
+    codec::check_schema_version(current, known)?;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+            &[version, &unix_now()],
+        )
+        .await?;
+        tracing::info!(version, "PostgreSQL datastore schema migrated");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Announces a change to every replica, once the transaction commits.
+async fn notify(tx: &Transaction<'_>) -> Result<(), Failure> {
+    tx.execute(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
+        .await?;
+    Ok(())
+}
+
+fn col<'r, T: FromSql<'r>>(row: &'r Row, name: &str) -> Result<T, StoreError> {
+    row.try_get(name)
+        .map_err(|e| StoreError::Corrupt(format!("column {name}: {}", describe(&e))))
+}
+
+fn entry_from_row(row: &Row) -> Result<EntryRecord, StoreError> {
+    Ok(EntryRecord {
+        id: col(row, "id")?,
+        spiffe_id: col(row, "spiffe_id")?,
+        selectors: codec::decode_list(col(row, "selectors")?, "entry selectors")?,
+        node_selectors: codec::decode_list(col(row, "node_selectors")?, "entry node selectors")?,
+        x509_ttl_seconds: col(row, "x509_ttl_seconds")?,
+        owner: col(row, "owner")?,
+        purpose: col(row, "purpose")?,
+        expires_at: col(row, "expires_at")?,
+        inactivity_timeout_seconds: col(row, "inactivity_timeout_seconds")?,
+        hint: col(row, "hint")?,
+        dns_names: codec::decode_list(col(row, "dns_names")?, "entry DNS names")?,
+        revision: col(row, "revision")?,
+        created_at: col(row, "created_at")?,
+        updated_at: col(row, "updated_at")?,
+    })
+}
+
+fn node_from_row(row: &Row) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        id: col(row, "id")?,
+        attestation: col(row, "attestation")?,
+        selectors: codec::decode_list(col(row, "selectors")?, "node selectors")?,
+        status: codec::decode_status(col(row, "status")?)?,
+        attested_at: col(row, "attested_at")?,
+        last_seen: col(row, "last_seen")?,
+        svid_serial: col(row, "svid_serial")?,
+        svid_not_after: col(row, "svid_not_after")?,
+        ca_serial: col(row, "ca_serial")?,
+        ca_not_after: col(row, "ca_not_after")?,
+    })
+}
+
+fn root_from_row(row: &Row) -> Result<BundleRoot, StoreError> {
+    Ok(BundleRoot {
+        server_id: col(row, "server_id")?,
+        der: col(row, "der")?,
+        not_after: col(row, "not_after")?,
+    })
+}
+
+fn decode_all<T>(
+    rows: &[Row],
+    decode: fn(&Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, Failure> {
+    Ok(rows.iter().map(decode).collect::<Result<_, _>>()?)
+}
+
+async fn insert_entry(client: &mut Client, entry: &EntryRecord) -> Result<(), Failure> {
+    let tx = client.transaction().await?;
+    let selectors = codec::encode_list(&entry.selectors);
+    let inserted = tx
+        .execute(
+            "INSERT INTO entries (id, spiffe_id, selectors, selectors_sha256, node_selectors,
+                x509_ttl_seconds, owner, purpose, expires_at, inactivity_timeout_seconds, hint,
+                dns_names, revision, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             ON CONFLICT DO NOTHING",
+            &[
+                &entry.id,
+                &entry.spiffe_id,
+                &selectors,
+                &codec::selectors_key(&selectors),
+                &codec::encode_list(&entry.node_selectors),
+                &entry.x509_ttl_seconds,
+                &entry.owner,
+                &entry.purpose,
+                &entry.expires_at,
+                &entry.inactivity_timeout_seconds,
+                &entry.hint,
+                &codec::encode_list(&entry.dns_names),
+                &entry.revision,
+                &entry.created_at,
+                &entry.updated_at,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        // One of the two unique keys is taken; say which.
+        let id_taken = tx
+            .query_opt("SELECT 1 FROM entries WHERE id = $1", &[&entry.id])
+            .await?
+            .is_some();
+        return Err(Failure::Store(if id_taken {
+            codec::entry_id_taken(&entry.id)
+        } else {
+            codec::entry_identity_taken(&entry.spiffe_id)
+        }));
+    }
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn update_entry(
+    client: &mut Client,
+    entry: &EntryRecord,
+    expected: i64,
+) -> Result<EntryRecord, Failure> {
+    let tx = client.transaction().await?;
+    let selectors = codec::encode_list(&entry.selectors);
+    let updated = tx
+        .query_opt(
+            &format!(
+                "UPDATE entries SET spiffe_id = $3, selectors = $4, selectors_sha256 = $5,
+                    node_selectors = $6, x509_ttl_seconds = $7, owner = $8, purpose = $9,
+                    expires_at = $10, inactivity_timeout_seconds = $11, hint = $12,
+                    dns_names = $13, revision = revision + 1, updated_at = $14
+                 WHERE id = $1 AND revision = $2
+                 RETURNING {ENTRY_COLUMNS}"
+            ),
+            &[
+                &entry.id,
+                &expected,
+                &entry.spiffe_id,
+                &selectors,
+                &codec::selectors_key(&selectors),
+                &codec::encode_list(&entry.node_selectors),
+                &entry.x509_ttl_seconds,
+                &entry.owner,
+                &entry.purpose,
+                &entry.expires_at,
+                &entry.inactivity_timeout_seconds,
+                &entry.hint,
+                &codec::encode_list(&entry.dns_names),
+                &entry.updated_at,
+            ],
+        )
+        .await;
+    let row = match updated {
+        Ok(row) => row,
+        // Only the SPIFFE ID and selectors can clash: the id is the one updated.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            return Err(codec::entry_identity_taken(&entry.spiffe_id).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(row) = row else {
+        // Nothing matched: the entry is gone, or moved on since the caller read it.
+        let stored = tx
+            .query_opt("SELECT revision FROM entries WHERE id = $1", &[&entry.id])
+            .await?;
+        return Err(Failure::Store(match stored {
+            None => StoreError::NotFound {
+                kind: "entry",
+                id: entry.id.clone(),
+            },
+            Some(row) => StoreError::RevisionConflict {
+                id: entry.id.clone(),
+                expected,
+                actual: col(&row, "revision")?,
+            },
+        }));
+    };
+    let stored = entry_from_row(&row)?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+async fn delete_entry(client: &mut Client, id: String) -> Result<EntryRecord, Failure> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            &format!("DELETE FROM entries WHERE id = $1 RETURNING {ENTRY_COLUMNS}"),
+            &[&id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(StoreError::NotFound { kind: "entry", id }.into());
+    };
+    let deleted = entry_from_row(&row)?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(deleted)
+}
+
+async fn consume_join_token(
+    client: &mut Client,
+    digest: &str,
+    node_id: &str,
+    now: i64,
+) -> Result<Vec<String>, Failure> {
+    let tx = client.transaction().await?;
+    // A concurrent use waits for this row lock, then finds the token used.
+    let row = tx
+        .query_opt(
+            "UPDATE join_tokens SET used_at = $3, used_by = $2
+             WHERE digest = $1 AND used_at IS NULL AND expires_at >= $3
+             RETURNING labels",
+            &[&digest, &node_id, &now],
+        )
+        .await?;
+    if let Some(row) = row {
+        let labels = codec::decode_list(col(&row, "labels")?, "join token labels")?;
+        tx.commit().await?;
+        return Ok(labels);
+    }
+    let stored = tx
+        .query_opt(
+            "SELECT used_at FROM join_tokens WHERE digest = $1",
+            &[&digest],
+        )
+        .await?;
+    let refusal = match stored {
+        None => TokenRefusal::Unknown,
+        Some(row) => match col::<Option<i64>>(&row, "used_at")? {
+            Some(_) => TokenRefusal::Used,
+            None => TokenRefusal::Expired,
+        },
+    };
+    Err(StoreError::TokenRefused(refusal).into())
+}
+
+async fn attest_node(client: &mut Client, node: &NodeRecord) -> Result<NodeRecord, Failure> {
+    let tx = client.transaction().await?;
+    // The WHERE of the upsert keeps a banned node as it is; then nothing is returned.
+    let row = tx
+        .query_opt(
+            &format!(
+                "INSERT INTO nodes ({NODE_COLUMNS})
+                 VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (id) DO UPDATE SET attestation = EXCLUDED.attestation,
+                    selectors = EXCLUDED.selectors, status = 'active',
+                    attested_at = EXCLUDED.attested_at, last_seen = EXCLUDED.last_seen,
+                    svid_serial = EXCLUDED.svid_serial, svid_not_after = EXCLUDED.svid_not_after,
+                    ca_serial = EXCLUDED.ca_serial, ca_not_after = EXCLUDED.ca_not_after
+                 WHERE nodes.status <> 'banned'
+                 RETURNING {NODE_COLUMNS}"
+            ),
+            &[
+                &node.id,
+                &node.attestation,
+                &codec::encode_list(&node.selectors),
+                &node.attested_at,
+                &node.last_seen,
+                &node.svid_serial,
+                &node.svid_not_after,
+                &node.ca_serial,
+                &node.ca_not_after,
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(StoreError::NodeNotActive {
+            id: node.id.clone(),
+            status: NodeStatus::Banned,
+        }
+        .into());
+    };
+    let stored = node_from_row(&row)?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// The error for a conditional node update that matched nothing: the node is unknown, or in
+/// the wrong state.
+async fn node_refusal(tx: &Transaction<'_>, id: &str) -> Result<StoreError, Failure> {
+    let row = tx
+        .query_opt("SELECT status FROM nodes WHERE id = $1", &[&id])
+        .await?;
+    Ok(match row {
+        None => StoreError::NotFound {
+            kind: "node",
+            id: id.to_owned(),
+        },
+        Some(row) => StoreError::NodeNotActive {
+            id: id.to_owned(),
+            status: codec::decode_status(col(&row, "status")?)?,
+        },
+    })
+}
+
+async fn renew_node(
+    client: &mut Client,
+    id: &str,
+    credentials: &NodeCredentialsRecord,
+    now: i64,
+) -> Result<NodeRecord, Failure> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            &format!(
+                "UPDATE nodes SET svid_serial = $2, svid_not_after = $3, ca_serial = $4,
+                    ca_not_after = $5, last_seen = $6
+                 WHERE id = $1 AND status = 'active'
+                 RETURNING {NODE_COLUMNS}"
+            ),
+            &[
+                &id,
+                &credentials.svid_serial,
+                &credentials.svid_not_after,
+                &credentials.ca_serial,
+                &credentials.ca_not_after,
+                &now,
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(node_refusal(&tx, id).await?.into());
+    };
+    let stored = node_from_row(&row)?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+async fn set_node_status(
+    client: &mut Client,
+    id: &str,
+    status: NodeStatus,
+) -> Result<NodeRecord, Failure> {
+    let tx = client.transaction().await?;
+    // Banned is final: only a ban may be applied to a banned node.
+    let row = tx
+        .query_opt(
+            &format!(
+                "UPDATE nodes SET status = $2
+                 WHERE id = $1 AND (status <> 'banned' OR $2 = 'banned')
+                 RETURNING {NODE_COLUMNS}"
+            ),
+            &[&id, &status.as_str()],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(node_refusal(&tx, id).await?.into());
+    };
+    let stored = node_from_row(&row)?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// True when the bundle changed: the root is new, or its not-after moved.
+async fn publish_root(client: &mut Client, root: &BundleRoot) -> Result<bool, Failure> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "INSERT INTO bundle_roots (server_id, der_sha256, der, not_after)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (server_id, der_sha256) DO UPDATE SET not_after = EXCLUDED.not_after
+             WHERE bundle_roots.not_after <> EXCLUDED.not_after
+             RETURNING 1",
+            &[
+                &root.server_id,
+                &codec::sha256_hex(&root.der),
+                &root.der,
+                &root.not_after,
+            ],
+        )
+        .await?;
+    let changed = row.is_some();
+    if changed {
+        notify(&tx).await?;
+    }
+    tx.commit().await?;
+    Ok(changed)
+}
+
+#[async_trait::async_trait]
+impl Datastore for PostgresStore {
+    async fn create_entry(&self, entry: EntryRecord, now: i64) -> Result<EntryRecord, StoreError> {
+        let entry = codec::new_entry(entry, now);
+        let stored = entry.clone();
+        self.pool
+            .run(move |c| Box::pin(async move { insert_entry(c, &entry).await }))
+            .await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn update_entry(&self, entry: EntryRecord, now: i64) -> Result<EntryRecord, StoreError> {
+        let expected = entry.revision;
+        let entry = codec::updated_entry(entry, now);
+        let stored = self
+            .pool
+            .run(move |c| Box::pin(async move { update_entry(c, &entry, expected).await }))
+            .await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn delete_entry(&self, id: &str) -> Result<EntryRecord, StoreError> {
+        let id = id.to_owned();
+        let deleted = self
+            .pool
+            .run(move |c| Box::pin(delete_entry(c, id)))
+            .await?;
+        self.bump();
+        Ok(deleted)
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<EntryRecord>, StoreError> {
+        let id = id.to_owned();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1");
+                    let row = c.query_opt(&sql, &[&id]).await?;
+                    Ok(row.as_ref().map(entry_from_row).transpose()?)
+                })
+            })
+            .await
+    }
+
+    async fn list_entries(&self) -> Result<Vec<EntryRecord>, StoreError> {
+        self.pool
+            .run(|c| {
+                Box::pin(async move {
+                    let sql =
+                        format!("SELECT {ENTRY_COLUMNS} FROM entries ORDER BY created_at, id");
+                    decode_all(&c.query(&sql, &[]).await?, entry_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn create_join_token(&self, token: JoinTokenRecord) -> Result<(), StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let inserted = c
+                        .execute(
+                            "INSERT INTO join_tokens (digest, expires_at, labels, created_at)
+                             VALUES ($1, $2, $3, $4)
+                             ON CONFLICT DO NOTHING",
+                            &[
+                                &token.digest,
+                                &token.expires_at,
+                                &codec::encode_list(&token.labels),
+                                &token.created_at,
+                            ],
+                        )
+                        .await?;
+                    if inserted == 0 {
+                        return Err(codec::join_token_taken().into());
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn consume_join_token(
+        &self,
+        digest: &str,
+        node_id: &str,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (digest, node_id) = (digest.to_owned(), node_id.to_owned());
+        self.pool
+            .run(move |c| {
+                Box::pin(async move { consume_join_token(c, &digest, &node_id, now).await })
+            })
+            .await
+    }
+
+    async fn attest_node(&self, node: NodeRecord) -> Result<NodeRecord, StoreError> {
+        let node = codec::attested_node(node);
+        let stored = self
+            .pool
+            .run(move |c| Box::pin(async move { attest_node(c, &node).await }))
+            .await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn renew_node(
+        &self,
+        id: &str,
+        credentials: NodeCredentialsRecord,
+        now: i64,
+    ) -> Result<NodeRecord, StoreError> {
+        let id = id.to_owned();
+        self.pool
+            .run(move |c| Box::pin(async move { renew_node(c, &id, &credentials, now).await }))
+            .await
+    }
+
+    async fn touch_node(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let touched = c
+                        .execute(
+                            "UPDATE nodes SET last_seen = $2 WHERE id = $1",
+                            &[&id, &now],
+                        )
+                        .await?;
+                    if touched == 0 {
+                        return Err(StoreError::NotFound { kind: "node", id }.into());
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let id = id.to_owned();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1");
+                    let row = c.query_opt(&sql, &[&id]).await?;
+                    Ok(row.as_ref().map(node_from_row).transpose()?)
+                })
+            })
+            .await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.pool
+            .run(|c| {
+                Box::pin(async move {
+                    let sql = format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id");
+                    decode_all(&c.query(&sql, &[]).await?, node_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn set_node_status(
+        &self,
+        id: &str,
+        status: NodeStatus,
+    ) -> Result<NodeRecord, StoreError> {
+        let id = id.to_owned();
+        let stored = self
+            .pool
+            .run(move |c| Box::pin(async move { set_node_status(c, &id, status).await }))
+            .await?;
+        self.bump();
+        Ok(stored)
+    }
+
+    async fn publish_root(&self, root: BundleRoot) -> Result<(), StoreError> {
+        let changed = self
+            .pool
+            .run(move |c| Box::pin(async move { publish_root(c, &root).await }))
+            .await?;
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    async fn bundle(&self, now: i64) -> Result<Vec<BundleRoot>, StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT server_id, der, not_after FROM bundle_roots
+                             WHERE not_after >= $1
+                             ORDER BY server_id, not_after, der_sha256",
+                            &[&now],
+                        )
+                        .await?;
+                    decode_all(&rows, root_from_row)
+                })
+            })
+            .await
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// Keeps a notification connection up for as long as the store lives, waiting longer after
+/// each failed attempt.
+async fn listen(config: Config, changes: Arc<watch::Sender<u64>>) {
+    let mut delay = LISTEN_RETRY_MIN;
+    loop {
+        match listen_once(&config, &changes).await {
+            Ok(reason) => {
+                tracing::warn!(%reason, "lost the PostgreSQL notification connection");
+                delay = LISTEN_RETRY_MIN;
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, retry_in = ?delay, "cannot listen for PostgreSQL notifications");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(LISTEN_RETRY_MAX);
+    }
+}
+
+/// One notification connection, until it fails. `Ok(why it ended)` once it was established,
+/// `Err(why not)` when it could not be.
+async fn listen_once(config: &Config, changes: &watch::Sender<u64>) -> Result<String, String> {
+    let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+        .await
+        .map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|e| describe(&e))?;
+    // The connection is driven here rather than on a task of its own: notifications arrive
+    // through it, and so do the answers to the requests below.
+    let messages = async {
+        loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => bump(changes),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return describe(&e),
+                None => return "the server closed the connection".to_owned(),
+            }
+        }
+    };
+    let session = async {
+        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+            return format!("LISTEN failed: {}", describe(&e));
+        }
+        tracing::debug!("listening for PostgreSQL change notifications");
+        // Only now is every later change announced; those before may have been missed.
+        bump(changes);
+        loop {
+            tokio::time::sleep(LISTEN_PROBE_INTERVAL).await;
+            match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return describe(&e),
+                Err(_) => return "the server stopped answering".to_owned(),
+            }
+        }
+    };
+    tokio::select! {
+        reason = messages => Ok(reason),
+        reason = session => Ok(reason),
+    }
+}
+
+/// Creates an empty database for one test on the server named by `TESSERA_TEST_POSTGRES` (a
+/// libpq connection string for a role that may create databases, e.g.
+/// `host=/var/run/postgresql user=postgres dbname=postgres`) and returns the connection string
+/// for it. Without the variable: `None` after a loud notice, or a panic in CI, where PostgreSQL
+/// is mandatory.
+///
+/// # Panics
+///
+/// In CI without the variable, and whenever the server refuses.
+#[doc(hidden)]
+pub async fn scratch_database_from_env() -> Option<String> {
+    let admin = test_server_from_env()?;
+    let mut suffix = [0u8; 6];
+    aws_lc_rs::rand::fill(&mut suffix).expect("the system random generator failed");
+    // The creation time in the name lets a clean-up drop what failed runs left behind.
+    let name = format!("tessera_test_{}_{}", unix_now(), hex::encode(suffix));
+    let client = admin_client(&admin).await;
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create test database {name}: {}", describe(&e)));
+    Some(with_dbname(&admin, &name))
+}
+
+/// Drops a database made by [`scratch_database_from_env`], best effort (a failure is only
+/// reported): tests call it when they pass.
+#[doc(hidden)]
+pub async fn drop_scratch_database(conninfo: &str) {
+    let Some(admin) = test_server_from_env() else {
+        return;
+    };
+    let name = conninfo
+        .parse::<Config>()
+        .ok()
+        .and_then(|c| c.get_dbname().map(str::to_owned));
+    // Never anything but a scratch database, whatever the caller passed.
+    let Some(name) = name.filter(|n| {
+        n.starts_with("tessera_test_") && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    }) else {
+        eprintln!("not dropping {conninfo:?}: not a scratch database");
+        return;
+    };
+    let client = admin_client(&admin).await;
+    if let Err(e) = client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+    {
+        eprintln!("could not drop test database {name}: {}", describe(&e));
+    }
+}
+
+/// The test server's connection string, or `None` (outside CI) when there is none.
+fn test_server_from_env() -> Option<String> {
+    match std::env::var("TESSERA_TEST_POSTGRES") {
+        Ok(conninfo) if !conninfo.trim().is_empty() => Some(conninfo),
+        _ => {
+            let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+            assert!(
+                !in_ci,
+                "PostgreSQL is mandatory in CI: set TESSERA_TEST_POSTGRES to a libpq connection \
+                 string for a role that may create databases, e.g. \
+                 TESSERA_TEST_POSTGRES='host=/var/run/postgresql user=root dbname=postgres' \
+                 (scripts/test.sh sets up a local server and exports it)"
+            );
+            eprintln!(
+                "\n*** PostgreSQL datastore tests NOT RUN: TESSERA_TEST_POSTGRES is not set \
+                 (scripts/test.sh sets it up) ***\n"
+            );
+            None
+        }
+    }
+}
+
+async fn admin_client(conninfo: &str) -> Client {
+    let mut config: Config = conninfo
+        .parse()
+        .unwrap_or_else(|e| panic!("TESSERA_TEST_POSTGRES is not a connection string: {e}"));
+    if config.get_dbname().is_none() {
+        config.dbname("postgres");
+    }
+    connect(&config)
+        .await
+        .unwrap_or_else(|e| panic!("TESSERA_TEST_POSTGRES: {e}"))
+}
+
+/// `conninfo` with its database replaced by `dbname` (a plain identifier).
+fn with_dbname(conninfo: &str, dbname: &str) -> String {
+    let conninfo = conninfo.trim();
+    if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
+        // A query parameter overrides the URL's path.
+        let separator = if conninfo.contains('?') { '&' } else { '?' };
+        format!("{conninfo}{separator}dbname={dbname}")
+    } else {
+        // In key=value form the last setting of a key wins.
+        format!("{conninfo} dbname={dbname}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dbname_is_overridden_in_both_forms() {
+        for (conninfo, expected) in [
+            ("host=/run/pg user=root dbname=postgres", Some("t1")),
+            ("host=/run/pg user=root", Some("t1")),
+            ("postgresql://root@localhost/postgres", Some("t1")),
+            (
+                "postgresql://root@localhost/postgres?sslmode=disable",
+                Some("t1"),
+            ),
+        ] {
+            let config: Config = with_dbname(conninfo, "t1").parse().unwrap();
+            assert_eq!(config.get_dbname(), expected, "{conninfo}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable() {
+        let err = PostgresStore::connect("host=/nonexistent/dir user=x connect_timeout=1")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, StoreError::Unavailable(m) if m.contains("cannot connect")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_connection_string_is_refused() {
+        let err = PostgresStore::connect("host=a port=notaport")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, StoreError::Unavailable(m) if m.contains("connection string")),
+            "{err}"
+        );
+    }
+}
