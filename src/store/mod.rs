@@ -15,6 +15,8 @@ use tokio::sync::watch;
 mod codec;
 pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
 /// Why a datastore operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -1,0 +1,1055 @@
+//! The one test suite every [`Datastore`] backend passes, and its entry points per backend:
+//! [`sqlite_suite`] on a temporary file, [`postgres_suite`] on a scratch database of the server
+//! named by `TESSERA_TEST_POSTGRES` (skipped, loudly, without it; mandatory in CI).
+//!
+//! Each case is an async function over a `&dyn Datastore`, so both backends run the very same
+//! checks; the few that need to reopen a database or reach under the API take a [`Harness`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::postgres::{PostgresStore, drop_scratch_database, scratch_database_from_env};
+use super::sqlite::SqliteStore;
+use super::{
+    BundleRoot, Datastore, EntryRecord, JoinTokenRecord, NodeCredentialsRecord, NodeRecord,
+    NodeStatus, StoreError, TokenRefusal,
+};
+
+/// The clock of the suite: stores take `now` from their callers.
+const NOW: i64 = 1_700_000_000;
+/// How long a change may take to show in `changes()`.
+const CHANGE_WAIT: Duration = Duration::from_secs(2);
+
+/// A backend's database, opened as often as a test needs.
+#[async_trait::async_trait]
+trait Harness: Send + Sync {
+    /// A new store on the same database.
+    async fn open(&self) -> Result<Arc<dyn Datastore>, StoreError>;
+    /// Runs SQL on the database directly, to set up what the API cannot.
+    async fn execute(&self, sql: &str);
+}
+
+fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> EntryRecord {
+    EntryRecord {
+        id: id.to_owned(),
+        spiffe_id: spiffe_id.to_owned(),
+        selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+        node_selectors: vec![],
+        x509_ttl_seconds: 3600,
+        owner: "team-a".to_owned(),
+        purpose: "tests".to_owned(),
+        expires_at: None,
+        inactivity_timeout_seconds: None,
+        hint: None,
+        dns_names: vec![],
+        revision: 0,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+fn node(id: &str, serial: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.to_owned(),
+        attestation: "join_token".to_owned(),
+        selectors: vec![
+            format!("node:id:{id}"),
+            "node:label:b".to_owned(),
+            "node:label:a".to_owned(),
+        ],
+        status: NodeStatus::Active,
+        attested_at: NOW,
+        last_seen: NOW,
+        svid_serial: serial.to_owned(),
+        svid_not_after: NOW + 3600,
+        ca_serial: "ca01".to_owned(),
+        ca_not_after: NOW + 86_400,
+    }
+}
+
+fn credentials(serial: &str) -> NodeCredentialsRecord {
+    NodeCredentialsRecord {
+        svid_serial: serial.to_owned(),
+        svid_not_after: NOW + 7200,
+        ca_serial: "ca02".to_owned(),
+        ca_not_after: NOW + 90_000,
+    }
+}
+
+fn token(digest: &str, expires_at: i64) -> JoinTokenRecord {
+    JoinTokenRecord {
+        digest: digest.to_owned(),
+        expires_at,
+        labels: vec!["rack-7".to_owned(), "gpu".to_owned()],
+        created_at: NOW - 60,
+    }
+}
+
+fn root(server_id: &str, der: &[u8], not_after: i64) -> BundleRoot {
+    BundleRoot {
+        server_id: server_id.to_owned(),
+        der: der.to_vec(),
+        not_after,
+    }
+}
+
+/// Runs `op` and checks that `changes()` moved on because of it.
+async fn expect_change<T>(store: &dyn Datastore, what: &str, op: impl Future<Output = T>) -> T {
+    let mut changes = store.changes();
+    let out = op.await;
+    tokio::time::timeout(CHANGE_WAIT, changes.changed())
+        .await
+        .unwrap_or_else(|_| panic!("changes() did not move after {what}"))
+        .unwrap();
+    out
+}
+
+async fn entries_round_trip(store: &dyn Datastore) {
+    let mut first = entry(
+        "e-b",
+        "spiffe://example.org/web",
+        &["unix:uid:1000", "k:v", "unix:uid:1000"],
+    );
+    first.node_selectors = vec!["node:label:z".to_owned(), "node:label:a".to_owned()];
+    first.expires_at = Some(NOW + 100);
+    first.inactivity_timeout_seconds = Some(600);
+    first.hint = Some("frontend".to_owned());
+    first.dns_names = vec!["web.local".to_owned(), "a.local".to_owned()];
+    first.revision = 42;
+    let created = store.create_entry(first.clone(), NOW).await.unwrap();
+    assert_eq!(created.selectors, ["k:v", "unix:uid:1000"]);
+    assert_eq!(created.node_selectors, ["node:label:a", "node:label:z"]);
+    assert_eq!(
+        created.dns_names,
+        ["web.local", "a.local"],
+        "DNS names keep their order"
+    );
+    assert_eq!(
+        (created.revision, created.created_at, created.updated_at),
+        (1, NOW, NOW)
+    );
+    assert_eq!(
+        (created.expires_at, created.inactivity_timeout_seconds),
+        (Some(NOW + 100), Some(600))
+    );
+    assert_eq!(created.hint.as_deref(), Some("frontend"));
+    assert_eq!(store.get_entry("e-b").await.unwrap(), Some(created.clone()));
+    assert_eq!(store.get_entry("absent").await.unwrap(), None);
+
+    let same_time = store
+        .create_entry(entry("e-a", "spiffe://example.org/db", &["k:v"]), NOW)
+        .await
+        .unwrap();
+    let earlier = store
+        .create_entry(entry("e-z", "spiffe://example.org/old", &["k:v"]), NOW - 10)
+        .await
+        .unwrap();
+    assert_eq!(earlier.hint, None);
+    let ids: Vec<String> = store
+        .list_entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, ["e-z", "e-a", "e-b"], "by creation time, then id");
+    assert_eq!(store.list_entries().await.unwrap()[1], same_time);
+}
+
+async fn duplicate_entries_refused(store: &dyn Datastore) {
+    let spiffe = "spiffe://example.org/api";
+    store
+        .create_entry(entry("one", spiffe, &["a:1", "b:2"]), NOW)
+        .await
+        .unwrap();
+
+    let err = store
+        .create_entry(entry("one", "spiffe://example.org/other", &["c:3"]), NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AlreadyExists(m) if m.contains("\"one\"")),
+        "{err}"
+    );
+
+    // The same selectors in another order and repeated are the same selectors.
+    let err = store
+        .create_entry(entry("two", spiffe, &["b:2", "a:1", "a:1"]), NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AlreadyExists(m) if m.contains(spiffe) && m.contains("selectors")),
+        "{err}"
+    );
+
+    store
+        .create_entry(entry("three", spiffe, &["a:1"]), NOW)
+        .await
+        .unwrap();
+    store
+        .create_entry(
+            entry("four", "spiffe://example.org/x", &["a:1", "b:2"]),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.list_entries().await.unwrap().len(), 3);
+}
+
+async fn entry_updates_check_revision(store: &dyn Datastore) {
+    let created = store
+        .create_entry(entry("u", "spiffe://example.org/u", &["a:1"]), NOW)
+        .await
+        .unwrap();
+    let other = store
+        .create_entry(entry("w", "spiffe://example.org/w", &["w:1"]), NOW)
+        .await
+        .unwrap();
+
+    let mut change = created.clone();
+    change.selectors = vec!["z:9".to_owned(), "a:1".to_owned()];
+    change.owner = "team-b".to_owned();
+    change.hint = Some("moved".to_owned());
+    change.created_at = 5; // ignored: the creation time is the store's
+    let updated = store.update_entry(change.clone(), NOW + 5).await.unwrap();
+    assert_eq!(updated.revision, 2);
+    assert_eq!((updated.created_at, updated.updated_at), (NOW, NOW + 5));
+    assert_eq!(updated.selectors, ["a:1", "z:9"]);
+    assert_eq!(updated.owner, "team-b");
+    assert_eq!(store.get_entry("u").await.unwrap(), Some(updated.clone()));
+
+    // A second update based on revision 1 lost the race.
+    let err = store.update_entry(change, NOW + 6).await.unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::RevisionConflict {
+            id: "u".to_owned(),
+            expected: 1,
+            actual: 2
+        }
+    );
+
+    let mut missing = created.clone();
+    missing.id = "nope".to_owned();
+    assert_eq!(
+        store.update_entry(missing, NOW).await.unwrap_err(),
+        StoreError::NotFound {
+            kind: "entry",
+            id: "nope".to_owned()
+        }
+    );
+
+    // Taking another entry's SPIFFE ID and selectors is refused and changes nothing.
+    let mut clash = updated.clone();
+    clash.spiffe_id = other.spiffe_id.clone();
+    clash.selectors = other.selectors.clone();
+    let err = store.update_entry(clash, NOW + 7).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AlreadyExists(m) if m.contains("spiffe://example.org/w")),
+        "{err}"
+    );
+    assert_eq!(store.get_entry("u").await.unwrap(), Some(updated.clone()));
+
+    // The next update from the current revision goes through.
+    let again = store.update_entry(updated, NOW + 8).await.unwrap();
+    assert_eq!(again.revision, 3);
+}
+
+async fn entry_deletion(store: &dyn Datastore) {
+    let created = store
+        .create_entry(entry("d", "spiffe://example.org/d", &["a:1"]), NOW)
+        .await
+        .unwrap();
+    assert_eq!(store.delete_entry("d").await.unwrap(), created);
+    assert_eq!(store.get_entry("d").await.unwrap(), None);
+    assert_eq!(
+        store.delete_entry("d").await.unwrap_err(),
+        StoreError::NotFound {
+            kind: "entry",
+            id: "d".to_owned()
+        }
+    );
+    // The identity is free again.
+    store
+        .create_entry(entry("d2", "spiffe://example.org/d", &["a:1"]), NOW)
+        .await
+        .unwrap();
+}
+
+async fn join_tokens(store: &dyn Datastore) {
+    store
+        .create_join_token(token("t1", NOW + 60))
+        .await
+        .unwrap();
+    let err = store
+        .create_join_token(token("t1", NOW + 120))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
+
+    let labels = store.consume_join_token("t1", "node-1", NOW).await.unwrap();
+    assert_eq!(labels, ["rack-7", "gpu"]);
+    let refused = |r| StoreError::TokenRefused(r);
+    assert_eq!(
+        store.consume_join_token("t1", "node-2", NOW).await,
+        Err(refused(TokenRefusal::Used))
+    );
+    assert_eq!(
+        store.consume_join_token("t9", "node-2", NOW).await,
+        Err(refused(TokenRefusal::Unknown))
+    );
+
+    store.create_join_token(token("t2", NOW - 1)).await.unwrap();
+    assert_eq!(
+        store.consume_join_token("t2", "node-3", NOW).await,
+        Err(refused(TokenRefusal::Expired))
+    );
+    // Refused after its expiry, not at it.
+    store.create_join_token(token("t3", NOW)).await.unwrap();
+    store.consume_join_token("t3", "node-3", NOW).await.unwrap();
+    // A used token stays used once it has expired too.
+    assert_eq!(
+        store.consume_join_token("t1", "node-2", NOW + 600).await,
+        Err(refused(TokenRefusal::Used))
+    );
+}
+
+async fn concurrent_token_use(store: &dyn Datastore) {
+    for round in 0..10 {
+        let digest = format!("race-{round}");
+        store
+            .create_join_token(token(&digest, NOW + 60))
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            store.consume_join_token(&digest, "node-a", NOW),
+            store.consume_join_token(&digest, "node-b", NOW),
+        );
+        let used = StoreError::TokenRefused(TokenRefusal::Used);
+        assert!(
+            matches!((&a, &b), (Ok(_), Err(e)) | (Err(e), Ok(_)) if *e == used),
+            "exactly one use must succeed: {a:?} {b:?}"
+        );
+    }
+}
+
+async fn node_attestation(store: &dyn Datastore) {
+    let mut input = node("n2", "01");
+    input.status = NodeStatus::Evicted; // ignored: an attested node is active
+    let stored = store.attest_node(input).await.unwrap();
+    assert_eq!(stored.status, NodeStatus::Active);
+    assert_eq!(
+        stored.selectors,
+        ["node:id:n2", "node:label:a", "node:label:b"]
+    );
+    assert_eq!(store.get_node("n2").await.unwrap(), Some(stored.clone()));
+    assert_eq!(store.get_node("absent").await.unwrap(), None);
+
+    store.attest_node(node("n1", "02")).await.unwrap();
+    store.attest_node(node("N3", "03")).await.unwrap();
+    let ids: Vec<String> = store
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(ids, ["N3", "n1", "n2"], "by id, bytewise");
+
+    // An active node attesting again gets its new credentials recorded.
+    let mut again = node("n2", "04");
+    again.attested_at = NOW + 10;
+    let stored = store.attest_node(again).await.unwrap();
+    assert_eq!(
+        (stored.svid_serial.as_str(), stored.attested_at),
+        ("04", NOW + 10)
+    );
+}
+
+async fn banned_node_stays_banned(store: &dyn Datastore) {
+    store.attest_node(node("bad", "01")).await.unwrap();
+    let banned = store
+        .set_node_status("bad", NodeStatus::Banned)
+        .await
+        .unwrap();
+    assert_eq!(banned.status, NodeStatus::Banned);
+
+    let refusal = StoreError::NodeNotActive {
+        id: "bad".to_owned(),
+        status: NodeStatus::Banned,
+    };
+    assert_eq!(
+        store.attest_node(node("bad", "02")).await,
+        Err(refusal.clone())
+    );
+    assert_eq!(store.get_node("bad").await.unwrap(), Some(banned.clone()));
+    for status in [NodeStatus::Evicted, NodeStatus::Active] {
+        assert_eq!(
+            store.set_node_status("bad", status).await,
+            Err(refusal.clone())
+        );
+    }
+    assert_eq!(
+        store.renew_node("bad", credentials("03"), NOW).await,
+        Err(refusal)
+    );
+    // Banning again is harmless.
+    assert_eq!(
+        store.set_node_status("bad", NodeStatus::Banned).await,
+        Ok(banned.clone())
+    );
+    assert_eq!(store.get_node("bad").await.unwrap(), Some(banned));
+}
+
+async fn evicted_node_attests_again(store: &dyn Datastore) {
+    store.attest_node(node("ev", "01")).await.unwrap();
+    let evicted = store
+        .set_node_status("ev", NodeStatus::Evicted)
+        .await
+        .unwrap();
+    assert_eq!(evicted.status, NodeStatus::Evicted);
+    assert_eq!(
+        store.renew_node("ev", credentials("02"), NOW).await,
+        Err(StoreError::NodeNotActive {
+            id: "ev".to_owned(),
+            status: NodeStatus::Evicted
+        })
+    );
+    let mut again = node("ev", "03");
+    again.attestation = "x509pop".to_owned();
+    again.attested_at = NOW + 30;
+    let stored = store.attest_node(again).await.unwrap();
+    assert_eq!(stored.status, NodeStatus::Active);
+    assert_eq!(
+        (
+            stored.svid_serial.as_str(),
+            stored.attestation.as_str(),
+            stored.attested_at
+        ),
+        ("03", "x509pop", NOW + 30)
+    );
+    assert_eq!(store.get_node("ev").await.unwrap(), Some(stored));
+}
+
+async fn node_renewal_and_contact(store: &dyn Datastore) {
+    let attested = store.attest_node(node("r", "01")).await.unwrap();
+    let renewed = store
+        .renew_node("r", credentials("02"), NOW + 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        renewed,
+        NodeRecord {
+            svid_serial: "02".to_owned(),
+            svid_not_after: NOW + 7200,
+            ca_serial: "ca02".to_owned(),
+            ca_not_after: NOW + 90_000,
+            last_seen: NOW + 100,
+            ..attested
+        }
+    );
+    assert_eq!(store.get_node("r").await.unwrap(), Some(renewed.clone()));
+
+    store.touch_node("r", NOW + 200).await.unwrap();
+    let touched = store.get_node("r").await.unwrap().unwrap();
+    assert_eq!(
+        touched,
+        NodeRecord {
+            last_seen: NOW + 200,
+            ..renewed
+        }
+    );
+
+    let unknown = StoreError::NotFound {
+        kind: "node",
+        id: "ghost".to_owned(),
+    };
+    assert_eq!(
+        store.renew_node("ghost", credentials("03"), NOW).await,
+        Err(unknown.clone())
+    );
+    assert_eq!(store.touch_node("ghost", NOW).await, Err(unknown.clone()));
+    assert_eq!(
+        store.set_node_status("ghost", NodeStatus::Evicted).await,
+        Err(unknown)
+    );
+}
+
+async fn bundle_roots(store: &dyn Datastore) {
+    store
+        .publish_root(root("s2", b"root-c", NOW + 50))
+        .await
+        .unwrap();
+    store
+        .publish_root(root("s1", b"root-b", NOW + 200))
+        .await
+        .unwrap();
+    store
+        .publish_root(root("s1", b"root-a", NOW + 100))
+        .await
+        .unwrap();
+    store
+        .publish_root(root("s3", b"root-old", NOW - 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.bundle(NOW).await.unwrap(),
+        [
+            root("s1", b"root-a", NOW + 100),
+            root("s1", b"root-b", NOW + 200),
+            root("s2", b"root-c", NOW + 50),
+        ],
+        "expired roots are left out; by server id, then not-after"
+    );
+
+    // Publishing again is harmless; a new not-after replaces the old one.
+    store
+        .publish_root(root("s1", b"root-a", NOW + 100))
+        .await
+        .unwrap();
+    store
+        .publish_root(root("s2", b"root-c", NOW + 300))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.bundle(NOW + 100).await.unwrap(),
+        [
+            root("s1", b"root-a", NOW + 100),
+            root("s1", b"root-b", NOW + 200),
+            root("s2", b"root-c", NOW + 300),
+        ],
+        "a root is in the bundle up to and including its not-after"
+    );
+    assert_eq!(
+        store.bundle(NOW + 250).await.unwrap(),
+        [root("s2", b"root-c", NOW + 300)]
+    );
+}
+
+async fn changes_follow_writes(store: &dyn Datastore) {
+    let created = expect_change(store, "create_entry", async {
+        store
+            .create_entry(entry("c", "spiffe://example.org/c", &["a:1"]), NOW)
+            .await
+            .unwrap()
+    })
+    .await;
+    expect_change(store, "update_entry", async {
+        store.update_entry(created, NOW + 1).await.unwrap()
+    })
+    .await;
+    expect_change(store, "delete_entry", async {
+        store.delete_entry("c").await.unwrap()
+    })
+    .await;
+    expect_change(store, "attest_node", async {
+        store.attest_node(node("cn", "01")).await.unwrap()
+    })
+    .await;
+    expect_change(store, "set_node_status", async {
+        store
+            .set_node_status("cn", NodeStatus::Evicted)
+            .await
+            .unwrap()
+    })
+    .await;
+    expect_change(store, "publish_root", async {
+        store
+            .publish_root(root("s1", b"root", NOW + 10))
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+/// Reopening runs the migrations again (nothing to do) and keeps the data; two stores opening
+/// one database at the same moment both succeed.
+async fn reopen_keeps_data(harness: &dyn Harness) {
+    let (first, second) = tokio::join!(harness.open(), harness.open());
+    let (first, second) = (first.unwrap(), second.unwrap());
+    let created = first
+        .create_entry(entry("kept", "spiffe://example.org/kept", &["a:1"]), NOW)
+        .await
+        .unwrap();
+    drop((first, second));
+    let reopened = harness.open().await.unwrap();
+    assert_eq!(reopened.get_entry("kept").await.unwrap(), Some(created));
+    drop(reopened);
+    let again = harness.open().await.unwrap();
+    assert_eq!(again.list_entries().await.unwrap().len(), 1);
+}
+
+/// A database migrated by a newer server is refused, with a message saying why.
+async fn newer_schema_refused(harness: &dyn Harness) {
+    drop(harness.open().await.unwrap());
+    harness
+        .execute("INSERT INTO schema_version (version, applied_at) VALUES (999, 0)")
+        .await;
+    let err = harness.open().await.err().unwrap();
+    assert!(
+        matches!(&err, StoreError::Corrupt(m) if m.contains("version 999") && m.contains("older than the database")),
+        "{err}"
+    );
+}
+
+/// Rows that do not decode are reported as `Corrupt`, and a write that would act on one does
+/// not happen.
+async fn corrupt_rows_reported(harness: &dyn Harness) {
+    let store = harness.open().await.unwrap();
+    store
+        .create_entry(entry("bad", "spiffe://example.org/bad", &["a:1"]), NOW)
+        .await
+        .unwrap();
+    store.attest_node(node("bad", "01")).await.unwrap();
+    store
+        .create_join_token(token("bad", NOW + 60))
+        .await
+        .unwrap();
+    harness
+        .execute(
+            "UPDATE entries SET selectors = 'not json';
+             UPDATE nodes SET selectors = '{\"a\": 1}';
+             UPDATE join_tokens SET labels = '[1]'",
+        )
+        .await;
+    fn corrupt<T>(result: Result<T, StoreError>) -> bool {
+        matches!(result, Err(StoreError::Corrupt(_)))
+    }
+    assert!(corrupt(store.get_entry("bad").await));
+    assert!(corrupt(store.list_entries().await));
+    assert!(corrupt(store.get_node("bad").await));
+    assert!(corrupt(store.list_nodes().await));
+    assert!(corrupt(store.consume_join_token("bad", "n", NOW).await));
+    // The use was rolled back with the failed decoding: the token is still unused.
+    assert!(corrupt(store.consume_join_token("bad", "n", NOW).await));
+}
+
+/// One generated test per case, for the backend whose module invokes it. Each module provides
+/// `harness()`, `None` when the backend is not available.
+macro_rules! suite_tests {
+    (stores: $($case:ident),* ; harnesses: $($special:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let Some(harness) = harness().await else { return };
+                let store = harness.open().await.unwrap();
+                super::$case(&*store).await;
+                drop(store);
+                harness.finish().await;
+            }
+        )*
+        $(
+            #[tokio::test]
+            async fn $special() {
+                let Some(harness) = harness().await else { return };
+                super::$special(&harness).await;
+                harness.finish().await;
+            }
+        )*
+    };
+}
+
+/// The suite on SQLite files in a temporary directory.
+mod sqlite_suite {
+    use super::*;
+
+    /// A database file in its own temporary directory.
+    struct Sqlite {
+        /// Removed with the harness.
+        dir: tempfile::TempDir,
+    }
+
+    impl Sqlite {
+        fn path(&self) -> std::path::PathBuf {
+            self.dir.path().join("tessera.db")
+        }
+
+        async fn finish(self) {}
+    }
+
+    #[async_trait::async_trait]
+    impl Harness for Sqlite {
+        async fn open(&self) -> Result<Arc<dyn Datastore>, StoreError> {
+            Ok(Arc::new(SqliteStore::open(&self.path())?))
+        }
+
+        async fn execute(&self, sql: &str) {
+            let conn = rusqlite::Connection::open(self.path()).unwrap();
+            conn.busy_timeout(Duration::from_secs(5)).unwrap();
+            conn.execute_batch(sql).unwrap();
+        }
+    }
+
+    async fn harness() -> Option<Sqlite> {
+        Some(Sqlite {
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    suite_tests!(
+        stores: entries_round_trip, duplicate_entries_refused, entry_updates_check_revision,
+            entry_deletion, join_tokens, concurrent_token_use, node_attestation,
+            banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
+            bundle_roots, changes_follow_writes;
+        harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
+    );
+
+    #[tokio::test]
+    async fn database_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let harness = harness().await.unwrap();
+        let store = harness.open().await.unwrap();
+        store
+            .create_entry(entry("e", "spiffe://example.org/e", &["a:1"]), NOW)
+            .await
+            .unwrap();
+        // SQLite gives its journal files the database's mode.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = harness.path().into_os_string();
+            path.push(suffix);
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{path:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn not_a_database_is_corrupt() {
+        let harness = harness().await.unwrap();
+        std::fs::write(harness.path(), vec![0x5a; 8192]).unwrap();
+        let err = harness.open().await.err().unwrap();
+        assert!(matches!(&err, StoreError::Corrupt(_)), "{err}");
+    }
+}
+
+/// The suite on scratch databases of the server named by `TESSERA_TEST_POSTGRES`, plus what
+/// only a shared server has: several replicas, and connections lost under them.
+mod postgres_suite {
+    use super::*;
+
+    /// A scratch database, dropped when a test passes.
+    struct Postgres {
+        /// Its connection string.
+        conninfo: String,
+    }
+
+    impl Postgres {
+        async fn connect(&self) -> Arc<PostgresStore> {
+            Arc::new(PostgresStore::connect(&self.conninfo).await.unwrap())
+        }
+
+        async fn client(&self) -> tokio_postgres::Client {
+            let (client, connection) =
+                tokio_postgres::connect(&self.conninfo, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            client
+        }
+
+        async fn finish(self) {
+            drop_scratch_database(&self.conninfo).await;
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Harness for Postgres {
+        async fn open(&self) -> Result<Arc<dyn Datastore>, StoreError> {
+            let store = PostgresStore::connect(&self.conninfo).await?;
+            // Its first announcement must not pass for a change a test is waiting for.
+            listening(&store).await;
+            Ok(Arc::new(store))
+        }
+
+        async fn execute(&self, sql: &str) {
+            self.client().await.batch_execute(sql).await.unwrap();
+        }
+    }
+
+    async fn harness() -> Option<Postgres> {
+        Some(Postgres {
+            conninfo: scratch_database_from_env().await?,
+        })
+    }
+
+    suite_tests!(
+        stores: entries_round_trip, duplicate_entries_refused, entry_updates_check_revision,
+            entry_deletion, join_tokens, concurrent_token_use, node_attestation,
+            banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
+            bundle_roots, changes_follow_writes;
+        harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
+    );
+
+    /// Waits until the store's notification connection is up: it announces that by moving
+    /// `changes()` on once.
+    async fn listening(store: &PostgresStore) {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            store.changes().wait_for(|n| *n >= 1),
+        )
+        .await
+        .expect("the notification connection did not come up")
+        .unwrap();
+    }
+
+    /// Checks that `changes()` of `watcher` moves on after `op` on another replica.
+    async fn sees_change<T>(watcher: &PostgresStore, what: &str, op: impl Future<Output = T>) -> T {
+        let mut changes = watcher.changes();
+        let out = op.await;
+        tokio::time::timeout(CHANGE_WAIT, changes.changed())
+            .await
+            .unwrap_or_else(|_| panic!("the other replica did not see {what}"))
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn replicas_see_each_others_changes() {
+        let Some(harness) = harness().await else {
+            return;
+        };
+        let (a, b) = (harness.connect().await, harness.connect().await);
+        listening(&b).await;
+
+        // Only `a` writes and only `b` watches: every move of `b`'s counter is then one
+        // notification of one of `a`'s writes.
+        let created = sees_change(&b, "an entry created", async {
+            a.create_entry(entry("e", "spiffe://example.org/e", &["a:1"]), NOW)
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(b.get_entry("e").await.unwrap(), Some(created.clone()));
+        sees_change(&b, "an entry updated", async {
+            a.update_entry(created, NOW + 1).await.unwrap()
+        })
+        .await;
+        sees_change(&b, "an entry deleted", async {
+            a.delete_entry("e").await.unwrap()
+        })
+        .await;
+        sees_change(&b, "a node attested", async {
+            a.attest_node(node("n", "01")).await.unwrap()
+        })
+        .await;
+        sees_change(&b, "a node status change", async {
+            a.set_node_status("n", NodeStatus::Evicted).await.unwrap()
+        })
+        .await;
+        sees_change(&b, "a root published", async {
+            a.publish_root(root("s", b"root", NOW + 10)).await.unwrap()
+        })
+        .await;
+
+        // Two replicas using one token at once: one wins.
+        a.create_join_token(token("shared", NOW + 60))
+            .await
+            .unwrap();
+        let (first, second) = tokio::join!(
+            a.consume_join_token("shared", "node-a", NOW),
+            b.consume_join_token("shared", "node-b", NOW),
+        );
+        assert_eq!(
+            [&first, &second].iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{first:?} {second:?}"
+        );
+
+        drop((a, b));
+        harness.finish().await;
+    }
+
+    /// Ends every connection to the test database but the caller's, as a server restart or a
+    /// failover would, and waits until they are gone. Returns how many there were.
+    async fn terminate_connections(harness: &Postgres) -> usize {
+        let admin = harness.client().await;
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        let pids: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
+        // A separate statement: in one, nothing stops the server from terminating its own
+        // session before filtering it out.
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid",
+                &[&pids],
+            )
+            .await
+            .unwrap();
+        let gone = async {
+            loop {
+                let row = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                        &[&pids],
+                    )
+                    .await
+                    .unwrap();
+                if row.get::<_, i64>(0) == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("terminated connections did not go away");
+        pids.len()
+    }
+
+    /// Retries `op` until it succeeds, allowing only `Unavailable` on the way.
+    async fn recovers<T, F, Fut>(what: &str, mut op: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        for _ in 0..50 {
+            match op().await {
+                Ok(value) => return value,
+                Err(StoreError::Unavailable(reason)) => {
+                    eprintln!("{what}: unavailable ({reason}); retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{what}: {e}"),
+            }
+        }
+        panic!("{what} did not recover");
+    }
+
+    #[tokio::test]
+    async fn survives_lost_connections() {
+        let Some(harness) = harness().await else {
+            return;
+        };
+        let (a, b) = (harness.connect().await, harness.connect().await);
+        listening(&a).await;
+        listening(&b).await;
+        a.list_entries().await.unwrap();
+        b.list_entries().await.unwrap();
+        let before = *b.changes().borrow();
+
+        // Two stores, each with an operation connection and a notification connection.
+        assert!(terminate_connections(&harness).await >= 4);
+
+        // The first operation may find its connection gone; the next ones reconnect.
+        match a.list_entries().await {
+            Ok(_) | Err(StoreError::Unavailable(_)) => {}
+            Err(e) => panic!("unexpected error after the outage: {e}"),
+        }
+        recovers("list_entries", || a.list_entries()).await;
+        recovers("get_entry on the other replica", || b.get_entry("x")).await;
+
+        // Nothing was written since the outage, so the only thing that can move `b`'s counter
+        // is its notification connection, announcing it is back.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            b.changes().wait_for(|n| *n > before),
+        )
+        .await
+        .expect("the notification connection did not come back")
+        .unwrap();
+
+        // Writes work again, and the other replica hears of them again.
+        let created = sees_change(&b, "an entry created after the outage", async {
+            recovers("create_entry", || {
+                a.create_entry(entry("after", "spiffe://example.org/a", &["a:1"]), NOW)
+            })
+            .await
+        })
+        .await;
+        assert_eq!(b.get_entry("after").await.unwrap(), Some(created));
+
+        drop((a, b));
+        harness.finish().await;
+    }
+
+    #[tokio::test]
+    async fn connection_lost_mid_operation_is_unavailable() {
+        let Some(harness) = harness().await else {
+            return;
+        };
+        let store = harness.connect().await;
+        store.list_entries().await.unwrap();
+
+        // Hold the operation up on a lock, then end its session while it waits.
+        let mut locker = harness.client().await;
+        let lock = locker.transaction().await.unwrap();
+        lock.batch_execute("LOCK TABLE entries IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let admin = harness.client().await;
+        let terminate_waiter = async {
+            loop {
+                let rows = admin
+                    .query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                if !rows.is_empty() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let (result, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(store.list_entries(), terminate_waiter)
+        })
+        .await
+        .expect("the held-up operation was not cut off");
+        assert!(
+            matches!(&result, Err(StoreError::Unavailable(m)) if m.contains("lost the connection")),
+            "{result:?}"
+        );
+        lock.rollback().await.unwrap();
+
+        // The next operation opens a new connection; no retry is needed.
+        store
+            .create_entry(entry("e", "spiffe://example.org/e", &["a:1"]), NOW)
+            .await
+            .unwrap();
+        assert_eq!(store.list_entries().await.unwrap().len(), 1);
+
+        drop(store);
+        harness.finish().await;
+    }
+
+    #[tokio::test]
+    async fn listener_stops_with_the_store() {
+        let Some(harness) = harness().await else {
+            return;
+        };
+        let store = harness.connect().await;
+        listening(&store).await;
+        let admin = harness.client().await;
+        let sessions = || async {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        };
+        assert!(sessions().await >= 2);
+        drop(store);
+        let closed = async {
+            while sessions().await > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("connections stayed open after the store was dropped");
+        harness.finish().await;
+    }
+}
