@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Runs tessera's whole test suite on a fresh machine: installs what the tests need (Debian
-# packages, a world-readable Python venv with py-spiffe), then runs every test.
+# packages, a world-readable Python venv with py-spiffe, a running PostgreSQL server), then runs
+# every test.
 #
 # Tests that start clients as other uids need root; as another user they report that loudly.
+# The PostgreSQL datastore tests use the server named by TESSERA_TEST_POSTGRES; when it is not
+# set, this script (as root) sets up the local Debian cluster and a superuser role `root` for
+# them. Outside CI they are skipped, loudly, when no server is available.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +26,12 @@ command -v openssl >/dev/null || packages+=(openssl)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
   || packages+=(python3 python3-venv)
+# PostgreSQL: the server binaries and Debian's cluster tools, unless a server is given (only
+# root can set up a local one).
+if [[ -z ${TESSERA_TEST_POSTGRES:-} && $(id -u) -eq 0 ]]; then
+  { command -v pg_ctlcluster >/dev/null && compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; } \
+    || packages+=(postgresql)
+fi
 if ((${#packages[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "scripts/test.sh: please install as root: apt-get install ${packages[*]}" >&2
@@ -42,6 +52,45 @@ fi
 # Clients run as other uids in the tests: they must be able to read and run the venv.
 chmod -R a+rX "$(dirname "$venv")"
 export TESSERA_TEST_PYTHON="$venv/bin/python"
+
+# Brings up the local PostgreSQL cluster (creating it if the package did not) with a superuser
+# role `root`, which the tests, running as root, reach by peer authentication on the socket.
+setup_postgres() {
+  local version cluster port status
+  if [[ -z $(pg_lsclusters --no-header 2>/dev/null) ]]; then
+    version="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"
+    echo "==> creating PostgreSQL $version cluster main"
+    pg_createcluster "$version" main >/dev/null
+  fi
+  read -r version cluster port status _ < <(pg_lsclusters --no-header | sort -k1,1V | tail -n 1)
+  if [[ $status != online* ]]; then
+    echo "==> starting PostgreSQL $version/$cluster"
+    pg_ctlcluster "$version" "$cluster" start
+  fi
+  (cd / && runuser -u postgres -- psql -p "$port" -qtA -v ON_ERROR_STOP=1) <<'SQL'
+SELECT 'CREATE ROLE root SUPERUSER LOGIN'
+WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'root') \gexec
+SQL
+  export TESSERA_TEST_POSTGRES="host=/var/run/postgresql port=$port user=root dbname=postgres"
+}
+
+if [[ -z ${TESSERA_TEST_POSTGRES:-} ]]; then
+  if [[ $(id -u) -eq 0 ]]; then
+    setup_postgres
+  else
+    echo "scripts/test.sh: PostgreSQL datastore tests need TESSERA_TEST_POSTGRES (or run as root)" >&2
+  fi
+fi
+if [[ -n ${TESSERA_TEST_POSTGRES:-} ]] && command -v psql >/dev/null; then
+  # Test databases are named tessera_test_<unix seconds>_<random>; a passing test drops its
+  # own. Drop those an interrupted or failed run left behind more than an hour ago (younger
+  # ones may belong to a run in progress). Best effort.
+  psql "$TESSERA_TEST_POSTGRES" -qtA <<'SQL' || true
+SELECT format('DROP DATABASE %I WITH (FORCE)', datname) FROM pg_database
+WHERE CASE WHEN datname ~ '^tessera_test_[0-9]+_[0-9a-f]+$'
+  THEN split_part(datname, '_', 3)::bigint < extract(epoch FROM now()) - 3600 END \gexec
+SQL
+fi
 
 echo "==> running the test suite"
 if cargo nextest --version >/dev/null 2>&1; then
