@@ -5,8 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::attest::{SelectorKind, SelectorSet};
-use crate::spiffe::SpiffeId;
+use crate::attest::{Selector, SelectorKind, SelectorSet};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// The shortest X.509-SVID lifetime an entry may ask for.
+pub const MIN_X509_TTL: Duration = Duration::from_secs(2);
+/// The longest X.509-SVID lifetime anything accepts (a server may configure a lower limit).
+pub const MAX_X509_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+const MAX_HINT_LEN: usize = 1024;
 
 /// One registration entry, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +55,200 @@ impl RegistrationEntry {
             || self.dns_names != previous.dns_names
             || self.expires_at != previous.expires_at
     }
+}
+
+/// An entry as an operator wrote it (in a file or through the admin API), with durations and
+/// instants already parsed, before checking.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFields {
+    /// Optional stable id; derived from the SPIFFE ID and selectors when absent.
+    pub id: Option<String>,
+    /// The SPIFFE ID to grant.
+    pub spiffe_id: String,
+    /// Selectors the caller must show.
+    pub selectors: Vec<String>,
+    /// SVID lifetime.
+    pub x509_ttl: Duration,
+    /// Who answers for the identity.
+    pub owner: String,
+    /// What it is for.
+    pub purpose: String,
+    /// Nothing is issued after this instant.
+    pub expires_at: Option<SystemTime>,
+    /// Optional hint.
+    pub hint: Option<String>,
+    /// Optional DNS SANs.
+    pub dns_names: Vec<String>,
+}
+
+/// One field of an entry that cannot be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value:?}: {reason}")]
+pub struct FieldError {
+    /// The field at fault, e.g. `selectors[1]`.
+    pub field: String,
+    /// The value found.
+    pub value: String,
+    /// Why it is wrong and what would be right.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// `value` of `field` refused for `reason`.
+    pub fn new(
+        field: impl Into<String>,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl EntryFields {
+    /// Checks every field for an entry of `trust_domain` whose SVIDs may live at most
+    /// `max_x509_ttl`; the first problem found names its field.
+    pub fn check(
+        self,
+        trust_domain: &TrustDomain,
+        max_x509_ttl: Duration,
+    ) -> Result<RegistrationEntry, FieldError> {
+        let spiffe_id = SpiffeId::parse_workload(&self.spiffe_id).map_err(|e| {
+            FieldError::new(
+                "spiffe_id",
+                &self.spiffe_id,
+                format!("not a workload SPIFFE ID: {e}"),
+            )
+        })?;
+        if spiffe_id.trust_domain() != *trust_domain {
+            return Err(FieldError::new(
+                "spiffe_id",
+                &self.spiffe_id,
+                format!("is outside the trust domain {trust_domain:?}"),
+            ));
+        }
+        let selectors = check_selectors(&self.selectors)?;
+        if !(MIN_X509_TTL..=max_x509_ttl).contains(&self.x509_ttl) {
+            return Err(FieldError::new(
+                "x509_ttl",
+                humantime::format_duration(self.x509_ttl).to_string(),
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(MIN_X509_TTL),
+                    humantime::format_duration(max_x509_ttl)
+                ),
+            ));
+        }
+        for (field, value) in [("owner", &self.owner), ("purpose", &self.purpose)] {
+            if value.trim().is_empty() {
+                return Err(FieldError::new(
+                    field,
+                    value,
+                    "is required: every identity needs an owner and a purpose",
+                ));
+            }
+        }
+        if let Some(hint) = &self.hint
+            && (hint.is_empty() || hint.len() > MAX_HINT_LEN)
+        {
+            return Err(FieldError::new(
+                "hint",
+                hint,
+                format!("must be 1 to {MAX_HINT_LEN} bytes"),
+            ));
+        }
+        for (i, name) in self.dns_names.iter().enumerate() {
+            if !is_dns_name(name) {
+                return Err(FieldError::new(
+                    format!("dns_names[{i}]"),
+                    name,
+                    "not a DNS name (letters, digits, '-', '.', an optional leading '*.')",
+                ));
+            }
+        }
+        let id = match self.id {
+            Some(id) => check_entry_id(&id).map(|()| id)?,
+            None => derived_entry_id(&spiffe_id, &selectors),
+        };
+        Ok(RegistrationEntry {
+            id,
+            spiffe_id,
+            selectors,
+            x509_ttl: self.x509_ttl,
+            owner: self.owner,
+            purpose: self.purpose,
+            expires_at: self.expires_at,
+            hint: self.hint,
+            dns_names: self.dns_names,
+        })
+    }
+}
+
+/// Parses workload selectors; at least one is required.
+pub fn check_selectors(texts: &[String]) -> Result<SelectorSet, FieldError> {
+    if texts.is_empty() {
+        return Err(FieldError::new(
+            "selectors",
+            "[]",
+            "at least one selector is required; an entry without selectors would match every caller",
+        ));
+    }
+    let mut selectors = SelectorSet::new();
+    for (i, text) in texts.iter().enumerate() {
+        let selector: Selector = text
+            .parse()
+            .map_err(|e| FieldError::new(format!("selectors[{i}]"), text, format!("{e}")))?;
+        selectors.insert(selector);
+    }
+    Ok(selectors)
+}
+
+/// Checks an operator-chosen entry id.
+pub fn check_entry_id(id: &str) -> Result<(), FieldError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "id",
+            id,
+            "must be 1 to 64 of letters, digits, '.', '-', '_'",
+        ))
+    }
+}
+
+/// A stable id for an entry the operator did not name: a digest of what it grants to whom.
+pub fn derived_entry_id(spiffe_id: &SpiffeId, selectors: &SelectorSet) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(spiffe_id.as_str().as_bytes());
+    for s in selectors {
+        ctx.update(b"\n");
+        ctx.update(s.to_string().as_bytes());
+    }
+    format!("e-{}", &hex::encode(ctx.finish())[..16])
+}
+
+/// Whether `name` is a DNS name, optionally with a leading wildcard label.
+pub fn is_dns_name(name: &str) -> bool {
+    let body = name.strip_prefix("*.").unwrap_or(name);
+    !body.is_empty()
+        && name.len() <= 253
+        && body.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Which costly facts attestation must gather because some entry uses them.

@@ -22,9 +22,12 @@ pub mod attest;
 pub mod bench;
 pub mod ca;
 pub mod cli;
+pub mod config;
 pub mod entry;
+pub mod server;
 pub mod spiffe;
 pub mod store;
+pub mod tls;
 
 /// Code generated from the `.proto` files.
 pub mod proto {

@@ -13,6 +13,7 @@ use super::cache::IdentityCache;
 use super::config::AgentConfig;
 use super::endpoint::{self, EndpointError};
 use super::entries::watch_config_file;
+use super::upstream::{Credentials, Seams, Upstream, UpstreamError};
 use super::workload::{WorkloadService, check_security_header};
 use crate::attest::{Attestor, PinMode};
 use crate::ca::{
@@ -21,6 +22,8 @@ use crate::ca::{
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::spiffe::TrustDomain;
 
+/// How long a freshly attested node waits for its first entries before serving.
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 /// How long open connections get to finish after shutdown before they are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -33,6 +36,9 @@ pub enum AgentError {
     /// The socket could not be set up.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// Server mode: the node could not be attested.
+    #[error("node attestation: {0}")]
+    Upstream(#[from] UpstreamError),
     /// Reflection descriptors could not be loaded (a build defect).
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -151,6 +157,55 @@ async fn renew_ca_when_due(
     }
 }
 
+/// Standalone entries: reloaded from the configuration file when there is one.
+fn spawn_entry_source(
+    config: &AgentConfig,
+    entries_tx: watch::Sender<Arc<crate::entry::EntrySet>>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    match config.file.clone() {
+        Some(file) => {
+            tokio::spawn(watch_config_file(
+                file,
+                config.trust_domain.clone(),
+                entries_tx,
+                stop,
+            ));
+        }
+        None => {
+            // No file to watch: keep the sender alive for the agent's lifetime.
+            tokio::spawn(async move {
+                stop.await;
+                drop(entries_tx);
+            });
+        }
+    }
+}
+
+/// Attests the node before serving (no saved state): retries while the server is unreachable,
+/// fails at once when the server refuses the node.
+async fn attest_at_start(
+    upstream: &Upstream,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Credentials, AgentError> {
+    tokio::pin!(stop);
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match upstream.attest().await {
+            Ok(credentials) => return Ok(credentials),
+            Err(UpstreamError::Unavailable(e)) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "server unreachable for node attestation");
+            }
+            Err(e) => return Err(AgentError::Upstream(e)),
+        }
+        tokio::select! {
+            _ = &mut stop => return Err(AgentError::Upstream(UpstreamError::Unavailable("stopped before the node was attested".into()))),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Resolves once shutdown has been requested (or its sender is gone).
 async fn signalled(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
@@ -160,12 +215,42 @@ async fn signalled(mut rx: watch::Receiver<bool>) {
 pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHandle, AgentError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let ca = Arc::new(load_or_create_local_ca(&config.ca, &config.trust_domain)?);
-    // The signing-authority seam: standalone mode publishes its one CA; an upstream server
-    // would publish each new intermediate here.
+    // Server mode: the node's granted intermediate (saved, or from attesting now) and the last
+    // synced entries; standalone: the local CA and the configured entries.
+    let mut fresh_node = false;
+    let upstream = match &config.server {
+        Some(server) => {
+            let upstream = Upstream::new(
+                server.clone(),
+                config.trust_domain.clone(),
+                &config.state_dir,
+            );
+            let credentials = match upstream.saved_credentials() {
+                Some(saved) => {
+                    tracing::info!(node = %saved.node_id, "serving from saved node state while the server link comes up");
+                    saved
+                }
+                None => {
+                    fresh_node = true;
+                    attest_at_start(&upstream, signalled(shutdown_rx.clone())).await?
+                }
+            };
+            Some((upstream, credentials))
+        }
+        None => None,
+    };
+    let (ca, entries) = match &upstream {
+        Some((upstream, credentials)) => (credentials.signing_ca()?, upstream.entry_set()),
+        None => (
+            load_or_create_local_ca(&config.ca, &config.trust_domain)?,
+            config.entries.clone(),
+        ),
+    };
+    let ca = Arc::new(ca);
+    let entries = Arc::new(entries);
+    // The signing-authority seam: the local CA's renewals, or each granted intermediate.
     let (ca_tx, ca_rx) = watch::channel(ca.clone());
-    let entries = Arc::new(config.entries.clone());
-    // The entry-source seam: the config file here, the server's sync stream later.
+    // The entry-source seam: the config file, or the server's sync stream.
     let (entries_tx, entries_rx) = watch::channel(entries.clone());
 
     let cache = IdentityCache::new(entries, ca);
@@ -174,28 +259,35 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             .clone()
             .run_rotation(entries_rx, ca_rx, signalled(shutdown_rx.clone())),
     );
-    tokio::spawn(renew_ca_when_due(
-        config.ca.clone(),
-        config.trust_domain.clone(),
-        ca_tx,
-        signalled(shutdown_rx.clone()),
-    ));
-    if let Some(file) = config.file.clone() {
-        tokio::spawn(watch_config_file(
-            file,
-            config.trust_domain.clone(),
-            entries_tx,
+    if let Some((upstream, credentials)) = upstream {
+        let mut first_sync = entries_tx.subscribe();
+        let seams = Seams {
+            entries: entries_tx,
+            ca: ca_tx,
+        };
+        tokio::spawn(super::upstream::run(
+            upstream,
+            Some(credentials),
+            seams,
             signalled(shutdown_rx.clone()),
         ));
+        // A node that has just joined has no entries yet: give the first sync a moment, so
+        // that its first callers are not refused for want of entries it is about to receive.
+        if fresh_node
+            && tokio::time::timeout(FIRST_SYNC_WAIT, first_sync.changed())
+                .await
+                .is_err()
+        {
+            tracing::warn!("no entries from the server yet; serving without them meanwhile");
+        }
     } else {
-        // No file to watch: keep the sender alive for the agent's lifetime.
-        tokio::spawn({
-            let stop = signalled(shutdown_rx.clone());
-            async move {
-                stop.await;
-                drop(entries_tx);
-            }
-        });
+        tokio::spawn(renew_ca_when_due(
+            config.ca.clone(),
+            config.trust_domain.clone(),
+            ca_tx,
+            signalled(shutdown_rx.clone()),
+        ));
+        spawn_entry_source(&config, entries_tx, signalled(shutdown_rx.clone()));
     }
 
     let attestor = Arc::new(Attestor::new(config.exe_hash_size_limit, options.pin_mode));
@@ -258,7 +350,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     tracing::info!(
         socket = %socket_path.display(),
         trust_domain = %config.trust_domain,
-        entries = config.entries.entries.len(),
+        entries = cache.entries().entries.len(),
+        mode = if config.server.is_some() { "server" } else { "standalone" },
         "Workload API serving"
     );
     Ok(AgentHandle {

@@ -7,10 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use crate::attest::Selector;
 use crate::ca::LocalCaSource;
-use crate::entry::{EntrySet, RegistrationEntry};
-use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
+use crate::spiffe::TrustDomain;
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/tessera/agent.sock";
@@ -19,42 +18,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/agent";
 /// Executables larger than this are not hashed by default (256 MiB).
 pub const DEFAULT_EXE_HASH_SIZE_LIMIT: u64 = 256 << 20;
 const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
-const MIN_X509_TTL: Duration = Duration::from_secs(2);
-const MAX_X509_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-const MAX_HINT_LEN: usize = 1024;
 
-/// A configuration the agent cannot use.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{file}: cannot read: {source}")]
-    Read {
-        /// The configuration file.
-        file: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or does not have the expected shape.
-    #[error("{file}: {message}")]
-    Syntax {
-        /// The configuration file.
-        file: String,
-        /// The parser's message, with line and column.
-        message: String,
-    },
-    /// A value is well-formed TOML but not acceptable.
-    #[error("{file}: {key} = {value:?}: {reason}")]
-    Invalid {
-        /// The configuration file.
-        file: String,
-        /// The key at fault, e.g. `entry[2].selectors[0]`.
-        key: String,
-        /// The value found.
-        value: String,
-        /// Why it is wrong and what would be right.
-        reason: String,
-    },
-}
+pub use crate::config::ConfigError;
+use crate::config::{parse_duration, parse_rfc3339};
 
 /// A checked agent configuration.
 #[derive(Debug, Clone)]
@@ -74,8 +40,35 @@ pub struct AgentConfig {
     pub exe_hash_size_limit: u64,
     /// Where the signing CA comes from.
     pub ca: LocalCaSource,
-    /// The registration entries.
+    /// The registration entries (standalone mode; empty in server mode).
     pub entries: EntrySet,
+    /// Server mode: where entries and the signing CA come from. `None`: standalone.
+    pub server: Option<UpstreamConfig>,
+}
+
+/// How an agent in server mode reaches and attests to its server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// `host:port` of the server's node API.
+    pub address: String,
+    /// PEM roots to trust the server by until the first bundle arrives from it.
+    pub trust_bundle_file: PathBuf,
+    /// How the node proves who it is.
+    pub attestation: NodeAttestation,
+}
+
+/// A node attestation method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAttestation {
+    /// A one-time join token from `tessera token create`.
+    JoinToken(String),
+    /// A node certificate and its key (x509pop).
+    X509Pop {
+        /// PEM chain, node certificate first.
+        cert_file: PathBuf,
+        /// PEM PKCS#8 private key.
+        key_file: PathBuf,
+    },
 }
 
 #[derive(Deserialize)]
@@ -92,6 +85,23 @@ struct RawConfig {
     ca: RawCa,
     #[serde(default, rename = "entry")]
     entries: Vec<RawEntry>,
+    server: Option<RawServer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    address: String,
+    trust_bundle_file: PathBuf,
+    join_token: Option<String>,
+    x509pop: Option<RawX509Pop>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawX509Pop {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Deserialize, Default)]
@@ -180,6 +190,7 @@ impl AgentConfig {
                 ));
             }
         }
+        let ca_given = raw.ca.cert_file.is_some() || raw.ca.ttl.is_some();
         let ca = match (raw.ca.cert_file, raw.ca.key_file) {
             (Some(_), Some(_)) if raw.ca.ttl.is_some() => {
                 return Err(invalid(
@@ -228,6 +239,27 @@ impl AgentConfig {
                 "must be at least 1 (bytes); with 0 no executable could be hashed".into(),
             ));
         }
+        let server = match raw.server {
+            None => None,
+            Some(server) => {
+                if !raw.entries.is_empty() {
+                    return Err(invalid(
+                        "entry",
+                        &format!("{} entries", raw.entries.len()),
+                        "in server mode entries come from the server; remove [[entry]] or [server]"
+                            .into(),
+                    ));
+                }
+                if ca_given {
+                    return Err(invalid(
+                        "ca",
+                        "[ca]",
+                        "in server mode the server grants this node its CA; remove [ca] or [server]".into(),
+                    ));
+                }
+                Some(check_server(file, server)?)
+            }
+        };
         let entries = check_entries(file, &trust_domain, raw.entries)?;
         Ok(Self {
             file: None,
@@ -241,8 +273,62 @@ impl AgentConfig {
                 .unwrap_or(DEFAULT_EXE_HASH_SIZE_LIMIT),
             ca,
             entries,
+            server,
         })
     }
+}
+
+fn check_server(file: &str, raw: RawServer) -> Result<UpstreamConfig, ConfigError> {
+    let port_ok = raw
+        .address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err(ConfigError::invalid(
+            file,
+            "server.address",
+            &raw.address,
+            "must be host:port, e.g. \"tessera-server.internal:8081\" or \"10.0.0.5:8081\"",
+        ));
+    }
+    let attestation = match (raw.join_token, raw.x509pop) {
+        (Some(token), None) if !token.trim().is_empty() => {
+            NodeAttestation::JoinToken(token.trim().to_owned())
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                file,
+                "server.join_token",
+                "",
+                "is empty; create one with `tessera token create` on the server",
+            ));
+        }
+        (None, Some(pop)) => NodeAttestation::X509Pop {
+            cert_file: pop.cert_file,
+            key_file: pop.key_file,
+        },
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                file,
+                "server.join_token",
+                "<redacted>",
+                "give either server.join_token or [server.x509pop], not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                file,
+                "server",
+                "[server]",
+                "needs a node attestation method: server.join_token or [server.x509pop]",
+            ));
+        }
+    };
+    Ok(UpstreamConfig {
+        address: raw.address,
+        trust_bundle_file: raw.trust_bundle_file,
+        attestation,
+    })
 }
 
 /// Checks every raw entry; the first problem found is returned with its key.
@@ -284,153 +370,34 @@ fn check_entry(
     index: usize,
     raw: RawEntry,
 ) -> Result<RegistrationEntry, ConfigError> {
-    let invalid = |field: &str, value: &str, reason: String| ConfigError::Invalid {
-        file: file.to_owned(),
-        key: format!("entry[{index}].{field}"),
-        value: value.to_owned(),
-        reason,
-    };
-    let spiffe_id = SpiffeId::parse_workload(&raw.spiffe_id).map_err(|e| {
-        invalid(
-            "spiffe_id",
-            &raw.spiffe_id,
-            format!("not a workload SPIFFE ID: {e}"),
-        )
-    })?;
-    if spiffe_id.trust_domain() != *trust_domain {
-        return Err(invalid(
-            "spiffe_id",
-            &raw.spiffe_id,
-            format!("is outside this agent's trust domain {trust_domain:?}"),
-        ));
-    }
-    if raw.selectors.is_empty() {
-        return Err(invalid(
-            "selectors",
-            "[]",
-            "at least one selector is required; an entry without selectors would match every caller".into(),
-        ));
-    }
-    let mut selectors = crate::attest::SelectorSet::new();
-    for (i, text) in raw.selectors.iter().enumerate() {
-        let selector: Selector = text
-            .parse()
-            .map_err(|e| invalid(&format!("selectors[{i}]"), text, format!("{e}")))?;
-        selectors.insert(selector);
-    }
-    let x509_ttl =
-        parse_duration(&raw.x509_ttl).map_err(|r| invalid("x509_ttl", &raw.x509_ttl, r))?;
-    if !(MIN_X509_TTL..=MAX_X509_TTL).contains(&x509_ttl) {
-        return Err(invalid(
-            "x509_ttl",
-            &raw.x509_ttl,
-            "must be between 2s and 30d".into(),
-        ));
-    }
-    for (field, value) in [("owner", &raw.owner), ("purpose", &raw.purpose)] {
-        if value.trim().is_empty() {
-            return Err(invalid(
-                field,
-                value,
-                "is required: every identity needs an owner and a purpose".into(),
-            ));
-        }
-    }
+    let key = |field: &str| format!("entry[{index}].{field}");
+    let x509_ttl = parse_duration(&raw.x509_ttl)
+        .map_err(|r| ConfigError::invalid(file, &key("x509_ttl"), &raw.x509_ttl, r))?;
     let expires_at = match &raw.expires_at {
         None => None,
         Some(text) => {
-            let at = parse_rfc3339(text).map_err(|r| invalid("expires_at", text, r))?;
+            let at = parse_rfc3339(text)
+                .map_err(|r| ConfigError::invalid(file, &key("expires_at"), text, r))?;
             if at <= SystemTime::now() {
-                tracing::warn!(file, key = %format!("entry[{index}].expires_at"), value = %text, "registration has already expired; nothing will be issued for it");
+                tracing::warn!(file, key = %key("expires_at"), value = %text, "registration has already expired; nothing will be issued for it");
             }
             Some(at)
         }
     };
-    if let Some(hint) = &raw.hint
-        && (hint.is_empty() || hint.len() > MAX_HINT_LEN)
-    {
-        return Err(invalid(
-            "hint",
-            hint,
-            format!("must be 1 to {MAX_HINT_LEN} bytes"),
-        ));
-    }
-    for (i, name) in raw.dns_names.iter().enumerate() {
-        if !is_dns_name(name) {
-            return Err(invalid(
-                &format!("dns_names[{i}]"),
-                name,
-                "not a DNS name (letters, digits, '-', '.', an optional leading '*.')".into(),
-            ));
-        }
-    }
-    let id = match raw.id {
-        Some(id) => {
-            let ok = !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if !ok {
-                return Err(invalid(
-                    "id",
-                    &id,
-                    "must be 1 to 64 of letters, digits, '.', '-', '_'".into(),
-                ));
-            }
-            id
-        }
-        None => derived_entry_id(&spiffe_id, &selectors),
-    };
-    Ok(RegistrationEntry {
-        id,
-        spiffe_id,
-        selectors,
+    let fields = EntryFields {
+        id: raw.id,
+        spiffe_id: raw.spiffe_id,
+        selectors: raw.selectors,
         x509_ttl,
         owner: raw.owner,
         purpose: raw.purpose,
         expires_at,
         hint: raw.hint,
         dns_names: raw.dns_names,
-    })
-}
-
-/// A stable id for an entry the operator did not name: a digest of what it grants to whom.
-fn derived_entry_id(spiffe_id: &SpiffeId, selectors: &crate::attest::SelectorSet) -> String {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    ctx.update(spiffe_id.as_str().as_bytes());
-    for s in selectors {
-        ctx.update(b"\n");
-        ctx.update(s.to_string().as_bytes());
-    }
-    format!("e-{}", &hex::encode(ctx.finish())[..16])
-}
-
-/// Parses a duration such as `90s`, `5m` or `1h 30m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("not a duration ({e}); write e.g. \"90s\", \"5m\" or \"1h\""))
-}
-
-fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
-    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("not an RFC 3339 time ({e}); write e.g. \"2027-01-31T18:00:00Z\""))?;
-    Ok(SystemTime::from(at))
-}
-
-fn is_dns_name(name: &str) -> bool {
-    let body = name.strip_prefix("*.").unwrap_or(name);
-    !body.is_empty()
-        && name.len() <= 253
-        && body.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+    };
+    fields
+        .check(trust_domain, MAX_X509_TTL)
+        .map_err(|e| ConfigError::invalid(file, &key(&e.field), &e.value, e.reason))
 }
 
 #[cfg(test)]
@@ -501,7 +468,7 @@ purpose = "read replicas"
             (
                 "spiffe://example.org/agent/coder",
                 "spiffe://other.org/agent",
-                "outside this agent's trust domain",
+                "is outside the trust domain",
             ),
             (
                 "unix:uid:1001",
@@ -517,7 +484,7 @@ purpose = "read replicas"
             (
                 "x509_ttl = \"5m\"",
                 "x509_ttl = \"1s\"",
-                "must be between 2s and 30d",
+                "must be between 2s and 30days",
             ),
             ("owner = \"ml-platform\"", "owner = \" \"", "entry[0].owner"),
             (

@@ -73,6 +73,21 @@ pub enum EndpointError {
 /// Binds the Workload API socket: creates the directory, removes a stale socket, makes the
 /// socket connectable by every local user.
 pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
+    // World-connectable on purpose: authorisation comes from attestation, not file modes.
+    bind_with_modes(path, 0o777, 0o755)
+}
+
+/// Binds a socket only its owner can connect to, in a directory only its owner can enter
+/// (when the directory is created here).
+pub fn bind_private(path: &Path) -> Result<UnixListener, EndpointError> {
+    bind_with_modes(path, 0o600, 0o700)
+}
+
+fn bind_with_modes(
+    path: &Path,
+    socket_mode: u32,
+    dir_mode: u32,
+) -> Result<UnixListener, EndpointError> {
     let shown = || path.display().to_string();
     if let Some(dir) = path.parent()
         && !dir.exists()
@@ -81,7 +96,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
             path: dir.display().to_string(),
             source,
         })?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode));
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -97,12 +112,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
         path: shown(),
         source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(|source| {
-        EndpointError::Bind {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(
+        |source| EndpointError::Bind {
             path: shown(),
             source,
-        }
-    })?;
+        },
+    )?;
     Ok(listener)
 }
 

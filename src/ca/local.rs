@@ -260,10 +260,22 @@ pub(crate) fn generate_self_signed(
     ttl: Duration,
     now: SystemTime,
 ) -> Result<(SigningCa, String, Zeroizing<String>), CaError> {
+    // The standalone root signs leaves directly: no CA may sit below it.
+    let name = format!("tessera standalone CA {trust_domain}");
+    generate_root(trust_domain, ttl, now, 0, &name)
+}
+
+/// Creates a self-signed root allowing `path_len` CAs below it, named `common_name`.
+pub(crate) fn generate_root(
+    trust_domain: &TrustDomain,
+    ttl: Duration,
+    now: SystemTime,
+    path_len: u8,
+    common_name: &str,
+) -> Result<(SigningCa, String, Zeroizing<String>), CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
-    // The standalone root signs leaves directly: no CA may sit below it.
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -277,10 +289,9 @@ pub(crate) fn generate_self_signed(
     params
         .distinguished_name
         .push(DnType::OrganizationName, "tessera");
-    params.distinguished_name.push(
-        DnType::CommonName,
-        format!("tessera standalone CA {trust_domain}"),
-    );
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.subject_alt_names = vec![SanType::URI(trust_domain.id_string().try_into()?)];
 
     let cert = params.self_signed(&key)?;
@@ -298,12 +309,12 @@ pub(crate) fn generate_self_signed(
 
 /// Whether loading accepts an expired certificate (a generated CA is then replaced).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Expired {
+pub(crate) enum Expired {
     Allow,
     Refuse,
 }
 
-fn load_ca_files(
+pub(crate) fn load_ca_files(
     cert_path: &Path,
     key_path: &Path,
     trust_domain: &TrustDomain,
@@ -392,7 +403,7 @@ fn load_ca_files(
     })
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> CaError {
+pub(crate) fn io_error(path: &Path, source: std::io::Error) -> CaError {
     CaError::Io {
         path: path.display().to_string(),
         source,
@@ -401,7 +412,7 @@ fn io_error(path: &Path, source: std::io::Error) -> CaError {
 
 /// Writes `bytes` to a temporary sibling with `mode`, syncs it and renames it over `path`, so a
 /// crash never leaves a half-written key or certificate.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new()

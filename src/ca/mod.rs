@@ -3,8 +3,10 @@
 
 mod leaf;
 mod local;
+pub mod node;
 
 pub use leaf::{LeafRequest, X509Svid, mint_x509_svid};
+pub(crate) use local::{Expired, generate_root, io_error, load_ca_files, write_atomically};
 pub use local::{
     LocalCaSource, RenewalStep, load_or_create_local_ca, next_renewal_step, renew_local_ca,
 };
@@ -32,6 +34,9 @@ pub enum CaError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A name to be certified is not a valid SPIFFE ID.
+    #[error("invalid name: {0}")]
+    InvalidName(String),
     /// A CA certificate or key file does not hold what it should.
     #[error("{path}: {reason}")]
     BadFile {

@@ -1,5 +1,5 @@
-//! `tessera dev`: an agent with throwaway state and an identity for the calling user, so a
-//! newcomer sees the whole flow with one command.
+//! `tessera dev`: a server and an agent in one process, with throwaway state and an identity
+//! for the calling user, so a newcomer sees the whole flow with one command.
 
 use std::path::PathBuf;
 
@@ -7,6 +7,9 @@ use clap::Args;
 
 use super::Failure;
 use crate::agent::{AgentConfig, BuildOptions, build};
+use crate::proto::tessera::admin_client::AdminClient;
+use crate::proto::tessera::{CreateEntryRequest, CreateJoinTokenRequest, Entry, GetBundleRequest};
+use crate::server::ServerConfig;
 
 /// The trust domain `tessera dev` serves.
 pub const DEV_TRUST_DOMAIN: &str = "tessera.dev";
@@ -62,24 +65,74 @@ pub(super) async fn run(args: DevArgs) -> Result<(), Failure> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
 
+    let server_config = ServerConfig::parse(
+        "tessera dev",
+        &format!(
+            "trust_domain = \"{DEV_TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:0\"\nadmin_socket = \"{admin}\"\nstate_dir = \"{state}\"\n",
+            admin = dir.join("admin.sock").display(),
+            state = dir.join("server").display(),
+        ),
+    )
+    .map_err(|e| Failure::failed(e.to_string()))?;
+    let server = crate::server::build(server_config)
+        .await
+        .map_err(|e| Failure::failed(format!("server: {e}")))?;
+
+    let ttl = crate::config::parse_duration(&args.ttl)
+        .map_err(|e| Failure::usage(format!("--ttl {:?}: {e}", args.ttl)))?;
+    let mut admin = AdminClient::new(super::client::channel(&server.admin_socket).await?);
+    let spiffe_id = format!("spiffe://{DEV_TRUST_DOMAIN}/user/{user_segment}");
+    let entry = Entry {
+        spiffe_id: spiffe_id.clone(),
+        selectors: vec![format!("unix:uid:{uid}")],
+        x509_ttl_seconds: ttl.as_secs() as i64,
+        owner: user.clone(),
+        purpose: "tessera dev: identity of the user who started it".into(),
+        ..Default::default()
+    };
+    let created = admin
+        .create_entry(CreateEntryRequest { entry: Some(entry) })
+        .await
+        .map_err(|status| Failure::usage(format!("--ttl {:?}: {}", args.ttl, status.message())))?
+        .into_inner();
+    let token = admin
+        .create_join_token(CreateJoinTokenRequest {
+            ttl_seconds: 600,
+            labels: vec!["dev".into()],
+        })
+        .await
+        .map_err(super::client::status_failure)?
+        .into_inner()
+        .token;
+    let bundle = admin
+        .get_bundle(GetBundleRequest {})
+        .await
+        .map_err(super::client::status_failure)?
+        .into_inner();
+    let bundle_path = dir.join("bundle.pem");
+    std::fs::write(
+        &bundle_path,
+        crate::ca::to_pem("CERTIFICATE", &bundle.roots),
+    )
+    .map_err(|e| Failure::failed(format!("cannot write {}: {e}", bundle_path.display())))?;
+
     let socket = dir.join("agent.sock");
     let config_path = dir.join("agent.toml");
     let config_text = format!(
-        r#"# Written by `tessera dev`. Edit the entries: the agent reloads them on save.
+        r#"# Written by `tessera dev`: an agent in server mode, joined with a one-time token.
 trust_domain = "{DEV_TRUST_DOMAIN}"
 socket_path = "{socket}"
 state_dir = "{state}"
 
-[[entry]]
-spiffe_id = "spiffe://{DEV_TRUST_DOMAIN}/user/{user_segment}"
-selectors = ["unix:uid:{uid}"]
-x509_ttl = "{ttl}"
-owner = "{user}"
-purpose = "tessera dev: identity of the user who started it"
+[server]
+address = "{address}"
+trust_bundle_file = "{bundle}"
+join_token = "{token}"
 "#,
         socket = socket.display(),
-        state = dir.join("state").display(),
-        ttl = args.ttl,
+        state = dir.join("agent").display(),
+        address = server.node_address,
+        bundle = bundle_path.display(),
     );
     std::fs::write(&config_path, config_text)
         .map_err(|e| Failure::failed(format!("cannot write {}: {e}", config_path.display())))?;
@@ -87,25 +140,37 @@ purpose = "tessera dev: identity of the user who started it"
 
     let handle = build(config, BuildOptions::default())
         .await
-        .map_err(|e| Failure::failed(e.to_string()))?;
-    println!("tessera dev: Workload API for trust domain {DEV_TRUST_DOMAIN} is up.");
+        .map_err(|e| Failure::failed(format!("agent: {e}")))?;
+    let admin_socket = server.admin_socket.display().to_string();
+    println!("tessera dev: server and agent for trust domain {DEV_TRUST_DOMAIN} are up.");
     println!();
-    println!("  socket:  {}", handle.socket_uri());
+    println!("  Workload API:  {}", handle.socket_uri());
+    println!("  admin socket:  {admin_socket}");
     println!(
-        "  config:  {} (edit to add entries; reloaded on save)",
-        config_path.display()
+        "  node API:      {} (agent joined with a one-time token)",
+        server.node_address
     );
-    println!("  identity for uid {uid} ({user}): spiffe://{DEV_TRUST_DOMAIN}/user/{user_segment}");
+    println!(
+        "  identity for uid {uid} ({user}): {spiffe_id} (entry {})",
+        created.id
+    );
     println!();
     println!("In another terminal:");
     println!("  export SPIFFE_ENDPOINT_SOCKET={}", handle.socket_uri());
+    println!("  export TESSERA_ADMIN_SOCKET={admin_socket}");
     println!("  cargo run -q -- svid fetch --out /tmp/svid     # or: tessera svid fetch");
-    println!("  cargo run -q -- svid watch                     # see rotations at half-life");
+    println!("  cargo run -q -- svid watch                     # rotations, entry changes");
+    println!("  cargo run -q -- entry list                     # the inventory");
     println!();
-    println!("Ctrl-C stops the agent and removes its state.");
+    println!("Ctrl-C stops both and removes their state.");
     super::termination().await;
-    handle
+    let agent = handle
         .stop()
         .await
-        .map_err(|e| Failure::failed(e.to_string()))
+        .map_err(|e| Failure::failed(e.to_string()));
+    let server = server
+        .stop()
+        .await
+        .map_err(|e| Failure::failed(e.to_string()));
+    agent.and(server)
 }

@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 pub mod client;
 mod dev;
+mod server;
 mod svid;
 
 use std::process::ExitCode;
@@ -44,10 +45,13 @@ enum Command {
     /// Run or check the node agent.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// Run or check the trust domain's server.
+    #[command(subcommand)]
+    Server(server::ServerCommand),
     /// Fetch or watch X.509-SVIDs from a Workload API socket.
     #[command(subcommand)]
     Svid(svid::SvidCommand),
-    /// Run an agent with throwaway state and an identity for the calling user.
+    /// Run a server and an agent with throwaway state and an identity for the calling user.
     Dev(dev::DevArgs),
     /// Measure the agent against its baselines and write a report.
     #[command(subcommand)]
@@ -98,6 +102,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(command) => agent::run(command).await,
+            Command::Server(command) => server::run(command).await,
             Command::Svid(command) => svid::run(command).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Bench(command) => bench::run(command).await,

@@ -2,6 +2,8 @@
 //! that other uids can run, and the X509-SVID checks every issued certificate must pass.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,719 @@
+//! Server mode: the agent's link to its server. Attests the node, keeps its node SVID and
+//! intermediate CA renewed at half-life, holds one sync stream, and publishes what it learns
+//! through the agent's two seams (the entry set and the signing CA). Everything learned is kept
+//! on disk, so that a restart while the server is down still serves until the intermediate
+//! expires.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{KeyPair, SigningKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::Code;
+use zeroize::Zeroizing;
+
+use super::config::{NodeAttestation, UpstreamConfig};
+use crate::ca::node::{key_and_csr, not_after_of, server_spiffe_id, signing_ca_from_grant};
+use crate::ca::{CaError, SigningCa, to_pem, write_atomically};
+use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
+use crate::proto::tessera::node_client::NodeClient;
+use crate::proto::tessera::{
+    AttestRequest, Csrs, Entry, JoinTokenAttestation, NodeCredentials, RenewRequest, SyncRequest,
+    SyncUpdate, X509PopAttestation, X509PopProof, attest_request, attest_response,
+};
+use crate::server::node_api::x509pop_message;
+use crate::spiffe::TrustDomain;
+
+const NODE_SVID_FILE: &str = "node_svid.pem";
+const NODE_SVID_KEY_FILE: &str = "node_svid_key.pem";
+const NODE_CA_FILE: &str = "node_ca.pem";
+const NODE_CA_KEY_FILE: &str = "node_ca_key.pem";
+const BUNDLE_FILE: &str = "bundle.pem";
+const ENTRIES_FILE: &str = "entries.json";
+/// Reconnection backoff bounds.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why the link to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The server refused the node for good (bad token, untrusted certificate, banned...).
+    #[error("server refused the node: {0}")]
+    Refused(String),
+    /// The server could not be reached or failed; worth retrying.
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
+    /// The node was evicted or banned.
+    #[error("node no longer admitted: {0}")]
+    Evicted(String),
+    /// A local file or key could not be used.
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<CaError> for UpstreamError {
+    fn from(e: CaError) -> Self {
+        Self::Local(e.to_string())
+    }
+}
+
+fn status_error(status: tonic::Status) -> UpstreamError {
+    let message = format!("{}: {}", code_name(status.code()), status.message());
+    match status.code() {
+        Code::PermissionDenied => UpstreamError::Evicted(message),
+        Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition => {
+            UpstreamError::Refused(message)
+        }
+        _ => UpstreamError::Unavailable(message),
+    }
+}
+
+fn code_name(code: Code) -> String {
+    format!("{code:?}")
+}
+
+/// A node's granted credentials, with the keys they certify.
+pub struct Credentials {
+    /// The node id.
+    pub node_id: String,
+    /// DER node SVID.
+    pub svid_der: Vec<u8>,
+    /// PEM PKCS#8 key of the node SVID.
+    pub svid_key_pem: Zeroizing<String>,
+    /// DER node intermediate CA.
+    pub ca_der: Vec<u8>,
+    /// PEM PKCS#8 key of the node CA.
+    pub ca_key_pem: Zeroizing<String>,
+    /// DER roots.
+    pub bundle: Vec<Vec<u8>>,
+}
+
+impl Credentials {
+    /// The signing CA these credentials make.
+    pub fn signing_ca(&self) -> Result<SigningCa, CaError> {
+        let key = KeyPair::from_pem(&self.ca_key_pem)?;
+        signing_ca_from_grant(&self.ca_der, key, self.bundle.clone())
+    }
+
+    /// When to renew: at half of the shorter-lived of the node SVID and the node CA.
+    pub fn renew_at(&self) -> SystemTime {
+        let now = SystemTime::now();
+        [&self.svid_der, &self.ca_der]
+            .iter()
+            .filter_map(|der| half_life(der))
+            .min()
+            .unwrap_or(now)
+    }
+}
+
+fn half_life(der: &[u8]) -> Option<SystemTime> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let start = cert.validity().not_before.timestamp().max(0) as u64;
+    let end = cert.validity().not_after.timestamp().max(0) as u64;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(start + end.saturating_sub(start) / 2))
+}
+
+/// One synced entry, as kept on disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct StoredEntry {
+    id: String,
+    spiffe_id: String,
+    selectors: Vec<String>,
+    x509_ttl_seconds: i64,
+    owner: String,
+    purpose: String,
+    expires_at: Option<i64>,
+    hint: String,
+    dns_names: Vec<String>,
+    revision: i64,
+    created_at: i64,
+}
+
+impl From<&Entry> for StoredEntry {
+    fn from(e: &Entry) -> Self {
+        Self {
+            id: e.id.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            selectors: e.selectors.clone(),
+            x509_ttl_seconds: e.x509_ttl_seconds,
+            owner: e.owner.clone(),
+            purpose: e.purpose.clone(),
+            expires_at: e.expires_at,
+            hint: e.hint.clone(),
+            dns_names: e.dns_names.clone(),
+            revision: e.revision,
+            created_at: e.created_at,
+        }
+    }
+}
+
+impl StoredEntry {
+    fn to_registration(&self, trust_domain: &TrustDomain) -> Option<RegistrationEntry> {
+        let fields = EntryFields {
+            id: Some(self.id.clone()),
+            spiffe_id: self.spiffe_id.clone(),
+            selectors: self.selectors.clone(),
+            x509_ttl: Duration::from_secs(u64::try_from(self.x509_ttl_seconds).ok()?),
+            owner: self.owner.clone(),
+            purpose: self.purpose.clone(),
+            expires_at: self
+                .expires_at
+                .map(|at| SystemTime::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64)),
+            hint: Some(self.hint.clone()).filter(|h| !h.is_empty()),
+            dns_names: self.dns_names.clone(),
+        };
+        match fields.check(trust_domain, MAX_X509_TTL) {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                tracing::warn!(entry = %self.id, error = %e, "entry from the server cannot be served; left out");
+                None
+            }
+        }
+    }
+}
+
+/// The agent's state kept on disk in server mode.
+pub struct DiskState {
+    dir: PathBuf,
+}
+
+impl DiskState {
+    /// State under `state_dir/upstream`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join("upstream"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Saves credentials (keys 0600) atomically, file by file; the CA key goes before its
+    /// certificate so that a crash never pairs a certificate with the wrong key on load.
+    pub fn save_credentials(&self, c: &Credentials) -> Result<(), CaError> {
+        create_private_dir(&self.dir)?;
+        write_atomically(
+            &self.path(NODE_SVID_KEY_FILE),
+            c.svid_key_pem.as_bytes(),
+            0o600,
+        )?;
+        write_atomically(
+            &self.path(NODE_SVID_FILE),
+            to_pem("CERTIFICATE", &[&c.svid_der]).as_bytes(),
+            0o644,
+        )?;
+        write_atomically(&self.path(NODE_CA_KEY_FILE), c.ca_key_pem.as_bytes(), 0o600)?;
+        write_atomically(
+            &self.path(NODE_CA_FILE),
+            to_pem("CERTIFICATE", &[&c.ca_der]).as_bytes(),
+            0o644,
+        )?;
+        self.save_bundle(&c.bundle)?;
+        write_atomically(&self.path("node_id"), c.node_id.as_bytes(), 0o644)
+    }
+
+    fn save_bundle(&self, bundle: &[Vec<u8>]) -> Result<(), CaError> {
+        create_private_dir(&self.dir)?;
+        write_atomically(
+            &self.path(BUNDLE_FILE),
+            to_pem("CERTIFICATE", bundle).as_bytes(),
+            0o644,
+        )
+    }
+
+    /// Forgets the credentials (after eviction).
+    pub fn remove_credentials(&self) {
+        for name in [
+            NODE_SVID_FILE,
+            NODE_SVID_KEY_FILE,
+            NODE_CA_FILE,
+            NODE_CA_KEY_FILE,
+            ENTRIES_FILE,
+            "node_id",
+        ] {
+            let _ = std::fs::remove_file(self.path(name));
+        }
+    }
+
+    /// Loads saved credentials, if complete and readable.
+    pub fn load_credentials(&self) -> Option<Credentials> {
+        let read = |name: &str| std::fs::read_to_string(self.path(name)).ok();
+        let cert = |name: &str| {
+            ::pem::parse_many(read(name)?)
+                .ok()?
+                .into_iter()
+                .find(|p| p.tag() == "CERTIFICATE")
+                .map(|p| p.into_contents())
+        };
+        let credentials = Credentials {
+            node_id: read("node_id")?.trim().to_owned(),
+            svid_der: cert(NODE_SVID_FILE)?,
+            svid_key_pem: Zeroizing::new(read(NODE_SVID_KEY_FILE)?),
+            ca_der: cert(NODE_CA_FILE)?,
+            ca_key_pem: Zeroizing::new(read(NODE_CA_KEY_FILE)?),
+            bundle: self.load_bundle()?,
+        };
+        Some(credentials)
+    }
+
+    fn load_bundle(&self) -> Option<Vec<Vec<u8>>> {
+        load_pem_certs(&self.path(BUNDLE_FILE))
+            .ok()
+            .filter(|b| !b.is_empty())
+    }
+
+    fn save_entries(&self, entries: &[StoredEntry]) -> Result<(), CaError> {
+        let json = serde_json::to_vec_pretty(entries).map_err(|e| CaError::BadFile {
+            path: self.path(ENTRIES_FILE).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomically(&self.path(ENTRIES_FILE), &json, 0o600)
+    }
+
+    fn load_entries(&self) -> Vec<StoredEntry> {
+        let path = self.path(ENTRIES_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %path.display(), error = %e, "synced entries unreadable; starting without them");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| crate::ca::io_error(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| crate::ca::io_error(dir, e))
+}
+
+/// Every CERTIFICATE block of a PEM file, as DER.
+pub fn load_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs: Vec<Vec<u8>> = ::pem::parse_many(&text)
+        .map_err(|e| format!("{}: not PEM: {e}", path.display()))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.into_contents())
+        .collect();
+    if certs.is_empty() {
+        return Err(format!("{}: holds no CERTIFICATE block", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The link to the server, with what the agent has learned so far.
+pub struct Upstream {
+    config: UpstreamConfig,
+    trust_domain: TrustDomain,
+    disk: DiskState,
+    /// Synced entries, sorted by creation then id (the order workloads see).
+    entries: Vec<StoredEntry>,
+}
+
+impl Upstream {
+    /// A link configured by `config`, with state under `state_dir`.
+    pub fn new(config: UpstreamConfig, trust_domain: TrustDomain, state_dir: &Path) -> Self {
+        let disk = DiskState::new(state_dir);
+        let entries = disk.load_entries();
+        Self {
+            config,
+            trust_domain,
+            disk,
+            entries,
+        }
+    }
+
+    /// The entry set as last synced (from disk at start).
+    pub fn entry_set(&self) -> EntrySet {
+        EntrySet::new(
+            self.entries
+                .iter()
+                .filter_map(|e| e.to_registration(&self.trust_domain))
+                .collect(),
+        )
+    }
+
+    /// Saved credentials whose CA is still valid.
+    pub fn saved_credentials(&self) -> Option<Credentials> {
+        let credentials = self.disk.load_credentials()?;
+        let ca_valid = not_after_of(&credentials.ca_der).is_some_and(|t| t > SystemTime::now());
+        ca_valid.then_some(credentials)
+    }
+
+    fn roots_for_server(
+        &self,
+        credentials: Option<&Credentials>,
+    ) -> Result<Vec<Vec<u8>>, UpstreamError> {
+        if let Some(c) = credentials {
+            return Ok(c.bundle.clone());
+        }
+        if let Some(bundle) = self.disk.load_bundle() {
+            return Ok(bundle);
+        }
+        load_pem_certs(&self.config.trust_bundle_file)
+            .map_err(|e| UpstreamError::Local(format!("server.trust_bundle_file: {e}")))
+    }
+
+    fn client(
+        &self,
+        credentials: Option<&Credentials>,
+    ) -> Result<NodeClient<tonic::transport::Channel>, UpstreamError> {
+        let roots = self.roots_for_server(credentials)?;
+        let key_der;
+        let chain;
+        let client_auth = match credentials {
+            Some(c) => {
+                let key = KeyPair::from_pem(&c.svid_key_pem)
+                    .map_err(|e| UpstreamError::Local(format!("node SVID key: {e}")))?;
+                key_der = Zeroizing::new(key.serialize_der());
+                chain = vec![c.svid_der.clone()];
+                Some((chain.as_slice(), key_der.as_slice()))
+            }
+            None => None,
+        };
+        let tls =
+            crate::tls::client_config(&roots, &server_spiffe_id(&self.trust_domain), client_auth)
+                .map_err(|e| UpstreamError::Local(e.to_string()))?;
+        let channel = crate::tls::channel(&self.config.address, tls)
+            .map_err(|e| UpstreamError::Local(format!("server.address: {e}")))?;
+        Ok(NodeClient::new(channel))
+    }
+
+    /// Attests the node with the configured method and saves the credentials.
+    pub async fn attest(&self) -> Result<Credentials, UpstreamError> {
+        let (svid_key, svid_csr) = key_and_csr()?;
+        let (ca_key, ca_csr) = key_and_csr()?;
+        let csrs = Csrs {
+            node_svid: svid_csr,
+            ca: ca_csr,
+        };
+        let mut client = self.client(None)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let first = match &self.config.attestation {
+            NodeAttestation::JoinToken(token) => {
+                attest_request::Step::JoinToken(JoinTokenAttestation {
+                    token: token.clone(),
+                })
+            }
+            NodeAttestation::X509Pop { cert_file, .. } => {
+                let chain = load_pem_certs(cert_file)
+                    .map_err(|e| UpstreamError::Local(format!("server.x509pop.cert_file: {e}")))?;
+                attest_request::Step::X509pop(X509PopAttestation { cert_chain: chain })
+            }
+        };
+        let _ = tx
+            .send(AttestRequest {
+                step: Some(first),
+                csrs: Some(csrs.clone()),
+            })
+            .await;
+        let mut responses = client
+            .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let granted = loop {
+            let message = responses
+                .message()
+                .await
+                .map_err(status_error)?
+                .ok_or_else(|| {
+                    UpstreamError::Unavailable("attestation stream ended without an answer".into())
+                })?;
+            match message.step {
+                Some(attest_response::Step::Challenge(challenge)) => {
+                    let NodeAttestation::X509Pop { key_file, .. } = &self.config.attestation else {
+                        return Err(UpstreamError::Refused(
+                            "server sent an x509pop challenge to a join-token attestation".into(),
+                        ));
+                    };
+                    let key_pem =
+                        Zeroizing::new(std::fs::read_to_string(key_file).map_err(|e| {
+                            UpstreamError::Local(format!(
+                                "server.x509pop.key_file: {}: {e}",
+                                key_file.display()
+                            ))
+                        })?);
+                    let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+                        UpstreamError::Local(format!(
+                            "server.x509pop.key_file: {}: {e}",
+                            key_file.display()
+                        ))
+                    })?;
+                    let signature = key
+                        .sign(&x509pop_message(&challenge.nonce, &csrs))
+                        .map_err(|e| UpstreamError::Local(format!("x509pop signature: {e}")))?;
+                    let proof = AttestRequest {
+                        step: Some(attest_request::Step::X509popProof(X509PopProof {
+                            signature,
+                        })),
+                        csrs: None,
+                    };
+                    let _ = tx.send(proof).await;
+                }
+                Some(attest_response::Step::Credentials(granted)) => break granted,
+                None => {
+                    return Err(UpstreamError::Unavailable(
+                        "empty attestation answer".into(),
+                    ));
+                }
+            }
+        };
+        let credentials = self.accept(granted, svid_key, ca_key)?;
+        tracing::info!(node = %credentials.node_id, server = %self.config.address, "node attested");
+        Ok(credentials)
+    }
+
+    /// Renews both credentials with the current node SVID and saves them.
+    pub async fn renew(&self, current: &Credentials) -> Result<Credentials, UpstreamError> {
+        let (svid_key, svid_csr) = key_and_csr()?;
+        let (ca_key, ca_csr) = key_and_csr()?;
+        let granted = self
+            .client(Some(current))?
+            .renew(RenewRequest {
+                csrs: Some(Csrs {
+                    node_svid: svid_csr,
+                    ca: ca_csr,
+                }),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let credentials = self.accept(granted, svid_key, ca_key)?;
+        tracing::info!(node = %credentials.node_id, "node credentials renewed");
+        Ok(credentials)
+    }
+
+    fn accept(
+        &self,
+        granted: NodeCredentials,
+        svid_key: KeyPair,
+        ca_key: KeyPair,
+    ) -> Result<Credentials, UpstreamError> {
+        let bundle = granted.bundle.map(|b| b.roots).unwrap_or_default();
+        if bundle.is_empty() {
+            return Err(UpstreamError::Unavailable(
+                "server sent no trust bundle".into(),
+            ));
+        }
+        let credentials = Credentials {
+            node_id: granted.node_id,
+            svid_der: granted.node_svid,
+            svid_key_pem: Zeroizing::new(svid_key.serialize_pem()),
+            ca_der: granted.ca_cert,
+            ca_key_pem: Zeroizing::new(ca_key.serialize_pem()),
+            bundle,
+        };
+        // Refuse a grant that does not fit the keys before it replaces anything on disk.
+        credentials.signing_ca()?;
+        self.disk.save_credentials(&credentials)?;
+        Ok(credentials)
+    }
+
+    /// Applies one sync message; returns whether the bundle changed.
+    fn apply(&mut self, update: SyncUpdate, credentials: &mut Credentials) -> bool {
+        if update.full {
+            self.entries = update.upserted.iter().map(StoredEntry::from).collect();
+        } else {
+            self.entries.retain(|e| {
+                !update.removed.contains(&e.id) && !update.upserted.iter().any(|u| u.id == e.id)
+            });
+            self.entries
+                .extend(update.upserted.iter().map(StoredEntry::from));
+        }
+        self.entries
+            .sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        if let Err(e) = self.disk.save_entries(&self.entries) {
+            tracing::warn!(error = %e, "cannot save synced entries; a restart would serve older ones");
+        }
+        match update.bundle {
+            Some(bundle) if !bundle.roots.is_empty() && bundle.roots != credentials.bundle => {
+                credentials.bundle = bundle.roots;
+                if let Err(e) = self.disk.save_bundle(&credentials.bundle) {
+                    tracing::warn!(error = %e, "cannot save the trust bundle");
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where the agent's entries and signing CA are published.
+pub struct Seams {
+    /// The entry set.
+    pub entries: watch::Sender<Arc<EntrySet>>,
+    /// The signing CA.
+    pub ca: watch::Sender<Arc<SigningCa>>,
+}
+
+fn publish_ca(seams: &Seams, credentials: &Credentials) {
+    match credentials.signing_ca() {
+        Ok(ca) => {
+            seams.ca.send_replace(Arc::new(ca));
+        }
+        Err(e) => tracing::error!(error = %e, "cannot use the granted CA"),
+    }
+}
+
+enum Outcome {
+    /// Reconnect after a pause.
+    Retry(UpstreamError),
+    /// The node was evicted.
+    Evicted(String),
+    /// Shutting down.
+    Stop,
+}
+
+/// Runs the link until `stop`: renews credentials when due, holds the sync stream, and
+/// reconnects with backoff. After an eviction the agent stops serving and re-attests when its
+/// method allows it (x509pop); a join token is spent, so such a node waits for an operator.
+pub async fn run(
+    mut upstream: Upstream,
+    mut credentials: Option<Credentials>,
+    seams: Seams,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let current = match credentials.take() {
+            Some(c) => c,
+            None => match upstream.attest().await {
+                Ok(c) => {
+                    publish_ca(&seams, &c);
+                    c
+                }
+                Err(e) => {
+                    let pause = match e {
+                        UpstreamError::Unavailable(_) => backoff,
+                        _ => MAX_BACKOFF * 6,
+                    };
+                    tracing::warn!(error = %e, retry_in = ?pause, "node attestation failed");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            },
+        };
+        let (outcome, kept) =
+            session(&mut upstream, current, &seams, &mut stop, &mut backoff).await;
+        credentials = kept;
+        match outcome {
+            Outcome::Stop => return,
+            Outcome::Retry(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "lost the server; serving from local state meanwhile");
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Outcome::Evicted(why) => {
+                tracing::error!(reason = %why, "this node is no longer admitted by the server; it stops serving identities");
+                upstream.entries.clear();
+                upstream.disk.remove_credentials();
+                seams.entries.send_replace(Arc::new(EntrySet::default()));
+                credentials = None;
+                if !matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
+                    tracing::error!(
+                        "a join token is spent after one use: create a new one with `tessera token create`, put it in server.join_token and restart the agent"
+                    );
+                    stop.await;
+                    return;
+                }
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(MAX_BACKOFF) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One connected stretch: renewals and the sync stream, until an error or `stop`. Returns the
+/// credentials to go on with (none after an eviction).
+async fn session(
+    upstream: &mut Upstream,
+    mut credentials: Credentials,
+    seams: &Seams,
+    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    backoff: &mut Duration,
+) -> (Outcome, Option<Credentials>) {
+    if SystemTime::now() >= credentials.renew_at() {
+        match upstream.renew(&credentials).await {
+            Ok(renewed) => {
+                credentials = renewed;
+                publish_ca(seams, &credentials);
+            }
+            Err(UpstreamError::Evicted(why)) => return (Outcome::Evicted(why), None),
+            Err(e) => return (Outcome::Retry(e), Some(credentials)),
+        }
+    }
+    let mut client = match upstream.client(Some(&credentials)) {
+        Ok(client) => client,
+        Err(e) => return (Outcome::Retry(e), Some(credentials)),
+    };
+    let mut stream = match client.sync(SyncRequest {}).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            return match status_error(status) {
+                UpstreamError::Evicted(why) => (Outcome::Evicted(why), None),
+                e => (Outcome::Retry(e), Some(credentials)),
+            };
+        }
+    };
+    loop {
+        let wait = credentials
+            .renew_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .min(Duration::from_secs(3600));
+        tokio::select! {
+            _ = &mut *stop => return (Outcome::Stop, Some(credentials)),
+            _ = tokio::time::sleep(wait) => {
+                if SystemTime::now() < credentials.renew_at() {
+                    continue;
+                }
+                match upstream.renew(&credentials).await {
+                    Ok(renewed) => {
+                        credentials = renewed;
+                        publish_ca(seams, &credentials);
+                    }
+                    Err(UpstreamError::Evicted(why)) => return (Outcome::Evicted(why), None),
+                    Err(e) => return (Outcome::Retry(e), Some(credentials)),
+                }
+            }
+            message = stream.message() => match message {
+                Ok(Some(update)) => {
+                    *backoff = MIN_BACKOFF;
+                    let full = update.full;
+                    let bundle_changed = upstream.apply(update, &mut credentials);
+                    if bundle_changed {
+                        publish_ca(seams, &credentials);
+                    }
+                    let entries = upstream.entry_set();
+                    tracing::info!(entries = entries.entries.len(), full, "entries synced from the server");
+                    seams.entries.send_replace(Arc::new(entries));
+                }
+                Ok(None) => return (Outcome::Retry(UpstreamError::Unavailable("sync stream ended".into())), Some(credentials)),
+                Err(status) => {
+                    return match status_error(status) {
+                        UpstreamError::Evicted(why) => (Outcome::Evicted(why), None),
+                        e => (Outcome::Retry(e), Some(credentials)),
+                    };
+                }
+            }
+        }
+    }
+}

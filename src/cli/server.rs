@@ -1,0 +1,54 @@
+//! `tessera server run|check`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::Failure;
+use crate::agent::sdnotify;
+use crate::server::{ServerConfig, build};
+
+#[derive(Subcommand, Debug)]
+pub(super) enum ServerCommand {
+    /// Serve the node and admin APIs until SIGTERM.
+    Run(ConfigArg),
+    /// Check a configuration file and exit (0 when valid, 2 when not).
+    Check(ConfigArg),
+}
+
+#[derive(Args, Debug)]
+pub(super) struct ConfigArg {
+    /// The server's TOML configuration file.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+}
+
+pub(super) async fn run(command: ServerCommand) -> Result<(), Failure> {
+    match command {
+        ServerCommand::Check(ConfigArg { config: path }) => {
+            let config = ServerConfig::load(&path).map_err(|e| Failure::usage(e.to_string()))?;
+            println!(
+                "{}: valid; trust domain {}, node API on {}, admin socket {}",
+                path.display(),
+                config.trust_domain,
+                config.bind_address,
+                config.admin_socket.display()
+            );
+            Ok(())
+        }
+        ServerCommand::Run(ConfigArg { config }) => {
+            let config = ServerConfig::load(&config).map_err(|e| Failure::usage(e.to_string()))?;
+            let handle = build(config)
+                .await
+                .map_err(|e| Failure::failed(e.to_string()))?;
+            sdnotify::notify("READY=1");
+            super::termination().await;
+            tracing::info!("stopping");
+            sdnotify::notify("STOPPING=1");
+            handle
+                .stop()
+                .await
+                .map_err(|e| Failure::failed(e.to_string()))
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The server's TOML configuration: parsed into checked types, or refused with the file, key and
+//! value at fault and what would be right.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, parse_duration, parse_toml, read_toml};
+use crate::entry::{MAX_X509_TTL, MIN_X509_TTL};
+use crate::spiffe::TrustDomain;
+
+/// Default node API address.
+pub const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
+/// Default admin socket: root-only, and away from the agents' public socket directory.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tessera-server/admin.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/server";
+const DEFAULT_MAX_X509_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_NODE_SVID_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A node CA lives at least this many times the longest SVID TTL it may sign, so that it is
+/// renewed (at half-life) long before any SVID it signs would be cut short.
+pub const NODE_CA_TTL_FACTOR: u32 = 6;
+
+/// Where the server keeps its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatastoreConfig {
+    /// An embedded SQLite database file (one server process).
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A PostgreSQL database shared by every replica.
+    Postgres {
+        /// libpq-style connection string.
+        connection: String,
+    },
+}
+
+/// Where the root CA comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSource {
+    /// Created on first start in the state directory.
+    Generated {
+        /// Lifetime of a newly created root.
+        ttl: Duration,
+    },
+    /// An operator's CA certificate and PKCS#8 key, both PEM.
+    Files {
+        /// The CA certificate.
+        cert: PathBuf,
+        /// Its private key.
+        key: PathBuf,
+    },
+}
+
+/// A checked server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The trust domain this server is the root of.
+    pub trust_domain: TrustDomain,
+    /// Node API address (TCP, TLS).
+    pub bind_address: SocketAddr,
+    /// Admin API socket.
+    pub admin_socket: PathBuf,
+    /// Root key, server id and (by default) the SQLite database live here.
+    pub state_dir: PathBuf,
+    /// The longest X.509-SVID TTL an entry may ask for.
+    pub max_x509_ttl: Duration,
+    /// Lifetime of node intermediate CAs.
+    pub node_ca_ttl: Duration,
+    /// Lifetime of node SVIDs.
+    pub node_svid_ttl: Duration,
+    /// Root CA source.
+    pub root: RootSource,
+    /// Datastore.
+    pub datastore: DatastoreConfig,
+    /// CA certificates node certificates must chain to for x509pop; `None`: x509pop disabled.
+    pub x509pop_ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: String,
+    bind_address: Option<String>,
+    admin_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    max_x509_ttl: Option<String>,
+    node_ca_ttl: Option<String>,
+    node_svid_ttl: Option<String>,
+    #[serde(default)]
+    ca: RawCa,
+    #[serde(default)]
+    datastore: RawDatastore,
+    #[serde(default)]
+    x509pop: RawX509Pop,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCa {
+    ttl: Option<String>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatastore {
+    kind: Option<String>,
+    path: Option<PathBuf>,
+    connection: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawX509Pop {
+    ca_bundle_file: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// Reads and checks the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (file, raw) = read_toml::<RawConfig>(path)?;
+        Self::check(&file, raw)
+    }
+
+    /// Checks configuration `text`; `file` names it in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::check(file, parse_toml(file, text)?)
+    }
+
+    fn check(file: &str, raw: RawConfig) -> Result<Self, ConfigError> {
+        let invalid =
+            |key: &str, value: &str, reason: String| ConfigError::invalid(file, key, value, reason);
+        let trust_domain = TrustDomain::new(&raw.trust_domain).map_err(|e| {
+            invalid(
+                "trust_domain",
+                &raw.trust_domain,
+                format!("{e} (expected a name such as \"example.org\")"),
+            )
+        })?;
+        let bind_text = raw
+            .bind_address
+            .unwrap_or_else(|| DEFAULT_BIND_ADDRESS.to_owned());
+        let bind_address: SocketAddr = bind_text.parse().map_err(|_| {
+            invalid(
+                "bind_address",
+                &bind_text,
+                "not an IP address and port; write e.g. \"0.0.0.0:8081\" or \"[::1]:8081\"".into(),
+            )
+        })?;
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let admin_socket = raw
+            .admin_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        for (key, path) in [("admin_socket", &admin_socket), ("state_dir", &state_dir)] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    &path.display().to_string(),
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
+        let duration = |key: &str, text: Option<&str>, default: Duration| match text {
+            None => Ok(default),
+            Some(text) => parse_duration(text).map_err(|reason| invalid(key, text, reason)),
+        };
+        let max_x509_ttl = duration(
+            "max_x509_ttl",
+            raw.max_x509_ttl.as_deref(),
+            DEFAULT_MAX_X509_TTL,
+        )?;
+        if !(MIN_X509_TTL..=MAX_X509_TTL).contains(&max_x509_ttl) {
+            return Err(invalid(
+                "max_x509_ttl",
+                raw.max_x509_ttl.as_deref().unwrap_or_default(),
+                "must be between 2s and 30days".into(),
+            ));
+        }
+        let min_node_ca_ttl = max_x509_ttl * NODE_CA_TTL_FACTOR;
+        let node_ca_ttl = duration(
+            "node_ca_ttl",
+            raw.node_ca_ttl.as_deref(),
+            min_node_ca_ttl.max(Duration::from_secs(6 * 3600)),
+        )?;
+        if node_ca_ttl < min_node_ca_ttl {
+            return Err(invalid(
+                "node_ca_ttl",
+                raw.node_ca_ttl.as_deref().unwrap_or_default(),
+                format!(
+                    "must be at least {NODE_CA_TTL_FACTOR} x max_x509_ttl ({}), so that no SVID is cut short by its node CA",
+                    humantime::format_duration(min_node_ca_ttl)
+                ),
+            ));
+        }
+        let node_svid_ttl = duration(
+            "node_svid_ttl",
+            raw.node_svid_ttl.as_deref(),
+            DEFAULT_NODE_SVID_TTL,
+        )?;
+        if node_svid_ttl < Duration::from_secs(10) {
+            return Err(invalid(
+                "node_svid_ttl",
+                raw.node_svid_ttl.as_deref().unwrap_or_default(),
+                "must be at least 10s".into(),
+            ));
+        }
+        let root = match (raw.ca.cert_file, raw.ca.key_file, raw.ca.ttl) {
+            (Some(_), Some(_), Some(ttl)) => {
+                return Err(invalid(
+                    "ca.ttl",
+                    &ttl,
+                    "applies only to a root the server creates; remove it, or remove ca.cert_file and ca.key_file".into(),
+                ));
+            }
+            (Some(cert), Some(key), None) => RootSource::Files { cert, key },
+            (None, None, ttl) => {
+                let ttl = duration("ca.ttl", ttl.as_deref(), DEFAULT_ROOT_TTL)?;
+                if ttl < node_ca_ttl * 2 {
+                    return Err(invalid(
+                        "ca.ttl",
+                        &humantime::format_duration(ttl).to_string(),
+                        format!(
+                            "must be at least twice node_ca_ttl ({})",
+                            humantime::format_duration(node_ca_ttl)
+                        ),
+                    ));
+                }
+                RootSource::Generated { ttl }
+            }
+            (Some(cert), None, _) => {
+                return Err(invalid(
+                    "ca.cert_file",
+                    &cert.display().to_string(),
+                    "ca.key_file must be given too".into(),
+                ));
+            }
+            (None, Some(key), _) => {
+                return Err(invalid(
+                    "ca.key_file",
+                    &key.display().to_string(),
+                    "ca.cert_file must be given too".into(),
+                ));
+            }
+        };
+        let datastore = match raw.datastore.kind.as_deref().unwrap_or("sqlite") {
+            "sqlite" => {
+                if let Some(connection) = &raw.datastore.connection {
+                    return Err(invalid(
+                        "datastore.connection",
+                        connection,
+                        "applies to kind = \"postgres\" only; SQLite takes datastore.path".into(),
+                    ));
+                }
+                DatastoreConfig::Sqlite {
+                    path: raw
+                        .datastore
+                        .path
+                        .unwrap_or_else(|| state_dir.join("tessera.db")),
+                }
+            }
+            "postgres" => {
+                if let Some(path) = &raw.datastore.path {
+                    return Err(invalid(
+                        "datastore.path",
+                        &path.display().to_string(),
+                        "applies to kind = \"sqlite\" only; PostgreSQL takes datastore.connection"
+                            .into(),
+                    ));
+                }
+                let Some(connection) = raw.datastore.connection.filter(|c| !c.trim().is_empty())
+                else {
+                    return Err(invalid(
+                        "datastore.connection",
+                        "",
+                        "is required with kind = \"postgres\", e.g. \"host=db.internal dbname=tessera user=tessera\"".into(),
+                    ));
+                };
+                DatastoreConfig::Postgres { connection }
+            }
+            other => {
+                return Err(invalid(
+                    "datastore.kind",
+                    other,
+                    "must be \"sqlite\" or \"postgres\"".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            trust_domain,
+            bind_address,
+            admin_socket,
+            state_dir,
+            max_x509_ttl,
+            node_ca_ttl,
+            node_svid_ttl,
+            root,
+            datastore,
+            x509pop_ca_bundle: raw.x509pop.ca_bundle_file,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+trust_domain = "example.org"
+bind_address = "127.0.0.1:8081"
+admin_socket = "/run/t/admin.sock"
+state_dir = "/var/lib/t"
+max_x509_ttl = "30m"
+node_ca_ttl = "4h"
+
+[datastore]
+kind = "sqlite"
+
+[x509pop]
+ca_bundle_file = "/etc/t/node-ca.pem"
+"#;
+
+    #[test]
+    fn parses_a_full_config_with_defaults() {
+        let config = ServerConfig::parse("server.toml", GOOD).unwrap();
+        assert_eq!(config.trust_domain.name(), "example.org");
+        assert_eq!(config.max_x509_ttl, Duration::from_secs(1800));
+        assert_eq!(config.node_ca_ttl, Duration::from_secs(4 * 3600));
+        assert_eq!(
+            config.datastore,
+            DatastoreConfig::Sqlite {
+                path: PathBuf::from("/var/lib/t/tessera.db")
+            }
+        );
+        assert!(matches!(config.root, RootSource::Generated { .. }));
+        let minimal = ServerConfig::parse("s.toml", "trust_domain = \"td\"").unwrap();
+        assert_eq!(minimal.node_ca_ttl, Duration::from_secs(6 * 3600));
+    }
+
+    #[test]
+    fn bad_values_name_file_key_and_what_is_right() {
+        let cases = [
+            (
+                "node_ca_ttl = \"4h\"",
+                "node_ca_ttl = \"2h\"",
+                "server.toml: node_ca_ttl = \"2h\": must be at least 6 x max_x509_ttl (3h)",
+            ),
+            (
+                "127.0.0.1:8081",
+                "localhost",
+                "bind_address = \"localhost\": not an IP address and port",
+            ),
+            (
+                "kind = \"sqlite\"",
+                "kind = \"mysql\"",
+                "datastore.kind = \"mysql\": must be \"sqlite\" or \"postgres\"",
+            ),
+            (
+                "kind = \"sqlite\"",
+                "kind = \"postgres\"",
+                "datastore.connection = \"\": is required",
+            ),
+            (
+                "max_x509_ttl = \"30m\"",
+                "max_x509_ttl = \"forever\"",
+                "max_x509_ttl = \"forever\": not a duration",
+            ),
+            (
+                "/run/t/admin.sock",
+                "admin.sock",
+                "admin_socket = \"admin.sock\": must be an absolute path",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let err = ServerConfig::parse("server.toml", &GOOD.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(want),
+                "{from} -> {to}: got {err:?}, want {want:?}"
+            );
+        }
+        let err = ServerConfig::parse("server.toml", &format!("{GOOD}\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `bogus`"), "{err}");
+    }
+}

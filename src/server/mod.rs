@@ -1,0 +1,39 @@
+//! The trust domain's server: root CA, node attestation, per-node intermediate CAs, the
+//! registration inventory, and live sync of entries to agents.
+
+pub mod admin_api;
+pub mod app;
+pub mod config;
+pub mod node_api;
+pub mod root;
+pub mod sync;
+
+use std::sync::Arc;
+
+use rustls::server::danger::ClientCertVerifier;
+use tokio::sync::watch;
+
+pub use app::{ServerError, ServerHandle, build};
+pub use config::ServerConfig;
+
+use crate::ca::SigningCa;
+use crate::store::Datastore;
+use sync::Snapshot;
+
+/// What every request handler of one server replica shares. Lives as long as the server.
+pub struct State {
+    /// The checked configuration.
+    pub config: ServerConfig,
+    /// Entries, nodes, tokens and the bundle, shared with the other replicas.
+    pub store: Arc<dyn Datastore>,
+    /// This replica's root CA; signs node SVIDs, node CAs and the serving certificate.
+    pub root: SigningCa,
+    /// This replica's stable id (its root's key in the bundle).
+    pub server_id: String,
+    /// Verifies x509pop node certificates; `None` when x509pop is not enabled.
+    pub x509pop: Option<Arc<dyn ClientCertVerifier>>,
+    /// The latest entries, nodes and bundle, republished after every datastore change.
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Becomes `true` when the server starts draining.
+    pub shutdown: watch::Receiver<bool>,
+}

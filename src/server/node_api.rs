@@ -1,0 +1,619 @@
+//! The node API: attestation (join token, x509pop), renewal of node credentials, and the sync
+//! stream. Every refusal is logged on the `tessera::audit` target and mapped to a gRPC status in
+//! one place, [`NodeApiError::into_status`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use x509_parser::prelude::*;
+
+use super::State;
+use super::sync::{Snapshot, bundle_message, delta, full};
+use crate::ca::node::{
+    CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid,
+};
+use crate::proto::tessera::node_server::Node;
+use crate::proto::tessera::{
+    AttestRequest, AttestResponse, Bundle, Csrs, NodeCredentials, RenewRequest, SyncRequest,
+    SyncUpdate, X509PopChallenge, attest_request, attest_response,
+};
+use crate::store::{
+    NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, TokenRefusal, canonical, unix_now,
+    unix_seconds,
+};
+use crate::tls::TlsPeer;
+
+/// How long an attesting node gets for each step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Prefix of the message an x509pop proof signs.
+pub const X509POP_CONTEXT: &[u8] = b"tessera-x509pop-v1";
+
+/// Why a node API call was refused. Mapped to a status in [`NodeApiError::into_status`].
+#[derive(Debug, thiserror::Error)]
+pub enum NodeApiError {
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A CSR cannot be signed.
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    /// The node's credentials (token, certificate, proof) do not hold.
+    #[error("{0}")]
+    NotAuthenticated(String),
+    /// The node is evicted or banned, or asks for what it may not have.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The attestation method is not enabled.
+    #[error("{0}")]
+    NotEnabled(String),
+    /// The datastore failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Signing failed.
+    #[error("signing: {0}")]
+    Signing(String),
+}
+
+impl NodeApiError {
+    /// The status the caller sees. Details of internal failures stay in the log.
+    pub fn into_status(self) -> Status {
+        match self {
+            Self::BadRequest(m) => Status::invalid_argument(m),
+            Self::Csr(CsrError::Signing(e)) => Self::Signing(e.to_string()).into_status(),
+            Self::Csr(e) => Status::invalid_argument(e.to_string()),
+            Self::NotAuthenticated(m) => Status::unauthenticated(m),
+            Self::Forbidden(m) => Status::permission_denied(m),
+            Self::NotEnabled(m) => Status::failed_precondition(m),
+            Self::Store(StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "node API call failed: datastore unavailable");
+                Status::unavailable("datastore unavailable; retry later")
+            }
+            Self::Store(StoreError::TokenRefused(r)) => {
+                Status::unauthenticated(format!("join token refused: {r}"))
+            }
+            Self::Store(StoreError::NodeNotActive { id, status }) => {
+                Status::permission_denied(format!("node {id} is {status}"))
+            }
+            Self::Store(StoreError::NotFound { id, .. }) => {
+                Status::permission_denied(format!("node {id} is not attested"))
+            }
+            Self::Store(e) => {
+                tracing::error!(error = %e, "node API call failed");
+                Status::internal("internal error")
+            }
+            Self::Signing(e) => {
+                tracing::error!(error = %e, "node API call failed");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// Logs a refusal on the audit target and converts it.
+fn refuse(call: &'static str, peer: &str, error: NodeApiError) -> Status {
+    tracing::warn!(target: "tessera::audit", call, peer, error = %error, "node API request refused");
+    error.into_status()
+}
+
+/// The node API service.
+pub struct NodeService {
+    state: Arc<State>,
+}
+
+impl NodeService {
+    /// A service over the server's shared state.
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+fn peer_of<T>(request: &Request<T>) -> (String, Option<Vec<u8>>) {
+    match request.extensions().get::<TlsPeer>() {
+        Some(peer) => (peer.remote.to_string(), peer.client_leaf.clone()),
+        None => ("unknown".into(), None),
+    }
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+/// The message an x509pop proof signs: context, nonce, and the digests of both CSRs.
+pub fn x509pop_message(nonce: &[u8], csrs: &Csrs) -> Vec<u8> {
+    let mut message = X509POP_CONTEXT.to_vec();
+    message.extend_from_slice(nonce);
+    message.extend(sha256(&csrs.node_svid));
+    message.extend(sha256(&csrs.ca));
+    message
+}
+
+impl State {
+    /// Signs both credentials for `node_id`.
+    fn grant(
+        &self,
+        node_id: &str,
+        csrs: &Csrs,
+    ) -> Result<(NodeCredentials, NodeCredentialsRecord), NodeApiError> {
+        let now = SystemTime::now();
+        let td = &self.config.trust_domain;
+        let spiffe_id =
+            node_spiffe_id(td, node_id).map_err(|e| NodeApiError::Signing(e.to_string()))?;
+        let svid = sign_node_svid(
+            &self.root,
+            &spiffe_id,
+            &csrs.node_svid,
+            self.config.node_svid_ttl,
+            now,
+        )?;
+        let ca = sign_node_ca(
+            &self.root,
+            td,
+            node_id,
+            &csrs.ca,
+            self.config.node_ca_ttl,
+            now,
+        )?;
+        let record = NodeCredentialsRecord {
+            svid_serial: svid.serial_hex,
+            svid_not_after: unix_seconds(svid.not_after),
+            ca_serial: ca.serial_hex,
+            ca_not_after: unix_seconds(ca.not_after),
+        };
+        let credentials = NodeCredentials {
+            node_id: node_id.to_owned(),
+            spiffe_id: spiffe_id.to_string(),
+            node_svid: svid.der,
+            ca_cert: ca.der,
+            bundle: None,
+        };
+        Ok((credentials, record))
+    }
+
+    async fn bundle(&self) -> Result<Bundle, NodeApiError> {
+        let roots = self.store.bundle(unix_now()).await?;
+        Ok(Bundle {
+            trust_domain: self.config.trust_domain.name().to_owned(),
+            roots: roots.into_iter().map(|r| r.der).collect(),
+        })
+    }
+
+    /// Records an attestation and returns the credentials with the bundle.
+    async fn attested(
+        &self,
+        node_id: String,
+        attestation: &str,
+        mut selectors: Vec<String>,
+        csrs: &Csrs,
+    ) -> Result<NodeCredentials, NodeApiError> {
+        let (mut credentials, granted) = self.grant(&node_id, csrs)?;
+        selectors.push(format!("node:id:{node_id}"));
+        selectors.push(format!("node:attestation:{attestation}"));
+        let now = unix_now();
+        self.store
+            .attest_node(NodeRecord {
+                id: node_id.clone(),
+                attestation: attestation.to_owned(),
+                selectors: canonical(selectors),
+                status: NodeStatus::Active,
+                attested_at: now,
+                last_seen: now,
+                svid_serial: granted.svid_serial.clone(),
+                svid_not_after: granted.svid_not_after,
+                ca_serial: granted.ca_serial.clone(),
+                ca_not_after: granted.ca_not_after,
+            })
+            .await?;
+        credentials.bundle = Some(self.bundle().await?);
+        tracing::info!(
+            target: "tessera::audit",
+            node = %node_id,
+            attestation,
+            svid_serial = %granted.svid_serial,
+            ca_serial = %granted.ca_serial,
+            "node attested"
+        );
+        Ok(credentials)
+    }
+
+    async fn attest_join_token(
+        &self,
+        token: &str,
+        csrs: &Csrs,
+    ) -> Result<NodeCredentials, NodeApiError> {
+        if token.is_empty() || token.len() > 256 {
+            return Err(StoreError::TokenRefused(TokenRefusal::Unknown).into());
+        }
+        let mut id = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut id)
+            .map_err(|_| NodeApiError::Signing("no randomness".into()))?;
+        let node_id = format!("jt-{}", hex::encode(id));
+        // Refuse bad CSRs before the one-time token is spent.
+        let spiffe_id = node_spiffe_id(&self.config.trust_domain, &node_id)
+            .map_err(|e| NodeApiError::Signing(e.to_string()))?;
+        check_csrs(
+            &self.config.trust_domain,
+            &spiffe_id,
+            &csrs.node_svid,
+            &csrs.ca,
+        )?;
+        let digest = hex::encode(sha256(token.as_bytes()));
+        let labels = self
+            .store
+            .consume_join_token(&digest, &node_id, unix_now())
+            .await?;
+        let selectors = labels.iter().map(|l| format!("node:label:{l}")).collect();
+        self.attested(node_id, "join_token", selectors, csrs).await
+    }
+
+    /// Verifies an x509pop certificate chain against the configured CAs; returns the node id and
+    /// selectors it earns.
+    fn check_x509pop_chain(
+        &self,
+        chain: &[Vec<u8>],
+    ) -> Result<(String, Vec<String>), NodeApiError> {
+        let Some(verifier) = &self.x509pop else {
+            return Err(NodeApiError::NotEnabled(
+                "x509pop attestation is not enabled on this server (x509pop.ca_bundle_file)".into(),
+            ));
+        };
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(NodeApiError::BadRequest(
+                "x509pop: empty certificate chain".into(),
+            ));
+        };
+        let leaf_der = CertificateDer::from(leaf.as_slice());
+        let intermediates: Vec<_> = intermediates
+            .iter()
+            .map(|d| CertificateDer::from(d.as_slice()))
+            .collect();
+        verifier
+            .verify_client_cert(&leaf_der, &intermediates, UnixTime::now())
+            .map_err(|e| {
+                NodeApiError::NotAuthenticated(format!("x509pop certificate refused: {e}"))
+            })?;
+        let node_id = format!("x509pop-{}", &hex::encode(sha256(leaf))[..20]);
+        let mut selectors = Vec::new();
+        if let Ok((_, cert)) = X509Certificate::from_der(leaf) {
+            for cn in cert.subject().iter_common_name() {
+                if let Ok(cn) = cn.as_str() {
+                    selectors.push(format!("x509pop:subject:cn:{cn}"));
+                }
+            }
+        }
+        Ok((node_id, selectors))
+    }
+}
+
+/// Verifies `signature` over `message` with the public key of the DER certificate `leaf`.
+pub fn verify_proof(leaf: &[u8], message: &[u8], signature: &[u8]) -> Result<(), NodeApiError> {
+    use aws_lc_rs::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
+    let refused = |why: &str| {
+        NodeApiError::NotAuthenticated(format!("x509pop proof of possession refused: {why}"))
+    };
+    let (_, cert) =
+        X509Certificate::from_der(leaf).map_err(|_| refused("unreadable certificate"))?;
+    let spki = cert.public_key();
+    let key = spki.subject_public_key.data.as_ref();
+    let oid = spki.algorithm.algorithm.to_id_string();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    let algorithm: &'static dyn VerificationAlgorithm = match (oid.as_str(), curve.as_deref()) {
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => &signature::ECDSA_P256_SHA256_ASN1,
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => &signature::ECDSA_P384_SHA384_ASN1,
+        ("1.3.101.112", _) => &signature::ED25519,
+        ("1.2.840.113549.1.1.1", _) => &signature::RSA_PKCS1_2048_8192_SHA256,
+        _ => {
+            return Err(refused(
+                "unsupported key type (P-256, P-384, Ed25519 or RSA)",
+            ));
+        }
+    };
+    UnparsedPublicKey::new(algorithm, key)
+        .verify(message, signature)
+        .map_err(|_| refused("the signature does not verify with the certificate's key"))
+}
+
+type AttestStream = Pin<Box<dyn Stream<Item = Result<AttestResponse, Status>> + Send>>;
+type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncUpdate, Status>> + Send>>;
+
+async fn next_step(requests: &mut Streaming<AttestRequest>) -> Result<AttestRequest, NodeApiError> {
+    match tokio::time::timeout(STEP_TIMEOUT, requests.next()).await {
+        Err(_) => Err(NodeApiError::BadRequest(
+            "attestation step timed out".into(),
+        )),
+        Ok(None) => Err(NodeApiError::BadRequest(
+            "attestation stream ended early".into(),
+        )),
+        Ok(Some(Err(status))) => Err(NodeApiError::BadRequest(format!(
+            "attestation stream failed: {}",
+            status.message()
+        ))),
+        Ok(Some(Ok(request))) => Ok(request),
+    }
+}
+
+async fn attest(
+    state: Arc<State>,
+    mut requests: Streaming<AttestRequest>,
+    responses: mpsc::Sender<Result<AttestResponse, Status>>,
+) -> Result<NodeCredentials, NodeApiError> {
+    let first = next_step(&mut requests).await?;
+    let csrs = first.csrs.ok_or_else(|| {
+        NodeApiError::BadRequest("the first attestation step must carry csrs".into())
+    })?;
+    match first.step {
+        Some(attest_request::Step::JoinToken(token)) => {
+            state.attest_join_token(&token.token, &csrs).await
+        }
+        Some(attest_request::Step::X509pop(pop)) => {
+            let (node_id, selectors) = state.check_x509pop_chain(&pop.cert_chain)?;
+            let mut nonce = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut nonce)
+                .map_err(|_| NodeApiError::Signing("no randomness".into()))?;
+            let challenge = AttestResponse {
+                step: Some(attest_response::Step::Challenge(X509PopChallenge {
+                    nonce: nonce.clone(),
+                })),
+            };
+            if responses.send(Ok(challenge)).await.is_err() {
+                return Err(NodeApiError::BadRequest("node went away".into()));
+            }
+            let proof = match next_step(&mut requests).await?.step {
+                Some(attest_request::Step::X509popProof(proof)) => proof,
+                _ => {
+                    return Err(NodeApiError::BadRequest(
+                        "expected the x509pop proof as the second step".into(),
+                    ));
+                }
+            };
+            verify_proof(
+                &pop.cert_chain[0],
+                &x509pop_message(&nonce, &csrs),
+                &proof.signature,
+            )?;
+            state.attested(node_id, "x509pop", selectors, &csrs).await
+        }
+        Some(attest_request::Step::X509popProof(_)) | None => Err(NodeApiError::BadRequest(
+            "the first attestation step must be join_token or x509pop".into(),
+        )),
+    }
+}
+
+impl State {
+    /// The node behind a verified client certificate, if it is an active node whose SVID was
+    /// issued since its last attestation.
+    async fn authenticated_node(&self, leaf: Option<Vec<u8>>) -> Result<NodeRecord, NodeApiError> {
+        let leaf = leaf.ok_or_else(|| {
+            NodeApiError::NotAuthenticated(
+                "a node SVID is required as TLS client certificate".into(),
+            )
+        })?;
+        let uris = crate::ca::node::uri_sans_of(&leaf);
+        let node_id = match uris.as_slice() {
+            [uri] => node_id_of(&self.config.trust_domain, uri).map(str::to_owned),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            NodeApiError::NotAuthenticated("the client certificate is not a node SVID".into())
+        })?;
+        let node =
+            self.store.get_node(&node_id).await?.ok_or_else(|| {
+                NodeApiError::Forbidden(format!("node {node_id} is not attested"))
+            })?;
+        if node.status != NodeStatus::Active {
+            return Err(NodeApiError::Forbidden(format!(
+                "node {node_id} is {}",
+                node.status
+            )));
+        }
+        if let Ok((_, cert)) = X509Certificate::from_der(&leaf) {
+            // SVIDs are back-dated a little; one from before the latest attestation belongs to
+            // an earlier life of the node (before an eviction) and is refused.
+            let issued = cert.validity().not_before.timestamp() + 10;
+            if issued < node.attested_at - 1 {
+                return Err(NodeApiError::Forbidden(format!(
+                    "node {node_id}: this node SVID predates the node's latest attestation"
+                )));
+            }
+        }
+        Ok(node)
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    type AttestStream = AttestStream;
+    type SyncStream = SyncStream;
+
+    async fn attest(
+        &self,
+        request: Request<Streaming<AttestRequest>>,
+    ) -> Result<Response<Self::AttestStream>, Status> {
+        let (peer, _) = peer_of(&request);
+        let requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let message = match attest(state, requests, tx.clone()).await {
+                Ok(credentials) => Ok(AttestResponse {
+                    step: Some(attest_response::Step::Credentials(credentials)),
+                }),
+                Err(e) => Err(refuse("Attest", &peer, e)),
+            };
+            let _ = tx.send(message).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<NodeCredentials>, Status> {
+        let (peer, leaf) = peer_of(&request);
+        let result = async {
+            let node = self.state.authenticated_node(leaf).await?;
+            let csrs = request
+                .into_inner()
+                .csrs
+                .ok_or_else(|| NodeApiError::BadRequest("csrs are required".into()))?;
+            let (mut credentials, granted) = self.state.grant(&node.id, &csrs)?;
+            self.state
+                .store
+                .renew_node(&node.id, granted.clone(), unix_now())
+                .await?;
+            credentials.bundle = Some(self.state.bundle().await?);
+            tracing::info!(
+                target: "tessera::audit",
+                node = %node.id,
+                svid_serial = %granted.svid_serial,
+                ca_serial = %granted.ca_serial,
+                "node credentials renewed"
+            );
+            Ok::<_, NodeApiError>(credentials)
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| refuse("Renew", &peer, e))
+    }
+
+    async fn sync(
+        &self,
+        request: Request<SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let (peer, leaf) = peer_of(&request);
+        let node = self
+            .state
+            .authenticated_node(leaf)
+            .await
+            .map_err(|e| refuse("Sync", &peer, e))?;
+        if let Err(e) = self.state.store.touch_node(&node.id, unix_now()).await {
+            tracing::debug!(error = %e, node = %node.id, "cannot record the node's last contact");
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream_updates(
+            self.state.clone(),
+            node.id,
+            node.attested_at,
+            self.state.snapshots.clone(),
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Sends the node its full state, then a delta after every snapshot that changes what it may
+/// serve or the bundle. Ends with PermissionDenied when the node is evicted or banned.
+async fn stream_updates(
+    state: Arc<State>,
+    node_id: String,
+    attested_at: i64,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    tx: mpsc::Sender<Result<SyncUpdate, Status>>,
+) {
+    let mut sent: HashMap<String, Arc<crate::proto::tessera::Entry>> = HashMap::new();
+    let mut sent_bundle: Option<Vec<Vec<u8>>> = None;
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let standing = snapshot
+            .nodes
+            .get(&node_id)
+            .map(|n| (n.status, n.attested_at));
+        match standing {
+            Some((NodeStatus::Active, at)) if at == attested_at => {}
+            Some((status, _)) if status != NodeStatus::Active => {
+                tracing::info!(target: "tessera::audit", node = %node_id, %status, "sync stream ended: node no longer active");
+                let _ = tx
+                    .send(Err(Status::permission_denied(format!(
+                        "node {node_id} is {status}"
+                    ))))
+                    .await;
+                return;
+            }
+            Some(_) => {
+                // Attested again since this stream began: this stream's credentials are old.
+                let _ = tx
+                    .send(Err(Status::permission_denied(format!(
+                        "node {node_id} attested again; reconnect with the new node SVID"
+                    ))))
+                    .await;
+                return;
+            }
+            // Not in the snapshot yet (attested a moment ago): wait for the next reload.
+            None if sent_bundle.is_none() => {}
+            None => {
+                let _ = tx
+                    .send(Err(Status::permission_denied(format!(
+                        "node {node_id} is not attested"
+                    ))))
+                    .await;
+                return;
+            }
+        }
+        let now = snapshot.entitled(&node_id);
+        let update = match &sent_bundle {
+            None if snapshot.nodes.contains_key(&node_id) => Some(full(
+                &now,
+                bundle_message(&state.config.trust_domain, &snapshot),
+            )),
+            None => None,
+            Some(bundle) => {
+                let changed = (*bundle != snapshot.bundle)
+                    .then(|| bundle_message(&state.config.trust_domain, &snapshot));
+                delta(&sent, &now, changed.as_ref())
+            }
+        };
+        if let Some(update) = update {
+            if tx.send(Ok(update)).await.is_err() {
+                return;
+            }
+            sent = now;
+            sent_bundle = Some(snapshot.bundle.clone());
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+            _ = stopping(&mut shutdown) => {
+                let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Builds the x509pop verifier from the configured CA bundle file.
+pub fn x509pop_verifier(path: &std::path::Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let roots: Vec<Vec<u8>> = ::pem::parse_many(&text)
+        .map_err(|e| format!("{}: not PEM: {e}", path.display()))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.into_contents())
+        .collect();
+    let store = crate::tls::root_store(&roots).map_err(|e| format!("{}: {e}", path.display()))?;
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(store),
+        crate::tls::provider(),
+    )
+    .build()
+    .map_err(|e| format!("{}: {e}", path.display()))
+}

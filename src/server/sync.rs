@@ -1,0 +1,304 @@
+//! Live state fan-out: one task reloads entries, nodes and the bundle whenever the datastore
+//! reports a change (from this replica or another), and publishes a [`Snapshot`]; each agent's
+//! sync stream diffs the snapshots against what it last sent and pushes only the difference.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::proto::tessera::{Bundle, Entry, SyncUpdate};
+use crate::spiffe::TrustDomain;
+use crate::store::{Datastore, EntryRecord, NodeRecord, NodeStatus, StoreError, unix_now};
+
+/// Node selector kinds an entry may name.
+pub const NODE_SELECTOR_KINDS: &[&str] = &[
+    "node:id",
+    "node:attestation",
+    "node:label",
+    "x509pop:subject:cn",
+];
+
+/// Checks one node selector: a known kind and a non-empty value.
+pub fn check_node_selector(text: &str) -> Result<(), String> {
+    let known = NODE_SELECTOR_KINDS.iter().find(|kind| {
+        text.strip_prefix(**kind)
+            .is_some_and(|rest| rest.starts_with(':'))
+    });
+    match known {
+        None => Err(format!(
+            "unknown node selector type; known: {}",
+            NODE_SELECTOR_KINDS
+                .iter()
+                .map(|k| format!("{k}:<value>"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Some(kind) if text.len() == kind.len() + 1 => {
+            Err(format!("{kind} needs a value after the colon"))
+        }
+        Some(kind) if *kind == "node:attestation" => {
+            let value = &text[kind.len() + 1..];
+            if value == "join_token" || value == "x509pop" {
+                Ok(())
+            } else {
+                Err("node:attestation is join_token or x509pop".into())
+            }
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// What one node is, as far as sync cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// Standing.
+    pub status: NodeStatus,
+    /// Node selectors, sorted.
+    pub selectors: Vec<String>,
+    /// Unix seconds of its last attestation.
+    pub attested_at: i64,
+}
+
+/// Everything sync streams send from, at one instant.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Every entry, by id.
+    pub entries: HashMap<String, Arc<Entry>>,
+    /// DER roots of the trust domain.
+    pub bundle: Vec<Vec<u8>>,
+    /// Every node, by id.
+    pub nodes: HashMap<String, NodeView>,
+}
+
+impl Snapshot {
+    /// Entries that node `node_id` may serve: those whose node selectors it all has.
+    pub fn entitled(&self, node_id: &str) -> HashMap<String, Arc<Entry>> {
+        let Some(node) = self.nodes.get(node_id) else {
+            return HashMap::new();
+        };
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.node_selectors.iter().all(|s| node.selectors.contains(s)))
+            .map(|(id, e)| (id.clone(), e.clone()))
+            .collect()
+    }
+}
+
+/// The message that takes a node from having `sent` to having `now`, or `None` when nothing
+/// changed. The bundle is included when it changed.
+pub fn delta(
+    sent: &HashMap<String, Arc<Entry>>,
+    now: &HashMap<String, Arc<Entry>>,
+    bundle_changed: Option<&Bundle>,
+) -> Option<SyncUpdate> {
+    let mut upserted: Vec<Entry> = now
+        .iter()
+        .filter(|(id, e)| {
+            sent.get(*id)
+                .is_none_or(|old| old.revision != e.revision || old != *e)
+        })
+        .map(|(_, e)| (**e).clone())
+        .collect();
+    upserted.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut removed: Vec<String> = sent
+        .keys()
+        .filter(|id| !now.contains_key(*id))
+        .cloned()
+        .collect();
+    removed.sort();
+    if upserted.is_empty() && removed.is_empty() && bundle_changed.is_none() {
+        return None;
+    }
+    Some(SyncUpdate {
+        full: false,
+        upserted,
+        removed,
+        bundle: bundle_changed.cloned(),
+    })
+}
+
+/// The full state for a node, the first message of its stream.
+pub fn full(now: &HashMap<String, Arc<Entry>>, bundle: Bundle) -> SyncUpdate {
+    let mut upserted: Vec<Entry> = now.values().map(|e| (**e).clone()).collect();
+    upserted.sort_by(|a, b| a.id.cmp(&b.id));
+    SyncUpdate {
+        full: true,
+        upserted,
+        removed: Vec::new(),
+        bundle: Some(bundle),
+    }
+}
+
+/// An entry record as the wire carries it.
+pub fn entry_to_proto(record: &EntryRecord) -> Entry {
+    Entry {
+        id: record.id.clone(),
+        spiffe_id: record.spiffe_id.clone(),
+        selectors: record.selectors.clone(),
+        node_selectors: record.node_selectors.clone(),
+        x509_ttl_seconds: record.x509_ttl_seconds,
+        owner: record.owner.clone(),
+        purpose: record.purpose.clone(),
+        expires_at: record.expires_at,
+        inactivity_timeout_seconds: record.inactivity_timeout_seconds,
+        hint: record.hint.clone().unwrap_or_default(),
+        dns_names: record.dns_names.clone(),
+        revision: record.revision,
+        created_at: record.created_at,
+        updated_at: record.updated_at,
+    }
+}
+
+fn node_view(record: &NodeRecord) -> NodeView {
+    NodeView {
+        status: record.status,
+        selectors: record.selectors.clone(),
+        attested_at: record.attested_at,
+    }
+}
+
+/// Reads a whole snapshot from the datastore.
+pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError> {
+    let entries = store.list_entries().await?;
+    let nodes = store.list_nodes().await?;
+    let bundle = store.bundle(unix_now()).await?;
+    Ok(Snapshot {
+        entries: entries
+            .iter()
+            .map(|e| (e.id.clone(), Arc::new(entry_to_proto(e))))
+            .collect(),
+        bundle: bundle.into_iter().map(|r| r.der).collect(),
+        nodes: nodes.iter().map(|n| (n.id.clone(), node_view(n))).collect(),
+    })
+}
+
+/// The bundle message of a snapshot.
+pub fn bundle_message(trust_domain: &TrustDomain, snapshot: &Snapshot) -> Bundle {
+    Bundle {
+        trust_domain: trust_domain.name().to_owned(),
+        roots: snapshot.bundle.clone(),
+    }
+}
+
+/// Reloads the snapshot after every datastore change and publishes it, until `stop`. A reload
+/// that fails keeps the previous snapshot and is retried every second until it succeeds. A
+/// full reload per change is O(entries); see ARCHITECTURE.md for when that stops being cheap.
+pub async fn run_hub(
+    store: Arc<dyn Datastore>,
+    publish: watch::Sender<Arc<Snapshot>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut changes = store.changes();
+    loop {
+        changes.borrow_and_update();
+        loop {
+            match load_snapshot(store.as_ref()).await {
+                Ok(snapshot) => {
+                    publish.send_replace(Arc::new(snapshot));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reload entries from the datastore; retrying in 1s");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, revision: i64, node_selectors: &[&str]) -> Arc<Entry> {
+        Arc::new(Entry {
+            id: id.into(),
+            revision,
+            node_selectors: node_selectors.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn nodes_get_only_entries_whose_node_selectors_they_have() {
+        let mut snapshot = Snapshot::default();
+        for e in [
+            entry("all", 1, &[]),
+            entry("n1", 1, &["node:id:n1"]),
+            entry("prod", 1, &["node:label:prod", "node:attestation:x509pop"]),
+        ] {
+            snapshot.entries.insert(e.id.clone(), e);
+        }
+        snapshot.nodes.insert(
+            "n1".into(),
+            NodeView {
+                status: NodeStatus::Active,
+                selectors: vec![
+                    "node:attestation:join_token".into(),
+                    "node:id:n1".into(),
+                    "node:label:prod".into(),
+                ],
+                attested_at: 0,
+            },
+        );
+        let mut ids: Vec<_> = snapshot.entitled("n1").into_keys().collect();
+        ids.sort();
+        assert_eq!(ids, ["all", "n1"]);
+        assert!(snapshot.entitled("unknown").is_empty());
+    }
+
+    #[test]
+    fn deltas_carry_changes_removals_and_bundle_only() {
+        let sent: HashMap<_, _> = [
+            ("a".to_string(), entry("a", 1, &[])),
+            ("b".to_string(), entry("b", 1, &[])),
+        ]
+        .into();
+        let now: HashMap<_, _> = [
+            ("a".to_string(), entry("a", 2, &[])),
+            ("c".to_string(), entry("c", 1, &[])),
+        ]
+        .into();
+        let update = delta(&sent, &now, None).unwrap();
+        assert!(!update.full);
+        assert_eq!(
+            update
+                .upserted
+                .iter()
+                .map(|e| e.id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(update.removed, ["b"]);
+        assert!(delta(&now, &now, None).is_none());
+        let bundle = Bundle::default();
+        assert!(delta(&now, &now, Some(&bundle)).unwrap().bundle.is_some());
+    }
+
+    #[test]
+    fn node_selectors_are_checked() {
+        assert!(check_node_selector("node:id:n1").is_ok());
+        assert!(check_node_selector("node:attestation:x509pop").is_ok());
+        assert!(check_node_selector("node:attestation:tpm").is_err());
+        assert!(
+            check_node_selector("node:id:")
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            check_node_selector("k8s:ns:x")
+                .unwrap_err()
+                .contains("unknown node selector type")
+        );
+    }
+}

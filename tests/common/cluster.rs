@@ -1,0 +1,346 @@
+//! Real server and agent processes for end-to-end tests of server mode: each with its own
+//! config file, state directory and log file, killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::TRUST_DOMAIN;
+
+/// The binary under test.
+pub const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_logged(args: &[&str], log: &Path) -> Child {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(TESSERA)
+        .args(args)
+        .env("TESSERA_LOG", "info,tessera=debug")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap()
+}
+
+fn stop_child(child: &mut Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait();
+}
+
+/// A `tessera server run` process.
+pub struct ServerProcess {
+    /// The process, while running.
+    pub child: Option<Child>,
+    /// Its configuration file.
+    pub config_path: PathBuf,
+    /// Its admin socket.
+    pub admin_socket: PathBuf,
+    /// `127.0.0.1:<port>` of its node API.
+    pub address: String,
+    /// Its log file (stdout and stderr).
+    pub log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Writes `dir/<name>.toml` (state in `dir/<name>`, `extra` TOML appended) and starts it.
+    pub fn start(dir: &Path, name: &str, extra: &str) -> Self {
+        let address = format!("127.0.0.1:{}", free_port());
+        let admin_socket = dir.join(format!("{name}-admin.sock"));
+        let config_path = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"{address}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\nmax_x509_ttl = \"1h\"\nnode_svid_ttl = \"1h\"\n{extra}\n",
+                admin_socket.display(),
+                dir.join(name).display(),
+            ),
+        )
+        .unwrap();
+        let mut server = Self {
+            child: None,
+            config_path,
+            admin_socket,
+            address,
+            log: dir.join(format!("{name}.log")),
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts the process again with the same configuration and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let config = self.config_path.display().to_string();
+        self.child = Some(spawn_logged(
+            &["server", "run", "--config", &config],
+            &self.log,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.admin(&["bundle", "show"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited with {status}:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the process (SIGKILL: no draining).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
+        }
+    }
+
+    /// Runs `tessera <args> --admin-socket <this server's>`.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        Command::new(TESSERA)
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .unwrap()
+    }
+
+    /// Like [`admin`](Self::admin) with `--output json`, asserting success; the parsed output.
+    pub fn admin_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.admin(&all);
+        assert!(
+            out.status.success(),
+            "tessera {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "tessera {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Writes the trust bundle as PEM to `path`.
+    pub fn write_bundle(&self, path: &Path) {
+        let out = self.admin(&["bundle", "show"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(path, &out.stdout).unwrap();
+    }
+
+    /// A new join token.
+    pub fn join_token(&self) -> String {
+        let out = self.admin(&["token", "create", "--ttl", "10m"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// The log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `tessera agent run` process in server mode.
+pub struct AgentProcess {
+    /// The process, while running.
+    pub child: Option<Child>,
+    /// Its configuration file.
+    pub config_path: PathBuf,
+    /// Its Workload API socket.
+    pub socket: PathBuf,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Writes `dir/<name>.toml` for server `address`, trusting `bundle`, attesting with the
+    /// `attestation` TOML lines of the `[server]` table, and starts it (without waiting).
+    pub fn spawn(dir: &Path, name: &str, address: &str, bundle: &Path, attestation: &str) -> Self {
+        let socket = dir.join(format!("{name}.sock"));
+        let state_dir = dir.join(name);
+        let config_path = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n\n[server]\naddress = \"{address}\"\ntrust_bundle_file = \"{}\"\n{attestation}\n",
+                socket.display(),
+                state_dir.display(),
+                bundle.display(),
+            ),
+        )
+        .unwrap();
+        let mut agent = Self {
+            child: None,
+            config_path,
+            socket,
+            state_dir,
+            log: dir.join(format!("{name}.log")),
+        };
+        agent.spawn_again();
+        agent
+    }
+
+    /// Like [`spawn`](Self::spawn), then waits until the socket is served.
+    pub fn start(dir: &Path, name: &str, address: &str, bundle: &Path, attestation: &str) -> Self {
+        let mut agent = Self::spawn(dir, name, address, bundle, attestation);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts the process again with the same configuration.
+    pub fn spawn_again(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let config = self.config_path.display().to_string();
+        self.child = Some(spawn_logged(
+            &["agent", "run", "--config", &config],
+            &self.log,
+        ));
+    }
+
+    /// Waits until the Workload API socket accepts connections.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("agent running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
+        }
+    }
+
+    /// `unix://` URI of the socket.
+    pub fn uri(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node CA and a node certificate signed by it (x509pop), written as PEM into `dir`:
+/// returns (CA bundle file, node cert file, node key file).
+pub fn x509pop_files(dir: &Path, name: &str, node_cn: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} node CA"));
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let node_key = KeyPair::generate().unwrap();
+    let mut node_params = CertificateParams::new(vec![]).unwrap();
+    node_params
+        .distinguished_name
+        .push(DnType::CommonName, node_cn);
+    node_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    node_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let node_cert = node_params.signed_by(&node_key, &issuer).unwrap();
+    let files = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-node.pem")),
+        dir.join(format!("{name}-node-key.pem")),
+    );
+    std::fs::write(&files.0, ca_cert.pem()).unwrap();
+    std::fs::write(&files.1, node_cert.pem()).unwrap();
+    std::fs::write(&files.2, node_key.serialize_pem()).unwrap();
+    files
+}
+
+/// The `[server]` lines for x509pop with these files.
+pub fn x509pop_attestation(cert: &Path, key: &Path) -> String {
+    format!(
+        "[server.x509pop]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    )
+}

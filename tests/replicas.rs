@@ -1,0 +1,94 @@
+//! Two server replicas sharing one real PostgreSQL database: an entry created through one
+//! reaches a workload on an agent connected to the other.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::*;
+use tokio_stream::StreamExt;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_created_on_one_replica_reaches_agents_of_the_other() {
+    let Some(connection) = tessera::store::postgres::scratch_database_from_env().await else {
+        return;
+    };
+    let dir = world_dir();
+    let datastore = format!("[datastore]\nkind = \"postgres\"\nconnection = \"{connection}\"\n");
+    let replica_a = ServerProcess::start(dir.path(), "replica-a", &datastore);
+    let replica_b = ServerProcess::start(dir.path(), "replica-b", &datastore);
+
+    // The bundle in the shared database holds both replicas' roots.
+    let bundle = dir.path().join("bundle.pem");
+    replica_b.write_bundle(&bundle);
+    let roots = std::fs::read_to_string(&bundle)
+        .unwrap()
+        .matches("BEGIN CERTIFICATE")
+        .count();
+    assert_eq!(roots, 2, "one root per replica");
+
+    // A token made on one replica is good on the other.
+    let token = replica_a.join_token();
+    let agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &replica_b.address,
+        &bundle,
+        &format!("join_token = \"{token}\""),
+    );
+
+    // A first identity so that a stream can stay open.
+    let selector = my_uid_selector();
+    let create = |server: &ServerProcess, path: &str| {
+        let id = format!("spiffe://{TRUST_DOMAIN}{path}");
+        server.admin_json(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--selector",
+            &selector,
+            "--x509-ttl",
+            "5m",
+            "--owner",
+            "tests",
+            "--purpose",
+            "replica test",
+            "--all-nodes",
+        ]);
+        id
+    };
+    let first = create(&replica_b, "/on-b");
+    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    let mut stream = loop {
+        let mut stream = client
+            .fetch_x509svid(tessera::proto::workload::X509svidRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(message))) if message.svids.iter().any(|s| s.spiffe_id == first) => {
+                break stream;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+
+    let started = Instant::now();
+    let second = create(&replica_a, "/on-a");
+    let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the entry arrives through the other replica")
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "replica A's admin CLI to a workload of replica B's agent: {:?}",
+        started.elapsed()
+    );
+    let mut ids: Vec<_> = message.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, [second, first]);
+    drop(replica_a);
+    drop(replica_b);
+}

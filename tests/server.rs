@@ -1,0 +1,589 @@
+//! Server mode end to end, with real processes: a server, agents that join with a token or with
+//! x509pop, workloads using the `spiffe` crate and py-spiffe, and the operator's CLI.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::*;
+use tessera::proto::workload::X509svidResponse;
+use tokio_stream::StreamExt;
+
+fn spiffe_id(path: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}{path}")
+}
+
+/// `tessera entry create` for the test user's uid, on every node; the created entry's id.
+fn create_entry(server: &ServerProcess, path: &str, extra: &[&str]) -> String {
+    let selector = my_uid_selector();
+    let id = spiffe_id(path);
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id,
+        "--selector",
+        &selector,
+        "--x509-ttl",
+        "5m",
+        "--owner",
+        "tests",
+        "--purpose",
+        "end-to-end test",
+    ];
+    if !extra.contains(&"--node") && !extra.contains(&"--node-selector") {
+        args.push("--all-nodes");
+    }
+    args.extend_from_slice(extra);
+    let created = server.admin_json(&args);
+    created["id"].as_str().expect("entry id in JSON").to_owned()
+}
+
+async fn open_stream(agent: &AgentProcess) -> tonic::Streaming<X509svidResponse> {
+    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    client
+        .fetch_x509svid(tessera::proto::workload::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn ids_of(response: &X509svidResponse) -> Vec<String> {
+    let mut ids: Vec<String> = response.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+/// The next stream message, waiting at most 10 s.
+async fn next_message(
+    stream: &mut tonic::Streaming<X509svidResponse>,
+) -> Result<X509svidResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a stream message within 10 s")
+        .expect("stream still open")
+}
+
+/// Waits until an SVID for `id` is served on `agent` (entries arrive by sync).
+async fn wait_for_identity(agent: &AgentProcess, id: &str) -> X509svidResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut stream) =
+            tokio::time::timeout(Duration::from_secs(2), open_stream(agent)).await
+            && let Ok(Some(Ok(response))) =
+                tokio::time::timeout(Duration::from_secs(2), stream.next()).await
+            && response.svids.iter().any(|s| s.spiffe_id == id)
+        {
+            return response;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} not served:\n{}",
+            agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn node_ids(server: &ServerProcess) -> Vec<(String, String, String)> {
+    let nodes = server.admin_json(&["node", "list"]);
+    nodes
+        .as_array()
+        .expect("node list is a JSON array")
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap().to_owned(),
+                n["attestation"].as_str().unwrap().to_owned(),
+                n["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_created_changed_and_deleted_reach_workloads_on_both_nodes() {
+    let dir = world_dir();
+    let (ca, node_cert, node_key) = x509pop_files(dir.path(), "pop", "node-b.example");
+    let server = ServerProcess::start(
+        dir.path(),
+        "server",
+        &format!("[x509pop]\nca_bundle_file = \"{}\"\n", ca.display()),
+    );
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let token = server.join_token();
+    let agent_a = AgentProcess::start(
+        dir.path(),
+        "agent-a",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{token}\""),
+    );
+    let agent_b = AgentProcess::start(
+        dir.path(),
+        "agent-b",
+        &server.address,
+        &bundle,
+        &x509pop_attestation(&node_cert, &node_key),
+    );
+
+    let nodes = node_ids(&server);
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    let methods: Vec<&str> = nodes.iter().map(|n| n.1.as_str()).collect();
+    assert!(
+        methods.contains(&"join_token") && methods.contains(&"x509pop"),
+        "{nodes:?}"
+    );
+    assert!(nodes.iter().all(|n| n.2 == "active"), "{nodes:?}");
+
+    // A first identity, then a stream on each node.
+    let first = create_entry(&server, "/first", &[]);
+    let on_a = wait_for_identity(&agent_a, &spiffe_id("/first")).await;
+    let on_b = wait_for_identity(&agent_b, &spiffe_id("/first")).await;
+    for response in [&on_a, &on_b] {
+        let chain = split_der(&response.svids[0].x509_svid);
+        assert_eq!(chain.len(), 2, "leaf and the node's intermediate CA");
+        check_x509_svid(
+            &chain,
+            &split_der(&response.svids[0].bundle),
+            &spiffe_id("/first"),
+        );
+    }
+    // The two nodes sign with different intermediates.
+    assert_ne!(
+        split_der(&on_a.svids[0].x509_svid)[1],
+        split_der(&on_b.svids[0].x509_svid)[1]
+    );
+
+    let mut stream_a = open_stream(&agent_a).await;
+    assert_eq!(
+        ids_of(&next_message(&mut stream_a).await.unwrap()),
+        [spiffe_id("/first")]
+    );
+
+    // Created: pushed down the open stream.
+    let started = Instant::now();
+    let second = create_entry(&server, "/second", &[]);
+    let message = next_message(&mut stream_a).await.unwrap();
+    let create_latency = started.elapsed();
+    assert_eq!(
+        ids_of(&message),
+        [spiffe_id("/first"), spiffe_id("/second")]
+    );
+
+    // Changed: a new SVID with the new DNS name.
+    let started = Instant::now();
+    let out = server.admin(&["entry", "update", &second, "--dns-name", "second.internal"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let message = loop {
+        let message = next_message(&mut stream_a).await.unwrap();
+        let svid = message
+            .svids
+            .iter()
+            .find(|s| s.spiffe_id == spiffe_id("/second"))
+            .unwrap();
+        let (_, leaf) =
+            x509_parser::parse_x509_certificate(&split_der(&svid.x509_svid)[0]).unwrap();
+        let has_dns = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .any(|n| {
+                matches!(
+                    n,
+                    x509_parser::extensions::GeneralName::DNSName("second.internal")
+                )
+            });
+        if has_dns {
+            break message;
+        }
+    };
+    let update_latency = started.elapsed();
+    assert_eq!(message.svids.len(), 2);
+
+    // Deleted: gone from the stream; the last deletion ends it with PermissionDenied.
+    let started = Instant::now();
+    assert!(server.admin(&["entry", "delete", &second]).status.success());
+    let message = next_message(&mut stream_a).await.unwrap();
+    let delete_latency = started.elapsed();
+    assert_eq!(ids_of(&message), [spiffe_id("/first")]);
+    assert!(server.admin(&["entry", "delete", &first]).status.success());
+    let status = next_message(&mut stream_a).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    eprintln!(
+        "CLI return to stream update: create {create_latency:?}, update {update_latency:?}, delete {delete_latency:?}"
+    );
+
+    // py-spiffe on the x509pop node, unmodified.
+    if let Some(python) = python() {
+        create_entry(&server, "/python", &[]);
+        wait_for_identity(&agent_b, &spiffe_id("/python")).await;
+        let out = std::process::Command::new(python)
+            .args(["-c", include_str!("python/fetch.py"), &agent_b.uri()])
+            .output()
+            .unwrap();
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["spiffe_id"], spiffe_id("/python"), "{got}");
+        assert_eq!(got["chain_len"], 2, "{got}");
+        assert_eq!(
+            got["trust_domains"],
+            serde_json::json!([TRUST_DOMAIN]),
+            "{got}"
+        );
+    }
+
+    // The spiffe crate's X509Source on the join-token node.
+    create_entry(&server, "/rust", &[]);
+    wait_for_identity(&agent_a, &spiffe_id("/rust")).await;
+    let source = spiffe::X509Source::builder()
+        .endpoint(agent_a.uri())
+        .initial_sync_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        source.svid().unwrap().spiffe_id().to_string(),
+        spiffe_id("/rust")
+    );
+    source.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_pinned_to_a_node_are_served_by_that_node_only() {
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let a = AgentProcess::start(
+        dir.path(),
+        "a",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    let b = AgentProcess::start(
+        dir.path(),
+        "b",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    let nodes = node_ids(&server);
+    let node_a = std::fs::read_to_string(a.state_dir.join("upstream/node_id")).unwrap();
+    assert!(nodes.iter().any(|n| n.0 == node_a), "{nodes:?}");
+
+    create_entry(&server, "/pinned", &["--node", &node_a]);
+    create_entry(&server, "/everywhere", &[]);
+    wait_for_identity(&b, &spiffe_id("/everywhere")).await;
+    let on_a = wait_for_identity(&a, &spiffe_id("/pinned")).await;
+    assert_eq!(
+        ids_of(&on_a),
+        [spiffe_id("/everywhere"), spiffe_id("/pinned")]
+    );
+    let mut stream_b = open_stream(&b).await;
+    assert_eq!(
+        ids_of(&next_message(&mut stream_b).await.unwrap()),
+        [spiffe_id("/everywhere")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_serve_through_a_server_outage_and_restart_then_resync() {
+    let dir = world_dir();
+    let mut server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let mut agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    create_entry(&server, "/steady", &[]);
+    wait_for_identity(&agent, &spiffe_id("/steady")).await;
+
+    // Server down: the agent keeps serving, also across its own restart (from disk).
+    server.kill();
+    wait_for_identity(&agent, &spiffe_id("/steady")).await;
+    agent.kill();
+    agent.spawn_again();
+    agent.wait_ready();
+    let response = wait_for_identity(&agent, &spiffe_id("/steady")).await;
+    check_x509_svid(
+        &split_der(&response.svids[0].x509_svid),
+        &split_der(&response.svids[0].bundle),
+        &spiffe_id("/steady"),
+    );
+    assert!(
+        agent.logs().contains("serving from saved node state"),
+        "{}",
+        agent.logs()
+    );
+
+    // Server back: the agent reconnects on its own and learns what changed meanwhile.
+    server.restart();
+    create_entry(&server, "/after-outage", &[]);
+    wait_for_identity(&agent, &spiffe_id("/after-outage")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn evicted_nodes_lose_their_identities_and_cannot_renew() {
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    create_entry(&server, "/doomed", &[]);
+    wait_for_identity(&agent, &spiffe_id("/doomed")).await;
+
+    // Keep a copy of the node's credentials: the agent forgets them once evicted.
+    let saved = dir.path().join("saved");
+    copy_dir(&agent.state_dir, &saved);
+    let node_id = std::fs::read_to_string(agent.state_dir.join("upstream/node_id")).unwrap();
+
+    let mut stream = open_stream(&agent).await;
+    next_message(&mut stream).await.unwrap();
+    let evicted = server.admin_json(&["node", "evict", &node_id]);
+    assert_eq!(evicted["status"], "evicted", "{evicted}");
+    let status = next_message(&mut stream).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // The node's SVID no longer renews anything.
+    let config = tessera::agent::config::UpstreamConfig {
+        address: server.address.clone(),
+        trust_bundle_file: bundle.clone(),
+        attestation: tessera::agent::config::NodeAttestation::JoinToken("spent".into()),
+    };
+    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let upstream = tessera::agent::upstream::Upstream::new(config, td, &saved);
+    let credentials = upstream
+        .saved_credentials()
+        .expect("copied credentials load");
+    let err = upstream
+        .renew(&credentials)
+        .await
+        .err()
+        .expect("renewal refused");
+    assert!(
+        matches!(err, tessera::agent::upstream::UpstreamError::Evicted(_)),
+        "{err}"
+    );
+    assert!(
+        server.logs().contains("node API request refused"),
+        "audit line:\n{}",
+        server.logs()
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_node_credentials_are_refused_with_clear_messages() {
+    let dir = world_dir();
+    let (ca, node_cert, node_key) = x509pop_files(dir.path(), "trusted", "node.example");
+    let (_, stranger_cert, stranger_key) =
+        x509pop_files(dir.path(), "untrusted", "stranger.example");
+    let server = ServerProcess::start(
+        dir.path(),
+        "server",
+        &format!("[x509pop]\nca_bundle_file = \"{}\"\n", ca.display()),
+    );
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+
+    let refused = |name: &str, attestation: &str, want: &str| {
+        let mut agent =
+            AgentProcess::spawn(dir.path(), name, &server.address, &bundle, attestation);
+        let status = agent.wait_exit(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(1), "{name}: {}", agent.logs());
+        assert!(
+            agent.logs().contains(want),
+            "{name}: want {want:?} in:\n{}",
+            agent.logs()
+        );
+    };
+    refused(
+        "unknown-token",
+        "join_token = \"not-a-token\"",
+        "join token refused: unknown token",
+    );
+    let token = server.join_token();
+    let _first = AgentProcess::start(
+        dir.path(),
+        "first",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{token}\""),
+    );
+    refused(
+        "reused-token",
+        &format!("join_token = \"{token}\""),
+        "join token refused: token already used",
+    );
+    let out = server.admin(&["token", "create", "--ttl", "1s"]);
+    let short = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    std::thread::sleep(Duration::from_millis(2100));
+    refused(
+        "expired-token",
+        &format!("join_token = \"{short}\""),
+        "join token refused: token expired",
+    );
+    refused(
+        "untrusted-ca",
+        &x509pop_attestation(&stranger_cert, &stranger_key),
+        "x509pop certificate refused",
+    );
+    // A trusted certificate with someone else's key: the proof of possession fails.
+    refused(
+        "wrong-key",
+        &x509pop_attestation(&node_cert, &stranger_key),
+        "proof of possession refused",
+    );
+
+    // A banned node cannot come back, even with a valid certificate and key.
+    let pop = AgentProcess::start(
+        dir.path(),
+        "pop",
+        &server.address,
+        &bundle,
+        &x509pop_attestation(&node_cert, &node_key),
+    );
+    let pop_id = std::fs::read_to_string(pop.state_dir.join("upstream/node_id")).unwrap();
+    drop(pop);
+    assert_eq!(
+        server.admin_json(&["node", "ban", &pop_id])["status"],
+        "banned"
+    );
+    refused(
+        "banned",
+        &x509pop_attestation(&node_cert, &node_key),
+        "is banned",
+    );
+
+    let log = server.logs();
+    for want in [
+        "unknown token",
+        "token already used",
+        "token expired",
+        "x509pop certificate refused",
+        "proof of possession refused",
+        "banned",
+    ] {
+        assert!(
+            log.contains(want),
+            "audit line for {want:?} missing:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_entries_are_refused_naming_the_field() {
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let base = |spiffe: &str, selector: &str, ttl: &str, owner: &str| -> Vec<String> {
+        [
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe,
+            "--selector",
+            selector,
+            "--x509-ttl",
+            ttl,
+            "--owner",
+            owner,
+            "--purpose",
+            "p",
+            "--all-nodes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let cases = [
+        (
+            base("spiffe://example.org/a//b", "unix:uid:1", "5m", "o"),
+            "spiffe_id",
+        ),
+        (
+            base("spiffe://other.org/a", "unix:uid:1", "5m", "o"),
+            "outside the trust domain",
+        ),
+        (
+            base("spiffe://example.org/a", "k8s:pod:x", "5m", "o"),
+            "selectors[0]",
+        ),
+        (
+            base("spiffe://example.org/a", "unix:uid:1", "2h", "o"),
+            "x509_ttl",
+        ),
+        (
+            base("spiffe://example.org/a", "unix:uid:1", "5m", " "),
+            "owner",
+        ),
+    ];
+    for (args, want) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = server.admin(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: want {want:?} in {stderr:?}"
+        );
+    }
+    let mut node_selector = base("spiffe://example.org/a", "unix:uid:1", "5m", "o");
+    node_selector.pop();
+    node_selector.extend(["--node-selector".into(), "rack:7".into()]);
+    let args: Vec<&str> = node_selector.iter().map(String::as_str).collect();
+    let out = server.admin(&args);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node_selectors[0]"));
+
+    // The same SPIFFE ID for the same selectors twice.
+    let args = base("spiffe://example.org/dup", "unix:uid:1", "5m", "o");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(server.admin(&args).status.success());
+    let out = server.admin(&args);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        server
+            .admin_json(&["entry", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
