@@ -1,7 +1,7 @@
 //! The server's datastore: one [`Datastore`] trait, two real backends. SQLite ([`sqlite`]) is
 //! embedded and the default; PostgreSQL ([`postgres`]) lets several server replicas share one
-//! database. Both apply the same versioned migrations and pass the same test suite
-//! ([`suite`]).
+//! database. Both apply versioned migrations to the same schema and pass the same test suite
+//! (`suite`, built with the tests).
 //!
 //! Records hold plain values (strings, Unix seconds); the server checks them before they get
 //! here. Every write is one transaction: an outage mid-operation leaves nothing half-written.

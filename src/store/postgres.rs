@@ -223,6 +223,8 @@ impl Pool {
         F: for<'c> FnOnce(&'c mut Client) -> Op<'c, T> + Send,
     {
         let mut slot = self.slot().await;
+        // Out of its slot while in use: if the caller gives up half-way, the connection, in no
+        // known state, is dropped with the operation.
         let mut client = match slot.take() {
             Some(client) if !client.is_closed() => client,
             _ => connect(&self.config).await?,
