@@ -188,8 +188,8 @@ async fn entries_created_changed_and_deleted_reach_workloads_on_both_nodes() {
             .iter()
             .find(|s| s.spiffe_id == spiffe_id("/second"))
             .unwrap();
-        let (_, leaf) =
-            x509_parser::parse_x509_certificate(&split_der(&svid.x509_svid)[0]).unwrap();
+        let chain = split_der(&svid.x509_svid);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
         let has_dns = leaf
             .subject_alternative_name()
             .unwrap()
