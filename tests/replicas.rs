@@ -89,6 +89,45 @@ async fn an_entry_created_on_one_replica_reaches_agents_of_the_other() {
     let mut ids: Vec<_> = message.svids.iter().map(|s| s.spiffe_id.clone()).collect();
     ids.sort();
     assert_eq!(ids, [second, first]);
+
+    // The database drops every connection: calls fail with Unavailable meanwhile, and the
+    // replicas recover by themselves.
+    let admin_conninfo = std::env::var("TESSERA_TEST_POSTGRES").unwrap();
+    let (admin, connection_task) = tokio_postgres::connect(&admin_conninfo, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection_task);
+    let database = connection.split_whitespace().find_map(|kv| kv.strip_prefix("dbname=")).unwrap().to_owned();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .unwrap();
+    let mut failures = Vec::new();
+    let recovered = (0..50).any(|_| {
+        let out = replica_a.admin(&["entry", "list", "--output", "json"]);
+        if out.status.success() {
+            return true;
+        }
+        failures.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        std::thread::sleep(Duration::from_millis(200));
+        false
+    });
+    assert!(recovered, "replica A did not recover: {failures:?}");
+    for failure in &failures {
+        assert!(failure.to_lowercase().contains("unavailable"), "{failure}");
+    }
+    // And sync still flows through the other replica afterwards.
+    let third = create(&replica_a, "/after-reconnect");
+    let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("changes flow again after the reconnection")
+        .unwrap()
+        .unwrap();
+    assert!(message.svids.iter().any(|s| s.spiffe_id == third));
+
+    drop(agent);
     drop(replica_a);
     drop(replica_b);
+    tessera::store::postgres::drop_scratch_database(&connection).await;
 }
