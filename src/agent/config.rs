@@ -560,4 +560,57 @@ purpose = "read replicas"
             "{err}"
         );
     }
+
+    const SERVER_MODE: &str = r#"
+trust_domain = "example.org"
+socket_path = "/tmp/t/agent.sock"
+state_dir = "/tmp/t/state"
+
+[server]
+address = "tessera.internal:8081"
+trust_bundle_file = "/etc/tessera/bundle.pem"
+join_token = "abc"
+"#;
+
+    #[test]
+    fn server_mode_parses_and_refuses_what_does_not_belong() {
+        let config = AgentConfig::parse("agent.toml", SERVER_MODE).unwrap();
+        let server = config.server.unwrap();
+        assert_eq!(server.address, "tessera.internal:8081");
+        assert_eq!(server.attestation, NodeAttestation::JoinToken("abc".into()));
+        assert!(config.entries.entries.is_empty());
+
+        let pop = SERVER_MODE.replace(
+            "join_token = \"abc\"",
+            "[server.x509pop]\ncert_file = \"/n.pem\"\nkey_file = \"/k.pem\"",
+        );
+        let config = AgentConfig::parse("agent.toml", &pop).unwrap();
+        assert!(matches!(
+            config.server.unwrap().attestation,
+            NodeAttestation::X509Pop { .. }
+        ));
+
+        let cases = [
+            (
+                SERVER_MODE.replace("tessera.internal:8081", "tessera.internal"),
+                "server.address = \"tessera.internal\": must be host:port",
+            ),
+            (
+                SERVER_MODE.replace("join_token = \"abc\"\n", ""),
+                "server = \"[server]\": needs a node attestation method",
+            ),
+            (
+                SERVER_MODE.replace("join_token = \"abc\"", "join_token = \" \""),
+                "server.join_token = \"\": is empty",
+            ),
+            (
+                format!("{SERVER_MODE}\n[[entry]]\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:1\"]\nx509_ttl = \"5m\"\nowner = \"o\"\npurpose = \"p\"\n"),
+                "in server mode entries come from the server",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = AgentConfig::parse("agent.toml", &text).unwrap_err().to_string();
+            assert!(err.contains(want), "got {err:?}, want {want:?}");
+        }
+    }
 }
