@@ -124,7 +124,8 @@ fn bad_configurations_are_refused_with_exit_2_naming_file_and_key() {
     let out = tessera(&["agent", "check", "--config", &shown]);
     assert!(out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("valid; trust domain example.org, 1 entries")
+        String::from_utf8_lossy(&out.stdout)
+            .contains("valid; trust domain example.org, standalone with 1 entries")
     );
 }
 
@@ -312,20 +313,44 @@ fn tessera_dev_serves_the_calling_user() {
         .spawn()
         .unwrap();
     let lines = lines_of(&mut dev);
-    let uri = loop {
+    let mut uri = None;
+    let admin = loop {
         let line = lines
             .recv_timeout(Duration::from_secs(20))
-            .expect("dev prints its socket");
-        if let Some(uri) = line.trim().strip_prefix("socket:") {
-            break uri.trim().to_owned();
+            .expect("dev prints its sockets");
+        if let Some(found) = line.trim().strip_prefix("Workload API:") {
+            uri = Some(found.trim().to_owned());
+        }
+        if let Some(found) = line.trim().strip_prefix("admin socket:") {
+            break found.trim().to_owned();
         }
     };
+    let uri = uri.expect("the Workload API socket is printed before the admin socket");
     let ids = fetch_ids(&uri);
     let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
         .unwrap()
         .unwrap()
         .name;
     assert_eq!(ids, [format!("spiffe://tessera.dev/user/{user}")]);
+    // The server is there too: its inventory holds the entry, owned by the user.
+    let out = tessera(&[
+        "entry",
+        "list",
+        "--output",
+        "json",
+        "--admin-socket",
+        &admin,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(entries[0]["owner"], user.as_str(), "{entries}");
+    let out = tessera(&["node", "list", "--output", "json", "--admin-socket", &admin]);
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes[0]["attestation"], "join_token", "{nodes}");
     signal(&dev, Signal::SIGTERM);
     assert!(wait_exit(&mut dev, Duration::from_secs(10)).success());
     assert!(!Path::new(&uri["unix://".len()..]).exists());
@@ -346,22 +371,44 @@ fn deploy_files_are_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // systemd checks the unit offline; point it at the binary under test.
-    let unit = std::fs::read_to_string(root.join("deploy/tessera-agent.service")).unwrap();
-    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
-    let dir = tempfile::tempdir().unwrap();
-    let unit_path = dir.path().join("tessera-agent.service");
-    std::fs::write(&unit_path, unit.replace("/usr/local/bin/tessera", TESSERA)).unwrap();
-    let verify = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&unit_path)
-        .output()
-        .expect("systemd-analyze is installed (scripts/test.sh installs systemd)");
+    let out = tessera(&[
+        "server",
+        "check",
+        "--config",
+        root.join("deploy/server.example.toml").to_str().unwrap(),
+    ]);
     assert!(
-        verify.status.success() && verify.stderr.is_empty(),
+        out.status.success(),
         "{}",
-        String::from_utf8_lossy(&verify.stderr)
+        String::from_utf8_lossy(&out.stderr)
     );
+
+    // systemd checks the units offline; point them at the binary under test.
+    let agent_unit = std::fs::read_to_string(root.join("deploy/tessera-agent.service")).unwrap();
+    assert!(
+        agent_unit.contains("Type=notify")
+            && agent_unit.contains("ExecReload=/bin/kill -HUP $MAINPID")
+    );
+    let server_unit = std::fs::read_to_string(root.join("deploy/tessera-server.service")).unwrap();
+    assert!(server_unit.contains("Type=notify") && server_unit.contains("server run"));
+    let dir = tempfile::tempdir().unwrap();
+    for (name, unit) in [
+        ("tessera-agent.service", agent_unit),
+        ("tessera-server.service", server_unit),
+    ] {
+        let unit_path = dir.path().join(name);
+        std::fs::write(&unit_path, unit.replace("/usr/local/bin/tessera", TESSERA)).unwrap();
+        let verify = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit_path)
+            .output()
+            .expect("systemd-analyze is installed (scripts/test.sh installs systemd)");
+        assert!(
+            verify.status.success() && verify.stderr.is_empty(),
+            "{name}: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
 }
 
 #[test]

@@ -93,9 +93,15 @@ async fn an_entry_created_on_one_replica_reaches_agents_of_the_other() {
     // The database drops every connection: calls fail with Unavailable meanwhile, and the
     // replicas recover by themselves.
     let admin_conninfo = std::env::var("TESSERA_TEST_POSTGRES").unwrap();
-    let (admin, connection_task) = tokio_postgres::connect(&admin_conninfo, tokio_postgres::NoTls).await.unwrap();
+    let (admin, connection_task) = tokio_postgres::connect(&admin_conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection_task);
-    let database = connection.split_whitespace().find_map(|kv| kv.strip_prefix("dbname=")).unwrap().to_owned();
+    let database = connection
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .unwrap()
+        .to_owned();
     admin
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",

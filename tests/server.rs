@@ -596,14 +596,18 @@ async fn raw_attest(
 ) -> Result<tessera::proto::tessera::AttestResponse, tonic::Status> {
     let roots = tessera::agent::upstream::load_pem_certs(bundle).unwrap();
     let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
-    let tls = tessera::tls::client_config(&roots, &tessera::ca::node::server_spiffe_id(&td), None).unwrap();
+    let tls = tessera::tls::client_config(&roots, &tessera::ca::node::server_spiffe_id(&td), None)
+        .unwrap();
     let channel = tessera::tls::channel(&server.address, tls).unwrap();
     let mut client = tessera::proto::tessera::node_client::NodeClient::new(channel);
     let mut responses = client
         .attest(tokio_stream::iter([first]))
         .await?
         .into_inner();
-    responses.message().await?.ok_or_else(|| tonic::Status::unknown("no answer"))
+    responses
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unknown("no answer"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -617,7 +621,9 @@ async fn csrs_asking_for_more_are_refused_without_spending_the_token() {
     server.write_bundle(&bundle);
     let token = server.join_token();
     let request = |csrs: Csrs| AttestRequest {
-        step: Some(attest_request::Step::JoinToken(JoinTokenAttestation { token: token.clone() })),
+        step: Some(attest_request::Step::JoinToken(JoinTokenAttestation {
+            token: token.clone(),
+        })),
         csrs: Some(csrs),
     };
     let (_, good_svid) = tessera::ca::node::key_and_csr().unwrap();
@@ -626,9 +632,20 @@ async fn csrs_asking_for_more_are_refused_without_spending_the_token() {
     // A CA CSR naming a workload ID (a path) instead of the bare trust domain.
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{TRUST_DOMAIN}/admin").try_into().unwrap())];
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{TRUST_DOMAIN}/admin").try_into().unwrap(),
+    )];
     let path_bearing = params.serialize_request(&key).unwrap().der().to_vec();
-    let status = raw_attest(&server, &bundle, request(Csrs { node_svid: good_svid.clone(), ca: path_bearing })).await.unwrap_err();
+    let status = raw_attest(
+        &server,
+        &bundle,
+        request(Csrs {
+            node_svid: good_svid.clone(),
+            ca: path_bearing,
+        }),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("/admin"), "{status:?}");
 
@@ -636,15 +653,51 @@ async fn csrs_asking_for_more_are_refused_without_spending_the_token() {
     let mut params = CertificateParams::default();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(3));
     let deep_ca = params.serialize_request(&key).unwrap().der().to_vec();
-    let status = raw_attest(&server, &bundle, request(Csrs { node_svid: good_svid.clone(), ca: deep_ca })).await.unwrap_err();
+    let status = raw_attest(
+        &server,
+        &bundle,
+        request(Csrs {
+            node_svid: good_svid.clone(),
+            ca: deep_ca,
+        }),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
     // Garbage.
-    let status = raw_attest(&server, &bundle, request(Csrs { node_svid: b"junk".to_vec(), ca: good_ca.clone() })).await.unwrap_err();
+    let status = raw_attest(
+        &server,
+        &bundle,
+        request(Csrs {
+            node_svid: b"junk".to_vec(),
+            ca: good_ca.clone(),
+        }),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
     // The token was never spent: good CSRs still attest with it.
-    let granted = raw_attest(&server, &bundle, request(Csrs { node_svid: good_svid, ca: good_ca })).await.unwrap();
-    assert!(matches!(granted.step, Some(tessera::proto::tessera::attest_response::Step::Credentials(_))));
-    assert!(server.logs().contains("node API request refused"), "{}", server.logs());
+    let granted = raw_attest(
+        &server,
+        &bundle,
+        request(Csrs {
+            node_svid: good_svid,
+            ca: good_ca,
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        granted.step,
+        Some(tessera::proto::tessera::attest_response::Step::Credentials(
+            _
+        ))
+    ));
+    assert!(
+        server.logs().contains("node API request refused"),
+        "{}",
+        server.logs()
+    );
 }

@@ -604,12 +604,16 @@ join_token = "abc"
                 "server.join_token = \"\": is empty",
             ),
             (
-                format!("{SERVER_MODE}\n[[entry]]\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:1\"]\nx509_ttl = \"5m\"\nowner = \"o\"\npurpose = \"p\"\n"),
+                format!(
+                    "{SERVER_MODE}\n[[entry]]\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:1\"]\nx509_ttl = \"5m\"\nowner = \"o\"\npurpose = \"p\"\n"
+                ),
                 "in server mode entries come from the server",
             ),
         ];
         for (text, want) in cases {
-            let err = AgentConfig::parse("agent.toml", &text).unwrap_err().to_string();
+            let err = AgentConfig::parse("agent.toml", &text)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "got {err:?}, want {want:?}");
         }
     }

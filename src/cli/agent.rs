@@ -26,16 +26,22 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Failure> {
     match command {
         AgentCommand::Check(ConfigArg { config }) => {
             let config = AgentConfig::load(&config).map_err(|e| Failure::usage(e.to_string()))?;
-            println!(
-                "{}: valid; trust domain {}, {} entries",
-                config
-                    .file
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                config.trust_domain,
-                config.entries.entries.len()
-            );
+            let file = config
+                .file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            match &config.server {
+                Some(server) => println!(
+                    "{file}: valid; trust domain {}, server mode with {}",
+                    config.trust_domain, server.address
+                ),
+                None => println!(
+                    "{file}: valid; trust domain {}, standalone with {} entries",
+                    config.trust_domain,
+                    config.entries.entries.len()
+                ),
+            }
             Ok(())
         }
         AgentCommand::Run(ConfigArg { config }) => {
