@@ -108,6 +108,10 @@ impl Credentials {
     }
 }
 
+fn svid_expired(credentials: &Credentials) -> bool {
+    not_after_of(&credentials.svid_der).is_none_or(|t| t <= SystemTime::now())
+}
+
 fn half_life(der: &[u8]) -> Option<SystemTime> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).ok()?;
@@ -585,6 +589,19 @@ pub async fn run(
     let mut backoff = MIN_BACKOFF;
     loop {
         let current = match credentials.take() {
+            Some(c) if svid_expired(&c) => {
+                if matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
+                    tracing::warn!(
+                        "the node SVID expired while the server was away; attesting again"
+                    );
+                    continue;
+                }
+                tracing::error!(
+                    "the node SVID expired while the server was away, and a join token is spent after one use: serving until the node CA expires; re-join the node with a new token (server.join_token) and restart the agent"
+                );
+                stop.await;
+                return;
+            }
             Some(c) => c,
             None => match upstream.attest().await {
                 Ok(c) => {

@@ -18,7 +18,6 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tessera-server/admin.sock";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/server";
 const DEFAULT_MAX_X509_TTL: Duration = Duration::from_secs(3600);
-const DEFAULT_NODE_SVID_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A node CA lives at least this many times the longest SVID TTL it may sign, so that it is
 /// renewed (at half-life) long before any SVID it signs would be cut short.
@@ -200,11 +199,9 @@ impl ServerConfig {
                 ),
             ));
         }
-        let node_svid_ttl = duration(
-            "node_svid_ttl",
-            raw.node_svid_ttl.as_deref(),
-            DEFAULT_NODE_SVID_TTL,
-        )?;
+        // As long as the node CA by default: both renew together, and a node that lost its
+        // server for a while can still renew when it is back, for as long as its CA lives.
+        let node_svid_ttl = duration("node_svid_ttl", raw.node_svid_ttl.as_deref(), node_ca_ttl)?;
         if node_svid_ttl < Duration::from_secs(10) {
             return Err(invalid(
                 "node_svid_ttl",
