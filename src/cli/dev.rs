@@ -101,13 +101,13 @@ pub(super) async fn run(args: DevArgs) -> Result<(), Failure> {
             labels: vec!["dev".into()],
         })
         .await
-        .map_err(super::client::status_failure)?
+        .map_err(|status| super::client::admin_status_failure(status, &server.admin_socket))?
         .into_inner()
         .token;
     let bundle = admin
         .get_bundle(GetBundleRequest {})
         .await
-        .map_err(super::client::status_failure)?
+        .map_err(|status| super::client::admin_status_failure(status, &server.admin_socket))?
         .into_inner();
     let bundle_path = dir.join("bundle.pem");
     std::fs::write(

@@ -1,11 +1,33 @@
 //! The `tessera` command line. Usage errors exit with code 2, failures with 1.
+//!
+//! Workload and agent verbs: `agent`, `svid`, `dev`, `bench`. Operator verbs talk to the
+//! server's admin API over its root-only Unix socket (`--admin-socket`, default
+//! `/run/tessera-server/admin.sock`, or `TESSERA_ADMIN_SOCKET`): `entry`, `token`, `node` and
+//! `bundle`.
+//!
+//! Operator verbs print text for people (aligned tables for lists, `key: value` blocks for one
+//! record) or, with `--output json`, one line of JSON: an object for one record, an array for a
+//! list. JSON field names are the API's, in snake_case. A time `t` appears twice: `t` in RFC 3339
+//! (UTC, whole seconds) and `t_unix` in Unix seconds, both `null` when unset. Durations are
+//! integers named `*_seconds`, `null` when unset. Absent optional strings (an entry's hint) are
+//! `null`; empty lists are `[]` (empty `node_selectors`: every node).
+//!
+//! Exit codes of operator verbs: 2 for a flag the CLI or the server refuses (InvalidArgument),
+//! 1 for everything else: no such record, a record in a state that forbids the change, a
+//! concurrent update (run again), an unreachable server.
 
+mod admin;
 mod agent;
 mod bench;
+mod bundle;
 pub mod client;
 mod dev;
+mod entry;
+mod node;
 mod server;
 mod svid;
+mod table;
+mod token;
 
 use std::process::ExitCode;
 
@@ -56,6 +78,14 @@ enum Command {
     /// Measure the agent against its baselines and write a report.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Create, list, show, update or delete registration entries on the server.
+    Entry(Box<entry::EntryArgs>),
+    /// Create join tokens with which new nodes attest to the server.
+    Token(token::TokenArgs),
+    /// List, show, evict or ban the nodes attested to the server.
+    Node(node::NodeArgs),
+    /// Print the trust domain's root certificates from the server.
+    Bundle(bundle::BundleArgs),
 }
 
 /// A failure with the exit code it deserves.
@@ -106,6 +136,10 @@ pub fn main() -> ExitCode {
             Command::Svid(command) => svid::run(command).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Bench(command) => bench::run(command).await,
+            Command::Entry(args) => entry::run(*args).await,
+            Command::Token(args) => token::run(args).await,
+            Command::Node(args) => node::run(args).await,
+            Command::Bundle(args) => bundle::run(args).await,
         }
     });
     match result {
