@@ -241,7 +241,16 @@ async fn entries_created_changed_and_deleted_reach_workloads_on_both_nodes() {
         );
     }
 
-    // The spiffe crate's X509Source on the join-token node.
+    // The spiffe crate's X509Source on the join-token node (its default identity is the first
+    // match, so the only one left).
+    for entry in server.admin_json(&["entry", "list"]).as_array().unwrap() {
+        assert!(
+            server
+                .admin(&["entry", "delete", entry["id"].as_str().unwrap()])
+                .status
+                .success()
+        );
+    }
     create_entry(&server, "/rust", &[]);
     wait_for_identity(&agent_a, &spiffe_id("/rust")).await;
     let source = spiffe::X509Source::builder()
@@ -530,7 +539,7 @@ async fn bad_entries_are_refused_naming_the_field() {
     let cases = [
         (
             base("spiffe://example.org/a//b", "unix:uid:1", "5m", "o"),
-            "spiffe_id",
+            "spiffe-id",
         ),
         (
             base("spiffe://other.org/a", "unix:uid:1", "5m", "o"),
@@ -538,7 +547,7 @@ async fn bad_entries_are_refused_naming_the_field() {
         ),
         (
             base("spiffe://example.org/a", "k8s:pod:x", "5m", "o"),
-            "selectors[0]",
+            "k8s:pod",
         ),
         (
             base("spiffe://example.org/a", "unix:uid:1", "2h", "o"),
@@ -561,11 +570,87 @@ async fn bad_entries_are_refused_naming_the_field() {
     }
     let mut node_selector = base("spiffe://example.org/a", "unix:uid:1", "5m", "o");
     node_selector.pop();
-    node_selector.extend(["--node-selector".into(), "rack:7".into()]);
+    node_selector.extend(["--node-selector".into(), "rack:row:7".into()]);
     let args: Vec<&str> = node_selector.iter().map(String::as_str).collect();
     let out = server.admin(&args);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node_selectors[0]"));
+
+    // The server checks too, for API callers that skip the CLI, naming the field.
+    let channel = tessera::cli::client::channel(&server.admin_socket)
+        .await
+        .unwrap();
+    let mut admin = tessera::proto::tessera::admin_client::AdminClient::new(channel);
+    let good = tessera::proto::tessera::Entry {
+        spiffe_id: "spiffe://example.org/api".into(),
+        selectors: vec!["unix:uid:1".into()],
+        x509_ttl_seconds: 300,
+        owner: "o".into(),
+        purpose: "p".into(),
+        ..Default::default()
+    };
+    let api_cases = [
+        (
+            tessera::proto::tessera::Entry {
+                spiffe_id: "spiffe://example.org/a//b".into(),
+                ..good.clone()
+            },
+            "entry.spiffe_id",
+        ),
+        (
+            tessera::proto::tessera::Entry {
+                selectors: vec!["k8s:pod:x".into()],
+                ..good.clone()
+            },
+            "entry.selectors[0]",
+        ),
+        (
+            tessera::proto::tessera::Entry {
+                selectors: vec![],
+                ..good.clone()
+            },
+            "entry.selectors",
+        ),
+        (
+            tessera::proto::tessera::Entry {
+                x509_ttl_seconds: 7200,
+                ..good.clone()
+            },
+            "entry.x509_ttl",
+        ),
+        (
+            tessera::proto::tessera::Entry {
+                purpose: String::new(),
+                ..good.clone()
+            },
+            "entry.purpose",
+        ),
+        (
+            tessera::proto::tessera::Entry {
+                node_selectors: vec!["rack:7".into()],
+                ..good.clone()
+            },
+            "entry.node_selectors[0]",
+        ),
+        (
+            tessera::proto::tessera::Entry {
+                expires_at: Some(1),
+                ..good.clone()
+            },
+            "entry.expires_at",
+        ),
+    ];
+    for (entry, want) in api_cases {
+        let status = admin
+            .create_entry(tessera::proto::tessera::CreateEntryRequest { entry: Some(entry) })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(want),
+            "want {want:?}: {status:?}"
+        );
+    }
 
     // The same SPIFFE ID for the same selectors twice.
     let args = base("spiffe://example.org/dup", "unix:uid:1", "5m", "o");
