@@ -39,25 +39,9 @@ async fn an_entry_created_on_one_replica_reaches_agents_of_the_other() {
     );
 
     // A first identity so that a stream can stay open.
-    let selector = my_uid_selector();
     let create = |server: &ServerProcess, path: &str| {
-        let id = format!("spiffe://{TRUST_DOMAIN}{path}");
-        server.admin_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            &id,
-            "--selector",
-            &selector,
-            "--x509-ttl",
-            "5m",
-            "--owner",
-            "tests",
-            "--purpose",
-            "replica test",
-            "--all-nodes",
-        ]);
-        id
+        server.create_entry(path, &[]);
+        format!("spiffe://{TRUST_DOMAIN}{path}")
     };
     let first = create(&replica_b, "/on-b");
     let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();

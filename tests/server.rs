@@ -14,30 +14,8 @@ fn spiffe_id(path: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}{path}")
 }
 
-/// `tessera entry create` for the test user's uid, on every node; the created entry's id.
 fn create_entry(server: &ServerProcess, path: &str, extra: &[&str]) -> String {
-    let selector = my_uid_selector();
-    let id = spiffe_id(path);
-    let mut args = vec![
-        "entry",
-        "create",
-        "--spiffe-id",
-        &id,
-        "--selector",
-        &selector,
-        "--x509-ttl",
-        "5m",
-        "--owner",
-        "tests",
-        "--purpose",
-        "end-to-end test",
-    ];
-    if !extra.contains(&"--node") && !extra.contains(&"--node-selector") {
-        args.push("--all-nodes");
-    }
-    args.extend_from_slice(extra);
-    let created = server.admin_json(&args);
-    created["id"].as_str().expect("entry id in JSON").to_owned()
+    server.create_entry(path, extra)
 }
 
 async fn open_stream(agent: &AgentProcess) -> tonic::Streaming<X509svidResponse> {

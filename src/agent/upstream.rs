@@ -658,6 +658,26 @@ pub async fn run(
     }
 }
 
+/// Renews the node's credentials and publishes the new CA.
+async fn renew_into(
+    upstream: &Upstream,
+    credentials: &mut Credentials,
+    seams: &Seams,
+) -> Result<(), UpstreamError> {
+    *credentials = upstream.renew(credentials).await?;
+    publish_ca(seams, credentials);
+    Ok(())
+}
+
+/// What an error means for the link: an eviction forgets the credentials, anything else
+/// retries with them.
+fn outcome_of(error: UpstreamError, credentials: Credentials) -> (Outcome, Option<Credentials>) {
+    match error {
+        UpstreamError::Evicted(why) => (Outcome::Evicted(why), None),
+        e => (Outcome::Retry(e), Some(credentials)),
+    }
+}
+
 /// One connected stretch: renewals and the sync stream, until an error or `stop`. Returns the
 /// credentials to go on with (none after an eviction).
 async fn session(
@@ -667,15 +687,10 @@ async fn session(
     stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     backoff: &mut Duration,
 ) -> (Outcome, Option<Credentials>) {
-    if SystemTime::now() >= credentials.renew_at() {
-        match upstream.renew(&credentials).await {
-            Ok(renewed) => {
-                credentials = renewed;
-                publish_ca(seams, &credentials);
-            }
-            Err(UpstreamError::Evicted(why)) => return (Outcome::Evicted(why), None),
-            Err(e) => return (Outcome::Retry(e), Some(credentials)),
-        }
+    if SystemTime::now() >= credentials.renew_at()
+        && let Err(e) = renew_into(upstream, &mut credentials, seams).await
+    {
+        return outcome_of(e, credentials);
     }
     let mut client = match upstream.client(Some(&credentials)) {
         Ok(client) => client,
@@ -683,12 +698,7 @@ async fn session(
     };
     let mut stream = match client.sync(SyncRequest {}).await {
         Ok(response) => response.into_inner(),
-        Err(status) => {
-            return match status_error(status) {
-                UpstreamError::Evicted(why) => (Outcome::Evicted(why), None),
-                e => (Outcome::Retry(e), Some(credentials)),
-            };
-        }
+        Err(status) => return outcome_of(status_error(status), credentials),
     };
     loop {
         let wait = credentials
@@ -702,13 +712,8 @@ async fn session(
                 if SystemTime::now() < credentials.renew_at() {
                     continue;
                 }
-                match upstream.renew(&credentials).await {
-                    Ok(renewed) => {
-                        credentials = renewed;
-                        publish_ca(seams, &credentials);
-                    }
-                    Err(UpstreamError::Evicted(why)) => return (Outcome::Evicted(why), None),
-                    Err(e) => return (Outcome::Retry(e), Some(credentials)),
+                if let Err(e) = renew_into(upstream, &mut credentials, seams).await {
+                    return outcome_of(e, credentials);
                 }
             }
             message = stream.message() => match message {
@@ -724,12 +729,7 @@ async fn session(
                     seams.entries.send_replace(Arc::new(entries));
                 }
                 Ok(None) => return (Outcome::Retry(UpstreamError::Unavailable("sync stream ended".into())), Some(credentials)),
-                Err(status) => {
-                    return match status_error(status) {
-                        UpstreamError::Evicted(why) => (Outcome::Evicted(why), None),
-                        e => (Outcome::Retry(e), Some(credentials)),
-                    };
-                }
+                Err(status) => return outcome_of(status_error(status), credentials),
             }
         }
     }

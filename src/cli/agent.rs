@@ -15,11 +15,12 @@ pub(super) enum AgentCommand {
     Check(ConfigArg),
 }
 
+/// `--config FILE`, shared by `agent` and `server`.
 #[derive(Args, Debug)]
 pub(super) struct ConfigArg {
-    /// The agent's TOML configuration file.
+    /// The TOML configuration file.
     #[arg(long, short, value_name = "FILE")]
-    config: PathBuf,
+    pub(super) config: PathBuf,
 }
 
 pub(super) async fn run(command: AgentCommand) -> Result<(), Failure> {

@@ -1,10 +1,9 @@
 //! `tessera server run|check`.
 
-use std::path::PathBuf;
-
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 
 use super::Failure;
+use super::agent::ConfigArg;
 use crate::agent::sdnotify;
 use crate::server::{ServerConfig, build};
 
@@ -14,13 +13,6 @@ pub(super) enum ServerCommand {
     Run(ConfigArg),
     /// Check a configuration file and exit (0 when valid, 2 when not).
     Check(ConfigArg),
-}
-
-#[derive(Args, Debug)]
-pub(super) struct ConfigArg {
-    /// The server's TOML configuration file.
-    #[arg(long, short, value_name = "FILE")]
-    config: PathBuf,
 }
 
 pub(super) async fn run(command: ServerCommand) -> Result<(), Failure> {

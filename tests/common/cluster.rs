@@ -144,6 +144,33 @@ impl ServerProcess {
         })
     }
 
+    /// `tessera entry create` of `spiffe://<td><path>` for the test user's uid, on every node
+    /// unless `extra` names nodes; the created entry's id.
+    pub fn create_entry(&self, path: &str, extra: &[&str]) -> String {
+        let selector = super::my_uid_selector();
+        let id = format!("spiffe://{TRUST_DOMAIN}{path}");
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--selector",
+            &selector,
+            "--x509-ttl",
+            "5m",
+            "--owner",
+            "tests",
+            "--purpose",
+            "end-to-end test",
+        ];
+        if !extra.contains(&"--node") && !extra.contains(&"--node-selector") {
+            args.push("--all-nodes");
+        }
+        args.extend_from_slice(extra);
+        let created = self.admin_json(&args);
+        created["id"].as_str().expect("entry id in JSON").to_owned()
+    }
+
     /// Writes the trust bundle as PEM to `path`.
     pub fn write_bundle(&self, path: &Path) {
         let out = self.admin(&["bundle", "show"]);
