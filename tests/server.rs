@@ -18,13 +18,18 @@ fn create_entry(server: &ServerProcess, path: &str, extra: &[&str]) -> String {
     server.create_entry(path, extra)
 }
 
-async fn open_stream(agent: &AgentProcess) -> tonic::Streaming<X509svidResponse> {
+async fn try_open_stream(
+    agent: &AgentProcess,
+) -> Result<tonic::Streaming<X509svidResponse>, tonic::Status> {
     let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
-    client
+    Ok(client
         .fetch_x509svid(tessera::proto::workload::X509svidRequest {})
-        .await
-        .unwrap()
-        .into_inner()
+        .await?
+        .into_inner())
+}
+
+async fn open_stream(agent: &AgentProcess) -> tonic::Streaming<X509svidResponse> {
+    try_open_stream(agent).await.unwrap()
 }
 
 fn ids_of(response: &X509svidResponse) -> Vec<String> {
@@ -47,8 +52,8 @@ async fn next_message(
 async fn wait_for_identity(agent: &AgentProcess, id: &str) -> X509svidResponse {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(mut stream) =
-            tokio::time::timeout(Duration::from_secs(2), open_stream(agent)).await
+        if let Ok(Ok(mut stream)) =
+            tokio::time::timeout(Duration::from_secs(2), try_open_stream(agent)).await
             && let Ok(Some(Ok(response))) =
                 tokio::time::timeout(Duration::from_secs(2), stream.next()).await
             && response.svids.iter().any(|s| s.spiffe_id == id)
