@@ -45,12 +45,22 @@ async fn an_entry_created_on_one_replica_reaches_agents_of_the_other() {
     };
     let first = create(&replica_b, "/on-b");
     let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    // Until the entry has synced, the agent refuses the call (no identity yet).
+    let deadline = Instant::now() + Duration::from_secs(10);
     let mut stream = loop {
-        let mut stream = client
+        assert!(
+            Instant::now() < deadline,
+            "{first} not served:\n{}",
+            agent.logs()
+        );
+        let Ok(response) = client
             .fetch_x509svid(tessera::proto::workload::X509svidRequest {})
             .await
-            .unwrap()
-            .into_inner();
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut stream = response.into_inner();
         match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
             Ok(Some(Ok(message))) if message.svids.iter().any(|s| s.spiffe_id == first) => {
                 break stream;
