@@ -13,6 +13,8 @@
 //! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA.
 //! - [`agent`]: the node agent: configuration, entry source, identity cache and rotation, the
 //!   Workload API service, the socket endpoint, and `app::build`, the composition root.
+//! - [`events`]: credential events on the agent: the durable spool they wait in until the server
+//!   has acknowledged them.
 //! - [`bench`](mod@bench): `tessera bench`, the agent measured against its baselines, with a report.
 //! - [`cli`]: the `tessera` command line: `agent run|check`, `svid fetch|watch`, `dev`, `bench`.
 //! - [`proto`]: code generated from `proto/`.
@@ -24,6 +26,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod entry;
+pub mod events;
 pub mod server;
 pub mod spiffe;
 pub mod store;
