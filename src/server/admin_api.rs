@@ -36,6 +36,7 @@ pub fn store_status(error: StoreError) -> Status {
         e @ StoreError::RevisionConflict { .. } => Status::aborted(e.to_string()),
         e @ StoreError::NodeNotActive { .. } => Status::failed_precondition(e.to_string()),
         e @ StoreError::TokenRefused(_) => Status::failed_precondition(e.to_string()),
+        e @ StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
         e @ StoreError::Corrupt(_) => {
             tracing::error!(error = %e, "admin call failed");
             Status::internal("internal error")

@@ -85,6 +85,7 @@ impl NodeApiError {
             Self::Store(StoreError::NotFound { id, .. }) => {
                 Status::permission_denied(format!("node {id} is not attested"))
             }
+            Self::Store(e @ StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
             Self::Store(e) => {
                 tracing::error!(error = %e, "node API call failed");
                 Status::internal("internal error")

@@ -7,12 +7,23 @@
 //! here. Every write is one transaction: an outage mid-operation leaves nothing half-written.
 //! After every committed change to entries, node status or the bundle, every replica's
 //! [`Datastore::changes`] receiver moves on, so each can push the change to its agents.
+//!
+//! The store also keeps credential lifecycle events ([`EventRecord`], the stored form of
+//! `tessera.v1.Event`) and an inventory derived from them in the same transaction: one row per
+//! SVID ([`SvidRecord`]), the last issuance and use per entry ([`EntryActivity`]) and the last
+//! event per node ([`NodeActivity`]). Storing is idempotent by event id, so producers may retry
+//! a batch freely; only newly stored events count towards the inventory. Stored events get an
+//! increasing position, `seq`, by which readers page and tail ([`EventFilter::after_seq`]);
+//! after every batch that stored something, every replica's [`Datastore::events_appended`]
+//! receiver moves on. Events never move [`Datastore::changes`]: they do not change what agents
+//! are served.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
 mod codec;
+mod events;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
@@ -59,6 +70,9 @@ pub enum StoreError {
     /// A stored row could not be decoded (written by a newer or broken version).
     #[error("datastore holds an unreadable record: {0}")]
     Corrupt(String),
+    /// The request holds a value the datastore cannot store (or look for); nothing was written.
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 /// Why a join token was refused.
@@ -215,6 +229,190 @@ pub struct BundleRoot {
     pub not_after: i64,
 }
 
+/// The kinds of [`EventRecord`], as stored: the names of `tessera.v1.EventKind` without their
+/// prefix, in lowercase.
+pub mod event_kind {
+    /// An X.509-SVID was minted.
+    pub const SVID_ISSUED: &str = "svid_issued";
+    /// An SVID was delivered to callers (aggregated over a short window).
+    pub const SVID_USED: &str = "svid_used";
+    /// An SVID stopped being served before its expiry.
+    pub const SVID_REVOKED: &str = "svid_revoked";
+    /// A caller could not be attested, or matched no entry.
+    pub const ATTESTATION_DENIED: &str = "attestation_denied";
+    /// A node attested to the server.
+    pub const NODE_ATTESTED: &str = "node_attested";
+    /// A node was evicted or banned.
+    pub const NODE_EVICTED: &str = "node_evicted";
+    /// A node reported an issuance for an identity it may not serve.
+    pub const ISSUANCE_ANOMALY: &str = "issuance_anomaly";
+    /// Every kind the datastore stores; any other is refused.
+    pub const ALL: [&str; 7] = [
+        SVID_ISSUED,
+        SVID_USED,
+        SVID_REVOKED,
+        ATTESTATION_DENIED,
+        NODE_ATTESTED,
+        NODE_EVICTED,
+        ISSUANCE_ANOMALY,
+    ];
+
+    /// True for the kinds the datastore stores.
+    pub fn is_known(kind: &str) -> bool {
+        ALL.contains(&kind)
+    }
+
+    /// True for the kinds that concern one SVID, named by its serial, and update the SVID
+    /// inventory.
+    pub fn is_svid(kind: &str) -> bool {
+        [SVID_ISSUED, SVID_USED, SVID_REVOKED].contains(&kind)
+    }
+}
+
+/// One credential event as stored (see `proto/tessera/v1/events.proto` for the meaning of the
+/// fields). Text fields that do not apply are empty, numbers that do not apply `None`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventRecord {
+    /// Minted by the producer, unique: the idempotency key. Never empty.
+    pub id: String,
+    /// One of [`event_kind::ALL`].
+    pub kind: String,
+    /// When it happened, Unix milliseconds (the producer's clock).
+    pub time_ms: i64,
+    /// The node that reported it; empty for events the server produced.
+    pub node_id: String,
+    /// The registration entry concerned, if any.
+    pub entry_id: String,
+    /// The SPIFFE ID concerned, if any.
+    pub spiffe_id: String,
+    /// Lowercase hex serial of the SVID concerned; never empty for the SVID kinds
+    /// ([`event_kind::is_svid`]).
+    pub serial: String,
+    /// The SVID's not-after, Unix seconds.
+    pub not_after: Option<i64>,
+    /// Why an SVID was revoked (`svid_revoked`), e.g. `entry_removed`.
+    pub reason: Option<String>,
+    /// The calling process, for events about a workload call.
+    pub caller: Option<CallerRecord>,
+    /// `svid_used`: the aggregation window's first delivery, Unix milliseconds.
+    pub first_ms: Option<i64>,
+    /// `svid_used`: the window's last delivery, Unix milliseconds (`time_ms` when absent).
+    pub last_ms: Option<i64>,
+    /// `svid_used`: deliveries in the window, not negative (1 when absent).
+    pub count: Option<i64>,
+    /// Free text: why an attestation was denied, what an anomaly is about.
+    pub detail: String,
+    /// When the server received it, Unix milliseconds; set by the server at ingest.
+    pub received_ms: i64,
+}
+
+/// What the kernel and `/proc` said about a calling process.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CallerRecord {
+    /// Process id.
+    pub pid: i64,
+    /// Effective user id.
+    pub uid: i64,
+    /// Effective group id.
+    pub gid: i64,
+    /// Path of the executable.
+    pub exe_path: String,
+    /// Lowercase hex SHA-256 of the executable.
+    pub exe_sha256: String,
+    /// systemd unit, or empty.
+    pub unit: String,
+}
+
+/// The outcome of storing a batch of events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoredCount {
+    /// Events stored now.
+    pub stored: u32,
+    /// Events already stored before (retries), or repeated within the batch.
+    pub duplicates: u32,
+}
+
+/// Which events [`Datastore::list_events`] returns: those matching every condition given.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventFilter {
+    /// Only events with `time_ms >= since_ms`.
+    pub since_ms: Option<i64>,
+    /// Only events with `time_ms < until_ms`.
+    pub until_ms: Option<i64>,
+    /// Only events of one of these kinds; empty: every kind. An unknown kind is `Invalid`.
+    pub kinds: Vec<String>,
+    /// Only events about this SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// Only events about this entry.
+    pub entry_id: Option<String>,
+    /// Only events reported by this node (empty: produced by the server).
+    pub node_id: Option<String>,
+    /// Only events about the SVID with this serial.
+    pub serial: Option<String>,
+    /// Only events stored after the one at this position: the last `seq` of the previous page.
+    pub after_seq: Option<i64>,
+    /// At most this many events; 0, or more than [`MAX_EVENTS_LISTED`]: that many.
+    pub limit: usize,
+}
+
+/// The most events one [`Datastore::list_events`] returns.
+pub const MAX_EVENTS_LISTED: usize = 10_000;
+
+/// A stored event with its store-assigned position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Position: increasing in the order events were stored (with gaps), never reused.
+    pub seq: i64,
+    /// The event.
+    pub event: EventRecord,
+}
+
+/// One SVID as the inventory knows it, maintained from its events. Events about one SVID may
+/// arrive in any order, so what no stored event said yet is `None` or empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SvidRecord {
+    /// Lowercase hex serial: the key.
+    pub serial: String,
+    /// The entry it was issued for (the first non-empty one any event named).
+    pub entry_id: String,
+    /// Its SPIFFE ID (likewise).
+    pub spiffe_id: String,
+    /// The node that reported it (likewise).
+    pub node_id: String,
+    /// When it was issued, Unix milliseconds; `None` until its `svid_issued` event is stored.
+    pub issued_ms: Option<i64>,
+    /// Its not-after, Unix seconds (the first any event gave); `None` while no event gave it.
+    pub not_after: Option<i64>,
+    /// When it was revoked (the earliest revocation), Unix milliseconds.
+    pub revoked_ms: Option<i64>,
+    /// Why, from the same revocation.
+    pub reason: Option<String>,
+    /// The latest delivery any `svid_used` event reported, Unix milliseconds.
+    pub last_used_ms: Option<i64>,
+    /// Deliveries counted by all its `svid_used` events.
+    pub uses: i64,
+}
+
+/// The last issuance and use of an entry's SVIDs, kept when the SVIDs and events are pruned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EntryActivity {
+    /// The entry.
+    pub entry_id: String,
+    /// The latest `svid_issued` time, Unix milliseconds.
+    pub last_issued_ms: Option<i64>,
+    /// The latest delivery any `svid_used` event reported, Unix milliseconds.
+    pub last_used_ms: Option<i64>,
+}
+
+/// The last event a node reported.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeActivity {
+    /// The node.
+    pub node_id: String,
+    /// The latest `time_ms` of the events it reported, Unix milliseconds.
+    pub last_event_ms: i64,
+}
+
 /// Storage for the server's state, shared by all replicas of one trust domain.
 #[async_trait::async_trait]
 pub trait Datastore: Send + Sync + 'static {
@@ -290,6 +488,52 @@ pub trait Datastore: Send + Sync + 'static {
     /// bundle, by this replica or any other sharing the database. It may also change without a
     /// change (after a reconnection, when changes may have been missed): readers reload.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// Stores a batch of events in one transaction, idempotently: an event whose id is already
+    /// stored, or repeated within the batch, counts as a duplicate and changes nothing. In the
+    /// same transaction, the newly stored events update the inventory: `svid_issued`,
+    /// `svid_used` and `svid_revoked` the SVID with their serial (creating its row if no event
+    /// about it was stored yet), `svid_issued` and `svid_used` their entry's activity, and every
+    /// event its node's activity. `Invalid`, with nothing stored, when any event has an unknown
+    /// kind, an empty id, an SVID kind without a serial, or a negative count. After a batch that
+    /// stored something, [`Datastore::events_appended`] moves on.
+    async fn store_events(&self, events: Vec<EventRecord>) -> Result<StoredCount, StoreError>;
+
+    /// The events matching `filter` (every condition given), ordered by `seq`, at most
+    /// `filter.limit` of them. To page or tail, ask again with `after_seq` set to the last `seq`
+    /// seen: positions are handed out in commit order, so no event can later appear behind one
+    /// already returned.
+    async fn list_events(&self, filter: EventFilter) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The SVIDs in the inventory, of one entry and/or one node when given, ordered by issuance
+    /// (those whose issuance is not known last), then serial.
+    async fn svids(
+        &self,
+        entry_id: Option<&str>,
+        node_id: Option<&str>,
+    ) -> Result<Vec<SvidRecord>, StoreError>;
+
+    /// The activity of every entry an SVID was issued or used for, ordered by entry id. Entries
+    /// without any are absent.
+    async fn entry_activity(&self) -> Result<Vec<EntryActivity>, StoreError>;
+
+    /// The activity of every node that reported an event, ordered by node id.
+    async fn node_activity(&self) -> Result<Vec<NodeActivity>, StoreError>;
+
+    /// Deletes the events older than `older_than_ms` (by `time_ms`) that concern no SVID still
+    /// valid at `now` (Unix seconds): their own not-after is absent or before `now`, and the
+    /// inventory does not know their serial with a not-after at or after `now`. Also deletes
+    /// from the inventory the SVIDs that expired before `older_than_ms` (or, of unknown
+    /// expiry, with nothing newer than it), and the activity of entries and nodes that no longer
+    /// exist, last active before it. Works in chunks of a few thousand events, each one
+    /// transaction, so ingestion is never held up for long; a failure part-way leaves the
+    /// chunks before it done, and calling again finishes the work. Returns the events deleted.
+    async fn prune_events(&self, older_than_ms: i64, now: i64) -> Result<u64, StoreError>;
+
+    /// A receiver that changes after every batch of events stored, by this replica or any other
+    /// sharing the database (and after a reconnection, when some may have been missed): tailing
+    /// readers ask for what follows the last `seq` they saw.
+    fn events_appended(&self) -> watch::Receiver<u64>;
 }
 
 /// Seconds since the Unix epoch.

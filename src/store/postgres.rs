@@ -7,10 +7,17 @@
 //!
 //! Every write is one transaction. Changes to entries, node status and the bundle also send a
 //! notification on the `tessera_changes` channel inside that transaction, so it goes out only
-//! if the change commits. One more connection per store `LISTEN`s on that channel and moves
-//! [`Datastore::changes`] on for every notification, and also after every (re)connection,
-//! since changes may have been missed while it was down. It reconnects with backoff for as long
-//! as the store lives.
+//! if the change commits; batches of events that store something notify `tessera_events`
+//! instead. One more connection per store `LISTEN`s on both channels and moves
+//! [`Datastore::changes`] or [`Datastore::events_appended`] on for every notification, and both
+//! after every (re)connection, since notifications may have been missed while it was down. It
+//! reconnects with backoff for as long as the store lives.
+//!
+//! A batch of events is a handful of statements whatever its size: one insert of the whole
+//! batch from arrays, then one upsert each into the SVID, entry and node inventories. Batches
+//! take turns on an advisory lock held until they commit, so event positions (an identity
+//! column, handed out at insert) follow commit order across replicas: a reader tailing by
+//! position never finds an event appear behind one it has already seen.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -21,13 +28,15 @@ use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Transaction};
 
 use super::codec;
+use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::{
-    BundleRoot, Datastore, EntryRecord, JoinTokenRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, StoreError, TokenRefusal, unix_now,
+    BundleRoot, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord, JoinTokenRecord,
+    NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, StoredCount,
+    StoredEvent, SvidRecord, TokenRefusal, unix_now,
 };
 
 /// Connections for operations; a few let slow operations not hold up the others.
@@ -44,15 +53,21 @@ const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 const LISTEN_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// The channel changes are announced on.
 const CHANNEL: &str = "tessera_changes";
+/// The channel stored events are announced on.
+const EVENTS_CHANNEL: &str = "tessera_events";
 /// The advisory lock held while migrating, so that replicas starting together take turns.
 const MIGRATION_LOCK: i64 = 0x7465_7373_6572_6101;
+/// The advisory lock a batch of events holds until it commits, so that batches commit in the
+/// order their positions were handed out.
+const EVENTS_LOCK: i64 = 0x7465_7373_6572_6102;
 
 /// The schema, as ordered migrations: a database records the last one applied in
 /// `schema_version` and gets the rest at connect. Never edit a released step; add one.
 /// Identifiers compare bytewise (`COLLATE "C"`) so listings come in the same order as SQLite's.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"CREATE TABLE entries (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"CREATE TABLE entries (
         id TEXT COLLATE "C" PRIMARY KEY,
         spiffe_id TEXT NOT NULL,
         selectors TEXT NOT NULL,
@@ -98,7 +113,65 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         not_after BIGINT NOT NULL,
         PRIMARY KEY (server_id, der_sha256)
     );"#,
-)];
+    ),
+    // Credential events and the inventory derived from them. The kind is checked by the code,
+    // not by a constraint, so that a later kind needs no migration.
+    (
+        2,
+        r#"CREATE TABLE events (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id TEXT COLLATE "C" NOT NULL UNIQUE,
+        kind TEXT COLLATE "C" NOT NULL,
+        time_ms BIGINT NOT NULL,
+        node_id TEXT COLLATE "C" NOT NULL,
+        entry_id TEXT COLLATE "C" NOT NULL,
+        spiffe_id TEXT COLLATE "C" NOT NULL,
+        serial TEXT COLLATE "C" NOT NULL,
+        not_after BIGINT,
+        reason TEXT,
+        caller_pid BIGINT,
+        caller_uid BIGINT,
+        caller_gid BIGINT,
+        caller_exe_path TEXT,
+        caller_exe_sha256 TEXT,
+        caller_unit TEXT,
+        first_ms BIGINT,
+        last_ms BIGINT,
+        count BIGINT,
+        detail TEXT NOT NULL,
+        received_ms BIGINT NOT NULL
+    );
+    CREATE INDEX events_by_time ON events (time_ms);
+    CREATE INDEX events_by_kind ON events (kind, seq);
+    CREATE INDEX events_by_spiffe_id ON events (spiffe_id, seq);
+    CREATE INDEX events_by_entry ON events (entry_id, seq);
+    CREATE INDEX events_by_node ON events (node_id, seq);
+    CREATE INDEX events_by_serial ON events (serial, seq);
+    CREATE TABLE svids (
+        serial TEXT COLLATE "C" PRIMARY KEY,
+        entry_id TEXT COLLATE "C" NOT NULL,
+        spiffe_id TEXT COLLATE "C" NOT NULL,
+        node_id TEXT COLLATE "C" NOT NULL,
+        issued_ms BIGINT,
+        not_after BIGINT,
+        revoked_ms BIGINT,
+        reason TEXT,
+        last_used_ms BIGINT,
+        uses BIGINT NOT NULL
+    );
+    CREATE INDEX svids_by_entry ON svids (entry_id);
+    CREATE INDEX svids_by_node ON svids (node_id);
+    CREATE TABLE entry_activity (
+        entry_id TEXT COLLATE "C" PRIMARY KEY,
+        last_issued_ms BIGINT,
+        last_used_ms BIGINT
+    );
+    CREATE TABLE node_activity (
+        node_id TEXT COLLATE "C" PRIMARY KEY,
+        last_event_ms BIGINT NOT NULL
+    );"#,
+    ),
+];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, selectors, node_selectors, x509_ttl_seconds, owner, \
     purpose, expires_at, inactivity_timeout_seconds, hint, dns_names, revision, created_at, \
@@ -113,6 +186,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// Moves on after every change, by this replica or another.
     changes: Arc<watch::Sender<u64>>,
+    /// Moves on after every batch of events stored, by this replica or another.
+    events: Arc<watch::Sender<u64>>,
     /// The notification listener; stops when the store is dropped.
     _listener: AbortOnDrop,
 }
@@ -133,14 +208,28 @@ impl PostgresStore {
             config.application_name("tessera");
         }
         let pool = Pool::new(config.clone());
-        pool.run(|client| Box::pin(migrate(client))).await?;
+        pool.run(|client| Box::pin(migrate(client, None))).await?;
         let changes = Arc::new(watch::Sender::new(0));
-        let listener = tokio::spawn(listen(config, Arc::clone(&changes)));
+        let events = Arc::new(watch::Sender::new(0));
+        let listener = tokio::spawn(listen(config, Arc::clone(&changes), Arc::clone(&events)));
         Ok(Self {
             pool,
             changes,
+            events,
             _listener: AbortOnDrop(listener),
         })
+    }
+
+    /// Brings the schema of the database at `conninfo` to `version` and no later, as a server
+    /// of that version left it.
+    #[cfg(test)]
+    pub(super) async fn create_at_version(conninfo: &str, version: i64) -> Result<(), StoreError> {
+        let config: Config = conninfo
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("{e}")))?;
+        Pool::new(config)
+            .run(|client| Box::pin(migrate(client, Some(version))))
+            .await
     }
 
     /// Tells this replica's `changes()` receivers at once, without waiting for the round trip
@@ -327,9 +416,9 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Applies the migrations the database has not seen yet, in one transaction, holding a lock
-/// that other replicas migrating at the same moment wait for.
-async fn migrate(client: &mut Client) -> Result<(), Failure> {
+/// Applies the migrations the database has not seen yet (up to `until`, when given), in one
+/// transaction, holding a lock that other replicas migrating at the same moment wait for.
+async fn migrate(client: &mut Client, until: Option<i64>) -> Result<(), Failure> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -349,7 +438,8 @@ async fn migrate(client: &mut Client) -> Result<(), Failure> {
     let current: i64 = col(&row, "version")?;
     let known = MIGRATIONS.last().map_or(0, |(version, _)| *version);
     codec::check_schema_version(current, known)?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    let wanted = |v: i64| v > current && until.is_none_or(|until| v <= until);
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| wanted(*v)) {
         tx.batch_execute(sql).await?;
         tx.execute(
             "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
@@ -365,6 +455,13 @@ async fn migrate(client: &mut Client) -> Result<(), Failure> {
 /// Announces a change to every replica, once the transaction commits.
 async fn notify(tx: &Transaction<'_>) -> Result<(), Failure> {
     tx.execute(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
+        .await?;
+    Ok(())
+}
+
+/// Announces stored events to every replica, once the transaction commits.
+async fn notify_events(tx: &Transaction<'_>) -> Result<(), Failure> {
+    tx.execute(&format!("SELECT pg_notify('{EVENTS_CHANNEL}', '')"), &[])
         .await?;
     Ok(())
 }
@@ -734,6 +831,326 @@ async fn publish_root(client: &mut Client, root: &BundleRoot) -> Result<bool, Fa
     Ok(changed)
 }
 
+fn event_from_row(row: &Row) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        seq: col(row, "seq")?,
+        event: EventRecord {
+            id: col(row, "id")?,
+            kind: col(row, "kind")?,
+            time_ms: col(row, "time_ms")?,
+            node_id: col(row, "node_id")?,
+            entry_id: col(row, "entry_id")?,
+            spiffe_id: col(row, "spiffe_id")?,
+            serial: col(row, "serial")?,
+            not_after: col(row, "not_after")?,
+            reason: col(row, "reason")?,
+            caller: events::caller_from_columns((
+                col(row, "caller_pid")?,
+                col(row, "caller_uid")?,
+                col(row, "caller_gid")?,
+                col(row, "caller_exe_path")?,
+                col(row, "caller_exe_sha256")?,
+                col(row, "caller_unit")?,
+            ))?,
+            first_ms: col(row, "first_ms")?,
+            last_ms: col(row, "last_ms")?,
+            count: col(row, "count")?,
+            detail: col(row, "detail")?,
+            received_ms: col(row, "received_ms")?,
+        },
+    })
+}
+
+fn svid_from_row(row: &Row) -> Result<SvidRecord, StoreError> {
+    Ok(SvidRecord {
+        serial: col(row, "serial")?,
+        entry_id: col(row, "entry_id")?,
+        spiffe_id: col(row, "spiffe_id")?,
+        node_id: col(row, "node_id")?,
+        issued_ms: col(row, "issued_ms")?,
+        not_after: col(row, "not_after")?,
+        revoked_ms: col(row, "revoked_ms")?,
+        reason: col(row, "reason")?,
+        last_used_ms: col(row, "last_used_ms")?,
+        uses: col(row, "uses")?,
+    })
+}
+
+fn entry_activity_from_row(row: &Row) -> Result<EntryActivity, StoreError> {
+    Ok(EntryActivity {
+        entry_id: col(row, "entry_id")?,
+        last_issued_ms: col(row, "last_issued_ms")?,
+        last_used_ms: col(row, "last_used_ms")?,
+    })
+}
+
+fn node_activity_from_row(row: &Row) -> Result<NodeActivity, StoreError> {
+    Ok(NodeActivity {
+        node_id: col(row, "node_id")?,
+        last_event_ms: col(row, "last_event_ms")?,
+    })
+}
+
+/// Stores the events whose ids are new, and what they change in the inventory, in one
+/// transaction that waits for batches committing before it. Returns how many were stored.
+async fn store_events(client: &mut Client, batch: &[EventRecord]) -> Result<usize, Failure> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
+        .await?;
+    let inserted = insert_events(&tx, batch).await?;
+    let new: Vec<&EventRecord> = batch.iter().filter(|e| inserted.contains(&e.id)).collect();
+    if !new.is_empty() {
+        apply_inventory_changes(&tx, &InventoryChanges::of(new.iter().copied())).await?;
+        notify_events(&tx).await?;
+    }
+    tx.commit().await?;
+    Ok(new.len())
+}
+
+/// Inserts the batch (without repeated ids) in one statement, in order; returns the ids that
+/// were new.
+async fn insert_events(
+    tx: &Transaction<'_>,
+    batch: &[EventRecord],
+) -> Result<std::collections::HashSet<String>, Failure> {
+    fn column<'a, T>(batch: &'a [EventRecord], value: impl Fn(&'a EventRecord) -> T) -> Vec<T> {
+        batch.iter().map(value).collect()
+    }
+    let callers: Vec<events::CallerColumns> = batch
+        .iter()
+        .map(|e| events::caller_columns(e.caller.as_ref()))
+        .collect();
+    let caller = |value: fn(&events::CallerColumns) -> Option<i64>| -> Vec<Option<i64>> {
+        callers.iter().map(value).collect()
+    };
+    let caller_text = |value: fn(&events::CallerColumns) -> &Option<String>| -> Vec<Option<&str>> {
+        callers.iter().map(|c| value(c).as_deref()).collect()
+    };
+    let rows = tx
+        .query(
+            &format!(
+                "INSERT INTO events ({EVENT_COLUMNS})
+                 SELECT {EVENT_COLUMNS} FROM unnest($1::text[], $2::text[], $3::int8[],
+                    $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::text[],
+                    $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], $15::text[],
+                    $16::int8[], $17::int8[], $18::int8[], $19::text[], $20::int8[])
+                    WITH ORDINALITY AS batch ({EVENT_COLUMNS}, position)
+                 ORDER BY position
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id"
+            ),
+            &[
+                &column(batch, |e| e.id.as_str()),
+                &column(batch, |e| e.kind.as_str()),
+                &column(batch, |e| e.time_ms),
+                &column(batch, |e| e.node_id.as_str()),
+                &column(batch, |e| e.entry_id.as_str()),
+                &column(batch, |e| e.spiffe_id.as_str()),
+                &column(batch, |e| e.serial.as_str()),
+                &column(batch, |e| e.not_after),
+                &column(batch, |e| e.reason.as_deref()),
+                &caller(|c| c.0),
+                &caller(|c| c.1),
+                &caller(|c| c.2),
+                &caller_text(|c| &c.3),
+                &caller_text(|c| &c.4),
+                &caller_text(|c| &c.5),
+                &column(batch, |e| e.first_ms),
+                &column(batch, |e| e.last_ms),
+                &column(batch, |e| e.count),
+                &column(batch, |e| e.detail.as_str()),
+                &column(batch, |e| e.received_ms),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| col::<String>(row, "id"))
+        .collect::<Result<_, _>>()?)
+}
+
+async fn apply_inventory_changes(
+    tx: &Transaction<'_>,
+    changes: &InventoryChanges,
+) -> Result<(), Failure> {
+    let svids = &changes.svids;
+    if !svids.is_empty() {
+        tx.execute(
+            &format!(
+                "INSERT INTO svids ({SVID_COLUMNS})
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                    $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int8[], $10::int8[])
+                 ON CONFLICT (serial) DO UPDATE SET {}",
+                events::SVID_MERGE
+            ),
+            &[
+                &svids.iter().map(|s| s.serial.as_str()).collect::<Vec<_>>(),
+                &svids
+                    .iter()
+                    .map(|s| s.entry_id.as_str())
+                    .collect::<Vec<_>>(),
+                &svids
+                    .iter()
+                    .map(|s| s.spiffe_id.as_str())
+                    .collect::<Vec<_>>(),
+                &svids.iter().map(|s| s.node_id.as_str()).collect::<Vec<_>>(),
+                &svids.iter().map(|s| s.issued_ms).collect::<Vec<_>>(),
+                &svids.iter().map(|s| s.not_after).collect::<Vec<_>>(),
+                &svids.iter().map(|s| s.revoked_ms).collect::<Vec<_>>(),
+                &svids
+                    .iter()
+                    .map(|s| s.reason.as_deref())
+                    .collect::<Vec<_>>(),
+                &svids.iter().map(|s| s.last_used_ms).collect::<Vec<_>>(),
+                &svids.iter().map(|s| s.uses).collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    }
+    let entries = &changes.entries;
+    if !entries.is_empty() {
+        tx.execute(
+            &format!(
+                "INSERT INTO entry_activity (entry_id, last_issued_ms, last_used_ms)
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[])
+                 ON CONFLICT (entry_id) DO UPDATE SET {}",
+                events::ENTRY_ACTIVITY_MERGE
+            ),
+            &[
+                &entries
+                    .iter()
+                    .map(|e| e.entry_id.as_str())
+                    .collect::<Vec<_>>(),
+                &entries.iter().map(|e| e.last_issued_ms).collect::<Vec<_>>(),
+                &entries.iter().map(|e| e.last_used_ms).collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    }
+    let nodes = &changes.nodes;
+    if !nodes.is_empty() {
+        tx.execute(
+            &format!(
+                "INSERT INTO node_activity (node_id, last_event_ms)
+                 SELECT * FROM unnest($1::text[], $2::int8[])
+                 ON CONFLICT (node_id) DO UPDATE SET {}",
+                events::NODE_ACTIVITY_MERGE
+            ),
+            &[
+                &nodes.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>(),
+                &nodes.iter().map(|n| n.last_event_ms).collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The events matching `filter`: its conditions become a `WHERE` clause with one parameter
+/// each.
+async fn list_events(
+    client: &mut Client,
+    filter: &EventFilter,
+) -> Result<Vec<StoredEvent>, Failure> {
+    let mut conditions: Vec<String> = Vec::new();
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut condition = |sql: &str, value: Box<dyn ToSql + Sync + Send>| {
+        params.push(value);
+        conditions.push(format!("{sql} ${}", params.len()));
+    };
+    if let Some(since) = filter.since_ms {
+        condition("time_ms >=", Box::new(since));
+    }
+    if let Some(until) = filter.until_ms {
+        condition("time_ms <", Box::new(until));
+    }
+    for (column, value) in [
+        ("spiffe_id", &filter.spiffe_id),
+        ("entry_id", &filter.entry_id),
+        ("node_id", &filter.node_id),
+        ("serial", &filter.serial),
+    ] {
+        if let Some(value) = value {
+            condition(&format!("{column} ="), Box::new(value.clone()));
+        }
+    }
+    if let Some(after) = filter.after_seq {
+        condition("seq >", Box::new(after));
+    }
+    if !filter.kinds.is_empty() {
+        params.push(Box::new(filter.kinds.clone()));
+        conditions.push(format!("kind = ANY(${}::text[])", params.len()));
+    }
+    params.push(Box::new(events::limit(filter)));
+    let sql = format!(
+        "SELECT seq, {EVENT_COLUMNS} FROM events {} {} ORDER BY seq LIMIT ${}",
+        if conditions.is_empty() { "" } else { "WHERE" },
+        conditions.join(" AND "),
+        params.len()
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    decode_all(&client.query(&sql, &params).await?, event_from_row)
+}
+
+/// Deletes one chunk of prunable events; returns how many.
+async fn prune_event_chunk(
+    client: &mut Client,
+    older_than_ms: i64,
+    now: i64,
+) -> Result<u64, Failure> {
+    Ok(client
+        .execute(
+            "DELETE FROM events WHERE seq IN (
+                SELECT seq FROM events AS e
+                WHERE e.time_ms < $1 AND (e.not_after IS NULL OR e.not_after < $2)
+                    AND NOT EXISTS (
+                        SELECT 1 FROM svids AS s WHERE s.serial = e.serial AND s.not_after >= $2
+                    )
+                LIMIT $3
+            )",
+            &[&older_than_ms, &now, &events::PRUNE_CHUNK],
+        )
+        .await?)
+}
+
+/// Deletes the inventory rows that pruning leaves behind, in one transaction. It takes turns
+/// with batches of events, which upsert the same rows in another order.
+async fn prune_inventory(client: &mut Client, older_than_ms: i64) -> Result<(), Failure> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
+        .await?;
+    tx.execute(
+        "DELETE FROM svids
+         WHERE not_after < $2
+            OR (not_after IS NULL
+                AND (issued_ms IS NULL OR issued_ms < $1)
+                AND (revoked_ms IS NULL OR revoked_ms < $1)
+                AND (last_used_ms IS NULL OR last_used_ms < $1))",
+        &[&older_than_ms, &events::seconds_before(older_than_ms)],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM entry_activity
+         WHERE NOT EXISTS (SELECT 1 FROM entries WHERE entries.id = entry_activity.entry_id)
+            AND (last_issued_ms IS NULL OR last_issued_ms < $1)
+            AND (last_used_ms IS NULL OR last_used_ms < $1)",
+        &[&older_than_ms],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM node_activity
+         WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE nodes.id = node_activity.node_id)
+            AND last_event_ms < $1",
+        &[&older_than_ms],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl Datastore for PostgresStore {
     async fn create_entry(&self, entry: EntryRecord, now: i64) -> Result<EntryRecord, StoreError> {
@@ -944,14 +1361,119 @@ impl Datastore for PostgresStore {
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
+
+    async fn store_events(&self, events: Vec<EventRecord>) -> Result<StoredCount, StoreError> {
+        events::check_batch(&events)?;
+        let total = events.len();
+        let (unique, _) = events::without_repeats(events);
+        if unique.is_empty() {
+            return Ok(StoredCount::default());
+        }
+        let stored = self
+            .pool
+            .run(move |c| Box::pin(async move { store_events(c, &unique).await }))
+            .await?;
+        if stored > 0 {
+            // This replica's readers need not wait for the notification.
+            bump(&self.events);
+        }
+        Ok(StoredCount {
+            stored: events::count(stored),
+            duplicates: events::count(total - stored),
+        })
+    }
+
+    async fn list_events(&self, filter: EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
+        events::check_filter(&filter)?;
+        self.pool
+            .run(move |c| Box::pin(async move { list_events(c, &filter).await }))
+            .await
+    }
+
+    async fn svids(
+        &self,
+        entry_id: Option<&str>,
+        node_id: Option<&str>,
+    ) -> Result<Vec<SvidRecord>, StoreError> {
+        let sql = events::svids_query(entry_id.is_some(), node_id.is_some(), |i| format!("${i}"));
+        let params: Vec<String> = entry_id
+            .into_iter()
+            .chain(node_id)
+            .map(str::to_owned)
+            .collect();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let params: Vec<&(dyn ToSql + Sync)> =
+                        params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                    decode_all(&c.query(&sql, &params).await?, svid_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn entry_activity(&self) -> Result<Vec<EntryActivity>, StoreError> {
+        self.pool
+            .run(|c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT entry_id, last_issued_ms, last_used_ms FROM entry_activity
+                             ORDER BY entry_id",
+                            &[],
+                        )
+                        .await?;
+                    decode_all(&rows, entry_activity_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn node_activity(&self) -> Result<Vec<NodeActivity>, StoreError> {
+        self.pool
+            .run(|c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT node_id, last_event_ms FROM node_activity ORDER BY node_id",
+                            &[],
+                        )
+                        .await?;
+                    decode_all(&rows, node_activity_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn prune_events(&self, older_than_ms: i64, now: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let chunk = self
+                .pool
+                .run(move |c| Box::pin(prune_event_chunk(c, older_than_ms, now)))
+                .await?;
+            deleted += chunk;
+            if chunk < events::PRUNE_CHUNK as u64 {
+                break;
+            }
+        }
+        self.pool
+            .run(move |c| Box::pin(prune_inventory(c, older_than_ms)))
+            .await?;
+        Ok(deleted)
+    }
+
+    fn events_appended(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
+    }
 }
 
 /// Keeps a notification connection up for as long as the store lives, waiting longer after
 /// each failed attempt.
-async fn listen(config: Config, changes: Arc<watch::Sender<u64>>) {
+async fn listen(config: Config, changes: Arc<watch::Sender<u64>>, events: Arc<watch::Sender<u64>>) {
     let mut delay = LISTEN_RETRY_MIN;
     loop {
-        match listen_once(&config, &changes).await {
+        match listen_once(&config, &changes, &events).await {
             Ok(reason) => {
                 tracing::warn!(%reason, "lost the PostgreSQL notification connection");
                 delay = LISTEN_RETRY_MIN;
@@ -967,7 +1489,11 @@ async fn listen(config: Config, changes: Arc<watch::Sender<u64>>) {
 
 /// One notification connection, until it fails. `Ok(why it ended)` once it was established,
 /// `Err(why not)` when it could not be.
-async fn listen_once(config: &Config, changes: &watch::Sender<u64>) -> Result<String, String> {
+async fn listen_once(
+    config: &Config,
+    changes: &watch::Sender<u64>,
+    events: &watch::Sender<u64>,
+) -> Result<String, String> {
     let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
         .await
         .map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
@@ -977,6 +1503,9 @@ async fn listen_once(config: &Config, changes: &watch::Sender<u64>) -> Result<St
     let messages = async {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) if n.channel() == EVENTS_CHANNEL => {
+                    bump(events)
+                }
                 Some(Ok(AsyncMessage::Notification(_))) => bump(changes),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return describe(&e),
@@ -985,12 +1514,16 @@ async fn listen_once(config: &Config, changes: &watch::Sender<u64>) -> Result<St
         }
     };
     let session = async {
-        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+        if let Err(e) = client
+            .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS_CHANNEL}"))
+            .await
+        {
             return format!("LISTEN failed: {}", describe(&e));
         }
         tracing::debug!("listening for PostgreSQL change notifications");
         // Only now is every later change announced; those before may have been missed.
         bump(changes);
+        bump(events);
         loop {
             tokio::time::sleep(LISTEN_PROBE_INTERVAL).await;
             match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {

@@ -5,8 +5,14 @@
 //! write survives a power cut. Every write runs in one `IMMEDIATE` transaction, which takes the
 //! write lock up front so a transaction never fails half-way for lack of it.
 //!
-//! [`Datastore::changes`] only sees changes made through this [`SqliteStore`]: one process owns
-//! a SQLite file. Several servers sharing state need the PostgreSQL backend.
+//! [`Datastore::changes`] and [`Datastore::events_appended`] only see writes made through this
+//! [`SqliteStore`]: one process owns a SQLite file. Several servers sharing state need the
+//! PostgreSQL backend.
+//!
+//! A batch of events is one transaction of prepared statements: one insert per event, then one
+//! upsert per SVID, entry and node it concerns. Event positions come from an `AUTOINCREMENT`
+//! key, so a position is never handed out twice, not even after the newest events are pruned,
+//! and the single writer makes them follow commit order.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,9 +24,11 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, Trans
 use tokio::sync::watch;
 
 use super::codec;
+use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::{
-    BundleRoot, Datastore, EntryRecord, JoinTokenRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, StoreError, TokenRefusal, unix_now,
+    BundleRoot, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord, JoinTokenRecord,
+    NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, StoredCount,
+    StoredEvent, SvidRecord, TokenRefusal, unix_now,
 };
 
 /// How long a statement waits for a lock held by another connection (a backup tool, the
@@ -29,9 +37,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, as ordered migrations: a database records the last one applied in
 /// `schema_version` and gets the rest at open. Never edit a released step; add one.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE entries (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE entries (
         id TEXT PRIMARY KEY,
         spiffe_id TEXT NOT NULL,
         selectors TEXT NOT NULL,
@@ -77,7 +86,67 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         not_after INTEGER NOT NULL,
         PRIMARY KEY (server_id, der_sha256)
     ) STRICT;",
-)];
+    ),
+    // Credential events and the inventory derived from them. The kind is checked by the code,
+    // not by a constraint, so that a later kind needs no table rebuild. SQLite appends the
+    // rowid (`seq`) to every index, so the single-column indexes also serve `ORDER BY seq`
+    // within one value.
+    (
+        2,
+        "CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        node_id TEXT NOT NULL,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        not_after INTEGER,
+        reason TEXT,
+        caller_pid INTEGER,
+        caller_uid INTEGER,
+        caller_gid INTEGER,
+        caller_exe_path TEXT,
+        caller_exe_sha256 TEXT,
+        caller_unit TEXT,
+        first_ms INTEGER,
+        last_ms INTEGER,
+        count INTEGER,
+        detail TEXT NOT NULL,
+        received_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX events_by_time ON events (time_ms);
+    CREATE INDEX events_by_kind ON events (kind);
+    CREATE INDEX events_by_spiffe_id ON events (spiffe_id);
+    CREATE INDEX events_by_entry ON events (entry_id);
+    CREATE INDEX events_by_node ON events (node_id);
+    CREATE INDEX events_by_serial ON events (serial);
+    CREATE TABLE svids (
+        serial TEXT PRIMARY KEY,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        issued_ms INTEGER,
+        not_after INTEGER,
+        revoked_ms INTEGER,
+        reason TEXT,
+        last_used_ms INTEGER,
+        uses INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX svids_by_entry ON svids (entry_id);
+    CREATE INDEX svids_by_node ON svids (node_id);
+    CREATE TABLE entry_activity (
+        entry_id TEXT PRIMARY KEY,
+        last_issued_ms INTEGER,
+        last_used_ms INTEGER
+    ) STRICT;
+    CREATE TABLE node_activity (
+        node_id TEXT PRIMARY KEY,
+        last_event_ms INTEGER NOT NULL
+    ) STRICT;",
+    ),
+];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, selectors, node_selectors, x509_ttl_seconds, owner, \
     purpose, expires_at, inactivity_timeout_seconds, hint, dns_names, revision, created_at, \
@@ -92,6 +161,8 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// Moves on after every committed change to entries, node status or the bundle.
     changes: watch::Sender<u64>,
+    /// Moves on after every batch of events that stored something.
+    events: watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -102,11 +173,22 @@ impl SqliteStore {
         create_private(path)?;
         let mut conn = Connection::open(path).map_err(|e| opening_error(path, e))?;
         configure(&conn).map_err(|e| opening_error(path, e))?;
-        migrate(&mut conn)?;
+        migrate(&mut conn, None)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             changes: watch::Sender::new(0),
+            events: watch::Sender::new(0),
         })
+    }
+
+    /// Creates the database at `path` with the schema of `version` and no later, as a server of
+    /// that version left it.
+    #[cfg(test)]
+    pub(super) fn create_at_version(path: &Path, version: i64) -> Result<(), StoreError> {
+        create_private(path)?;
+        let mut conn = Connection::open(path).map_err(|e| opening_error(path, e))?;
+        configure(&conn).map_err(|e| opening_error(path, e))?;
+        migrate(&mut conn, Some(version))
     }
 
     /// Runs `work` on the connection, on the blocking pool.
@@ -146,6 +228,11 @@ impl SqliteStore {
     /// Tells every `changes()` receiver that something changed.
     fn bump(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Tells every `events_appended()` receiver that events were stored.
+    fn bump_events(&self) {
+        self.events.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -195,8 +282,9 @@ fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-/// Applies the migrations the database has not seen yet, all in one transaction.
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// Applies the migrations the database has not seen yet (up to `until`, when given), all in
+/// one transaction.
+fn migrate(conn: &mut Connection, until: Option<i64>) -> Result<(), StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_error)?;
@@ -216,7 +304,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .map_err(db_error)?;
     let known = MIGRATIONS.last().map_or(0, |(version, _)| *version);
     codec::check_schema_version(current, known)?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    let wanted = |v: i64| v > current && until.is_none_or(|until| v <= until);
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| wanted(*v)) {
         tx.execute_batch(sql).map_err(db_error)?;
         tx.execute(
             "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
@@ -605,6 +694,268 @@ fn upsert_root(tx: &Transaction<'_>, root: &BundleRoot) -> Result<bool, StoreErr
     Ok(changed.is_some())
 }
 
+fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        seq: col(row, "seq")?,
+        event: EventRecord {
+            id: col(row, "id")?,
+            kind: col(row, "kind")?,
+            time_ms: col(row, "time_ms")?,
+            node_id: col(row, "node_id")?,
+            entry_id: col(row, "entry_id")?,
+            spiffe_id: col(row, "spiffe_id")?,
+            serial: col(row, "serial")?,
+            not_after: col(row, "not_after")?,
+            reason: col(row, "reason")?,
+            caller: events::caller_from_columns((
+                col(row, "caller_pid")?,
+                col(row, "caller_uid")?,
+                col(row, "caller_gid")?,
+                col(row, "caller_exe_path")?,
+                col(row, "caller_exe_sha256")?,
+                col(row, "caller_unit")?,
+            ))?,
+            first_ms: col(row, "first_ms")?,
+            last_ms: col(row, "last_ms")?,
+            count: col(row, "count")?,
+            detail: col(row, "detail")?,
+            received_ms: col(row, "received_ms")?,
+        },
+    })
+}
+
+fn svid_from_row(row: &Row<'_>) -> Result<SvidRecord, StoreError> {
+    Ok(SvidRecord {
+        serial: col(row, "serial")?,
+        entry_id: col(row, "entry_id")?,
+        spiffe_id: col(row, "spiffe_id")?,
+        node_id: col(row, "node_id")?,
+        issued_ms: col(row, "issued_ms")?,
+        not_after: col(row, "not_after")?,
+        revoked_ms: col(row, "revoked_ms")?,
+        reason: col(row, "reason")?,
+        last_used_ms: col(row, "last_used_ms")?,
+        uses: col(row, "uses")?,
+    })
+}
+
+fn entry_activity_from_row(row: &Row<'_>) -> Result<EntryActivity, StoreError> {
+    Ok(EntryActivity {
+        entry_id: col(row, "entry_id")?,
+        last_issued_ms: col(row, "last_issued_ms")?,
+        last_used_ms: col(row, "last_used_ms")?,
+    })
+}
+
+fn node_activity_from_row(row: &Row<'_>) -> Result<NodeActivity, StoreError> {
+    Ok(NodeActivity {
+        node_id: col(row, "node_id")?,
+        last_event_ms: col(row, "last_event_ms")?,
+    })
+}
+
+/// Stores the events whose ids are new, and what they change in the inventory. Returns how
+/// many were stored.
+fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, StoreError> {
+    let mut insert = tx
+        .prepare_cached(&format!(
+            "INSERT INTO events ({EVENT_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                ?17, ?18, ?19, ?20)
+             ON CONFLICT (id) DO NOTHING"
+        ))
+        .map_err(db_error)?;
+    let mut new = Vec::with_capacity(batch.len());
+    for event in batch {
+        let (pid, uid, gid, exe_path, exe_sha256, unit) =
+            events::caller_columns(event.caller.as_ref());
+        let inserted = insert
+            .execute(rusqlite::params![
+                event.id,
+                event.kind,
+                event.time_ms,
+                event.node_id,
+                event.entry_id,
+                event.spiffe_id,
+                event.serial,
+                event.not_after,
+                event.reason,
+                pid,
+                uid,
+                gid,
+                exe_path,
+                exe_sha256,
+                unit,
+                event.first_ms,
+                event.last_ms,
+                event.count,
+                event.detail,
+                event.received_ms,
+            ])
+            .map_err(db_error)?;
+        if inserted == 1 {
+            new.push(event);
+        }
+    }
+    apply_inventory_changes(tx, &InventoryChanges::of(new.iter().copied()))?;
+    Ok(new.len())
+}
+
+fn apply_inventory_changes(
+    tx: &Transaction<'_>,
+    changes: &InventoryChanges,
+) -> Result<(), StoreError> {
+    let mut svid = tx
+        .prepare_cached(&format!(
+            "INSERT INTO svids ({SVID_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (serial) DO UPDATE SET {}",
+            events::SVID_MERGE
+        ))
+        .map_err(db_error)?;
+    for s in &changes.svids {
+        svid.execute(rusqlite::params![
+            s.serial,
+            s.entry_id,
+            s.spiffe_id,
+            s.node_id,
+            s.issued_ms,
+            s.not_after,
+            s.revoked_ms,
+            s.reason,
+            s.last_used_ms,
+            s.uses,
+        ])
+        .map_err(db_error)?;
+    }
+    let mut entry = tx
+        .prepare_cached(&format!(
+            "INSERT INTO entry_activity (entry_id, last_issued_ms, last_used_ms)
+             VALUES (?1, ?2, ?3)
+             ON CONFLICT (entry_id) DO UPDATE SET {}",
+            events::ENTRY_ACTIVITY_MERGE
+        ))
+        .map_err(db_error)?;
+    for e in &changes.entries {
+        entry
+            .execute((&e.entry_id, e.last_issued_ms, e.last_used_ms))
+            .map_err(db_error)?;
+    }
+    let mut node = tx
+        .prepare_cached(&format!(
+            "INSERT INTO node_activity (node_id, last_event_ms) VALUES (?1, ?2)
+             ON CONFLICT (node_id) DO UPDATE SET {}",
+            events::NODE_ACTIVITY_MERGE
+        ))
+        .map_err(db_error)?;
+    for n in &changes.nodes {
+        node.execute((&n.node_id, n.last_event_ms))
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// The events matching `filter`: its conditions become a `WHERE` clause with one parameter
+/// each.
+fn select_events(conn: &Connection, filter: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
+    use rusqlite::types::Value;
+    let mut conditions: Vec<String> = Vec::new();
+    let mut params: Vec<Value> = Vec::new();
+    let mut condition = |sql: &str, value: Value| {
+        params.push(value);
+        conditions.push(format!("{sql} ?{}", params.len()));
+    };
+    if let Some(since) = filter.since_ms {
+        condition("time_ms >=", since.into());
+    }
+    if let Some(until) = filter.until_ms {
+        condition("time_ms <", until.into());
+    }
+    for (column, value) in [
+        ("spiffe_id", &filter.spiffe_id),
+        ("entry_id", &filter.entry_id),
+        ("node_id", &filter.node_id),
+        ("serial", &filter.serial),
+    ] {
+        if let Some(value) = value {
+            condition(&format!("{column} ="), value.clone().into());
+        }
+    }
+    if let Some(after) = filter.after_seq {
+        condition("seq >", after.into());
+    }
+    if !filter.kinds.is_empty() {
+        let first = params.len() + 1;
+        params.extend(filter.kinds.iter().cloned().map(Value::from));
+        let placeholders: Vec<String> = (first..=params.len()).map(|i| format!("?{i}")).collect();
+        conditions.push(format!("kind IN ({})", placeholders.join(", ")));
+    }
+    params.push(events::limit(filter).into());
+    let sql = format!(
+        "SELECT seq, {EVENT_COLUMNS} FROM events {} {} ORDER BY seq LIMIT ?{}",
+        if conditions.is_empty() { "" } else { "WHERE" },
+        conditions.join(" AND "),
+        params.len()
+    );
+    query_all(
+        conn,
+        &sql,
+        rusqlite::params_from_iter(params),
+        event_from_row,
+    )
+}
+
+/// Deletes one chunk of prunable events; returns how many.
+fn prune_event_chunk(
+    tx: &Transaction<'_>,
+    older_than_ms: i64,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let deleted = tx
+        .execute(
+            "DELETE FROM events WHERE seq IN (
+                SELECT seq FROM events AS e
+                WHERE e.time_ms < ?1 AND (e.not_after IS NULL OR e.not_after < ?2)
+                    AND NOT EXISTS (
+                        SELECT 1 FROM svids AS s WHERE s.serial = e.serial AND s.not_after >= ?2
+                    )
+                LIMIT ?3
+            )",
+            (older_than_ms, now, events::PRUNE_CHUNK),
+        )
+        .map_err(db_error)?;
+    Ok(deleted as u64)
+}
+
+/// Deletes the inventory rows that pruning leaves behind.
+fn prune_inventory(tx: &Transaction<'_>, older_than_ms: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM svids
+         WHERE not_after < ?2
+            OR (not_after IS NULL
+                AND (issued_ms IS NULL OR issued_ms < ?1)
+                AND (revoked_ms IS NULL OR revoked_ms < ?1)
+                AND (last_used_ms IS NULL OR last_used_ms < ?1))",
+        (older_than_ms, events::seconds_before(older_than_ms)),
+    )
+    .map_err(db_error)?;
+    tx.execute(
+        "DELETE FROM entry_activity
+         WHERE NOT EXISTS (SELECT 1 FROM entries WHERE entries.id = entry_activity.entry_id)
+            AND (last_issued_ms IS NULL OR last_issued_ms < ?1)
+            AND (last_used_ms IS NULL OR last_used_ms < ?1)",
+        [older_than_ms],
+    )
+    .map_err(db_error)?;
+    tx.execute(
+        "DELETE FROM node_activity
+         WHERE NOT EXISTS (SELECT 1 FROM nodes WHERE nodes.id = node_activity.node_id)
+            AND last_event_ms < ?1",
+        [older_than_ms],
+    )
+    .map_err(db_error)?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl Datastore for SqliteStore {
     async fn create_entry(&self, entry: EntryRecord, now: i64) -> Result<EntryRecord, StoreError> {
@@ -776,5 +1127,94 @@ impl Datastore for SqliteStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    async fn store_events(&self, events: Vec<EventRecord>) -> Result<StoredCount, StoreError> {
+        events::check_batch(&events)?;
+        let total = events.len();
+        let (unique, _) = events::without_repeats(events);
+        if unique.is_empty() {
+            return Ok(StoredCount::default());
+        }
+        let stored = self.write(move |tx| insert_events(tx, &unique)).await?;
+        if stored > 0 {
+            self.bump_events();
+        }
+        Ok(StoredCount {
+            stored: events::count(stored),
+            duplicates: events::count(total - stored),
+        })
+    }
+
+    async fn list_events(&self, filter: EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
+        events::check_filter(&filter)?;
+        self.run(move |conn| select_events(conn, &filter)).await
+    }
+
+    async fn svids(
+        &self,
+        entry_id: Option<&str>,
+        node_id: Option<&str>,
+    ) -> Result<Vec<SvidRecord>, StoreError> {
+        let sql = events::svids_query(entry_id.is_some(), node_id.is_some(), |i| format!("?{i}"));
+        let params: Vec<String> = entry_id
+            .into_iter()
+            .chain(node_id)
+            .map(str::to_owned)
+            .collect();
+        self.run(move |conn| {
+            query_all(
+                conn,
+                &sql,
+                rusqlite::params_from_iter(params),
+                svid_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn entry_activity(&self) -> Result<Vec<EntryActivity>, StoreError> {
+        self.run(|conn| {
+            query_all(
+                conn,
+                "SELECT entry_id, last_issued_ms, last_used_ms FROM entry_activity
+                 ORDER BY entry_id",
+                [],
+                entry_activity_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn node_activity(&self) -> Result<Vec<NodeActivity>, StoreError> {
+        self.run(|conn| {
+            query_all(
+                conn,
+                "SELECT node_id, last_event_ms FROM node_activity ORDER BY node_id",
+                [],
+                node_activity_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn prune_events(&self, older_than_ms: i64, now: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let chunk = self
+                .write(move |tx| prune_event_chunk(tx, older_than_ms, now))
+                .await?;
+            deleted += chunk;
+            if chunk < events::PRUNE_CHUNK as u64 {
+                break;
+            }
+        }
+        self.write(move |tx| prune_inventory(tx, older_than_ms))
+            .await?;
+        Ok(deleted)
+    }
+
+    fn events_appended(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
     }
 }

@@ -4,20 +4,28 @@
 //!
 //! Each case is an async function over a `&dyn Datastore`, so both backends run the very same
 //! checks; the few that need to reopen a database or reach under the API take a [`Harness`].
+//! The event cases cover idempotent storing, the inventory derived from events, filters and
+//! paging, pruning and the migration of a database a version-1 server left.
+//!
+//! `ingest_rate`, ignored by default, measures how fast each backend stores batches of events:
+//! `cargo test --lib ingest_rate -- --ignored --nocapture`.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::postgres::{PostgresStore, drop_scratch_database, scratch_database_from_env};
 use super::sqlite::SqliteStore;
 use super::{
-    BundleRoot, Datastore, EntryRecord, JoinTokenRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, StoreError, TokenRefusal,
+    BundleRoot, CallerRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord,
+    JoinTokenRecord, NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError,
+    StoredCount, StoredEvent, SvidRecord, TokenRefusal, event_kind,
 };
 
 /// The clock of the suite: stores take `now` from their callers.
 const NOW: i64 = 1_700_000_000;
+/// The same instant in milliseconds, the unit of event times.
+const NOW_MS: i64 = NOW * 1000;
 /// How long a change may take to show in `changes()`.
 const CHANGE_WAIT: Duration = Duration::from_secs(2);
 
@@ -28,6 +36,10 @@ trait Harness: Send + Sync {
     async fn open(&self) -> Result<Arc<dyn Datastore>, StoreError>;
     /// Runs SQL on the database directly, to set up what the API cannot.
     async fn execute(&self, sql: &str);
+    /// The single integer `sql` selects, read directly from the database.
+    async fn query_i64(&self, sql: &str) -> i64;
+    /// Creates the database with the schema of `version`, as a server of that version left it.
+    async fn create_at_version(&self, version: i64);
 }
 
 fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> EntryRecord {
@@ -563,6 +575,723 @@ async fn changes_follow_writes(store: &dyn Datastore) {
     .await;
 }
 
+/// An SVID event about `serial` on node `n1`, entry `e1`, valid for an hour after [`NOW`].
+fn event(id: &str, kind: &str, serial: &str, time_ms: i64) -> EventRecord {
+    EventRecord {
+        id: id.to_owned(),
+        kind: kind.to_owned(),
+        time_ms,
+        node_id: "n1".to_owned(),
+        entry_id: "e1".to_owned(),
+        spiffe_id: "spiffe://example.org/w".to_owned(),
+        serial: serial.to_owned(),
+        not_after: Some(NOW + 3600),
+        received_ms: time_ms + 5,
+        ..EventRecord::default()
+    }
+}
+
+/// An `svid_used` event: `count` deliveries, the last at `last_ms`.
+fn used(id: &str, serial: &str, time_ms: i64, last_ms: i64, count: i64) -> EventRecord {
+    EventRecord {
+        first_ms: Some(time_ms - 100),
+        last_ms: Some(last_ms),
+        count: Some(count),
+        caller: Some(caller()),
+        ..event(id, event_kind::SVID_USED, serial, time_ms)
+    }
+}
+
+fn revoked(id: &str, serial: &str, time_ms: i64, reason: &str) -> EventRecord {
+    EventRecord {
+        reason: Some(reason.to_owned()),
+        ..event(id, event_kind::SVID_REVOKED, serial, time_ms)
+    }
+}
+
+fn caller() -> CallerRecord {
+    CallerRecord {
+        pid: 4242,
+        uid: 1000,
+        gid: 100,
+        exe_path: "/usr/bin/web".to_owned(),
+        exe_sha256: "ab".repeat(32),
+        unit: "web.service".to_owned(),
+    }
+}
+
+fn stored(stored: u32, duplicates: u32) -> StoredCount {
+    StoredCount { stored, duplicates }
+}
+
+fn ids(events: &[StoredEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.event.id.as_str()).collect()
+}
+
+/// Every stored event, in order.
+async fn all_events(store: &dyn Datastore) -> Vec<StoredEvent> {
+    store.list_events(EventFilter::default()).await.unwrap()
+}
+
+/// Everything the inventory holds.
+async fn inventory(
+    store: &dyn Datastore,
+) -> (Vec<SvidRecord>, Vec<EntryActivity>, Vec<NodeActivity>) {
+    (
+        store.svids(None, None).await.unwrap(),
+        store.entry_activity().await.unwrap(),
+        store.node_activity().await.unwrap(),
+    )
+}
+
+async fn events_round_trip(store: &dyn Datastore) {
+    let mut denied = event("d", event_kind::ATTESTATION_DENIED, "", NOW_MS + 3);
+    denied.entry_id = String::new();
+    denied.spiffe_id = String::new();
+    denied.not_after = None;
+    denied.caller = Some(CallerRecord {
+        unit: String::new(),
+        ..caller()
+    });
+    denied.detail = "no entry matches\nthe caller".to_owned();
+    let mut attested = event("a", event_kind::NODE_ATTESTED, "", NOW_MS + 4);
+    attested.node_id = String::new();
+    let batch = vec![
+        event("i", event_kind::SVID_ISSUED, "0a1b", NOW_MS + 1),
+        used("u", "0a1b", NOW_MS + 2, NOW_MS + 2, 7),
+        denied,
+        attested,
+        revoked("r", "0a1b", NOW_MS, "entry_removed"),
+    ];
+    assert_eq!(
+        store.store_events(batch.clone()).await.unwrap(),
+        stored(5, 0)
+    );
+    let listed = all_events(store).await;
+    let events: Vec<EventRecord> = listed.iter().map(|e| e.event.clone()).collect();
+    assert_eq!(
+        events, batch,
+        "every field comes back, in the order of the batch"
+    );
+    assert!(
+        listed.windows(2).all(|w| w[0].seq < w[1].seq),
+        "positions increase: {listed:?}"
+    );
+
+    // A later batch comes after, even with earlier event times.
+    let later = event("i2", event_kind::SVID_ISSUED, "0c", NOW_MS - 1_000);
+    assert_eq!(store.store_events(vec![later]).await.unwrap(), stored(1, 0));
+    let listed = all_events(store).await;
+    assert_eq!(ids(&listed), ["i", "u", "d", "a", "r", "i2"]);
+    assert!(listed[5].seq > listed[4].seq);
+
+    // Nothing to store is no error.
+    assert_eq!(store.store_events(vec![]).await.unwrap(), stored(0, 0));
+}
+
+async fn events_stored_once(store: &dyn Datastore) {
+    let batch = vec![
+        event("i", event_kind::SVID_ISSUED, "01", NOW_MS),
+        used("u", "01", NOW_MS + 10, NOW_MS + 20, 3),
+        revoked("r", "01", NOW_MS + 30, "superseded"),
+    ];
+    assert_eq!(
+        store.store_events(batch.clone()).await.unwrap(),
+        stored(3, 0)
+    );
+    let events = all_events(store).await;
+    let derived = inventory(store).await;
+    assert_eq!(derived.0[0].uses, 3);
+
+    // A retry changes nothing, counts included.
+    assert_eq!(
+        store.store_events(batch.clone()).await.unwrap(),
+        stored(0, 3)
+    );
+    assert_eq!(all_events(store).await, events);
+    assert_eq!(inventory(store).await, derived);
+
+    // Mixed: old and new events, and one repeated within the batch.
+    let mixed = vec![
+        batch[1].clone(),
+        used("u2", "01", NOW_MS + 40, NOW_MS + 50, 2),
+        batch[0].clone(),
+        used("u2", "01", NOW_MS + 40, NOW_MS + 50, 2),
+        event("i2", event_kind::SVID_ISSUED, "02", NOW_MS + 60),
+    ];
+    assert_eq!(
+        store.store_events(mixed.clone()).await.unwrap(),
+        stored(2, 3)
+    );
+    assert_eq!(ids(&all_events(store).await), ["i", "u", "r", "u2", "i2"]);
+    let svids = store.svids(None, None).await.unwrap();
+    assert_eq!(
+        svids
+            .iter()
+            .map(|s| (s.serial.as_str(), s.uses))
+            .collect::<Vec<_>>(),
+        [("01", 5), ("02", 0)],
+        "only newly stored uses count"
+    );
+    assert_eq!(svids[0].last_used_ms, Some(NOW_MS + 50));
+    let derived = inventory(store).await;
+    assert_eq!(store.store_events(mixed).await.unwrap(), stored(0, 5));
+    assert_eq!(inventory(store).await, derived);
+}
+
+async fn invalid_batch_refused(store: &dyn Datastore) {
+    let good = event("i", event_kind::SVID_ISSUED, "01", NOW_MS);
+    let mut unknown = event("x", "svid_misplaced", "01", NOW_MS);
+    unknown.node_id = "n9".to_owned();
+    let err = store
+        .store_events(vec![good.clone(), unknown])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.contains("svid_misplaced") && m.contains("\"x\"")),
+        "{err}"
+    );
+    let no_serial = event("s", event_kind::SVID_USED, "", NOW_MS);
+    let no_id = event("", event_kind::NODE_ATTESTED, "", NOW_MS);
+    for bad in [no_serial, no_id] {
+        let err = store
+            .store_events(vec![good.clone(), bad])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    }
+    // Nothing of the refused batches was stored, not even the good event.
+    assert!(all_events(store).await.is_empty());
+    assert_eq!(inventory(store).await, (vec![], vec![], vec![]));
+    // The good event on its own is stored as new.
+    assert_eq!(store.store_events(vec![good]).await.unwrap(), stored(1, 0));
+
+    let filter = EventFilter {
+        kinds: vec!["svid_issued".to_owned(), "svid_lost".to_owned()],
+        ..EventFilter::default()
+    };
+    let err = store.list_events(filter).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.contains("svid_lost")),
+        "{err}"
+    );
+}
+
+async fn revocation_before_issuance(store: &dyn Datastore) {
+    let mut early = revoked("r", "0f", NOW_MS + 500, "node_evicted");
+    early.not_after = None;
+    early.node_id = String::new(); // revoked by the server
+    store.store_events(vec![early]).await.unwrap();
+    assert_eq!(
+        store.svids(None, None).await.unwrap(),
+        [SvidRecord {
+            serial: "0f".to_owned(),
+            entry_id: "e1".to_owned(),
+            spiffe_id: "spiffe://example.org/w".to_owned(),
+            node_id: String::new(),
+            issued_ms: None,
+            not_after: None,
+            revoked_ms: Some(NOW_MS + 500),
+            reason: Some("node_evicted".to_owned()),
+            last_used_ms: None,
+            uses: 0,
+        }],
+        "what the revocation said, and no more"
+    );
+    assert!(
+        store.entry_activity().await.unwrap().is_empty(),
+        "a revocation is no activity"
+    );
+
+    // The issuance arrives: it fills in what was not known and keeps the revocation.
+    let issued = event("i", event_kind::SVID_ISSUED, "0f", NOW_MS);
+    // A later revocation of the same SVID does not replace the first.
+    let again = revoked("r2", "0f", NOW_MS + 900, "superseded");
+    store.store_events(vec![issued, again]).await.unwrap();
+    assert_eq!(
+        store.svids(None, None).await.unwrap(),
+        [SvidRecord {
+            serial: "0f".to_owned(),
+            entry_id: "e1".to_owned(),
+            spiffe_id: "spiffe://example.org/w".to_owned(),
+            node_id: "n1".to_owned(),
+            issued_ms: Some(NOW_MS),
+            not_after: Some(NOW + 3600),
+            revoked_ms: Some(NOW_MS + 500),
+            reason: Some("node_evicted".to_owned()),
+            last_used_ms: None,
+            uses: 0,
+        }]
+    );
+    // An earlier revocation, arriving late, takes its place.
+    store
+        .store_events(vec![revoked("r0", "0f", NOW_MS + 100, "entry_changed")])
+        .await
+        .unwrap();
+    let svid = &store.svids(None, None).await.unwrap()[0];
+    assert_eq!(
+        (svid.revoked_ms, svid.reason.as_deref()),
+        (Some(NOW_MS + 100), Some("entry_changed"))
+    );
+}
+
+async fn uses_aggregate(store: &dyn Datastore) {
+    let mut single = event("u0", event_kind::SVID_USED, "01", NOW_MS + 5);
+    single.count = None; // one delivery, at time_ms
+    store
+        .store_events(vec![
+            event("i", event_kind::SVID_ISSUED, "01", NOW_MS),
+            used("u1", "01", NOW_MS + 1_000, NOW_MS + 9_000, 10),
+            single,
+        ])
+        .await
+        .unwrap();
+    // Windows reported out of order: the latest use stays the latest.
+    store
+        .store_events(vec![
+            used("u2", "01", NOW_MS + 500, NOW_MS + 800, 4),
+            used("u3", "02", NOW_MS + 20_000, NOW_MS + 21_000, 2),
+        ])
+        .await
+        .unwrap();
+    let svids = store.svids(None, None).await.unwrap();
+    assert_eq!(
+        svids
+            .iter()
+            .map(|s| (s.serial.as_str(), s.issued_ms, s.uses, s.last_used_ms))
+            .collect::<Vec<_>>(),
+        [
+            ("01", Some(NOW_MS), 15, Some(NOW_MS + 9_000)),
+            ("02", None, 2, Some(NOW_MS + 21_000)),
+        ],
+        "by issuance, unknown issuance last"
+    );
+
+    let mut other_entry = event("i4", event_kind::SVID_ISSUED, "03", NOW_MS + 30_000);
+    other_entry.entry_id = "e2".to_owned();
+    other_entry.node_id = "n2".to_owned();
+    store.store_events(vec![other_entry]).await.unwrap();
+    assert_eq!(
+        store.entry_activity().await.unwrap(),
+        [
+            EntryActivity {
+                entry_id: "e1".to_owned(),
+                last_issued_ms: Some(NOW_MS),
+                last_used_ms: Some(NOW_MS + 21_000),
+            },
+            EntryActivity {
+                entry_id: "e2".to_owned(),
+                last_issued_ms: Some(NOW_MS + 30_000),
+                last_used_ms: None,
+            },
+        ]
+    );
+    assert_eq!(
+        store.node_activity().await.unwrap(),
+        [
+            NodeActivity {
+                node_id: "n1".to_owned(),
+                last_event_ms: NOW_MS + 20_000,
+            },
+            NodeActivity {
+                node_id: "n2".to_owned(),
+                last_event_ms: NOW_MS + 30_000,
+            },
+        ]
+    );
+
+    // The inventory of one entry, of one node, of both.
+    let serials =
+        |svids: Vec<SvidRecord>| -> Vec<String> { svids.into_iter().map(|s| s.serial).collect() };
+    assert_eq!(
+        serials(store.svids(Some("e1"), None).await.unwrap()),
+        ["01", "02"]
+    );
+    assert_eq!(
+        serials(store.svids(None, Some("n2")).await.unwrap()),
+        ["03"]
+    );
+    assert_eq!(
+        serials(store.svids(Some("e2"), Some("n2")).await.unwrap()),
+        ["03"]
+    );
+    assert!(
+        store
+            .svids(Some("e1"), Some("n2"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn event_filters_and_paging(store: &dyn Datastore) {
+    let mut db = event("a3", event_kind::SVID_ISSUED, "s2", NOW_MS + 3_000);
+    db.node_id = "n2".to_owned();
+    db.entry_id = "e2".to_owned();
+    db.spiffe_id = "spiffe://example.org/db".to_owned();
+    let mut denied = event("a4", event_kind::ATTESTATION_DENIED, "", NOW_MS + 4_000);
+    denied.node_id = "n2".to_owned();
+    denied.entry_id = String::new();
+    denied.spiffe_id = String::new();
+    let mut attested = event("a5", event_kind::NODE_ATTESTED, "", NOW_MS + 5_000);
+    attested.node_id = String::new();
+    attested.entry_id = String::new();
+    attested.spiffe_id = String::new();
+    store
+        .store_events(vec![
+            event("a1", event_kind::SVID_ISSUED, "s1", NOW_MS + 1_000),
+            used("a2", "s1", NOW_MS + 2_000, NOW_MS + 2_000, 1),
+            db,
+        ])
+        .await
+        .unwrap();
+    store
+        .store_events(vec![
+            denied,
+            attested,
+            revoked("a6", "s1", NOW_MS + 6_000, "superseded"),
+        ])
+        .await
+        .unwrap();
+
+    let list = |filter: EventFilter| async move {
+        let events = store.list_events(filter.clone()).await.unwrap();
+        ids(&events)
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let kinds = |kinds: &[&str]| kinds.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+    let some = |s: &str| Some(s.to_owned());
+    let cases: Vec<(EventFilter, &[&str])> = vec![
+        (
+            EventFilter::default(),
+            &["a1", "a2", "a3", "a4", "a5", "a6"],
+        ),
+        (
+            EventFilter {
+                since_ms: Some(NOW_MS + 3_000),
+                ..EventFilter::default()
+            },
+            &["a3", "a4", "a5", "a6"],
+        ),
+        (
+            EventFilter {
+                until_ms: Some(NOW_MS + 3_000),
+                ..EventFilter::default()
+            },
+            &["a1", "a2"],
+        ),
+        (
+            EventFilter {
+                kinds: kinds(&["svid_issued"]),
+                ..EventFilter::default()
+            },
+            &["a1", "a3"],
+        ),
+        (
+            EventFilter {
+                kinds: kinds(&["svid_revoked", "svid_issued"]),
+                ..EventFilter::default()
+            },
+            &["a1", "a3", "a6"],
+        ),
+        (
+            EventFilter {
+                spiffe_id: some("spiffe://example.org/w"),
+                ..EventFilter::default()
+            },
+            &["a1", "a2", "a6"],
+        ),
+        (
+            EventFilter {
+                entry_id: some("e2"),
+                ..EventFilter::default()
+            },
+            &["a3"],
+        ),
+        (
+            EventFilter {
+                node_id: some("n2"),
+                ..EventFilter::default()
+            },
+            &["a3", "a4"],
+        ),
+        (
+            EventFilter {
+                node_id: some(""),
+                ..EventFilter::default()
+            },
+            &["a5"],
+        ),
+        (
+            EventFilter {
+                serial: some("s1"),
+                ..EventFilter::default()
+            },
+            &["a1", "a2", "a6"],
+        ),
+        (
+            EventFilter {
+                serial: some("zz"),
+                ..EventFilter::default()
+            },
+            &[],
+        ),
+        (
+            EventFilter {
+                limit: 2,
+                ..EventFilter::default()
+            },
+            &["a1", "a2"],
+        ),
+        // Combined.
+        (
+            EventFilter {
+                node_id: some("n1"),
+                kinds: kinds(&["svid_used"]),
+                ..EventFilter::default()
+            },
+            &["a2"],
+        ),
+        (
+            EventFilter {
+                spiffe_id: some("spiffe://example.org/w"),
+                since_ms: Some(NOW_MS + 2_000),
+                until_ms: Some(NOW_MS + 6_000),
+                ..EventFilter::default()
+            },
+            &["a2"],
+        ),
+        (
+            EventFilter {
+                serial: some("s1"),
+                entry_id: some("e1"),
+                node_id: some("n1"),
+                kinds: kinds(&["svid_issued", "svid_revoked"]),
+                since_ms: Some(NOW_MS),
+                ..EventFilter::default()
+            },
+            &["a1", "a6"],
+        ),
+        (
+            EventFilter {
+                entry_id: some("e2"),
+                kinds: kinds(&["svid_used"]),
+                ..EventFilter::default()
+            },
+            &[],
+        ),
+    ];
+    for (filter, expected) in cases {
+        assert_eq!(list(filter.clone()).await, expected, "{filter:?}");
+    }
+
+    // Paging: each page starts after the last position of the previous one.
+    for (filter, pages) in [
+        (
+            EventFilter {
+                limit: 2,
+                ..EventFilter::default()
+            },
+            vec![vec!["a1", "a2"], vec!["a3", "a4"], vec!["a5", "a6"], vec![]],
+        ),
+        (
+            EventFilter {
+                serial: some("s1"),
+                limit: 1,
+                ..EventFilter::default()
+            },
+            vec![vec!["a1"], vec!["a2"], vec!["a6"], vec![]],
+        ),
+        (
+            EventFilter {
+                node_id: some("n2"),
+                limit: 5,
+                ..EventFilter::default()
+            },
+            vec![vec!["a3", "a4"], vec![]],
+        ),
+    ] {
+        let mut filter = filter;
+        for page in pages {
+            let events = store.list_events(filter.clone()).await.unwrap();
+            assert_eq!(ids(&events), page, "{filter:?}");
+            if let Some(last) = events.last() {
+                filter.after_seq = Some(last.seq);
+            }
+        }
+    }
+
+    // Tailing: what is stored later follows the last position seen.
+    let last = all_events(store).await.last().unwrap().seq;
+    store
+        .store_events(vec![event("a7", event_kind::SVID_ISSUED, "s3", NOW_MS)])
+        .await
+        .unwrap();
+    let tail = EventFilter {
+        after_seq: Some(last),
+        ..EventFilter::default()
+    };
+    assert_eq!(list(tail).await, ["a7"]);
+}
+
+async fn events_appended_moves(store: &dyn Datastore) {
+    let changes_before = *store.changes().borrow();
+    let mut appended = store.events_appended();
+    appended.borrow_and_update();
+    let batch = vec![event("i", event_kind::SVID_ISSUED, "01", NOW_MS)];
+    store.store_events(batch.clone()).await.unwrap();
+    tokio::time::timeout(CHANGE_WAIT, appended.changed())
+        .await
+        .expect("events_appended() did not move after store_events")
+        .unwrap();
+    store
+        .store_events(vec![used("u", "01", NOW_MS, NOW_MS, 1)])
+        .await
+        .unwrap();
+    tokio::time::timeout(CHANGE_WAIT, appended.changed())
+        .await
+        .expect("events_appended() did not move after a second batch")
+        .unwrap();
+    // Whatever notification is still on its way has arrived after this.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        *store.changes().borrow(),
+        changes_before,
+        "storing events must not move changes()"
+    );
+}
+
+async fn prune_keeps_valid_svids(store: &dyn Datastore) {
+    let older_than = NOW_MS - 1_000_000;
+    let old = older_than - 5_000;
+    let expiring = |mut e: EventRecord, not_after: i64| {
+        e.not_after = Some(not_after);
+        e
+    };
+    // Expired before `older_than`: its events and its inventory row go.
+    let gone_by = older_than / 1000 - 10;
+    // Valid at NOW: its events stay however old, its revocation without a not-after too.
+    let mut valid_revoked = revoked("valid-r", "valid", old + 10, "superseded");
+    valid_revoked.not_after = None;
+    // Expired at NOW but after `older_than`: its old events go, its inventory row stays.
+    // Of unknown expiry: its old event goes, and so does its row.
+    let mut unknown = revoked("unknown-r", "unknown", old, "entry_removed");
+    unknown.not_after = None;
+    let denied = |id: &str, time_ms| {
+        let mut e = event(id, event_kind::ATTESTATION_DENIED, "", time_ms);
+        e.not_after = None;
+        e.entry_id = String::new();
+        e
+    };
+    let mut elsewhere = event("else-i", event_kind::SVID_ISSUED, "else", old);
+    elsewhere.entry_id = "e-gone".to_owned();
+    elsewhere.node_id = "n-gone".to_owned();
+    elsewhere.not_after = Some(gone_by);
+    store
+        .store_events(vec![
+            expiring(
+                event("gone-i", event_kind::SVID_ISSUED, "gone", old),
+                gone_by,
+            ),
+            expiring(used("gone-u", "gone", old + 1, old + 1, 1), gone_by),
+            expiring(
+                event("valid-i", event_kind::SVID_ISSUED, "valid", old),
+                NOW + 100,
+            ),
+            valid_revoked,
+            expiring(
+                event("recent-i", event_kind::SVID_ISSUED, "recent", old + 1),
+                NOW - 10,
+            ),
+            expiring(
+                used("recent-u", "recent", older_than, older_than, 1),
+                NOW - 10,
+            ),
+            unknown,
+            denied("denied-old", older_than - 1),
+            denied("denied-new", older_than),
+            elsewhere,
+        ])
+        .await
+        .unwrap();
+    store
+        .create_entry(entry("e1", "spiffe://example.org/w", &["a:1"]), NOW)
+        .await
+        .unwrap();
+    store.attest_node(node("n1", "01")).await.unwrap();
+
+    let deleted = store.prune_events(older_than, NOW).await.unwrap();
+    assert_eq!(
+        ids(&all_events(store).await),
+        ["valid-i", "valid-r", "recent-u", "denied-new"]
+    );
+    assert_eq!(deleted, 6);
+    let serials: Vec<String> = store
+        .svids(None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.serial)
+        .collect();
+    assert_eq!(serials, ["valid", "recent"]);
+    // Activity stays for the entry and node that exist, and goes for those that do not.
+    let entries: Vec<String> = store
+        .entry_activity()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.entry_id)
+        .collect();
+    assert_eq!(entries, ["e1"]);
+    let nodes: Vec<String> = store
+        .node_activity()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.node_id)
+        .collect();
+    assert_eq!(nodes, ["n1"]);
+
+    // Pruning again finds nothing more; later, the valid SVID has expired too.
+    assert_eq!(store.prune_events(older_than, NOW).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .prune_events((NOW + 200) * 1000, NOW + 201)
+            .await
+            .unwrap(),
+        4
+    );
+    assert!(all_events(store).await.is_empty());
+    assert!(store.svids(None, None).await.unwrap().is_empty());
+}
+
+async fn prune_works_in_chunks(store: &dyn Datastore) {
+    let total = 12_345;
+    let batch: Vec<EventRecord> = (0..total)
+        .map(|i| {
+            let mut e = event(&format!("d{i}"), event_kind::ATTESTATION_DENIED, "", NOW_MS);
+            e.not_after = None;
+            e
+        })
+        .collect();
+    for chunk in batch.chunks(1000) {
+        store.store_events(chunk.to_vec()).await.unwrap();
+    }
+    store
+        .store_events(vec![event(
+            "later",
+            event_kind::NODE_ATTESTED,
+            "",
+            NOW_MS + 1,
+        )])
+        .await
+        .unwrap();
+    assert_eq!(store.prune_events(NOW_MS + 1, NOW).await.unwrap(), total);
+    assert_eq!(ids(&all_events(store).await), ["later"]);
+}
+
 /// Reopening runs the migrations again (nothing to do) and keeps the data; two stores opening
 /// one database at the same moment both succeed.
 async fn reopen_keeps_data(harness: &dyn Harness) {
@@ -625,6 +1354,99 @@ async fn corrupt_rows_reported(harness: &dyn Harness) {
     assert!(corrupt(store.consume_join_token("bad", "n", NOW).await));
 }
 
+/// A database a version-1 server left is migrated, its data kept, and takes events.
+async fn migrates_from_version_1(harness: &dyn Harness) {
+    harness.create_at_version(1).await;
+    let version = "SELECT MAX(version) FROM schema_version";
+    assert_eq!(harness.query_i64(version).await, 1);
+    harness
+        .execute(
+            "INSERT INTO entries (id, spiffe_id, selectors, selectors_sha256, node_selectors,
+                x509_ttl_seconds, owner, purpose, dns_names, revision, created_at, updated_at)
+             VALUES ('old', 'spiffe://example.org/old', '[\"a:1\"]', 'digest', '[]', 3600,
+                'team-a', 'tests', '[]', 1, 1700000000, 1700000000)",
+        )
+        .await;
+
+    let store = harness.open().await.unwrap();
+    assert_eq!(harness.query_i64(version).await, 2);
+    let old = store.get_entry("old").await.unwrap().unwrap();
+    assert_eq!(old.spiffe_id, "spiffe://example.org/old");
+    let batch = vec![
+        event("i", event_kind::SVID_ISSUED, "01", NOW_MS),
+        used("u", "01", NOW_MS, NOW_MS, 2),
+    ];
+    assert_eq!(store.store_events(batch).await.unwrap(), stored(2, 0));
+    drop(store);
+
+    // Opening again migrates nothing and finds the events.
+    let store = harness.open().await.unwrap();
+    assert_eq!(harness.query_i64(version).await, 2);
+    assert_eq!(ids(&all_events(&*store).await), ["i", "u"]);
+    assert_eq!(store.svids(None, None).await.unwrap()[0].uses, 2);
+}
+
+/// An event row that does not decode is reported as `Corrupt`.
+async fn corrupt_events_reported(harness: &dyn Harness) {
+    let store = harness.open().await.unwrap();
+    store
+        .store_events(vec![used("u", "01", NOW_MS, NOW_MS, 1)])
+        .await
+        .unwrap();
+    harness
+        .execute("UPDATE events SET caller_unit = NULL")
+        .await;
+    let err = store.list_events(EventFilter::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(m) if m.contains("caller")),
+        "{err}"
+    );
+}
+
+/// Stores `batches` batches of `size` events shaped like an agent's reports (an issuance, uses
+/// and a revocation per SVID, random serials, time-ordered ids) and prints the rate.
+async fn ingest_rate(store: &dyn Datastore, backend: &str, size: usize, batches: usize) {
+    let mut serial = [0u8; 16];
+    let mut batch_of = |b: usize| -> Vec<EventRecord> {
+        (0..size)
+            .map(|i| {
+                let n = b * size + i;
+                // Every tenth event starts the story of a new SVID.
+                let step = n % 10;
+                if step == 0 {
+                    aws_lc_rs::rand::fill(&mut serial).unwrap();
+                }
+                let serial = hex::encode(serial);
+                let id = format!("{:012x}-7000-8000-{n:012x}", NOW_MS + n as i64);
+                let time = NOW_MS + n as i64;
+                let mut e = match step {
+                    0 => event(&id, event_kind::SVID_ISSUED, &serial, time),
+                    9 => revoked(&id, &serial, time, "superseded"),
+                    _ => used(&id, &serial, time, time, 3),
+                };
+                e.entry_id = format!("entry-{}", n % 50);
+                e.node_id = format!("node-{}", n % 7);
+                e
+            })
+            .collect()
+    };
+    let prepared: Vec<Vec<EventRecord>> = (0..batches).map(&mut batch_of).collect();
+    let start = Instant::now();
+    for batch in prepared {
+        assert_eq!(
+            store.store_events(batch).await.unwrap().stored as usize,
+            size
+        );
+    }
+    let elapsed = start.elapsed();
+    let events = (size * batches) as f64;
+    println!(
+        "{backend}: {events} events in batches of {size}: {:.2} s, {:.0} events/s",
+        elapsed.as_secs_f64(),
+        events / elapsed.as_secs_f64()
+    );
+}
+
 /// One generated test per case, for the backend whose module invokes it. Each module provides
 /// `harness()`, `None` when the backend is not available.
 macro_rules! suite_tests {
@@ -679,6 +1501,15 @@ mod sqlite_suite {
             conn.busy_timeout(Duration::from_secs(5)).unwrap();
             conn.execute_batch(sql).unwrap();
         }
+
+        async fn query_i64(&self, sql: &str) -> i64 {
+            let conn = rusqlite::Connection::open(self.path()).unwrap();
+            conn.query_row(sql, [], |row| row.get(0)).unwrap()
+        }
+
+        async fn create_at_version(&self, version: i64) {
+            SqliteStore::create_at_version(&self.path(), version).unwrap();
+        }
     }
 
     async fn harness() -> Option<Sqlite> {
@@ -691,8 +1522,12 @@ mod sqlite_suite {
         stores: entries_round_trip, duplicate_entries_refused, entry_updates_check_revision,
             entry_deletion, join_tokens, concurrent_token_use, node_attestation,
             banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
-            bundle_roots, changes_follow_writes;
+            bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
+            invalid_batch_refused, revocation_before_issuance, uses_aggregate,
+            event_filters_and_paging, events_appended_moves, prune_keeps_valid_svids,
+            prune_works_in_chunks;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
+            migrates_from_version_1, corrupt_events_reported,
     );
 
     #[tokio::test]
@@ -710,6 +1545,16 @@ mod sqlite_suite {
             path.push(suffix);
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{path:?}");
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "a measurement, not a check: run it with --ignored --nocapture"]
+    async fn ingest_rate() {
+        for size in [500, 1000] {
+            let harness = harness().await.unwrap();
+            let store = harness.open().await.unwrap();
+            super::ingest_rate(&*store, "SQLite", size, 50_000 / size).await;
         }
     }
 
@@ -764,6 +1609,21 @@ mod postgres_suite {
         async fn execute(&self, sql: &str) {
             self.client().await.batch_execute(sql).await.unwrap();
         }
+
+        async fn query_i64(&self, sql: &str) -> i64 {
+            self.client()
+                .await
+                .query_one(sql, &[])
+                .await
+                .unwrap()
+                .get(0)
+        }
+
+        async fn create_at_version(&self, version: i64) {
+            PostgresStore::create_at_version(&self.conninfo, version)
+                .await
+                .unwrap();
+        }
     }
 
     async fn harness() -> Option<Postgres> {
@@ -776,20 +1636,82 @@ mod postgres_suite {
         stores: entries_round_trip, duplicate_entries_refused, entry_updates_check_revision,
             entry_deletion, join_tokens, concurrent_token_use, node_attestation,
             banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
-            bundle_roots, changes_follow_writes;
+            bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
+            invalid_batch_refused, revocation_before_issuance, uses_aggregate,
+            event_filters_and_paging, events_appended_moves, prune_keeps_valid_svids,
+            prune_works_in_chunks;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
+            migrates_from_version_1, corrupt_events_reported,
     );
 
     /// Waits until the store's notification connection is up: it announces that by moving
-    /// `changes()` on once.
+    /// `changes()` and `events_appended()` on once.
     async fn listening(store: &PostgresStore) {
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            store.changes().wait_for(|n| *n >= 1),
-        )
+        tokio::time::timeout(Duration::from_secs(5), async {
+            store.changes().wait_for(|n| *n >= 1).await.unwrap();
+            store.events_appended().wait_for(|n| *n >= 1).await.unwrap();
+        })
         .await
-        .expect("the notification connection did not come up")
-        .unwrap();
+        .expect("the notification connection did not come up");
+    }
+
+    #[tokio::test]
+    async fn replicas_see_each_others_events() {
+        let Some(harness) = harness().await else {
+            return;
+        };
+        let (a, b) = (harness.connect().await, harness.connect().await);
+        listening(&a).await;
+        listening(&b).await;
+        let changes_before = *b.changes().borrow();
+        let mut appended = b.events_appended();
+        appended.borrow_and_update();
+
+        let batch = vec![
+            event("i", event_kind::SVID_ISSUED, "01", NOW_MS),
+            used("u", "01", NOW_MS + 1, NOW_MS + 1, 4),
+        ];
+        assert_eq!(a.store_events(batch).await.unwrap(), stored(2, 0));
+        tokio::time::timeout(CHANGE_WAIT, appended.changed())
+            .await
+            .expect("the other replica did not hear of the stored events")
+            .unwrap();
+        assert_eq!(ids(&all_events(&*b).await), ["i", "u"]);
+        assert_eq!(b.svids(None, None).await.unwrap()[0].uses, 4);
+
+        // Both replicas storing the same events at once: each is stored once.
+        let batch: Vec<EventRecord> = (0..200)
+            .map(|i| used(&format!("c{i}"), "01", NOW_MS + 10, NOW_MS + 10, 1))
+            .collect();
+        let (first, second) =
+            tokio::join!(a.store_events(batch.clone()), b.store_events(batch.clone()));
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(first.stored + second.stored, 200, "{first:?} {second:?}");
+        assert_eq!(first.duplicates + second.duplicates, 200);
+        assert_eq!(a.svids(None, None).await.unwrap()[0].uses, 204);
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            *b.changes().borrow(),
+            changes_before,
+            "events must not move the other replica's changes()"
+        );
+        drop((a, b));
+        harness.finish().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "a measurement, not a check: run it with --ignored --nocapture"]
+    async fn ingest_rate() {
+        for size in [500, 1000] {
+            let Some(harness) = harness().await else {
+                return;
+            };
+            let store = harness.open().await.unwrap();
+            super::ingest_rate(&*store, "PostgreSQL", size, 50_000 / size).await;
+            drop(store);
+            harness.finish().await;
+        }
     }
 
     /// Checks that `changes()` of `watcher` moves on after `op` on another replica.
@@ -932,6 +1854,7 @@ mod postgres_suite {
         a.list_entries().await.unwrap();
         b.list_entries().await.unwrap();
         let before = *b.changes().borrow();
+        let events_before = *b.events_appended().borrow();
 
         // Two stores, each with an operation connection and a notification connection.
         assert!(terminate_connections(&harness).await >= 4);
@@ -953,6 +1876,8 @@ mod postgres_suite {
         .await
         .expect("the notification connection did not come back")
         .unwrap();
+        // Events may have been missed as well: tailing readers are told to look again.
+        assert!(*b.events_appended().borrow() > events_before);
 
         // Writes work again, and the other replica hears of them again.
         let created = sees_change(&b, "an entry created after the outage", async {

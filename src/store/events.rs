@@ -1,0 +1,501 @@
+//! What both backends do alike with events: checking a batch before anything is written,
+//! setting aside repeats, and folding the newly stored events into inventory changes, at most
+//! one per SVID, entry and node, each merged into the stored row by the same rules in SQL
+//! ([`SVID_MERGE`], [`ENTRY_ACTIVITY_MERGE`], [`NODE_ACTIVITY_MERGE`]) as here in memory.
+//!
+//! The rules are order-independent where the order of arrival is not meaningful: an SVID's
+//! issuance time is the earliest reported, its revocation the earliest (with its reason), its
+//! last use the latest, its uses the sum. For the facts every event about an SVID repeats
+//! (entry, SPIFFE ID, node, not-after) the first one known is kept.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::{
+    CallerRecord, EntryActivity, EventFilter, EventRecord, MAX_EVENTS_LISTED, NodeActivity,
+    StoreError, SvidRecord, event_kind,
+};
+
+/// The stored columns of an event, in the order both backends bind and read them.
+pub(crate) const EVENT_COLUMNS: &str = "id, kind, time_ms, node_id, entry_id, spiffe_id, serial, \
+    not_after, reason, caller_pid, caller_uid, caller_gid, caller_exe_path, caller_exe_sha256, \
+    caller_unit, first_ms, last_ms, count, detail, received_ms";
+
+/// The stored columns of an SVID, likewise.
+pub(crate) const SVID_COLUMNS: &str = "serial, entry_id, spiffe_id, node_id, issued_ms, \
+    not_after, revoked_ms, reason, last_used_ms, uses";
+
+/// A caller as its six nullable columns: all `NULL` when there is none.
+pub(crate) type CallerColumns = (
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The columns that store `caller`.
+pub(crate) fn caller_columns(caller: Option<&CallerRecord>) -> CallerColumns {
+    match caller {
+        None => (None, None, None, None, None, None),
+        Some(c) => (
+            Some(c.pid),
+            Some(c.uid),
+            Some(c.gid),
+            Some(c.exe_path.clone()),
+            Some(c.exe_sha256.clone()),
+            Some(c.unit.clone()),
+        ),
+    }
+}
+
+/// The caller stored in its columns: none when all are `NULL`, `Corrupt` when only some are.
+pub(crate) fn caller_from_columns(
+    columns: CallerColumns,
+) -> Result<Option<CallerRecord>, StoreError> {
+    match columns {
+        (None, None, None, None, None, None) => Ok(None),
+        (Some(pid), Some(uid), Some(gid), Some(exe_path), Some(exe_sha256), Some(unit)) => {
+            Ok(Some(CallerRecord {
+                pid,
+                uid,
+                gid,
+                exe_path,
+                exe_sha256,
+                unit,
+            }))
+        }
+        _ => Err(StoreError::Corrupt(
+            "an event's caller columns are only partly set".to_owned(),
+        )),
+    }
+}
+
+/// Refuses a batch that holds an event the store cannot keep, naming the first such event.
+pub(crate) fn check_batch(events: &[EventRecord]) -> Result<(), StoreError> {
+    for (index, event) in events.iter().enumerate() {
+        let refuse = |why: String| {
+            Err(StoreError::Invalid(format!(
+                "event {index} (id {:?}) {why}; nothing in the batch was stored",
+                event.id
+            )))
+        };
+        if event.id.is_empty() {
+            return refuse("has no id".to_owned());
+        }
+        if !event_kind::is_known(&event.kind) {
+            return refuse(format!("has the unknown kind {:?}", event.kind));
+        }
+        if event_kind::is_svid(&event.kind) && event.serial.is_empty() {
+            return refuse(format!("is {} without a serial", event.kind));
+        }
+        if event.count.is_some_and(|count| count < 0) {
+            return refuse("has a negative count".to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a filter naming an unknown kind: it could only ever match nothing.
+pub(crate) fn check_filter(filter: &EventFilter) -> Result<(), StoreError> {
+    match filter.kinds.iter().find(|k| !event_kind::is_known(k)) {
+        Some(kind) => Err(StoreError::Invalid(format!(
+            "no events have the kind {kind:?}; the kinds are {}",
+            event_kind::ALL.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// How many events a listing returns at most.
+pub(crate) fn limit(filter: &EventFilter) -> i64 {
+    let limit = match filter.limit {
+        0 => MAX_EVENTS_LISTED,
+        n => n.min(MAX_EVENTS_LISTED),
+    };
+    // At most MAX_EVENTS_LISTED, so it fits.
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// The batch without events whose id came earlier in it (the first of each id is kept, in
+/// order), and how many were left out.
+pub(crate) fn without_repeats(events: Vec<EventRecord>) -> (Vec<EventRecord>, usize) {
+    let total = events.len();
+    let mut seen = HashSet::with_capacity(total);
+    let unique: Vec<EventRecord> = events
+        .into_iter()
+        .filter(|e| seen.insert(e.id.clone()))
+        .collect();
+    let repeats = total - unique.len();
+    (unique, repeats)
+}
+
+/// Counts as stored in an answer; a batch is never anywhere near `u32::MAX` events.
+pub(crate) fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// What newly stored events change in the inventory, one change per key, ordered by key (so
+/// concurrent writers lock rows in the same order).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct InventoryChanges {
+    /// Merged into the stored SVID with the same serial by [`SVID_MERGE`]; `uses` is an
+    /// increment.
+    pub svids: Vec<SvidRecord>,
+    /// Merged into the stored activity by [`ENTRY_ACTIVITY_MERGE`].
+    pub entries: Vec<EntryActivity>,
+    /// Merged into the stored activity by [`NODE_ACTIVITY_MERGE`].
+    pub nodes: Vec<NodeActivity>,
+}
+
+impl InventoryChanges {
+    /// Folds `events`, each newly stored, into one change per SVID, entry and node.
+    pub(crate) fn of<'a>(events: impl IntoIterator<Item = &'a EventRecord>) -> Self {
+        let mut svids: BTreeMap<&str, SvidRecord> = BTreeMap::new();
+        let mut entries: BTreeMap<&str, EntryActivity> = BTreeMap::new();
+        let mut nodes: BTreeMap<&str, i64> = BTreeMap::new();
+        for event in events {
+            if !event.node_id.is_empty() {
+                let last = nodes.entry(&event.node_id).or_insert(event.time_ms);
+                *last = (*last).max(event.time_ms);
+            }
+            let Some(change) = svid_change(event) else {
+                continue;
+            };
+            if !event.entry_id.is_empty() && (change.issued_ms, change.last_used_ms) != (None, None)
+            {
+                let activity = EntryActivity {
+                    entry_id: event.entry_id.clone(),
+                    last_issued_ms: change.issued_ms,
+                    last_used_ms: change.last_used_ms,
+                };
+                match entries.get_mut(event.entry_id.as_str()) {
+                    Some(stored) => merge_entry_activity(stored, activity),
+                    None => {
+                        entries.insert(&event.entry_id, activity);
+                    }
+                }
+            }
+            match svids.get_mut(event.serial.as_str()) {
+                Some(stored) => merge_svid(stored, change),
+                None => {
+                    svids.insert(&event.serial, change);
+                }
+            }
+        }
+        Self {
+            svids: svids.into_values().collect(),
+            entries: entries.into_values().collect(),
+            nodes: nodes
+                .into_iter()
+                .map(|(node_id, last_event_ms)| NodeActivity {
+                    node_id: node_id.to_owned(),
+                    last_event_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What one event says about its SVID; `None` for events about no SVID.
+fn svid_change(event: &EventRecord) -> Option<SvidRecord> {
+    let mut change = SvidRecord {
+        serial: event.serial.clone(),
+        entry_id: event.entry_id.clone(),
+        spiffe_id: event.spiffe_id.clone(),
+        node_id: event.node_id.clone(),
+        not_after: event.not_after,
+        ..SvidRecord::default()
+    };
+    match event.kind.as_str() {
+        event_kind::SVID_ISSUED => change.issued_ms = Some(event.time_ms),
+        event_kind::SVID_REVOKED => {
+            change.revoked_ms = Some(event.time_ms);
+            change.reason = event.reason.clone();
+        }
+        event_kind::SVID_USED => {
+            change.last_used_ms = Some(event.last_ms.unwrap_or(event.time_ms));
+            change.uses = event.count.unwrap_or(1);
+        }
+        _ => return None,
+    }
+    Some(change)
+}
+
+/// `stored` with `change` merged in, as [`SVID_MERGE`] does it.
+fn merge_svid(stored: &mut SvidRecord, change: SvidRecord) {
+    for (kept, new) in [
+        (&mut stored.entry_id, change.entry_id),
+        (&mut stored.spiffe_id, change.spiffe_id),
+        (&mut stored.node_id, change.node_id),
+    ] {
+        if kept.is_empty() {
+            *kept = new;
+        }
+    }
+    stored.issued_ms = earliest(stored.issued_ms, change.issued_ms);
+    stored.not_after = stored.not_after.or(change.not_after);
+    if earlier(change.revoked_ms, stored.revoked_ms) {
+        stored.revoked_ms = change.revoked_ms;
+        stored.reason = change.reason;
+    }
+    stored.last_used_ms = latest(stored.last_used_ms, change.last_used_ms);
+    stored.uses = stored.uses.saturating_add(change.uses);
+}
+
+/// `stored` with `change` merged in, as [`ENTRY_ACTIVITY_MERGE`] does it.
+fn merge_entry_activity(stored: &mut EntryActivity, change: EntryActivity) {
+    stored.last_issued_ms = latest(stored.last_issued_ms, change.last_issued_ms);
+    stored.last_used_ms = latest(stored.last_used_ms, change.last_used_ms);
+}
+
+/// True when `new` is known and before `kept` (or `kept` is not known).
+fn earlier(new: Option<i64>, kept: Option<i64>) -> bool {
+    match (new, kept) {
+        (Some(new), Some(kept)) => new < kept,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    if earlier(b, a) { b } else { a }
+}
+
+fn latest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The query for the SVIDs of one entry and/or one node (a condition for each given, so that
+/// their indexes serve it), with the parameters written by `placeholder(1)`, `placeholder(2)`:
+/// the entry first.
+pub(crate) fn svids_query(
+    entry_id: bool,
+    node_id: bool,
+    placeholder: impl Fn(usize) -> String,
+) -> String {
+    let mut conditions = Vec::new();
+    for (given, column) in [(entry_id, "entry_id"), (node_id, "node_id")] {
+        if given {
+            conditions.push(format!("{column} = {}", placeholder(conditions.len() + 1)));
+        }
+    }
+    format!(
+        "SELECT {SVID_COLUMNS} FROM svids {} {}
+         ORDER BY issued_ms IS NULL, issued_ms, serial",
+        if conditions.is_empty() { "" } else { "WHERE" },
+        conditions.join(" AND ")
+    )
+}
+
+/// The SQL of [`merge_svid`]: the `DO UPDATE SET` of an upsert into `svids` whose new row
+/// (`excluded`) is a change. Every right-hand side sees the stored row as it was. The same text
+/// serves SQLite and PostgreSQL.
+pub(crate) const SVID_MERGE: &str = "
+    entry_id = CASE WHEN svids.entry_id = '' THEN excluded.entry_id ELSE svids.entry_id END,
+    spiffe_id = CASE WHEN svids.spiffe_id = '' THEN excluded.spiffe_id ELSE svids.spiffe_id END,
+    node_id = CASE WHEN svids.node_id = '' THEN excluded.node_id ELSE svids.node_id END,
+    issued_ms = CASE WHEN svids.issued_ms IS NULL OR excluded.issued_ms < svids.issued_ms
+        THEN excluded.issued_ms ELSE svids.issued_ms END,
+    not_after = COALESCE(svids.not_after, excluded.not_after),
+    revoked_ms = CASE WHEN svids.revoked_ms IS NULL OR excluded.revoked_ms < svids.revoked_ms
+        THEN excluded.revoked_ms ELSE svids.revoked_ms END,
+    reason = CASE WHEN svids.revoked_ms IS NULL OR excluded.revoked_ms < svids.revoked_ms
+        THEN excluded.reason ELSE svids.reason END,
+    last_used_ms = CASE WHEN svids.last_used_ms IS NULL
+            OR excluded.last_used_ms > svids.last_used_ms
+        THEN excluded.last_used_ms ELSE svids.last_used_ms END,
+    uses = svids.uses + excluded.uses";
+
+/// The SQL of [`merge_entry_activity`], likewise for `entry_activity`.
+pub(crate) const ENTRY_ACTIVITY_MERGE: &str = "
+    last_issued_ms = CASE WHEN entry_activity.last_issued_ms IS NULL
+            OR excluded.last_issued_ms > entry_activity.last_issued_ms
+        THEN excluded.last_issued_ms ELSE entry_activity.last_issued_ms END,
+    last_used_ms = CASE WHEN entry_activity.last_used_ms IS NULL
+            OR excluded.last_used_ms > entry_activity.last_used_ms
+        THEN excluded.last_used_ms ELSE entry_activity.last_used_ms END";
+
+/// The SQL that merges a node's latest event into `node_activity`, likewise.
+pub(crate) const NODE_ACTIVITY_MERGE: &str = "
+    last_event_ms = CASE WHEN excluded.last_event_ms > node_activity.last_event_ms
+        THEN excluded.last_event_ms ELSE node_activity.last_event_ms END";
+
+/// `not_after` values (Unix seconds) below this are before the instant `ms` (Unix
+/// milliseconds): `not_after * 1000 < ms` without the multiplication, which could overflow.
+pub(crate) fn seconds_before(ms: i64) -> i64 {
+    ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0)
+}
+
+/// How many events one pruning transaction deletes at most.
+pub(crate) const PRUNE_CHUNK: i64 = 5_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, kind: &str, serial: &str, time_ms: i64) -> EventRecord {
+        EventRecord {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
+            time_ms,
+            node_id: "n1".to_owned(),
+            entry_id: "e1".to_owned(),
+            spiffe_id: "spiffe://example.org/w".to_owned(),
+            serial: serial.to_owned(),
+            not_after: Some(2_000),
+            ..EventRecord::default()
+        }
+    }
+
+    #[test]
+    fn batch_checks_name_the_event() {
+        let good = event("a", event_kind::SVID_ISSUED, "01", 1);
+        assert!(check_batch(std::slice::from_ref(&good)).is_ok());
+        let cases = [
+            (
+                EventRecord {
+                    id: String::new(),
+                    ..good.clone()
+                },
+                "no id",
+            ),
+            (
+                EventRecord {
+                    kind: "svid_lost".to_owned(),
+                    ..good.clone()
+                },
+                "svid_lost",
+            ),
+            (
+                EventRecord {
+                    serial: String::new(),
+                    ..good.clone()
+                },
+                "without a serial",
+            ),
+            (
+                EventRecord {
+                    count: Some(-1),
+                    ..good.clone()
+                },
+                "negative count",
+            ),
+        ];
+        for (bad, why) in cases {
+            let err = check_batch(&[good.clone(), bad]).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Invalid(m) if m.contains("event 1") && m.contains(why)),
+                "{err}"
+            );
+        }
+        // Events about no SVID need no serial.
+        let denied = EventRecord {
+            serial: String::new(),
+            ..event("d", event_kind::ATTESTATION_DENIED, "", 1)
+        };
+        assert!(check_batch(&[denied]).is_ok());
+    }
+
+    #[test]
+    fn repeats_within_a_batch_are_left_out() {
+        let a = event("a", event_kind::SVID_USED, "01", 1);
+        let b = event("b", event_kind::SVID_USED, "01", 2);
+        let a_again = event("a", event_kind::SVID_USED, "01", 3);
+        let (unique, repeats) = without_repeats(vec![a.clone(), b.clone(), a_again]);
+        assert_eq!((unique, repeats), (vec![a, b], 1));
+    }
+
+    #[test]
+    fn limits_are_capped() {
+        let with = |limit| {
+            limit_of(EventFilter {
+                limit,
+                ..EventFilter::default()
+            })
+        };
+        fn limit_of(filter: EventFilter) -> i64 {
+            limit(&filter)
+        }
+        assert_eq!(with(0), 10_000);
+        assert_eq!(with(5), 5);
+        assert_eq!(with(usize::MAX), 10_000);
+    }
+
+    #[test]
+    fn changes_fold_per_svid_in_any_order() {
+        let mut revoked = event("r", event_kind::SVID_REVOKED, "01", 50);
+        revoked.reason = Some("entry_removed".to_owned());
+        let mut revoked_later = event("r2", event_kind::SVID_REVOKED, "01", 60);
+        revoked_later.reason = Some("superseded".to_owned());
+        let mut used = event("u", event_kind::SVID_USED, "01", 40);
+        used.last_ms = Some(45);
+        used.count = Some(3);
+        let mut used_again = event("u2", event_kind::SVID_USED, "01", 30);
+        used_again.count = None; // one delivery, at time_ms
+        let issued = EventRecord {
+            node_id: String::new(),
+            ..event("i", event_kind::SVID_ISSUED, "01", 10)
+        };
+        let other = event("o", event_kind::NODE_ATTESTED, "", 70);
+        let expected = SvidRecord {
+            serial: "01".to_owned(),
+            entry_id: "e1".to_owned(),
+            spiffe_id: "spiffe://example.org/w".to_owned(),
+            node_id: "n1".to_owned(),
+            issued_ms: Some(10),
+            not_after: Some(2_000),
+            revoked_ms: Some(50),
+            reason: Some("entry_removed".to_owned()),
+            last_used_ms: Some(45),
+            uses: 4,
+        };
+        let forward = [
+            &revoked_later,
+            &issued,
+            &used,
+            &revoked,
+            &used_again,
+            &other,
+        ];
+        let mut backward = forward;
+        backward.reverse();
+        for order in [forward, backward] {
+            let changes = InventoryChanges::of(order);
+            assert_eq!(changes.svids, std::slice::from_ref(&expected));
+            assert_eq!(
+                changes.entries,
+                [EntryActivity {
+                    entry_id: "e1".to_owned(),
+                    last_issued_ms: Some(10),
+                    last_used_ms: Some(45),
+                }]
+            );
+            assert_eq!(
+                changes.nodes,
+                [NodeActivity {
+                    node_id: "n1".to_owned(),
+                    last_event_ms: 70,
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn revocations_alone_touch_no_entry_activity() {
+        let changes = InventoryChanges::of([&event("r", event_kind::SVID_REVOKED, "01", 5)]);
+        assert_eq!(changes.svids.len(), 1);
+        assert!(changes.entries.is_empty());
+    }
+
+    #[test]
+    fn seconds_before_rounds_up() {
+        assert_eq!(seconds_before(5_000), 5);
+        assert_eq!(seconds_before(5_001), 6);
+        assert_eq!(seconds_before(-1), 0);
+        assert_eq!(seconds_before(-1_000), -1);
+    }
+}
