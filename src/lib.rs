@@ -1,7 +1,10 @@
 //! tessera: workload identity for autonomous software.
 //!
 //! A node agent serves the SPIFFE Workload API on a Unix socket, attests every caller by what the
-//! kernel says about it, and issues short-lived X.509-SVIDs that rotate before they expire.
+//! kernel says about it, and issues short-lived X.509-SVIDs that rotate before they expire. A
+//! server holds the trust root, attests nodes, grants each an intermediate CA, keeps the
+//! registration inventory, pushes entry changes to agents and stores the audit trail of every
+//! credential.
 //!
 //! # Layout
 //!
@@ -10,13 +13,21 @@
 //!   selectors.
 //! - [`entry`]: registration entries (who may be what, owned by whom, for what, until when) and
 //!   matching callers against them.
-//! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA.
-//! - [`agent`]: the node agent: configuration, entry source, identity cache and rotation, the
-//!   Workload API service, the socket endpoint, and `app::build`, the composition root.
-//! - [`events`]: credential events on the agent: the durable spool they wait in until the server
-//!   has acknowledged them.
+//! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA, node SVIDs and
+//!   node intermediate CAs.
+//! - [`config`]: what the agent's and the server's configuration files share.
+//! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
+//!   durable spool.
+//! - [`agent`]: the node agent: configuration, entry source (file or server), identity cache and
+//!   rotation, the Workload API service, the socket endpoint, the server link and event
+//!   uploader, and `app::build`, the composition root.
+//! - [`server`]: the trust domain's server: root CA, node API (attestation, renewal, sync,
+//!   events), admin API, snapshot fan-out, and `app::build`.
+//! - [`store`]: the server's datastore trait with its SQLite and PostgreSQL backends.
+//! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
 //! - [`bench`](mod@bench): `tessera bench`, the agent measured against its baselines, with a report.
-//! - [`cli`]: the `tessera` command line: `agent run|check`, `svid fetch|watch`, `dev`, `bench`.
+//! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
+//!   `events`, `inventory`, `svid`, `dev`, `bench`.
 //! - [`proto`]: code generated from `proto/`.
 
 pub mod agent;

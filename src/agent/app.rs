@@ -19,8 +19,39 @@ use crate::attest::{Attestor, PinMode};
 use crate::ca::{
     CaError, LocalCaSource, SigningCa, load_or_create_local_ca, next_renewal_step, renew_local_ca,
 };
+use crate::events::recorder::{AuditLog, Recorder};
+use crate::events::spool::Spool;
+use crate::events::{SpoolLog, open_spool};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::spiffe::TrustDomain;
+
+/// How often delivery counts are reported and recorded events synced to disk.
+const EVENT_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The event recorder: the durable spool in server mode (`state_dir/spool`, returned too, for
+/// the uploader), a JSON-lines audit log in standalone mode (`state_dir/audit.jsonl`).
+fn open_recorder(
+    config: &AgentConfig,
+    node_id: Option<&str>,
+) -> Result<(Recorder, Option<Arc<Spool>>), AgentError> {
+    let trust_domain = config.trust_domain.name();
+    match node_id {
+        Some(node_id) => {
+            let spool = open_spool(&config.state_dir.join("spool")).map_err(AgentError::Events)?;
+            let log = Box::new(SpoolLog(spool.clone()));
+            Ok((Recorder::new(trust_domain, node_id, log), Some(spool)))
+        }
+        None => {
+            let path = config.state_dir.join("audit.jsonl");
+            let log = AuditLog::open(&path)
+                .map_err(|e| AgentError::Events(format!("audit log {}: {e}", path.display())))?;
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok((Recorder::new(trust_domain, &host, Box::new(log)), None))
+        }
+    }
+}
 
 /// How long a freshly attested node waits for its first entries before serving.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
@@ -39,6 +70,9 @@ pub enum AgentError {
     /// Server mode: the node could not be attested.
     #[error("node attestation: {0}")]
     Upstream(#[from] UpstreamError),
+    /// The event log could not be opened.
+    #[error("events: {0}")]
+    Events(String),
     /// Reflection descriptors could not be loaded (a build defect).
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -253,17 +287,27 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     // The entry-source seam: the config file, or the server's sync stream.
     let (entries_tx, entries_rx) = watch::channel(entries.clone());
 
-    let cache = IdentityCache::new(entries, ca);
+    let (recorder, spool) =
+        open_recorder(&config, upstream.as_ref().map(|(_, c)| c.node_id.as_str()))?;
+    let recorder = Arc::new(recorder.with_use_window(config.use_window));
+    tokio::spawn(
+        recorder
+            .clone()
+            .run_flusher(EVENT_FLUSH_INTERVAL, signalled(shutdown_rx.clone())),
+    );
+    let cache = IdentityCache::new(entries, ca, recorder.clone());
     tokio::spawn(
         cache
             .clone()
             .run_rotation(entries_rx, ca_rx, signalled(shutdown_rx.clone())),
     );
-    if let Some((upstream, credentials)) = upstream {
+    if let (Some((upstream, credentials)), Some(spool)) = (upstream, spool) {
         let mut first_sync = entries_tx.subscribe();
         let seams = Seams {
             entries: entries_tx,
             ca: ca_tx,
+            cache: cache.clone(),
+            spool,
         };
         tokio::spawn(super::upstream::run(
             upstream,

@@ -13,8 +13,22 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::attest::CallerFacts;
 use crate::ca::{CaError, LeafRequest, SigningCa, X509Svid, mint_x509_svid};
 use crate::entry::{EntrySet, RegistrationEntry};
+use crate::events::recorder::{RecordError, Recorder};
+use crate::proto::tessera::RevocationReason;
+
+/// Why an SVID could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// Minting failed.
+    #[error(transparent)]
+    Mint(#[from] CaError),
+    /// The issuance event could not be recorded, so the SVID is not handed out.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
 
 /// How long to wait before retrying a failed renewal.
 const RENEWAL_RETRY: Duration = Duration::from_secs(5);
@@ -63,11 +77,13 @@ pub struct IdentityCache {
     schedule_changed: Notify,
     /// Jitter source, so that SVIDs minted together do not all renew in the same instant.
     jitter_seed: Mutex<u64>,
+    /// Records issuance and revocation; shared with the Workload API service for uses.
+    recorder: Arc<Recorder>,
 }
 
 impl IdentityCache {
-    /// A cache serving `entries` under `ca`.
-    pub fn new(entries: Arc<EntrySet>, ca: Arc<SigningCa>) -> Arc<Self> {
+    /// A cache serving `entries` under `ca`, recording with `recorder`.
+    pub fn new(entries: Arc<EntrySet>, ca: Arc<SigningCa>, recorder: Arc<Recorder>) -> Arc<Self> {
         let mut seed = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut seed);
         Arc::new(Self {
@@ -80,7 +96,13 @@ impl IdentityCache {
             generation: watch::channel(0).0,
             schedule_changed: Notify::new(),
             jitter_seed: Mutex::new(u64::from_le_bytes(seed) | 1),
+            recorder,
         })
+    }
+
+    /// The event recorder.
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
     }
 
     /// A receiver that changes whenever streams should recompute what they send.
@@ -107,7 +129,8 @@ impl IdentityCache {
         snapshot: &Arc<EntrySet>,
         entries: &[Arc<RegistrationEntry>],
         lease: &mut Lease,
-    ) -> Result<Option<Identities>, CaError> {
+        caller: Option<&CallerFacts>,
+    ) -> Result<Option<Identities>, IssueError> {
         let now = SystemTime::now();
         let mut minted_any = false;
         let mut state = self.lock();
@@ -125,6 +148,7 @@ impl IdentityCache {
                 Some(cached) => cached.svid.clone(),
                 None => {
                     let svid = Arc::new(mint(&state.ca, entry, now)?);
+                    self.recorder.issued(entry, &svid, caller)?;
                     let renew_at = self.renewal_time(&svid);
                     tracing::info!(
                         entry = %entry.id,
@@ -170,9 +194,13 @@ impl IdentityCache {
     pub fn set_entries(&self, entries: Arc<EntrySet>) {
         let mut state = self.lock();
         state.svids.retain(|id, cached| {
-            entries
-                .get(id)
-                .is_some_and(|e| !e.needs_new_certificate(&cached.entry))
+            let reason = match entries.get(id) {
+                None => RevocationReason::EntryRemoved,
+                Some(e) if e.needs_new_certificate(&cached.entry) => RevocationReason::EntryChanged,
+                Some(_) => return true,
+            };
+            self.recorder.revoked(&cached.entry, &cached.svid, reason);
+            false
         });
         state.entries = entries;
         drop(state);
@@ -187,9 +215,22 @@ impl IdentityCache {
             && state.ca.intermediates == ca.intermediates
             && state.ca.not_after == ca.not_after;
         if !same_signer {
-            state.svids.clear();
+            for (_, cached) in state.svids.drain() {
+                self.recorder
+                    .revoked(&cached.entry, &cached.svid, RevocationReason::CaRotated);
+            }
         }
         state.ca = ca;
+        drop(state);
+        self.bump();
+    }
+
+    /// Withdraws every SVID at once for `reason` (the node was evicted); streams recompute.
+    pub fn revoke_all(&self, reason: RevocationReason) {
+        let mut state = self.lock();
+        for (_, cached) in state.svids.drain() {
+            self.recorder.revoked(&cached.entry, &cached.svid, reason);
+        }
         drop(state);
         self.bump();
     }
@@ -212,12 +253,26 @@ impl IdentityCache {
                 .filter(|e| !e.is_expired(now))
                 .cloned();
             let (true, Some(entry)) = (in_demand, entry) else {
-                state.svids.remove(&id);
+                if let Some(cached) = state.svids.remove(&id)
+                    && in_demand
+                {
+                    self.recorder.revoked(
+                        &cached.entry,
+                        &cached.svid,
+                        RevocationReason::RegistrationExpired,
+                    );
+                }
                 // A stream still serves it (its registration expired): make it recompute.
                 changed |= in_demand;
                 continue;
             };
-            match mint(&state.ca, &entry, now) {
+            let minted = mint(&state.ca, &entry, now)
+                .map_err(IssueError::from)
+                .and_then(|svid| {
+                    self.recorder.issued(&entry, &svid, None)?;
+                    Ok(svid)
+                });
+            match minted {
                 Ok(svid) => {
                     tracing::info!(
                         entry = %id,
@@ -401,7 +456,11 @@ mod tests {
         let mut a = entry("a", "spiffe://td/a", &["unix:uid:1"]);
         a.x509_ttl = ttl;
         let b = entry("b", "spiffe://td/b", &["unix:uid:1"]);
-        IdentityCache::new(Arc::new(EntrySet::new(vec![a, b])), Arc::new(ca))
+        IdentityCache::new(
+            Arc::new(EntrySet::new(vec![a, b])),
+            Arc::new(ca),
+            crate::events::recorder::tests::memory_recorder().0,
+        )
     }
 
     #[test]
@@ -411,11 +470,11 @@ mod tests {
         let mut first = cache.lease();
         let mut second = cache.lease();
         let a = cache
-            .acquire(&entries, &entries.entries[..1], &mut first)
+            .acquire(&entries, &entries.entries[..1], &mut first, None)
             .unwrap()
             .unwrap();
         let a2 = cache
-            .acquire(&entries, &entries.entries[..1], &mut second)
+            .acquire(&entries, &entries.entries[..1], &mut second, None)
             .unwrap()
             .unwrap();
         assert!(
@@ -423,7 +482,7 @@ mod tests {
             "matching callers share the SVID"
         );
         let b = cache
-            .acquire(&entries, &entries.entries[1..], &mut cache.lease())
+            .acquire(&entries, &entries.entries[1..], &mut cache.lease(), None)
             .unwrap()
             .unwrap();
         let b_serial = b.svids[0].1.serial_hex.clone();
@@ -439,7 +498,7 @@ mod tests {
         assert!(!state.svids.contains_key("b"));
         drop(state);
         let b_again = cache
-            .acquire(&entries, &entries.entries[1..], &mut cache.lease())
+            .acquire(&entries, &entries.entries[1..], &mut cache.lease(), None)
             .unwrap()
             .unwrap();
         assert_ne!(b_again.svids[0].1.serial_hex, b_serial);
@@ -456,7 +515,7 @@ mod tests {
         for _ in 0..50 {
             cache.set_entries(entries.clone());
             let ids = cache
-                .acquire(&entries, &entries.entries[..1], &mut cache.lease())
+                .acquire(&entries, &entries.entries[..1], &mut cache.lease(), None)
                 .unwrap()
                 .unwrap();
             let svid = &ids.svids[0].1;
@@ -477,7 +536,7 @@ mod tests {
         let entries = cache.entries();
         let mut lease = cache.lease();
         cache
-            .acquire(&entries, &entries.entries, &mut lease)
+            .acquire(&entries, &entries.entries, &mut lease, None)
             .unwrap()
             .unwrap();
         let mut changed_a = (*entries.entries[0]).clone();
@@ -507,10 +566,14 @@ mod tests {
             "spiffe://td/a",
             &["unix:uid:1"],
         )]));
-        let cache = IdentityCache::new(set.clone(), first.clone());
+        let cache = IdentityCache::new(
+            set.clone(),
+            first.clone(),
+            crate::events::recorder::tests::memory_recorder().0,
+        );
         let mut lease = cache.lease();
         let before = cache
-            .acquire(&set, &set.entries, &mut lease)
+            .acquire(&set, &set.entries, &mut lease, None)
             .unwrap()
             .unwrap();
 
@@ -520,7 +583,7 @@ mod tests {
                 .unwrap();
         cache.set_ca(Arc::new(prepared));
         let during = cache
-            .acquire(&set, &set.entries, &mut lease)
+            .acquire(&set, &set.entries, &mut lease, None)
             .unwrap()
             .unwrap();
         assert!(
@@ -535,7 +598,7 @@ mod tests {
                 .unwrap();
         cache.set_ca(Arc::new(active));
         let after = cache
-            .acquire(&set, &set.entries, &mut lease)
+            .acquire(&set, &set.entries, &mut lease, None)
             .unwrap()
             .unwrap();
         assert_ne!(

@@ -17,6 +17,8 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/tessera/agent.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/agent";
 /// Executables larger than this are not hashed by default (256 MiB).
 pub const DEFAULT_EXE_HASH_SIZE_LIMIT: u64 = 256 << 20;
+/// Default window over which deliveries are counted into one `svid_used` event.
+const DEFAULT_USE_WINDOW: Duration = Duration::from_secs(10);
 const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub use crate::config::ConfigError;
@@ -44,6 +46,8 @@ pub struct AgentConfig {
     pub entries: EntrySet,
     /// Server mode: where entries and the signing CA come from. `None`: standalone.
     pub server: Option<UpstreamConfig>,
+    /// Deliveries of one SVID to one caller are counted this long, then reported as one event.
+    pub use_window: Duration,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -86,6 +90,14 @@ struct RawConfig {
     #[serde(default, rename = "entry")]
     entries: Vec<RawEntry>,
     server: Option<RawServer>,
+    #[serde(default)]
+    events: RawEvents,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    use_window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -261,6 +273,21 @@ impl AgentConfig {
             }
         };
         let entries = check_entries(file, &trust_domain, raw.entries)?;
+        let use_window = match raw.events.use_window.as_deref() {
+            None => DEFAULT_USE_WINDOW,
+            Some(text) => {
+                let window =
+                    parse_duration(text).map_err(|r| invalid("events.use_window", text, r))?;
+                if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window) {
+                    return Err(invalid(
+                        "events.use_window",
+                        text,
+                        "must be between 1s and 1h".into(),
+                    ));
+                }
+                window
+            }
+        };
         Ok(Self {
             file: None,
             trust_domain,
@@ -274,6 +301,7 @@ impl AgentConfig {
             ca,
             entries,
             server,
+            use_window,
         })
     }
 }

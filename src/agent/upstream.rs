@@ -369,6 +369,14 @@ impl Upstream {
         &self,
         credentials: Option<&Credentials>,
     ) -> Result<NodeClient<tonic::transport::Channel>, UpstreamError> {
+        self.channel(credentials).map(NodeClient::new)
+    }
+
+    /// A channel to the server, presenting the node SVID when `credentials` are given.
+    pub fn channel(
+        &self,
+        credentials: Option<&Credentials>,
+    ) -> Result<tonic::transport::Channel, UpstreamError> {
         let roots = self.roots_for_server(credentials)?;
         let key_der;
         let chain;
@@ -385,9 +393,8 @@ impl Upstream {
         let tls =
             crate::tls::client_config(&roots, &server_spiffe_id(&self.trust_domain), client_auth)
                 .map_err(|e| UpstreamError::Local(e.to_string()))?;
-        let channel = crate::tls::channel(&self.config.address, tls)
-            .map_err(|e| UpstreamError::Local(format!("server.address: {e}")))?;
-        Ok(NodeClient::new(channel))
+        crate::tls::channel(&self.config.address, tls)
+            .map_err(|e| UpstreamError::Local(format!("server.address: {e}")))
     }
 
     /// Attests the node with the configured method and saves the credentials.
@@ -556,6 +563,19 @@ pub struct Seams {
     pub entries: watch::Sender<Arc<EntrySet>>,
     /// The signing CA.
     pub ca: watch::Sender<Arc<SigningCa>>,
+    /// The identity cache, for withdrawing every SVID on eviction and for the event recorder.
+    pub cache: Arc<super::cache::IdentityCache>,
+    /// The event spool the uploader drains.
+    pub spool: Arc<crate::events::spool::Spool>,
+}
+
+/// Aborts a task when dropped, so that a session's helpers end with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn publish_ca(seams: &Seams, credentials: &Credentials) {
@@ -605,6 +625,7 @@ pub async fn run(
             Some(c) => c,
             None => match upstream.attest().await {
                 Ok(c) => {
+                    seams.cache.recorder().set_node_id(&c.node_id);
                     publish_ca(&seams, &c);
                     c
                 }
@@ -638,6 +659,9 @@ pub async fn run(
             }
             Outcome::Evicted(why) => {
                 tracing::error!(reason = %why, "this node is no longer admitted by the server; it stops serving identities");
+                seams
+                    .cache
+                    .revoke_all(crate::proto::tessera::RevocationReason::NodeEvicted);
                 upstream.entries.clear();
                 upstream.disk.remove_credentials();
                 seams.entries.send_replace(Arc::new(EntrySet::default()));
@@ -692,10 +716,16 @@ async fn session(
     {
         return outcome_of(e, credentials);
     }
-    let mut client = match upstream.client(Some(&credentials)) {
-        Ok(client) => client,
+    let channel = match upstream.channel(Some(&credentials)) {
+        Ok(channel) => channel,
         Err(e) => return (Outcome::Retry(e), Some(credentials)),
     };
+    let mut client = NodeClient::new(channel.clone());
+    // Events go up the same connection for as long as this session lasts.
+    let _uploader = AbortOnDrop(tokio::spawn(super::uploader::run(
+        seams.spool.clone(),
+        channel,
+    )));
     let mut stream = match client.sync(SyncRequest {}).await {
         Ok(response) => response.into_inner(),
         Err(status) => return outcome_of(status_error(status), credentials),

@@ -11,10 +11,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::cache::{Identities, IdentityCache, Lease};
+use super::cache::{Identities, IdentityCache, IssueError, Lease};
 use super::endpoint::PeerInfo;
 use crate::attest::{AttestError, Attestor, CallerFacts};
-use crate::ca::CaError;
 use crate::entry::{EntrySet, RegistrationEntry};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::workload::{
@@ -44,9 +43,9 @@ pub enum ServeError {
     /// The caller matches no registration entry.
     #[error("no identity issued")]
     NoIdentity,
-    /// Minting an SVID failed.
+    /// Minting an SVID, or recording its issuance, failed.
     #[error("could not issue an X.509-SVID: {0}")]
-    Mint(#[from] CaError),
+    Mint(#[from] IssueError),
     /// The agent is draining.
     #[error("agent is shutting down")]
     ShuttingDown,
@@ -178,9 +177,31 @@ impl WorkloadService {
                 return Err(ServeError::NoIdentity);
             }
             // `None`: the entries changed under us; match again against the new set.
-            if let Some(identities) = self.cache.acquire(&entries, &matching, lease)? {
+            if let Some(identities) = self
+                .cache
+                .acquire(&entries, &matching, lease, Some(facts))?
+            {
                 return Ok(identities);
             }
+        }
+    }
+
+    /// Records a refused caller (no identity, or attestation failed) and converts the error.
+    fn refused(&self, facts: Option<&CallerFacts>, error: ServeError) -> Status {
+        if matches!(
+            error,
+            ServeError::NoIdentity | ServeError::Attestation(_) | ServeError::NoPeer(_)
+        ) {
+            self.cache.recorder().denied(facts, &error.to_string());
+        }
+        error.into_status()
+    }
+
+    /// Counts a delivery of each SVID to the caller (aggregated by the recorder).
+    fn record_uses(&self, identities: &Identities, facts: &CallerFacts) {
+        let recorder = self.cache.recorder();
+        for (entry, svid) in &identities.svids {
+            recorder.used(entry, svid, facts);
         }
     }
 
@@ -310,15 +331,16 @@ impl SpiffeWorkloadApi for WorkloadService {
         let facts = self
             .attest(&request)
             .await
-            .map_err(ServeError::into_status)?;
+            .map_err(|e| self.refused(None, e))?;
         let generation = self.cache.subscribe();
         let mut lease = self.cache.lease();
         let first = self
             .identities(&facts, &mut lease)
-            .map_err(ServeError::into_status)?;
+            .map_err(|e| self.refused(Some(&facts), e))?;
         tracing::debug!(pid = facts.pid, uid = facts.uid, exe = %facts.exe_path, svids = first.svids.len(), "serving X.509-SVIDs");
         let mut last = fingerprint(&first);
         let message = svid_response(&first);
+        self.record_uses(&first, &facts);
         let service = self.clone();
         let stream = self.spawn_stream(generation, message, move || {
             let ids = service.identities(&facts, &mut lease)?;
@@ -327,6 +349,7 @@ impl SpiffeWorkloadApi for WorkloadService {
                 return Ok(None);
             }
             last = now;
+            service.record_uses(&ids, &facts);
             Ok(Some(svid_response(&ids)))
         });
         Ok(Response::new(stream))

@@ -23,6 +23,7 @@ mod bundle;
 pub mod client;
 mod dev;
 mod entry;
+mod events;
 mod node;
 mod server;
 mod svid;
@@ -86,6 +87,11 @@ enum Command {
     Node(node::NodeArgs),
     /// Print the trust domain's root certificates from the server.
     Bundle(bundle::BundleArgs),
+    /// The audit trail: credential events stored by the server.
+    Events(events::EventsArgs),
+    /// Per identity: owner, purpose, expiry, live SVIDs, last issuance and use; per node:
+    /// last contact and SVIDs held.
+    Inventory(events::InventoryArgs),
 }
 
 /// A failure with the exit code it deserves.
@@ -140,6 +146,8 @@ pub fn main() -> ExitCode {
             Command::Token(args) => token::run(args).await,
             Command::Node(args) => node::run(args).await,
             Command::Bundle(args) => bundle::run(args).await,
+            Command::Events(args) => events::run(args).await,
+            Command::Inventory(args) => events::inventory(args).await,
         }
     });
     match result {

@@ -1,4 +1,5 @@
-//! Credential events on the agent (SVID issued, delivered, revoked, attestation denied).
+//! Credential events (SVID issued, delivered, revoked, attestation denied, ...): the model
+//! shared by agent and server ([`model`]), the agent's [`recorder`], and its durable spool.
 //!
 //! Every event goes first into the [`spool`], a directory of append-only files that survives
 //! crashes and restarts; an uploader reads what the server has not yet acknowledged, sends it and
@@ -6,6 +7,8 @@
 //! here put [`Event`] messages in and take them out, and decide which kinds may be dropped when
 //! the spool is full.
 
+pub mod model;
+pub mod recorder;
 pub mod spool;
 
 use prost::Message;
@@ -40,6 +43,34 @@ pub fn append_event(spool: &Spool, event: &Event) -> Result<u64, SpoolError> {
 /// Decodes a payload written by [`append_event`].
 pub fn decode_event(payload: &[u8]) -> Result<Event, prost::DecodeError> {
     Event::decode(payload)
+}
+
+/// The spool as the recorder's log (server mode).
+pub struct SpoolLog(pub std::sync::Arc<Spool>);
+
+impl recorder::EventLog for SpoolLog {
+    fn append(&self, _critical: bool, event: &Event) -> Result<(), String> {
+        append_event(&self.0, event)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn sync(&self) -> Result<(), String> {
+        self.0.sync().map_err(|e| e.to_string())
+    }
+}
+
+/// Opens the agent's spool in `dir`, saying in the log what a crash cost, if anything.
+pub fn open_spool(dir: &std::path::Path) -> Result<std::sync::Arc<Spool>, String> {
+    let (spool, recovery) = Spool::open(dir, SpoolConfig::default()).map_err(|e| e.to_string())?;
+    if !recovery.is_clean() {
+        tracing::warn!(
+            spool = %dir.display(),
+            lost_bytes = recovery.lost_bytes(),
+            "event spool was damaged (a crash cut it short); the good records are kept and will be sent, what was lost is: {recovery}"
+        );
+    }
+    Ok(std::sync::Arc::new(spool))
 }
 
 #[cfg(test)]

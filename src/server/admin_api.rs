@@ -12,12 +12,15 @@ use super::sync::{check_node_selector, entry_to_proto};
 use crate::entry::{EntryFields, FieldError};
 use crate::proto::tessera::admin_server::Admin;
 use crate::proto::tessera::{
-    Bundle, CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, GetBundleRequest,
-    JoinToken, ListEntriesRequest, ListEntriesResponse, ListNodesRequest, ListNodesResponse,
-    NodeInfo, NodeRequest, UpdateEntryRequest,
+    Bundle, CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, EventFilter,
+    GetBundleRequest, GetInventoryRequest, IdentityInventory, Inventory, JoinToken,
+    ListEntriesRequest, ListEntriesResponse, ListEventsResponse, ListNodesRequest,
+    ListNodesResponse, NodeInfo, NodeInventory, NodeRequest, StoredEvent, SvidInfo,
+    UpdateEntryRequest,
 };
 use crate::store::{
-    EntryRecord, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, canonical, unix_now,
+    EntryRecord, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, SvidRecord, canonical,
+    unix_now,
 };
 
 /// Longest lifetime of a join token.
@@ -154,6 +157,62 @@ fn node_info(state: &State, node: NodeRecord) -> NodeInfo {
         svid_not_after: node.svid_not_after,
         ca_serial: node.ca_serial,
         ca_not_after: node.ca_not_after,
+    }
+}
+
+/// Most events one list call returns.
+const MAX_LIST: usize = 10_000;
+
+fn store_filter(filter: EventFilter) -> Result<crate::store::EventFilter, Status> {
+    for (i, kind) in filter.kinds.iter().enumerate() {
+        if crate::events::model::kind_from_name(kind).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "kinds[{i}] = {kind:?}: not an event kind; known: {}",
+                crate::events::model::KIND_NAMES.join(", ")
+            )));
+        }
+    }
+    let text = |s: String| Some(s).filter(|s| !s.is_empty());
+    let limit = match filter.limit {
+        0 => 1000,
+        n => (n as usize).min(MAX_LIST),
+    };
+    Ok(crate::store::EventFilter {
+        since_ms: (filter.since_ms > 0).then_some(filter.since_ms),
+        until_ms: (filter.until_ms > 0).then_some(filter.until_ms),
+        kinds: filter.kinds,
+        spiffe_id: text(filter.spiffe_id),
+        entry_id: text(filter.entry_id),
+        node_id: text(filter.node_id),
+        serial: text(filter.serial),
+        after_seq: (filter.after_seq > 0).then_some(filter.after_seq),
+        limit,
+    })
+}
+
+fn stored_event(event: &crate::store::StoredEvent, trust_domain: &str) -> StoredEvent {
+    StoredEvent {
+        seq: event.seq,
+        received_ms: event.event.received_ms,
+        event: Some(crate::events::model::from_record(
+            &event.event,
+            trust_domain,
+        )),
+    }
+}
+
+fn svid_info(svid: &SvidRecord) -> SvidInfo {
+    SvidInfo {
+        serial: svid.serial.clone(),
+        entry_id: svid.entry_id.clone(),
+        spiffe_id: svid.spiffe_id.clone(),
+        node_id: svid.node_id.clone(),
+        issued_ms: svid.issued_ms.unwrap_or(0),
+        not_after: svid.not_after.unwrap_or(0),
+        revoked_ms: svid.revoked_ms,
+        reason: svid.reason.clone().unwrap_or_default(),
+        last_used_ms: svid.last_used_ms,
+        uses: svid.uses,
     }
 }
 
@@ -341,6 +400,13 @@ impl Admin for AdminService {
             .await
             .map_err(store_status)?;
         audit("node evicted", &id);
+        self.state
+            .record(self.state.server_event(
+                crate::proto::tessera::EventKind::NodeEvicted,
+                &id,
+                "evicted by an operator".into(),
+            ))
+            .await;
         Ok(Response::new(node_info(&self.state, node)))
     }
 
@@ -353,7 +419,139 @@ impl Admin for AdminService {
             .await
             .map_err(store_status)?;
         audit("node banned", &id);
+        self.state
+            .record(self.state.server_event(
+                crate::proto::tessera::EventKind::NodeEvicted,
+                &id,
+                "banned by an operator".into(),
+            ))
+            .await;
         Ok(Response::new(node_info(&self.state, node)))
+    }
+
+    type TailEventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<StoredEvent, Status>> + Send>>;
+
+    async fn list_events(
+        &self,
+        request: Request<EventFilter>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let filter = store_filter(request.into_inner())?;
+        let events = self
+            .state
+            .store
+            .list_events(filter)
+            .await
+            .map_err(store_status)?;
+        let td = self.state.config.trust_domain.name();
+        Ok(Response::new(ListEventsResponse {
+            events: events.iter().map(|e| stored_event(e, td)).collect(),
+        }))
+    }
+
+    async fn tail_events(
+        &self,
+        request: Request<EventFilter>,
+    ) -> Result<Response<Self::TailEventsStream>, Status> {
+        let mut filter = store_filter(request.into_inner())?;
+        let state = self.state.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut appended = state.store.events_appended();
+            let mut shutdown = state.shutdown.clone();
+            let td = state.config.trust_domain.name().to_owned();
+            loop {
+                appended.borrow_and_update();
+                match state.store.list_events(filter.clone()).await {
+                    Ok(events) => {
+                        for event in &events {
+                            filter.after_seq = Some(event.seq);
+                            if tx.send(Ok(stored_event(event, &td))).await.is_err() {
+                                return;
+                            }
+                        }
+                        if events.len() >= filter.limit {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = appended.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_inventory(
+        &self,
+        _request: Request<GetInventoryRequest>,
+    ) -> Result<Response<Inventory>, Status> {
+        let store = &self.state.store;
+        let entries = store.list_entries().await.map_err(store_status)?;
+        let nodes = store.list_nodes().await.map_err(store_status)?;
+        let svids = store.svids(None, None).await.map_err(store_status)?;
+        let activity: std::collections::HashMap<String, (Option<i64>, Option<i64>)> = store
+            .entry_activity()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .map(|a| (a.entry_id.clone(), (a.last_issued_ms, a.last_used_ms)))
+            .collect();
+        let now = unix_now();
+        let now_ms = now * 1000;
+        let live: Vec<&SvidRecord> = svids
+            .iter()
+            .filter(|s| s.revoked_ms.is_none() && s.not_after.is_some_and(|t| t > now))
+            .collect();
+        let identities = entries
+            .iter()
+            .map(|entry| {
+                let (last_issued_ms, last_used_ms) =
+                    activity.get(&entry.id).copied().unwrap_or((None, None));
+                let unused_past_timeout = entry.inactivity_timeout_seconds.is_some_and(|t| {
+                    let since = last_used_ms.unwrap_or(entry.created_at * 1000);
+                    now_ms - since > t * 1000
+                });
+                IdentityInventory {
+                    entry: Some(entry_to_proto(entry)),
+                    live_svids: live
+                        .iter()
+                        .filter(|s| s.entry_id == entry.id)
+                        .map(|s| svid_info(s))
+                        .collect(),
+                    last_issued_ms,
+                    last_used_ms,
+                    registration_expired: entry.expires_at.is_some_and(|at| at <= now),
+                    unused_past_timeout,
+                }
+            })
+            .collect();
+        let nodes = nodes
+            .into_iter()
+            .map(|node| {
+                let live_serials = live
+                    .iter()
+                    .filter(|s| s.node_id == node.id)
+                    .map(|s| s.serial.clone())
+                    .collect();
+                let last_contact_ms = node.last_seen * 1000;
+                NodeInventory {
+                    node: Some(node_info(&self.state, node)),
+                    live_serials,
+                    last_contact_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(Inventory { identities, nodes }))
     }
 
     async fn get_bundle(

@@ -181,6 +181,25 @@ async fn refresh_serving_config(
     }
 }
 
+/// Prunes events past their retention hourly (and once at start), never one whose SVID is
+/// still valid.
+async fn prune_events(state: Arc<State>) {
+    let shutdown = state.shutdown.clone();
+    loop {
+        let now = crate::store::unix_now();
+        let older_than_ms = (now - state.config.events_retention.as_secs() as i64) * 1000;
+        match state.store.prune_events(older_than_ms, now).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "pruned events past their retention"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune events; retrying in an hour"),
+        }
+        tokio::select! {
+            _ = signalled(shutdown.clone()) => return,
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
 /// Accepts admin connections from root or the server's own user only.
 fn admin_incoming(
     listener: UnixListener,
@@ -293,6 +312,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         tls_tx,
         serving_not_after,
     ));
+    tokio::spawn(prune_events(state.clone()));
 
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

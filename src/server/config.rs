@@ -18,6 +18,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tessera-server/admin.sock";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/server";
 const DEFAULT_MAX_X509_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_EVENTS_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// A node CA lives at least this many times the longest SVID TTL it may sign, so that it is
 /// renewed (at half-life) long before any SVID it signs would be cut short.
@@ -78,6 +79,8 @@ pub struct ServerConfig {
     pub datastore: DatastoreConfig,
     /// CA certificates node certificates must chain to for x509pop; `None`: x509pop disabled.
     pub x509pop_ca_bundle: Option<PathBuf>,
+    /// Events older than this are pruned, once the SVID they concern has expired.
+    pub events_retention: Duration,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +99,14 @@ struct RawConfig {
     datastore: RawDatastore,
     #[serde(default)]
     x509pop: RawX509Pop,
+    #[serde(default)]
+    events: RawEvents,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    retention: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -290,6 +301,18 @@ impl ServerConfig {
                 ));
             }
         };
+        let events_retention = duration(
+            "events.retention",
+            raw.events.retention.as_deref(),
+            DEFAULT_EVENTS_RETENTION,
+        )?;
+        if events_retention < Duration::from_secs(3600) {
+            return Err(invalid(
+                "events.retention",
+                raw.events.retention.as_deref().unwrap_or_default(),
+                "must be at least 1h".into(),
+            ));
+        }
         Ok(Self {
             trust_domain,
             bind_address,
@@ -301,6 +324,7 @@ impl ServerConfig {
             root,
             datastore,
             x509pop_ca_bundle: raw.x509pop.ca_bundle_file,
+            events_retention,
         })
     }
 }

@@ -20,10 +20,14 @@ use super::sync::{Snapshot, bundle_message, delta, full};
 use crate::ca::node::{
     CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid,
 };
+use crate::events::model::{
+    MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, to_record,
+};
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
-    AttestRequest, AttestResponse, Bundle, Csrs, NodeCredentials, RenewRequest, SyncRequest,
-    SyncUpdate, X509PopChallenge, attest_request, attest_response,
+    AttestRequest, AttestResponse, Bundle, Csrs, Event, EventAck, EventBatch, EventKind,
+    NodeCredentials, RenewRequest, SyncRequest, SyncUpdate, X509PopChallenge, attest_request,
+    attest_response,
 };
 use crate::store::{
     NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, TokenRefusal, canonical, unix_now,
@@ -215,6 +219,12 @@ impl State {
             })
             .await?;
         credentials.bundle = Some(self.bundle().await?);
+        self.record(self.server_event(
+            EventKind::NodeAttested,
+            &node_id,
+            format!("attested by {attestation}"),
+        ))
+        .await;
         tracing::info!(
             target: "tessera::audit",
             node = %node_id,
@@ -328,7 +338,113 @@ pub fn verify_proof(leaf: &[u8], message: &[u8], signature: &[u8]) -> Result<(),
         .map_err(|_| refused("the signature does not verify with the certificate's key"))
 }
 
+/// An id for the anomaly found in event `source_id`: derived from it, so that a retried batch
+/// records the anomaly once.
+fn anomaly_id(source_id: &str) -> String {
+    let digest = sha256(format!("issuance-anomaly:{source_id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+impl State {
+    /// Records an event the server itself produced (node attested, evicted...).
+    pub async fn record(&self, event: Event) {
+        let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
+        let record = to_record(&event, kind, &event.node_id, now_ms());
+        if let Err(e) = self.store.store_events(vec![record]).await {
+            tracing::error!(error = %e, kind = kind_name(kind), "cannot store a server event");
+        }
+    }
+
+    /// A new server event of `kind` about node `node_id`.
+    pub fn server_event(&self, kind: EventKind, node_id: &str, detail: String) -> Event {
+        Event {
+            id: new_event_id(),
+            kind: kind as i32,
+            time_ms: now_ms(),
+            trust_domain: self.config.trust_domain.name().to_owned(),
+            node_id: node_id.to_owned(),
+            detail,
+            ..Default::default()
+        }
+    }
+
+    /// Checks and stores one batch from `node_id`; issuances of identities the node may not
+    /// serve are stored with an issuance anomaly beside them.
+    async fn ingest(&self, node_id: &str, batch: EventBatch) -> Result<EventAck, NodeApiError> {
+        let refused = |error: String| EventAck {
+            sequence: batch.sequence,
+            error,
+            ..Default::default()
+        };
+        if batch.events.len() > MAX_BATCH_EVENTS {
+            return Ok(refused(format!(
+                "batch {} has {} events; at most {MAX_BATCH_EVENTS} are accepted",
+                batch.sequence,
+                batch.events.len()
+            )));
+        }
+        let received = now_ms();
+        let snapshot = self.snapshots.borrow().clone();
+        let entitled = snapshot.entitled(node_id);
+        let mut records = Vec::with_capacity(batch.events.len());
+        for (index, event) in batch.events.iter().enumerate() {
+            let kind = match check_event(index, event) {
+                Ok(kind) => kind,
+                Err(e) => return Ok(refused(format!("batch {}: {e}", batch.sequence))),
+            };
+            records.push(to_record(event, kind, node_id, received));
+            if kind == EventKind::SvidIssued
+                && !entitled
+                    .values()
+                    .any(|e| e.spiffe_id == event.spiffe_id && e.id == event.entry_id)
+            {
+                let detail = format!(
+                    "node {node_id} reported issuing {} (serial {}, entry {:?}), which no entry it may serve grants",
+                    event.spiffe_id, event.serial, event.entry_id
+                );
+                tracing::warn!(target: "tessera::audit", node = node_id, spiffe_id = %event.spiffe_id, serial = %event.serial, "issuance anomaly");
+                let mut anomaly = self.server_event(EventKind::IssuanceAnomaly, node_id, detail);
+                anomaly.id = anomaly_id(&event.id);
+                anomaly.spiffe_id = event.spiffe_id.clone();
+                anomaly.serial = event.serial.clone();
+                anomaly.entry_id = event.entry_id.clone();
+                anomaly.not_after = event.not_after;
+                anomaly.time_ms = received;
+                records.push(to_record(
+                    &anomaly,
+                    EventKind::IssuanceAnomaly,
+                    node_id,
+                    received,
+                ));
+            }
+        }
+        match self.store.store_events(records).await {
+            Ok(count) => Ok(EventAck {
+                sequence: batch.sequence,
+                stored: count.stored,
+                duplicates: count.duplicates,
+                error: String::new(),
+            }),
+            Err(StoreError::Invalid(e)) => Ok(refused(format!("batch {}: {e}", batch.sequence))),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 type AttestStream = Pin<Box<dyn Stream<Item = Result<AttestResponse, Status>> + Send>>;
+type ReportStream = Pin<Box<dyn Stream<Item = Result<EventAck, Status>> + Send>>;
 type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncUpdate, Status>> + Send>>;
 
 async fn next_step(requests: &mut Streaming<AttestRequest>) -> Result<AttestRequest, NodeApiError> {
@@ -439,6 +555,48 @@ impl State {
 impl Node for NodeService {
     type AttestStream = AttestStream;
     type SyncStream = SyncStream;
+    type ReportEventsStream = ReportStream;
+
+    async fn report_events(
+        &self,
+        request: Request<Streaming<EventBatch>>,
+    ) -> Result<Response<Self::ReportEventsStream>, Status> {
+        let (peer, leaf) = peer_of(&request);
+        let node = self
+            .state
+            .authenticated_node(leaf)
+            .await
+            .map_err(|e| refuse("ReportEvents", &peer, e))?;
+        let mut batches = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            // One batch at a time, in order: acks arrive in the order batches were sent.
+            while let Some(batch) = batches.next().await {
+                let batch = match batch {
+                    Ok(batch) => batch,
+                    Err(status) => {
+                        tracing::warn!(node = %node.id, error = %status, "event stream from node broken");
+                        return;
+                    }
+                };
+                let message = match state.ingest(&node.id, batch).await {
+                    Ok(ack) => {
+                        if !ack.error.is_empty() {
+                            tracing::warn!(target: "tessera::audit", node = %node.id, error = %ack.error, "event batch refused");
+                        }
+                        Ok(ack)
+                    }
+                    Err(e) => Err(refuse("ReportEvents", &peer, e)),
+                };
+                let failed = message.is_err();
+                if tx.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn attest(
         &self,

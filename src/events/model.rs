@@ -1,0 +1,423 @@
+//! The event model shared by agent and server: ids, kind and reason names, the caller's facts,
+//! the checks an ingested event must pass, and the conversion to and from stored records.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::attest::CallerFacts;
+use crate::proto::tessera::{Caller, Event, EventKind, RevocationReason};
+use crate::store::{CallerRecord, EventRecord};
+
+/// Most events one batch may carry.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Longest text field of an event (paths, ids, details).
+const MAX_FIELD_LEN: usize = 4096;
+
+/// A new event id: a UUIDv7 (time-ordered, 74 random bits), lowercase with dashes.
+pub fn new_event_id() -> String {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut bytes = [0u8; 16];
+    // Without randomness ids could collide across producers; aws-lc's DRBG does not fail in
+    // practice, and a zeroed tail still leaves the time prefix.
+    let _ = aws_lc_rs::rand::fill(&mut bytes[6..]);
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x70;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The stored and displayed name of a kind.
+pub fn kind_name(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Unspecified => "unspecified",
+        EventKind::SvidIssued => "svid_issued",
+        EventKind::SvidUsed => "svid_used",
+        EventKind::SvidRevoked => "svid_revoked",
+        EventKind::AttestationDenied => "attestation_denied",
+        EventKind::NodeAttested => "node_attested",
+        EventKind::NodeEvicted => "node_evicted",
+        EventKind::IssuanceAnomaly => "issuance_anomaly",
+    }
+}
+
+/// Every kind name, for messages and CLI help.
+pub const KIND_NAMES: &[&str] = &[
+    "svid_issued",
+    "svid_used",
+    "svid_revoked",
+    "attestation_denied",
+    "node_attested",
+    "node_evicted",
+    "issuance_anomaly",
+];
+
+/// Parses a kind name.
+pub fn kind_from_name(name: &str) -> Option<EventKind> {
+    [
+        EventKind::SvidIssued,
+        EventKind::SvidUsed,
+        EventKind::SvidRevoked,
+        EventKind::AttestationDenied,
+        EventKind::NodeAttested,
+        EventKind::NodeEvicted,
+        EventKind::IssuanceAnomaly,
+    ]
+    .into_iter()
+    .find(|k| kind_name(*k) == name)
+}
+
+/// The stored and displayed name of a revocation reason.
+pub fn reason_name(reason: RevocationReason) -> &'static str {
+    match reason {
+        RevocationReason::Unspecified => "unspecified",
+        RevocationReason::EntryRemoved => "entry_removed",
+        RevocationReason::EntryChanged => "entry_changed",
+        RevocationReason::RegistrationExpired => "registration_expired",
+        RevocationReason::NodeEvicted => "node_evicted",
+        RevocationReason::Superseded => "superseded",
+        RevocationReason::CaRotated => "ca_rotated",
+    }
+}
+
+fn reason_from_name(name: &str) -> RevocationReason {
+    [
+        RevocationReason::EntryRemoved,
+        RevocationReason::EntryChanged,
+        RevocationReason::RegistrationExpired,
+        RevocationReason::NodeEvicted,
+        RevocationReason::Superseded,
+        RevocationReason::CaRotated,
+    ]
+    .into_iter()
+    .find(|r| reason_name(*r) == name)
+    .unwrap_or(RevocationReason::Unspecified)
+}
+
+/// The caller's facts as events carry them.
+pub fn caller_of(facts: &CallerFacts) -> Caller {
+    Caller {
+        pid: facts.pid,
+        uid: facts.uid,
+        gid: facts.gid,
+        exe_path: facts.exe_path.clone(),
+        exe_sha256: facts.exe_sha256.clone().unwrap_or_default(),
+        unit: facts.systemd_unit.clone().unwrap_or_default(),
+    }
+}
+
+/// Why an ingested event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {index} ({id:?}): {reason}")]
+pub struct InvalidEvent {
+    /// Position in its batch.
+    pub index: usize,
+    /// Its id as sent.
+    pub id: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Checks an event from a node: a well-formed id, a known kind, the fields its kind needs, and
+/// no field longer than it could honestly be.
+pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEvent> {
+    let invalid = |reason: String| InvalidEvent {
+        index,
+        id: event.id.chars().take(64).collect(),
+        reason,
+    };
+    let id_ok = event.id.len() == 36
+        && event
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase() || b == b'-');
+    if !id_ok {
+        return Err(invalid("id must be a lowercase UUID".into()));
+    }
+    let kind = EventKind::try_from(event.kind)
+        .ok()
+        .filter(|k| *k != EventKind::Unspecified)
+        .ok_or_else(|| invalid(format!("unknown kind {}", event.kind)))?;
+    let texts = [
+        &event.trust_domain,
+        &event.node_id,
+        &event.entry_id,
+        &event.spiffe_id,
+        &event.serial,
+        &event.detail,
+    ];
+    let caller_texts = event
+        .caller
+        .as_ref()
+        .map(|c| [&c.exe_path, &c.exe_sha256, &c.unit]);
+    if texts
+        .iter()
+        .copied()
+        .chain(caller_texts.iter().flatten().copied())
+        .any(|t| t.len() > MAX_FIELD_LEN)
+    {
+        return Err(invalid(format!(
+            "a field is longer than {MAX_FIELD_LEN} bytes"
+        )));
+    }
+    let needs_svid = matches!(
+        kind,
+        EventKind::SvidIssued | EventKind::SvidUsed | EventKind::SvidRevoked
+    );
+    if needs_svid && (event.serial.is_empty() || event.spiffe_id.is_empty()) {
+        return Err(invalid(format!(
+            "{} needs serial and spiffe_id",
+            kind_name(kind)
+        )));
+    }
+    if kind == EventKind::SvidUsed && event.count == 0 {
+        return Err(invalid("svid_used needs a count of at least 1".into()));
+    }
+    if event.time_ms <= 0 {
+        return Err(invalid("time_ms must be set".into()));
+    }
+    Ok(kind)
+}
+
+/// An event as stored, reported by `node_id` and received at `received_ms`.
+pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64) -> EventRecord {
+    let svid_used = kind == EventKind::SvidUsed;
+    EventRecord {
+        id: event.id.clone(),
+        kind: kind_name(kind).to_owned(),
+        time_ms: event.time_ms,
+        node_id: node_id.to_owned(),
+        entry_id: event.entry_id.clone(),
+        spiffe_id: event.spiffe_id.clone(),
+        serial: event.serial.clone(),
+        not_after: (event.not_after > 0).then_some(event.not_after),
+        reason: (kind == EventKind::SvidRevoked).then(|| reason_name(event.reason()).to_owned()),
+        caller: event.caller.as_ref().map(|c| CallerRecord {
+            pid: i64::from(c.pid),
+            uid: i64::from(c.uid),
+            gid: i64::from(c.gid),
+            exe_path: c.exe_path.clone(),
+            exe_sha256: c.exe_sha256.clone(),
+            unit: c.unit.clone(),
+        }),
+        first_ms: svid_used.then_some(event.first_ms),
+        last_ms: svid_used.then_some(event.last_ms),
+        count: svid_used.then_some(event.count.min(i64::MAX as u64) as i64),
+        detail: event.detail.clone(),
+        received_ms,
+    }
+}
+
+/// A stored record as the wire carries it.
+pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
+    let mut event = Event {
+        id: record.id.clone(),
+        kind: kind_from_name(&record.kind).unwrap_or(EventKind::Unspecified) as i32,
+        time_ms: record.time_ms,
+        trust_domain: trust_domain.to_owned(),
+        node_id: record.node_id.clone(),
+        entry_id: record.entry_id.clone(),
+        spiffe_id: record.spiffe_id.clone(),
+        serial: record.serial.clone(),
+        not_after: record.not_after.unwrap_or(0),
+        caller: record.caller.as_ref().map(|c| Caller {
+            pid: c.pid as i32,
+            uid: c.uid as u32,
+            gid: c.gid as u32,
+            exe_path: c.exe_path.clone(),
+            exe_sha256: c.exe_sha256.clone(),
+            unit: c.unit.clone(),
+        }),
+        reason: 0,
+        first_ms: record.first_ms.unwrap_or(0),
+        last_ms: record.last_ms.unwrap_or(0),
+        count: record.count.unwrap_or(0).max(0) as u64,
+        detail: record.detail.clone(),
+    };
+    if let Some(reason) = &record.reason {
+        event.set_reason(reason_from_name(reason));
+    }
+    event
+}
+
+/// An event as one JSON object (the audit log's and the CLI's shape): kinds and reasons by
+/// name, times in milliseconds and RFC 3339.
+pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> serde_json::Value {
+    let rfc3339 = |ms: i64| {
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+        humantime::format_rfc3339_millis(t).to_string()
+    };
+    let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
+    let mut value = serde_json::json!({
+        "id": event.id,
+        "kind": kind_name(kind),
+        "time": rfc3339(event.time_ms),
+        "time_ms": event.time_ms,
+        "trust_domain": event.trust_domain,
+        "node_id": event.node_id,
+        "entry_id": event.entry_id,
+        "spiffe_id": event.spiffe_id,
+        "serial": event.serial,
+        "not_after": (event.not_after > 0).then_some(event.not_after),
+        "caller": event.caller.as_ref().map(|c| serde_json::json!({
+            "pid": c.pid, "uid": c.uid, "gid": c.gid,
+            "exe_path": c.exe_path, "exe_sha256": c.exe_sha256, "unit": c.unit,
+        })),
+        "detail": event.detail,
+    });
+    if kind == EventKind::SvidRevoked {
+        value["reason"] = reason_name(event.reason()).into();
+    }
+    if kind == EventKind::SvidUsed {
+        value["first_ms"] = event.first_ms.into();
+        value["last_ms"] = event.last_ms.into();
+        value["count"] = event.count.into();
+    }
+    if let Some(seq) = seq {
+        value["seq"] = seq.into();
+    }
+    if let Some(received) = received_ms {
+        value["received_ms"] = received.into();
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_time_ordered_uuid_v7() {
+        let a = new_event_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_event_id();
+        assert_ne!(a, b);
+        assert!(a < b, "{a} {b}");
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "7");
+        let event = Event {
+            id: a,
+            kind: EventKind::SvidIssued as i32,
+            time_ms: now_ms(),
+            serial: "ab".into(),
+            spiffe_id: "spiffe://td/x".into(),
+            ..Default::default()
+        };
+        assert_eq!(check_event(0, &event), Ok(EventKind::SvidIssued));
+    }
+
+    #[test]
+    fn malformed_events_are_refused_with_the_reason() {
+        let good = Event {
+            id: new_event_id(),
+            kind: EventKind::SvidUsed as i32,
+            time_ms: now_ms(),
+            serial: "ab".into(),
+            spiffe_id: "spiffe://td/x".into(),
+            count: 3,
+            ..Default::default()
+        };
+        assert!(check_event(0, &good).is_ok());
+        let cases = [
+            (
+                Event {
+                    id: "x".into(),
+                    ..good.clone()
+                },
+                "lowercase UUID",
+            ),
+            (
+                Event {
+                    kind: 99,
+                    ..good.clone()
+                },
+                "unknown kind",
+            ),
+            (
+                Event {
+                    serial: String::new(),
+                    ..good.clone()
+                },
+                "needs serial",
+            ),
+            (
+                Event {
+                    count: 0,
+                    ..good.clone()
+                },
+                "count",
+            ),
+            (
+                Event {
+                    detail: "x".repeat(5000),
+                    ..good.clone()
+                },
+                "longer than",
+            ),
+            (
+                Event {
+                    time_ms: 0,
+                    ..good.clone()
+                },
+                "time_ms",
+            ),
+        ];
+        for (event, want) in cases {
+            let err = check_event(7, &event).unwrap_err().to_string();
+            assert!(err.contains(want) && err.starts_with("event 7"), "{err}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut event = Event {
+            id: new_event_id(),
+            kind: EventKind::SvidRevoked as i32,
+            time_ms: 1_700_000_000_000,
+            trust_domain: "td".into(),
+            entry_id: "e".into(),
+            spiffe_id: "spiffe://td/x".into(),
+            serial: "ab".into(),
+            not_after: 1_700_000_300,
+            caller: Some(Caller {
+                pid: 4,
+                uid: 1000,
+                gid: 100,
+                exe_path: "/bin/x".into(),
+                exe_sha256: "00".into(),
+                unit: "x.service".into(),
+            }),
+            ..Default::default()
+        };
+        event.set_reason(RevocationReason::EntryRemoved);
+        let record = to_record(&event, EventKind::SvidRevoked, "n1", 5);
+        assert_eq!(record.reason.as_deref(), Some("entry_removed"));
+        let back = from_record(&record, "td");
+        assert_eq!(
+            Event {
+                node_id: String::new(),
+                ..back.clone()
+            },
+            event
+        );
+        assert_eq!(back.node_id, "n1");
+        assert_eq!(to_json(&back, Some(3), None)["reason"], "entry_removed");
+    }
+}
