@@ -33,7 +33,8 @@ fn quick_benchmark_writes_a_complete_report() {
             "fetch_latency",
             "first_fetch",
             "mint_throughput",
-            "streams_at_scale"
+            "streams_at_scale",
+            "event_ingest"
         ]
     );
     for scenario in report["scenarios"].as_array().unwrap() {

@@ -142,17 +142,54 @@ async fn every_issuance_use_and_revocation_reaches_the_server_once() {
     assert_ne!(first, second);
     drop(stream);
 
-    // The inventory knows the identity, its owner and its live SVIDs.
-    let inventory = server.admin_json(&["inventory"]);
-    let identity = inventory["identities"]
+    // The inventory knows the identity, its owner, its live SVIDs and their use, and the node
+    // that holds them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (identity, inventory) = loop {
+        let inventory = server.admin_json(&["inventory"]);
+        let identity = inventory["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["entry_id"] == entry_id.as_str())
+            .expect("identity in the inventory")
+            .clone();
+        let live: Vec<&str> = identity["live_svids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["serial"].as_str().unwrap())
+            .collect();
+        if live.contains(&second.as_str()) && !identity["last_used"].is_null() {
+            break (identity, inventory);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "inventory never caught up: {identity}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(identity["owner"], "auditors", "{identity}");
+    assert_eq!(identity["purpose"], "event test");
+    assert_eq!(identity["registration_expired"], false);
+    assert!(!identity["last_issued"].is_null(), "{identity}");
+    let node = inventory["nodes"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["entry_id"] == entry_id.as_str())
-        .expect("identity in the inventory")
+        .find(|n| n["node_id"] == node_id.as_str())
+        .expect("node in the inventory")
         .clone();
-    assert_eq!(identity["owner"], "auditors", "{identity}");
-    assert_eq!(identity["purpose"], "event test");
+    assert!(
+        node["live_svids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == second.as_str()),
+        "{node}"
+    );
+    let text = server.admin(&["inventory"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("auditors"));
 
     assert!(
         server
@@ -429,4 +466,86 @@ async fn a_standalone_agent_keeps_a_json_lines_audit_log() {
         format!("spiffe://{TRUST_DOMAIN}/audited")
     );
     assert_eq!(issued["caller"]["pid"], std::process::id());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_tail_follows_new_events_and_expired_registrations_are_flagged() {
+    use std::io::BufRead;
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let mut tail = std::process::Command::new(TESSERA)
+        .args([
+            "events",
+            "tail",
+            "--kind",
+            "node_attested",
+            "--output",
+            "json",
+            "--admin-socket",
+        ])
+        .arg(&server.admin_socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &joined(&server),
+    );
+    let node_id = std::fs::read_to_string(agent.state_dir.join("upstream/node_id")).unwrap();
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("tail prints the new event");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["kind"], "node_attested");
+    assert_eq!(event["node_id"], node_id.as_str());
+    let _ = tail.kill();
+    let _ = tail.wait();
+
+    let selector = my_uid_selector();
+    let id = format!("spiffe://{TRUST_DOMAIN}/short-lived-registration");
+    let entry = server.admin_json(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &id,
+        "--selector",
+        &selector,
+        "--owner",
+        "o",
+        "--purpose",
+        "p",
+        "--all-nodes",
+        "--expires-in",
+        "2s",
+        "--inactivity-timeout",
+        "1m",
+    ]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let inventory = server.admin_json(&["inventory"]);
+    let identity = inventory["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["entry_id"] == entry["id"])
+        .unwrap()
+        .clone();
+    assert_eq!(identity["registration_expired"], true, "{identity}");
+    assert_eq!(identity["unused_past_timeout"], false, "{identity}");
+    assert!(String::from_utf8_lossy(&server.admin(&["inventory"]).stdout).contains("EXPIRED"));
 }

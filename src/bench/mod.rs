@@ -6,6 +6,7 @@
 //! (attestation + mint), executable hash cached and not; mint throughput against a raw
 //! rcgen + aws-lc-rs loop; concurrent streams at scale with RSS, CPU and late rotations.
 
+mod ingest;
 mod report;
 mod scenarios;
 
@@ -29,6 +30,8 @@ pub struct Plan {
     pub stream_levels: &'static [usize],
     /// SVID lifetime in the streams scenario.
     pub stream_ttl: Duration,
+    /// Events uploaded by one agent in the ingest scenario.
+    pub ingest_events: usize,
 }
 
 impl Plan {
@@ -39,6 +42,7 @@ impl Plan {
         mints: 100,
         stream_levels: &[100, 300],
         stream_ttl: Duration::from_secs(4),
+        ingest_events: 2_000,
     };
     /// The full run behind the committed report (a few minutes).
     pub const FULL: Plan = Plan {
@@ -47,6 +51,7 @@ impl Plan {
         mints: 3000,
         stream_levels: &[1000, 5000, 10000],
         stream_ttl: Duration::from_secs(30),
+        ingest_events: 100_000,
     };
 }
 

@@ -45,6 +45,8 @@ pub trait EventLog: Send + Sync {
 pub struct AuditLog {
     /// The file, opened for appending; one writer at a time.
     file: Mutex<File>,
+    /// A second handle on the same file, for fsync without holding up writers.
+    sync_handle: File,
     /// Its path, for messages.
     path: PathBuf,
 }
@@ -62,6 +64,7 @@ impl AuditLog {
             .mode(0o600)
             .open(path)?;
         Ok(Self {
+            sync_handle: file.try_clone()?,
             file: Mutex::new(file),
             path: path.to_path_buf(),
         })
@@ -78,8 +81,9 @@ impl EventLog for AuditLog {
     }
 
     fn sync(&self) -> Result<(), String> {
-        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.sync_data()
+        // An fsync can take milliseconds; appends (on the issuance path) must not wait for it.
+        self.sync_handle
+            .sync_data()
             .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 }

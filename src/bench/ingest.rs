@@ -1,0 +1,212 @@
+//! Scenario 6, event ingest: events from one agent's spool to durable storage on the server,
+//! on SQLite and (when a PostgreSQL server is named by `TESSERA_TEST_POSTGRES`) on PostgreSQL.
+//!
+//! A real server and a real agent in server mode: the agent attests, stops, finds its spool
+//! filled with `svid_used` events, and starts again; the clock runs from that start until the
+//! server has stored every event. The set stored is checked against the set produced.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{BenchError, ChildProcess, Plan, ScenarioResult, io_err};
+use crate::events::model::{new_event_id, now_ms};
+use crate::events::{Spool, SpoolConfig, append_event};
+use crate::proto::tessera::admin_client::AdminClient;
+use crate::proto::tessera::{
+    CreateJoinTokenRequest, Event, EventFilter, EventKind, GetBundleRequest,
+};
+
+const TRUST_DOMAIN: &str = "bench.tessera";
+/// The rate the issue asks of SQLite.
+const TARGET_EVENTS_PER_SECOND: f64 = 20_000.0;
+
+fn failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
+    move |s| BenchError::Failed(format!("{what}: {:?} {}", s.code(), s.message()))
+}
+
+/// One backend's run: events per second and whether exactly the produced set was stored.
+async fn ingest_once(
+    dir: &Path,
+    events: usize,
+    datastore: &str,
+) -> Result<(f64, Duration), BenchError> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io_err("finding a free port"))?
+        .port();
+    let admin_socket = dir.join("admin.sock");
+    let server_config = dir.join("server.toml");
+    std::fs::write(
+        &server_config,
+        format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n{datastore}\n",
+            admin_socket.display(),
+            dir.join("server").display()
+        ),
+    )
+    .map_err(io_err("writing the server configuration"))?;
+    let config = server_config.display().to_string();
+    let _server = ChildProcess::start(&["server", "run", "--config", &config], &admin_socket)?;
+    let channel = crate::cli::client::channel(&admin_socket)
+        .await
+        .map_err(|f| BenchError::Failed(f.message))?;
+    let mut admin = AdminClient::new(channel);
+    let token = admin
+        .create_join_token(CreateJoinTokenRequest {
+            ttl_seconds: 600,
+            labels: vec![],
+        })
+        .await
+        .map_err(failed("creating a join token"))?
+        .into_inner()
+        .token;
+    let bundle = admin
+        .get_bundle(GetBundleRequest {})
+        .await
+        .map_err(failed("reading the bundle"))?
+        .into_inner();
+    let bundle_path = dir.join("bundle.pem");
+    std::fs::write(
+        &bundle_path,
+        crate::ca::to_pem("CERTIFICATE", &bundle.roots),
+    )
+    .map_err(io_err("writing the bundle"))?;
+
+    let socket = dir.join("agent.sock");
+    let state = dir.join("agent");
+    let agent_config = dir.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n\n[server]\naddress = \"127.0.0.1:{port}\"\ntrust_bundle_file = \"{}\"\njoin_token = \"{token}\"\n",
+            socket.display(),
+            state.display(),
+            bundle_path.display()
+        ),
+    )
+    .map_err(io_err("writing the agent configuration"))?;
+    let agent_config = agent_config.display().to_string();
+    let agent_args = ["agent", "run", "--config", agent_config.as_str()];
+    // Attest once, then stop, so that the spool can be filled while nothing drains it.
+    drop(ChildProcess::start(&agent_args, &socket)?);
+    let node_id = std::fs::read_to_string(state.join("upstream/node_id"))
+        .map_err(io_err("reading the node id"))?;
+    let produced = fill_spool(&state.join("spool"), &node_id, events)?;
+
+    let started = Instant::now();
+    let _agent = ChildProcess::start(&agent_args, &socket)?;
+    let mut stored = HashSet::with_capacity(events);
+    let mut after_seq = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while stored.len() < events {
+        if Instant::now() > deadline {
+            return Err(BenchError::Failed(format!(
+                "only {} of {events} events stored after 10 minutes",
+                stored.len()
+            )));
+        }
+        let page = admin
+            .list_events(EventFilter {
+                kinds: vec!["svid_used".into()],
+                after_seq,
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(failed("listing events"))?
+            .into_inner()
+            .events;
+        match page.last() {
+            Some(last) => after_seq = last.seq,
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+        for event in page {
+            if let Some(event) = event.event
+                && !stored.insert(event.id.clone())
+            {
+                return Err(BenchError::Failed(format!(
+                    "event {} stored twice",
+                    event.id
+                )));
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    if stored != produced {
+        return Err(BenchError::Failed(
+            "the events stored differ from those produced".into(),
+        ));
+    }
+    Ok((events as f64 / elapsed.as_secs_f64(), elapsed))
+}
+
+/// Appends `count` delivery events to the agent's spool; returns their ids.
+fn fill_spool(dir: &Path, node_id: &str, count: usize) -> Result<HashSet<String>, BenchError> {
+    let (spool, _) = Spool::open(dir, SpoolConfig::default())
+        .map_err(|e| BenchError::Failed(format!("opening the spool: {e}")))?;
+    let mut ids = HashSet::with_capacity(count);
+    let now = now_ms();
+    for i in 0..count {
+        let event = Event {
+            id: new_event_id(),
+            kind: EventKind::SvidUsed as i32,
+            time_ms: now,
+            trust_domain: TRUST_DOMAIN.into(),
+            node_id: node_id.to_owned(),
+            entry_id: format!("bench-{}", i % 100),
+            spiffe_id: format!("spiffe://{TRUST_DOMAIN}/bench/{}", i % 100),
+            serial: format!("{:032x}", i % 1000),
+            not_after: now / 1000 + 3600,
+            first_ms: now,
+            last_ms: now,
+            count: 1,
+            ..Default::default()
+        };
+        append_event(&spool, &event)
+            .map_err(|e| BenchError::Failed(format!("filling the spool: {e}")))?;
+        ids.insert(event.id);
+    }
+    spool
+        .sync()
+        .map_err(|e| BenchError::Failed(format!("syncing the spool: {e}")))?;
+    Ok(ids)
+}
+
+/// 6. Event ingest on SQLite and, when available, PostgreSQL.
+pub async fn event_ingest(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
+    let events = plan.ingest_events;
+    let (sqlite_rate, sqlite_time) = ingest_once(&dir.join("sqlite"), events, "").await?;
+    let mut figures = vec![
+        ("SQLite: events/s".to_owned(), sqlite_rate),
+        ("SQLite: seconds".to_owned(), sqlite_time.as_secs_f64()),
+    ];
+    let mut notes = vec![format!(
+        "{events} events, all stored exactly once on each backend"
+    )];
+    match postgres_database().await {
+        Some(connection) => {
+            let datastore =
+                format!("[datastore]\nkind = \"postgres\"\nconnection = \"{connection}\"");
+            let (rate, time) = ingest_once(&dir.join("postgres"), events, &datastore).await?;
+            figures.push(("PostgreSQL: events/s".to_owned(), rate));
+            figures.push(("PostgreSQL: seconds".to_owned(), time.as_secs_f64()));
+            crate::store::postgres::drop_scratch_database(&connection).await;
+        }
+        None => notes.push("PostgreSQL not measured: TESSERA_TEST_POSTGRES is not set".into()),
+    }
+    Ok(ScenarioResult {
+        name: "event_ingest".into(),
+        description: "Events from one agent's spool to the server's durable store: a real agent (server mode) finds its spool filled and uploads it in acknowledged batches; the clock runs from the agent's start until the server has stored the last event.".into(),
+        target: format!("at least {TARGET_EVENTS_PER_SECOND:.0} events/s on SQLite"),
+        met: sqlite_rate >= TARGET_EVENTS_PER_SECOND,
+        figures,
+        note: notes.join("; "),
+    })
+}
+
+async fn postgres_database() -> Option<String> {
+    std::env::var_os("TESSERA_TEST_POSTGRES")?;
+    crate::store::postgres::scratch_database_from_env().await
+}
