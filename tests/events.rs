@@ -378,13 +378,7 @@ async fn issuance_anomalies_and_bad_batches_are_flagged_without_blocking_the_str
     let node_id = std::fs::read_to_string(agent.state_dir.join("upstream/node_id")).unwrap();
 
     // Speak for the node with its own credentials, as a compromised node would.
-    let config = tessera::agent::config::UpstreamConfig {
-        address: server.address.clone(),
-        trust_bundle_file: bundle.clone(),
-        attestation: tessera::agent::config::NodeAttestation::JoinToken("spent".into()),
-    };
-    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
-    let upstream = tessera::agent::upstream::Upstream::new(config, td, &agent.state_dir);
+    let upstream = node_link(&server.address, &bundle, &agent.state_dir);
     let credentials = upstream.saved_credentials().unwrap();
     let mut client = tessera::proto::tessera::node_client::NodeClient::new(
         upstream.channel(Some(&credentials)).unwrap(),

@@ -357,13 +357,7 @@ async fn evicted_nodes_lose_their_identities_and_cannot_renew() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 
     // The node's SVID no longer renews anything.
-    let config = tessera::agent::config::UpstreamConfig {
-        address: server.address.clone(),
-        trust_bundle_file: bundle.clone(),
-        attestation: tessera::agent::config::NodeAttestation::JoinToken("spent".into()),
-    };
-    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
-    let upstream = tessera::agent::upstream::Upstream::new(config, td, &saved);
+    let upstream = node_link(&server.address, &bundle, &saved);
     let credentials = upstream
         .saved_credentials()
         .expect("copied credentials load");

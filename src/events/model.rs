@@ -23,7 +23,12 @@ pub fn new_event_id() -> String {
     // practice, and a zeroed tail still leaves the time prefix.
     let _ = aws_lc_rs::rand::fill(&mut bytes[6..]);
     bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    bytes[6] = (bytes[6] & 0x0f) | 0x70;
+    uuid_string(bytes, 7)
+}
+
+/// `bytes` as a UUID of `version` (RFC 9562 variant), lowercase with dashes.
+pub fn uuid_string(mut bytes: [u8; 16], version: u8) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | (version << 4);
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex = hex::encode(bytes);
     format!(

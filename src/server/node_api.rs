@@ -21,7 +21,7 @@ use crate::ca::node::{
     CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid,
 };
 use crate::events::model::{
-    MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, to_record,
+    MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, to_record, uuid_string,
 };
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
@@ -344,17 +344,8 @@ fn anomaly_id(source_id: &str) -> String {
     let digest = sha256(format!("issuance-anomaly:{source_id}").as_bytes());
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
-    bytes[6] = (bytes[6] & 0x0f) | 0x80;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    // Version 8: a custom, name-derived UUID.
+    uuid_string(bytes, 8)
 }
 
 impl State {

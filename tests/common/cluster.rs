@@ -371,3 +371,19 @@ pub fn x509pop_attestation(cert: &Path, key: &Path) -> String {
         key.display()
     )
 }
+
+/// The server link of a node whose state is in `state_dir`, for speaking to `address` with
+/// that node's saved credentials (as a misbehaving or evicted node would).
+pub fn node_link(
+    address: &str,
+    bundle: &Path,
+    state_dir: &Path,
+) -> tessera::agent::upstream::Upstream {
+    let config = tessera::agent::config::UpstreamConfig {
+        address: address.to_owned(),
+        trust_bundle_file: bundle.to_path_buf(),
+        attestation: tessera::agent::config::NodeAttestation::JoinToken("spent".into()),
+    };
+    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    tessera::agent::upstream::Upstream::new(config, td, state_dir)
+}
