@@ -52,6 +52,19 @@ fn wait_events(
     }
 }
 
+/// `GET /metrics` from the agent's metrics port.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
+}
+
 fn assert_unique_ids(events: &[serde_json::Value]) {
     let ids: HashSet<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), events.len(), "an event was stored twice");
@@ -239,6 +252,9 @@ async fn every_issuance_use_and_revocation_reaches_the_server_once() {
         assert_eq!(u["caller"]["pid"], std::process::id());
     }
 
+    // Issuances uploaded after their entry was deleted are not mistaken for anomalies.
+    assert!(events(&server, "issuance_anomaly").is_empty());
+
     let attested = events(&server, "node_attested");
     assert!(
         attested.iter().any(|e| e["node_id"] == node_id.as_str()),
@@ -265,13 +281,16 @@ async fn crashes_and_outages_lose_nothing_and_double_nothing() {
     let mut server = ServerProcess::start(dir.path(), "server", "");
     let bundle = dir.path().join("bundle.pem");
     server.write_bundle(&bundle);
-    let mut agent = AgentProcess::start(
+    let metrics_port = free_port();
+    let mut agent = AgentProcess::spawn_with(
         dir.path(),
         "agent",
         &server.address,
         &bundle,
         &joined(&server),
+        &format!("metrics_address = \"127.0.0.1:{metrics_port}\""),
     );
+    agent.wait_ready();
 
     // Server away: events pile up in the spool, across a kill -9 and restart of the agent.
     server.kill();
@@ -281,6 +300,19 @@ async fn crashes_and_outages_lose_nothing_and_double_nothing() {
     agent.spawn_again();
     agent.wait_ready();
     refused_calls(&agent, 400).await;
+    // The backlog shows in the agent's metrics.
+    let metrics = scrape(metrics_port);
+    assert!(
+        metrics.contains("tessera_events_recorded_total{kind=\"attestation_denied\"} 400"),
+        "{metrics}"
+    );
+    let pending: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_spool_pending_records "))
+        .expect("spool backlog metric")
+        .parse()
+        .unwrap();
+    assert!(pending >= 400, "{metrics}");
 
     // Server back: the upload starts; kill -9 the agent in the middle of it.
     server.restart();

@@ -295,6 +295,20 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             .clone()
             .run_flusher(EVENT_FLUSH_INTERVAL, signalled(shutdown_rx.clone())),
     );
+    if let Some(address) = config.metrics_address {
+        let listener = super::metrics::bind(address)
+            .await
+            .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+        let sources = Arc::new(super::metrics::Sources {
+            recorder: recorder.clone(),
+            spool: spool.clone(),
+        });
+        tokio::spawn(super::metrics::serve(
+            listener,
+            sources,
+            signalled(shutdown_rx.clone()),
+        ));
+    }
     let cache = IdentityCache::new(entries, ca, recorder.clone());
     tokio::spawn(
         cache

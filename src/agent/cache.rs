@@ -225,9 +225,11 @@ impl IdentityCache {
         self.bump();
     }
 
-    /// Withdraws every SVID at once for `reason` (the node was evicted); streams recompute.
+    /// Withdraws every entry and SVID at once for `reason` (the node was evicted); streams
+    /// recompute and find nothing left. In one step, so that no stream re-mints in between.
     pub fn revoke_all(&self, reason: RevocationReason) {
         let mut state = self.lock();
+        state.entries = Arc::new(EntrySet::default());
         for (_, cached) in state.svids.drain() {
             self.recorder.revoked(&cached.entry, &cached.svid, reason);
         }

@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub server: Option<UpstreamConfig>,
     /// Deliveries of one SVID to one caller are counted this long, then reported as one event.
     pub use_window: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: not served.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -83,6 +85,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     #[serde(default)]
     allow_unauthenticated_verifiers: bool,
+    metrics_address: Option<String>,
     #[serde(default)]
     attestation: RawAttestation,
     #[serde(default)]
@@ -288,6 +291,16 @@ impl AgentConfig {
                 window
             }
         };
+        let metrics_address = match raw.metrics_address.as_deref() {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                invalid(
+                    "metrics_address",
+                    text,
+                    "not an IP address and port; write e.g. \"127.0.0.1:9464\"".into(),
+                )
+            })?),
+        };
         Ok(Self {
             file: None,
             trust_domain,
@@ -302,6 +315,7 @@ impl AgentConfig {
             entries,
             server,
             use_window,
+            metrics_address,
         })
     }
 }

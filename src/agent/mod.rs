@@ -6,6 +6,7 @@ pub mod cache;
 pub mod config;
 pub mod endpoint;
 pub mod entries;
+pub mod metrics;
 pub mod sdnotify;
 pub mod uploader;
 pub mod upstream;

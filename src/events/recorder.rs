@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use super::model::{caller_of, new_event_id, now_ms};
+use super::model::{caller_of, kind_name, new_event_id, now_ms};
 use crate::attest::CallerFacts;
 use crate::ca::X509Svid;
 use crate::entry::RegistrationEntry;
@@ -118,6 +119,21 @@ pub struct Recorder {
     uses: Mutex<HashMap<UseKey, Uses>>,
     /// How long deliveries are counted before they are reported.
     use_window: Duration,
+    /// Events written, by kind number.
+    recorded: [AtomicU64; KINDS],
+    /// Events that could not be written, by kind number.
+    failed: [AtomicU64; KINDS],
+}
+
+/// Kind numbers run from 0 (unspecified) to 7.
+const KINDS: usize = 8;
+
+/// What the recorder has counted, for metrics.
+pub struct Counters {
+    /// Events written, by kind name.
+    pub recorded: Vec<(&'static str, u64)>,
+    /// Events that could not be written, by kind name.
+    pub failed: Vec<(&'static str, u64)>,
 }
 
 impl Recorder {
@@ -129,6 +145,37 @@ impl Recorder {
             log,
             uses: Mutex::new(HashMap::new()),
             use_window: Duration::from_secs(10),
+            recorded: Default::default(),
+            failed: Default::default(),
+        }
+    }
+
+    /// Writes `event`, counting the outcome.
+    fn write(&self, critical: bool, event: &Event) -> Result<(), String> {
+        let kind = (event.kind.max(0) as usize).min(KINDS - 1);
+        let result = self.log.append(critical, event);
+        let counter = if result.is_ok() {
+            &self.recorded
+        } else {
+            &self.failed
+        };
+        counter[kind].fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    /// The counts so far, for metrics.
+    pub fn counters(&self) -> Counters {
+        let named = |counts: &[AtomicU64; KINDS]| {
+            (1..KINDS)
+                .filter_map(|k| {
+                    let kind = EventKind::try_from(k as i32).ok()?;
+                    Some((kind_name(kind), counts[k].load(Ordering::Relaxed)))
+                })
+                .collect()
+        };
+        Counters {
+            recorded: named(&self.recorded),
+            failed: named(&self.failed),
         }
     }
 
@@ -177,7 +224,7 @@ impl Recorder {
     ) -> Result<(), RecordError> {
         let mut event = self.svid_event(EventKind::SvidIssued, entry, svid);
         event.caller = caller.map(caller_of);
-        self.log.append(true, &event).map_err(|reason| RecordError {
+        self.write(true, &event).map_err(|reason| RecordError {
             kind: "svid_issued",
             reason,
         })
@@ -188,7 +235,7 @@ impl Recorder {
     pub fn revoked(&self, entry: &RegistrationEntry, svid: &X509Svid, reason: RevocationReason) {
         let mut event = self.svid_event(EventKind::SvidRevoked, entry, svid);
         event.set_reason(reason);
-        if let Err(e) = self.log.append(true, &event) {
+        if let Err(e) = self.write(true, &event) {
             tracing::error!(serial = %svid.serial_hex, error = %e, "cannot record a revocation event");
         }
     }
@@ -223,7 +270,7 @@ impl Recorder {
         let mut event = self.event(EventKind::AttestationDenied);
         event.caller = caller.map(caller_of);
         event.detail = detail.to_owned();
-        if let Err(e) = self.log.append(false, &event) {
+        if let Err(e) = self.write(false, &event) {
             tracing::debug!(error = %e, "attestation-denied event dropped");
         }
     }
@@ -252,7 +299,7 @@ impl Recorder {
             event.last_ms = counted.last_ms;
             event.count = counted.count;
             event.time_ms = counted.last_ms;
-            if let Err(e) = self.log.append(false, &event) {
+            if let Err(e) = self.write(false, &event) {
                 tracing::warn!(serial = %event.serial, count = event.count, error = %e, "svid_used event dropped");
             }
         }

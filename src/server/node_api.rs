@@ -388,7 +388,6 @@ impl State {
         }
         let received = now_ms();
         let snapshot = self.snapshots.borrow().clone();
-        let entitled = snapshot.entitled(node_id);
         let mut records = Vec::with_capacity(batch.events.len());
         for (index, event) in batch.events.iter().enumerate() {
             let kind = match check_event(index, event) {
@@ -396,10 +395,15 @@ impl State {
                 Err(e) => return Ok(refused(format!("batch {}: {e}", batch.sequence))),
             };
             records.push(to_record(event, kind, node_id, received));
+            // Judged against what the node could serve when it issued (entries replaced since
+            // are remembered), so an issuance reported late after an outage is not an anomaly.
             if kind == EventKind::SvidIssued
-                && !entitled
-                    .values()
-                    .any(|e| e.spiffe_id == event.spiffe_id && e.id == event.entry_id)
+                && !snapshot.may_have_issued(
+                    node_id,
+                    &event.entry_id,
+                    &event.spiffe_id,
+                    event.time_ms,
+                )
             {
                 let detail = format!(
                     "node {node_id} reported issuing {} (serial {}, entry {:?}), which no entry it may serve grants",

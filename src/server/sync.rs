@@ -70,9 +70,42 @@ pub struct Snapshot {
     pub bundle: Vec<Vec<u8>>,
     /// Every node, by id.
     pub nodes: HashMap<String, NodeView>,
+    /// Versions of entries removed or changed in the last [`HISTORY_KEEP`], by entry id, with
+    /// when they stopped being current (Unix ms): an issuance reported late (after an outage)
+    /// is judged against what the node was entitled to then, not only now.
+    pub history: Arc<EntryHistory>,
 }
 
+/// Replaced versions of entries, by entry id, each with when it was replaced (Unix ms).
+pub type EntryHistory = HashMap<String, Vec<(i64, Arc<Entry>)>>;
+
+/// How long replaced entry versions are remembered for the issuance check.
+pub const HISTORY_KEEP: Duration = Duration::from_secs(24 * 3600);
+
 impl Snapshot {
+    /// Whether node `node_id` may have issued `spiffe_id` for `entry_id`: the entry, now or in
+    /// a version replaced since `since_ms`, grants that ID to nodes the node is one of.
+    pub fn may_have_issued(
+        &self,
+        node_id: &str,
+        entry_id: &str,
+        spiffe_id: &str,
+        since_ms: i64,
+    ) -> bool {
+        let Some(node) = self.nodes.get(node_id) else {
+            return false;
+        };
+        let grants = |e: &Entry| {
+            e.spiffe_id == spiffe_id && e.node_selectors.iter().all(|s| node.selectors.contains(s))
+        };
+        self.entries.get(entry_id).is_some_and(|e| grants(e))
+            || self.history.get(entry_id).is_some_and(|versions| {
+                versions
+                    .iter()
+                    .any(|(replaced_ms, e)| *replaced_ms >= since_ms && grants(e))
+            })
+    }
+
     /// Entries that node `node_id` may serve: those whose node selectors it all has.
     pub fn entitled(&self, node_id: &str) -> HashMap<String, Arc<Entry>> {
         let Some(node) = self.nodes.get(node_id) else {
@@ -159,6 +192,39 @@ fn node_view(record: &NodeRecord) -> NodeView {
     }
 }
 
+/// The history for `next`: `previous`'s history without versions older than [`HISTORY_KEEP`],
+/// plus every entry of `previous` that `next` removed or changed.
+fn remember_replaced(previous: &Snapshot, next: &Snapshot) -> EntryHistory {
+    let now = crate::events::model::now_ms();
+    let horizon = now - HISTORY_KEEP.as_millis() as i64;
+    let mut history: EntryHistory = previous
+        .history
+        .iter()
+        .map(|(id, versions)| {
+            let kept = versions
+                .iter()
+                .filter(|(at, _)| *at >= horizon)
+                .cloned()
+                .collect();
+            (id.clone(), kept)
+        })
+        .filter(|(_, versions): &(String, Vec<_>)| !versions.is_empty())
+        .collect();
+    for (id, old) in &previous.entries {
+        if next
+            .entries
+            .get(id)
+            .is_none_or(|new| new.revision != old.revision)
+        {
+            history
+                .entry(id.clone())
+                .or_default()
+                .push((now, old.clone()));
+        }
+    }
+    history
+}
+
 /// Reads a whole snapshot from the datastore.
 pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError> {
     let entries = store.list_entries().await?;
@@ -171,6 +237,7 @@ pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError
             .collect(),
         bundle: bundle.into_iter().map(|r| r.der).collect(),
         nodes: nodes.iter().map(|n| (n.id.clone(), node_view(n))).collect(),
+        history: Arc::default(),
     })
 }
 
@@ -196,7 +263,8 @@ pub async fn run_hub(
         changes.borrow_and_update();
         loop {
             match load_snapshot(store.as_ref()).await {
-                Ok(snapshot) => {
+                Ok(mut snapshot) => {
+                    snapshot.history = Arc::new(remember_replaced(&publish.borrow(), &snapshot));
                     publish.send_replace(Arc::new(snapshot));
                     break;
                 }
@@ -255,6 +323,45 @@ mod tests {
         ids.sort();
         assert_eq!(ids, ["all", "n1"]);
         assert!(snapshot.entitled("unknown").is_empty());
+    }
+
+    #[test]
+    fn issuances_are_judged_against_current_and_recently_replaced_entries() {
+        let node = NodeView {
+            status: NodeStatus::Active,
+            selectors: vec!["node:id:n1".into()],
+            attested_at: 0,
+        };
+        let granted = |id: &str, spiffe_id: &str, revision: i64, selectors: &[&str]| {
+            let mut e = (*entry(id, revision, selectors)).clone();
+            e.spiffe_id = spiffe_id.into();
+            Arc::new(e)
+        };
+        let mut before = Snapshot::default();
+        before.nodes.insert("n1".into(), node.clone());
+        before
+            .entries
+            .insert("a".into(), granted("a", "spiffe://td/a", 1, &[]));
+        before.entries.insert(
+            "b".into(),
+            granted("b", "spiffe://td/b", 1, &["node:id:n1"]),
+        );
+        let mut after = Snapshot::default();
+        after.nodes.insert("n1".into(), node);
+        after.entries.insert(
+            "b".into(),
+            granted("b", "spiffe://td/b", 2, &["node:id:n2"]),
+        );
+        after.history = Arc::new(remember_replaced(&before, &after));
+        let recent = crate::events::model::now_ms() - 1000;
+        // Deleted and re-pinned since: judged against the versions the node had.
+        assert!(after.may_have_issued("n1", "a", "spiffe://td/a", recent));
+        assert!(after.may_have_issued("n1", "b", "spiffe://td/b", recent));
+        // Never granted, or granted under another entry, or before the window.
+        assert!(!after.may_have_issued("n1", "a", "spiffe://td/admin", recent));
+        assert!(!after.may_have_issued("n1", "b", "spiffe://td/a", recent));
+        assert!(!after.may_have_issued("n1", "a", "spiffe://td/a", i64::MAX));
+        assert!(!after.may_have_issued("n2", "b", "spiffe://td/b", recent));
     }
 
     #[test]

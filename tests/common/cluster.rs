@@ -223,13 +223,25 @@ impl AgentProcess {
     /// Writes `dir/<name>.toml` for server `address`, trusting `bundle`, attesting with the
     /// `attestation` TOML lines of the `[server]` table, and starts it (without waiting).
     pub fn spawn(dir: &Path, name: &str, address: &str, bundle: &Path, attestation: &str) -> Self {
+        Self::spawn_with(dir, name, address, bundle, attestation, "")
+    }
+
+    /// Like [`spawn`](Self::spawn), with `top` TOML lines before the `[server]` table.
+    pub fn spawn_with(
+        dir: &Path,
+        name: &str,
+        address: &str,
+        bundle: &Path,
+        attestation: &str,
+        top: &str,
+    ) -> Self {
         let socket = dir.join(format!("{name}.sock"));
         let state_dir = dir.join(name);
         let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config_path,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n\n[server]\naddress = \"{address}\"\ntrust_bundle_file = \"{}\"\n{attestation}\n",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n{top}\n\n[server]\naddress = \"{address}\"\ntrust_bundle_file = \"{}\"\n{attestation}\n",
                 socket.display(),
                 state_dir.display(),
                 bundle.display(),
