@@ -34,6 +34,7 @@ fn quick_benchmark_writes_a_complete_report() {
             "first_fetch",
             "mint_throughput",
             "streams_at_scale",
+            "revocation_propagation",
             "event_ingest"
         ]
     );

@@ -8,6 +8,7 @@
 
 mod ingest;
 mod report;
+mod revocation;
 mod scenarios;
 
 pub use report::{Report, ScenarioResult};
@@ -32,6 +33,8 @@ pub struct Plan {
     pub stream_ttl: Duration,
     /// Events uploaded by one agent in the ingest scenario.
     pub ingest_events: usize,
+    /// Entries deleted in the revocation scenario.
+    pub revocation_rounds: usize,
 }
 
 impl Plan {
@@ -43,6 +46,7 @@ impl Plan {
         stream_levels: &[100, 300],
         stream_ttl: Duration::from_secs(4),
         ingest_events: 2_000,
+        revocation_rounds: 5,
     };
     /// The full run behind the committed report (a few minutes).
     pub const FULL: Plan = Plan {
@@ -52,6 +56,7 @@ impl Plan {
         stream_levels: &[1000, 5000, 10000],
         stream_ttl: Duration::from_secs(30),
         ingest_events: 100_000,
+        revocation_rounds: 200,
     };
 }
 

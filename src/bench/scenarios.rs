@@ -86,6 +86,8 @@ pub async fn run_all(plan: Plan, mode: &str, work_dir: &Path) -> Result<Report, 
             .map_err(|e| BenchError::Failed(e.to_string()))??,
     ];
     scenarios.push(streams_at_scale(plan, &work_dir.join("streams")).await?);
+    scenarios
+        .push(super::revocation::revocation_propagation(plan, &work_dir.join("revocation")).await?);
     scenarios.push(super::ingest::event_ingest(plan, &work_dir.join("ingest")).await?);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     Ok(Report {
