@@ -9,21 +9,14 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, ChildProcess, Plan, ScenarioResult, io_err};
+use super::cluster::{Server, TRUST_DOMAIN, failed};
+use super::{BenchError, Plan, ScenarioResult, io_err};
 use crate::events::model::{new_event_id, now_ms};
 use crate::events::{Spool, SpoolConfig, append_event};
-use crate::proto::tessera::admin_client::AdminClient;
-use crate::proto::tessera::{
-    CreateJoinTokenRequest, Event, EventFilter, EventKind, GetBundleRequest,
-};
+use crate::proto::tessera::{Event, EventFilter, EventKind};
 
-const TRUST_DOMAIN: &str = "bench.tessera";
 /// The rate the issue asks of SQLite.
 const TARGET_EVENTS_PER_SECOND: f64 = 20_000.0;
-
-fn failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
-    move |s| BenchError::Failed(format!("{what}: {:?} {}", s.code(), s.message()))
-}
 
 /// One backend's run: events per second and whether exactly the produced set was stored.
 async fn ingest_once(
@@ -31,72 +24,16 @@ async fn ingest_once(
     events: usize,
     datastore: &str,
 ) -> Result<(f64, Duration), BenchError> {
-    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(io_err("finding a free port"))?
-        .port();
-    let admin_socket = dir.join("admin.sock");
-    let server_config = dir.join("server.toml");
-    std::fs::write(
-        &server_config,
-        format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n{datastore}\n",
-            admin_socket.display(),
-            dir.join("server").display()
-        ),
-    )
-    .map_err(io_err("writing the server configuration"))?;
-    let config = server_config.display().to_string();
-    let _server = ChildProcess::start(&["server", "run", "--config", &config], &admin_socket)?;
-    let channel = crate::cli::client::channel(&admin_socket)
-        .await
-        .map_err(|f| BenchError::Failed(f.message))?;
-    let mut admin = AdminClient::new(channel);
-    let token = admin
-        .create_join_token(CreateJoinTokenRequest {
-            ttl_seconds: 600,
-            labels: vec![],
-        })
-        .await
-        .map_err(failed("creating a join token"))?
-        .into_inner()
-        .token;
-    let bundle = admin
-        .get_bundle(GetBundleRequest {})
-        .await
-        .map_err(failed("reading the bundle"))?
-        .into_inner();
-    let bundle_path = dir.join("bundle.pem");
-    std::fs::write(
-        &bundle_path,
-        crate::ca::to_pem("CERTIFICATE", &bundle.roots),
-    )
-    .map_err(io_err("writing the bundle"))?;
-
-    let socket = dir.join("agent.sock");
-    let state = dir.join("agent");
-    let agent_config = dir.join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n\n[server]\naddress = \"127.0.0.1:{port}\"\ntrust_bundle_file = \"{}\"\njoin_token = \"{token}\"\n",
-            socket.display(),
-            state.display(),
-            bundle_path.display()
-        ),
-    )
-    .map_err(io_err("writing the agent configuration"))?;
-    let agent_config = agent_config.display().to_string();
-    let agent_args = ["agent", "run", "--config", agent_config.as_str()];
+    let mut server = Server::start(dir, datastore).await?;
+    let agent = server.agent_config(dir, "agent").await?;
     // Attest once, then stop, so that the spool can be filled while nothing drains it.
-    drop(ChildProcess::start(&agent_args, &socket)?);
-    let node_id = std::fs::read_to_string(state.join("upstream/node_id"))
+    drop(agent.start()?);
+    let node_id = std::fs::read_to_string(agent.state.join("upstream/node_id"))
         .map_err(io_err("reading the node id"))?;
-    let produced = fill_spool(&state.join("spool"), &node_id, events)?;
+    let produced = fill_spool(&agent.state.join("spool"), &node_id, events)?;
 
     let started = Instant::now();
-    let _agent = ChildProcess::start(&agent_args, &socket)?;
+    let _agent = agent.start()?;
     let mut stored = HashSet::with_capacity(events);
     let mut after_seq = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -107,7 +44,8 @@ async fn ingest_once(
                 stored.len()
             )));
         }
-        let page = admin
+        let page = server
+            .admin
             .list_events(EventFilter {
                 kinds: vec!["svid_used".into()],
                 after_seq,

@@ -6,6 +6,7 @@
 //! (attestation + mint), executable hash cached and not; mint throughput against a raw
 //! rcgen + aws-lc-rs loop; concurrent streams at scale with RSS, CPU and late rotations.
 
+mod cluster;
 mod ingest;
 mod report;
 mod revocation;

@@ -9,19 +9,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use super::{BenchError, ChildProcess, Plan, ScenarioResult, io_err, percentiles};
-use crate::proto::tessera::admin_client::AdminClient;
-use crate::proto::tessera::{
-    CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, GetBundleRequest,
-};
+use super::cluster::{Server, TRUST_DOMAIN, failed};
+use super::{BenchError, Plan, ScenarioResult, percentiles};
+use crate::proto::tessera::{CreateEntryRequest, Entry, EntryRequest};
 use crate::proto::workload::X509svidRequest;
 
-const TRUST_DOMAIN: &str = "bench.tessera";
 const AGENTS: usize = 3;
-
-fn failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
-    move |s| BenchError::Failed(format!("{what}: {:?} {}", s.code(), s.message()))
-}
 
 fn entry(path: &str) -> Entry {
     Entry {
@@ -57,41 +50,10 @@ async fn until_all(
 
 /// 5. Revocation propagation with three agents.
 pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
-    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(io_err("finding a free port"))?
-        .port();
-    let admin_socket = dir.join("admin.sock");
-    let server_config = dir.join("server.toml");
-    std::fs::write(
-        &server_config,
-        format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n",
-            admin_socket.display(),
-            dir.join("server").display()
-        ),
-    )
-    .map_err(io_err("writing the server configuration"))?;
-    let config = server_config.display().to_string();
-    let _server = ChildProcess::start(&["server", "run", "--config", &config], &admin_socket)?;
-    let channel = crate::cli::client::channel(&admin_socket)
-        .await
-        .map_err(|f| BenchError::Failed(f.message))?;
-    let mut admin = AdminClient::new(channel);
-    let bundle = admin
-        .get_bundle(GetBundleRequest {})
-        .await
-        .map_err(failed("reading the bundle"))?
-        .into_inner();
-    let bundle_path = dir.join("bundle.pem");
-    std::fs::write(
-        &bundle_path,
-        crate::ca::to_pem("CERTIFICATE", &bundle.roots),
-    )
-    .map_err(io_err("writing the bundle"))?;
+    let mut server = Server::start(dir, "").await?;
     // An identity every workload keeps, so that streams stay open across deletions.
-    admin
+    server
+        .admin
         .create_entry(CreateEntryRequest {
             entry: Some(entry("/keep")),
         })
@@ -101,32 +63,9 @@ pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioRe
     let mut agents = Vec::new();
     let (tx, mut updates) = mpsc::channel(64);
     for index in 0..AGENTS {
-        let token = admin
-            .create_join_token(CreateJoinTokenRequest {
-                ttl_seconds: 600,
-                labels: vec![],
-            })
-            .await
-            .map_err(failed("creating a join token"))?
-            .into_inner()
-            .token;
-        let socket = dir.join(format!("agent-{index}.sock"));
-        let agent_config = dir.join(format!("agent-{index}.toml"));
-        std::fs::write(
-            &agent_config,
-            format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n\n[server]\naddress = \"127.0.0.1:{port}\"\ntrust_bundle_file = \"{}\"\njoin_token = \"{token}\"\n",
-                socket.display(),
-                dir.join(format!("agent-{index}")).display(),
-                bundle_path.display()
-            ),
-        )
-        .map_err(io_err("writing an agent configuration"))?;
-        let config = agent_config.display().to_string();
-        agents.push(ChildProcess::start(
-            &["agent", "run", "--config", &config],
-            &socket,
-        )?);
+        let files = server.agent_config(dir, &format!("agent-{index}")).await?;
+        agents.push(files.start()?);
+        let socket = files.socket;
         let mut client = crate::cli::client::connect(&format!("unix://{}", socket.display()))
             .await
             .map_err(|f| BenchError::Failed(f.message))?;
@@ -151,7 +90,8 @@ pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioRe
     for round in 0..plan.revocation_rounds {
         let path = format!("/revoked-{round}");
         let id = format!("spiffe://{TRUST_DOMAIN}{path}");
-        let created = admin
+        let created = server
+            .admin
             .create_entry(CreateEntryRequest {
                 entry: Some(entry(&path)),
             })
@@ -160,7 +100,8 @@ pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioRe
             .into_inner();
         until_all(&mut updates, |ids| ids.contains(&id)).await?;
         let started = Instant::now();
-        admin
+        server
+            .admin
             .delete_entry(EntryRequest { id: created.id })
             .await
             .map_err(failed("deleting an entry"))?;

@@ -1,0 +1,121 @@
+//! A server and agents in server mode as child processes, for the scenarios that need them.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::Channel;
+
+use super::{BenchError, ChildProcess, io_err};
+use crate::proto::tessera::admin_client::AdminClient;
+use crate::proto::tessera::{CreateJoinTokenRequest, GetBundleRequest};
+
+/// The trust domain the scenarios' servers serve.
+pub const TRUST_DOMAIN: &str = "bench.tessera";
+
+/// A failure of an admin call, naming what was being done.
+pub fn failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
+    move |s| BenchError::Failed(format!("{what}: {:?} {}", s.code(), s.message()))
+}
+
+/// A running server with an admin client on its socket.
+pub struct Server {
+    /// The process; killed on drop.
+    _process: ChildProcess,
+    /// Admin API client.
+    pub admin: AdminClient<Channel>,
+    /// The node API port on loopback.
+    pub port: u16,
+    /// The trust bundle, as PEM, for agents to bootstrap with.
+    pub bundle: PathBuf,
+}
+
+impl Server {
+    /// Starts `tessera server run` in `dir` with `datastore` TOML (empty: SQLite).
+    pub async fn start(dir: &Path, datastore: &str) -> Result<Self, BenchError> {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(io_err("finding a free port"))?
+            .port();
+        let admin_socket = dir.join("admin.sock");
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n{datastore}\n",
+                admin_socket.display(),
+                dir.join("server").display()
+            ),
+        )
+        .map_err(io_err("writing the server configuration"))?;
+        let config = config.display().to_string();
+        let process = ChildProcess::start(&["server", "run", "--config", &config], &admin_socket)?;
+        let channel = crate::cli::client::channel(&admin_socket)
+            .await
+            .map_err(|f| BenchError::Failed(f.message))?;
+        let mut admin = AdminClient::new(channel);
+        let roots = admin
+            .get_bundle(GetBundleRequest {})
+            .await
+            .map_err(failed("reading the bundle"))?
+            .into_inner()
+            .roots;
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(&bundle, crate::ca::to_pem("CERTIFICATE", &roots))
+            .map_err(io_err("writing the bundle"))?;
+        Ok(Self {
+            _process: process,
+            admin,
+            port,
+            bundle,
+        })
+    }
+
+    /// Writes the configuration of agent `name` (server mode, a fresh join token) in `dir`;
+    /// returns its `agent run` arguments' config path, socket and state directory.
+    pub async fn agent_config(&mut self, dir: &Path, name: &str) -> Result<AgentFiles, BenchError> {
+        let token = self
+            .admin
+            .create_join_token(CreateJoinTokenRequest {
+                ttl_seconds: 600,
+                labels: vec![],
+            })
+            .await
+            .map_err(failed("creating a join token"))?
+            .into_inner()
+            .token;
+        let files = AgentFiles {
+            config: dir.join(format!("{name}.toml")).display().to_string(),
+            socket: dir.join(format!("{name}.sock")),
+            state: dir.join(name),
+        };
+        std::fs::write(
+            &files.config,
+            format!(
+                "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n\n[server]\naddress = \"127.0.0.1:{}\"\ntrust_bundle_file = \"{}\"\njoin_token = \"{token}\"\n",
+                files.socket.display(),
+                files.state.display(),
+                self.port,
+                self.bundle.display()
+            ),
+        )
+        .map_err(io_err("writing an agent configuration"))?;
+        Ok(files)
+    }
+}
+
+/// Where an agent's configuration, socket and state live.
+pub struct AgentFiles {
+    /// The configuration file.
+    pub config: String,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    /// The state directory.
+    pub state: PathBuf,
+}
+
+impl AgentFiles {
+    /// Starts `tessera agent run` with this configuration and waits for its socket.
+    pub fn start(&self) -> Result<ChildProcess, BenchError> {
+        ChildProcess::start(&["agent", "run", "--config", &self.config], &self.socket)
+    }
+}
