@@ -616,6 +616,13 @@ async fn bad_entries_are_refused_naming_the_field() {
             },
             "entry.expires_at",
         ),
+        (
+            tessera::proto::tessera::Entry {
+                spiffe_id: "spiffe://example.org/tessera/node/x".into(),
+                ..good.clone()
+            },
+            "entry.spiffe_id",
+        ),
     ];
     for (entry, want) in api_cases {
         let status = admin
@@ -762,4 +769,70 @@ async fn csrs_asking_for_more_are_refused_without_spending_the_token() {
         "{}",
         server.logs()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_ca_cannot_mint_its_way_into_another_node() {
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let a = AgentProcess::start(
+        dir.path(),
+        "a",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    let b = AgentProcess::start(
+        dir.path(),
+        "b",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    let victim = std::fs::read_to_string(b.state_dir.join("upstream/node_id")).unwrap();
+
+    // Node A's intermediate can sign any ID of the trust domain, including B's node ID.
+    let read_cert = |name: &str| {
+        ::pem::parse(std::fs::read_to_string(a.state_dir.join("upstream").join(name)).unwrap())
+            .unwrap()
+            .into_contents()
+    };
+    let ca_der = read_cert("node_ca.pem");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(a.state_dir.join("upstream/node_ca_key.pem")).unwrap(),
+    )
+    .unwrap();
+    let roots = tessera::agent::upstream::load_pem_certs(&bundle).unwrap();
+    let signing = tessera::ca::node::signing_ca_from_grant(&ca_der, ca_key, roots.clone()).unwrap();
+    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let forged_id = tessera::ca::node::node_spiffe_id(&td, &victim).unwrap();
+    let forged = tessera::ca::mint_x509_svid(
+        &signing,
+        &tessera::ca::LeafRequest {
+            spiffe_id: &forged_id,
+            ttl: Duration::from_secs(300),
+            dns_names: &[],
+            not_after_cap: None,
+        },
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let tls = tessera::tls::client_config(
+        &roots,
+        &tessera::ca::node::server_spiffe_id(&td),
+        Some((&forged.chain_der, &forged.key_pkcs8)),
+    )
+    .unwrap();
+    let mut client = tessera::proto::tessera::node_client::NodeClient::new(
+        tessera::tls::channel(&server.address, tls).unwrap(),
+    );
+    let status = client
+        .sync(tessera::proto::tessera::SyncRequest {})
+        .await
+        .map(|_| ())
+        .expect_err("a forged node SVID is refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("signed by a root"), "{status:?}");
 }

@@ -118,6 +118,14 @@ impl AdminService {
         let checked = fields
             .check(&config.trust_domain, config.max_x509_ttl)
             .map_err(field_status)?;
+        let path = checked.spiffe_id.path();
+        if path == "/tessera" || path.starts_with("/tessera/") {
+            return Err(field_status(FieldError::new(
+                "spiffe_id",
+                checked.spiffe_id.as_str(),
+                "paths under /tessera/ are reserved for tessera's own identities (nodes, servers)",
+            )));
+        }
         Ok(EntryRecord {
             id: checked.id,
             spiffe_id: checked.spiffe_id.to_string(),

@@ -532,7 +532,22 @@ impl State {
                 node.status
             )));
         }
-        if let Ok((_, cert)) = X509Certificate::from_der(&leaf) {
+        let (_, cert) = X509Certificate::from_der(&leaf).map_err(|_| {
+            NodeApiError::NotAuthenticated("the client certificate does not parse".into())
+        })?;
+        // Node SVIDs are signed by a root itself. A certificate signed by a node's intermediate
+        // (which can sign any ID of the trust domain) must never pass for another node.
+        let roots = self.snapshots.borrow().bundle.clone();
+        let signed_by_root = roots.iter().any(|root| {
+            X509Certificate::from_der(root)
+                .is_ok_and(|(_, root)| cert.verify_signature(Some(root.public_key())).is_ok())
+        });
+        if !signed_by_root {
+            return Err(NodeApiError::NotAuthenticated(format!(
+                "node {node_id}: the client certificate is not a node SVID signed by a root of the trust domain"
+            )));
+        }
+        {
             // SVIDs are back-dated a little; one from before the latest attestation belongs to
             // an earlier life of the node (before an eviction) and is refused.
             let issued = cert.validity().not_before.timestamp() + 10;
