@@ -6,10 +6,22 @@
 //! with RST_STREAM(PROTOCOL_ERROR) before any application code runs.
 //!
 //! [`AuthorityFix`] sits between the accepted socket and the HTTP/2 server, on the read side
-//! only. It passes every frame through untouched except header blocks (HEADERS plus any
-//! CONTINUATION), which it decodes with the client's HPACK state and re-encodes as literals
-//! without indexing, with an unparseable `:authority` replaced by `localhost`. Because nothing is
-//! ever indexed on the way in, the server's HPACK decoder never needs the client's dynamic table.
+//! only. The connection's first header block decides what it needs:
+//!
+//! - an acceptable `:authority` (or none), as tonic, go-spiffe and rust-spiffe clients send: the
+//!   first block and every byte after it pass through untouched, and the server's HPACK decoder
+//!   follows the client's encoder on its own. Such connections pay nothing after their first
+//!   request.
+//! - an `:authority` the `http` crate would refuse: from then on every header block (HEADERS plus
+//!   any CONTINUATION) is decoded with the client's HPACK state and re-encoded as literals
+//!   without indexing, the authority replaced by `localhost`; other frames pass untouched.
+//!   Because nothing is indexed on the way in, the server's HPACK decoder never needs the
+//!   client's dynamic table.
+//!
+//! The choice is per connection because HPACK state is: once blocks reach the server unchanged,
+//! rewriting a later one would leave the two tables out of step. A client that changes its
+//! authority mid-connection to one `h2` refuses sees that stream refused, as it would without
+//! this filter; gRPC clients use one authority per channel.
 
 use std::io;
 use std::pin::Pin;
@@ -49,12 +61,26 @@ pub struct AuthorityFix<IO> {
     ready: BytesMut,
     /// Where the parser is in the client's byte stream.
     state: ReadState,
-    /// The client's HPACK encoder state, mirrored.
+    /// What this connection's header blocks need, decided by the first one.
+    mode: Mode,
+    /// The client's HPACK encoder state, mirrored (used while deciding and when rewriting).
     decoder: loona_hpack::Decoder<'static>,
     /// An unfinished header block: stream id, flags of its HEADERS frame, fragments so far.
     pending: Option<(u32, u8, BytesMut)>,
     /// The client ended the connection.
     eof: bool,
+}
+
+enum Mode {
+    /// No header block has ended yet; the frames of the first are kept as they came.
+    Deciding {
+        /// The first header block's frames, byte for byte.
+        raw_frames: BytesMut,
+    },
+    /// The first block's authority was acceptable: bytes pass through untouched.
+    Transparent,
+    /// The first block's authority was not: every header block is rewritten.
+    Rewriting,
 }
 
 enum ReadState {
@@ -76,6 +102,9 @@ impl<IO> AuthorityFix<IO> {
             raw: BytesMut::with_capacity(8 * 1024),
             ready: BytesMut::with_capacity(8 * 1024),
             state: ReadState::Preface,
+            mode: Mode::Deciding {
+                raw_frames: BytesMut::new(),
+            },
             decoder,
             pending: None,
             eof: false,
@@ -136,6 +165,10 @@ impl<IO> AuthorityFix<IO> {
                     }
                     let header = self.raw.split_to(FRAME_HEADER_LEN);
                     let payload = self.raw.split_to(len);
+                    if let Mode::Deciding { raw_frames } = &mut self.mode {
+                        raw_frames.put_slice(&header);
+                        raw_frames.put_slice(&payload);
+                    }
                     let flags = header[4];
                     let stream_id =
                         u32::from_be_bytes([header[5], header[6], header[7], header[8]])
@@ -185,21 +218,32 @@ impl<IO> AuthorityFix<IO> {
         }
         if flags & FLAG_END_HEADERS != 0 {
             let (stream_id, first_flags, block) = self.pending.take().expect("set above");
-            let rewritten = self.rewrite_block(&block)?;
-            write_header_frames(
-                &mut self.ready,
-                stream_id,
-                first_flags & FLAG_END_STREAM,
-                &rewritten,
-            );
+            let (rewritten, authority_replaced) = self.rewrite_block(&block)?;
+            match std::mem::replace(&mut self.mode, Mode::Rewriting) {
+                Mode::Deciding { raw_frames } if !authority_replaced => {
+                    self.ready.put(raw_frames);
+                    self.mode = Mode::Transparent;
+                    self.state = ReadState::PassThrough {
+                        remaining: usize::MAX,
+                    };
+                }
+                _ => write_header_frames(
+                    &mut self.ready,
+                    stream_id,
+                    first_flags & FLAG_END_STREAM,
+                    &rewritten,
+                ),
+            }
         }
         Ok(())
     }
 
-    /// Decodes one header block and re-encodes it as literals without indexing.
-    fn rewrite_block(&mut self, block: &[u8]) -> io::Result<BytesMut> {
+    /// Decodes one header block and re-encodes it as literals without indexing; true when its
+    /// authority had to be replaced.
+    fn rewrite_block(&mut self, block: &[u8]) -> io::Result<(BytesMut, bool)> {
         let mut out = BytesMut::with_capacity(block.len() * 2 + 64);
         let mut decoded = 0usize;
+        let mut replaced = false;
         self.decoder
             .decode_with_cb(block, |name, value| {
                 decoded += name.len() + value.len() + 32;
@@ -208,6 +252,7 @@ impl<IO> AuthorityFix<IO> {
                     return;
                 }
                 let value: &[u8] = if &*name == b":authority" && !is_valid_authority(&value) {
+                    replaced = true;
                     REPLACEMENT_AUTHORITY
                 } else {
                     &value
@@ -218,7 +263,7 @@ impl<IO> AuthorityFix<IO> {
         if decoded > MAX_DECODED_HEADER_LIST {
             return Err(invalid("decoded header list larger than 64 KiB"));
         }
-        Ok(out)
+        Ok((out, replaced))
     }
 }
 
@@ -297,6 +342,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if matches!(this.mode, Mode::Transparent) && this.ready.is_empty() && this.raw.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
         loop {
             if !this.ready.is_empty() {
                 let n = this.ready.len().min(buf.remaining());
@@ -457,16 +505,54 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keeps_valid_authorities_and_splits_large_blocks() {
+    async fn a_connection_whose_first_authority_is_valid_passes_untouched() {
         let mut encoder = loona_hpack::Encoder::new();
+        let headers: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"POST"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+            (b":authority", b"localhost:8080"),
+        ];
+        let first = encoder.encode(headers.clone());
+        let second = encoder.encode(headers);
+        // A later authority `h2` refuses is not rewritten: the server's HPACK table follows the
+        // client's from the first block on, and must go on doing so.
+        let third = encoder.encode(vec![(&b":authority"[..], &b"run%2Fagent.sock"[..])]);
+        let (a, b) = second.split_at(1);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            1,
+            &first,
+        ));
+        input.extend(frame(TYPE_HEADERS, 0, 3, a));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, b));
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 5, &third));
+        input.extend(frame(0x0, FLAG_END_STREAM, 5, b"\0\0\0\0\0"));
+        assert_eq!(filter(input.clone()).await.unwrap(), input);
+    }
+
+    #[tokio::test]
+    async fn rewrites_valid_authorities_once_rewriting_and_splits_large_blocks() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let fixed = encoder.encode(vec![(&b":authority"[..], &b"run%2Fagent.sock"[..])]);
         let big = "x".repeat(20_000);
         let block = encoder.encode(vec![
             (&b":authority"[..], &b"localhost:8080"[..]),
             (&b"x-big"[..], big.as_bytes()),
         ]);
         let mut input = PREFACE.to_vec();
-        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
-        let out = filter(input).await.unwrap();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &fixed));
+        let fixed_len = FRAME_HEADER_LEN + 2 + ":authority".len() + 1 + "localhost".len();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &block));
+        let mut out = filter(input).await.unwrap();
+        let first_block = decode_headers(&out[..24 + fixed_len]);
+        assert_eq!(
+            first_block[0].0,
+            [(":authority".into(), "localhost".into())]
+        );
+        out.drain(24..24 + fixed_len);
         // HEADERS + CONTINUATION, each within the 16 KiB every peer accepts.
         let first_len = u32::from_be_bytes([0, out[24], out[25], out[26]]) as usize;
         assert_eq!(first_len, MAX_FRAME);
