@@ -19,11 +19,14 @@ else
 fi
 
 # Debian packages: openssl (certificates are checked with `openssl verify`), systemd (the unit
-# file is checked with `systemd-analyze verify`) and a system Python
-# with venv, which other uids can execute (an interpreter under /root cannot be).
+# file is checked with `systemd-analyze verify`), cfssl (the peer CA in the benchmark's quick
+# run), a TrueType font (the benchmark's charts) and a system Python with venv, which other
+# uids can execute (an interpreter under /root cannot be).
 packages=()
 command -v openssl >/dev/null || packages+=(openssl)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
+command -v cfssl >/dev/null || packages+=(golang-cfssl)
+[[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || packages+=(fonts-dejavu-core)
 [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
   || packages+=(python3 python3-venv)
 # PostgreSQL: the server binaries and Debian's cluster tools, unless a server is given (only

@@ -25,7 +25,8 @@
 //!   events), admin API, snapshot fan-out, and `app::build`.
 //! - [`store`]: the server's datastore trait with its SQLite and PostgreSQL backends.
 //! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
-//! - [`bench`](mod@bench): `tessera bench`, the agent measured against its baselines, with a report.
+//! - [`bench`](mod@bench): `tessera bench`, the binaries measured against baselines in the same
+//!   run (a bare tonic server, raw signing, cfssl), with a report and PNG charts.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
 //!   `events`, `inventory`, `svid`, `dev`, `bench`.
 //! - [`proto`]: code generated from `proto/`.

@@ -1,5 +1,5 @@
 //! The benchmark harness in quick mode, so it cannot rot: every scenario runs on small numbers
-//! and writes a complete report. Figures are not judged here (machines are shared and noisy);
+//! and writes a complete report with its charts. Figures are not judged here (machines are shared and noisy);
 //! the committed reports under bench/reports come from full runs.
 
 use std::process::Command;
@@ -53,4 +53,60 @@ fn quick_benchmark_writes_a_complete_report() {
     }
     let markdown = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(markdown.contains("| streams_at_scale |"));
+
+    let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    let mint = &report["scenarios"][2];
+    let cfssl_measured = mint["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f[0] == "ratio agent/cfssl per core");
+    if in_ci || cfssl_on_path() {
+        assert!(cfssl_measured, "cfssl is installed: {mint}");
+    } else {
+        assert!(!cfssl_measured && mint["met"] == false, "{mint}");
+        eprintln!("\n*** cfssl comparison NOT RUN: cfssl is not on PATH (golang-cfssl) ***\n");
+    }
+
+    match report["plots"].as_str() {
+        None => {
+            let charts: Vec<&str> = report["scenarios"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|s| s["charts"].as_array().unwrap())
+                .map(|c| c["file"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                charts,
+                [
+                    "fetch_latency.png",
+                    "first_fetch.png",
+                    "streams_rss.png",
+                    "revocation_propagation.png"
+                ]
+            );
+            for file in charts {
+                let bytes = std::fs::read(out.path().join(file)).unwrap();
+                assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{file} is a PNG");
+                assert!(
+                    markdown.contains(&format!("]({file})")),
+                    "report.md shows {file}"
+                );
+            }
+        }
+        Some(why) => {
+            assert!(
+                !in_ci,
+                "CI draws the charts (scripts/test.sh installs a font): {why}"
+            );
+            assert!(markdown.contains(why));
+            eprintln!("\n*** benchmark charts NOT DRAWN: {why} ***\n");
+        }
+    }
+}
+
+fn cfssl_on_path() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("cfssl").is_file()))
 }

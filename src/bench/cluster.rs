@@ -70,9 +70,14 @@ impl Server {
         })
     }
 
-    /// Writes the configuration of agent `name` (server mode, a fresh join token) in `dir`;
-    /// returns its `agent run` arguments' config path, socket and state directory.
-    pub async fn agent_config(&mut self, dir: &Path, name: &str) -> Result<AgentFiles, BenchError> {
+    /// Writes the configuration of agent `name` (server mode, a fresh join token, and the
+    /// top-level keys in `extra`) in `dir`; returns its config path, socket and state directory.
+    pub async fn agent_config(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        extra: &str,
+    ) -> Result<AgentFiles, BenchError> {
         let token = self
             .admin
             .create_join_token(CreateJoinTokenRequest {
@@ -91,7 +96,7 @@ impl Server {
         std::fs::write(
             &files.config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n\n[server]\naddress = \"127.0.0.1:{}\"\ntrust_bundle_file = \"{}\"\njoin_token = \"{token}\"\n",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n{extra}\n[server]\naddress = \"127.0.0.1:{}\"\ntrust_bundle_file = \"{}\"\njoin_token = \"{token}\"\n",
                 files.socket.display(),
                 files.state.display(),
                 self.port,

@@ -4,20 +4,66 @@
 //!
 //! Scenarios: fetch latency against a bare tonic round trip; first fetch by a new process
 //! (attestation + mint), executable hash cached and not; mint throughput against a raw
-//! rcgen + aws-lc-rs loop; concurrent streams at scale with RSS, CPU and late rotations.
+//! rcgen + aws-lc-rs loop and cfssl; concurrent streams at scale with RSS, CPU and late
+//! rotations; revocation propagation through a server to three agents; event ingest from an
+//! agent's spool to the server's datastore. Charts (PNG) are drawn beside the report.
 
+mod cfssl;
 mod cluster;
 mod ingest;
+mod plot;
 mod report;
 mod revocation;
 mod scenarios;
 
-pub use report::{Report, ScenarioResult};
+pub use report::{Chart, Distribution, Report, ScenarioResult};
 pub use scenarios::{floor_server, probe, run_all};
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The scenarios, by the names the command line and the report use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Scenario {
+    /// FetchX509SVID for a minted identity, against a bare tonic round trip.
+    FetchLatency,
+    /// A new process's first fetch: attestation and mint.
+    FirstFetch,
+    /// Mints per second against raw signing and cfssl.
+    MintThroughput,
+    /// Thousands of concurrent streams through a rotation.
+    StreamsAtScale,
+    /// Entry deletion at the server to three agents' workload streams.
+    RevocationPropagation,
+    /// Events from an agent's spool to the server's datastore.
+    EventIngest,
+}
+
+impl Scenario {
+    /// Every scenario, in the order a run takes them.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::FetchLatency,
+        Scenario::FirstFetch,
+        Scenario::MintThroughput,
+        Scenario::StreamsAtScale,
+        Scenario::RevocationPropagation,
+        Scenario::EventIngest,
+    ];
+
+    /// The name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::FetchLatency => "fetch_latency",
+            Scenario::FirstFetch => "first_fetch",
+            Scenario::MintThroughput => "mint_throughput",
+            Scenario::StreamsAtScale => "streams_at_scale",
+            Scenario::RevocationPropagation => "revocation_propagation",
+            Scenario::EventIngest => "event_ingest",
+        }
+    }
+}
 
 /// Sizes of a run.
 #[derive(Debug, Clone, Copy)]
@@ -92,14 +138,9 @@ impl ChildProcess {
     /// Starts `tessera <args>` and waits until `socket` accepts connections.
     pub fn start(args: &[&str], socket: &Path) -> Result<Self, BenchError> {
         let exe = std::env::current_exe().map_err(io_err("locating the tessera binary"))?;
-        let child = command_dying_with_parent(&exe)
-            .args(args)
-            .env("TESSERA_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(io_err(format!("starting tessera {}", args.join(" "))))?;
-        let process = Self { child };
+        let mut command = command_dying_with_parent(&exe);
+        command.args(args).env("TESSERA_LOG", "warn");
+        let process = Self::spawn(command, &format!("starting tessera {}", args.join(" ")))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if Instant::now() > deadline {
@@ -111,6 +152,16 @@ impl ChildProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(process)
+    }
+
+    /// Starts `command` with its output discarded and its errors passed through.
+    pub fn spawn(mut command: Command, what: &str) -> Result<Self, BenchError> {
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io_err(what))?;
+        Ok(Self { child })
     }
 
     /// Resident set size now and at peak, in KiB, from `/proc/<pid>/status`.
@@ -197,14 +248,4 @@ pub(crate) fn output_within(
     child
         .wait_with_output()
         .map_err(io_err("collecting a probe's output"))
-}
-
-/// p50 and p99 of a series, in microseconds.
-pub(crate) fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
-    if samples.is_empty() {
-        return (0.0, 0.0);
-    }
-    samples.sort();
-    let at = |q: usize| samples[((samples.len() - 1) * q) / 100].as_secs_f64() * 1e6;
-    (at(50), at(99))
 }

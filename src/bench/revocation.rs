@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use super::cluster::{Server, TRUST_DOMAIN, failed};
-use super::{BenchError, Plan, ScenarioResult, percentiles};
+use super::report::{Chart, Distribution};
+use super::{BenchError, Plan, ScenarioResult};
 use crate::proto::tessera::{CreateEntryRequest, Entry, EntryRequest};
 use crate::proto::workload::X509svidRequest;
 
@@ -63,7 +64,9 @@ pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioRe
     let mut agents = Vec::new();
     let (tx, mut updates) = mpsc::channel(64);
     for index in 0..AGENTS {
-        let files = server.agent_config(dir, &format!("agent-{index}")).await?;
+        let files = server
+            .agent_config(dir, &format!("agent-{index}"), "")
+            .await?;
         agents.push(files.start()?);
         let socket = files.socket;
         let mut client = crate::cli::client::connect(&format!("unix://{}", socket.display()))
@@ -108,7 +111,8 @@ pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioRe
         let last = until_all(&mut updates, |ids| !ids.contains(&id)).await?;
         samples.push(last.saturating_duration_since(started));
     }
-    let (p50, p99) = percentiles(&mut samples);
+    let propagation = Distribution::of("DeleteEntry to the last of 3 streams", &mut samples);
+    let (p50, p99) = (propagation.at(0.5), propagation.at(0.99));
     Ok(ScenarioResult {
         name: "revocation_propagation".into(),
         description: format!(
@@ -122,5 +126,11 @@ pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioRe
             ("p99 (µs)".into(), p99),
         ],
         note: "The clock starts when DeleteEntry is sent and includes the datastore commit, the snapshot reload, the sync push, the agent's cache update and the workload stream message.".into(),
+        seconds: 0.0,
+        charts: vec![Chart::Cdf {
+            file: "revocation_propagation.png".into(),
+            title: format!("Revocation propagation to {AGENTS} agents' workload streams"),
+            series: vec![propagation],
+        }],
     })
 }

@@ -8,15 +8,19 @@ use std::time::{Duration, Instant, SystemTime};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use tokio::sync::Barrier;
 
+use super::cfssl::{self, Cfssl};
+use super::report::{Chart, Distribution};
 use super::{
-    BenchError, ChildProcess, Plan, Report, ScenarioResult, io_err, output_within, percentiles,
+    BenchError, ChildProcess, Plan, Report, Scenario, ScenarioResult, io_err, output_within,
 };
-use crate::ca::{LeafRequest, LocalCaSource, load_or_create_local_ca, mint_x509_svid};
+use crate::ca::{LeafRequest, LocalCaSource, SigningCa, load_or_create_local_ca, mint_x509_svid};
 use crate::cli::client::{WorkloadClient, channel, connect};
 use crate::proto::workload::X509svidRequest;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 const TRUST_DOMAIN: &str = "bench.local";
+/// The streams target, 200 MB (10^6 bytes), in the MiB that /proc's KiB convert to.
+const RSS_LIMIT_MIB: f64 = 200e6 / (1024.0 * 1024.0);
 /// Streams per connection in the scale scenario (below the agent's per-connection limit).
 const STREAMS_PER_CONNECTION: usize = 100;
 
@@ -76,19 +80,32 @@ async fn first_message(
         .ok_or_else(|| BenchError::Failed("stream ended without a message".into()))
 }
 
-/// Runs every scenario of `plan`, using `work_dir` for sockets and state.
-pub async fn run_all(plan: Plan, mode: &str, work_dir: &Path) -> Result<Report, BenchError> {
-    let mut scenarios = vec![
-        fetch_latency(plan, &work_dir.join("latency")).await?,
-        first_fetch(plan, &work_dir.join("first-fetch")).await?,
-        tokio::task::spawn_blocking(move || mint_throughput(plan))
-            .await
-            .map_err(|e| BenchError::Failed(e.to_string()))??,
-    ];
-    scenarios.push(streams_at_scale(plan, &work_dir.join("streams")).await?);
-    scenarios
-        .push(super::revocation::revocation_propagation(plan, &work_dir.join("revocation")).await?);
-    scenarios.push(super::ingest::event_ingest(plan, &work_dir.join("ingest")).await?);
+/// Runs `selected` (in the order of [`Scenario::ALL`]) with the sizes of `plan`, using
+/// `work_dir` for sockets and state.
+pub async fn run_all(
+    plan: Plan,
+    mode: &str,
+    work_dir: &Path,
+    selected: &[Scenario],
+) -> Result<Report, BenchError> {
+    let mut scenarios = Vec::new();
+    for scenario in Scenario::ALL.into_iter().filter(|s| selected.contains(s)) {
+        let dir = work_dir.join(scenario.name());
+        let started = Instant::now();
+        let mut result = match scenario {
+            Scenario::FetchLatency => fetch_latency(plan, &dir).await,
+            Scenario::FirstFetch => first_fetch(plan, &dir).await,
+            Scenario::MintThroughput => mint_throughput(plan).await,
+            Scenario::StreamsAtScale => streams_at_scale(plan, &dir).await,
+            Scenario::RevocationPropagation => {
+                super::revocation::revocation_propagation(plan, &dir).await
+            }
+            Scenario::EventIngest => super::ingest::event_ingest(plan, &dir).await,
+        }
+        .map_err(|e| BenchError::Failed(format!("{}: {e}", scenario.name())))?;
+        result.seconds = started.elapsed().as_secs_f64();
+        scenarios.push(result);
+    }
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     Ok(Report {
         date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
@@ -106,6 +123,7 @@ pub async fn run_all(plan: Plan, mode: &str, work_dir: &Path) -> Result<Report, 
             }
         ),
         scenarios,
+        plots: None,
     })
 }
 
@@ -155,14 +173,16 @@ async fn fetch_latency(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchEr
             floor.push(start.elapsed());
         }
     }
-    let (agent_p50, agent_p99) = percentiles(&mut agent);
-    let (floor_p50, floor_p99) = percentiles(&mut floor);
+    let agent = Distribution::of("agent FetchX509SVID", &mut agent);
+    let floor = Distribution::of("floor: tonic health Check", &mut floor);
+    let (agent_p50, agent_p99) = (agent.at(0.5), agent.at(0.99));
+    let (floor_p50, floor_p99) = (floor.at(0.5), floor.at(0.99));
     let ratio = agent_p50 / floor_p50;
     Ok(ScenarioResult {
         name: "fetch_latency".into(),
         description: format!(
             "FetchX509SVID to first message for a caller whose SVID is already minted, {} calls on one connection, against a bare tonic unary call (gRPC health Check) on another Unix socket served by a separate process.",
-            agent.len()
+            agent.samples
         ),
         target: "p50 within 2x the transport floor".into(),
         met: ratio <= 2.0,
@@ -174,6 +194,12 @@ async fn fetch_latency(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchEr
             ("p50 ratio agent/floor".into(), ratio),
         ],
         note: "Each agent call attests the caller afresh (pidfd check, /proc reads) before answering from the cache.".into(),
+        seconds: 0.0,
+        charts: vec![Chart::Cdf {
+            file: "fetch_latency.png".into(),
+            title: "FetchX509SVID (SVID minted) against the transport floor".into(),
+            series: vec![agent, floor],
+        }],
     })
 }
 
@@ -255,15 +281,17 @@ async fn first_fetch(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchErro
             uncached.push(sample)
         }
     }
-    let (cached_p50, cached_p99) = percentiles(&mut cached);
-    let (uncached_p50, uncached_p99) = percentiles(&mut uncached);
+    let cached = Distribution::of("exe hash cached", &mut cached);
+    let uncached = Distribution::of("exe hash uncached", &mut uncached);
+    let (cached_p50, cached_p99) = (cached.at(0.5), cached.at(0.99));
+    let (uncached_p50, uncached_p99) = (uncached.at(0.5), uncached.at(0.99));
     let size = std::fs::metadata(&exe).map(|m| m.len()).unwrap_or(0);
     drop(agent);
     Ok(ScenarioResult {
         name: "first_fetch".into(),
         description: format!(
             "A new process (a fresh pid, its own entry selecting uid + path + sha256) connects and times FetchX509SVID to first message: attestation, entry matching and minting its SVID. {} processes per series; the executable is {} bytes.",
-            cached.len(),
+            cached.samples,
             size
         ),
         target: "p50 under 1 ms with the exe hash cached".into(),
@@ -275,6 +303,12 @@ async fn first_fetch(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchErro
             ("hash uncached p99 (µs)".into(), uncached_p99),
         ],
         note: "Connection setup is excluded (the probe connects, then starts the clock). The uncached series hashes the whole executable through /proc/<pid>/exe.".into(),
+        seconds: 0.0,
+        charts: vec![Chart::Cdf {
+            file: "first_fetch.png".into(),
+            title: "First FetchX509SVID by a new process: attestation and mint".into(),
+            series: vec![cached, uncached],
+        }],
     })
 }
 
@@ -286,19 +320,114 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// 3. The agent's minting path against a raw rcgen + aws-lc-rs keygen-and-sign loop, one core.
-fn mint_throughput(plan: Plan) -> Result<ScenarioResult, BenchError> {
+/// Scenario 3: the agent's minting path against a raw rcgen + aws-lc-rs keygen-and-sign loop
+/// (one thread) and against cfssl's `newcert` endpoint on loopback (one core), in alternating
+/// blocks.
+async fn mint_throughput(plan: Plan) -> Result<ScenarioResult, BenchError> {
     let state = tempfile::tempdir().map_err(io_err("creating a temporary directory"))?;
     let trust_domain =
         TrustDomain::new(TRUST_DOMAIN).map_err(|e| BenchError::Failed(e.to_string()))?;
-    let ca = load_or_create_local_ca(
-        &LocalCaSource::Generated {
-            state_dir: state.path().into(),
-            ttl: Duration::from_secs(86400),
-        },
-        &trust_domain,
-    )
-    .map_err(|e| BenchError::Failed(e.to_string()))?;
+    let ca = Arc::new(
+        load_or_create_local_ca(
+            &LocalCaSource::Generated {
+                state_dir: state.path().into(),
+                ttl: Duration::from_secs(86400),
+            },
+            &trust_domain,
+        )
+        .map_err(|e| BenchError::Failed(e.to_string()))?,
+    );
+    let cfssl_program = cfssl::find();
+    let cfssl = match &cfssl_program {
+        Some(program) => Some(
+            Cfssl::start(
+                program,
+                &state.path().join("ca_cert.pem"),
+                &state.path().join("ca_key.pem"),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+
+    let blocks = 5;
+    let per_block = (plan.mints / blocks).max(1);
+    let in_process = |count: usize| {
+        let ca = ca.clone();
+        async move {
+            tokio::task::spawn_blocking(move || signing_block(&ca, count))
+                .await
+                .map_err(|e| BenchError::Failed(e.to_string()))?
+        }
+    };
+    in_process(20).await?;
+    if let Some(cfssl) = &cfssl {
+        cfssl.block(20).await?;
+    }
+    let (mut agent_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
+    let mut cfssl_total = cfssl::Block::default();
+    for _ in 0..blocks {
+        let (agent, raw) = in_process(per_block).await?;
+        agent_time += agent;
+        raw_time += raw;
+        if let Some(cfssl) = &cfssl {
+            cfssl_total += cfssl.block(per_block).await?;
+        }
+    }
+    let total = (per_block * blocks) as f64;
+    let agent_rate = total / agent_time.as_secs_f64();
+    let raw_rate = total / raw_time.as_secs_f64();
+    let ratio = agent_rate / raw_rate;
+    let mut figures = vec![
+        ("agent mints/s".into(), agent_rate),
+        ("raw rcgen+aws-lc-rs mints/s".into(), raw_rate),
+        ("ratio agent/raw".into(), ratio),
+        ("agent µs per mint".into(), 1e6 / agent_rate),
+    ];
+    let mut met = ratio >= 0.7;
+    let note = match cfssl_program {
+        Some(program) => {
+            let certificates = cfssl_total.certificates as f64;
+            // /proc counts CPU time in clock ticks; a block shorter than one still cost some.
+            let cpu = cfssl_total.server_cpu.max(Duration::from_millis(10));
+            let per_core = certificates / cpu.as_secs_f64();
+            figures.extend([
+                (
+                    "cfssl certs/s (one core, HTTP on loopback)".into(),
+                    certificates / cfssl_total.wall.as_secs_f64(),
+                ),
+                ("cfssl certs per CPU-second".into(), per_core),
+                ("ratio agent/cfssl per core".into(), agent_rate / per_core),
+            ]);
+            met &= agent_rate > per_core;
+            format!(
+                "cfssl: {} `serve` (GOMAXPROCS=1, pinned to one CPU) asked for {}; each answer is checked to hold an X.509 certificate. The compared rate is certificates per CPU-second of the cfssl process (its /proc times), so the harness's HTTP client does not count against it. cfssl's work per certificate includes HTTP, JSON, a CSR and PEM encoding, which an agent minting in process does not do; that is the price a workload would pay for a CA service instead of a node-local mint.",
+                cfssl_version(&program),
+                super::cfssl::NEW_CERT_REQUEST_SUMMARY
+            )
+        }
+        None => {
+            met = false;
+            "cfssl is not on PATH (Debian: apt-get install golang-cfssl): the comparison with cfssl was not measured, so the target is not met.".into()
+        }
+    };
+    Ok(ScenarioResult {
+        name: "mint_throughput".into(),
+        description: format!(
+            "X.509-SVIDs per second on one thread: the agent's minting path (key, serial, every X509-SVID extension, chain) against a raw loop generating a P-256 key and signing a certificate with only a URI SAN, and against cfssl generating a key and certificate over HTTP on loopback; {} each, alternating in blocks.",
+            per_block * blocks
+        ),
+        target: "at least 70% of the raw signing rate, and faster than cfssl per core".into(),
+        met,
+        figures,
+        note,
+        seconds: 0.0,
+        charts: Vec::new(),
+    })
+}
+
+/// Times `count` mints through the agent's path, then `count` raw keygen-and-sign rounds.
+fn signing_block(ca: &SigningCa, count: usize) -> Result<(Duration, Duration), BenchError> {
     let id = SpiffeId::parse_workload("spiffe://bench.local/mint")
         .map_err(|e| BenchError::Failed(e.to_string()))?;
     let request = LeafRequest {
@@ -307,61 +436,42 @@ fn mint_throughput(plan: Plan) -> Result<ScenarioResult, BenchError> {
         dns_names: &[],
         not_after_cap: None,
     };
-    let mint_err = |e: crate::ca::CaError| BenchError::Failed(e.to_string());
     let raw_err = |e: rcgen::Error| BenchError::Failed(e.to_string());
-
-    let agent_mint = || -> Result<(), BenchError> {
-        mint_x509_svid(&ca, &request, SystemTime::now()).map_err(mint_err)?;
-        Ok(())
-    };
-    let raw_mint = || -> Result<(), BenchError> {
+    let start = Instant::now();
+    for _ in 0..count {
+        mint_x509_svid(ca, &request, SystemTime::now())
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+    }
+    let agent = start.elapsed();
+    let start = Instant::now();
+    for _ in 0..count {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(raw_err)?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(
             "spiffe://bench.local/mint".try_into().map_err(raw_err)?,
         )];
         params.signed_by(&key, &ca.issuer).map_err(raw_err)?;
-        Ok(())
-    };
-    for _ in 0..20 {
-        agent_mint()?;
-        raw_mint()?;
     }
-    let (mut agent_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
-    let blocks = 5;
-    let per_block = (plan.mints / blocks).max(1);
-    for _ in 0..blocks {
-        let start = Instant::now();
-        for _ in 0..per_block {
-            agent_mint()?;
-        }
-        agent_time += start.elapsed();
-        let start = Instant::now();
-        for _ in 0..per_block {
-            raw_mint()?;
-        }
-        raw_time += start.elapsed();
-    }
-    let total = (per_block * blocks) as f64;
-    let agent_rate = total / agent_time.as_secs_f64();
-    let raw_rate = total / raw_time.as_secs_f64();
-    let ratio = agent_rate / raw_rate;
-    Ok(ScenarioResult {
-        name: "mint_throughput".into(),
-        description: format!(
-            "X.509-SVIDs per second on one thread: the agent's minting path (key, serial, every X509-SVID extension, chain) against a raw loop generating a P-256 key and signing a certificate with only a URI SAN, {} each, alternating in blocks.",
-            per_block * blocks
-        ),
-        target: "at least 70% of the raw signing rate".into(),
-        met: ratio >= 0.7,
-        figures: vec![
-            ("agent mints/s".into(), agent_rate),
-            ("raw rcgen+aws-lc-rs mints/s".into(), raw_rate),
-            ("ratio agent/raw".into(), ratio),
-            ("agent µs per mint".into(), 1e6 / agent_rate),
-        ],
-        note: "The comparison with cfssl belongs to the full benchmark harness and is not measured here.".into(),
-    })
+    Ok((agent, start.elapsed()))
+}
+
+/// `cfssl version`'s first line, e.g. `Version: 1.2.0`, as `cfssl 1.2.0`.
+fn cfssl_version(program: &Path) -> String {
+    std::process::Command::new(program)
+        .arg("version")
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let version = text
+                .lines()
+                .next()?
+                .strip_prefix("Version:")?
+                .trim()
+                .to_owned();
+            Some(format!("cfssl {version}"))
+        })
+        .unwrap_or_else(|| "cfssl".into())
 }
 
 /// 4. Many concurrent FetchX509SVID streams with a short TTL: RSS, CPU, late rotations.
@@ -370,6 +480,7 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
     let mut figures = Vec::new();
     let mut met = true;
     let mut notes = Vec::new();
+    let (mut rss_open_line, mut rss_peak_line) = (Vec::new(), Vec::new());
     for &level in plan.stream_levels {
         let (config, socket) = agent_config(
             &dir.join(level.to_string()),
@@ -415,8 +526,11 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
         let cpu = agent.cpu_time().saturating_sub(cpu_before);
         drop(clients);
         drop(agent);
-        let rss_peak_mb = rss_peak as f64 / 1024.0;
-        let level_met = late + missed + errors == 0 && (level < 10_000 || rss_peak_mb < 200.0);
+        let rss_peak_mib = rss_peak as f64 / 1024.0;
+        let level_met =
+            late + missed + errors == 0 && (level < 10_000 || rss_peak_mib < RSS_LIMIT_MIB);
+        rss_open_line.push((level as f64, rss_open as f64 / 1024.0));
+        rss_peak_line.push((level as f64, rss_peak_mib));
         met &= level_met;
         if errors > 0 {
             notes.push(format!(
@@ -442,7 +556,7 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
             ),
             (
                 format!("{level} streams: agent RSS peak (MiB)"),
-                rss_peak_mb,
+                rss_peak_mib,
             ),
             (format!("{level} streams: agent CPU (s)"), cpu.as_secs_f64()),
             (format!("{level} streams: late rotations"), late as f64),
@@ -459,6 +573,18 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
         met,
         figures,
         note: notes.join("; "),
+        seconds: 0.0,
+        charts: vec![Chart::Lines {
+            file: "streams_rss.png".into(),
+            title: format!("Agent RSS against concurrent FetchX509SVID streams (TTL {ttl})"),
+            x_label: "concurrent streams".into(),
+            y_label: "agent RSS (MiB)".into(),
+            series: vec![
+                ("all streams open".into(), rss_open_line),
+                ("peak, through the rotation".into(), rss_peak_line),
+            ],
+            limit: Some(("target: 200 MB (190.7 MiB)".into(), RSS_LIMIT_MIB)),
+        }],
     })
 }
 

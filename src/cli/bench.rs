@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::Failure;
-use crate::bench::{Plan, floor_server, probe, run_all};
+use crate::bench::{Plan, Scenario, floor_server, probe, run_all};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum BenchCommand {
-    /// Run every scenario and write report.md and report.json.
+    /// Run every scenario and write report.md, report.json and PNG charts.
     Run(RunArgs),
     /// (internal) One timed FetchX509SVID from a fresh process; prints microseconds.
     #[command(hide = true)]
@@ -27,6 +27,9 @@ pub(super) struct RunArgs {
     /// Where to write the report (default: bench/reports/<date>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Run only this scenario (repeat for several; default: all of them).
+    #[arg(long, value_name = "NAME")]
+    scenario: Vec<Scenario>,
 }
 
 #[derive(Args, Debug)]
@@ -59,7 +62,14 @@ pub(super) async fn run(command: BenchCommand) -> Result<(), Failure> {
                 .prefix("tessera-bench-")
                 .tempdir()
                 .map_err(|e| Failure::failed(format!("cannot create a work directory: {e}")))?;
-            let report = run_all(plan, mode, work.path()).await.map_err(failed)?;
+            let selected = if args.scenario.is_empty() {
+                Scenario::ALL.to_vec()
+            } else {
+                args.scenario
+            };
+            let mut report = run_all(plan, mode, work.path(), &selected)
+                .await
+                .map_err(failed)?;
             report.write(&out).map_err(failed)?;
             print!("{}", report.markdown());
             println!("\nreport written to {}", out.display());
