@@ -23,6 +23,8 @@
 //! authority mid-connection to one `h2` refuses sees that stream refused, as it would without
 //! this filter; gRPC clients use one authority per channel.
 
+mod first_block;
+
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -218,24 +220,37 @@ impl<IO> AuthorityFix<IO> {
         }
         if flags & FLAG_END_HEADERS != 0 {
             let (stream_id, first_flags, block) = self.pending.take().expect("set above");
-            let (rewritten, authority_replaced) = self.rewrite_block(&block)?;
-            match std::mem::replace(&mut self.mode, Mode::Rewriting) {
-                Mode::Deciding { raw_frames } if !authority_replaced => {
-                    self.ready.put(raw_frames);
-                    self.mode = Mode::Transparent;
-                    self.state = ReadState::PassThrough {
-                        remaining: usize::MAX,
-                    };
-                }
-                _ => write_header_frames(
-                    &mut self.ready,
-                    stream_id,
-                    first_flags & FLAG_END_STREAM,
-                    &rewritten,
-                ),
+            if matches!(self.mode, Mode::Deciding { .. })
+                && first_block::authority_is_acceptable(&block)
+            {
+                self.pass_first_block_untouched();
+                return Ok(());
             }
+            let (rewritten, authority_replaced) = self.rewrite_block(&block)?;
+            if matches!(self.mode, Mode::Deciding { .. }) && !authority_replaced {
+                self.pass_first_block_untouched();
+                return Ok(());
+            }
+            self.mode = Mode::Rewriting;
+            write_header_frames(
+                &mut self.ready,
+                stream_id,
+                first_flags & FLAG_END_STREAM,
+                &rewritten,
+            );
         }
         Ok(())
+    }
+
+    /// Hands the first header block's frames over as they came, and everything after them.
+    fn pass_first_block_untouched(&mut self) {
+        if let Mode::Deciding { raw_frames } = std::mem::replace(&mut self.mode, Mode::Transparent)
+        {
+            self.ready.put(raw_frames);
+        }
+        self.state = ReadState::PassThrough {
+            remaining: usize::MAX,
+        };
     }
 
     /// Decodes one header block and re-encodes it as literals without indexing; true when its
