@@ -279,6 +279,10 @@ fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Every event touches seven B-trees (the table and six indexes); with SQLite's default
+    // 2 MiB page cache their pages are read back from the OS for each batch. 64 MiB (filled only
+    // as pages are used) took ingest from about 23,000 to 27,000 events/s in the benchmark.
+    conn.pragma_update(None, "cache_size", -64 * 1024)?;
     Ok(())
 }
 
