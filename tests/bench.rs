@@ -52,6 +52,7 @@ fn quick_benchmark_writes_a_complete_report() {
         }
     }
     let markdown = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(markdown.contains("| scenario | target | met | seconds |\n|---|---|---|---|\n"));
     assert!(markdown.contains("| streams_at_scale |"));
 
     let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");

@@ -147,17 +147,19 @@ fn cdf(root: &Area<'_>, title: &str, series: &[Distribution]) -> DrawResult {
     };
     let low = values().fold(f64::INFINITY, f64::min).max(1.0);
     let high = values().fold(0.0, f64::max).max(low * 2.0);
+    // The axis is linear in log10(µs), labelled in µs: plotters' own log axis leaves a range
+    // narrower than a decade without labels.
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FAMILY, 22))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d((low / 1.2..high * 1.2).log_scale(), 0.0..1.0)?;
+        .build_cartesian_2d((low / 1.2).log10()..(high * 1.2).log10(), 0.0..1.0)?;
     chart
         .configure_mesh()
         .x_desc("latency (µs, log scale)")
         .y_desc("fraction of calls at or below")
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&|exponent| two_significant_digits(10f64.powf(*exponent)))
         .y_label_formatter(&|v| format!("{v:.1}"))
         .light_line_style(LIGHT_GRID)
         .label_style((FAMILY, 14))
@@ -170,7 +172,10 @@ fn cdf(root: &Area<'_>, title: &str, series: &[Distribution]) -> DrawResult {
             distribution.at(0.5),
             distribution.at(0.99)
         );
-        let points = distribution.quantiles.iter().map(|&(q, v)| (v.max(low), q));
+        let points = distribution
+            .quantiles
+            .iter()
+            .map(|&(q, v)| (v.max(low).log10(), q));
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
             .label(label)
@@ -183,6 +188,20 @@ fn cdf(root: &Area<'_>, title: &str, series: &[Distribution]) -> DrawResult {
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
+}
+
+/// `v` rounded to two significant digits, as an axis label: 1585 reads 1600.
+fn two_significant_digits(v: f64) -> String {
+    if v <= 0.0 || !v.is_finite() {
+        return format!("{v:.0}");
+    }
+    let scale = 10f64.powi(v.log10().floor() as i32 - 1);
+    let rounded = (v / scale).round() * scale;
+    if rounded >= 10.0 {
+        format!("{rounded:.0}")
+    } else {
+        format!("{rounded:.1}")
+    }
 }
 
 /// Lines with their points marked, and the target as a red line across.
@@ -257,6 +276,14 @@ fn write_png(path: &Path, pixels: &[u8]) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn log_axis_labels_keep_two_significant_digits() {
+        assert_eq!(two_significant_digits(1584.9), "1600");
+        assert_eq!(two_significant_digits(251.2), "250");
+        assert_eq!(two_significant_digits(10_000.0), "10000");
+        assert_eq!(two_significant_digits(3.162), "3.2");
+    }
 
     #[test]
     fn charts_are_written_as_png_files_of_the_set_size() {

@@ -151,7 +151,7 @@ impl Report {
     /// The report as markdown.
     pub fn markdown(&self) -> String {
         let mut md = format!(
-            "# tessera agent benchmark\n\n- date: {}\n- mode: {}\n- machine: {}\n\n| scenario | target | met |\n|---|---|---|\n",
+            "# tessera benchmark\n\n- date: {}\n- mode: {}\n- machine: {}\n\n| scenario | target | met | seconds |\n|---|---|---|---|\n",
             self.date, self.mode, self.machine
         );
         for s in &self.scenarios {
