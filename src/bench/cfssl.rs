@@ -64,9 +64,7 @@ impl Cfssl {
     /// Starts `program serve` with the CA in `ca_cert`/`ca_key` (PEM) and waits until it
     /// answers a first certificate request, which is checked to carry a certificate.
     pub async fn start(program: &Path, ca_cert: &Path, ca_key: &Path) -> Result<Self, BenchError> {
-        let address = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(io_err("finding a free port"))?;
+        let address = super::free_loopback_address()?;
         let mut command = super::command_dying_with_parent(program);
         command
             .args(["serve", "-loglevel", "3", "-address", "127.0.0.1", "-port"])

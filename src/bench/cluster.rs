@@ -32,10 +32,7 @@ impl Server {
     /// Starts `tessera server run` in `dir` with `datastore` TOML (empty: SQLite).
     pub async fn start(dir: &Path, datastore: &str) -> Result<Self, BenchError> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(io_err("finding a free port"))?
-            .port();
+        let port = super::free_loopback_address()?.port();
         let admin_socket = dir.join("admin.sock");
         let config = dir.join("server.toml");
         std::fs::write(

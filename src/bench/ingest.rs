@@ -28,9 +28,7 @@ async fn ingest_once(
     datastore: &str,
 ) -> Result<(f64, Duration), BenchError> {
     let mut server = Server::start(dir, datastore).await?;
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(io_err("finding a free port"))?;
+    let metrics = super::free_loopback_address()?;
     let agent = server
         .agent_config(dir, "agent", &format!("metrics_address = \"{metrics}\"\n"))
         .await?;

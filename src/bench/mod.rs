@@ -128,6 +128,14 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
     move |source| BenchError::Io { what, source }
 }
 
+/// A loopback address with a port that was free a moment ago, for a child process to bind.
+/// (Another process could take it first; the child then fails to start and says so.)
+pub(crate) fn free_loopback_address() -> Result<std::net::SocketAddr, BenchError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io_err("finding a free port"))
+}
+
 /// A child process (agent or floor server) killed when dropped.
 pub(crate) struct ChildProcess {
     /// The process; killed and reaped on drop.
