@@ -257,3 +257,20 @@ pub(crate) fn output_within(
         .wait_with_output()
         .map_err(io_err("collecting a probe's output"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Scenario;
+    use clap::ValueEnum;
+
+    #[test]
+    fn command_line_names_are_the_report_names_in_run_order() {
+        let from_clap: Vec<String> = Scenario::value_variants()
+            .iter()
+            .filter_map(|s| s.to_possible_value())
+            .map(|v| v.get_name().to_owned())
+            .collect();
+        let ours: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(from_clap, ours);
+    }
+}

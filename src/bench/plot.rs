@@ -138,6 +138,36 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 type DrawResult =
     Result<(), DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>;
 
+type Plot<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<Axis, Axis>>;
+type Axis = plotters::coord::types::RangedCoordf64;
+
+/// A titled plot area over `x` and `y`, with room for the axis labels.
+fn framed<'a, 'b>(
+    root: &'a Area<'b>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Plot<'a, 'b>, DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>
+{
+    ChartBuilder::on(root)
+        .caption(title, (FAMILY, 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x, y)
+}
+
+/// The series' names and colours, boxed at `position`.
+fn legend<'a, 'b: 'a>(chart: &mut Plot<'a, 'b>, position: SeriesLabelPosition) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FAMILY, 15))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+}
+
 /// Fraction of samples at or below each latency, latency on a logarithmic axis.
 fn cdf(root: &Area<'_>, title: &str, series: &[Distribution]) -> DrawResult {
     let values = || {
@@ -149,12 +179,12 @@ fn cdf(root: &Area<'_>, title: &str, series: &[Distribution]) -> DrawResult {
     let high = values().fold(0.0, f64::max).max(low * 2.0);
     // The axis is linear in log10(µs), labelled in µs: plotters' own log axis leaves a range
     // narrower than a decade without labels.
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, (FAMILY, 22))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
-        .build_cartesian_2d((low / 1.2).log10()..(high * 1.2).log10(), 0.0..1.0)?;
+    let mut chart = framed(
+        root,
+        title,
+        (low / 1.2).log10()..(high * 1.2).log10(),
+        0.0..1.0,
+    )?;
     chart
         .configure_mesh()
         .x_desc("latency (µs, log scale)")
@@ -181,13 +211,7 @@ fn cdf(root: &Area<'_>, title: &str, series: &[Distribution]) -> DrawResult {
             .label(label)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FAMILY, 15))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 /// `v` rounded to two significant digits, as an axis label: 1585 reads 1600.
@@ -219,12 +243,7 @@ fn lines(
         .map(|(_, y)| y)
         .chain(limit.map(|&(_, y)| y))
         .fold(1.0, f64::max);
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, (FAMILY, 22))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0.0..x_high * 1.05, 0.0..y_high * 1.15)?;
+    let mut chart = framed(root, title, 0.0..x_high * 1.05, 0.0..y_high * 1.15)?;
     chart
         .configure_mesh()
         .x_desc(x_label)
@@ -253,13 +272,7 @@ fn lines(
             .label(name.as_str())
             .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], RED.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FAMILY, 15))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 fn write_png(path: &Path, pixels: &[u8]) -> Result<(), String> {
