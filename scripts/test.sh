@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Runs tessera's whole test suite on a fresh machine: installs what the tests need (Debian
 # packages, a world-readable Python venv with py-spiffe, a running PostgreSQL server), then runs
-# every test.
+# every test. Before it changes anything it prints what it is going to install, create and start.
+#
+# Environment:
+#   TESSERA_TEST_VENV      where the py-spiffe venv lives (default /opt/tessera-test/venv as
+#                          root, ~/.cache/tessera-test/venv otherwise); created if missing. Only
+#                          a venv this script created is made world-readable, and nothing
+#                          outside it has its mode changed.
+#   TESSERA_TEST_POSTGRES  a libpq connection string for the PostgreSQL datastore tests; when
+#                          unset, this script (as root) sets up the local Debian cluster and a
+#                          superuser role `root` for them. Outside CI the tests are skipped,
+#                          loudly, when no server is available.
+#   CI                     when set, tests that cannot run (no root, no PostgreSQL) fail
+#                          instead of being skipped.
 #
 # Tests that start clients as other uids need root; as another user they report that loudly.
-# The PostgreSQL datastore tests use the server named by TESSERA_TEST_POSTGRES; when it is not
-# set, this script (as root) sets up the local Debian cluster and a superuser role `root` for
-# them. Outside CI they are skipped, loudly, when no server is available.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +26,8 @@ if [[ $(id -u) -eq 0 ]]; then
 else
   venv="${TESSERA_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera-test/venv}"
 fi
+# A venv this script created carries this file; only such a venv has its modes changed.
+venv_marker="$venv/.made-by-tessera-test"
 
 # Debian packages: openssl (certificates are checked with `openssl verify`), systemd (the unit
 # file is checked with `systemd-analyze verify`), cfssl (the peer CA in the benchmark's quick
@@ -31,10 +42,31 @@ command -v cfssl >/dev/null || packages+=(golang-cfssl)
   || packages+=(python3 python3-venv)
 # PostgreSQL: the server binaries and Debian's cluster tools, unless a server is given (only
 # root can set up a local one).
+local_postgres=false
 if [[ -z ${TESSERA_TEST_POSTGRES:-} && $(id -u) -eq 0 ]]; then
+  local_postgres=true
   { command -v pg_ctlcluster >/dev/null && compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; } \
     || packages+=(postgresql)
 fi
+make_venv=false
+"$venv/bin/python" -c 'import spiffe' 2>/dev/null || make_venv=true
+
+echo "==> scripts/test.sh will:"
+if ((${#packages[@]})); then
+  echo "    - install Debian packages: ${packages[*]} (apt-get)"
+fi
+if $make_venv; then
+  echo "    - create a Python venv with py-spiffe at $venv (TESSERA_TEST_VENV), readable by every user"
+else
+  echo "    - use the Python venv at $venv (TESSERA_TEST_VENV)"
+fi
+if $local_postgres; then
+  echo "    - start the local PostgreSQL cluster (creating one if there is none) with a superuser role root"
+elif [[ -n ${TESSERA_TEST_POSTGRES:-} ]]; then
+  echo "    - use the PostgreSQL server named by TESSERA_TEST_POSTGRES"
+fi
+echo "    - run the whole test suite"
+
 if ((${#packages[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "scripts/test.sh: please install as root: apt-get install ${packages[*]}" >&2
@@ -45,17 +77,31 @@ if ((${#packages[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
-if ! "$venv/bin/python" -c 'import spiffe' 2>/dev/null; then
+if $make_venv; then
+  if [[ -e $venv && ! -f $venv_marker ]] && [[ -n $(ls -A "$venv" 2>/dev/null) ]]; then
+    echo "scripts/test.sh: $venv exists but has no py-spiffe and was not made by this script;" \
+      "install py-spiffe into it (pip install -r tests/python/requirements.txt) or set" \
+      "TESSERA_TEST_VENV to a new path" >&2
+    exit 1
+  fi
   echo "==> creating $venv with py-spiffe"
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
   /usr/bin/python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  touch "$venv_marker"
 fi
-# Clients run as other uids in the tests: they must be able to read and run the venv.
-chmod -R a+rX "$(dirname "$venv")"
+# Clients run as other uids in the tests: they must be able to read and run the venv. Only a
+# venv this script made is opened up, and no directory above it is touched.
+if [[ -f $venv_marker ]]; then
+  chmod -R a+rX "$venv"
+fi
+if [[ $(id -u) -eq 0 ]] && ! runuser -u nobody -- "$venv/bin/python" -c '' 2>/dev/null; then
+  echo "scripts/test.sh: warning: other users cannot run $venv/bin/python (a directory above it" \
+    "is not searchable by others); the tests that run py-spiffe as another uid will fail." \
+    "Choose a TESSERA_TEST_VENV under a world-searchable directory such as /opt." >&2
+fi
 export TESSERA_TEST_PYTHON="$venv/bin/python"
-
 # Brings up the local PostgreSQL cluster (creating it if the package did not) with a superuser
 # role `root`, which the tests, running as root, reach by peer authentication on the socket.
 setup_postgres() {

@@ -127,7 +127,7 @@ impl EntryFields {
             return Err(FieldError::new(
                 "spiffe_id",
                 &self.spiffe_id,
-                format!("is outside the trust domain {trust_domain:?}"),
+                format!("is outside the trust domain {trust_domain}"),
             ));
         }
         let selectors = check_selectors(&self.selectors)?;

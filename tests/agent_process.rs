@@ -279,6 +279,8 @@ fn svid_fetch_writes_pem_files_openssl_accepts() {
         stdout.starts_with("spiffe://example.org/files  serial "),
         "{stdout}"
     );
+    // The remaining lifetime, for a person deciding whether the files are still good.
+    assert!(stdout.contains(" (in 4m "), "{stdout}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(out_dir.join("svid_key.pem"))
         .unwrap()
@@ -303,16 +305,79 @@ fn svid_fetch_writes_pem_files_openssl_accepts() {
 }
 
 #[test]
+fn svid_commands_without_a_socket_name_the_variable() {
+    let out = Command::new(TESSERA)
+        .args(["svid", "fetch"])
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--socket"), "{stderr}");
+    assert!(stderr.contains("SPIFFE_ENDPOINT_SOCKET"), "{stderr}");
+}
+
+#[test]
 fn tessera_dev_serves_the_calling_user() {
     let dir = world_dir();
-    let mut dev = Command::new(TESSERA)
-        .args(["dev", "--ttl", "30s", "--dir"])
-        .arg(dir.path())
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    let first = run_dev(dir.path(), "30s");
+    assert_eq!(
+        fetch_ids(&first.uri),
+        [format!("spiffe://tessera.dev/user/{user}")]
+    );
+    // The server is there too: its inventory holds the entry, owned by the user.
+    let entries = admin_json(&first.admin, &["entry", "list"]);
+    assert_eq!(entries[0]["owner"], user.as_str(), "{entries}");
+    assert_eq!(entries[0]["x509_ttl_seconds"], 30, "{entries}");
+    let nodes = admin_json(&first.admin, &["node", "list"]);
+    assert_eq!(nodes[0]["attestation"], "join_token", "{nodes}");
+    let bundle = admin_json(&first.admin, &["bundle", "show"]);
+    first.stop();
+
+    // The same directory again: the same root and entry, the TTL brought up to date.
+    let second = run_dev(dir.path(), "2h");
+    assert_eq!(
+        fetch_ids(&second.uri),
+        [format!("spiffe://tessera.dev/user/{user}")]
+    );
+    let resumed = admin_json(&second.admin, &["entry", "list"]);
+    assert_eq!(resumed.as_array().unwrap().len(), 1, "{resumed}");
+    assert_eq!(resumed[0]["id"], entries[0]["id"], "{resumed}");
+    assert_eq!(resumed[0]["x509_ttl_seconds"], 7200, "{resumed}");
+    assert_eq!(admin_json(&second.admin, &["bundle", "show"]), bundle);
+    second.stop();
+}
+
+/// A running `tessera dev` and the sockets its banner printed.
+struct Dev {
+    process: Child,
+    uri: String,
+    admin: String,
+}
+
+impl Dev {
+    /// SIGTERM, a clean exit, and the workload socket gone.
+    fn stop(mut self) {
+        signal(&self.process, Signal::SIGTERM);
+        assert!(wait_exit(&mut self.process, Duration::from_secs(10)).success());
+        assert!(!Path::new(&self.uri["unix://".len()..]).exists());
+    }
+}
+
+/// Starts `tessera dev --dir DIR --ttl TTL` and reads its banner up to the admin socket line.
+fn run_dev(dir: &Path, ttl: &str) -> Dev {
+    let mut process = Command::new(TESSERA)
+        .args(["dev", "--ttl", ttl, "--dir"])
+        .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let lines = lines_of(&mut dev);
+    let lines = lines_of(&mut process);
     let mut uri = None;
     let admin = loop {
         let line = lines
@@ -326,34 +391,24 @@ fn tessera_dev_serves_the_calling_user() {
         }
     };
     let uri = uri.expect("the Workload API socket is printed before the admin socket");
-    let ids = fetch_ids(&uri);
-    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .unwrap()
-        .unwrap()
-        .name;
-    assert_eq!(ids, [format!("spiffe://tessera.dev/user/{user}")]);
-    // The server is there too: its inventory holds the entry, owned by the user.
-    let out = tessera(&[
-        "entry",
-        "list",
-        "--output",
-        "json",
-        "--admin-socket",
-        &admin,
-    ]);
+    Dev {
+        process,
+        uri,
+        admin,
+    }
+}
+
+/// `tessera <args> --output json --admin-socket <admin>`, asserting success; the parsed output.
+fn admin_json(admin: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv = args.to_vec();
+    argv.extend(["--output", "json", "--admin-socket", admin]);
+    let out = tessera(&argv);
     assert!(
         out.status.success(),
-        "{}",
+        "{argv:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(entries[0]["owner"], user.as_str(), "{entries}");
-    let out = tessera(&["node", "list", "--output", "json", "--admin-socket", &admin]);
-    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(nodes[0]["attestation"], "join_token", "{nodes}");
-    signal(&dev, Signal::SIGTERM);
-    assert!(wait_exit(&mut dev, Duration::from_secs(10)).success());
-    assert!(!Path::new(&uri["unix://".len()..]).exists());
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

@@ -510,7 +510,7 @@ purpose = "read replicas"
             (
                 "spiffe://example.org/agent/coder",
                 "spiffe://other.org/agent",
-                "is outside the trust domain",
+                "is outside the trust domain example.org",
             ),
             (
                 "unix:uid:1001",

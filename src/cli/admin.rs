@@ -8,8 +8,8 @@ use clap::Args;
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use super::Failure;
 use super::client::{admin_status_failure, connect_admin};
-use super::{Failure, Output};
 use crate::config::parse_duration;
 use crate::proto::tessera::admin_client::AdminClient;
 
@@ -29,15 +29,6 @@ pub(super) struct AdminArgs {
         help_heading = "Server options"
     )]
     pub(super) admin_socket: PathBuf,
-    /// Output format: text for people, json for scripts.
-    #[arg(
-        long,
-        value_enum,
-        default_value_t = Output::Text,
-        global = true,
-        help_heading = "Server options"
-    )]
-    pub(super) output: Output,
 }
 
 /// A connected admin client that knows its socket, for error messages.

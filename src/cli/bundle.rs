@@ -44,7 +44,7 @@ impl From<&Bundle> for BundleView {
 }
 
 /// Runs one `tessera bundle` verb.
-pub(super) async fn run(args: BundleArgs) -> Result<(), Failure> {
+pub(super) async fn run(args: BundleArgs, output: Output) -> Result<(), Failure> {
     let BundleCommand::Show = args.command;
     let mut admin = Admin::connect(&args.admin).await?;
     let bundle = admin
@@ -60,7 +60,7 @@ pub(super) async fn run(args: BundleArgs) -> Result<(), Failure> {
             bundle.trust_domain
         )));
     }
-    match args.admin.output {
+    match output {
         Output::Json => print_json(&BundleView::from(&bundle)),
         Output::Text => print_text(&crate::ca::to_pem("CERTIFICATE", &bundle.roots)),
     }

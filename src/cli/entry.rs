@@ -491,8 +491,7 @@ fn dns_names(values: &[String]) -> Result<Option<Vec<String>>, Failure> {
 }
 
 /// Runs one `tessera entry` verb.
-pub(super) async fn run(args: EntryArgs) -> Result<(), Failure> {
-    let output = args.admin.output;
+pub(super) async fn run(args: EntryArgs, output: Output) -> Result<(), Failure> {
     match args.command {
         EntryCommand::Create(create) => {
             let entry = create.entry(SystemTime::now())?;
@@ -710,6 +709,7 @@ fn entry_table(entries: &[Entry]) -> String {
         "NODES",
         "X509 TTL",
         "OWNER",
+        "PURPOSE",
         "EXPIRES",
     ]);
     for entry in entries {
@@ -720,6 +720,7 @@ fn entry_table(entries: &[Entry]) -> String {
             list_or(&entry.node_selectors, "all"),
             duration(entry.x509_ttl_seconds),
             entry.owner.clone(),
+            entry.purpose.clone(),
             entry
                 .expires_at
                 .map_or("never".into(), |at| time_or(at, "never")),
@@ -1106,7 +1107,6 @@ mod tests {
         ] {
             let args = parse(argv).unwrap();
             assert_eq!(args.admin.admin_socket, std::path::Path::new("/tmp/a.sock"));
-            assert_eq!(args.admin.output, Output::Json);
         }
     }
 
@@ -1180,9 +1180,9 @@ mod tests {
         ]);
         assert_eq!(
             table,
-            "ID    SPIFFE ID                         SELECTORS      NODES       X509 TTL  OWNER  EXPIRES\n\
-             e-1   spiffe://example.org/agent/coder  unix:uid:1001  node:id:n1  10m       ops    2027-01-31T18:00:00Z\n\
-             e-22  spiffe://example.org/agent/coder  unix:uid:1001  all         10m       ops    never\n"
+            "ID    SPIFFE ID                         SELECTORS      NODES       X509 TTL  OWNER  PURPOSE      EXPIRES\n\
+             e-1   spiffe://example.org/agent/coder  unix:uid:1001  node:id:n1  10m       ops    code review  2027-01-31T18:00:00Z\n\
+             e-22  spiffe://example.org/agent/coder  unix:uid:1001  all         10m       ops    code review  never\n"
         );
     }
 }

@@ -164,8 +164,7 @@ const EVENT_HEADER: &[&str] = &[
 ];
 
 /// Runs one `tessera events` verb.
-pub(super) async fn run(args: EventsArgs) -> Result<(), Failure> {
-    let output = args.admin.output;
+pub(super) async fn run(args: EventsArgs, output: Output) -> Result<(), Failure> {
     let mut admin = Admin::connect(&args.admin).await?;
     match args.command {
         EventsCommand::List(filter) => {
@@ -241,7 +240,7 @@ pub(super) async fn run(args: EventsArgs) -> Result<(), Failure> {
 }
 
 /// Runs `tessera inventory`.
-pub(super) async fn inventory(args: InventoryArgs) -> Result<(), Failure> {
+pub(super) async fn inventory(args: InventoryArgs, output: Output) -> Result<(), Failure> {
     let mut admin = Admin::connect(&args.admin).await?;
     let inventory = admin
         .client
@@ -249,7 +248,7 @@ pub(super) async fn inventory(args: InventoryArgs) -> Result<(), Failure> {
         .await
         .map_err(|s| admin.failure(s))?
         .into_inner();
-    match args.admin.output {
+    match output {
         Output::Json => print_json(&inventory_json(&inventory)),
         Output::Text => print_text(&inventory_text(&inventory)),
     }

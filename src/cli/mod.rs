@@ -44,6 +44,10 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `tessera=debug` (overrides TESSERA_LOG).
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Output of commands that print results: text for people, json for scripts. Accepted
+    /// anywhere on the command line.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -139,15 +143,15 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Agent(command) => agent::run(command).await,
             Command::Server(command) => server::run(command).await,
-            Command::Svid(command) => svid::run(command).await,
+            Command::Svid(command) => svid::run(command, cli.output).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Bench(command) => bench::run(command).await,
-            Command::Entry(args) => entry::run(*args).await,
-            Command::Token(args) => token::run(args).await,
-            Command::Node(args) => node::run(args).await,
-            Command::Bundle(args) => bundle::run(args).await,
-            Command::Events(args) => events::run(args).await,
-            Command::Inventory(args) => events::inventory(args).await,
+            Command::Entry(args) => entry::run(*args, cli.output).await,
+            Command::Token(args) => token::run(args, cli.output).await,
+            Command::Node(args) => node::run(args, cli.output).await,
+            Command::Bundle(args) => bundle::run(args, cli.output).await,
+            Command::Events(args) => events::run(args, cli.output).await,
+            Command::Inventory(args) => events::inventory(args, cli.output).await,
         }
     });
     match result {
@@ -165,8 +169,10 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
         Some(level) => EnvFilter::new(level),
         None => EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    // Colour codes only for a person at a terminal: never in a journal, a file or a pipe.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -187,5 +193,31 @@ pub(crate) async fn termination() {
     tokio::select! {
         _ = term.recv() => tracing::debug!("SIGTERM received"),
         _ = int.recv() => tracing::debug!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn output_is_accepted_anywhere_on_the_line() {
+        for argv in [
+            &["tessera", "--output", "json", "svid", "fetch"][..],
+            &["tessera", "svid", "--output", "json", "fetch"],
+            &["tessera", "svid", "fetch", "--output", "json"],
+            &["tessera", "--output", "json", "entry", "list"],
+            &["tessera", "entry", "--output", "json", "list"],
+            &["tessera", "entry", "list", "--output", "json"],
+            &["tessera", "events", "list", "--output", "json"],
+            &["tessera", "inventory", "--output", "json"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(cli.output, Output::Json, "{argv:?}");
+        }
+        let cli = Cli::try_parse_from(["tessera", "node", "list"]).unwrap();
+        assert_eq!(cli.output, Output::Text);
     }
 }

@@ -37,8 +37,7 @@ struct IdArg {
 }
 
 /// Runs one `tessera node` verb.
-pub(super) async fn run(args: NodeArgs) -> Result<(), Failure> {
-    let output = args.admin.output;
+pub(super) async fn run(args: NodeArgs, output: Output) -> Result<(), Failure> {
     if let NodeCommand::Show(IdArg { id })
     | NodeCommand::Evict(IdArg { id })
     | NodeCommand::Ban(IdArg { id }) = &args.command

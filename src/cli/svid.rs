@@ -21,12 +21,22 @@ pub(super) enum SvidCommand {
 
 #[derive(Args, Debug)]
 pub(super) struct CommonArgs {
-    /// Workload API address (unix:///path).
+    /// Workload API address (unix:///path); defaults to $SPIFFE_ENDPOINT_SOCKET.
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_name = "URI")]
-    socket: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Output::Text)]
-    output: Output,
+    socket: Option<String>,
+}
+
+impl CommonArgs {
+    /// The socket to use: `--socket`, else `SPIFFE_ENDPOINT_SOCKET`, else a usage error that
+    /// says both.
+    fn socket(&self) -> Result<&str, Failure> {
+        self.socket.as_deref().ok_or_else(|| {
+            Failure::usage(
+                "no Workload API socket: pass --socket unix:///path/to/agent.sock or set \
+                 SPIFFE_ENDPOINT_SOCKET",
+            )
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -43,19 +53,24 @@ pub(super) struct FetchArgs {
 struct SvidSummary {
     spiffe_id: String,
     serial: String,
+    /// RFC 3339.
     not_after: String,
-    hint: String,
+    /// Unix milliseconds.
+    not_after_ms: i64,
+    /// Whole seconds from now until `not_after`; 0 once it has passed.
+    expires_in_seconds: u64,
+    hint: Option<String>,
 }
 
-pub(super) async fn run(command: SvidCommand) -> Result<(), Failure> {
+pub(super) async fn run(command: SvidCommand, output: Output) -> Result<(), Failure> {
     match command {
-        SvidCommand::Fetch(args) => fetch(args).await,
-        SvidCommand::Watch(args) => watch(args).await,
+        SvidCommand::Fetch(args) => fetch(args, output).await,
+        SvidCommand::Watch(args) => watch(args, output).await,
     }
 }
 
-async fn fetch(args: FetchArgs) -> Result<(), Failure> {
-    let mut client = connect(&args.common.socket).await?;
+async fn fetch(args: FetchArgs, output: Output) -> Result<(), Failure> {
+    let mut client = connect(args.common.socket()?).await?;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -70,8 +85,8 @@ async fn fetch(args: FetchArgs) -> Result<(), Failure> {
     if let Some(dir) = &args.out {
         write_pem_files(dir, &response)?;
     }
-    print(args.common.output, &summaries);
-    if let (Some(dir), Output::Text) = (&args.out, args.common.output) {
+    print(output, &summaries);
+    if let (Some(dir), Output::Text) = (&args.out, output) {
         println!(
             "wrote svid.pem, svid_key.pem and bundle.pem to {}",
             dir.display()
@@ -80,8 +95,8 @@ async fn fetch(args: FetchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn watch(args: CommonArgs) -> Result<(), Failure> {
-    let mut client = connect(&args.socket).await?;
+async fn watch(args: CommonArgs, output: Output) -> Result<(), Failure> {
+    let mut client = connect(args.socket()?).await?;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -95,13 +110,13 @@ async fn watch(args: CommonArgs) -> Result<(), Failure> {
         let Some(response) = message else {
             return Err(Failure::failed("the Workload API closed the stream"));
         };
-        if args.output == Output::Text {
+        if output == Output::Text {
             println!(
                 "update at {}",
                 humantime::format_rfc3339_seconds(std::time::SystemTime::now())
             );
         }
-        print(args.output, &summarize(&response)?);
+        print(output, &summarize(&response)?);
     }
 }
 
@@ -110,13 +125,19 @@ fn print(output: Output, summaries: &[SvidSummary]) {
         Output::Json => println!("{}", serde_json::json!({ "svids": summaries })),
         Output::Text => {
             for s in summaries {
-                let hint = if s.hint.is_empty() {
-                    String::new()
-                } else {
-                    format!("  hint {}", s.hint)
+                let hint = match &s.hint {
+                    Some(hint) => format!("  hint {hint}"),
+                    None => String::new(),
+                };
+                let left = match s.expires_in_seconds {
+                    0 => "expired".to_owned(),
+                    seconds => format!(
+                        "in {}",
+                        humantime::format_duration(std::time::Duration::from_secs(seconds))
+                    ),
                 };
                 println!(
-                    "{}  serial {}  expires {}{hint}",
+                    "{}  serial {}  expires {} ({left}){hint}",
                     s.spiffe_id, s.serial, s.not_after
                 );
             }
@@ -136,17 +157,20 @@ fn summarize(response: &X509svidResponse) -> Result<Vec<SvidSummary>, Failure> {
             })?;
             let (_, cert) = x509_parser::parse_x509_certificate(leaf)
                 .map_err(|e| Failure::failed(format!("unreadable SVID certificate: {e}")))?;
-            let not_after = cert
-                .validity()
-                .not_after
+            let expiry = cert.validity().not_after;
+            let not_after = expiry
                 .to_datetime()
                 .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_else(|_| cert.validity().not_after.to_string());
+                .unwrap_or_else(|_| expiry.to_string());
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             Ok(SvidSummary {
                 spiffe_id: svid.spiffe_id.clone(),
                 serial: hex::encode(cert.tbs_certificate.raw_serial()),
                 not_after,
-                hint: svid.hint.clone(),
+                not_after_ms: expiry.timestamp().saturating_mul(1000),
+                expires_in_seconds: u64::try_from(expiry.timestamp().saturating_sub(now))
+                    .unwrap_or(0),
+                hint: Some(svid.hint.clone()).filter(|h| !h.is_empty()),
             })
         })
         .collect()

@@ -76,7 +76,7 @@ impl From<&JoinToken> for TokenView {
 }
 
 /// Runs one `tessera token` verb.
-pub(super) async fn run(args: TokenArgs) -> Result<(), Failure> {
+pub(super) async fn run(args: TokenArgs, output: Output) -> Result<(), Failure> {
     let TokenCommand::Create(create) = args.command;
     let request = create.request()?;
     let ttl = request.ttl_seconds;
@@ -87,7 +87,7 @@ pub(super) async fn run(args: TokenArgs) -> Result<(), Failure> {
         .await
         .map_err(|s| admin.failure(s))?
         .into_inner();
-    match args.admin.output {
+    match output {
         Output::Json => print_json(&TokenView::from(&token)),
         Output::Text => {
             print_text(&format!("{}\n", token.token))?;
