@@ -259,7 +259,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
                 config.trust_domain.clone(),
                 &config.state_dir,
             );
-            let credentials = match upstream.saved_credentials() {
+            let credentials = match upstream.load_saved()? {
                 Some(saved) => {
                     tracing::info!(node = %saved.node_id, "serving from saved node state while the server link comes up");
                     saved
