@@ -31,10 +31,12 @@ venv_marker="$venv/.made-by-tessera-test"
 
 # Debian packages: openssl (certificates are checked with `openssl verify`), systemd (the unit
 # file is checked with `systemd-analyze verify`), cfssl (the peer CA in the benchmark's quick
-# run), a TrueType font (the benchmark's charts) and a system Python with venv, which other
-# uids can execute (an interpreter under /root cannot be).
+# run), strace (state files must be renamed and their directory fsynced), a TrueType font (the
+# benchmark's charts) and a system Python with venv, which other uids can execute (an
+# interpreter under /root cannot be).
 packages=()
 command -v openssl >/dev/null || packages+=(openssl)
+command -v strace >/dev/null || packages+=(strace)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v cfssl >/dev/null || packages+=(golang-cfssl)
 [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || packages+=(fonts-dejavu-core)

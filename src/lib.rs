@@ -16,6 +16,7 @@
 //! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA, node SVIDs and
 //!   node intermediate CAs.
 //! - [`config`]: what the agent's and the server's configuration files share.
+//! - [`durable`]: replacing a state file atomically and durably (rename, then directory fsync).
 //! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
 //!   durable spool.
 //! - [`agent`]: the node agent: configuration, entry source (file or server), identity cache and
@@ -37,6 +38,7 @@ pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod durable;
 pub mod entry;
 pub mod events;
 pub mod server;

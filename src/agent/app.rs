@@ -43,12 +43,16 @@ fn open_recorder(
         }
         None => {
             let path = config.state_dir.join("audit.jsonl");
-            let log = AuditLog::open(&path)
+            let log = AuditLog::open_with(&path, config.audit_limits)
                 .map_err(|e| AgentError::Events(format!("audit log {}: {e}", path.display())))?;
             let host = nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            Ok((Recorder::new(trust_domain, &host, Box::new(log)), None))
+            // Any local user can be refused at will: count refusals per caller, as deliveries
+            // are, so that the log grows with callers, not with calls.
+            let recorder =
+                Recorder::new(trust_domain, &host, Box::new(log)).with_aggregated_denials();
+            Ok((recorder, None))
         }
     }
 }
@@ -259,7 +263,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
                 config.trust_domain.clone(),
                 &config.state_dir,
             );
-            let credentials = match upstream.saved_credentials() {
+            let credentials = match upstream.load_saved()? {
                 Some(saved) => {
                     tracing::info!(node = %saved.node_id, "serving from saved node state while the server link comes up");
                     saved

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::ca::LocalCaSource;
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
+pub use crate::events::recorder::AuditLimits;
 use crate::spiffe::TrustDomain;
 
 /// Default Workload API socket.
@@ -46,8 +47,11 @@ pub struct AgentConfig {
     pub entries: EntrySet,
     /// Server mode: where entries and the signing CA come from. `None`: standalone.
     pub server: Option<UpstreamConfig>,
-    /// Deliveries of one SVID to one caller are counted this long, then reported as one event.
+    /// Deliveries of one SVID to one caller are counted this long, then reported as one event;
+    /// in standalone mode refusals of one caller too.
     pub use_window: Duration,
+    /// Standalone mode: when the audit log is rotated and how many rotated files are kept.
+    pub audit_limits: AuditLimits,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: not served.
     pub metrics_address: Option<std::net::SocketAddr>,
 }
@@ -101,6 +105,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawEvents {
     use_window: Option<String>,
+    audit_log_max_bytes: Option<u64>,
+    audit_log_keep: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +297,7 @@ impl AgentConfig {
                 window
             }
         };
+        let audit_limits = check_audit_limits(file, &raw.events)?;
         let metrics_address = match raw.metrics_address.as_deref() {
             None => None,
             Some(text) => Some(text.parse().map_err(|_| {
@@ -315,9 +322,45 @@ impl AgentConfig {
             entries,
             server,
             use_window,
+            audit_limits,
             metrics_address,
         })
     }
+}
+
+/// Smallest audit log size before rotation: a few events. Anything smaller would rotate on
+/// nearly every line.
+const MIN_AUDIT_LOG_BYTES: u64 = 64 << 10;
+/// Most rotated audit log files kept.
+const MAX_AUDIT_LOG_KEEP: u32 = 100;
+
+fn check_audit_limits(file: &str, raw: &RawEvents) -> Result<AuditLimits, ConfigError> {
+    let defaults = AuditLimits::default();
+    let max_bytes = raw.audit_log_max_bytes.unwrap_or(defaults.max_bytes);
+    if max_bytes < MIN_AUDIT_LOG_BYTES {
+        return Err(ConfigError::invalid(
+            file,
+            "events.audit_log_max_bytes",
+            &max_bytes.to_string(),
+            format!(
+                "must be at least {MIN_AUDIT_LOG_BYTES} bytes (the default is {})",
+                defaults.max_bytes
+            ),
+        ));
+    }
+    let keep = raw.audit_log_keep.unwrap_or(defaults.keep);
+    if keep > MAX_AUDIT_LOG_KEEP {
+        return Err(ConfigError::invalid(
+            file,
+            "events.audit_log_keep",
+            &keep.to_string(),
+            format!(
+                "must be at most {MAX_AUDIT_LOG_KEEP} rotated files (the default is {})",
+                defaults.keep
+            ),
+        ));
+    }
+    Ok(AuditLimits { max_bytes, keep })
 }
 
 fn check_server(file: &str, raw: RawServer) -> Result<UpstreamConfig, ConfigError> {
@@ -485,6 +528,40 @@ purpose = "read replicas"
         assert_eq!(config.entries.entries[1].id, "db-reader");
         assert_eq!(config.exe_hash_size_limit, DEFAULT_EXE_HASH_SIZE_LIMIT);
         assert!(matches!(config.ca, LocalCaSource::Generated { .. }));
+    }
+
+    #[test]
+    fn audit_log_limits_have_defaults_and_bounds() {
+        let config = AgentConfig::parse("agent.toml", GOOD).unwrap();
+        assert_eq!(config.audit_limits, AuditLimits::default());
+        let with = |events: &str| {
+            let text = GOOD.replacen(
+                "\n[[entry]]",
+                &format!("\n[events]\n{events}\n\n[[entry]]"),
+                1,
+            );
+            AgentConfig::parse("agent.toml", &text)
+        };
+        let config = with("audit_log_max_bytes = 1048576\naudit_log_keep = 0").unwrap();
+        assert_eq!(
+            config.audit_limits,
+            AuditLimits {
+                max_bytes: 1 << 20,
+                keep: 0
+            }
+        );
+        let err = with("audit_log_max_bytes = 100").unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "agent.toml: events.audit_log_max_bytes = \"100\": must be at least 65536"
+            ),
+            "{err}"
+        );
+        let err = with("audit_log_keep = 1000").unwrap_err().to_string();
+        assert!(
+            err.contains("agent.toml: events.audit_log_keep = \"1000\": must be at most 100"),
+            "{err}"
+        );
     }
 
     fn error_for(replace: &str, with: &str) -> String {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rcgen::{KeyPair, SigningKey};
+use rcgen::{KeyPair, PublicKeyData, SigningKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tonic::Code;
@@ -32,6 +32,15 @@ const NODE_CA_FILE: &str = "node_ca.pem";
 const NODE_CA_KEY_FILE: &str = "node_ca_key.pem";
 const BUNDLE_FILE: &str = "bundle.pem";
 const ENTRIES_FILE: &str = "entries.json";
+const NODE_ID_FILE: &str = "node_id";
+/// What a node's credentials are kept in; all or none of them make a usable state.
+const CREDENTIAL_FILES: [&str; 5] = [
+    NODE_SVID_FILE,
+    NODE_SVID_KEY_FILE,
+    NODE_CA_FILE,
+    NODE_CA_KEY_FILE,
+    NODE_ID_FILE,
+];
 /// Reconnection backoff bounds.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -51,6 +60,21 @@ pub enum UpstreamError {
     /// A local file or key could not be used.
     #[error("{0}")]
     Local(String),
+    /// The node credentials on disk do not fit together (a crash between writing a key and its
+    /// certificate, or files removed by hand), and a join token cannot attest the node again.
+    #[error(
+        "the node state in {} is unusable: {problem}. This node joined with a join token, which is spent after one use: create a new token on the server (`tessera token create`), put it in server.join_token, remove {}, and start the agent again",
+        dir.display(),
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    UnusableState {
+        /// The node state directory.
+        dir: PathBuf,
+        /// What does not fit.
+        problem: String,
+        /// The files to remove before joining again.
+        files: Vec<PathBuf>,
+    },
 }
 
 impl From<CaError> for UpstreamError {
@@ -217,7 +241,7 @@ impl DiskState {
             0o644,
         )?;
         self.save_bundle(&c.bundle)?;
-        write_atomically(&self.path("node_id"), c.node_id.as_bytes(), 0o644)
+        write_atomically(&self.path(NODE_ID_FILE), c.node_id.as_bytes(), 0o644)
     }
 
     fn save_bundle(&self, bundle: &[Vec<u8>]) -> Result<(), CaError> {
@@ -231,37 +255,76 @@ impl DiskState {
 
     /// Forgets the credentials (after eviction).
     pub fn remove_credentials(&self) {
-        for name in [
-            NODE_SVID_FILE,
-            NODE_SVID_KEY_FILE,
-            NODE_CA_FILE,
-            NODE_CA_KEY_FILE,
-            ENTRIES_FILE,
-            "node_id",
-        ] {
+        for name in CREDENTIAL_FILES.iter().chain([&ENTRIES_FILE]) {
             let _ = std::fs::remove_file(self.path(name));
+        }
+        // Make the removals durable, or a power loss could bring back the forgotten node.
+        if let Err(e) = crate::durable::sync_dir(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot sync the node state directory");
         }
     }
 
-    /// Loads saved credentials, if complete and readable.
-    pub fn load_credentials(&self) -> Option<Credentials> {
-        let read = |name: &str| std::fs::read_to_string(self.path(name)).ok();
+    /// Loads saved credentials: `None` when there are none, an error saying what does not fit
+    /// when some files are missing, unreadable, or a key does not match its certificate (what a
+    /// crash between two of the renames in [`DiskState::save_credentials`] leaves).
+    pub fn load_credentials(&self) -> Result<Option<Credentials>, String> {
+        let present: Vec<&str> = CREDENTIAL_FILES
+            .iter()
+            .copied()
+            .filter(|name| self.path(name).exists())
+            .collect();
+        if present.is_empty() {
+            return Ok(None);
+        }
+        if present.len() < CREDENTIAL_FILES.len() {
+            let missing: Vec<&str> = CREDENTIAL_FILES
+                .iter()
+                .copied()
+                .filter(|name| !present.contains(name))
+                .collect();
+            return Err(format!("{} missing", missing.join(", ")));
+        }
+        let read = |name: &str| {
+            std::fs::read_to_string(self.path(name)).map_err(|e| format!("{name}: {e}"))
+        };
         let cert = |name: &str| {
             ::pem::parse_many(read(name)?)
-                .ok()?
-                .into_iter()
-                .find(|p| p.tag() == "CERTIFICATE")
+                .ok()
+                .and_then(|blocks| blocks.into_iter().find(|p| p.tag() == "CERTIFICATE"))
                 .map(|p| p.into_contents())
+                .ok_or_else(|| format!("{name} holds no PEM certificate"))
         };
         let credentials = Credentials {
-            node_id: read("node_id")?.trim().to_owned(),
+            node_id: read(NODE_ID_FILE)?.trim().to_owned(),
             svid_der: cert(NODE_SVID_FILE)?,
             svid_key_pem: Zeroizing::new(read(NODE_SVID_KEY_FILE)?),
             ca_der: cert(NODE_CA_FILE)?,
             ca_key_pem: Zeroizing::new(read(NODE_CA_KEY_FILE)?),
-            bundle: self.load_bundle()?,
+            bundle: self
+                .load_bundle()
+                .ok_or_else(|| format!("{BUNDLE_FILE} holds no certificate"))?,
         };
-        Some(credentials)
+        check_key_matches(
+            &credentials.svid_key_pem,
+            NODE_SVID_KEY_FILE,
+            &credentials.svid_der,
+            NODE_SVID_FILE,
+        )?;
+        check_key_matches(
+            &credentials.ca_key_pem,
+            NODE_CA_KEY_FILE,
+            &credentials.ca_der,
+            NODE_CA_FILE,
+        )?;
+        Ok(Some(credentials))
+    }
+
+    /// The credential files, for messages.
+    fn credential_paths(&self) -> Vec<PathBuf> {
+        CREDENTIAL_FILES
+            .iter()
+            .map(|name| self.path(name))
+            .collect()
     }
 
     fn load_bundle(&self) -> Option<Vec<Vec<u8>>> {
@@ -288,6 +351,27 @@ impl DiskState {
             Err(_) => Vec::new(),
         }
     }
+}
+
+/// Checks that the private key in `key_pem` (from `key_name`) is the one `cert_der` (from
+/// `cert_name`) certifies.
+fn check_key_matches(
+    key_pem: &str,
+    key_name: &str,
+    cert_der: &[u8],
+    cert_name: &str,
+) -> Result<(), String> {
+    use x509_parser::prelude::*;
+    let key = KeyPair::from_pem(key_pem)
+        .map_err(|e| format!("{key_name} is not a PEM PKCS#8 private key ({e})"))?;
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| format!("{cert_name} is not an X.509 certificate ({e})"))?;
+    if cert.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
+        return Err(format!(
+            "{key_name} does not match the public key in {cert_name}"
+        ));
+    }
+    Ok(())
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CaError> {
@@ -346,9 +430,31 @@ impl Upstream {
 
     /// Saved credentials whose CA is still valid.
     pub fn saved_credentials(&self) -> Option<Credentials> {
-        let credentials = self.disk.load_credentials()?;
+        self.load_saved().ok().flatten()
+    }
+
+    /// Saved credentials whose CA is still valid; `None` when the node must attest. Credentials
+    /// that do not fit together are logged and left for attestation to replace with x509pop; with
+    /// a join token, which cannot attest again, they are an error that says what to do.
+    pub fn load_saved(&self) -> Result<Option<Credentials>, UpstreamError> {
+        let credentials = match self.disk.load_credentials() {
+            Ok(Some(credentials)) => credentials,
+            Ok(None) => return Ok(None),
+            Err(problem) => {
+                if let NodeAttestation::X509Pop { .. } = self.config.attestation {
+                    tracing::warn!(dir = %self.disk.dir.display(), %problem,
+                        "the saved node credentials are unusable; attesting again with x509pop");
+                    return Ok(None);
+                }
+                return Err(UpstreamError::UnusableState {
+                    dir: self.disk.dir.clone(),
+                    problem,
+                    files: self.disk.credential_paths(),
+                });
+            }
+        };
         let ca_valid = not_after_of(&credentials.ca_der).is_some_and(|t| t > SystemTime::now());
-        ca_valid.then_some(credentials)
+        Ok(ca_valid.then_some(credentials))
     }
 
     fn roots_for_server(

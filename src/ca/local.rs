@@ -2,8 +2,7 @@
 //! directory (key file 0600), or an operator's CA given as PEM files.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -410,21 +409,11 @@ pub(crate) fn io_error(path: &Path, source: std::io::Error) -> CaError {
     }
 }
 
-/// Writes `bytes` to a temporary sibling with `mode`, syncs it and renames it over `path`, so a
-/// crash never leaves a half-written key or certificate.
+/// Replaces `path` with `bytes` (created with `mode`) so that a crash never leaves a
+/// half-written key or certificate, and the new one survives a power loss once this returns
+/// (see [`crate::durable`]).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io_error(&tmp, e))?;
-    file.write_all(bytes).map_err(|e| io_error(&tmp, e))?;
-    file.sync_all().map_err(|e| io_error(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
-    Ok(())
+    crate::durable::write_atomically(path, bytes, mode).map_err(|e| io_error(path, e))
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! `tessera svid fetch|watch`: a Workload API client for workloads and for debugging.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -227,16 +226,6 @@ fn write_pem_files(dir: &Path, response: &X509svidResponse) -> Result<(), Failur
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Failure> {
-    let fail = |e: std::io::Error| Failure::failed(format!("cannot write {}: {e}", path.display()));
-    let tmp = path.with_extension("pem.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(fail)?;
-    file.write_all(bytes).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
+    crate::durable::write_atomically(path, bytes, mode)
+        .map_err(|e| Failure::failed(format!("cannot write {}: {e}", path.display())))
 }

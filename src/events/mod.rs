@@ -60,17 +60,45 @@ impl recorder::EventLog for SpoolLog {
     }
 }
 
-/// Opens the agent's spool in `dir`, saying in the log what a crash cost, if anything.
+/// Opens the agent's spool in `dir`, saying in the log what a crash or damage cost, if
+/// anything: how many records were lost and, where their damaged headers still tell, of which
+/// kinds.
 pub fn open_spool(dir: &std::path::Path) -> Result<std::sync::Arc<Spool>, String> {
     let (spool, recovery) = Spool::open(dir, SpoolConfig::default()).map_err(|e| e.to_string())?;
     if !recovery.is_clean() {
         tracing::warn!(
             spool = %dir.display(),
+            lost_records = recovery.lost_records(),
+            lost_kinds = %lost_kinds(&recovery),
             lost_bytes = recovery.lost_bytes(),
-            "event spool was damaged (a crash cut it short); the good records are kept and will be sent, what was lost is: {recovery}"
+            kept_after_damage = recovery.recovered_after_damage,
+            "event spool was damaged (a crash cut it short, or the disk changed it); every intact record is kept and will be sent; what was lost: {recovery}"
         );
     }
     Ok(std::sync::Arc::new(spool))
+}
+
+/// The kinds of the records lost to damage, counted, as far as their damaged payloads still
+/// decode: e.g. `svid_issued: 1, unknown: 2`.
+pub fn lost_kinds(recovery: &spool::Recovery) -> String {
+    let mut counts: std::collections::BTreeMap<&str, u64> = Default::default();
+    for damaged in &recovery.damaged {
+        let lost = damaged.lost_records.unwrap_or(1);
+        let known = damaged.lost_record.as_ref().and_then(|record| {
+            let event = decode_event(&record.payload).ok()?;
+            let kind = EventKind::try_from(event.kind).ok()?;
+            (kind != EventKind::Unspecified).then(|| model::kind_name(kind))
+        });
+        match known {
+            Some(kind) if lost == 1 => *counts.entry(kind).or_default() += 1,
+            _ => *counts.entry("unknown").or_default() += lost,
+        }
+    }
+    counts
+        .iter()
+        .map(|(kind, count)| format!("{kind}: {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -104,6 +132,73 @@ mod tests {
         assert_eq!(records[1].0, second);
         assert_eq!(records[1].1, Class::Droppable);
         assert_eq!(decode_event(&records[1].2).unwrap(), used);
+    }
+
+    #[test]
+    fn the_kinds_of_records_lost_to_damage_are_named_where_they_can_be_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let event = |kind: EventKind, serial: &str| Event {
+            id: new_id(),
+            kind: kind.into(),
+            spiffe_id: "spiffe://example.org/web".into(),
+            serial: serial.into(),
+            ..Event::default()
+        };
+        let (spool, _) = Spool::open(dir.path(), SpoolConfig::default()).unwrap();
+        let mut payloads = Vec::new();
+        for (kind, serial) in [
+            (EventKind::SvidUsed, "01"),
+            (EventKind::SvidIssued, "0a0b0c0d"),
+            (EventKind::SvidUsed, "02"),
+            (EventKind::SvidRevoked, "0e0f"),
+            (EventKind::SvidUsed, "03"),
+        ] {
+            let event = event(kind, serial);
+            append_event(&spool, &event).unwrap();
+            payloads.push(event.encode_to_vec());
+        }
+        drop(spool);
+        let segment = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "log"))
+            .unwrap();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let start_of = |index: usize| -> usize {
+            payloads[..index]
+                .iter()
+                .map(|p| spool::HEADER_LEN + p.len())
+                .sum()
+        };
+        // A character of the issuance's serial: the payload still decodes.
+        let issued = start_of(1) + spool::HEADER_LEN;
+        let at = issued + find(&payloads[1], b"0a0b") + 1;
+        bytes[at] ^= 0x01;
+        // The revocation's header: its length no longer tells where it ends.
+        bytes[start_of(3) + 2] ^= 0x10;
+        std::fs::write(&segment, &bytes).unwrap();
+
+        let (spool, recovery) = Spool::open(dir.path(), SpoolConfig::default()).unwrap();
+        assert_eq!(recovery.lost_records(), 2, "{recovery}");
+        assert_eq!(lost_kinds(&recovery), "svid_issued: 1, unknown: 1");
+        let kept: Vec<u64> = spool
+            .read_unacked(0, 10, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(kept, [1, 3, 5]);
+    }
+
+    fn find(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap()
+    }
+
+    fn new_id() -> String {
+        model::new_event_id()
     }
 
     #[test]

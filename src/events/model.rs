@@ -290,7 +290,8 @@ pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> ser
     if kind == EventKind::SvidRevoked {
         value["reason"] = reason_name(event.reason()).into();
     }
-    if kind == EventKind::SvidUsed {
+    // Refusals carry a count when the standalone recorder aggregated them.
+    if kind == EventKind::SvidUsed || (kind == EventKind::AttestationDenied && event.count > 0) {
         value["first_ms"] = event.first_ms.into();
         value["last_ms"] = event.last_ms.into();
         value["count"] = event.count.into();

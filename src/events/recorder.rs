@@ -2,16 +2,22 @@
 //! into events and hands them to a [`EventLog`]: the durable spool in server mode (uploaded by
 //! the server link), a JSON-lines audit log in standalone mode.
 //!
-//! Issuance and revocation events are critical: when one cannot be written, the recorder says
-//! so, and issuance does not proceed. Deliveries are aggregated per SVID and caller over a short
-//! window, so that a busy workload produces one `svid_used` event per window, not one per call.
+//! Issuance and revocation events are critical: when the spool cannot take one, the recorder
+//! says so, and issuance does not proceed. Deliveries are aggregated per SVID and caller over a
+//! short window, so that a busy workload produces one `svid_used` event per window, not one per
+//! call. With the audit log, refusals are aggregated the same way per caller: any local user can
+//! cause them at will.
+//!
+//! The standalone audit log is bounded: it is rotated at a size and only so many rotated files
+//! are kept. A write it cannot make (a full disk) is logged and counted, and issuance goes on: a
+//! local audit trail that cannot be written must not stop every workload.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use super::model::{caller_of, kind_name, new_event_id, now_ms};
@@ -38,54 +44,179 @@ pub trait EventLog: Send + Sync {
     fn append(&self, critical: bool, event: &Event) -> Result<(), String>;
     /// Makes everything appended so far durable.
     fn sync(&self) -> Result<(), String>;
+    /// Whether an issuance must be refused when its event cannot be written (the spool, which
+    /// the server's inventory depends on); the standalone audit log says no.
+    fn required(&self) -> bool {
+        true
+    }
+}
+
+/// How the standalone audit log is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditLimits {
+    /// The log is rotated when a line would take it past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1` the newest); older ones are deleted.
+    pub keep: u32,
+}
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+            keep: 4,
+        }
+    }
 }
 
 /// Events as JSON lines in a file (standalone mode's audit log). Lines are written whole at
 /// once and synced to disk by [`EventLog::sync`] (called on an interval by the recorder's
-/// flusher).
+/// flusher). The file is rotated at [`AuditLimits::max_bytes`]: `audit.jsonl` becomes
+/// `audit.jsonl.1`, that one `.2`, and so on up to [`AuditLimits::keep`].
 pub struct AuditLog {
-    /// The file, opened for appending; one writer at a time.
-    file: Mutex<File>,
-    /// A second handle on the same file, for fsync without holding up writers.
-    sync_handle: File,
+    /// The file being written, one writer at a time.
+    current: Mutex<AuditFile>,
+    /// A handle on the current file for fsync without holding up writers; replaced at rotation.
+    sync_handle: Mutex<Arc<File>>,
     /// Its path, for messages.
     path: PathBuf,
+    limits: AuditLimits,
+    /// Whether the last write failed, so that a full disk is logged once, not once per event.
+    failing: AtomicBool,
+    /// Writes that failed since open.
+    failed_writes: AtomicU64,
+}
+
+struct AuditFile {
+    file: Arc<File>,
+    /// Bytes of whole lines: where the next line goes, and what a failed write is cut back to.
+    len: u64,
 }
 
 impl AuditLog {
-    /// Opens (creating, 0600) the audit log at `path`.
+    /// Opens (creating, 0600) the audit log at `path`, with the default limits.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
+        Self::open_with(path, AuditLimits::default())
+    }
+
+    /// Opens (creating, 0600) the audit log at `path`, bounded by `limits`.
+    pub fn open_with(path: &Path, limits: AuditLimits) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
+        let file = Arc::new(open_append(path)?);
+        let len = file.metadata()?.len();
         Ok(Self {
-            sync_handle: file.try_clone()?,
-            file: Mutex::new(file),
+            sync_handle: Mutex::new(file.clone()),
+            current: Mutex::new(AuditFile { file, len }),
             path: path.to_path_buf(),
+            limits,
+            failing: AtomicBool::new(false),
+            failed_writes: AtomicU64::new(0),
         })
     }
+
+    /// Writes that failed since open.
+    pub fn failed_writes(&self) -> u64 {
+        self.failed_writes.load(Ordering::Relaxed)
+    }
+
+    /// The path of rotated file `n` (1 is the newest).
+    pub fn rotated_path(&self, n: u32) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{n}"));
+        self.path.with_file_name(name)
+    }
+
+    /// Moves the current file to `.1` (shifting older ones up and deleting the oldest), and
+    /// starts a new one.
+    fn rotate(&self, current: &mut AuditFile) -> std::io::Result<()> {
+        // Whatever was written to the old file stays durable under its new name.
+        current.file.sync_data()?;
+        if self.limits.keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            match std::fs::remove_file(self.rotated_path(self.limits.keep)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            for n in (1..self.limits.keep).rev() {
+                match std::fs::rename(self.rotated_path(n), self.rotated_path(n + 1)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            std::fs::rename(&self.path, self.rotated_path(1))?;
+        }
+        let file = Arc::new(open_append(&self.path)?);
+        crate::durable::sync_parent(&self.path)?;
+        *self.sync_handle.lock().unwrap_or_else(|e| e.into_inner()) = file.clone();
+        *current = AuditFile { file, len: 0 };
+        Ok(())
+    }
+
+    fn write_line(&self, line: &[u8]) -> std::io::Result<()> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.len > 0 && current.len + line.len() as u64 > self.limits.max_bytes {
+            self.rotate(&mut current)?;
+        }
+        if let Err(e) = (&*current.file).write_all(line) {
+            // Part of the line may be in the file: cut it off, so the next line starts whole.
+            let _ = current.file.set_len(current.len);
+            return Err(e);
+        }
+        current.len += line.len() as u64;
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 impl EventLog for AuditLog {
     fn append(&self, _critical: bool, event: &Event) -> Result<(), String> {
         let mut line = super::model::to_json(event, None, None).to_string();
         line.push('\n');
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(line.as_bytes())
-            .map_err(|e| format!("{}: {e}", self.path.display()))
+        match self.write_line(line.as_bytes()) {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(file = %self.path.display(), failed_writes = self.failed_writes(),
+                        "the audit log can be written again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.failed_writes.fetch_add(1, Ordering::Relaxed);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(file = %self.path.display(), error = %e,
+                        "cannot write the audit log; events go unrecorded (counted in tessera_events_not_recorded_total) until it can be written again, identities are still issued");
+                }
+                Err(format!("{}: {e}", self.path.display()))
+            }
+        }
     }
 
     fn sync(&self) -> Result<(), String> {
         // An fsync can take milliseconds; appends (on the issuance path) must not wait for it.
-        self.sync_handle
-            .sync_data()
+        let file = self
+            .sync_handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        file.sync_data()
             .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    fn required(&self) -> bool {
+        false
     }
 }
 
@@ -106,6 +237,19 @@ struct UseKey {
     exe_path: String,
 }
 
+/// Refusals of one caller, for one reason, being counted.
+#[derive(Hash, PartialEq, Eq, Clone)]
+struct DenialKey {
+    /// pid, uid, gid and executable path; `None` when the caller could not be identified.
+    caller: Option<(i32, u32, u32, String)>,
+    detail: String,
+}
+
+/// Most callers whose refusals are counted apart in one window; beyond it, further callers are
+/// counted together per uid and gid (pid 0, no executable), so that many short-lived processes
+/// cannot grow the table either.
+const MAX_DENIAL_KEYS: usize = 1024;
+
 /// Turns credential happenings into events. One per agent, shared by the cache, the Workload
 /// API service and the server link.
 pub struct Recorder {
@@ -117,8 +261,11 @@ pub struct Recorder {
     log: Box<dyn EventLog>,
     /// Deliveries counted since their window opened.
     uses: Mutex<HashMap<UseKey, Uses>>,
-    /// How long deliveries are counted before they are reported.
+    /// How long deliveries (and refusals, when aggregated) are counted before they are
+    /// reported.
     use_window: Duration,
+    /// Refusals counted since their window opened; `None`: each refusal is its own event.
+    denials: Option<Mutex<HashMap<DenialKey, Uses>>>,
     /// Events written, by kind number.
     recorded: [AtomicU64; KINDS],
     /// Events that could not be written, by kind number.
@@ -145,6 +292,7 @@ impl Recorder {
             log,
             uses: Mutex::new(HashMap::new()),
             use_window: Duration::from_secs(10),
+            denials: None,
             recorded: Default::default(),
             failed: Default::default(),
         }
@@ -182,6 +330,14 @@ impl Recorder {
     /// Counts deliveries over `window` instead.
     pub fn with_use_window(mut self, window: Duration) -> Self {
         self.use_window = window;
+        self
+    }
+
+    /// Counts refusals per caller and reason over the use window, reported as one
+    /// `attestation_denied` event with a count, first and last time (as deliveries are), instead
+    /// of one event per refusal.
+    pub fn with_aggregated_denials(mut self) -> Self {
+        self.denials = Some(Mutex::new(HashMap::new()));
         self
     }
 
@@ -224,10 +380,15 @@ impl Recorder {
     ) -> Result<(), RecordError> {
         let mut event = self.svid_event(EventKind::SvidIssued, entry, svid);
         event.caller = caller.map(caller_of);
-        self.write(true, &event).map_err(|reason| RecordError {
-            kind: "svid_issued",
-            reason,
-        })
+        match self.write(true, &event) {
+            Ok(()) => Ok(()),
+            // Logged and counted by the log and in `failed`; the issuance goes on.
+            Err(_) if !self.log.required() => Ok(()),
+            Err(reason) => Err(RecordError {
+                kind: "svid_issued",
+                reason,
+            }),
+        }
     }
 
     /// Records that `svid` of `entry` is no longer served, for `reason`. A failure is logged:
@@ -265,14 +426,49 @@ impl Recorder {
         counted.count += 1;
     }
 
-    /// Records a caller that was refused an identity.
+    /// Records a caller that was refused an identity (counted, when refusals are aggregated).
     pub fn denied(&self, caller: Option<&CallerFacts>, detail: &str) {
-        let mut event = self.event(EventKind::AttestationDenied);
-        event.caller = caller.map(caller_of);
-        event.detail = detail.to_owned();
-        if let Err(e) = self.write(false, &event) {
-            tracing::debug!(error = %e, "attestation-denied event dropped");
+        let Some(denials) = &self.denials else {
+            let mut event = self.event(EventKind::AttestationDenied);
+            event.caller = caller.map(caller_of);
+            event.detail = detail.to_owned();
+            if let Err(e) = self.write(false, &event) {
+                tracing::debug!(error = %e, "attestation-denied event dropped");
+            }
+            return;
+        };
+        let now = now_ms();
+        let mut key = DenialKey {
+            caller: caller.map(|c| (c.pid, c.uid, c.gid, c.exe_path.clone())),
+            detail: detail.to_owned(),
+        };
+        let mut denials = denials.lock().unwrap_or_else(|e| e.into_inner());
+        if denials.len() >= MAX_DENIAL_KEYS
+            && !denials.contains_key(&key)
+            && let Some((_, uid, gid, _)) = key.caller
+        {
+            key.caller = Some((0, uid, gid, String::new()));
         }
+        let counted = denials.entry(key).or_insert_with_key(|key| {
+            let mut event = self.event(EventKind::AttestationDenied);
+            event.caller = caller.map(caller_of);
+            if let (Some(caller), Some((0, ..))) = (&mut event.caller, &key.caller) {
+                // Counted together with other callers of the same user: no one pid or path.
+                caller.pid = 0;
+                caller.exe_path.clear();
+                caller.exe_sha256.clear();
+                caller.unit.clear();
+            }
+            event.detail = detail.to_owned();
+            Uses {
+                event,
+                first_ms: now,
+                last_ms: now,
+                count: 0,
+            }
+        });
+        counted.last_ms = now;
+        counted.count += 1;
     }
 
     /// Reports every delivery count whose window is over (all of them with `all`).
@@ -293,14 +489,26 @@ impl Recorder {
                 .collect();
             keys.iter().filter_map(|k| uses.remove(k)).collect()
         };
-        for counted in due {
+        let denied: Vec<Uses> = match &self.denials {
+            None => Vec::new(),
+            Some(denials) => {
+                let mut denials = denials.lock().unwrap_or_else(|e| e.into_inner());
+                let keys: Vec<DenialKey> = denials
+                    .iter()
+                    .filter(|(_, d)| all || d.first_ms <= cutoff)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                keys.iter().filter_map(|k| denials.remove(k)).collect()
+            }
+        };
+        for counted in due.into_iter().chain(denied) {
             let mut event = counted.event;
             event.first_ms = counted.first_ms;
             event.last_ms = counted.last_ms;
             event.count = counted.count;
             event.time_ms = counted.last_ms;
             if let Err(e) = self.write(false, &event) {
-                tracing::warn!(serial = %event.serial, count = event.count, error = %e, "svid_used event dropped");
+                tracing::warn!(kind = event.kind, serial = %event.serial, count = event.count, error = %e, "aggregated event dropped");
             }
         }
     }
@@ -453,6 +661,137 @@ pub(crate) mod tests {
         log.full.store(true, std::sync::atomic::Ordering::Relaxed);
         let err = recorder.issued(&entry, &svid, None).unwrap_err();
         assert!(err.to_string().contains("svid_issued"), "{err}");
+    }
+
+    #[test]
+    fn refusals_are_aggregated_per_caller_in_a_bounded_table() {
+        let log = Arc::new(MemoryLog::default());
+        let recorder = Recorder::new("td", "n1", Box::new(log.clone())).with_aggregated_denials();
+        for _ in 0..500 {
+            recorder.denied(Some(&caller(10)), "no identity issued");
+        }
+        for _ in 0..3 {
+            recorder.denied(Some(&caller(11)), "no identity issued");
+        }
+        recorder.denied(None, "no peer");
+        recorder.denied(None, "no peer");
+        recorder.flush_uses(false);
+        assert!(log.events.lock().unwrap().is_empty(), "window still open");
+        recorder.flush_uses(true);
+        let counts = |events: &[(bool, Event)]| {
+            let mut counts: Vec<(Option<i32>, u64)> = events
+                .iter()
+                .map(|(critical, e)| {
+                    assert!(!critical);
+                    assert_eq!(e.kind, EventKind::AttestationDenied as i32);
+                    assert!(e.first_ms <= e.last_ms && e.last_ms == e.time_ms);
+                    (e.caller.as_ref().map(|c| c.pid), e.count)
+                })
+                .collect();
+            counts.sort();
+            counts
+        };
+        assert_eq!(
+            counts(&log.events.lock().unwrap()),
+            [(None, 2), (Some(10), 500), (Some(11), 3)]
+        );
+
+        // Callers beyond the table's bound are counted together per user.
+        log.events.lock().unwrap().clear();
+        let extra = 50;
+        for pid in 0..(MAX_DENIAL_KEYS + extra) as i32 {
+            recorder.denied(Some(&caller(1000 + pid)), "no identity issued");
+        }
+        recorder.flush_uses(true);
+        let events = log.events.lock().unwrap();
+        assert_eq!(events.len(), MAX_DENIAL_KEYS + 1);
+        let together: Vec<&Event> = events
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.caller.as_ref().unwrap().pid == 0)
+            .collect();
+        assert_eq!(together.len(), 1);
+        assert_eq!(together[0].count, extra as u64);
+        assert_eq!(together[0].caller.as_ref().unwrap().uid, 1);
+        assert!(together[0].caller.as_ref().unwrap().exe_path.is_empty());
+    }
+
+    #[test]
+    fn without_aggregation_each_refusal_is_an_event() {
+        let (recorder, log) = memory_recorder();
+        recorder.denied(Some(&caller(10)), "no identity issued");
+        recorder.denied(Some(&caller(10)), "no identity issued");
+        assert_eq!(log.events.lock().unwrap().len(), 2);
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_audit_log_is_rotated_at_its_size_and_keeps_so_many_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let limits = AuditLimits {
+            max_bytes: 4096,
+            keep: 2,
+        };
+        let log = AuditLog::open_with(&path, limits).unwrap();
+        let recorder = Recorder::new("td", "standalone", Box::new(log));
+        let (entry, svid) = svid();
+        for pid in 0..200 {
+            recorder.issued(&entry, &svid, Some(&caller(pid))).unwrap();
+        }
+        recorder.sync();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]);
+        let mut pids = Vec::new();
+        for name in names.iter().rev() {
+            let file = dir.path().join(name);
+            assert!(std::fs::metadata(&file).unwrap().len() <= limits.max_bytes);
+            pids.extend(
+                lines(&file)
+                    .iter()
+                    .map(|l| l["caller"]["pid"].as_i64().unwrap()),
+            );
+        }
+        // The newest events, in order, and nothing older than the kept files hold.
+        assert!(pids.len() < 200);
+        let newest: Vec<i64> = (200 - pids.len() as i64..200).collect();
+        assert_eq!(pids, newest);
+
+        // Reopened, the log goes on from the size it has.
+        let log = AuditLog::open_with(&path, limits).unwrap();
+        let before = lines(&path).len();
+        let recorder = Recorder::new("td", "standalone", Box::new(log));
+        recorder.issued(&entry, &svid, Some(&caller(7))).unwrap();
+        let after = lines(&path).len();
+        assert!(after == before + 1 || after == 1, "{before} then {after}");
+        assert!(std::fs::metadata(&path).unwrap().len() <= limits.max_bytes);
+    }
+
+    #[test]
+    fn a_full_disk_is_counted_and_never_refuses_an_issuance() {
+        // /dev/full answers every write with ENOSPC, as a full file system does.
+        let log = AuditLog::open(Path::new("/dev/full")).unwrap();
+        let recorder = Recorder::new("td", "standalone", Box::new(log));
+        let (entry, svid) = svid();
+        for pid in 0..3 {
+            recorder.issued(&entry, &svid, Some(&caller(pid))).unwrap();
+        }
+        recorder.denied(Some(&caller(4)), "no identity issued");
+        let failed = recorder.counters().failed;
+        assert!(failed.contains(&("svid_issued", 3)), "{failed:?}");
+        assert!(failed.contains(&("attestation_denied", 1)), "{failed:?}");
+        assert!(recorder.counters().recorded.iter().all(|(_, n)| *n == 0));
     }
 
     #[test]

@@ -46,14 +46,39 @@
 //! # Recovery at open
 //!
 //! Every segment is read and every record checked (magic, length, checksum, class, sequence).
-//! Reading a segment stops at its first bad record: the length of a damaged record cannot be
-//! trusted, so nothing after it can be found reliably. In the newest segment this is the normal
-//! result of a crash in the middle of a write: the file is truncated to its good prefix and new
-//! records follow it. In an older segment the file is left as it is (the evidence stays) and the
-//! rest of it is skipped; it is deleted once acknowledgements move past it. Each damaged segment
-//! is reported in [`Recovery`] with the bytes lost and, when the next segment tells, the number
-//! of records. A cursor file that cannot be read counts as zero: records are then sent again,
-//! never skipped.
+//! A bad record does not end the segment: recovery skips the damaged stretch and goes on with
+//! the next intact record after it, so that one flipped byte costs one record, not everything
+//! after it. The damaged stretch is reported in [`Recovery`] with the bytes and, where the
+//! numbers around it tell, the records lost, and the lost record itself when its header still
+//! describes it (so the caller can say what kind of event it was). Damage that runs to the end
+//! of the newest segment is the normal result of a crash in the middle of a write: the file is
+//! truncated after its last intact record and new records follow. Damage elsewhere is left on
+//! disk as it is (the evidence stays); the segment is deleted once acknowledgements move past
+//! it. A cursor file that cannot be read counts as zero: records are then sent again, never
+//! skipped.
+//!
+//! ## Finding the next record after damage
+//!
+//! The length of a damaged record cannot be trusted, so recovery looks for the next record at
+//! every later offset and takes the first offset where a whole record checks out: the magic, a
+//! length within [`MAX_PAYLOAD`] that fits in the file, a known class, a sequence number in the
+//! only range an honest record there could have, and the CRC-32C over header and payload. That
+//! range is narrow: the record must come after every record already kept (at least the number
+//! that was due at the damage), and every record skipped takes at least [`HEADER_LEN`] bytes, so
+//! its number can be at most one per [`HEADER_LEN`] bytes skipped beyond the number due (and
+//! below the next segment's first number). Why payload bytes are not taken for a record:
+//!
+//! - by accident: bytes that are not a record pass the magic (1 in 256), the class (1 in 128),
+//!   the length (1 in 4,096) and the sequence range (for arbitrary bytes, next to none) and then
+//!   a 32-bit checksum over everything they claim to hold: less than one offset in 2^59 even
+//!   before the sequence range is counted, where a damaged stretch is a few hundred offsets;
+//! - on purpose: payloads are events the agent encodes. What a local user controls in them
+//!   (executable paths, unit names, error details made from them) is text that cannot hold a
+//!   zero byte, and every header holds several: the length's top byte (a payload is at most
+//!   1 MiB) and the sequence number's top bytes.
+//!
+//! And a record that is found was written by the spool: records are never rewritten in place,
+//! so an intact record is what was appended, whatever happened around it.
 //!
 //! # When the bound or the disk is full
 //!
@@ -70,7 +95,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::{self, BufReader, Read, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,6 +119,7 @@ const CHECKED_HEADER: usize = 14;
 const SEGMENT_PREFIX: &str = "spool-";
 const SEGMENT_SUFFIX: &str = ".log";
 const CURSOR_FILE: &str = "acked";
+/// What [`crate::durable::write_atomically`] leaves if a crash interrupts it.
 const CURSOR_TMP: &str = "acked.tmp";
 const CURSOR_MAGIC: &[u8; 4] = b"TSAC";
 const CURSOR_LEN: usize = 16;
@@ -236,7 +262,7 @@ fn io_error(op: &'static str, path: &Path, source: io::Error) -> SpoolError {
     }
 }
 
-/// What was wrong with the first bad record of a segment.
+/// What was wrong with a bad record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Damage {
     /// The file ends inside a record header.
@@ -281,36 +307,49 @@ impl fmt::Display for Damage {
     }
 }
 
-/// A segment found damaged at open, and what was lost.
+/// A lost record as its damaged header still describes it: kept when the header's length runs
+/// exactly to the next intact record, so the damage is most likely in the payload or the
+/// checksum, and the class and payload are probably what was written (but unverified).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DamagedSegment {
+pub struct LostRecord {
+    /// The class byte, if it names a class.
+    pub class: Option<Class>,
+    /// The payload bytes, unverified.
+    pub payload: Vec<u8>,
+}
+
+/// A damaged stretch of a segment found at open, and what was lost in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedRange {
     /// The segment file.
     pub path: PathBuf,
-    /// What was wrong with its first bad record.
+    /// What was wrong with the record at `offset`.
     pub damage: Damage,
-    /// Intact records before the damage (kept).
-    pub good_records: u64,
-    /// Bytes of those records; the damage starts at this offset.
-    pub good_bytes: u64,
-    /// Bytes from the damage to the end of the file: lost.
+    /// Where the damage starts: the end of the last intact record before it.
+    pub offset: u64,
+    /// Bytes from `offset` to the next intact record (or the end of the file): lost.
     pub lost_bytes: u64,
     /// The sequence number of the first lost record.
     pub first_lost_seq: u64,
-    /// How many records were lost, when the next segment's first number tells (not for the newest
-    /// segment, where at least one was).
+    /// How many records were lost, when the numbers around the damage tell: the next intact
+    /// record, or the next segment's first number. Not for damage at the end of the newest
+    /// segment (a write cut short by a crash), where at least one was.
     pub lost_records: Option<u64>,
-    /// Whether the file was truncated to its good prefix (the newest segment) or left as it was.
+    /// The one record lost, as its header described it, when that can be trusted that far.
+    pub lost_record: Option<LostRecord>,
+    /// Whether the damage ran to the end of the newest segment and was cut off; otherwise the
+    /// bytes are left on disk and skipped.
     pub truncated: bool,
 }
 
-impl fmt::Display for DamagedSegment {
+impl fmt::Display for DamagedRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{}: {} at byte {}: {} bytes lost from sequence number {}",
             self.path.display(),
             self.damage,
-            self.good_bytes,
+            self.offset,
             self.lost_bytes,
             self.first_lost_seq
         )?;
@@ -320,7 +359,7 @@ impl fmt::Display for DamagedSegment {
         f.write_str(if self.truncated {
             "; truncated"
         } else {
-            "; rest of the segment skipped"
+            "; skipped"
         })
     }
 }
@@ -334,8 +373,10 @@ pub struct Recovery {
     pub pending_records: u64,
     /// The acknowledged cursor.
     pub acked: u64,
-    /// Damaged segments and what was lost in each.
-    pub damaged: Vec<DamagedSegment>,
+    /// Damaged stretches and what was lost in each, in file order.
+    pub damaged: Vec<DamagedRange>,
+    /// Intact records found after a damaged stretch in the same segment, and kept.
+    pub recovered_after_damage: u64,
     /// Fully acknowledged segments (or empty ones) deleted: a crash between writing the cursor
     /// and deleting them, or between creating a segment and writing to it.
     pub removed_segments: usize,
@@ -353,6 +394,15 @@ impl Recovery {
         self.damaged.iter().map(|d| d.lost_bytes).sum()
     }
 
+    /// Records known to be lost to damage (a write cut short at the end of the newest segment
+    /// counts as one).
+    pub fn lost_records(&self) -> u64 {
+        self.damaged
+            .iter()
+            .map(|d| d.lost_records.unwrap_or(1))
+            .sum()
+    }
+
     /// Whether nothing was damaged.
     pub fn is_clean(&self) -> bool {
         self.damaged.is_empty() && self.cursor_reset.is_none()
@@ -367,7 +417,12 @@ impl fmt::Display for Recovery {
             self.segments, self.pending_records, self.acked
         )?;
         if !self.damaged.is_empty() {
-            write!(f, "; {} bytes lost", self.lost_bytes())?;
+            write!(
+                f,
+                "; {} bytes lost, {} intact records after damage kept",
+                self.lost_bytes(),
+                self.recovered_after_damage
+            )?;
             for damaged in &self.damaged {
                 write!(f, "; {damaged}")?;
             }
@@ -466,8 +521,12 @@ struct Segment {
     /// The open file: written by appends (the active segment), read for upload. Shared with
     /// reads in progress, which may outlive the segment's deletion.
     file: Arc<File>,
-    /// Where each intact record starts; record `i` has number `first_seq + i`.
+    /// Where each intact record starts. A record runs to the next one's start (or `len`): bytes
+    /// of a damaged stretch after it are read with it and ignored.
     offsets: Vec<u64>,
+    /// The number of each intact record, when recovery skipped damage in this segment; `None`
+    /// when record `i` has number `first_seq + i`, as in every segment without damage.
+    seqs: Option<Vec<u64>>,
     /// Bytes of intact records: where the next record goes.
     len: u64,
     /// Bytes the file takes on disk (more than `len` for an older segment with a damaged tail).
@@ -475,14 +534,42 @@ struct Segment {
 }
 
 impl Segment {
+    /// The number of record `index`.
+    fn seq_at(&self, index: usize) -> u64 {
+        match &self.seqs {
+            Some(seqs) => seqs[index],
+            None => self.first_seq + index as u64,
+        }
+    }
+
     /// The number of the last intact record, or `first_seq - 1` if there is none.
     fn last_seq(&self) -> u64 {
-        self.first_seq + self.offsets.len() as u64 - 1
+        match self.offsets.len() {
+            0 => self.first_seq - 1,
+            n => self.seq_at(n - 1),
+        }
+    }
+
+    /// The index of the first record numbered above `seq` (`offsets.len()` if none is).
+    fn index_after(&self, seq: u64) -> usize {
+        match &self.seqs {
+            Some(seqs) => seqs.partition_point(|&s| s <= seq),
+            None => (seq.saturating_add(1).saturating_sub(self.first_seq))
+                .min(self.offsets.len() as u64) as usize,
+        }
     }
 
     /// Where record `index` ends.
     fn end_of(&self, index: usize) -> u64 {
         self.offsets.get(index + 1).copied().unwrap_or(self.len)
+    }
+
+    /// Indexes a record just written at the end.
+    fn push(&mut self, offset: u64, seq: u64) {
+        self.offsets.push(offset);
+        if let Some(seqs) = &mut self.seqs {
+            seqs.push(seq);
+        }
     }
 }
 
@@ -540,23 +627,23 @@ impl Spool {
             let scan = scan_segment(&file, *first_seq, next_first)
                 .map_err(|e| io_error("read", path, e))?;
             let mut disk_len = scan.file_len;
-            if let Some(damage) = scan.damage {
-                let first_lost_seq = first_seq + scan.offsets.len() as u64;
-                if newest {
-                    file.set_len(scan.good_len)
-                        .map_err(|e| io_error("truncate", path, e))?;
-                    disk_len = scan.good_len;
+            let truncate = newest && scan.good_len < scan.file_len;
+            if truncate {
+                file.set_len(scan.good_len)
+                    .map_err(|e| io_error("truncate", path, e))?;
+                disk_len = scan.good_len;
+            }
+            recovery.recovered_after_damage += scan.recovered_after_damage;
+            for mut damaged in scan.damaged {
+                damaged.path = path.clone();
+                if damaged.lost_records.is_none() {
+                    // Damage at the end of an older segment: the next one's first number tells.
+                    damaged.lost_records =
+                        next_first.map(|next| next.saturating_sub(damaged.first_lost_seq));
                 }
-                recovery.damaged.push(DamagedSegment {
-                    path: path.clone(),
-                    damage,
-                    good_records: scan.offsets.len() as u64,
-                    good_bytes: scan.good_len,
-                    lost_bytes: scan.file_len - scan.good_len,
-                    first_lost_seq,
-                    lost_records: next_first.map(|next| next.saturating_sub(first_lost_seq)),
-                    truncated: newest,
-                });
+                damaged.truncated =
+                    truncate && damaged.offset + damaged.lost_bytes == scan.file_len;
+                recovery.damaged.push(damaged);
             }
             // What was fsynced before a crash is on disk, but what a killed process wrote may
             // still be only in the page cache: sync it, so that durable_seq means what it says.
@@ -566,6 +653,7 @@ impl Spool {
                 first_seq: *first_seq,
                 file: Arc::new(file),
                 offsets: scan.offsets,
+                seqs: scan.seqs,
                 len: scan.good_len,
                 disk_len,
             };
@@ -589,7 +677,7 @@ impl Spool {
         let mut state = State {
             sealed: found.into(),
             active,
-            next_seq: highest + 1,
+            next_seq: highest.saturating_add(1),
             acked,
             disk_bytes: 0,
             unsynced: Vec::new(),
@@ -719,7 +807,7 @@ impl Spool {
             }
             return Err(io_error("write", &active.path, e));
         }
-        active.offsets.push(active.len);
+        active.push(active.len, seq);
         active.len += size;
         active.disk_len = active.len;
         state.disk_bytes += size;
@@ -800,27 +888,29 @@ impl Spool {
         struct Chunk {
             file: Arc<File>,
             path: Arc<Path>,
-            first_seq: u64,
+            /// The numbers of the records to read.
+            seqs: Vec<u64>,
             /// Offsets of the records to read, then where the last one ends.
             bounds: Vec<u64>,
         }
         let mut plan: Vec<Chunk> = Vec::new();
         {
             let state = self.lock_state();
-            let from = after.max(state.acked) + 1;
+            let after = after.max(state.acked);
             let mut records = 0usize;
             let mut bytes = 0usize;
             'segments: for segment in state.segments() {
-                if segment.last_seq() < from || segment.offsets.is_empty() {
+                if segment.last_seq() <= after || segment.offsets.is_empty() {
                     continue;
                 }
-                let start = from.saturating_sub(segment.first_seq) as usize;
+                let start = segment.index_after(after);
                 let mut bounds = Vec::new();
+                let mut seqs = Vec::new();
                 let mut stop = false;
                 for index in start..segment.offsets.len() {
                     let offset = segment.offsets[index];
                     let end = segment.end_of(index);
-                    let payload = (end - offset) as usize - HEADER_LEN;
+                    let payload = ((end - offset) as usize).saturating_sub(HEADER_LEN);
                     if records == max_records || (records > 0 && bytes + payload > max_bytes) {
                         stop = true;
                         break;
@@ -829,14 +919,15 @@ impl Spool {
                         bounds.push(offset);
                     }
                     bounds.push(end);
+                    seqs.push(segment.seq_at(index));
                     records += 1;
                     bytes += payload;
                 }
-                if bounds.len() > 1 {
+                if !seqs.is_empty() {
                     plan.push(Chunk {
                         file: segment.file.clone(),
                         path: segment.path.clone(),
-                        first_seq: segment.first_seq + start as u64,
+                        seqs,
                         bounds,
                     });
                 }
@@ -856,8 +947,7 @@ impl Spool {
                 .file
                 .read_exact_at(&mut bytes, start)
                 .map_err(|e| io_error("read", &chunk.path, e))?;
-            for (i, pair) in chunk.bounds.windows(2).enumerate() {
-                let seq = chunk.first_seq + i as u64;
+            for (pair, &seq) in chunk.bounds.windows(2).zip(&chunk.seqs) {
                 let record = &bytes[(pair[0] - start) as usize..(pair[1] - start) as usize];
                 match decode_record(record, seq) {
                     Some((class, payload)) => out.push((seq, class, payload.to_vec())),
@@ -965,6 +1055,7 @@ impl Spool {
             first_seq,
             file: Arc::new(file),
             offsets: Vec::new(),
+            seqs: None,
             len: 0,
             disk_len: 0,
         })
@@ -984,7 +1075,7 @@ impl State {
             if segment.last_seq() <= self.acked || segment.offsets.is_empty() {
                 continue;
             }
-            let start = self.acked.saturating_sub(segment.first_seq - 1) as usize;
+            let start = segment.index_after(self.acked);
             records += (segment.offsets.len() - start) as u64;
             bytes += segment.len - segment.offsets[start];
         }
@@ -1143,20 +1234,9 @@ fn write_cursor(dir: &Path, acked: u64) -> Result<(), SpoolError> {
     bytes[4..12].copy_from_slice(&acked.to_le_bytes());
     let crc = crc32c(&[&bytes[..12]]);
     bytes[12..].copy_from_slice(&crc.to_le_bytes());
-    let tmp = dir.join(CURSOR_TMP);
     let path = dir.join(CURSOR_FILE);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io_error("create", &tmp, e))?;
-    file.write_all(&bytes)
-        .map_err(|e| io_error("write", &tmp, e))?;
-    file.sync_all().map_err(|e| io_error("fsync", &tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| io_error("rename", &path, e))?;
-    sync_dir(dir)
+    crate::durable::write_atomically(&path, &bytes, 0o600)
+        .map_err(|e| io_error("replace", &path, e))
 }
 
 /// Encodes a record into `buf` (cleared first).
@@ -1212,12 +1292,13 @@ impl Header {
     }
 }
 
-/// Checks one whole record, read back for upload, against the number the index gives it.
+/// Checks one whole record, read back for upload, against the number the index gives it. The
+/// bytes may run on past the record (into a damaged stretch recovery skipped), never short.
 fn decode_record(record: &[u8], seq: u64) -> Option<(Class, &[u8])> {
-    let (header_bytes, payload) = record.split_first_chunk::<HEADER_LEN>()?;
+    let (header_bytes, rest) = record.split_first_chunk::<HEADER_LEN>()?;
     let header = Header::parse(header_bytes);
+    let payload = rest.get(..header.len as usize)?;
     let valid = header.magic == RECORD_MAGIC
-        && header.len as usize == payload.len()
         && header.seq == seq
         && crc32c(&[&header_bytes[..CHECKED_HEADER], payload]) == header.crc;
     if !valid {
@@ -1228,67 +1309,220 @@ fn decode_record(record: &[u8], seq: u64) -> Option<(Class, &[u8])> {
 
 /// What reading a segment at open found.
 struct Scan {
+    /// Where each intact record starts.
     offsets: Vec<u64>,
+    /// Their numbers, if damage made them jump; see [`Segment::seqs`].
+    seqs: Option<Vec<u64>>,
+    /// The end of the last intact record.
     good_len: u64,
     file_len: u64,
-    damage: Option<Damage>,
+    /// Damaged stretches, in file order (`path` left empty, `lost_records` unknown for one at
+    /// the end of the file, `truncated` false: the caller knows the rest).
+    damaged: Vec<DamagedRange>,
+    /// Intact records found after a damaged stretch.
+    recovered_after_damage: u64,
 }
 
-/// Reads a segment record by record up to its end or its first bad record. `limit_seq` is the
-/// next segment's first number: no record here may reach it.
+/// A file read through a window of its bytes, so that recovery can look at every offset of a
+/// damaged stretch without a system call per byte.
+struct Window<'a> {
+    file: &'a File,
+    file_len: u64,
+    /// The file offset of `buf[0]`.
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a> Window<'a> {
+    /// Bytes read at once (more when one record needs more).
+    const SIZE: usize = 256 << 10;
+
+    fn new(file: &'a File, file_len: u64) -> Self {
+        Window {
+            file,
+            file_len,
+            start: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    /// `len` bytes at `offset`; the caller has checked that they are within the file.
+    fn get(&mut self, offset: u64, len: usize) -> io::Result<&[u8]> {
+        let end = offset + len as u64;
+        if offset < self.start || end > self.start + self.buf.len() as u64 {
+            let size = (len.max(Self::SIZE) as u64).min(self.file_len - offset) as usize;
+            self.buf.resize(size, 0);
+            self.file.read_exact_at(&mut self.buf, offset)?;
+            self.start = offset;
+        }
+        let from = (offset - self.start) as usize;
+        Ok(&self.buf[from..from + len])
+    }
+}
+
+/// Checks the record at `pos` (with `pos < file_len`) in everything but its sequence number:
+/// its header, or what is wrong with it.
+fn check_record(window: &mut Window<'_>, pos: u64) -> io::Result<Result<Header, Damage>> {
+    let left = window.file_len - pos;
+    if left < HEADER_LEN as u64 {
+        return Ok(Err(Damage::ShortHeader));
+    }
+    let mut header_bytes = [0u8; HEADER_LEN];
+    header_bytes.copy_from_slice(window.get(pos, HEADER_LEN)?);
+    let header = Header::parse(&header_bytes);
+    if header.magic != RECORD_MAGIC {
+        return Ok(Err(Damage::BadMagic(header.magic)));
+    }
+    if header.len as usize > MAX_PAYLOAD {
+        return Ok(Err(Damage::BadLength(header.len)));
+    }
+    if left - (HEADER_LEN as u64) < u64::from(header.len) {
+        return Ok(Err(Damage::ShortPayload {
+            expected: header.len,
+        }));
+    }
+    let payload = window.get(pos + HEADER_LEN as u64, header.len as usize)?;
+    if crc32c(&[&header_bytes[..CHECKED_HEADER], payload]) != header.crc {
+        return Ok(Err(Damage::ChecksumMismatch));
+    }
+    if Class::from_byte(header.class).is_none() {
+        return Ok(Err(Damage::BadClass(header.class)));
+    }
+    Ok(Ok(header))
+}
+
+/// Whether an intact record numbered `seq`, found `skipped` bytes after a damaged stretch began,
+/// can be an honest one: due at least, at most one number further per [`HEADER_LEN`] bytes
+/// skipped (every lost record took that much), and below the next segment's first number.
+fn plausible_seq(seq: u64, due: u64, skipped: u64, limit_seq: Option<u64>) -> bool {
+    seq >= due && seq - due <= skipped / HEADER_LEN as u64 && below(seq, limit_seq)
+}
+
+/// Whether `seq` is below the next segment's first number, and leaves a number for the next
+/// record (no honest spool gets near 2^64 records; a crafted one must not overflow).
+fn below(seq: u64, limit_seq: Option<u64>) -> bool {
+    seq < limit_seq.unwrap_or(u64::MAX)
+}
+
+/// The first intact record at or after `from` whose number fits a damaged stretch that began at
+/// `damage_at` where `due` was the next number (see the module documentation).
+fn resynchronise(
+    window: &mut Window<'_>,
+    from: u64,
+    damage_at: u64,
+    due: u64,
+    limit_seq: Option<u64>,
+) -> io::Result<Option<(u64, Header)>> {
+    let mut candidate = from;
+    while candidate + HEADER_LEN as u64 <= window.file_len {
+        let span = ((window.file_len - candidate) as usize).min(Window::SIZE);
+        let bytes = window.get(candidate, span)?;
+        let Some(at) = bytes.iter().position(|&b| b == RECORD_MAGIC) else {
+            candidate += span as u64;
+            continue;
+        };
+        candidate += at as u64;
+        if candidate + HEADER_LEN as u64 > window.file_len {
+            break;
+        }
+        if let Ok(header) = check_record(window, candidate)?
+            && plausible_seq(header.seq, due, candidate - damage_at, limit_seq)
+        {
+            return Ok(Some((candidate, header)));
+        }
+        candidate += 1;
+    }
+    Ok(None)
+}
+
+/// Reads a segment record by record, skipping damaged stretches (see the module
+/// documentation). `limit_seq` is the next segment's first number: no record here may reach
+/// it. Never panics, whatever the file holds.
 fn scan_segment(file: &File, first_seq: u64, limit_seq: Option<u64>) -> io::Result<Scan> {
     let file_len = file.metadata()?.len();
-    let mut reader = BufReader::with_capacity(256 << 10, file);
+    let mut window = Window::new(file, file_len);
     let mut offsets = Vec::new();
+    let mut seqs = Vec::new();
+    let mut jumped = false;
+    let mut damaged = Vec::new();
+    let mut recovered_after_damage = 0;
     let mut pos = 0u64;
+    let mut good_len = 0u64;
     let mut expected = first_seq;
-    let mut payload = Vec::new();
-    let damage = loop {
-        let left = file_len - pos;
-        if left == 0 {
-            break None;
-        }
-        if left < HEADER_LEN as u64 {
-            break Some(Damage::ShortHeader);
-        }
-        let mut header_bytes = [0u8; HEADER_LEN];
-        reader.read_exact(&mut header_bytes)?;
-        let header = Header::parse(&header_bytes);
-        if header.magic != RECORD_MAGIC {
-            break Some(Damage::BadMagic(header.magic));
-        }
-        if header.len as usize > MAX_PAYLOAD {
-            break Some(Damage::BadLength(header.len));
-        }
-        if left - (HEADER_LEN as u64) < u64::from(header.len) {
-            break Some(Damage::ShortPayload {
-                expected: header.len,
-            });
-        }
-        payload.resize(header.len as usize, 0);
-        reader.read_exact(&mut payload)?;
-        if crc32c(&[&header_bytes[..CHECKED_HEADER], &payload]) != header.crc {
-            break Some(Damage::ChecksumMismatch);
-        }
-        if Class::from_byte(header.class).is_none() {
-            break Some(Damage::BadClass(header.class));
-        }
-        if header.seq != expected || limit_seq.is_some_and(|limit| header.seq >= limit) {
-            break Some(Damage::BadSequence {
+    while pos < file_len {
+        let damage = match check_record(&mut window, pos)? {
+            Ok(header) if header.seq == expected && below(header.seq, limit_seq) => {
+                offsets.push(pos);
+                seqs.push(header.seq);
+                if !damaged.is_empty() {
+                    recovered_after_damage += 1;
+                }
+                pos += (HEADER_LEN as u64) + u64::from(header.len);
+                good_len = pos;
+                expected += 1;
+                continue;
+            }
+            Ok(header) => Damage::BadSequence {
                 found: header.seq,
                 expected,
-            });
+            },
+            Err(damage) => damage,
+        };
+        let next = resynchronise(&mut window, pos + 1, pos, expected, limit_seq)?;
+        let end = next.as_ref().map_or(file_len, |(at, _)| *at);
+        let lost_records = next.as_ref().map(|(_, header)| header.seq - expected);
+        damaged.push(DamagedRange {
+            path: PathBuf::new(),
+            damage,
+            offset: pos,
+            lost_bytes: end - pos,
+            first_lost_seq: expected,
+            lost_records,
+            lost_record: lost_record(&mut window, pos, end, lost_records)?,
+            truncated: false,
+        });
+        match next {
+            Some((at, header)) => {
+                jumped |= header.seq != expected;
+                expected = header.seq;
+                pos = at;
+            }
+            None => break,
         }
-        offsets.push(pos);
-        pos += (HEADER_LEN + payload.len()) as u64;
-        expected += 1;
-    };
+    }
     Ok(Scan {
         offsets,
-        good_len: pos,
+        seqs: jumped.then_some(seqs),
+        good_len,
         file_len,
-        damage,
+        damaged,
+        recovered_after_damage,
     })
+}
+
+/// The one record lost between `start` and `end`, as its header describes it, if the header's
+/// length runs exactly to `end`.
+fn lost_record(
+    window: &mut Window<'_>,
+    start: u64,
+    end: u64,
+    lost_records: Option<u64>,
+) -> io::Result<Option<LostRecord>> {
+    if lost_records != Some(1) || end - start < HEADER_LEN as u64 {
+        return Ok(None);
+    }
+    let mut header_bytes = [0u8; HEADER_LEN];
+    header_bytes.copy_from_slice(window.get(start, HEADER_LEN)?);
+    let header = Header::parse(&header_bytes);
+    if header.magic != RECORD_MAGIC || u64::from(header.len) != end - start - HEADER_LEN as u64 {
+        return Ok(None);
+    }
+    Ok(Some(LostRecord {
+        class: Class::from_byte(header.class),
+        payload: window
+            .get(start + HEADER_LEN as u64, header.len as usize)?
+            .to_vec(),
+    }))
 }
 
 /// CRC-32C (Castagnoli) over the concatenation of `parts`.
@@ -1482,8 +1716,9 @@ mod tests {
                     (cut - last_start) as u64,
                     "cut at {cut}"
                 );
-                assert_eq!(damaged.good_records, 2);
+                assert_eq!(damaged.offset, last_start as u64);
                 assert_eq!(damaged.first_lost_seq, 3);
+                assert_eq!(damaged.lost_records, None);
                 assert!(damaged.truncated);
                 assert!(recovery.lost_bytes() > 0);
             }
@@ -1501,7 +1736,7 @@ mod tests {
     }
 
     #[test]
-    fn a_flipped_payload_byte_is_detected() {
+    fn a_flipped_payload_byte_costs_that_record_only() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = open(dir.path(), SpoolConfig::default());
         for i in 1..=3 {
@@ -1516,13 +1751,257 @@ mod tests {
 
         let (spool, recovery) = open(dir.path(), SpoolConfig::default());
         assert_eq!(recovery.damaged.len(), 1);
-        assert_eq!(recovery.damaged[0].damage, Damage::ChecksumMismatch);
-        assert_eq!(recovery.damaged[0].good_records, 1);
-        assert_eq!(
-            recovery.damaged[0].lost_bytes,
-            (bytes.len() - second) as u64
+        let damaged = &recovery.damaged[0];
+        assert_eq!(damaged.damage, Damage::ChecksumMismatch);
+        assert_eq!(damaged.offset, second as u64);
+        assert_eq!(damaged.lost_bytes, (HEADER_LEN + payload(2).len()) as u64);
+        assert_eq!((damaged.first_lost_seq, damaged.lost_records), (2, Some(1)));
+        assert!(!damaged.truncated);
+        let lost = damaged
+            .lost_record
+            .as_ref()
+            .expect("the header still tells");
+        assert_eq!(lost.class, Some(Class::Critical));
+        assert_eq!(lost.payload.len(), payload(2).len());
+        assert_eq!(recovery.recovered_after_damage, 1);
+        assert_eq!(recovery.lost_records(), 1);
+        let records = read_all(&spool);
+        assert_eq!(seqs(&records), [1, 3]);
+        assert_eq!(records[1].2, payload(3));
+        assert_eq!(spool.append(Class::Critical, b"four").unwrap(), 4);
+        drop(spool);
+        let (spool, _) = open(dir.path(), SpoolConfig::default());
+        assert_eq!(seqs(&read_all(&spool)), [1, 3, 4]);
+    }
+
+    /// A pristine spool of `count` records over several segments, as file names and bytes, and
+    /// each record's segment index, offset, length and payload.
+    fn pristine(count: u64, config: &SpoolConfig) -> (Vec<(PathBuf, Vec<u8>)>, Vec<Placed>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = open(dir.path(), config.clone());
+        for i in 1..=count {
+            let class = if i % 3 == 0 {
+                Class::Droppable
+            } else {
+                Class::Critical
+            };
+            spool.append(class, &payload(i)).unwrap();
+        }
+        drop(spool);
+        let files: Vec<(PathBuf, Vec<u8>)> = segment_files(dir.path())
+            .into_iter()
+            .map(|path| {
+                (
+                    PathBuf::from(path.file_name().unwrap()),
+                    fs::read(&path).unwrap(),
+                )
+            })
+            .collect();
+        let mut placed = Vec::new();
+        let mut seq = 1;
+        for (segment, (_, bytes)) in files.iter().enumerate() {
+            let mut offset = 0;
+            while offset < bytes.len() {
+                let len = HEADER_LEN + payload(seq).len();
+                placed.push(Placed {
+                    seq,
+                    segment,
+                    offset,
+                    len,
+                });
+                offset += len;
+                seq += 1;
+            }
+        }
+        assert_eq!(seq, count + 1);
+        (files, placed)
+    }
+
+    struct Placed {
+        seq: u64,
+        segment: usize,
+        offset: usize,
+        len: usize,
+    }
+
+    /// Writes `files` with the bytes at `flips` (segment, offset, xor mask) changed into a new
+    /// directory, opens it, and checks that exactly the records with no changed byte come back,
+    /// each with its payload. Returns the recovery report.
+    fn open_damaged(
+        files: &[(PathBuf, Vec<u8>)],
+        placed: &[Placed],
+        flips: &[(usize, usize, u8)],
+        config: &SpoolConfig,
+    ) -> Recovery {
+        let dir = tempfile::tempdir().unwrap();
+        for (segment, (name, bytes)) in files.iter().enumerate() {
+            let mut bytes = bytes.clone();
+            for &(s, offset, mask) in flips {
+                if s == segment {
+                    bytes[offset] ^= mask;
+                }
+            }
+            fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let (spool, recovery) = open(dir.path(), config.clone());
+        let touched = |p: &Placed| {
+            flips
+                .iter()
+                .any(|&(s, o, _)| s == p.segment && (p.offset..p.offset + p.len).contains(&o))
+        };
+        let want: Vec<u64> = placed
+            .iter()
+            .filter(|p| !touched(p))
+            .map(|p| p.seq)
+            .collect();
+        let records = read_all(&spool);
+        assert_eq!(seqs(&records), want, "flips {flips:?}: {recovery}");
+        for (seq, _, body) in &records {
+            assert_eq!(*body, payload(*seq), "record {seq}, flips {flips:?}");
+        }
+        let lost = placed.len() - want.len();
+        let last_touched = placed.last().is_some_and(touched);
+        if !last_touched {
+            assert_eq!(
+                recovery.lost_records(),
+                lost as u64,
+                "flips {flips:?}: {recovery}"
+            );
+        }
+        let last = placed.len() as u64;
+        let next = spool.append(Class::Critical, b"after").unwrap();
+        assert!(next > *want.last().unwrap_or(&0) && next <= last + 1);
+        recovery
+    }
+
+    #[test]
+    fn any_one_flipped_byte_costs_only_its_own_record() {
+        let config = SpoolConfig {
+            segment_bytes: 400,
+            ..SpoolConfig::default()
+        };
+        let (files, placed) = pristine(16, &config);
+        assert!(files.len() >= 2, "several segments");
+        for (segment, (_, bytes)) in files.iter().enumerate() {
+            for offset in 0..bytes.len() {
+                for mask in [0x01, 0xff] {
+                    open_damaged(&files, &placed, &[(segment, offset, mask)], &config);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_flipped_byte_in_the_middle_of_846_records_costs_one() {
+        // The case that used to lose everything after the damage: 423 of 846 records here.
+        let config = SpoolConfig::default();
+        let (files, placed) = pristine(846, &config);
+        assert_eq!(files.len(), 1);
+        let middle = &placed[422];
+        let recovery = open_damaged(
+            &files,
+            &placed,
+            &[(0, middle.offset + HEADER_LEN + 3, 0x04)],
+            &config,
         );
-        assert_eq!(seqs(&read_all(&spool)), [1]);
+        assert_eq!(recovery.lost_records(), 1);
+        assert_eq!(recovery.recovered_after_damage, 846 - 423);
+    }
+
+    #[test]
+    fn many_flipped_bytes_cost_only_the_records_they_hit() {
+        let config = SpoolConfig {
+            segment_bytes: 2048,
+            ..SpoolConfig::default()
+        };
+        let (files, placed) = pristine(120, &config);
+        let mut random = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random
+        };
+        for round in 0..300 {
+            let count = 1 + round % 12;
+            let flips: Vec<(usize, usize, u8)> = (0..count)
+                .map(|_| {
+                    let segment = next() as usize % files.len();
+                    let offset = next() as usize % files[segment].1.len();
+                    (segment, offset, (next() % 255 + 1) as u8)
+                })
+                .collect();
+            open_damaged(&files, &placed, &flips, &config);
+        }
+    }
+
+    #[test]
+    fn recovery_never_takes_a_record_inside_another_ones_payload() {
+        // Record 2's payload holds a well-formed record numbered 3; the damage is in record 1.
+        let dir = tempfile::tempdir().unwrap();
+        let mut inner = Vec::new();
+        encode_record(&mut inner, Class::Critical, 3, b"forged");
+        {
+            let (spool, _) = open(dir.path(), SpoolConfig::default());
+            spool.append(Class::Critical, b"first").unwrap();
+            spool.append(Class::Critical, &inner).unwrap();
+            spool.append(Class::Critical, b"third").unwrap();
+        }
+        let [segment] = segment_files(dir.path()).try_into().unwrap();
+        let mut bytes = fs::read(&segment).unwrap();
+        bytes[HEADER_LEN] ^= 0x20;
+        fs::write(&segment, &bytes).unwrap();
+
+        let (spool, recovery) = open(dir.path(), SpoolConfig::default());
+        let records = read_all(&spool);
+        assert_eq!(seqs(&records), [2, 3], "{recovery}");
+        assert_eq!(records[0].2, inner);
+        assert_eq!(records[1].2, b"third");
+    }
+
+    #[test]
+    fn any_file_is_recovered_from_without_a_panic() {
+        let mut random = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random
+        };
+        for round in 0..200u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = Vec::new();
+            let mut record = Vec::new();
+            let pieces = next() % 20;
+            for _ in 0..pieces {
+                match next() % 4 {
+                    // A well-formed record with any number, class byte or length.
+                    0 => {
+                        let body: Vec<u8> = (0..next() % 40).map(|_| next() as u8).collect();
+                        let class = if next() % 2 == 0 {
+                            Class::Critical
+                        } else {
+                            Class::Droppable
+                        };
+                        let seq = [1, 2, next(), u64::MAX][(next() % 4) as usize];
+                        encode_record(&mut record, class, seq, &body);
+                        bytes.extend_from_slice(&record);
+                    }
+                    1 => bytes.extend((0..next() % 64).map(|_| next() as u8)),
+                    2 => bytes.push(RECORD_MAGIC),
+                    _ => bytes.extend_from_slice(&(next() as u32).to_le_bytes()),
+                }
+            }
+            let first = [1, u64::MAX, 1 + next() % 1000][(round % 3) as usize];
+            fs::write(dir.path().join(segment_name(first)), &bytes).unwrap();
+            if round % 2 == 0 {
+                fs::write(dir.path().join(segment_name(first / 2 + 1)), &bytes).unwrap();
+            }
+            if let Ok((spool, _)) = Spool::open(dir.path(), SpoolConfig::default()) {
+                let _ = spool.read_unacked(0, usize::MAX, usize::MAX);
+                let _ = spool.stats();
+            }
+        }
     }
 
     #[test]
@@ -1543,7 +2022,7 @@ mod tests {
             let [segment] = segment_files(dir.path()).try_into().unwrap();
             let good = fs::metadata(&segment).unwrap().len();
             let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
-            file.write_all(&tail).unwrap();
+            io::Write::write_all(&mut file, &tail).unwrap();
             drop(file);
 
             let (spool, recovery) = open(dir.path(), SpoolConfig::default());
@@ -1573,7 +2052,7 @@ mod tests {
     }
 
     #[test]
-    fn damage_in_an_older_segment_skips_the_rest_of_it_only() {
+    fn damage_in_an_older_segment_costs_the_damaged_record_only() {
         let dir = tempfile::tempdir().unwrap();
         let config = SpoolConfig {
             segment_bytes: 3 * (HEADER_LEN as u64 + 8),
@@ -1596,17 +2075,21 @@ mod tests {
             assert_eq!(recovery.damaged.len(), 1, "{recovery}");
             let damaged = &recovery.damaged[0];
             assert_eq!(damaged.path, files[1]);
-            assert_eq!(damaged.good_records, 1);
+            assert_eq!(damaged.offset, HEADER_LEN as u64 + 8);
             assert_eq!(damaged.first_lost_seq, 5);
-            assert_eq!(damaged.lost_records, Some(2));
+            assert_eq!(damaged.lost_records, Some(1));
             assert!(!damaged.truncated);
             assert_eq!(fs::metadata(&files[1]).unwrap().len(), middle_len);
-            assert_eq!(seqs(&read_all(&spool)), [1, 2, 3, 4, 7, 8, 9]);
-            assert_eq!(spool.stats().pending_records, 7);
+            assert_eq!(seqs(&read_all(&spool)), [1, 2, 3, 4, 6, 7, 8, 9]);
+            assert_eq!(spool.stats().pending_records, 8);
+            assert_eq!(spool.read_unacked(4, 1, usize::MAX).unwrap()[0].0, 6);
         }
 
         let (spool, _) = open(dir.path(), config.clone());
         assert_eq!(spool.append(Class::Critical, b"ten").unwrap(), 10);
+        spool.ack(5).unwrap();
+        assert_eq!(seqs(&read_all(&spool)), [6, 7, 8, 9, 10]);
+        assert_eq!(spool.stats().pending_records, 5);
         spool.ack(7).unwrap();
         assert!(
             !files[1].exists(),
@@ -1616,6 +2099,39 @@ mod tests {
         let (spool, recovery) = open(dir.path(), config);
         assert!(recovery.is_clean(), "{recovery}");
         assert_eq!(seqs(&read_all(&spool)), [8, 9, 10]);
+    }
+
+    #[test]
+    fn damage_in_the_middle_of_the_newest_segment_keeps_it_taking_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = open(dir.path(), SpoolConfig::default());
+        for i in 1..=6 {
+            spool.append(Class::Critical, &payload(i)).unwrap();
+        }
+        drop(spool);
+        let [segment] = segment_files(dir.path()).try_into().unwrap();
+        let mut bytes = fs::read(&segment).unwrap();
+        let len = bytes.len() as u64;
+        let third = HEADER_LEN * 2 + payload(1).len() + payload(2).len();
+        bytes[third + 1] ^= 0x40; // the length of record 3
+        fs::write(&segment, &bytes).unwrap();
+
+        let (spool, recovery) = open(dir.path(), SpoolConfig::default());
+        assert_eq!(recovery.damaged[0].lost_records, Some(1), "{recovery}");
+        assert_eq!(recovery.recovered_after_damage, 3);
+        assert_eq!(fs::metadata(&segment).unwrap().len(), len, "nothing cut");
+        assert_eq!(spool.append(Class::Critical, b"seven").unwrap(), 7);
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            1,
+            "the same segment goes on"
+        );
+        assert_eq!(seqs(&read_all(&spool)), [1, 2, 4, 5, 6, 7]);
+        spool.ack(4).unwrap();
+        assert_eq!(spool.stats().pending_records, 3);
+        drop(spool);
+        let (spool, _) = open(dir.path(), SpoolConfig::default());
+        assert_eq!(seqs(&read_all(&spool)), [5, 6, 7]);
     }
 
     #[test]
