@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 mod codec;
 mod events;
+mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
