@@ -658,13 +658,13 @@ async fn delete_entry(client: &mut Client, id: String) -> Result<EntryRecord, Fa
     Ok(deleted)
 }
 
+/// Spends the token inside `tx` and returns its labels.
 async fn consume_join_token(
-    client: &mut Client,
+    tx: &Transaction<'_>,
     digest: &str,
     node_id: &str,
     now: i64,
 ) -> Result<Vec<String>, Failure> {
-    let tx = client.transaction().await?;
     // A concurrent use waits for this row lock, then finds the token used.
     let row = tx
         .query_opt(
@@ -675,9 +675,10 @@ async fn consume_join_token(
         )
         .await?;
     if let Some(row) = row {
-        let labels = codec::decode_list(col(&row, "labels")?, "join token labels")?;
-        tx.commit().await?;
-        return Ok(labels);
+        return Ok(codec::decode_list(
+            col(&row, "labels")?,
+            "join token labels",
+        )?);
     }
     let stored = tx
         .query_opt(
@@ -695,8 +696,31 @@ async fn consume_join_token(
     Err(StoreError::TokenRefused(refusal).into())
 }
 
+/// Spends the token and records the node in one transaction.
+async fn join_node(
+    client: &mut Client,
+    digest: &str,
+    node: NodeRecord,
+    now: i64,
+) -> Result<NodeRecord, Failure> {
+    let tx = client.transaction().await?;
+    let labels = consume_join_token(&tx, digest, &node.id, now).await?;
+    let stored = upsert_node(&tx, &codec::joined_node(node, &labels)).await?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
 async fn attest_node(client: &mut Client, node: &NodeRecord) -> Result<NodeRecord, Failure> {
     let tx = client.transaction().await?;
+    let stored = upsert_node(&tx, node).await?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// Inserts or replaces the node's record inside `tx`; a banned node stays banned.
+async fn upsert_node(tx: &Transaction<'_>, node: &NodeRecord) -> Result<NodeRecord, Failure> {
     // The WHERE of the upsert keeps a banned node as it is; then nothing is returned.
     let row = tx
         .query_opt(
@@ -731,10 +755,7 @@ async fn attest_node(client: &mut Client, node: &NodeRecord) -> Result<NodeRecor
         }
         .into());
     };
-    let stored = node_from_row(&row)?;
-    notify(&tx).await?;
-    tx.commit().await?;
-    Ok(stored)
+    Ok(node_from_row(&row)?)
 }
 
 /// The error for a conditional node update that matched nothing: the node is unknown, or in
@@ -1244,18 +1265,19 @@ impl Datastore for PostgresStore {
             .await
     }
 
-    async fn consume_join_token(
+    async fn join_node(
         &self,
         digest: &str,
-        node_id: &str,
+        node: NodeRecord,
         now: i64,
-    ) -> Result<Vec<String>, StoreError> {
-        let (digest, node_id) = (digest.to_owned(), node_id.to_owned());
-        self.pool
-            .run(move |c| {
-                Box::pin(async move { consume_join_token(c, &digest, &node_id, now).await })
-            })
-            .await
+    ) -> Result<NodeRecord, StoreError> {
+        let digest = digest.to_owned();
+        let stored = self
+            .pool
+            .run(move |c| Box::pin(async move { join_node(c, &digest, node, now).await }))
+            .await?;
+        self.bump();
+        Ok(stored)
     }
 
     async fn attest_node(&self, node: NodeRecord) -> Result<NodeRecord, StoreError> {

@@ -1037,15 +1037,21 @@ impl Datastore for SqliteStore {
         .await
     }
 
-    async fn consume_join_token(
+    async fn join_node(
         &self,
         digest: &str,
-        node_id: &str,
+        node: NodeRecord,
         now: i64,
-    ) -> Result<Vec<String>, StoreError> {
-        let (digest, node_id) = (digest.to_owned(), node_id.to_owned());
-        self.write(move |tx| consume_token(tx, &digest, &node_id, now))
-            .await
+    ) -> Result<NodeRecord, StoreError> {
+        let digest = digest.to_owned();
+        let stored = self
+            .write(move |tx| {
+                let labels = consume_token(tx, &digest, &node.id, now)?;
+                upsert_node(tx, &codec::joined_node(node, &labels))
+            })
+            .await?;
+        self.bump();
+        Ok(stored)
     }
 
     async fn attest_node(&self, node: NodeRecord) -> Result<NodeRecord, StoreError> {
