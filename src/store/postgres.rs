@@ -409,6 +409,10 @@ fn refusal(e: &tokio_postgres::Error) -> StoreError {
             "the record clashes with a stored one ({})",
             describe(e)
         ))
+    } else if code.is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")) {
+        // Class 22 (data exception) and 23 (integrity constraint violation): the values are at
+        // fault, and sending them again would fail again.
+        StoreError::Invalid(format!("PostgreSQL refused the values: {}", describe(e)))
     } else {
         StoreError::Unavailable(format!("PostgreSQL refused the operation: {}", describe(e)))
     }
@@ -927,6 +931,17 @@ async fn store_events(client: &mut Client, batch: &[EventRecord]) -> Result<usiz
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
         .await?;
+    let rows = tx
+        .query(
+            "SELECT serial, node_id FROM svids WHERE serial = ANY($1)",
+            &[&events::svid_serials(batch)],
+        )
+        .await?;
+    let issuers = rows
+        .iter()
+        .map(|row| Ok((col(row, "serial")?, col(row, "node_id")?)))
+        .collect::<Result<_, StoreError>>()?;
+    events::check_serial_issuers(batch, &issuers)?;
     let inserted = insert_events(&tx, batch).await?;
     let new: Vec<&EventRecord> = batch.iter().filter(|e| inserted.contains(&e.id)).collect();
     if !new.is_empty() {

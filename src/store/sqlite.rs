@@ -761,6 +761,20 @@ fn node_activity_from_row(row: &Row<'_>) -> Result<NodeActivity, StoreError> {
 /// Stores the events whose ids are new, and what they change in the inventory. Returns how
 /// many were stored.
 fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, StoreError> {
+    let mut issuer = tx
+        .prepare_cached("SELECT node_id FROM svids WHERE serial = ?1")
+        .map_err(db_error)?;
+    let mut issuers = std::collections::HashMap::new();
+    for serial in events::svid_serials(batch) {
+        let node: Option<String> = issuer
+            .query_row([&serial], |row| row.get(0))
+            .optional()
+            .map_err(db_error)?;
+        if let Some(node) = node {
+            issuers.insert(serial, node);
+        }
+    }
+    events::check_serial_issuers(batch, &issuers)?;
     let mut insert = tx
         .prepare_cached(&format!(
             "INSERT INTO events ({EVENT_COLUMNS})
