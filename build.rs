@@ -21,8 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("workload_descriptor.bin"))
         .compile_with_config(config, &[PathBuf::from("proto/workload.proto")], &includes)?;
 
-    // tessera's own services, package tessera.v1.
+    // tessera's own services, package tessera.v1. Messages carrying a join token get a
+    // hand-written Debug (in src/lib.rs) that leaves the token out.
     tonic_prost_build::configure()
+        .skip_debug([".tessera.v1.JoinToken", ".tessera.v1.JoinTokenAttestation"])
         .build_client(true)
         .build_server(true)
         .file_descriptor_set_path(out_dir.join("tessera_descriptor.bin"))

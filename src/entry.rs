@@ -12,7 +12,12 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 pub const MIN_X509_TTL: Duration = Duration::from_secs(2);
 /// The longest X.509-SVID lifetime anything accepts (a server may configure a lower limit).
 pub const MAX_X509_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-const MAX_HINT_LEN: usize = 1024;
+/// Longest owner, in bytes: a team, a person or a ticket queue.
+pub const MAX_OWNER_LEN: usize = 256;
+/// Longest purpose, in bytes: a sentence or two.
+pub const MAX_PURPOSE_LEN: usize = 1024;
+/// Longest hint, in bytes.
+pub const MAX_HINT_LEN: usize = 1024;
 
 /// One registration entry, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,7 +147,10 @@ impl EntryFields {
                 ),
             ));
         }
-        for (field, value) in [("owner", &self.owner), ("purpose", &self.purpose)] {
+        for (field, value, max) in [
+            ("owner", &self.owner, MAX_OWNER_LEN),
+            ("purpose", &self.purpose, MAX_PURPOSE_LEN),
+        ] {
             if value.trim().is_empty() {
                 return Err(FieldError::new(
                     field,
@@ -150,15 +158,17 @@ impl EntryFields {
                     "is required: every identity needs an owner and a purpose",
                 ));
             }
+            check_free_text(field, value, max)?;
         }
-        if let Some(hint) = &self.hint
-            && (hint.is_empty() || hint.len() > MAX_HINT_LEN)
-        {
-            return Err(FieldError::new(
-                "hint",
-                hint,
-                format!("must be 1 to {MAX_HINT_LEN} bytes"),
-            ));
+        if let Some(hint) = &self.hint {
+            if hint.is_empty() {
+                return Err(FieldError::new(
+                    "hint",
+                    hint,
+                    format!("must be 1 to {MAX_HINT_LEN} bytes"),
+                ));
+            }
+            check_free_text("hint", hint, MAX_HINT_LEN)?;
         }
         for (i, name) in self.dns_names.iter().enumerate() {
             if !is_dns_name(name) {
@@ -201,9 +211,54 @@ pub fn check_selectors(texts: &[String]) -> Result<SelectorSet, FieldError> {
         let selector: Selector = text
             .parse()
             .map_err(|e| FieldError::new(format!("selectors[{i}]"), text, format!("{e}")))?;
+        // A caller has one value of each of these: two different ones can never match.
+        if selector.kind.is_single_valued()
+            && let Some(other) = selectors.iter().find(|s| s.kind == selector.kind)
+            && *other != selector
+        {
+            return Err(FieldError::new(
+                format!("selectors[{i}]"),
+                text,
+                format!(
+                    "contradicts {other}: a caller has one {}, so an entry asking for two \
+                     matches no caller",
+                    selector.kind.prefix()
+                ),
+            ));
+        }
         selectors.insert(selector);
     }
     Ok(selectors)
+}
+
+/// Refuses free text (owner, purpose, hint) that is longer than `max` bytes or holds control
+/// or bidirectional-formatting characters, which would rewrite the terminal or the line of
+/// whoever reads a listing or a log.
+pub fn check_free_text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    if value.len() > max {
+        let shown: String = value.chars().take(64).collect();
+        return Err(FieldError::new(
+            field,
+            format!("{shown}..."),
+            format!("is {} bytes; at most {max} are accepted", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| is_hidden_control(*c)) {
+        return Err(FieldError::new(
+            field,
+            value,
+            format!(
+                "holds the control character U+{:04X}; write plain text on one line",
+                u32::from(c)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Control characters (C0, DEL, C1) and the bidirectional overrides and isolates.
+fn is_hidden_control(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Checks an operator-chosen entry id.
@@ -344,6 +399,105 @@ pub(crate) mod tests {
             .iter()
             .map(|s| s.parse::<Selector>().unwrap())
             .collect()
+    }
+
+    fn fields() -> EntryFields {
+        EntryFields {
+            spiffe_id: "spiffe://td/w".into(),
+            selectors: vec!["unix:uid:1001".into()],
+            x509_ttl: Duration::from_secs(300),
+            owner: "team".into(),
+            purpose: "test".into(),
+            ..EntryFields::default()
+        }
+    }
+
+    fn refusal(fields: EntryFields) -> String {
+        let td = TrustDomain::new("td").unwrap();
+        fields.check(&td, MAX_X509_TTL).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn free_text_refuses_control_characters_and_excess_length() {
+        let td = TrustDomain::new("td").unwrap();
+        assert!(fields().check(&td, MAX_X509_TTL).is_ok());
+        let err = refusal(EntryFields {
+            owner: "team\u{1b}[2J".into(),
+            ..fields()
+        });
+        assert!(err.starts_with("owner = \"team\\u{1b}[2J\""), "{err}");
+        assert!(err.contains("U+001B"), "{err}");
+        let err = refusal(EntryFields {
+            purpose: "x".repeat(MAX_PURPOSE_LEN + 1),
+            ..fields()
+        });
+        assert!(
+            err.starts_with("purpose = ") && err.contains("1025 bytes"),
+            "{err}"
+        );
+        assert!(
+            err.len() < 200,
+            "the message shows a prefix, not the whole value"
+        );
+        let err = refusal(EntryFields {
+            hint: Some("line\nbreak".into()),
+            ..fields()
+        });
+        assert!(
+            err.starts_with("hint = ") && err.contains("U+000A"),
+            "{err}"
+        );
+        let err = refusal(EntryFields {
+            owner: "evil\u{202e}txt.exe".into(),
+            ..fields()
+        });
+        assert!(err.contains("U+202E"), "{err}");
+        let err = refusal(EntryFields {
+            owner: "o".repeat(MAX_OWNER_LEN + 1),
+            ..fields()
+        });
+        assert!(err.starts_with("owner = "), "{err}");
+        // Text in any script is fine.
+        assert!(
+            EntryFields {
+                owner: "équipe données".into(),
+                ..fields()
+            }
+            .check(&td, MAX_X509_TTL)
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn selectors_that_can_never_match_are_refused() {
+        let err = refusal(EntryFields {
+            selectors: vec!["unix:uid:1001".into(), "unix:uid:1002".into()],
+            ..fields()
+        });
+        assert!(
+            err.starts_with("selectors[1] = \"unix:uid:1002\"") && err.contains("unix:uid:1001"),
+            "{err}"
+        );
+        let err = refusal(EntryFields {
+            selectors: vec!["unix:path:/usr/bin/../bin/python3".into()],
+            ..fields()
+        });
+        assert!(
+            err.starts_with("selectors[0] = ") && err.contains(".."),
+            "{err}"
+        );
+        // Several supplementary groups, and one fact given twice, can match.
+        let td = TrustDomain::new("td").unwrap();
+        let fine = EntryFields {
+            selectors: vec![
+                "unix:supplementary_gid:10".into(),
+                "unix:supplementary_gid:20".into(),
+                "unix:uid:1001".into(),
+                "unix:uid:01001".into(),
+            ],
+            ..fields()
+        };
+        assert!(fine.check(&td, MAX_X509_TTL).is_ok());
     }
 
     #[test]

@@ -58,6 +58,25 @@ pub mod proto {
     #[allow(missing_docs, clippy::all, clippy::pedantic)]
     pub mod tessera {
         tonic::include_proto!("tessera.v1");
+
+        // A join token admits a node once: it never appears in Debug output or logs.
+        impl std::fmt::Debug for JoinToken {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct("JoinToken")
+                    .field("token", &"<redacted>")
+                    .field("expires_at", &self.expires_at)
+                    .field("labels", &self.labels)
+                    .finish()
+            }
+        }
+
+        impl std::fmt::Debug for JoinTokenAttestation {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct("JoinTokenAttestation")
+                    .field("token", &"<redacted>")
+                    .finish()
+            }
+        }
     }
 
     /// Encoded descriptors of the Workload API, for gRPC server reflection.

@@ -68,7 +68,7 @@ pub struct UpstreamConfig {
 }
 
 /// A node attestation method.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum NodeAttestation {
     /// A one-time join token from `tessera token create`.
     JoinToken(String),
@@ -79,6 +79,23 @@ pub enum NodeAttestation {
         /// PEM PKCS#8 private key.
         key_file: PathBuf,
     },
+}
+
+impl std::fmt::Debug for NodeAttestation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // A join token admits a node once: it never appears in Debug output or logs.
+            Self::JoinToken(_) => f.write_str("JoinToken(<redacted>)"),
+            Self::X509Pop {
+                cert_file,
+                key_file,
+            } => f
+                .debug_struct("X509Pop")
+                .field("cert_file", cert_file)
+                .field("key_file", key_file)
+                .finish(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -698,6 +715,11 @@ join_token = "abc"
         assert_eq!(server.address, "tessera.internal:8081");
         assert_eq!(server.attestation, NodeAttestation::JoinToken("abc".into()));
         assert!(config.entries.entries.is_empty());
+        let shown = format!("{server:?}");
+        assert!(
+            shown.contains("JoinToken(<redacted>)") && !shown.contains("\"abc\""),
+            "{shown}"
+        );
 
         let pop = SERVER_MODE.replace(
             "join_token = \"abc\"",

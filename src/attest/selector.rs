@@ -41,6 +41,12 @@ const ALL_KINDS: [SelectorKind; 9] = [
 ];
 
 impl SelectorKind {
+    /// True for kinds of which a caller has exactly one value (an entry asking for two
+    /// different ones matches nobody); false for supplementary groups, of which it has many.
+    pub fn is_single_valued(self) -> bool {
+        !matches!(self, Self::SupplementaryGid | Self::SupplementaryGroup)
+    }
+
     /// The `type:kind` prefix, e.g. `unix:uid`.
     pub fn prefix(self) -> &'static str {
         match self {
@@ -66,6 +72,9 @@ pub enum SelectorError {
     /// The `type:kind` prefix is not one tessera knows.
     #[error("unknown selector {0:?}; known: {known}", known = known_prefixes())]
     UnknownKind(String),
+    /// The selector holds a control character, which no fact about a caller does.
+    #[error("holds a control character; no caller's facts do, so it could never match")]
+    Control,
     /// The value is not valid for its kind.
     #[error("{prefix} needs {expected}")]
     BadValue {
@@ -113,6 +122,9 @@ impl FromStr for Selector {
         let (Some(ty), Some(kind), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(SelectorError::Shape);
         };
+        if s.chars().any(char::is_control) {
+            return Err(SelectorError::Control);
+        }
         let prefix = format!("{ty}:{kind}");
         let kind = ALL_KINDS
             .into_iter()
@@ -136,6 +148,18 @@ impl FromStr for Selector {
             SelectorKind::Path => {
                 if !value.starts_with('/') {
                     return Err(bad("an absolute path, e.g. /usr/bin/python3.11"));
+                }
+                // The kernel reports an executable's path normalised: one with `.`, `..` or
+                // empty components, or a trailing slash, names no executable it would report.
+                let normal = value == "/"
+                    || value[1..]
+                        .split('/')
+                        .all(|part| !matches!(part, "" | "." | ".."));
+                if !normal {
+                    return Err(bad(
+                        "a normalised absolute path (no `.` or `..` components, no `//`, no \
+                         trailing `/`), as the kernel reports it",
+                    ));
                 }
                 value.to_owned()
             }
@@ -196,5 +220,24 @@ mod tests {
         assert!("unix:sha256:abc".parse::<Selector>().is_err());
         assert!("systemd:unit:".parse::<Selector>().is_err());
         assert!("unix:user:".parse::<Selector>().is_err());
+    }
+
+    #[test]
+    fn paths_and_values_that_no_caller_has_are_refused() {
+        for path in [
+            "/usr/../bin/sh",
+            "/usr/./bin",
+            "/usr//bin",
+            "/usr/bin/",
+            "/..",
+        ] {
+            let err = format!("unix:path:{path}").parse::<Selector>().unwrap_err();
+            assert!(err.to_string().contains("normalised"), "{path}: {err}");
+        }
+        assert!("unix:path:/usr/bin/..python".parse::<Selector>().is_ok());
+        assert_eq!(
+            "systemd:unit:a\n.service".parse::<Selector>(),
+            Err(SelectorError::Control)
+        );
     }
 }

@@ -142,8 +142,13 @@ fn event_row(event: &StoredEvent) -> Vec<String> {
         _ => text("detail"),
     };
     let serial = text("serial");
+    // A time RFC 3339 cannot show is shown as the number stored.
+    let time = json["time"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("unix_ms {}", json["time_ms"]));
     vec![
-        text("time"),
+        time,
         text("kind"),
         text("node_id"),
         text("spiffe_id"),

@@ -148,13 +148,10 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
         id: event.id.chars().take(64).collect(),
         reason,
     };
-    let id_ok = event.id.len() == 36
-        && event
-            .id
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase() || b == b'-');
-    if !id_ok {
-        return Err(invalid("id must be a lowercase UUID".into()));
+    if !is_uuid(&event.id) {
+        return Err(invalid(
+            "id must be a lowercase UUID (8-4-4-4-12 hex digits)".into(),
+        ));
     }
     let kind = EventKind::try_from(event.kind)
         .ok()
@@ -195,10 +192,86 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
     if kind == EventKind::SvidUsed && event.count == 0 {
         return Err(invalid("svid_used needs a count of at least 1".into()));
     }
-    if event.time_ms <= 0 {
-        return Err(invalid("time_ms must be set".into()));
+    if let Some(text) = texts
+        .iter()
+        .copied()
+        .chain(caller_texts.iter().flatten().copied())
+        .find(|t| t.contains('\0'))
+    {
+        return Err(invalid(format!(
+            "a field holds a NUL character: {:?}",
+            text.chars().take(64).collect::<String>()
+        )));
+    }
+    if !event.serial.is_empty() && !is_serial(&event.serial) {
+        return Err(invalid(format!(
+            "serial {:?} is not an X.509 serial: 2 to {} lowercase hex digits",
+            event.serial.chars().take(64).collect::<String>(),
+            MAX_SERIAL_HEX
+        )));
+    }
+    let now = now_ms();
+    let latest_ms = now.saturating_add(MAX_CLOCK_AHEAD_MS);
+    for (name, ms) in [
+        ("time_ms", Some(event.time_ms)),
+        ("first_ms", (event.first_ms != 0).then_some(event.first_ms)),
+        ("last_ms", (event.last_ms != 0).then_some(event.last_ms)),
+    ] {
+        if let Some(ms) = ms
+            && !(EARLIEST_EVENT_MS..=latest_ms).contains(&ms)
+        {
+            return Err(invalid(format!(
+                "{name} = {ms} is not a time between 2020-01-01 and a day from now ({latest_ms})"
+            )));
+        }
+    }
+    if event.not_after != 0 && !(1..=LAST_PRINTABLE_SECOND).contains(&event.not_after) {
+        return Err(invalid(format!(
+            "not_after = {} is not a time between 1970 and 9999",
+            event.not_after
+        )));
     }
     Ok(kind)
+}
+
+/// Events from before this (2020-01-01, before tessera existed) are refused.
+const EARLIEST_EVENT_MS: i64 = 1_577_836_800_000;
+/// How far ahead of the server's clock an event's time may be.
+const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
+/// The last second RFC 3339 can show (9999-12-31T23:59:59Z).
+const LAST_PRINTABLE_SECOND: i64 = 253_402_300_799;
+/// X.509 serials are at most 20 bytes.
+const MAX_SERIAL_HEX: usize = 40;
+
+/// True for a UUID as tessera writes them: lowercase hex in groups of 8-4-4-4-12.
+fn is_uuid(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(b),
+        })
+}
+
+/// True for a certificate serial as tessera writes them: whole bytes in lowercase hex.
+fn is_serial(text: &str) -> bool {
+    (2..=MAX_SERIAL_HEX).contains(&text.len())
+        && text.len().is_multiple_of(2)
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Milliseconds since the epoch in RFC 3339, or `None` for an instant it cannot show (before
+/// 1970 or after 9999): stored values are shown, never a reason to fail.
+pub fn rfc3339_ms(ms: i64) -> Option<String> {
+    let ms = u64::try_from(ms).ok()?;
+    let last = u64::try_from(LAST_PRINTABLE_SECOND).ok()? * 1000 + 999;
+    if ms > last {
+        return None;
+    }
+    let at = UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))?;
+    Some(humantime::format_rfc3339_millis(at).to_string())
 }
 
 /// An event as stored, reported by `node_id` and received at `received_ms`.
@@ -265,15 +338,11 @@ pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
 /// An event as one JSON object (the audit log's and the CLI's shape): kinds and reasons by
 /// name, times in milliseconds and RFC 3339.
 pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> serde_json::Value {
-    let rfc3339 = |ms: i64| {
-        let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-        humantime::format_rfc3339_millis(t).to_string()
-    };
     let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
     let mut value = serde_json::json!({
         "id": event.id,
         "kind": kind_name(kind),
-        "time": rfc3339(event.time_ms),
+        "time": rfc3339_ms(event.time_ms),
         "time_ms": event.time_ms,
         "trust_domain": event.trust_domain,
         "node_id": event.node_id,
@@ -389,6 +458,94 @@ mod tests {
             let err = check_event(7, &event).unwrap_err().to_string();
             assert!(err.contains(want) && err.starts_with("event 7"), "{err}");
         }
+    }
+
+    #[test]
+    fn events_outside_sane_bounds_are_refused() {
+        let good = Event {
+            id: new_event_id(),
+            kind: EventKind::SvidIssued as i32,
+            time_ms: now_ms(),
+            serial: "0a1b".into(),
+            spiffe_id: "spiffe://td/x".into(),
+            not_after: 1_900_000_000,
+            ..Default::default()
+        };
+        assert!(check_event(0, &good).is_ok());
+        let cases = [
+            (
+                Event {
+                    id: "0123456789abcdef0123456789abcdef----".into(),
+                    ..good.clone()
+                },
+                "8-4-4-4-12",
+            ),
+            (
+                Event {
+                    time_ms: 253_402_300_800_000,
+                    ..good.clone()
+                },
+                "time_ms = 253402300800000",
+            ),
+            (
+                Event {
+                    time_ms: 1,
+                    ..good.clone()
+                },
+                "time_ms = 1 ",
+            ),
+            (
+                Event {
+                    not_after: i64::MAX,
+                    ..good.clone()
+                },
+                "not_after",
+            ),
+            (
+                Event {
+                    serial: "../etc".into(),
+                    ..good.clone()
+                },
+                "serial \"../etc\"",
+            ),
+            (
+                Event {
+                    serial: "ABCD".into(),
+                    ..good.clone()
+                },
+                "lowercase hex",
+            ),
+            (
+                Event {
+                    detail: "a\0b".into(),
+                    ..good.clone()
+                },
+                "NUL",
+            ),
+        ];
+        for (event, want) in cases {
+            let err = check_event(2, &event).unwrap_err().to_string();
+            assert!(err.contains(want), "want {want:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn json_never_panics_on_stored_times() {
+        for ms in [253_402_300_800_000, i64::MAX, i64::MIN, -1] {
+            let event = Event {
+                id: new_event_id(),
+                kind: EventKind::SvidIssued as i32,
+                time_ms: ms,
+                ..Default::default()
+            };
+            let json = to_json(&event, None, None);
+            assert_eq!(json["time"], serde_json::Value::Null, "{ms}");
+            assert_eq!(json["time_ms"], ms);
+        }
+        assert_eq!(
+            rfc3339_ms(253_402_300_799_999).as_deref(),
+            Some("9999-12-31T23:59:59.999Z")
+        );
     }
 
     #[test]

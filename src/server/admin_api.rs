@@ -1,6 +1,6 @@
 //! The admin API: registration entries, join tokens, nodes and the bundle, for the CLI on the
-//! server's root-only socket. Entries are checked here, naming the field at fault; store errors
-//! map to gRPC status in one place, [`store_status`].
+//! server's root-only socket. Entries are checked here, naming the field at fault; every error
+//! becomes a gRPC status in one place, [`AdminApiError::into_status`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,28 +27,66 @@ use crate::store::{
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_LABEL_LEN: usize = 256;
 
-/// The status for a datastore error. Unexpected failures are logged, never shown.
-pub fn store_status(error: StoreError) -> Status {
-    match error {
-        StoreError::Unavailable(e) => {
-            tracing::warn!(error = %e, "admin call failed: datastore unavailable");
-            Status::unavailable("datastore unavailable; retry once it is back")
-        }
-        StoreError::NotFound { kind, id } => Status::not_found(format!("no {kind} with id {id:?}")),
-        e @ StoreError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        e @ StoreError::RevisionConflict { .. } => Status::aborted(e.to_string()),
-        e @ StoreError::NodeNotActive { .. } => Status::failed_precondition(e.to_string()),
-        e @ StoreError::TokenRefused(_) => Status::failed_precondition(e.to_string()),
-        e @ StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        e @ StoreError::Corrupt(_) => {
-            tracing::error!(error = %e, "admin call failed");
-            Status::internal("internal error")
+/// Why an admin call failed. Mapped to a status in [`AdminApiError::into_status`].
+#[derive(Debug, thiserror::Error)]
+pub enum AdminApiError {
+    /// A field of the entry in the request cannot be accepted.
+    #[error("entry.{0}")]
+    EntryField(#[source] FieldError),
+    /// A field of the request (not of an entry) cannot be accepted.
+    #[error(transparent)]
+    Field(FieldError),
+    /// A part the call needs is missing.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// The record asked for does not exist.
+    #[error("no {kind} with id {id:?}")]
+    NotFound {
+        /// `entry` or `node`.
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// The datastore failed or refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The system's random generator failed.
+    #[error("no randomness for {0}")]
+    Randomness(&'static str),
+}
+
+impl AdminApiError {
+    /// The status the caller sees. Internal failures are logged, never shown.
+    pub fn into_status(self) -> Status {
+        match self {
+            e @ (Self::EntryField(_) | Self::Field(_) | Self::Missing(_)) => {
+                Status::invalid_argument(e.to_string())
+            }
+            e @ Self::NotFound { .. } => Status::not_found(e.to_string()),
+            Self::Store(StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "admin call failed: datastore unavailable");
+                Status::unavailable("datastore unavailable; retry once it is back")
+            }
+            Self::Store(StoreError::NotFound { kind, id }) => {
+                Self::NotFound { kind, id }.into_status()
+            }
+            Self::Store(e @ StoreError::AlreadyExists(_)) => Status::already_exists(e.to_string()),
+            Self::Store(e @ StoreError::RevisionConflict { .. }) => Status::aborted(e.to_string()),
+            Self::Store(e @ (StoreError::NodeNotActive { .. } | StoreError::TokenRefused(_))) => {
+                Status::failed_precondition(e.to_string())
+            }
+            Self::Store(e @ StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+            e @ (Self::Store(StoreError::Corrupt(_)) | Self::Randomness(_)) => {
+                tracing::error!(error = %e, "admin call failed");
+                Status::internal("internal error")
+            }
         }
     }
 }
 
-fn field_status(error: FieldError) -> Status {
-    Status::invalid_argument(format!("entry.{error}"))
+/// The status for any error of an admin call.
+fn status(error: impl Into<AdminApiError>) -> Status {
+    error.into().into_status()
 }
 
 /// The admin service.
@@ -63,12 +101,12 @@ impl AdminService {
     }
 
     /// Checks an entry as given and returns the record to store.
-    fn check(&self, entry: Entry) -> Result<EntryRecord, Status> {
+    fn check(&self, entry: Entry) -> Result<EntryRecord, AdminApiError> {
         let config = &self.state.config;
         let x509_ttl = u64::try_from(entry.x509_ttl_seconds)
             .map(Duration::from_secs)
             .map_err(|_| {
-                field_status(FieldError::new(
+                AdminApiError::EntryField(FieldError::new(
                     "x509_ttl_seconds",
                     entry.x509_ttl_seconds.to_string(),
                     "must be positive",
@@ -77,7 +115,7 @@ impl AdminService {
         let now = unix_now();
         let expires_at = match entry.expires_at {
             Some(at) if at <= now => {
-                return Err(field_status(FieldError::new(
+                return Err(AdminApiError::EntryField(FieldError::new(
                     "expires_at",
                     humantime::format_rfc3339_seconds(at_time(at)).to_string(),
                     "is not in the future; an expired registration grants nothing",
@@ -89,7 +127,7 @@ impl AdminService {
         if let Some(timeout) = entry.inactivity_timeout_seconds
             && timeout < 60
         {
-            return Err(field_status(FieldError::new(
+            return Err(AdminApiError::EntryField(FieldError::new(
                 "inactivity_timeout_seconds",
                 timeout.to_string(),
                 "must be at least 60 seconds",
@@ -97,7 +135,7 @@ impl AdminService {
         }
         for (i, selector) in entry.node_selectors.iter().enumerate() {
             check_node_selector(selector).map_err(|reason| {
-                field_status(FieldError::new(
+                AdminApiError::EntryField(FieldError::new(
                     format!("node_selectors[{i}]"),
                     selector,
                     reason,
@@ -117,10 +155,10 @@ impl AdminService {
         };
         let checked = fields
             .check(&config.trust_domain, config.max_x509_ttl)
-            .map_err(field_status)?;
+            .map_err(AdminApiError::EntryField)?;
         let path = checked.spiffe_id.path();
         if path == "/tessera" || path.starts_with("/tessera/") {
-            return Err(field_status(FieldError::new(
+            return Err(AdminApiError::EntryField(FieldError::new(
                 "spiffe_id",
                 checked.spiffe_id.as_str(),
                 "paths under /tessera/ are reserved for tessera's own identities (nodes, servers)",
@@ -171,12 +209,16 @@ fn node_info(state: &State, node: NodeRecord) -> NodeInfo {
 /// Most events one list call returns.
 const MAX_LIST: usize = 10_000;
 
-fn store_filter(filter: EventFilter) -> Result<crate::store::EventFilter, Status> {
+fn store_filter(filter: EventFilter) -> Result<crate::store::EventFilter, AdminApiError> {
     for (i, kind) in filter.kinds.iter().enumerate() {
         if crate::events::model::kind_from_name(kind).is_none() {
-            return Err(Status::invalid_argument(format!(
-                "kinds[{i}] = {kind:?}: not an event kind; known: {}",
-                crate::events::model::KIND_NAMES.join(", ")
+            return Err(AdminApiError::Field(FieldError::new(
+                format!("kinds[{i}]"),
+                kind,
+                format!(
+                    "not an event kind; known: {}",
+                    crate::events::model::KIND_NAMES.join(", ")
+                ),
             )));
         }
     }
@@ -237,14 +279,15 @@ impl Admin for AdminService {
         let entry = request
             .into_inner()
             .entry
-            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
-        let record = self.check(entry)?;
+            .ok_or(AdminApiError::Missing("entry"))
+            .map_err(status)?;
+        let record = self.check(entry).map_err(status)?;
         let stored = self
             .state
             .store
             .create_entry(record, unix_now())
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         audit("entry created", &stored.id);
         Ok(Response::new(entry_to_proto(&stored)))
     }
@@ -256,19 +299,18 @@ impl Admin for AdminService {
         let entry = request
             .into_inner()
             .entry
-            .ok_or_else(|| Status::invalid_argument("entry is required"))?;
+            .ok_or(AdminApiError::Missing("entry"))
+            .map_err(status)?;
         if entry.id.is_empty() {
-            return Err(Status::invalid_argument(
-                "entry.id is required for an update",
-            ));
+            return Err(status(AdminApiError::Missing("entry.id (of an update)")));
         }
-        let record = self.check(entry)?;
+        let record = self.check(entry).map_err(status)?;
         let stored = self
             .state
             .store
             .update_entry(record, unix_now())
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         audit("entry updated", &stored.id);
         Ok(Response::new(entry_to_proto(&stored)))
     }
@@ -278,27 +320,16 @@ impl Admin for AdminService {
         request: Request<EntryRequest>,
     ) -> Result<Response<Entry>, Status> {
         let id = request.into_inner().id;
-        let removed = self
-            .state
-            .store
-            .delete_entry(&id)
-            .await
-            .map_err(store_status)?;
+        let removed = self.state.store.delete_entry(&id).await.map_err(status)?;
         audit("entry deleted", &removed.id);
         Ok(Response::new(entry_to_proto(&removed)))
     }
 
     async fn get_entry(&self, request: Request<EntryRequest>) -> Result<Response<Entry>, Status> {
         let id = request.into_inner().id;
-        match self
-            .state
-            .store
-            .get_entry(&id)
-            .await
-            .map_err(store_status)?
-        {
+        match self.state.store.get_entry(&id).await.map_err(status)? {
             Some(entry) => Ok(Response::new(entry_to_proto(&entry))),
-            None => Err(Status::not_found(format!("no entry with id {id:?}"))),
+            None => Err(status(AdminApiError::NotFound { kind: "entry", id })),
         }
     }
 
@@ -307,12 +338,7 @@ impl Admin for AdminService {
         request: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
         let filter = request.into_inner();
-        let entries = self
-            .state
-            .store
-            .list_entries()
-            .await
-            .map_err(store_status)?;
+        let entries = self.state.store.list_entries().await.map_err(status)?;
         let entries = entries
             .iter()
             .filter(|e| filter.spiffe_id.is_empty() || e.spiffe_id == filter.spiffe_id)
@@ -332,23 +358,27 @@ impl Admin for AdminService {
             .map(Duration::from_secs)
             .filter(|ttl| (Duration::from_secs(1)..=MAX_TOKEN_TTL).contains(ttl))
             .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "ttl_seconds = {}: must be between 1 second and 7 days",
-                    request.ttl_seconds
-                ))
+                status(AdminApiError::Field(FieldError::new(
+                    "ttl_seconds",
+                    request.ttl_seconds.to_string(),
+                    "must be between 1 second and 7 days",
+                )))
             })?;
         for (i, label) in request.labels.iter().enumerate() {
             let ok = !label.is_empty()
                 && label.len() <= MAX_LABEL_LEN
                 && label.chars().all(|c| !c.is_control() && !c.is_whitespace());
             if !ok {
-                return Err(Status::invalid_argument(format!(
-                    "labels[{i}] = {label:?}: must be 1 to {MAX_LABEL_LEN} characters without spaces"
-                )));
+                return Err(status(AdminApiError::Field(FieldError::new(
+                    format!("labels[{i}]"),
+                    label,
+                    format!("must be 1 to {MAX_LABEL_LEN} characters without spaces"),
+                ))));
             }
         }
         let mut secret = [0u8; 24];
-        aws_lc_rs::rand::fill(&mut secret).map_err(|_| Status::internal("no randomness"))?;
+        aws_lc_rs::rand::fill(&mut secret)
+            .map_err(|_| status(AdminApiError::Randomness("a join token")))?;
         let token = hex::encode(secret);
         let digest = hex::encode(aws_lc_rs::digest::digest(
             &aws_lc_rs::digest::SHA256,
@@ -366,7 +396,7 @@ impl Admin for AdminService {
                 created_at: now,
             })
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         audit("join token created", &digest[..16]);
         Ok(Response::new(JoinToken {
             token,
@@ -379,7 +409,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let nodes = self.state.store.list_nodes().await.map_err(store_status)?;
+        let nodes = self.state.store.list_nodes().await.map_err(status)?;
         Ok(Response::new(ListNodesResponse {
             nodes: nodes
                 .into_iter()
@@ -390,9 +420,9 @@ impl Admin for AdminService {
 
     async fn get_node(&self, request: Request<NodeRequest>) -> Result<Response<NodeInfo>, Status> {
         let id = request.into_inner().id;
-        match self.state.store.get_node(&id).await.map_err(store_status)? {
+        match self.state.store.get_node(&id).await.map_err(status)? {
             Some(node) => Ok(Response::new(node_info(&self.state, node))),
-            None => Err(Status::not_found(format!("no node with id {id:?}"))),
+            None => Err(status(AdminApiError::NotFound { kind: "node", id })),
         }
     }
 
@@ -406,7 +436,7 @@ impl Admin for AdminService {
             .store
             .set_node_status(&id, NodeStatus::Evicted)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         audit("node evicted", &id);
         self.state
             .record(self.state.server_event(
@@ -425,7 +455,7 @@ impl Admin for AdminService {
             .store
             .set_node_status(&id, NodeStatus::Banned)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         audit("node banned", &id);
         self.state
             .record(self.state.server_event(
@@ -444,13 +474,8 @@ impl Admin for AdminService {
         &self,
         request: Request<EventFilter>,
     ) -> Result<Response<ListEventsResponse>, Status> {
-        let filter = store_filter(request.into_inner())?;
-        let events = self
-            .state
-            .store
-            .list_events(filter)
-            .await
-            .map_err(store_status)?;
+        let filter = store_filter(request.into_inner()).map_err(status)?;
+        let events = self.state.store.list_events(filter).await.map_err(status)?;
         let td = self.state.config.trust_domain.name();
         Ok(Response::new(ListEventsResponse {
             events: events.iter().map(|e| stored_event(e, td)).collect(),
@@ -461,7 +486,7 @@ impl Admin for AdminService {
         &self,
         request: Request<EventFilter>,
     ) -> Result<Response<Self::TailEventsStream>, Status> {
-        let mut filter = store_filter(request.into_inner())?;
+        let mut filter = store_filter(request.into_inner()).map_err(status)?;
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -483,7 +508,7 @@ impl Admin for AdminService {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(store_status(e))).await;
+                        let _ = tx.send(Err(status(e))).await;
                         return;
                     }
                 }
@@ -504,18 +529,20 @@ impl Admin for AdminService {
         _request: Request<GetInventoryRequest>,
     ) -> Result<Response<Inventory>, Status> {
         let store = &self.state.store;
-        let entries = store.list_entries().await.map_err(store_status)?;
-        let nodes = store.list_nodes().await.map_err(store_status)?;
-        let svids = store.svids(None, None).await.map_err(store_status)?;
+        let entries = store.list_entries().await.map_err(status)?;
+        let nodes = store.list_nodes().await.map_err(status)?;
+        let svids = store.svids(None, None).await.map_err(status)?;
         let activity: std::collections::HashMap<String, (Option<i64>, Option<i64>)> = store
             .entry_activity()
             .await
-            .map_err(store_status)?
+            .map_err(status)?
             .into_iter()
             .map(|a| (a.entry_id.clone(), (a.last_issued_ms, a.last_used_ms)))
             .collect();
         let now = unix_now();
-        let now_ms = now * 1000;
+        // Stored values are whatever a node or an old version wrote: arithmetic on them
+        // saturates rather than panics.
+        let now_ms = now.saturating_mul(1000);
         let live: Vec<&SvidRecord> = svids
             .iter()
             .filter(|s| s.revoked_ms.is_none() && s.not_after.is_some_and(|t| t > now))
@@ -526,8 +553,8 @@ impl Admin for AdminService {
                 let (last_issued_ms, last_used_ms) =
                     activity.get(&entry.id).copied().unwrap_or((None, None));
                 let unused_past_timeout = entry.inactivity_timeout_seconds.is_some_and(|t| {
-                    let since = last_used_ms.unwrap_or(entry.created_at * 1000);
-                    now_ms - since > t * 1000
+                    let since = last_used_ms.unwrap_or(entry.created_at.saturating_mul(1000));
+                    now_ms.saturating_sub(since) > t.saturating_mul(1000)
                 });
                 IdentityInventory {
                     entry: Some(entry_to_proto(entry)),
@@ -551,7 +578,7 @@ impl Admin for AdminService {
                     .filter(|s| s.node_id == node.id)
                     .map(|s| s.serial.clone())
                     .collect();
-                let last_contact_ms = node.last_seen * 1000;
+                let last_contact_ms = node.last_seen.saturating_mul(1000);
                 NodeInventory {
                     node: Some(node_info(&self.state, node)),
                     live_serials,
@@ -566,15 +593,189 @@ impl Admin for AdminService {
         &self,
         _request: Request<GetBundleRequest>,
     ) -> Result<Response<Bundle>, Status> {
-        let roots = self
-            .state
-            .store
-            .bundle(unix_now())
-            .await
-            .map_err(store_status)?;
+        let roots = self.state.store.bundle(unix_now()).await.map_err(status)?;
         Ok(Response::new(Bundle {
             trust_domain: self.state.config.trust_domain.name().to_owned(),
             roots: roots.into_iter().map(|r| r.der).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::testing;
+
+    fn entry() -> Entry {
+        Entry {
+            spiffe_id: "spiffe://example.org/billing".into(),
+            selectors: vec!["unix:uid:1001".into()],
+            x509_ttl_seconds: 300,
+            owner: "team-billing".into(),
+            purpose: "charges cards".into(),
+            ..Default::default()
+        }
+    }
+
+    async fn create(service: &AdminService, entry: Entry) -> Result<Entry, Status> {
+        service
+            .create_entry(Request::new(CreateEntryRequest { entry: Some(entry) }))
+            .await
+            .map(Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn entries_are_checked_field_by_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = AdminService::new(testing::state(dir.path()).await);
+        let created = create(&service, entry()).await.unwrap();
+        assert_eq!(created.revision, 1);
+
+        let cases = [
+            (
+                Entry {
+                    owner: "ops\u{7}".into(),
+                    ..entry()
+                },
+                "entry.owner = \"ops\\u{7}\"",
+            ),
+            (
+                Entry {
+                    purpose: "p".repeat(2000),
+                    ..entry()
+                },
+                "entry.purpose = ",
+            ),
+            (
+                Entry {
+                    selectors: vec!["unix:uid:1".into(), "unix:uid:2".into()],
+                    ..entry()
+                },
+                "entry.selectors[1] = \"unix:uid:2\"",
+            ),
+            (
+                Entry {
+                    selectors: vec!["unix:path:/opt/../bin/x".into()],
+                    ..entry()
+                },
+                "entry.selectors[0]",
+            ),
+            (
+                Entry {
+                    spiffe_id: "spiffe://example.org/tessera/node/x".into(),
+                    ..entry()
+                },
+                "entry.spiffe_id",
+            ),
+        ];
+        for (entry, want) in cases {
+            let status = create(&service, entry).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().starts_with(want), "{want}: {status:?}");
+        }
+        let missing = service
+            .create_entry(Request::new(CreateEntryRequest { entry: None }))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.message(), "entry is required");
+    }
+
+    #[tokio::test]
+    async fn store_errors_map_to_their_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = AdminService::new(testing::state(dir.path()).await);
+        let absent = service
+            .get_entry(Request::new(EntryRequest { id: "nope".into() }))
+            .await
+            .unwrap_err();
+        assert_eq!(absent.code(), tonic::Code::NotFound);
+        assert_eq!(absent.message(), "no entry with id \"nope\"");
+        let absent = service
+            .evict_node(Request::new(NodeRequest { id: "n9".into() }))
+            .await
+            .unwrap_err();
+        assert_eq!(absent.code(), tonic::Code::NotFound);
+        create(&service, entry()).await.unwrap();
+        let twice = create(&service, entry()).await.unwrap_err();
+        assert_eq!(twice.code(), tonic::Code::AlreadyExists);
+
+        let corrupt = AdminApiError::from(StoreError::Corrupt("row 3: key material".into()));
+        let status = corrupt.into_status();
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Internal, "internal error")
+        );
+        let down = status_of(StoreError::Unavailable("db.internal refused".into()));
+        assert_eq!(down.code(), tonic::Code::Unavailable);
+        assert!(!down.message().contains("db.internal"));
+    }
+
+    fn status_of(error: StoreError) -> Status {
+        status(error)
+    }
+
+    #[tokio::test]
+    async fn join_tokens_are_checked_and_never_shown_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = AdminService::new(testing::state(dir.path()).await);
+        let bad = service
+            .create_join_token(Request::new(CreateJoinTokenRequest {
+                ttl_seconds: 0,
+                labels: vec![],
+            }))
+            .await
+            .unwrap_err();
+        assert!(bad.message().starts_with("ttl_seconds = \"0\""), "{bad:?}");
+        let token = service
+            .create_join_token(Request::new(CreateJoinTokenRequest {
+                ttl_seconds: 60,
+                labels: vec!["rack-1".into()],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(token.token.len(), 48);
+        let shown = format!("{token:?}");
+        assert!(
+            !shown.contains(&token.token) && shown.contains("rack-1"),
+            "{shown}"
+        );
+        let attestation = crate::proto::tessera::JoinTokenAttestation {
+            token: token.token.clone(),
+        };
+        assert!(!format!("{attestation:?}").contains(&token.token));
+    }
+
+    #[tokio::test]
+    async fn inventory_never_panics_on_stored_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let service = AdminService::new(state.clone());
+        let mut created = entry();
+        created.inactivity_timeout_seconds = Some(i64::MAX);
+        create(&service, created).await.unwrap();
+        state
+            .store
+            .attest_node(NodeRecord {
+                id: "n1".into(),
+                attestation: "join_token".into(),
+                selectors: vec!["node:id:n1".into()],
+                status: NodeStatus::Active,
+                attested_at: 1,
+                last_seen: i64::MAX,
+                svid_serial: "01".into(),
+                svid_not_after: i64::MAX,
+                ca_serial: "02".into(),
+                ca_not_after: i64::MAX,
+            })
+            .await
+            .unwrap();
+        let inventory = service
+            .get_inventory(Request::new(GetInventoryRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(inventory.nodes[0].last_contact_ms, i64::MAX);
+        assert!(!inventory.identities[0].unused_past_timeout);
     }
 }

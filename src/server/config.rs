@@ -25,7 +25,7 @@ const DEFAULT_ROOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const NODE_CA_TTL_FACTOR: u32 = 6;
 
 /// Where the server keeps its records.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum DatastoreConfig {
     /// An embedded SQLite database file (one server process).
     Sqlite {
@@ -37,6 +37,19 @@ pub enum DatastoreConfig {
         /// libpq-style connection string.
         connection: String,
     },
+}
+
+impl std::fmt::Debug for DatastoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
+            // The connection string may carry a password.
+            Self::Postgres { .. } => f
+                .debug_struct("Postgres")
+                .field("connection", &"<redacted>")
+                .finish(),
+        }
+    }
 }
 
 /// Where the root CA comes from.
@@ -347,6 +360,18 @@ kind = "sqlite"
 [x509pop]
 ca_bundle_file = "/etc/t/node-ca.pem"
 "#;
+
+    #[test]
+    fn the_connection_string_stays_out_of_debug_output() {
+        let text = GOOD.replace(
+            "kind = \"sqlite\"",
+            "kind = \"postgres\"\nconnection = \"host=db user=t password=hunter2\"",
+        );
+        let config = ServerConfig::parse("server.toml", &text).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("Postgres"), "{shown}");
+    }
 
     #[test]
     fn parses_a_full_config_with_defaults() {

@@ -7,6 +7,8 @@ pub mod config;
 pub mod node_api;
 pub mod root;
 pub mod sync;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 

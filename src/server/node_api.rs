@@ -17,9 +17,7 @@ use x509_parser::prelude::*;
 
 use super::State;
 use super::sync::{Snapshot, bundle_message, delta, full};
-use crate::ca::node::{
-    CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid,
-};
+use crate::ca::node::{CsrError, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid};
 use crate::events::model::{
     MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, to_record, uuid_string,
 };
@@ -63,7 +61,13 @@ pub enum NodeApiError {
     Store(#[from] StoreError),
     /// Signing failed.
     #[error("signing: {0}")]
-    Signing(String),
+    Signing(#[source] crate::ca::CaError),
+    /// The system's random generator failed.
+    #[error("no randomness for {0}")]
+    Randomness(&'static str),
+    /// The server is draining; the node should reconnect, to another replica if there is one.
+    #[error("server is shutting down")]
+    ShuttingDown,
 }
 
 impl NodeApiError {
@@ -71,7 +75,7 @@ impl NodeApiError {
     pub fn into_status(self) -> Status {
         match self {
             Self::BadRequest(m) => Status::invalid_argument(m),
-            Self::Csr(CsrError::Signing(e)) => Self::Signing(e.to_string()).into_status(),
+            Self::Csr(CsrError::Signing(e)) => Self::Signing(e).into_status(),
             Self::Csr(e) => Status::invalid_argument(e.to_string()),
             Self::NotAuthenticated(m) => Status::unauthenticated(m),
             Self::Forbidden(m) => Status::permission_denied(m),
@@ -98,6 +102,11 @@ impl NodeApiError {
                 tracing::error!(error = %e, "node API call failed");
                 Status::internal("internal error")
             }
+            Self::Randomness(what) => {
+                tracing::error!(what, "node API call failed: the random generator failed");
+                Status::internal("internal error")
+            }
+            Self::ShuttingDown => Status::unavailable("server is shutting down"),
         }
     }
 }
@@ -151,8 +160,7 @@ impl State {
     ) -> Result<(NodeCredentials, NodeCredentialsRecord), NodeApiError> {
         let now = SystemTime::now();
         let td = &self.config.trust_domain;
-        let spiffe_id =
-            node_spiffe_id(td, node_id).map_err(|e| NodeApiError::Signing(e.to_string()))?;
+        let spiffe_id = node_spiffe_id(td, node_id).map_err(NodeApiError::Signing)?;
         let svid = sign_node_svid(
             &self.root,
             &spiffe_id,
@@ -192,45 +200,49 @@ impl State {
         })
     }
 
-    /// Records an attestation and returns the credentials with the bundle.
-    async fn attested(
-        &self,
-        node_id: String,
+    /// The record of a node attested now with `granted` credentials.
+    fn attested_record(
+        node_id: &str,
         attestation: &str,
         mut selectors: Vec<String>,
-        csrs: &Csrs,
-    ) -> Result<NodeCredentials, NodeApiError> {
-        let (mut credentials, granted) = self.grant(&node_id, csrs)?;
+        granted: &NodeCredentialsRecord,
+    ) -> NodeRecord {
         selectors.push(format!("node:id:{node_id}"));
         selectors.push(format!("node:attestation:{attestation}"));
         let now = unix_now();
-        self.store
-            .attest_node(NodeRecord {
-                id: node_id.clone(),
-                attestation: attestation.to_owned(),
-                selectors: canonical(selectors),
-                status: NodeStatus::Active,
-                attested_at: now,
-                last_seen: now,
-                svid_serial: granted.svid_serial.clone(),
-                svid_not_after: granted.svid_not_after,
-                ca_serial: granted.ca_serial.clone(),
-                ca_not_after: granted.ca_not_after,
-            })
-            .await?;
+        NodeRecord {
+            id: node_id.to_owned(),
+            attestation: attestation.to_owned(),
+            selectors: canonical(selectors),
+            status: NodeStatus::Active,
+            attested_at: now,
+            last_seen: now,
+            svid_serial: granted.svid_serial.clone(),
+            svid_not_after: granted.svid_not_after,
+            ca_serial: granted.ca_serial.clone(),
+            ca_not_after: granted.ca_not_after,
+        }
+    }
+
+    /// Completes an attestation the store has recorded: the bundle, the event, the audit line.
+    async fn attested(
+        &self,
+        mut credentials: NodeCredentials,
+        node: &NodeRecord,
+    ) -> Result<NodeCredentials, NodeApiError> {
         credentials.bundle = Some(self.bundle().await?);
         self.record(self.server_event(
             EventKind::NodeAttested,
-            &node_id,
-            format!("attested by {attestation}"),
+            &node.id,
+            format!("attested by {}", node.attestation),
         ))
         .await;
         tracing::info!(
             target: "tessera::audit",
-            node = %node_id,
-            attestation,
-            svid_serial = %granted.svid_serial,
-            ca_serial = %granted.ca_serial,
+            node = %node.id,
+            attestation = %node.attestation,
+            svid_serial = %node.svid_serial,
+            ca_serial = %node.ca_serial,
             "node attested"
         );
         Ok(credentials)
@@ -245,25 +257,15 @@ impl State {
             return Err(StoreError::TokenRefused(TokenRefusal::Unknown).into());
         }
         let mut id = [0u8; 8];
-        aws_lc_rs::rand::fill(&mut id)
-            .map_err(|_| NodeApiError::Signing("no randomness".into()))?;
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| NodeApiError::Randomness("a node id"))?;
         let node_id = format!("jt-{}", hex::encode(id));
-        // Refuse bad CSRs before the one-time token is spent.
-        let spiffe_id = node_spiffe_id(&self.config.trust_domain, &node_id)
-            .map_err(|e| NodeApiError::Signing(e.to_string()))?;
-        check_csrs(
-            &self.config.trust_domain,
-            &spiffe_id,
-            &csrs.node_svid,
-            &csrs.ca,
-        )?;
+        // Refuse bad CSRs before the one-time token is spent; the token is spent in the same
+        // transaction that records the node, so a crash cannot burn it for nothing.
+        let (credentials, granted) = self.grant(&node_id, csrs)?;
         let digest = hex::encode(sha256(token.as_bytes()));
-        let labels = self
-            .store
-            .consume_join_token(&digest, &node_id, unix_now())
-            .await?;
-        let selectors = labels.iter().map(|l| format!("node:label:{l}")).collect();
-        self.attested(node_id, "join_token", selectors, csrs).await
+        let node = Self::attested_record(&node_id, "join_token", Vec::new(), &granted);
+        let node = self.store.join_node(&digest, node, unix_now()).await?;
+        self.attested(credentials, &node).await
     }
 
     /// Verifies an x509pop certificate chain against the configured CAs; returns the node id and
@@ -475,7 +477,7 @@ async fn attest(
             let (node_id, selectors) = state.check_x509pop_chain(&pop.cert_chain)?;
             let mut nonce = vec![0u8; 32];
             aws_lc_rs::rand::fill(&mut nonce)
-                .map_err(|_| NodeApiError::Signing("no randomness".into()))?;
+                .map_err(|_| NodeApiError::Randomness("an x509pop nonce"))?;
             let challenge = AttestResponse {
                 step: Some(attest_response::Step::Challenge(X509PopChallenge {
                     nonce: nonce.clone(),
@@ -497,7 +499,10 @@ async fn attest(
                 &x509pop_message(&nonce, &csrs),
                 &proof.signature,
             )?;
-            state.attested(node_id, "x509pop", selectors, &csrs).await
+            let (credentials, granted) = state.grant(&node_id, &csrs)?;
+            let node = State::attested_record(&node_id, "x509pop", selectors, &granted);
+            let node = state.store.attest_node(node).await?;
+            state.attested(credentials, &node).await
         }
         Some(attest_request::Step::X509popProof(_)) | None => Err(NodeApiError::BadRequest(
             "the first attestation step must be join_token or x509pop".into(),
@@ -708,18 +713,21 @@ async fn stream_updates(
             Some((status, _)) if status != NodeStatus::Active => {
                 tracing::info!(target: "tessera::audit", node = %node_id, %status, "sync stream ended: node no longer active");
                 let _ = tx
-                    .send(Err(Status::permission_denied(format!(
-                        "node {node_id} is {status}"
-                    ))))
+                    .send(Err(NodeApiError::Store(StoreError::NodeNotActive {
+                        id: node_id.clone(),
+                        status,
+                    })
+                    .into_status()))
                     .await;
                 return;
             }
             Some(_) => {
                 // Attested again since this stream began: this stream's credentials are old.
                 let _ = tx
-                    .send(Err(Status::permission_denied(format!(
+                    .send(Err(NodeApiError::Forbidden(format!(
                         "node {node_id} attested again; reconnect with the new node SVID"
-                    ))))
+                    ))
+                    .into_status()))
                     .await;
                 return;
             }
@@ -727,9 +735,10 @@ async fn stream_updates(
             None if sent_bundle.is_none() => {}
             None => {
                 let _ = tx
-                    .send(Err(Status::permission_denied(format!(
+                    .send(Err(NodeApiError::Forbidden(format!(
                         "node {node_id} is not attested"
-                    ))))
+                    ))
+                    .into_status()))
                     .await;
                 return;
             }
@@ -758,7 +767,7 @@ async fn stream_updates(
             changed = snapshots.changed() => if changed.is_err() { return },
             _ = tx.closed() => return,
             _ = stopping(&mut shutdown) => {
-                let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
+                let _ = tx.send(Err(NodeApiError::ShuttingDown.into_status())).await;
                 return;
             }
         }
@@ -785,4 +794,193 @@ pub fn x509pop_verifier(path: &std::path::Path) -> Result<Arc<dyn ClientCertVeri
     )
     .build()
     .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::node::key_and_csr;
+    use crate::proto::tessera::Caller;
+    use crate::server::testing;
+    use crate::store::JoinTokenRecord;
+
+    fn csrs() -> Csrs {
+        let (_, node_svid) = key_and_csr().unwrap();
+        let (_, ca) = key_and_csr().unwrap();
+        Csrs { node_svid, ca }
+    }
+
+    async fn token(state: &State, token: &str, labels: &[&str]) {
+        state
+            .store
+            .create_join_token(JoinTokenRecord {
+                digest: hex::encode(sha256(token.as_bytes())),
+                expires_at: unix_now() + 600,
+                labels: labels.iter().map(|l| l.to_string()).collect(),
+                created_at: unix_now(),
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_join_token_admits_one_node_with_its_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        token(&state, "secret-1", &["rack-7"]).await;
+        let credentials = state.attest_join_token("secret-1", &csrs()).await.unwrap();
+        assert!(credentials.node_id.starts_with("jt-"));
+        assert_eq!(credentials.bundle.unwrap().roots.len(), 1);
+        let node = state
+            .store
+            .get_node(&credentials.node_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            node.selectors.contains(&"node:label:rack-7".to_owned())
+                && node
+                    .selectors
+                    .contains(&"node:attestation:join_token".to_owned()),
+            "{:?}",
+            node.selectors
+        );
+        let again = state
+            .attest_join_token("secret-1", &csrs())
+            .await
+            .unwrap_err()
+            .into_status();
+        assert_eq!(again.code(), tonic::Code::Unauthenticated);
+        assert!(again.message().contains("already used"), "{again:?}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_csr_leaves_the_token_unspent() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        token(&state, "secret-2", &[]).await;
+        let bad = Csrs {
+            node_svid: b"not a CSR".to_vec(),
+            ..csrs()
+        };
+        let refused = state
+            .attest_join_token("secret-2", &bad)
+            .await
+            .unwrap_err()
+            .into_status();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        state.attest_join_token("secret-2", &csrs()).await.unwrap();
+    }
+
+    #[test]
+    fn internal_failures_are_logged_not_shown() {
+        let corrupt = NodeApiError::Store(StoreError::Corrupt("row 7: secret detail".into()));
+        let status = corrupt.into_status();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error");
+        let down = NodeApiError::Store(StoreError::Unavailable("host db:5432 refused".into()));
+        let status = down.into_status();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(!status.message().contains("db:5432"));
+    }
+
+    fn issued(serial: &str) -> Event {
+        Event {
+            id: new_event_id(),
+            kind: EventKind::SvidIssued as i32,
+            time_ms: now_ms(),
+            trust_domain: "example.org".into(),
+            entry_id: "e1".into(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            serial: serial.into(),
+            not_after: unix_now() + 300,
+            caller: Some(Caller::default()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_the_store_refuses_are_acknowledged_with_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let first = state
+            .ingest(
+                "node-a",
+                EventBatch {
+                    sequence: 1,
+                    events: vec![issued("0a0b")],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (first.stored, first.error.as_str()),
+            (2, ""),
+            "and its anomaly"
+        );
+        // Another node reporting on node-a's SVID: refused, answered, never a stream error
+        // the node would retry for ever.
+        let mut revoked = issued("0a0b");
+        revoked.kind = EventKind::SvidRevoked as i32;
+        let ack = state
+            .ingest(
+                "node-b",
+                EventBatch {
+                    sequence: 9,
+                    events: vec![revoked],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(ack.sequence, 9);
+        assert!(ack.error.contains("serial 0a0b"), "{ack:?}");
+        // An event from the year 10000 never reaches the store.
+        let mut late = issued("0c");
+        late.time_ms = 253_402_300_800_000;
+        let ack = state
+            .ingest(
+                "node-a",
+                EventBatch {
+                    sequence: 10,
+                    events: vec![late],
+                },
+            )
+            .await
+            .unwrap();
+        assert!(ack.error.contains("time_ms"), "{ack:?}");
+    }
+
+    #[tokio::test]
+    async fn the_sync_stream_of_an_evicted_node_ends_through_the_one_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        token(&state, "secret-3", &[]).await;
+        let node_id = state
+            .attest_join_token("secret-3", &csrs())
+            .await
+            .unwrap()
+            .node_id;
+        let node = state.store.get_node(&node_id).await.unwrap().unwrap();
+        state
+            .store
+            .set_node_status(&node_id, NodeStatus::Evicted)
+            .await
+            .unwrap();
+        let snapshot = crate::server::sync::load_snapshot(state.store.as_ref())
+            .await
+            .unwrap();
+        let (_keep, snapshots) = watch::channel(Arc::new(snapshot));
+        let (tx, mut rx) = mpsc::channel(4);
+        stream_updates(
+            state.clone(),
+            node_id.clone(),
+            node.attested_at,
+            snapshots,
+            tx,
+        )
+        .await;
+        let status = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(status.message(), format!("node {node_id} is evicted"));
+    }
 }

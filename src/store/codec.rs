@@ -58,6 +58,13 @@ pub(crate) fn attested_node(mut node: NodeRecord) -> NodeRecord {
     node
 }
 
+/// `node` as a join token with `labels` attests it: one `node:label:` selector per label.
+pub(crate) fn joined_node(mut node: NodeRecord, labels: &[String]) -> NodeRecord {
+    node.selectors
+        .extend(labels.iter().map(|label| format!("node:label:{label}")));
+    attested_node(node)
+}
+
 /// The clash of a new entry's id with a stored one.
 pub(crate) fn entry_id_taken(id: &str) -> StoreError {
     StoreError::AlreadyExists(format!("an entry with id {id:?} already exists"))

@@ -92,6 +92,61 @@ pub(crate) fn check_batch(events: &[EventRecord]) -> Result<(), StoreError> {
         if event.count.is_some_and(|count| count < 0) {
             return refuse("has a negative count".to_owned());
         }
+        // PostgreSQL's text cannot hold NUL; refused here so both backends agree.
+        let caller_texts = event
+            .caller
+            .iter()
+            .flat_map(|c| [&c.exe_path, &c.exe_sha256, &c.unit]);
+        let texts = [
+            &event.id,
+            &event.node_id,
+            &event.entry_id,
+            &event.spiffe_id,
+            &event.serial,
+            &event.detail,
+        ];
+        if texts
+            .into_iter()
+            .chain(caller_texts)
+            .any(|t| t.contains('\0'))
+        {
+            return refuse("holds a NUL character in a text field".to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// The serials of a batch's events about SVIDs, to look up who issued them.
+pub(crate) fn svid_serials(events: &[EventRecord]) -> Vec<String> {
+    let serials: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| event_kind::is_svid(&e.kind))
+        .map(|e| e.serial.as_str())
+        .collect();
+    serials.into_iter().map(str::to_owned).collect()
+}
+
+/// Refuses a batch with an event about an SVID that another node issued: a node reports on
+/// the SVIDs it minted, and one reporting on another's would rewrite that SVID's history.
+/// `issuers` maps the batch's stored serials to the node that issued them.
+pub(crate) fn check_serial_issuers(
+    events: &[EventRecord],
+    issuers: &std::collections::HashMap<String, String>,
+) -> Result<(), StoreError> {
+    for (index, event) in events.iter().enumerate() {
+        if !event_kind::is_svid(&event.kind) {
+            continue;
+        }
+        if let Some(issuer) = issuers.get(&event.serial)
+            && !issuer.is_empty()
+            && *issuer != event.node_id
+        {
+            return Err(StoreError::Invalid(format!(
+                "event {index} (id {:?}) is about serial {}, which node {issuer:?} issued, not \
+                 {:?}; nothing in the batch was stored",
+                event.id, event.serial, event.node_id
+            )));
+        }
     }
     Ok(())
 }
@@ -308,7 +363,8 @@ pub(crate) const SVID_MERGE: &str = "
     last_used_ms = CASE WHEN svids.last_used_ms IS NULL
             OR excluded.last_used_ms > svids.last_used_ms
         THEN excluded.last_used_ms ELSE svids.last_used_ms END,
-    uses = svids.uses + excluded.uses";
+    uses = CASE WHEN svids.uses > 9223372036854775807 - excluded.uses
+        THEN 9223372036854775807 ELSE svids.uses + excluded.uses END";
 
 /// The SQL of [`merge_entry_activity`], likewise for `entry_activity`.
 pub(crate) const ENTRY_ACTIVITY_MERGE: &str = "

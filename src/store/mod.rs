@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 mod codec;
 mod events;
+mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
@@ -437,14 +438,17 @@ pub trait Datastore: Send + Sync + 'static {
     /// Stores a new join token. `AlreadyExists` when its digest is taken.
     async fn create_join_token(&self, token: JoinTokenRecord) -> Result<(), StoreError>;
 
-    /// Marks the token with `digest` used by `node_id` and returns its labels, in one atomic
-    /// step: of two concurrent uses, exactly one succeeds. `TokenRefused` otherwise.
-    async fn consume_join_token(
+    /// Spends the join token with `digest` and records `node` as attested by it, in one
+    /// transaction: the node's selectors gain `node:label:<label>` for each of the token's
+    /// labels, and it is stored as [`Datastore::attest_node`] would. Of two concurrent uses,
+    /// exactly one succeeds; the others get `TokenRefused`. When the node cannot be recorded
+    /// (`NodeNotActive`, `Unavailable`) the token stays unspent, so the agent can try again.
+    async fn join_node(
         &self,
         digest: &str,
-        node_id: &str,
+        node: NodeRecord,
         now: i64,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<NodeRecord, StoreError>;
 
     /// Records a successful attestation: inserts the node, or replaces the record of an active
     /// or evicted one, which becomes active (`node.status` is ignored). `NodeNotActive` (status

@@ -22,17 +22,17 @@
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, MutexGuard, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Transaction};
+use tokio_postgres::{AsyncMessage, Client, Config, Row, Transaction};
 
 use super::codec;
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
+use super::pg_tls::{ConnectionString, PgTls};
 use super::{
     BundleRoot, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord, JoinTokenRecord,
     NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, StoredCount,
@@ -194,24 +194,29 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     /// Connects with a libpq-style connection string (`host=... dbname=... user=...` or a
-    /// `postgresql://` URL; no TLS) and brings the schema up to date. `Unavailable` when the
-    /// server cannot be reached; `Corrupt` when a newer server has migrated the database.
+    /// `postgresql://` URL; TLS as `sslmode` and `sslrootcert` say, see [`super::pg_tls`]) and
+    /// brings the schema up to date. `Unavailable` when the server cannot be reached or the
+    /// string is unusable; `Corrupt` when a newer server has migrated the database.
     pub async fn connect(conninfo: &str) -> Result<Self, StoreError> {
-        let mut config: Config = conninfo.parse().map_err(|e| {
-            // The string itself may hold a password: only the parser's complaint is shown.
-            StoreError::Unavailable(format!("invalid PostgreSQL connection string: {e}"))
-        })?;
+        // The string itself may hold a password: only what is wrong with it is shown.
+        let ConnectionString { mut config, tls } = ConnectionString::parse(conninfo)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("tessera");
         }
-        let pool = Pool::new(config.clone());
+        let pool = Pool::new(config.clone(), tls.clone());
         pool.run(|client| Box::pin(migrate(client, None))).await?;
         let changes = Arc::new(watch::Sender::new(0));
         let events = Arc::new(watch::Sender::new(0));
-        let listener = tokio::spawn(listen(config, Arc::clone(&changes), Arc::clone(&events)));
+        let listener = tokio::spawn(listen(
+            config,
+            tls,
+            Arc::clone(&changes),
+            Arc::clone(&events),
+        ));
         Ok(Self {
             pool,
             changes,
@@ -224,10 +229,9 @@ impl PostgresStore {
     /// of that version left it.
     #[cfg(test)]
     pub(super) async fn create_at_version(conninfo: &str, version: i64) -> Result<(), StoreError> {
-        let config: Config = conninfo
-            .parse()
-            .map_err(|e| StoreError::Unavailable(format!("{e}")))?;
-        Pool::new(config)
+        let ConnectionString { config, tls } = ConnectionString::parse(conninfo)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Pool::new(config, tls)
             .run(|client| Box::pin(migrate(client, Some(version))))
             .await
     }
@@ -275,34 +279,35 @@ impl From<StoreError> for Failure {
 /// One operation on a connection.
 type Op<'c, T> = Pin<Box<dyn Future<Output = Result<T, Failure>> + Send + 'c>>;
 
-/// A few connections, each opened when first needed and replaced when lost.
+/// A few connections, each opened when first needed and replaced when lost. An operation
+/// waits for a permit, first come first served, and takes whichever connection is free: it
+/// never queues behind one busy connection while another stands idle.
 struct Pool {
     /// Where to connect.
     config: Config,
-    /// Each holds a connection or nothing (not opened yet, or dropped after a failure).
-    slots: Vec<Mutex<Option<Client>>>,
-    /// Which slot to wait for when every one is busy.
-    next: AtomicUsize,
+    /// How.
+    tls: PgTls,
+    /// One per connection that may be open at once.
+    permits: Semaphore,
+    /// Open connections not in use.
+    idle: std::sync::Mutex<Vec<Client>>,
 }
 
 impl Pool {
-    fn new(config: Config) -> Self {
+    fn new(config: Config, tls: PgTls) -> Self {
         Self {
             config,
-            slots: (0..POOL_SIZE).map(|_| Mutex::new(None)).collect(),
-            next: AtomicUsize::new(0),
+            tls,
+            permits: Semaphore::new(POOL_SIZE),
+            idle: std::sync::Mutex::new(Vec::with_capacity(POOL_SIZE)),
         }
     }
 
-    /// A free slot, or else the next one in turn once it is free.
-    async fn slot(&self) -> MutexGuard<'_, Option<Client>> {
-        for slot in &self.slots {
-            if let Ok(guard) = slot.try_lock() {
-                return guard;
-            }
-        }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        self.slots[turn].lock().await
+    /// The idle connections; a panic elsewhere while they were held left them usable.
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Client>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `op` on a live connection. A connection that failed for good is not put back.
@@ -311,12 +316,16 @@ impl Pool {
         T: Send,
         F: for<'c> FnOnce(&'c mut Client) -> Op<'c, T> + Send,
     {
-        let mut slot = self.slot().await;
-        // Out of its slot while in use: if the caller gives up half-way, the connection, in no
+        // The semaphore is never closed.
+        let _permit = self.permits.acquire().await.map_err(|_| {
+            StoreError::Unavailable("the PostgreSQL connection pool is closed".to_owned())
+        })?;
+        // Out of the pool while in use: if the caller gives up half-way, the connection, in no
         // known state, is dropped with the operation.
-        let mut client = match slot.take() {
-            Some(client) if !client.is_closed() => client,
-            _ => connect(&self.config).await?,
+        let reused = self.idle().pop().filter(|client| !client.is_closed());
+        let mut client = match reused {
+            Some(client) => client,
+            None => connect(&self.config, &self.tls).await?,
         };
         let outcome = tokio::time::timeout(OPERATION_TIMEOUT, op(&mut client)).await;
         match outcome {
@@ -329,11 +338,11 @@ impl Pool {
                 )))
             }
             Ok(Ok(value)) => {
-                *slot = Some(client);
+                self.idle().push(client);
                 Ok(value)
             }
             Ok(Err(Failure::Store(e))) => {
-                *slot = Some(client);
+                self.idle().push(client);
                 Err(e)
             }
             Ok(Err(Failure::Db(e))) if connection_lost(&e) || client.is_closed() => {
@@ -345,7 +354,7 @@ impl Pool {
                 )))
             }
             Ok(Err(Failure::Db(e))) => {
-                *slot = Some(client);
+                self.idle().push(client);
                 Err(refusal(&e))
             }
         }
@@ -353,8 +362,8 @@ impl Pool {
 }
 
 /// Opens a connection and drives it on its own task until it closes.
-async fn connect(config: &Config) -> Result<Client, StoreError> {
-    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+async fn connect(config: &Config, tls: &PgTls) -> Result<Client, StoreError> {
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.clone()))
         .await
         .map_err(|_| {
             StoreError::Unavailable(format!(
@@ -400,6 +409,10 @@ fn refusal(e: &tokio_postgres::Error) -> StoreError {
             "the record clashes with a stored one ({})",
             describe(e)
         ))
+    } else if code.is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")) {
+        // Class 22 (data exception) and 23 (integrity constraint violation): the values are at
+        // fault, and sending them again would fail again.
+        StoreError::Invalid(format!("PostgreSQL refused the values: {}", describe(e)))
     } else {
         StoreError::Unavailable(format!("PostgreSQL refused the operation: {}", describe(e)))
     }
@@ -649,13 +662,13 @@ async fn delete_entry(client: &mut Client, id: String) -> Result<EntryRecord, Fa
     Ok(deleted)
 }
 
+/// Spends the token inside `tx` and returns its labels.
 async fn consume_join_token(
-    client: &mut Client,
+    tx: &Transaction<'_>,
     digest: &str,
     node_id: &str,
     now: i64,
 ) -> Result<Vec<String>, Failure> {
-    let tx = client.transaction().await?;
     // A concurrent use waits for this row lock, then finds the token used.
     let row = tx
         .query_opt(
@@ -666,9 +679,10 @@ async fn consume_join_token(
         )
         .await?;
     if let Some(row) = row {
-        let labels = codec::decode_list(col(&row, "labels")?, "join token labels")?;
-        tx.commit().await?;
-        return Ok(labels);
+        return Ok(codec::decode_list(
+            col(&row, "labels")?,
+            "join token labels",
+        )?);
     }
     let stored = tx
         .query_opt(
@@ -686,8 +700,31 @@ async fn consume_join_token(
     Err(StoreError::TokenRefused(refusal).into())
 }
 
+/// Spends the token and records the node in one transaction.
+async fn join_node(
+    client: &mut Client,
+    digest: &str,
+    node: NodeRecord,
+    now: i64,
+) -> Result<NodeRecord, Failure> {
+    let tx = client.transaction().await?;
+    let labels = consume_join_token(&tx, digest, &node.id, now).await?;
+    let stored = upsert_node(&tx, &codec::joined_node(node, &labels)).await?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
 async fn attest_node(client: &mut Client, node: &NodeRecord) -> Result<NodeRecord, Failure> {
     let tx = client.transaction().await?;
+    let stored = upsert_node(&tx, node).await?;
+    notify(&tx).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// Inserts or replaces the node's record inside `tx`; a banned node stays banned.
+async fn upsert_node(tx: &Transaction<'_>, node: &NodeRecord) -> Result<NodeRecord, Failure> {
     // The WHERE of the upsert keeps a banned node as it is; then nothing is returned.
     let row = tx
         .query_opt(
@@ -722,10 +759,7 @@ async fn attest_node(client: &mut Client, node: &NodeRecord) -> Result<NodeRecor
         }
         .into());
     };
-    let stored = node_from_row(&row)?;
-    notify(&tx).await?;
-    tx.commit().await?;
-    Ok(stored)
+    Ok(node_from_row(&row)?)
 }
 
 /// The error for a conditional node update that matched nothing: the node is unknown, or in
@@ -897,6 +931,17 @@ async fn store_events(client: &mut Client, batch: &[EventRecord]) -> Result<usiz
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
         .await?;
+    let rows = tx
+        .query(
+            "SELECT serial, node_id FROM svids WHERE serial = ANY($1)",
+            &[&events::svid_serials(batch)],
+        )
+        .await?;
+    let issuers = rows
+        .iter()
+        .map(|row| Ok((col(row, "serial")?, col(row, "node_id")?)))
+        .collect::<Result<_, StoreError>>()?;
+    events::check_serial_issuers(batch, &issuers)?;
     let inserted = insert_events(&tx, batch).await?;
     let new: Vec<&EventRecord> = batch.iter().filter(|e| inserted.contains(&e.id)).collect();
     if !new.is_empty() {
@@ -1235,18 +1280,19 @@ impl Datastore for PostgresStore {
             .await
     }
 
-    async fn consume_join_token(
+    async fn join_node(
         &self,
         digest: &str,
-        node_id: &str,
+        node: NodeRecord,
         now: i64,
-    ) -> Result<Vec<String>, StoreError> {
-        let (digest, node_id) = (digest.to_owned(), node_id.to_owned());
-        self.pool
-            .run(move |c| {
-                Box::pin(async move { consume_join_token(c, &digest, &node_id, now).await })
-            })
-            .await
+    ) -> Result<NodeRecord, StoreError> {
+        let digest = digest.to_owned();
+        let stored = self
+            .pool
+            .run(move |c| Box::pin(async move { join_node(c, &digest, node, now).await }))
+            .await?;
+        self.bump();
+        Ok(stored)
     }
 
     async fn attest_node(&self, node: NodeRecord) -> Result<NodeRecord, StoreError> {
@@ -1470,10 +1516,15 @@ impl Datastore for PostgresStore {
 
 /// Keeps a notification connection up for as long as the store lives, waiting longer after
 /// each failed attempt.
-async fn listen(config: Config, changes: Arc<watch::Sender<u64>>, events: Arc<watch::Sender<u64>>) {
+async fn listen(
+    config: Config,
+    tls: PgTls,
+    changes: Arc<watch::Sender<u64>>,
+    events: Arc<watch::Sender<u64>>,
+) {
     let mut delay = LISTEN_RETRY_MIN;
     loop {
-        match listen_once(&config, &changes, &events).await {
+        match listen_once(&config, &tls, &changes, &events).await {
             Ok(reason) => {
                 tracing::warn!(%reason, "lost the PostgreSQL notification connection");
                 delay = LISTEN_RETRY_MIN;
@@ -1491,13 +1542,15 @@ async fn listen(config: Config, changes: Arc<watch::Sender<u64>>, events: Arc<wa
 /// `Err(why not)` when it could not be.
 async fn listen_once(
     config: &Config,
+    tls: &PgTls,
     changes: &watch::Sender<u64>,
     events: &watch::Sender<u64>,
 ) -> Result<String, String> {
-    let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
-        .await
-        .map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
-        .map_err(|e| describe(&e))?;
+    let (client, mut connection) =
+        tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.clone()))
+            .await
+            .map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
+            .map_err(|e| describe(&e))?;
     // The connection is driven here rather than on a task of its own: notifications arrive
     // through it, and so do the answers to the requests below.
     let messages = async {
@@ -1613,13 +1666,12 @@ fn test_server_from_env() -> Option<String> {
 }
 
 async fn admin_client(conninfo: &str) -> Client {
-    let mut config: Config = conninfo
-        .parse()
-        .unwrap_or_else(|e| panic!("TESSERA_TEST_POSTGRES is not a connection string: {e}"));
+    let ConnectionString { mut config, tls } =
+        ConnectionString::parse(conninfo).unwrap_or_else(|e| panic!("TESSERA_TEST_POSTGRES: {e}"));
     if config.get_dbname().is_none() {
         config.dbname("postgres");
     }
-    connect(&config)
+    connect(&config, &tls)
         .await
         .unwrap_or_else(|e| panic!("TESSERA_TEST_POSTGRES: {e}"))
 }
@@ -1640,6 +1692,7 @@ fn with_dbname(conninfo: &str, dbname: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn dbname_is_overridden_in_both_forms() {
@@ -1679,5 +1732,295 @@ mod tests {
             matches!(&err, StoreError::Unavailable(m) if m.contains("connection string")),
             "{err}"
         );
+    }
+
+    /// Blocks until `released` fires: an operation that holds its connection.
+    fn held(
+        released: tokio::sync::oneshot::Receiver<()>,
+    ) -> impl for<'c> FnOnce(&'c mut Client) -> Op<'c, ()> + Send {
+        move |_client| {
+            Box::pin(async move {
+                let _ = released.await;
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn pool_hands_out_the_first_free_connection() {
+        let Some(conninfo) = scratch_database_from_env().await else {
+            return;
+        };
+        let ConnectionString { config, tls } = ConnectionString::parse(&conninfo).unwrap();
+        let pool = Arc::new(Pool::new(config, tls));
+        let mut releases = Vec::new();
+        let mut holders = Vec::new();
+        for _ in 0..POOL_SIZE {
+            let (release, released) = tokio::sync::oneshot::channel();
+            releases.push(release);
+            let pool = Arc::clone(&pool);
+            holders.push(tokio::spawn(async move { pool.run(held(released)).await }));
+        }
+        // Every connection is in use once no permit is left.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while pool.permits.available_permits() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the holders never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                pool.run(|client| {
+                    Box::pin(async move { Ok(client.simple_query("SELECT 1").await.map(|_| ())?) })
+                })
+                .await
+            })
+        };
+        // Free every connection but the first: the waiter must take one of them, whichever
+        // it would have queued behind.
+        let first = releases.remove(0);
+        for release in releases {
+            release.send(()).unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(60), waiter)
+            .await
+            .expect("the waiter queued behind the one busy connection")
+            .unwrap()
+            .unwrap();
+        first.send(()).unwrap();
+        for holder in holders {
+            holder.await.unwrap().unwrap();
+        }
+        drop_scratch_database(&conninfo).await;
+    }
+
+    /// What a TLS test needs of the local cluster: a certificate for `localhost` signed by a CA
+    /// of its own, and a role that logs in with a password over TCP.
+    struct TlsCluster {
+        dir: PathBuf,
+        port: u16,
+        password: String,
+    }
+
+    const TLS_ROLE: &str = "tessera_tls_test";
+
+    /// Sets up TLS on the local cluster that TESSERA_TEST_POSTGRES names, once: later runs find
+    /// it in place. Test processes take turns on a lock file while they look.
+    async fn tls_cluster(admin: &Client) -> TlsCluster {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let show = |name: &'static str| async move {
+            let row = admin
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .unwrap_or_else(|e| panic!("SHOW {name}: {}", describe(&e)));
+            row.get::<_, String>(0)
+        };
+        let data_dir = PathBuf::from(show("data_directory").await);
+        let port: u16 = show("port").await.parse().unwrap();
+        let owner = std::fs::metadata(&data_dir).unwrap_or_else(|e| {
+            panic!(
+                "the TLS test sets up the local cluster and needs to see its data directory {}: {e}",
+                data_dir.display()
+            )
+        });
+        // Beside the cluster's data, in a place its server may read.
+        let dir = data_dir.parent().unwrap().join("tessera-test-tls");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(owner.uid()), Some(owner.gid())).unwrap();
+        let lock = std::fs::File::create(dir.join("lock")).unwrap();
+        let _lock = tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .unwrap()
+        })
+        .await
+        .unwrap();
+
+        let (cert, key, ca) = (
+            dir.join("server.pem"),
+            dir.join("server.key"),
+            dir.join("ca.pem"),
+        );
+        let password_file = dir.join("password");
+        if !(cert.exists() && key.exists() && ca.exists()) {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "tessera test PostgreSQL CA");
+            ca_params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+            let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca_params, ca_key);
+            let server_key = rcgen::KeyPair::generate().unwrap();
+            let mut server_params =
+                rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            server_params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+            let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+            let write = |path: &PathBuf, text: String, mode: u32| {
+                std::fs::write(path, text).unwrap();
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+                std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())).unwrap();
+            };
+            write(&key, server_key.serialize_pem(), 0o600);
+            write(&cert, server_cert.pem(), 0o644);
+            write(&ca, ca_cert.pem(), 0o644);
+        }
+        if !password_file.exists() {
+            let mut secret = [0u8; 18];
+            aws_lc_rs::rand::fill(&mut secret).unwrap();
+            std::fs::write(&password_file, hex::encode(secret)).unwrap();
+            std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        }
+        let password = std::fs::read_to_string(&password_file).unwrap();
+        admin
+            .batch_execute(&format!(
+                "DO $$ BEGIN
+                   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{TLS_ROLE}') THEN
+                     CREATE ROLE {TLS_ROLE} LOGIN;
+                   END IF;
+                 END $$;
+                 ALTER ROLE {TLS_ROLE} PASSWORD '{password}'"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("cannot set up role {TLS_ROLE}: {}", describe(&e)));
+        let wanted = cert.display().to_string();
+        if show("ssl").await != "on" || show("ssl_cert_file").await != wanted {
+            // One statement at a time: ALTER SYSTEM refuses to run inside a transaction.
+            for statement in [
+                "ALTER SYSTEM SET ssl = on".to_owned(),
+                format!("ALTER SYSTEM SET ssl_cert_file = '{wanted}'"),
+                format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
+                "SELECT pg_reload_conf()".to_owned(),
+            ] {
+                admin
+                    .simple_query(&statement)
+                    .await
+                    .unwrap_or_else(|e| panic!("{statement}: {}", describe(&e)));
+            }
+        }
+        TlsCluster {
+            dir,
+            port,
+            password,
+        }
+    }
+
+    impl TlsCluster {
+        fn conninfo(&self, host: &str, dbname: &str, tls: &str) -> String {
+            format!(
+                "host={host} port={} user={TLS_ROLE} password={} dbname={dbname} {tls}",
+                self.port, self.password
+            )
+        }
+
+        fn ca(&self) -> String {
+            self.dir.join("ca.pem").display().to_string()
+        }
+    }
+
+    /// Whether the connection made by `conninfo` runs over TLS, as the server sees it.
+    async fn uses_tls(conninfo: &str) -> Result<bool, StoreError> {
+        let ConnectionString { config, tls } = ConnectionString::parse(conninfo).unwrap();
+        let client = connect(&config, &tls).await?;
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        Ok(row.get(0))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn tls_to_the_database_honours_sslmode_and_sslrootcert() {
+        let Some(admin_conninfo) = test_server_from_env() else {
+            return;
+        };
+        let admin = admin_client(&admin_conninfo).await;
+        let cluster = tls_cluster(&admin).await;
+        let conninfo = scratch_database_from_env().await.unwrap();
+        let dbname = ConnectionString::parse(&conninfo)
+            .unwrap()
+            .config
+            .get_dbname()
+            .unwrap()
+            .to_owned();
+        admin
+            .batch_execute(&format!("ALTER DATABASE {dbname} OWNER TO {TLS_ROLE}"))
+            .await
+            .unwrap();
+        let verify_full = cluster.conninfo(
+            "localhost",
+            &dbname,
+            &format!("sslmode=verify-full sslrootcert='{}'", cluster.ca()),
+        );
+        // The server takes up a new certificate at its reload, a moment after it is asked to.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match uses_tls(&verify_full).await {
+                Ok(tls) => {
+                    assert!(tls, "verify-full must run over TLS");
+                    break;
+                }
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "verify-full never connected: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The whole store works over it.
+        let store = PostgresStore::connect(&verify_full).await.unwrap();
+        assert_eq!(store.list_entries().await.unwrap(), []);
+        drop(store);
+
+        // require: encrypted, the certificate unchecked.
+        let require = cluster.conninfo("localhost", &dbname, "sslmode=require");
+        assert!(uses_tls(&require).await.unwrap());
+        // verify-ca: the chain is checked, the name is not.
+        let by_address = cluster.conninfo(
+            "127.0.0.1",
+            &dbname,
+            &format!("sslmode=verify-ca sslrootcert='{}'", cluster.ca()),
+        );
+        assert!(uses_tls(&by_address).await.unwrap());
+        // verify-full: the name must be the host's.
+        let wrong_name = cluster.conninfo(
+            "127.0.0.1",
+            &dbname,
+            &format!("sslmode=verify-full sslrootcert='{}'", cluster.ca()),
+        );
+        let err = uses_tls(&wrong_name).await.unwrap_err().to_string();
+        assert!(err.contains("certificate"), "{err}");
+        assert!(!err.contains(&cluster.password), "{err}");
+        // A root that did not sign the server's certificate.
+        let other = tempfile::tempdir().unwrap();
+        let other_ca = other.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&other_ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let wrong_root = cluster.conninfo(
+            "localhost",
+            &dbname,
+            &format!("sslmode=verify-full sslrootcert='{}'", other_ca.display()),
+        );
+        let err = PostgresStore::connect(&wrong_root)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("certificate"), "{err}");
+        // disable: plain text, as asked.
+        let plain = cluster.conninfo("localhost", &dbname, "sslmode=disable");
+        assert!(!uses_tls(&plain).await.unwrap());
+
+        drop_scratch_database(&conninfo).await;
     }
 }

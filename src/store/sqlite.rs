@@ -761,6 +761,20 @@ fn node_activity_from_row(row: &Row<'_>) -> Result<NodeActivity, StoreError> {
 /// Stores the events whose ids are new, and what they change in the inventory. Returns how
 /// many were stored.
 fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, StoreError> {
+    let mut issuer = tx
+        .prepare_cached("SELECT node_id FROM svids WHERE serial = ?1")
+        .map_err(db_error)?;
+    let mut issuers = std::collections::HashMap::new();
+    for serial in events::svid_serials(batch) {
+        let node: Option<String> = issuer
+            .query_row([&serial], |row| row.get(0))
+            .optional()
+            .map_err(db_error)?;
+        if let Some(node) = node {
+            issuers.insert(serial, node);
+        }
+    }
+    events::check_serial_issuers(batch, &issuers)?;
     let mut insert = tx
         .prepare_cached(&format!(
             "INSERT INTO events ({EVENT_COLUMNS})
@@ -1037,15 +1051,21 @@ impl Datastore for SqliteStore {
         .await
     }
 
-    async fn consume_join_token(
+    async fn join_node(
         &self,
         digest: &str,
-        node_id: &str,
+        node: NodeRecord,
         now: i64,
-    ) -> Result<Vec<String>, StoreError> {
-        let (digest, node_id) = (digest.to_owned(), node_id.to_owned());
-        self.write(move |tx| consume_token(tx, &digest, &node_id, now))
-            .await
+    ) -> Result<NodeRecord, StoreError> {
+        let digest = digest.to_owned();
+        let stored = self
+            .write(move |tx| {
+                let labels = consume_token(tx, &digest, &node.id, now)?;
+                upsert_node(tx, &codec::joined_node(node, &labels))
+            })
+            .await?;
+        self.bump();
+        Ok(stored)
     }
 
     async fn attest_node(&self, node: NodeRecord) -> Result<NodeRecord, StoreError> {

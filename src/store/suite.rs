@@ -300,31 +300,74 @@ async fn join_tokens(store: &dyn Datastore) {
         .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
 
-    let labels = store.consume_join_token("t1", "node-1", NOW).await.unwrap();
-    assert_eq!(labels, ["rack-7", "gpu"]);
-    let refused = |r| StoreError::TokenRefused(r);
+    let joined = store
+        .join_node("t1", bare_node("node-1"), NOW)
+        .await
+        .unwrap();
     assert_eq!(
-        store.consume_join_token("t1", "node-2", NOW).await,
+        joined.selectors,
+        ["node:id:node-1", "node:label:gpu", "node:label:rack-7"]
+    );
+    assert_eq!(store.get_node("node-1").await.unwrap(), Some(joined));
+    let refused = |r| StoreError::TokenRefused(r);
+    let join =
+        |digest: &'static str, id: &'static str, now| store.join_node(digest, bare_node(id), now);
+    assert_eq!(
+        join("t1", "node-2", NOW).await,
         Err(refused(TokenRefusal::Used))
     );
     assert_eq!(
-        store.consume_join_token("t9", "node-2", NOW).await,
+        join("t9", "node-2", NOW).await,
         Err(refused(TokenRefusal::Unknown))
     );
+    // A refused token records no node.
+    assert_eq!(store.get_node("node-2").await.unwrap(), None);
 
     store.create_join_token(token("t2", NOW - 1)).await.unwrap();
     assert_eq!(
-        store.consume_join_token("t2", "node-3", NOW).await,
+        join("t2", "node-3", NOW).await,
         Err(refused(TokenRefusal::Expired))
     );
     // Refused after its expiry, not at it.
     store.create_join_token(token("t3", NOW)).await.unwrap();
-    store.consume_join_token("t3", "node-3", NOW).await.unwrap();
+    join("t3", "node-3", NOW).await.unwrap();
     // A used token stays used once it has expired too.
     assert_eq!(
-        store.consume_join_token("t1", "node-2", NOW + 600).await,
+        join("t1", "node-2", NOW + 600).await,
         Err(refused(TokenRefusal::Used))
     );
+}
+
+/// A node record as the node API hands it to `join_node`: without label selectors.
+fn bare_node(id: &str) -> NodeRecord {
+    NodeRecord {
+        selectors: vec![format!("node:id:{id}")],
+        ..node(id, "0a")
+    }
+}
+
+/// A token is spent only together with the node it admits: when the node cannot be recorded,
+/// the token can still be used.
+async fn token_survives_a_failed_join(store: &dyn Datastore) {
+    store
+        .create_join_token(token("t-ban", NOW + 60))
+        .await
+        .unwrap();
+    store.attest_node(bare_node("banned-1")).await.unwrap();
+    store
+        .set_node_status("banned-1", NodeStatus::Banned)
+        .await
+        .unwrap();
+    let err = store
+        .join_node("t-ban", bare_node("banned-1"), NOW)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NodeNotActive { .. }), "{err}");
+    let joined = store
+        .join_node("t-ban", bare_node("node-after-ban"), NOW)
+        .await
+        .unwrap();
+    assert_eq!(joined.id, "node-after-ban");
 }
 
 async fn concurrent_token_use(store: &dyn Datastore) {
@@ -335,8 +378,8 @@ async fn concurrent_token_use(store: &dyn Datastore) {
             .await
             .unwrap();
         let (a, b) = tokio::join!(
-            store.consume_join_token(&digest, "node-a", NOW),
-            store.consume_join_token(&digest, "node-b", NOW),
+            store.join_node(&digest, bare_node(&format!("node-a{round}")), NOW),
+            store.join_node(&digest, bare_node(&format!("node-b{round}")), NOW),
         );
         let used = StoreError::TokenRefused(TokenRefusal::Used);
         assert!(
@@ -832,6 +875,60 @@ async fn revocation_before_issuance(store: &dyn Datastore) {
     assert_eq!(
         (svid.revoked_ms, svid.reason.as_deref()),
         (Some(NOW_MS + 100), Some("entry_changed"))
+    );
+}
+
+/// Use counts saturate in SQL as they do when a batch is folded in memory: a node reporting
+/// absurd counts cannot make every later batch about that SVID fail on an overflow.
+async fn uses_saturate(store: &dyn Datastore) {
+    store
+        .store_events(vec![used("s1", "0f", NOW_MS, NOW_MS + 1, i64::MAX - 1)])
+        .await
+        .unwrap();
+    store
+        .store_events(vec![used("s2", "0f", NOW_MS + 2, NOW_MS + 3, 5)])
+        .await
+        .unwrap();
+    let svids = store.svids(None, None).await.unwrap();
+    assert_eq!(svids[0].uses, i64::MAX);
+    assert_eq!(svids[0].last_used_ms, Some(NOW_MS + 3));
+}
+
+/// A node may report only on the SVIDs it issued: a batch about another node's serial is
+/// refused whole, and that SVID's record is untouched.
+async fn foreign_serials_refused(store: &dyn Datastore) {
+    store
+        .store_events(vec![event("f1", event_kind::SVID_ISSUED, "aa", NOW_MS)])
+        .await
+        .unwrap();
+    let mut revocation = revoked("f2", "aa", NOW_MS + 1, "entry_removed");
+    revocation.node_id = "n2".to_owned();
+    let mut own = event("f3", event_kind::SVID_ISSUED, "bb", NOW_MS + 2);
+    own.node_id = "n2".to_owned();
+    let err = store.store_events(vec![own, revocation]).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.contains("serial aa") && m.contains("\"n1\"")),
+        "{err}"
+    );
+    let svids = store.svids(None, None).await.unwrap();
+    assert_eq!(svids.len(), 1, "nothing of the refused batch is stored");
+    assert_eq!(svids[0].revoked_ms, None);
+    // The issuing node's own report is taken.
+    store
+        .store_events(vec![revoked("f4", "aa", NOW_MS + 3, "entry_removed")])
+        .await
+        .unwrap();
+}
+
+/// A value the database cannot hold is refused as `Invalid` (the batch is at fault and the
+/// node is told so), never `Unavailable` (which the node would retry for ever).
+async fn unstorable_values_are_invalid(store: &dyn Datastore) {
+    let mut event = event("z1", event_kind::SVID_ISSUED, "0c", NOW_MS);
+    event.detail = "a\0b".to_owned();
+    let err = store.store_events(vec![event]).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.contains("NUL")),
+        "{err}"
     );
 }
 
@@ -1349,9 +1446,9 @@ async fn corrupt_rows_reported(harness: &dyn Harness) {
     assert!(corrupt(store.list_entries().await));
     assert!(corrupt(store.get_node("bad").await));
     assert!(corrupt(store.list_nodes().await));
-    assert!(corrupt(store.consume_join_token("bad", "n", NOW).await));
+    assert!(corrupt(store.join_node("bad", bare_node("n"), NOW).await));
     // The use was rolled back with the failed decoding: the token is still unused.
-    assert!(corrupt(store.consume_join_token("bad", "n", NOW).await));
+    assert!(corrupt(store.join_node("bad", bare_node("n"), NOW).await));
 }
 
 /// A database a version-1 server left is migrated, its data kept, and takes events.
@@ -1520,10 +1617,12 @@ mod sqlite_suite {
 
     suite_tests!(
         stores: entries_round_trip, duplicate_entries_refused, entry_updates_check_revision,
-            entry_deletion, join_tokens, concurrent_token_use, node_attestation,
+            entry_deletion, join_tokens, token_survives_a_failed_join, concurrent_token_use,
+            node_attestation,
             banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
             bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
-            invalid_batch_refused, revocation_before_issuance, uses_aggregate,
+            invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
+            foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
@@ -1634,10 +1733,12 @@ mod postgres_suite {
 
     suite_tests!(
         stores: entries_round_trip, duplicate_entries_refused, entry_updates_check_revision,
-            entry_deletion, join_tokens, concurrent_token_use, node_attestation,
+            entry_deletion, join_tokens, token_survives_a_failed_join, concurrent_token_use,
+            node_attestation,
             banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
             bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
-            invalid_batch_refused, revocation_before_issuance, uses_aggregate,
+            invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
+            foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
@@ -1768,8 +1869,8 @@ mod postgres_suite {
             .await
             .unwrap();
         let (first, second) = tokio::join!(
-            a.consume_join_token("shared", "node-a", NOW),
-            b.consume_join_token("shared", "node-b", NOW),
+            a.join_node("shared", bare_node("node-a"), NOW),
+            b.join_node("shared", bare_node("node-b"), NOW),
         );
         assert_eq!(
             [&first, &second].iter().filter(|r| r.is_ok()).count(),
