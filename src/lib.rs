@@ -39,6 +39,8 @@ pub mod cli;
 pub mod config;
 pub mod entry;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 pub mod spiffe;
 pub mod store;
