@@ -265,9 +265,16 @@ pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
 /// An event as one JSON object (the audit log's and the CLI's shape): kinds and reasons by
 /// name, times in milliseconds and RFC 3339.
 pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> serde_json::Value {
+    // RFC 3339 has four-digit years: a later time (a node may send any number) has no such
+    // form, and is shown by its number, as the CLI's tables show such times.
     let rfc3339 = |ms: i64| {
+        use std::fmt::Write;
         let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-        humantime::format_rfc3339_millis(t).to_string()
+        let mut text = String::new();
+        match write!(text, "{}", humantime::format_rfc3339_millis(t)) {
+            Ok(()) => text,
+            Err(_) => format!("unix ms {ms}"),
+        }
     };
     let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
     let mut value = serde_json::json!({
@@ -307,6 +314,16 @@ pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> ser
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_shows_a_time_past_year_9999_by_its_number() {
+        let event = Event {
+            time_ms: i64::MAX,
+            ..Default::default()
+        };
+        let json = to_json(&event, None, None);
+        assert_eq!(json["time"], format!("unix ms {}", i64::MAX));
+    }
 
     #[test]
     fn ids_are_unique_time_ordered_uuid_v7() {
