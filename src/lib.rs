@@ -41,6 +41,8 @@ pub mod config;
 pub mod durable;
 pub mod entry;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 pub mod spiffe;
 pub mod store;

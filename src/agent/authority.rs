@@ -25,6 +25,8 @@
 
 mod first_block;
 
+pub(crate) use first_block::authority_is_acceptable as first_block_is_acceptable;
+
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -282,7 +284,7 @@ impl<IO> AuthorityFix<IO> {
     }
 }
 
-fn is_valid_authority(value: &[u8]) -> bool {
+pub(crate) fn is_valid_authority(value: &[u8]) -> bool {
     http::uri::Authority::try_from(value).is_ok()
 }
 

@@ -379,6 +379,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_shows_a_time_past_year_9999_by_its_number() {
+        let event = Event {
+            time_ms: i64::MAX,
+            ..Default::default()
+        };
+        let json = to_json(&event, None, None);
+        assert_eq!(json["time"], format!("unix ms {}", i64::MAX));
+    }
+
+    #[test]
     fn ids_are_unique_time_ordered_uuid_v7() {
         let a = new_event_id();
         std::thread::sleep(std::time::Duration::from_millis(2));

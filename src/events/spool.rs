@@ -80,6 +80,9 @@
 //! And a record that is found was written by the spool: records are never rewritten in place,
 //! so an intact record is what was appended, whatever happened around it.
 //!
+//! A segment name or a cursor above 2^63 - 1 is damage too: such a file is not taken for a
+//! segment, and such a cursor counts as zero.
+//!
 //! # When the bound or the disk is full
 //!
 //! The spool's size is the bytes of its segment files. A [`Class::Droppable`] record that would
@@ -124,6 +127,11 @@ const CURSOR_TMP: &str = "acked.tmp";
 const CURSOR_MAGIC: &[u8; 4] = b"TSAC";
 const CURSOR_LEN: usize = 16;
 const LOCK_FILE: &str = "lock";
+/// The highest sequence number a segment name or the cursor may carry. At a million records a
+/// second the spool would take 290,000 years to get there, so a larger number read from disk
+/// is damage; bounding them keeps the arithmetic on numbers from disk (one past the highest,
+/// the next record) from overflowing.
+const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// Whether a record may be dropped when the spool is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1160,7 +1168,7 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok().filter(|&seq| seq > 0)
+    digits.parse().ok().filter(|&seq| seq > 0 && seq <= MAX_SEQ)
 }
 
 /// The segments in `dir`, oldest first. Other files are left alone.
@@ -1211,7 +1219,7 @@ fn read_cursor(dir: &Path) -> Result<(u64, Option<String>), SpoolError> {
         .then(|| {
             let value = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
             let crc = u32::from_le_bytes(bytes[12..16].try_into().ok()?);
-            (crc32c(&[&bytes[..12]]) == crc).then_some(value)
+            (crc32c(&[&bytes[..12]]) == crc && value <= MAX_SEQ).then_some(value)
         })
         .flatten();
     Ok(match cursor {

@@ -244,7 +244,9 @@ impl ServerConfig {
             (Some(cert), Some(key), None) => RootSource::Files { cert, key },
             (None, None, ttl) => {
                 let ttl = duration("ca.ttl", ttl.as_deref(), DEFAULT_ROOT_TTL)?;
-                if ttl < node_ca_ttl * 2 {
+                // A node CA TTL so long that twice it is no Duration leaves no root TTL long
+                // enough.
+                if node_ca_ttl.checked_mul(2).is_none_or(|twice| ttl < twice) {
                     return Err(invalid(
                         "ca.ttl",
                         &humantime::format_duration(ttl).to_string(),
@@ -422,6 +424,11 @@ ca_bundle_file = "/etc/t/node-ca.pem"
                 "/run/t/admin.sock",
                 "admin.sock",
                 "admin_socket = \"admin.sock\": must be an absolute path",
+            ),
+            (
+                "node_ca_ttl = \"4h\"",
+                "node_ca_ttl = \"500000000000y\"",
+                ": must be at least twice node_ca_ttl",
             ),
         ];
         for (from, to, want) in cases {

@@ -23,7 +23,7 @@ static HUFFMAN: LazyLock<Mutex<HuffmanDecoder>> =
 
 /// True when every `:authority` in `block` (the first header block of a connection, whole) is
 /// one `h2` accepts, or there is none; false when only a full decode can tell.
-pub(super) fn authority_is_acceptable(block: &[u8]) -> bool {
+pub(crate) fn authority_is_acceptable(block: &[u8]) -> bool {
     scan(block).unwrap_or(false)
 }
 
