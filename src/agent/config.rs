@@ -19,6 +19,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/agent";
 pub const DEFAULT_EXE_HASH_SIZE_LIMIT: u64 = 256 << 20;
 /// Default window over which deliveries are counted into one `svid_used` event.
 const DEFAULT_USE_WINDOW: Duration = Duration::from_secs(10);
+/// The longest path a Unix socket can be bound to: `sun_path` is 108 bytes with its NUL.
+const MAX_SOCKET_PATH: usize = 107;
 const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub use crate::config::ConfigError;
@@ -204,6 +206,16 @@ impl AgentConfig {
                     "must be an absolute path".into(),
                 ));
             }
+        }
+        let socket_path_len = socket_path.as_os_str().len();
+        if socket_path_len > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "socket_path",
+                &socket_path.display().to_string(),
+                format!(
+                    "is {socket_path_len} bytes; a Unix socket path can be at most {MAX_SOCKET_PATH} bytes (sun_path), so choose a shorter one"
+                ),
+            ));
         }
         let ca_given = raw.ca.cert_file.is_some() || raw.ca.ttl.is_some();
         let ca = match (raw.ca.cert_file, raw.ca.key_file) {
@@ -485,6 +497,23 @@ purpose = "read replicas"
         assert_eq!(config.entries.entries[1].id, "db-reader");
         assert_eq!(config.exe_hash_size_limit, DEFAULT_EXE_HASH_SIZE_LIMIT);
         assert!(matches!(config.ca, LocalCaSource::Generated { .. }));
+    }
+
+    #[test]
+    fn a_socket_path_longer_than_sun_path_is_refused() {
+        let fits = format!("/run/{}", "s".repeat(MAX_SOCKET_PATH - 5));
+        let text = GOOD.replace("/tmp/t/agent.sock", &fits);
+        assert!(AgentConfig::parse("agent.toml", &text).is_ok());
+        let long = format!("/run/{}", "s".repeat(MAX_SOCKET_PATH - 4));
+        let text = GOOD.replace("/tmp/t/agent.sock", &long);
+        let err = AgentConfig::parse("agent.toml", &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("socket_path")
+                && err.contains("is 108 bytes; a Unix socket path can be at most 107 bytes"),
+            "{err}"
+        );
     }
 
     fn error_for(replace: &str, with: &str) -> String {

@@ -60,6 +60,14 @@ pub enum EndpointError {
         /// The configured socket path.
         path: String,
     },
+    /// Something answers on the socket already; it is never taken over.
+    #[error(
+        "{path}: another agent or server is serving this socket; stop it, or configure another socket path"
+    )]
+    InUse {
+        /// The configured socket path.
+        path: String,
+    },
     /// Binding or setting permissions failed.
     #[error("cannot bind {path}: {source}")]
     Bind {
@@ -100,6 +108,18 @@ fn bind_with_modes(
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            // Only a stale socket (nothing listening) is replaced: removing a live one would
+            // silently cut its server's clients off and leave it serving nobody.
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(EndpointError::InUse { path: shown() }),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(source) => {
+                    return Err(EndpointError::Bind {
+                        path: shown(),
+                        source,
+                    });
+                }
+            }
             std::fs::remove_file(path).map_err(|source| EndpointError::Bind {
                 path: shown(),
                 source,
@@ -338,6 +358,27 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
+    }
+
+    #[tokio::test]
+    async fn binding_never_takes_over_a_live_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let live = bind(&path).unwrap();
+        for attempt in [bind(&path), bind_private(&path)] {
+            let err = attempt.unwrap_err();
+            assert!(matches!(err, EndpointError::InUse { .. }), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("another agent or server is serving this socket"),
+                "{err}"
+            );
+        }
+        // The live socket is still there and still answers.
+        let (connected, accepted) =
+            tokio::join!(tokio::net::UnixStream::connect(&path), live.accept());
+        connected.unwrap();
+        accepted.unwrap();
     }
 
     #[test]
