@@ -60,6 +60,14 @@ pub enum EndpointError {
         /// The configured socket path.
         path: String,
     },
+    /// The socket's directory could be changed by users other than root and the agent's own.
+    #[error("socket directory {path} is {reason}")]
+    UnsafeDirectory {
+        /// The directory.
+        path: String,
+        /// What is wrong with it and how to fix it.
+        reason: String,
+    },
     /// Something answers on the socket already; it is never taken over.
     #[error(
         "{path}: another agent or server is serving this socket; stop it, or configure another socket path"
@@ -106,6 +114,9 @@ fn bind_with_modes(
         })?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode));
     }
+    if let Some(dir) = path.parent() {
+        check_directory(dir)?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             // Only a stale socket (nothing listening) is replaced: removing a live one would
@@ -128,17 +139,86 @@ fn bind_with_modes(
         Ok(_) => return Err(EndpointError::NotASocket { path: shown() }),
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|source| EndpointError::Bind {
+    bind_socket(path, socket_mode).map_err(|source| EndpointError::Bind {
         path: shown(),
         source,
+    })
+}
+
+/// Refuses a directory that someone other than root and the agent's own user could change: such
+/// a user could swap the socket for a file or a link of their own between our steps.
+fn check_directory(dir: &Path) -> Result<(), EndpointError> {
+    use std::os::unix::fs::MetadataExt;
+    let refused = |reason: String| EndpointError::UnsafeDirectory {
+        path: dir.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(dir).map_err(|source| EndpointError::CreateDir {
+        path: dir.display().to_string(),
+        source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(
-        |source| EndpointError::Bind {
-            path: shown(),
-            source,
-        },
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    if meta.uid() != 0 && meta.uid() != uid {
+        return Err(refused(format!(
+            "owned by uid {}; it must belong to root or to uid {uid}, which runs this process",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(refused(format!(
+            "writable by every user (mode {:o}); remove that with chmod o-w, or choose a directory of its own",
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.mode() & 0o020 != 0 && meta.gid() != 0 && meta.gid() != gid {
+        return Err(refused(format!(
+            "writable by group {} (mode {:o}); remove that with chmod g-w",
+            meta.gid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Binds a listening socket at `path` with `mode`. The mode is set on the socket before it has a
+/// name (Linux gives the bound file the socket's mode, less the umask), and the bits the umask
+/// took away are restored through a descriptor of the very file bound, never by following the
+/// path again.
+fn bind_socket(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::stat::Mode;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let socket = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
     )?;
-    Ok(listener)
+    nix::sys::stat::fchmod(&socket, Mode::from_bits_truncate(mode))?;
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &UnixAddr::new(path)?,
+    )?;
+    let bound = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = bound.metadata()?;
+    if !meta.file_type().is_socket() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(
+            "the bound socket was replaced before its mode could be set",
+        ));
+    }
+    if meta.mode() & 0o777 != mode {
+        // An O_PATH descriptor cannot be fchmod'ed; its /proc link names exactly that file.
+        let by_descriptor = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&bound));
+        std::fs::set_permissions(by_descriptor, std::fs::Permissions::from_mode(mode))?;
+    }
+    nix::sys::socket::listen(&socket, Backlog::MAXCONN)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))
 }
 
 /// The peer of a connection, as captured at accept time; handed to every request on it.
@@ -358,6 +438,31 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_can_write_is_refused_and_modes_are_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = bind(&open.join("agent.sock")).unwrap_err().to_string();
+        assert!(
+            err.contains("is writable by every user (mode 1777)"),
+            "{err}"
+        );
+        assert!(!open.join("agent.sock").exists());
+
+        // Exact modes whatever the umask: the bits it removes are restored on the bound file.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let world = bind(&dir.path().join("world.sock"));
+        let private = bind_private(&dir.path().join("private.sock"));
+        nix::sys::stat::umask(old);
+        let (_world, _private) = (world.unwrap(), private.unwrap());
+        for (name, mode) in [("world.sock", 0o777), ("private.sock", 0o600)] {
+            let meta = std::fs::metadata(dir.path().join(name)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+        }
     }
 
     #[tokio::test]
