@@ -372,10 +372,23 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
 
     let listener = endpoint::bind(&config.socket_path)?;
     let socket_path = config.socket_path.clone();
-    let incoming = endpoint::incoming(listener, attestor, signalled(shutdown_rx.clone()));
+    let timeouts = endpoint::ConnectionTimeouts {
+        idle: config.idle_timeout,
+        header_block: config.header_timeout,
+    };
+    let incoming = endpoint::incoming(listener, attestor, timeouts, signalled(shutdown_rx.clone()));
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .max_concurrent_streams(Some(256))
+        // Every request, to any service, restarts its connection's idle time.
+        .layer(tower::util::MapRequestLayer::new(
+            |request: http::Request<tonic::body::Body>| {
+                if let Some(peer) = request.extensions().get::<endpoint::PeerInfo>() {
+                    peer.touch();
+                }
+                request
+            },
+        ))
         .add_service(SpiffeWorkloadApiServer::with_interceptor(
             service,
             check_security_header,

@@ -50,6 +50,10 @@ const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// HPACK lets a few bytes reference a large table entry many times; without this bound a 64 KiB
 /// block could expand to hundreds of megabytes before anyone is attested.
 const MAX_DECODED_HEADER_LIST: usize = 64 * 1024;
+/// A header block split over more frames than this closes the connection. Every peer accepts
+/// 16 KiB frames, so a block of the largest allowed size needs five; empty CONTINUATION frames
+/// would otherwise keep a block open, and its bookkeeping growing, for ever.
+const MAX_HEADER_BLOCK_FRAMES: usize = 64;
 /// The HPACK table size the server advertises (the HTTP/2 default, which `h2` keeps).
 const HPACK_TABLE_SIZE: usize = 4096;
 /// The value used in place of an authority `h2` would reject.
@@ -73,6 +77,114 @@ pub struct AuthorityFix<IO> {
     pending: Option<(u32, u8, BytesMut)>,
     /// The client ended the connection.
     eof: bool,
+    /// Bounds every header block the client sends, in every mode.
+    limits: HeaderBlockLimits,
+}
+
+/// Follows the frame boundaries of the client's byte stream (headers only, never copying a
+/// payload) and closes the connection when one header block runs over its limits in frames or
+/// bytes. This holds on the pass-through path too, where `h2` alone would see the frames.
+struct HeaderBlockLimits {
+    /// How much of the connection preface is still expected.
+    preface_seen: usize,
+    /// Not HTTP/2 with prior knowledge: the server refuses the connection on its own.
+    off: bool,
+    /// The frame header being read.
+    header: [u8; FRAME_HEADER_LEN],
+    /// How many bytes of `header` have arrived.
+    header_len: usize,
+    /// Payload bytes of the current frame still to skip.
+    payload_left: usize,
+    /// The header block the client has opened and not yet ended.
+    open: Option<OpenBlock>,
+}
+
+/// A header block in progress.
+#[derive(Clone, Copy)]
+struct OpenBlock {
+    /// Frames so far (HEADERS and CONTINUATION).
+    frames: usize,
+    /// Payload bytes so far.
+    bytes: usize,
+    /// When its HEADERS frame arrived.
+    since: std::time::Instant,
+}
+
+impl HeaderBlockLimits {
+    fn new() -> Self {
+        Self {
+            preface_seen: 0,
+            off: false,
+            header: [0; FRAME_HEADER_LEN],
+            header_len: 0,
+            payload_left: 0,
+            open: None,
+        }
+    }
+
+    /// Follows `bytes`, the next bytes from the client.
+    fn observe(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() && !self.off {
+            if self.preface_seen < PREFACE.len() {
+                let n = (PREFACE.len() - self.preface_seen).min(bytes.len());
+                if bytes[..n] != PREFACE[self.preface_seen..self.preface_seen + n] {
+                    self.off = true;
+                    return Ok(());
+                }
+                self.preface_seen += n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER_LEN - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len == FRAME_HEADER_LEN {
+                self.header_len = 0;
+                self.frame(self.header)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, header: [u8; FRAME_HEADER_LEN]) -> io::Result<()> {
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let (frame_type, flags) = (header[3], header[4]);
+        self.payload_left = len;
+        let block = match (frame_type, self.open) {
+            (TYPE_HEADERS, None) => OpenBlock {
+                frames: 1,
+                bytes: len,
+                since: std::time::Instant::now(),
+            },
+            (TYPE_CONTINUATION, Some(open)) => OpenBlock {
+                frames: open.frames + 1,
+                bytes: open.bytes + len,
+                ..open
+            },
+            // Out of order: the HTTP/2 server (or the rewriting parser) refuses it.
+            _ => {
+                self.open = None;
+                return Ok(());
+            }
+        };
+        if block.frames > MAX_HEADER_BLOCK_FRAMES {
+            return Err(invalid(&format!(
+                "header block split over more than {MAX_HEADER_BLOCK_FRAMES} frames"
+            )));
+        }
+        if block.bytes > MAX_HEADER_BLOCK {
+            return Err(invalid("header block larger than 64 KiB"));
+        }
+        self.open = (flags & FLAG_END_HEADERS == 0).then_some(block);
+        Ok(())
+    }
 }
 
 enum Mode {
@@ -112,7 +224,13 @@ impl<IO> AuthorityFix<IO> {
             decoder,
             pending: None,
             eof: false,
+            limits: HeaderBlockLimits::new(),
         }
+    }
+
+    /// When the client opened the header block it has not finished yet, if any.
+    pub fn header_block_open_since(&self) -> Option<std::time::Instant> {
+        self.limits.open.map(|block| block.since)
     }
 
     /// Moves as many processed bytes as possible from `raw` to `ready`.
@@ -360,7 +478,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if matches!(this.mode, Mode::Transparent) && this.ready.is_empty() && this.raw.is_empty() {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
+            let before = buf.filled().len();
+            let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if let Poll::Ready(Ok(())) = &read
+                && let Err(e) = this.limits.observe(&buf.filled()[before..])
+            {
+                // Nothing of what broke the limits reaches the server.
+                buf.set_filled(before);
+                return Poll::Ready(Err(e));
+            }
+            return read;
         }
         loop {
             if !this.ready.is_empty() {
@@ -383,6 +510,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
                     this.ready.put(rest);
                 }
                 Poll::Ready(Ok(())) => {
+                    this.limits.observe(read_buf.filled())?;
                     this.raw.put_slice(read_buf.filled());
                     this.process()?;
                 }
@@ -594,6 +722,55 @@ mod tests {
         block.extend(std::iter::repeat_n(0x80 | 62, 16_000));
         let mut input = PREFACE.to_vec();
         input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let err = filter(input).await.unwrap_err();
+        assert!(err.to_string().contains("larger than 64 KiB"), "{err}");
+    }
+
+    /// HEADERS without END_HEADERS, then `count` empty CONTINUATION frames on stream `id`.
+    fn endless_block(id: u32, count: usize) -> Vec<u8> {
+        let mut out = frame(TYPE_HEADERS, 0, id, &[0x82]);
+        for _ in 0..count {
+            out.extend(frame(TYPE_CONTINUATION, 0, id, &[]));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_header_block_of_endless_empty_frames_closes_the_connection() {
+        // Before any block has ended (the filter is still deciding).
+        let mut input = PREFACE.to_vec();
+        input.extend(endless_block(1, 10_000));
+        let err = filter(input).await.unwrap_err();
+        assert!(err.to_string().contains("more than 64 frames"), "{err}");
+
+        // After a first block that passes through untouched: the bytes go straight to the
+        // server, and the bound holds there too.
+        let mut encoder = loona_hpack::Encoder::new();
+        let first = encoder.encode(vec![(&b":authority"[..], &b"localhost"[..])]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &first));
+        input.extend(frame(0x0, 0, 1, &[0; 100_000 % MAX_FRAME]));
+        input.extend(endless_block(3, 10_000));
+        let err = filter(input).await.unwrap_err();
+        assert!(err.to_string().contains("more than 64 frames"), "{err}");
+
+        // A block that ends within the limits passes.
+        let mut input = PREFACE.to_vec();
+        input.extend(endless_block(1, MAX_HEADER_BLOCK_FRAMES - 2));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &[]));
+        assert!(filter(input).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_large_block_in_small_frames_closes_the_passed_through_connection() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let first = encoder.encode(vec![(&b":authority"[..], &b"localhost"[..])]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &first));
+        input.extend(frame(TYPE_HEADERS, 0, 3, &[0x82; MAX_FRAME]));
+        for _ in 0..4 {
+            input.extend(frame(TYPE_CONTINUATION, 0, 3, &[0x82; MAX_FRAME]));
+        }
         let err = filter(input).await.unwrap_err();
         assert!(err.to_string().contains("larger than 64 KiB"), "{err}");
     }

@@ -28,7 +28,19 @@ pub enum IssueError {
     /// The issuance event could not be recorded, so the SVID is not handed out.
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// Freshly minted SVIDs kept being superseded (the CA changing under every attempt) or
+    /// were expired at once (a CA past its end).
+    #[error("entry {entry}: no minted SVID stayed valid after {attempts} attempts")]
+    Unstable {
+        /// The entry's id.
+        entry: String,
+        /// How many SVIDs were minted for it in this call.
+        attempts: usize,
+    },
 }
+
+/// How many times one call mints an entry before it gives up.
+const MAX_MINT_ATTEMPTS: usize = 3;
 
 /// How long to wait before retrying a failed renewal.
 const RENEWAL_RETRY: Duration = Duration::from_secs(5);
@@ -79,6 +91,9 @@ pub struct IdentityCache {
     jitter_seed: Mutex<u64>,
     /// Records issuance and revocation; shared with the Workload API service for uses.
     recorder: Arc<Recorder>,
+    /// One lock per entry being minted on demand, so that concurrent first callers of one
+    /// entry mint it once; removed when no caller holds it.
+    minting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl IdentityCache {
@@ -97,6 +112,7 @@ impl IdentityCache {
             schedule_changed: Notify::new(),
             jitter_seed: Mutex::new(u64::from_le_bytes(seed) | 1),
             recorder,
+            minting: Mutex::new(HashMap::new()),
         })
     }
 
@@ -131,54 +147,120 @@ impl IdentityCache {
         lease: &mut Lease,
         caller: Option<&CallerFacts>,
     ) -> Result<Option<Identities>, IssueError> {
-        let now = SystemTime::now();
-        let mut minted_any = false;
-        let mut state = self.lock();
-        if !Arc::ptr_eq(snapshot, &state.entries) {
-            return Ok(None);
-        }
-        let mut svids = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let fresh = state
-                .svids
-                .get(&entry.id)
-                .filter(|c| Arc::ptr_eq(&c.entry, entry) || !entry.needs_new_certificate(&c.entry));
-            let fresh = fresh.filter(|c| c.svid.not_after > now);
-            let svid = match fresh {
-                Some(cached) => cached.svid.clone(),
-                None => {
-                    let svid = Arc::new(mint(&state.ca, entry, now)?);
-                    self.recorder.issued(entry, &svid, caller)?;
-                    let renew_at = self.renewal_time(&svid);
-                    tracing::info!(
-                        entry = %entry.id,
-                        spiffe_id = %svid.spiffe_id,
-                        serial = %svid.serial_hex,
-                        not_after = %humantime::format_rfc3339(svid.not_after),
-                        "issued X.509-SVID"
-                    );
-                    state.svids.insert(
-                        entry.id.clone(),
-                        Cached {
-                            entry: entry.clone(),
-                            svid: svid.clone(),
-                            renew_at,
-                        },
-                    );
-                    minted_any = true;
-                    svid
+        let mut attempts: HashMap<String, usize> = HashMap::new();
+        loop {
+            let now = SystemTime::now();
+            let mut state = self.lock();
+            if !Arc::ptr_eq(snapshot, &state.entries) {
+                return Ok(None);
+            }
+            let mut svids = Vec::with_capacity(entries.len());
+            let mut missing = None;
+            for entry in entries {
+                match fresh_svid(&state, entry, now) {
+                    Some(svid) => svids.push((entry.clone(), svid)),
+                    None => {
+                        missing = Some(entry.clone());
+                        break;
+                    }
                 }
+            }
+            let Some(entry) = missing else {
+                let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+                lease.move_to(&mut state.demand, ids);
+                let ca = state.ca.clone();
+                return Ok(Some(Identities { svids, ca }));
             };
-            svids.push((entry.clone(), svid));
+            let ca = state.ca.clone();
+            drop(state);
+            let tried = attempts.entry(entry.id.clone()).or_default();
+            *tried += 1;
+            if *tried > MAX_MINT_ATTEMPTS {
+                return Err(IssueError::Unstable {
+                    entry: entry.id.clone(),
+                    attempts: MAX_MINT_ATTEMPTS,
+                });
+            }
+            // Key generation and the issuance record happen outside the state lock, so
+            // callers of other entries (and the rotation task) never wait behind them.
+            if !self.mint_missing(snapshot, &ca, &entry, caller)? {
+                return Ok(None);
+            }
         }
-        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        lease.move_to(&mut state.demand, ids);
-        let ca = state.ca.clone();
+    }
+
+    /// Mints `entry`'s SVID under `ca` unless another caller has meanwhile; one caller at a
+    /// time mints a given entry. False when the entry set changed meanwhile.
+    fn mint_missing(
+        &self,
+        snapshot: &Arc<EntrySet>,
+        ca: &Arc<SigningCa>,
+        entry: &Arc<RegistrationEntry>,
+        caller: Option<&CallerFacts>,
+    ) -> Result<bool, IssueError> {
+        let entry_lock = self
+            .minting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(entry.id.clone())
+            .or_default()
+            .clone();
+        let minted = {
+            let _minting = entry_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.mint_unless_cached(snapshot, ca, entry, caller)
+        };
+        let mut minting = self.minting.lock().unwrap_or_else(|p| p.into_inner());
+        // Clones are taken under this lock: two means only the map's and ours are left.
+        if Arc::strong_count(&entry_lock) == 2 {
+            minting.remove(&entry.id);
+        }
+        minted
+    }
+
+    /// The body of [`mint_missing`](Self::mint_missing), run holding the entry's mint lock.
+    fn mint_unless_cached(
+        &self,
+        snapshot: &Arc<EntrySet>,
+        ca: &Arc<SigningCa>,
+        entry: &Arc<RegistrationEntry>,
+        caller: Option<&CallerFacts>,
+    ) -> Result<bool, IssueError> {
+        let now = SystemTime::now();
+        {
+            let state = self.lock();
+            if !Arc::ptr_eq(snapshot, &state.entries) {
+                return Ok(false);
+            }
+            if fresh_svid(&state, entry, now).is_some() || !Arc::ptr_eq(ca, &state.ca) {
+                // Someone minted it meanwhile, or the CA changed: look again.
+                return Ok(true);
+            }
+        }
+        let svid = Arc::new(mint(ca, entry, now)?);
+        self.recorder.issued(entry, &svid, caller)?;
+        tracing::info!(
+            entry = %entry.id,
+            spiffe_id = %svid.spiffe_id,
+            serial = %svid.serial_hex,
+            not_after = %humantime::format_rfc3339(svid.not_after),
+            "issued X.509-SVID"
+        );
+        let renew_at = self.renewal_time(&svid);
+        let mut state = self.lock();
+        // An SVID minted under a CA that has just been replaced is never handed out.
+        if Arc::ptr_eq(ca, &state.ca) && Arc::ptr_eq(snapshot, &state.entries) {
+            state.svids.insert(
+                entry.id.clone(),
+                Cached {
+                    entry: entry.clone(),
+                    svid,
+                    renew_at,
+                },
+            );
+        }
         drop(state);
-        if minted_any {
-            self.schedule_changed.notify_one();
-        }
-        Ok(Some(Identities { svids, ca }))
+        self.schedule_changed.notify_one();
+        Ok(true)
     }
 
     /// An empty lease, to be filled by [`acquire`](Self::acquire).
@@ -192,6 +274,7 @@ impl IdentityCache {
     /// Installs a new entry set: SVIDs of removed or materially changed entries are dropped,
     /// and every stream recomputes.
     pub fn set_entries(&self, entries: Arc<EntrySet>) {
+        let mut revoked = Vec::new();
         let mut state = self.lock();
         state.svids.retain(|id, cached| {
             let reason = match entries.get(id) {
@@ -199,11 +282,12 @@ impl IdentityCache {
                 Some(e) if e.needs_new_certificate(&cached.entry) => RevocationReason::EntryChanged,
                 Some(_) => return true,
             };
-            self.recorder.revoked(&cached.entry, &cached.svid, reason);
+            revoked.push((cached.entry.clone(), cached.svid.clone(), reason));
             false
         });
         state.entries = entries;
         drop(state);
+        self.record_revocations(revoked);
         self.bump();
     }
 
@@ -214,14 +298,18 @@ impl IdentityCache {
         let same_signer = state.ca.bundle.first() == ca.bundle.first()
             && state.ca.intermediates == ca.intermediates
             && state.ca.not_after == ca.not_after;
-        if !same_signer {
-            for (_, cached) in state.svids.drain() {
-                self.recorder
-                    .revoked(&cached.entry, &cached.svid, RevocationReason::CaRotated);
-            }
-        }
+        let revoked: Vec<_> = if same_signer {
+            Vec::new()
+        } else {
+            state
+                .svids
+                .drain()
+                .map(|(_, c)| (c.entry, c.svid, RevocationReason::CaRotated))
+                .collect()
+        };
         state.ca = ca;
         drop(state);
+        self.record_revocations(revoked);
         self.bump();
     }
 
@@ -230,52 +318,77 @@ impl IdentityCache {
     pub fn revoke_all(&self, reason: RevocationReason) {
         let mut state = self.lock();
         state.entries = Arc::new(EntrySet::default());
-        for (_, cached) in state.svids.drain() {
-            self.recorder.revoked(&cached.entry, &cached.svid, reason);
-        }
+        let revoked: Vec<_> = state
+            .svids
+            .drain()
+            .map(|(_, c)| (c.entry, c.svid, reason))
+            .collect();
         drop(state);
+        self.record_revocations(revoked);
         self.bump();
     }
 
     /// Renews due SVIDs that are in demand and drops the others; returns the next renewal time.
+    /// Minting and recording happen outside the state lock: streams keep reading meanwhile.
     pub fn rotate_due(&self, now: SystemTime) -> Option<SystemTime> {
-        let mut state = self.lock();
         let mut changed = false;
-        let due: Vec<String> = state
-            .svids
-            .iter()
-            .filter(|(_, c)| c.renew_at <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            let in_demand = state.demand.get(&id).copied().unwrap_or(0) > 0;
-            let entry = state
-                .entries
-                .get(&id)
-                .filter(|e| !e.is_expired(now))
-                .cloned();
-            let (true, Some(entry)) = (in_demand, entry) else {
-                if let Some(cached) = state.svids.remove(&id)
-                    && in_demand
-                {
-                    self.recorder.revoked(
-                        &cached.entry,
-                        &cached.svid,
-                        RevocationReason::RegistrationExpired,
-                    );
+        let mut expired = Vec::new();
+        let mut renew = Vec::new();
+        let ca = {
+            let mut state = self.lock();
+            let due: Vec<String> = state
+                .svids
+                .iter()
+                .filter(|(_, c)| c.renew_at <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in due {
+                let in_demand = state.demand.get(&id).copied().unwrap_or(0) > 0;
+                let entry = state
+                    .entries
+                    .get(&id)
+                    .filter(|e| !e.is_expired(now))
+                    .cloned();
+                match (in_demand, entry) {
+                    (true, Some(entry)) => renew.push((id, entry)),
+                    _ => {
+                        if let Some(cached) = state.svids.remove(&id)
+                            && in_demand
+                        {
+                            expired.push(cached);
+                        }
+                        // A stream still serves it (its registration expired): make it recompute.
+                        changed |= in_demand;
+                    }
                 }
-                // A stream still serves it (its registration expired): make it recompute.
-                changed |= in_demand;
-                continue;
-            };
-            let minted = mint(&state.ca, &entry, now)
-                .map_err(IssueError::from)
-                .and_then(|svid| {
-                    self.recorder.issued(&entry, &svid, None)?;
-                    Ok(svid)
-                });
+            }
+            state.ca.clone()
+        };
+        for cached in expired {
+            self.recorder.revoked(
+                &cached.entry,
+                &cached.svid,
+                RevocationReason::RegistrationExpired,
+            );
+        }
+        let renewed: Vec<_> = renew
+            .into_iter()
+            .map(|(id, entry)| {
+                let minted = mint(&ca, &entry, now)
+                    .map_err(IssueError::from)
+                    .and_then(|svid| {
+                        self.recorder.issued(&entry, &svid, None)?;
+                        Ok(svid)
+                    });
+                (id, entry, minted)
+            })
+            .collect();
+        let mut state = self.lock();
+        for (id, entry, minted) in renewed {
             match minted {
-                Ok(svid) => {
+                // Kept only if nothing replaced the CA or removed the entry meanwhile; whoever
+                // did has already told every stream to recompute.
+                Ok(svid) if Arc::ptr_eq(&ca, &state.ca) && state.svids.contains_key(&id) => {
                     tracing::info!(
                         entry = %id,
                         spiffe_id = %svid.spiffe_id,
@@ -295,8 +408,11 @@ impl IdentityCache {
                     );
                     changed = true;
                 }
+                Ok(_) => {}
                 Err(e) => {
-                    let cached = state.svids.get_mut(&id).expect("due id is cached");
+                    let Some(cached) = state.svids.get_mut(&id) else {
+                        continue;
+                    };
                     if cached.svid.not_after <= now {
                         tracing::error!(entry = %id, error = %e, "renewal failed and the SVID has expired; withdrawing it");
                         state.svids.remove(&id);
@@ -314,6 +430,16 @@ impl IdentityCache {
             self.bump();
         }
         next_renewal
+    }
+
+    /// Records revocations taken out of the state; called after its lock is released.
+    fn record_revocations(
+        &self,
+        revoked: Vec<(Arc<RegistrationEntry>, Arc<X509Svid>, RevocationReason)>,
+    ) {
+        for (entry, svid, reason) in revoked {
+            self.recorder.revoked(&entry, &svid, reason);
+        }
     }
 
     /// Tells every stream to recompute (e.g. a registration expired).
@@ -389,6 +515,21 @@ impl IdentityCache {
         // The state stays consistent across a panic in a caller: keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `entry`'s cached SVID, if it was minted for this entry (or a version that needs no new
+/// certificate) and has not expired.
+fn fresh_svid(
+    state: &State,
+    entry: &Arc<RegistrationEntry>,
+    now: SystemTime,
+) -> Option<Arc<X509Svid>> {
+    state
+        .svids
+        .get(&entry.id)
+        .filter(|c| Arc::ptr_eq(&c.entry, entry) || !entry.needs_new_certificate(&c.entry))
+        .filter(|c| c.svid.not_after > now)
+        .map(|c| c.svid.clone())
 }
 
 fn mint(ca: &SigningCa, entry: &RegistrationEntry, now: SystemTime) -> Result<X509Svid, CaError> {
@@ -507,6 +648,88 @@ mod tests {
 
         drop((first, second));
         assert!(!cache.lock().demand.contains_key("a"));
+    }
+
+    /// Holds the first critical event it is given until `release` is sent; keeps the rest.
+    struct GatedLog {
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+        first: std::sync::atomic::AtomicBool,
+    }
+
+    impl crate::events::recorder::EventLog for Arc<GatedLog> {
+        fn append(&self, critical: bool, _: &crate::proto::tessera::Event) -> Result<(), String> {
+            if critical && !self.first.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let _ = self.entered.send(());
+                let _ = self.release.lock().unwrap().recv();
+            }
+            Ok(())
+        }
+        fn sync(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_slow_issuance_does_not_hold_up_other_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = crate::spiffe::TrustDomain::new("td").unwrap();
+        let ca = crate::ca::load_or_create_local_ca(
+            &LocalCaSource::Generated {
+                state_dir: dir.path().into(),
+                ttl: Duration::from_secs(86400),
+            },
+            &td,
+        )
+        .unwrap();
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let log = Arc::new(GatedLog {
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+            first: Default::default(),
+        });
+        let recorder = Arc::new(Recorder::new("td", "n1", Box::new(log)));
+        let set = Arc::new(EntrySet::new(vec![
+            entry("a", "spiffe://td/a", &["unix:uid:1"]),
+            entry("b", "spiffe://td/b", &["unix:uid:1"]),
+        ]));
+        let cache = IdentityCache::new(set.clone(), Arc::new(ca), recorder);
+        let (a, b) = (set.get("a").unwrap().clone(), set.get("b").unwrap().clone());
+
+        let slow = std::thread::spawn({
+            let (cache, set) = (cache.clone(), set.clone());
+            move || {
+                let mut lease = cache.lease();
+                cache
+                    .acquire(&set, &[a], &mut lease, None)
+                    .unwrap()
+                    .is_some()
+            }
+        });
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the first issuance reached the log");
+        // While that issuance is held, another entry is minted and served, and the cache read.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let fast = std::thread::spawn({
+            let (cache, set) = (cache.clone(), set.clone());
+            move || {
+                let mut lease = cache.lease();
+                let served = cache.acquire(&set, &[b], &mut lease, None).unwrap();
+                let _ = cache.entries();
+                let _ = done_tx.send(served.map(|ids| ids.svids.len()));
+            }
+        });
+        let served = done.recv_timeout(Duration::from_secs(30));
+        release.send(()).unwrap();
+        assert_eq!(
+            served,
+            Ok(Some(1)),
+            "a caller of another entry waited behind a slow issuance"
+        );
+        assert!(slow.join().unwrap());
+        fast.join().unwrap();
     }
 
     #[test]

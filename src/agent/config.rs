@@ -20,6 +20,12 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/tessera/agent";
 pub const DEFAULT_EXE_HASH_SIZE_LIMIT: u64 = 256 << 20;
 /// Default window over which deliveries are counted into one `svid_used` event.
 const DEFAULT_USE_WINDOW: Duration = Duration::from_secs(10);
+/// The longest path a Unix socket can be bound to: `sun_path` is 108 bytes with its NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// Default time a connection may stay open with no stream before it is closed.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a client gets to finish sending a request's headers.
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub use crate::config::ConfigError;
@@ -54,6 +60,11 @@ pub struct AgentConfig {
     pub audit_limits: AuditLimits,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: not served.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// A Workload API connection with no stream open for this long is closed.
+    pub idle_timeout: Duration,
+    /// A Workload API connection whose client takes longer than this over one request's
+    /// headers is closed.
+    pub header_timeout: Duration,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -116,6 +127,15 @@ struct RawConfig {
     server: Option<RawServer>,
     #[serde(default)]
     events: RawEvents,
+    #[serde(default)]
+    connections: RawConnections,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    idle_timeout: Option<String>,
+    header_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -228,6 +248,16 @@ impl AgentConfig {
                 ));
             }
         }
+        let socket_path_len = socket_path.as_os_str().len();
+        if socket_path_len > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "socket_path",
+                &socket_path.display().to_string(),
+                format!(
+                    "is {socket_path_len} bytes; a Unix socket path can be at most {MAX_SOCKET_PATH} bytes (sun_path), so choose a shorter one"
+                ),
+            ));
+        }
         let ca_given = raw.ca.cert_file.is_some() || raw.ca.ttl.is_some();
         let ca = match (raw.ca.cert_file, raw.ca.key_file) {
             (Some(_), Some(_)) if raw.ca.ttl.is_some() => {
@@ -315,6 +345,18 @@ impl AgentConfig {
             }
         };
         let audit_limits = check_audit_limits(file, &raw.events)?;
+        let idle_timeout = connection_timeout(
+            file,
+            "connections.idle_timeout",
+            raw.connections.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+        )?;
+        let header_timeout = connection_timeout(
+            file,
+            "connections.header_timeout",
+            raw.connections.header_timeout.as_deref(),
+            DEFAULT_HEADER_TIMEOUT,
+        )?;
         let metrics_address = match raw.metrics_address.as_deref() {
             None => None,
             Some(text) => Some(text.parse().map_err(|_| {
@@ -341,6 +383,8 @@ impl AgentConfig {
             use_window,
             audit_limits,
             metrics_address,
+            idle_timeout,
+            header_timeout,
         })
     }
 }
@@ -378,6 +422,29 @@ fn check_audit_limits(file: &str, raw: &RawEvents) -> Result<AuditLimits, Config
         ));
     }
     Ok(AuditLimits { max_bytes, keep })
+}
+
+/// A connection timeout at `key`: between 1 s and 24 h, `default` when absent.
+fn connection_timeout(
+    file: &str,
+    key: &str,
+    text: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let timeout =
+        parse_duration(text).map_err(|reason| ConfigError::invalid(file, key, text, reason))?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&timeout) {
+        return Err(ConfigError::invalid(
+            file,
+            key,
+            text,
+            "must be between 1s and 24h",
+        ));
+    }
+    Ok(timeout)
 }
 
 fn check_server(file: &str, raw: RawServer) -> Result<UpstreamConfig, ConfigError> {
@@ -545,6 +612,42 @@ purpose = "read replicas"
         assert_eq!(config.entries.entries[1].id, "db-reader");
         assert_eq!(config.exe_hash_size_limit, DEFAULT_EXE_HASH_SIZE_LIMIT);
         assert!(matches!(config.ca, LocalCaSource::Generated { .. }));
+        assert_eq!(config.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(config.header_timeout, DEFAULT_HEADER_TIMEOUT);
+    }
+
+    #[test]
+    fn a_socket_path_longer_than_sun_path_is_refused() {
+        let fits = format!("/run/{}", "s".repeat(MAX_SOCKET_PATH - 5));
+        let text = GOOD.replace("/tmp/t/agent.sock", &fits);
+        assert!(AgentConfig::parse("agent.toml", &text).is_ok());
+        let long = format!("/run/{}", "s".repeat(MAX_SOCKET_PATH - 4));
+        let text = GOOD.replace("/tmp/t/agent.sock", &long);
+        let err = AgentConfig::parse("agent.toml", &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("socket_path")
+                && err.contains("is 108 bytes; a Unix socket path can be at most 107 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn connection_timeouts_are_read_and_checked() {
+        let text =
+            format!("{GOOD}\n[connections]\nidle_timeout = \"2m\"\nheader_timeout = \"3s\"\n");
+        let config = AgentConfig::parse("agent.toml", &text).unwrap();
+        assert_eq!(config.idle_timeout, Duration::from_secs(120));
+        assert_eq!(config.header_timeout, Duration::from_secs(3));
+        let text = format!("{GOOD}\n[connections]\nheader_timeout = \"0s\"\n");
+        let err = AgentConfig::parse("agent.toml", &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("connections.header_timeout = \"0s\": must be between 1s and 24h"),
+            "{err}"
+        );
     }
 
     #[test]

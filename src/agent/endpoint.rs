@@ -8,13 +8,14 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
@@ -60,6 +61,22 @@ pub enum EndpointError {
         /// The configured socket path.
         path: String,
     },
+    /// The socket's directory could be changed by users other than root and the agent's own.
+    #[error("socket directory {path} is {reason}")]
+    UnsafeDirectory {
+        /// The directory.
+        path: String,
+        /// What is wrong with it and how to fix it.
+        reason: String,
+    },
+    /// Something answers on the socket already; it is never taken over.
+    #[error(
+        "{path}: another agent or server is serving this socket; stop it, or configure another socket path"
+    )]
+    InUse {
+        /// The configured socket path.
+        path: String,
+    },
     /// Binding or setting permissions failed.
     #[error("cannot bind {path}: {source}")]
     Bind {
@@ -98,8 +115,23 @@ fn bind_with_modes(
         })?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode));
     }
+    if let Some(dir) = path.parent() {
+        check_directory(dir)?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
+            // Only a stale socket (nothing listening) is replaced: removing a live one would
+            // silently cut its server's clients off and leave it serving nobody.
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(EndpointError::InUse { path: shown() }),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(source) => {
+                    return Err(EndpointError::Bind {
+                        path: shown(),
+                        source,
+                    });
+                }
+            }
             std::fs::remove_file(path).map_err(|source| EndpointError::Bind {
                 path: shown(),
                 source,
@@ -108,27 +140,195 @@ fn bind_with_modes(
         Ok(_) => return Err(EndpointError::NotASocket { path: shown() }),
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|source| EndpointError::Bind {
+    bind_socket(path, socket_mode).map_err(|source| EndpointError::Bind {
         path: shown(),
         source,
+    })
+}
+
+/// Refuses a directory that someone other than root and the agent's own user could change: such
+/// a user could swap the socket for a file or a link of their own between our steps.
+fn check_directory(dir: &Path) -> Result<(), EndpointError> {
+    use std::os::unix::fs::MetadataExt;
+    let refused = |reason: String| EndpointError::UnsafeDirectory {
+        path: dir.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(dir).map_err(|source| EndpointError::CreateDir {
+        path: dir.display().to_string(),
+        source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(
-        |source| EndpointError::Bind {
-            path: shown(),
-            source,
-        },
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    if meta.uid() != 0 && meta.uid() != uid {
+        return Err(refused(format!(
+            "owned by uid {}; it must belong to root or to uid {uid}, which runs this process",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(refused(format!(
+            "writable by every user (mode {:o}); remove that with chmod o-w, or choose a directory of its own",
+            meta.mode() & 0o7777
+        )));
+    }
+    if meta.mode() & 0o020 != 0 && meta.gid() != 0 && meta.gid() != gid {
+        return Err(refused(format!(
+            "writable by group {} (mode {:o}); remove that with chmod g-w",
+            meta.gid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Binds a listening socket at `path` with `mode`. The mode is set on the socket before it has a
+/// name (Linux gives the bound file the socket's mode, less the umask), and the bits the umask
+/// took away are restored through a descriptor of the very file bound, never by following the
+/// path again.
+fn bind_socket(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use nix::sys::stat::Mode;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let socket = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
     )?;
-    Ok(listener)
+    nix::sys::stat::fchmod(&socket, Mode::from_bits_truncate(mode))?;
+    nix::sys::socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &UnixAddr::new(path)?,
+    )?;
+    let bound = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = bound.metadata()?;
+    if !meta.file_type().is_socket() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(
+            "the bound socket was replaced before its mode could be set",
+        ));
+    }
+    if meta.mode() & 0o777 != mode {
+        // An O_PATH descriptor cannot be fchmod'ed; its /proc link names exactly that file.
+        let by_descriptor = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&bound));
+        std::fs::set_permissions(by_descriptor, std::fs::Permissions::from_mode(mode))?;
+    }
+    nix::sys::socket::listen(&socket, Backlog::MAXCONN)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))
+}
+
+/// How long a connection may do nothing, or take over a request's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    /// A connection with no stream open for this long is closed.
+    pub idle: Duration,
+    /// A connection whose client has not finished a header block this long after starting it
+    /// is closed.
+    pub header_block: Duration,
 }
 
 /// The peer of a connection, as captured at accept time; handed to every request on it.
 #[derive(Clone, Debug)]
-pub struct PeerInfo(Arc<Result<PeerCredentials, AttestError>>);
+pub struct PeerInfo {
+    /// The captured credentials, or why they could not be captured.
+    credentials: Arc<Result<PeerCredentials, AttestError>>,
+    /// What the connection is doing, for its idle timeout.
+    activity: Arc<Activity>,
+}
 
 impl PeerInfo {
     /// The captured credentials, or why they could not be captured.
     pub fn credentials(&self) -> Result<&PeerCredentials, &AttestError> {
-        self.0.as_ref().as_ref()
+        self.credentials.as_ref().as_ref()
+    }
+
+    /// Notes a request starting on the connection (its idle time starts again).
+    pub fn touch(&self) {
+        self.activity.touch();
+    }
+
+    /// Resolves once the client reads what the connection sends: at once unless the socket
+    /// refused the last write.
+    pub async fn client_reads(&self) {
+        loop {
+            let notified = self.activity.writable.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a write between the two is not missed.
+            notified.as_mut().enable();
+            if !self.activity.write_blocked.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks a stream open on the connection until the returned guard is dropped; a
+    /// connection with an open stream is never idle.
+    pub fn stream_open(&self) -> OpenStream {
+        self.activity.streams.fetch_add(1, Ordering::AcqRel);
+        self.activity.touch();
+        OpenStream(self.activity.clone())
+    }
+}
+
+/// What a connection is doing, shared by its requests and its socket.
+#[derive(Debug)]
+struct Activity {
+    /// Response streams open now.
+    streams: AtomicUsize,
+    /// When a request last started or a stream last ended.
+    last: Mutex<Instant>,
+    /// Set while the socket takes no more bytes (the client is not reading); cleared by the next
+    /// write that goes through.
+    write_blocked: AtomicBool,
+    /// Wakes streams that hold their next message back until the client reads again.
+    writable: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            streams: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+            write_blocked: AtomicBool::new(false),
+            writable: Notify::new(),
+        }
+    }
+
+    /// Notes how a write to the socket went.
+    fn wrote<T>(&self, result: &Poll<io::Result<T>>) {
+        match result {
+            Poll::Pending => self.write_blocked.store(true, Ordering::Release),
+            Poll::Ready(Ok(_)) => {
+                if self.write_blocked.swap(false, Ordering::AcqRel) {
+                    self.writable.notify_waiters();
+                }
+            }
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn last(&self) -> Instant {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A stream counted as open on its connection; dropped when the stream ends.
+pub struct OpenStream(Arc<Activity>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -136,44 +336,93 @@ impl PeerInfo {
 pub struct PeerConnection {
     io: AuthorityFix<UnixStream>,
     peer: PeerInfo,
+    /// The idle and header-block limits enforced on this connection.
+    timeouts: ConnectionTimeouts,
+    /// Wakes the connection when one of its timeouts may have run out.
+    deadline: Pin<Box<tokio::time::Sleep>>,
     /// Counts against the agent-wide connection limit while the connection lives.
     _slot: OwnedSemaphorePermit,
     /// Counts against its user's share while the connection lives.
     _user_slot: UserSlot,
 }
 
+/// How the connection limit is shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shares {
+    /// Connections any one user may hold.
+    per_user: usize,
+    /// Connections all ordinary users together may hold; the rest of the limit is kept for
+    /// privileged users (root and the agent's own user), so no crowd of users can lock them out.
+    ordinary: usize,
+}
+
+impl Shares {
+    fn of(limit: usize) -> Self {
+        Self {
+            per_user: (limit / 4).max(1),
+            ordinary: limit - (limit / 8).max(1),
+        }
+    }
+}
+
 /// Open connections per uid (`None`: peers whose credentials could not be read).
-type UserCounts = Arc<Mutex<HashMap<Option<u32>, usize>>>;
+#[derive(Default)]
+struct Held {
+    /// Connections per uid.
+    by_user: HashMap<Option<u32>, usize>,
+    /// Connections of ordinary (not privileged) users together.
+    ordinary: usize,
+}
+
+type UserCounts = Arc<Mutex<Held>>;
 
 /// One connection's place in its user's share; released on drop.
 struct UserSlot {
     counts: UserCounts,
     uid: Option<u32>,
+    privileged: bool,
 }
 
 impl UserSlot {
-    /// Takes a slot for `uid`, unless the user already holds `limit` connections.
-    fn take(counts: &UserCounts, uid: Option<u32>, limit: usize) -> Option<Self> {
-        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let held = map.entry(uid).or_default();
-        if *held >= limit {
+    /// Takes a slot for `uid`, unless the user already holds their share, or the user is an
+    /// ordinary one and ordinary users hold all theirs. Privileged users are bounded only by
+    /// the agent-wide limit.
+    fn take(
+        counts: &UserCounts,
+        uid: Option<u32>,
+        privileged: bool,
+        shares: Shares,
+    ) -> Option<Self> {
+        let mut held = counts.lock().unwrap_or_else(|p| p.into_inner());
+        if !privileged && held.ordinary >= shares.ordinary {
             return None;
         }
-        *held += 1;
+        let mine = held.by_user.entry(uid).or_default();
+        if !privileged && *mine >= shares.per_user {
+            return None;
+        }
+        *mine += 1;
+        if !privileged {
+            held.ordinary += 1;
+        }
         Some(Self {
             counts: counts.clone(),
             uid,
+            privileged,
         })
     }
 }
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(held) = map.get_mut(&self.uid) {
-            *held -= 1;
-            if *held == 0 {
-                map.remove(&self.uid);
+        let mut held = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.privileged {
+            held.ordinary -= 1;
+        }
+        if let Some(mine) = held.by_user.get_mut(&self.uid) {
+            *mine -= 1;
+            if *mine == 0 {
+                held.by_user.remove(&self.uid);
             }
         }
     }
@@ -187,13 +436,64 @@ impl Connected for PeerConnection {
     }
 }
 
+impl PeerConnection {
+    /// Fails once the connection has been idle, or stuck in a header block, for too long; else
+    /// arms the timer for the next moment that could happen. The server polls reads for as long
+    /// as the connection lives, so the timer's wake-up always reaches this check.
+    fn enforce_timeouts(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let mut next = now + self.timeouts.idle;
+            if let Some(since) = self.io.header_block_open_since() {
+                let due = since + self.timeouts.header_block;
+                if now >= due {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "header block not finished within {:?}",
+                            self.timeouts.header_block
+                        ),
+                    ));
+                }
+                next = next.min(due);
+            }
+            if self.peer.activity.streams.load(Ordering::Acquire) == 0 {
+                let due = self.peer.activity.last() + self.timeouts.idle;
+                if now >= due {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no stream for {:?}", self.timeouts.idle),
+                    ));
+                }
+                next = next.min(due);
+            }
+            self.deadline.as_mut().reset(next.into());
+        }
+        Ok(())
+    }
+}
+
 impl AsyncRead for PeerConnection {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Err(e) = this.enforce_timeouts(cx) {
+            tracing::debug!(uid = ?this.peer.credentials().ok().map(|p| p.uid), error = %e, "closing a connection");
+            return Poll::Ready(Err(e));
+        }
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        // A header block opened by this read must not wait for a later, idle-length timer.
+        if let Some(since) = this.io.header_block_open_since() {
+            let due = (since + this.timeouts.header_block).into();
+            if due < this.deadline.deadline() {
+                this.deadline.as_mut().reset(due);
+                let _ = this.deadline.as_mut().poll(cx);
+            }
+        }
+        read
     }
 }
 
@@ -203,7 +503,10 @@ impl AsyncWrite for PeerConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.peer.activity.wrote(&result);
+        result
     }
 
     fn poll_write_vectored(
@@ -211,7 +514,10 @@ impl AsyncWrite for PeerConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.peer.activity.wrote(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -232,15 +538,17 @@ impl AsyncWrite for PeerConnection {
 pub fn incoming(
     listener: UnixListener,
     attestor: Arc<Attestor>,
+    timeouts: ConnectionTimeouts,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<Result<PeerConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let limit = connection_limit();
-    // No single user may hold more than half of the connections: others can always connect.
-    let per_user_limit = (limit / 2).max(1);
+    let shares = Shares::of(limit);
+    let agent_uid = nix::unistd::geteuid().as_raw();
     tracing::debug!(
         limit,
-        per_user_limit,
+        per_user = shares.per_user,
+        ordinary_users = shares.ordinary,
         "connection limits from RLIMIT_NOFILE"
     );
     let slots = Arc::new(Semaphore::new(limit));
@@ -261,10 +569,7 @@ pub fn incoming(
                 }
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    limit = MAX_CONNECTIONS,
-                    "too many open connections; closing a new one"
-                );
+                tracing::warn!(limit, "too many open connections; closing a new one");
                 continue;
             };
             let peer = attestor.capture_peer(stream.as_fd());
@@ -272,17 +577,24 @@ pub fn incoming(
                 tracing::warn!(error = %e, "could not capture peer credentials");
             }
             let uid = peer.as_ref().ok().map(|p| p.uid);
-            let Some(user_slot) = UserSlot::take(&user_counts, uid, per_user_limit) else {
+            let privileged = uid.is_some_and(|uid| uid == 0 || uid == agent_uid);
+            let Some(user_slot) = UserSlot::take(&user_counts, uid, privileged, shares) else {
                 tracing::warn!(
                     ?uid,
-                    limit = per_user_limit,
-                    "user holds too many connections; closing a new one"
+                    per_user = shares.per_user,
+                    ordinary_users = shares.ordinary,
+                    "user, or ordinary users together, hold their share of connections; closing a new one"
                 );
                 continue;
             };
             let connection = PeerConnection {
                 io: AuthorityFix::new(stream),
-                peer: PeerInfo(Arc::new(peer)),
+                peer: PeerInfo {
+                    credentials: Arc::new(peer),
+                    activity: Arc::new(Activity::new()),
+                },
+                timeouts,
+                deadline: Box::pin(tokio::time::sleep(timeouts.idle.min(timeouts.header_block))),
                 _slot: slot,
                 _user_slot: user_slot,
             };
@@ -301,21 +613,53 @@ mod tests {
     #[test]
     fn a_user_share_is_bounded_and_released_on_drop() {
         let counts = UserCounts::default();
-        let a = UserSlot::take(&counts, Some(1000), 2).unwrap();
-        let _b = UserSlot::take(&counts, Some(1000), 2).unwrap();
+        let shares = Shares {
+            per_user: 2,
+            ordinary: 100,
+        };
+        let a = UserSlot::take(&counts, Some(1000), false, shares).unwrap();
+        let _b = UserSlot::take(&counts, Some(1000), false, shares).unwrap();
         assert!(
-            UserSlot::take(&counts, Some(1000), 2).is_none(),
+            UserSlot::take(&counts, Some(1000), false, shares).is_none(),
             "third connection refused"
         );
         assert!(
-            UserSlot::take(&counts, Some(1001), 2).is_some(),
+            UserSlot::take(&counts, Some(1001), false, shares).is_some(),
             "other users unaffected"
         );
         drop(a);
         assert!(
-            UserSlot::take(&counts, Some(1000), 2).is_some(),
+            UserSlot::take(&counts, Some(1000), false, shares).is_some(),
             "a closed connection frees a slot"
         );
+    }
+
+    #[test]
+    fn ordinary_users_together_cannot_take_the_privileged_share() {
+        let shares = Shares::of(16);
+        assert_eq!(
+            shares,
+            Shares {
+                per_user: 4,
+                ordinary: 14
+            }
+        );
+        let counts = UserCounts::default();
+        let mut held = Vec::new();
+        for uid in 1000..1010 {
+            while let Some(slot) = UserSlot::take(&counts, Some(uid), false, shares) {
+                held.push(slot);
+            }
+        }
+        assert_eq!(held.len(), 14, "ordinary users share 14 of 16");
+        assert!(UserSlot::take(&counts, Some(2000), false, shares).is_none());
+        let root: Vec<_> = (0..2)
+            .map(|_| UserSlot::take(&counts, Some(0), true, shares).unwrap())
+            .collect();
+        drop(held);
+        assert_eq!(counts.lock().unwrap().ordinary, 0);
+        drop(root);
+        assert!(counts.lock().unwrap().by_user.is_empty());
     }
 
     #[tokio::test]
@@ -338,6 +682,52 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_can_write_is_refused_and_modes_are_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = bind(&open.join("agent.sock")).unwrap_err().to_string();
+        assert!(
+            err.contains("is writable by every user (mode 1777)"),
+            "{err}"
+        );
+        assert!(!open.join("agent.sock").exists());
+
+        // Exact modes whatever the umask: the bits it removes are restored on the bound file.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let world = bind(&dir.path().join("world.sock"));
+        let private = bind_private(&dir.path().join("private.sock"));
+        nix::sys::stat::umask(old);
+        let (_world, _private) = (world.unwrap(), private.unwrap());
+        for (name, mode) in [("world.sock", 0o777), ("private.sock", 0o600)] {
+            let meta = std::fs::metadata(dir.path().join(name)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn binding_never_takes_over_a_live_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let live = bind(&path).unwrap();
+        for attempt in [bind(&path), bind_private(&path)] {
+            let err = attempt.unwrap_err();
+            assert!(matches!(err, EndpointError::InUse { .. }), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("another agent or server is serving this socket"),
+                "{err}"
+            );
+        }
+        // The live socket is still there and still answers.
+        let (connected, accepted) =
+            tokio::join!(tokio::net::UnixStream::connect(&path), live.accept());
+        connected.unwrap();
+        accepted.unwrap();
     }
 
     #[test]

@@ -27,6 +27,10 @@ use crate::spiffe::TrustDomain;
 /// The metadata key every Workload API call must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
+/// A stream whose client has left this many messages in a row unread (each replaced by a newer
+/// one before it could be sent) is ended: the client is not reading.
+const MAX_UNREAD_UPDATES: usize = 8;
+
 /// At most this many attestations read /proc at once; the rest wait their turn.
 const MAX_CONCURRENT_ATTESTATIONS: usize = 64;
 
@@ -220,8 +224,14 @@ impl WorkloadService {
     /// Runs a stream: `next` is asked for a message after every cache change; `Ok(None)` means
     /// "nothing new to send", `Err` ends the stream with that error. `generation` must have been
     /// subscribed before `first` was computed, so that no change in between goes unnoticed.
+    ///
+    /// Each message is the full state, so only the latest matters: a message is handed to the
+    /// connection only while its client reads (its socket takes bytes); until then it waits here,
+    /// replaced by any newer one. A stream whose client leaves [`MAX_UNREAD_UPDATES`] messages in
+    /// a row unread is ended. What a client that never reads costs is thus one message per stream.
     fn spawn_stream<T, F>(
         &self,
+        peer: Option<PeerInfo>,
         mut generation: watch::Receiver<u64>,
         first: T,
         mut next: F,
@@ -230,14 +240,31 @@ impl WorkloadService {
         T: Send + 'static,
         F: FnMut() -> Result<Option<T>, ServeError> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(1);
         let mut shutdown = self.shutdown.clone();
+        let open = peer.as_ref().map(PeerInfo::stream_open);
         tokio::spawn(async move {
+            let mut latest: Option<T> = None;
+            let mut unread = 0usize;
             loop {
+                let client_reads = async {
+                    if let Some(peer) = &peer {
+                        peer.client_reads().await;
+                    }
+                    tx.reserve().await
+                };
                 let ended = tokio::select! {
                     changed = generation.changed() => changed.is_err(),
                     _ = tx.closed() => return,
                     _ = shutdown.wait_for(|draining| *draining) => true,
+                    permit = client_reads, if latest.is_some() => {
+                        let Ok(permit) = permit else { return };
+                        if let Some(message) = latest.take() {
+                            permit.send(Ok(message));
+                        }
+                        unread = 0;
+                        continue;
+                    }
                 };
                 let outcome = if ended {
                     Err(ServeError::ShuttingDown)
@@ -247,20 +274,51 @@ impl WorkloadService {
                 match outcome {
                     Ok(None) => {}
                     Ok(Some(message)) => {
-                        if tx.send(Ok(message)).await.is_err() {
+                        if latest.replace(message).is_some() {
+                            unread += 1;
+                        }
+                        if unread >= MAX_UNREAD_UPDATES {
+                            tracing::info!(
+                                unread,
+                                "ending a Workload API stream whose client does not read"
+                            );
+                            let status = Status::resource_exhausted(
+                                "the client did not read this stream's updates",
+                            );
+                            drop(latest);
+                            tokio::select! {
+                                _ = tx.send(Err(status)) => {}
+                                _ = tx.closed() => {}
+                            }
                             return;
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(e.into_status())).await;
+                        tokio::select! {
+                            _ = tx.send(Err(e.into_status())) => {}
+                            _ = tx.closed() => {}
+                        }
                         return;
                     }
                 }
             }
         });
         // The first message is ready now: it goes out without a hop through the update task.
-        Box::pin(tokio_stream::once(Ok(first)).chain(ReceiverStream::new(rx)))
+        // The connection counts the stream as open until the server drops it.
+        Box::pin(
+            tokio_stream::once(Ok(first))
+                .chain(ReceiverStream::new(rx))
+                .map(move |message| {
+                    let _open = &open;
+                    message
+                }),
+        )
     }
+}
+
+/// The connection a request came on, if it came through the agent's accept loop.
+fn peer_of<T>(request: &Request<T>) -> Option<PeerInfo> {
+    request.extensions().get::<PeerInfo>().cloned()
 }
 
 /// Entries `facts` match now; refuses facts gathered without something the entries now need.
@@ -342,7 +400,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         let message = svid_response(&first);
         self.record_uses(&first, &facts);
         let service = self.clone();
-        let stream = self.spawn_stream(generation, message, move || {
+        let peer = peer_of(&request);
+        let stream = self.spawn_stream(peer, generation, message, move || {
             let ids = service.identities(&facts, &mut lease)?;
             let now = fingerprint(&ids);
             if now == last {
@@ -376,7 +435,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         let first = self.bundles_response();
         let mut last = first.clone();
         let service = self.clone();
-        let stream = self.spawn_stream(generation, first, move || {
+        let peer = peer_of(&request);
+        let stream = self.spawn_stream(peer, generation, first, move || {
             if !service.entitled_to_bundles(&facts)? {
                 return Err(ServeError::NoIdentity);
             }

@@ -43,6 +43,16 @@ pub enum AttestError {
         /// The pid the connection reported.
         pid: i32,
     },
+    /// The process has executed another program since it connected.
+    #[error(
+        "process {pid} has executed another program ({exe}) since it connected; that program must connect itself"
+    )]
+    ProgramChanged {
+        /// The process.
+        pid: i32,
+        /// The program it runs now.
+        exe: String,
+    },
     /// The process's effective uid/gid differ from those it connected with.
     #[error(
         "process {pid} connected as uid {peer_uid} gid {peer_gid} but now runs as uid {uid} gid {gid}"

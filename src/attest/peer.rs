@@ -45,6 +45,18 @@ pub struct PeerCredentials {
     pub gid: u32,
     /// How liveness and identity of the process are proven later.
     pub(super) pin: Pin,
+    /// The program the process ran when it connected; a process that has executed another
+    /// since is refused, so a connection never outlives the image that made it.
+    pub(super) exe: ExeIdentity,
+}
+
+/// An executable as the kernel knows it: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ExeIdentity {
+    /// The device holding the file.
+    dev: u64,
+    /// Its inode number.
+    ino: u64,
 }
 
 #[derive(Debug)]
@@ -76,20 +88,29 @@ impl PeerCredentials {
             },
             PinMode::ProcStartTime => None,
         };
-        let pin = match pidfd {
-            Some(fd) => Pin::Pidfd(fd),
+        let (pin, exe) = match pidfd {
+            Some(fd) => {
+                let dir = open_proc_dir(pid)?;
+                let exe = exe_identity(pid, dir.as_fd())?;
+                (Pin::Pidfd(fd), exe)
+            }
             None => {
                 let dir = open_proc_dir(pid)?;
                 let start_time = read_start_time(pid, dir.as_fd())?;
-                Pin::Proc { dir, start_time }
+                let exe = exe_identity(pid, dir.as_fd())?;
+                (Pin::Proc { dir, start_time }, exe)
             }
         };
-        Ok(Self {
+        let peer = Self {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
             pin,
-        })
+            exe,
+        };
+        // The executable was read through /proc/<pid>: prove the pid was still the caller's.
+        peer.ensure_alive()?;
+        Ok(peer)
     }
 
     /// Opens `/proc/<pid>` and proves it belongs to the process that connected.
@@ -163,6 +184,35 @@ fn open_proc_dir(pid: i32) -> Result<OwnedFd, AttestError> {
             entry: "",
             source: e.into(),
         },
+    })
+}
+
+/// The executable of the process whose `/proc/<pid>` directory is `dir`. Read with cached
+/// attributes only (`AT_STATX_DONT_SYNC`): device and inode are known to the kernel without
+/// asking the file's file system, which could hang (an unreachable NFS server).
+pub(super) fn exe_identity(pid: i32, dir: BorrowedFd<'_>) -> Result<ExeIdentity, AttestError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: statx writes one `statx` through a valid pointer; the path is a C string.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            c"exe".as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            libc::STATX_INO,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(AttestError::Proc {
+            pid,
+            entry: "exe",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(ExeIdentity {
+        dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        ino: stx.stx_ino,
     })
 }
 

@@ -6,7 +6,7 @@ use nix::fcntl::readlinkat;
 
 use super::hash::{ExeHashCache, HashError};
 use super::names::NameCache;
-use super::peer::{PeerCredentials, open_entry};
+use super::peer::{PeerCredentials, exe_identity, open_entry};
 use super::{AttestError, CallerFacts, Selector, SelectorKind, SelectorSet};
 use crate::entry::FactNeeds;
 
@@ -56,6 +56,11 @@ pub(super) fn read_facts(
         })?
         .to_string_lossy()
         .into_owned();
+    // Facts are the program's that connected, or none: a process that has executed another
+    // program since (keeping the connection, or handing it to a child) is refused.
+    if exe_identity(pid, dir)? != peer.exe {
+        return Err(AttestError::ProgramChanged { pid, exe: exe_path });
+    }
     let exe_sha256 = if needs.exe_sha256 {
         // Even an fstat of the executable can wait on its file system (a hung NFS mount):
         // only the blocking path may touch it.

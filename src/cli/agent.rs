@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::Failure;
-use crate::agent::{AgentConfig, BuildOptions, build, sdnotify};
+use crate::agent::endpoint::EndpointError;
+use crate::agent::{AgentConfig, AgentError, BuildOptions, build, sdnotify};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AgentCommand {
@@ -49,7 +50,13 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Failure> {
             let config = AgentConfig::load(&config).map_err(|e| Failure::usage(e.to_string()))?;
             let handle = build(config, BuildOptions::default())
                 .await
-                .map_err(|e| Failure::failed(e.to_string()))?;
+                .map_err(|e| match e {
+                    // The operator's mistake, not a failure: another process serves the socket.
+                    AgentError::Endpoint(EndpointError::InUse { .. }) => {
+                        Failure::usage(e.to_string())
+                    }
+                    e => Failure::failed(e.to_string()),
+                })?;
             sdnotify::notify("READY=1");
             super::termination().await;
             tracing::info!("stopping: draining open streams");

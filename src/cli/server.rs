@@ -4,8 +4,9 @@ use clap::Subcommand;
 
 use super::Failure;
 use super::agent::ConfigArg;
+use crate::agent::endpoint::EndpointError;
 use crate::agent::sdnotify;
-use crate::server::{ServerConfig, build};
+use crate::server::{ServerConfig, ServerError, build};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum ServerCommand {
@@ -30,9 +31,11 @@ pub(super) async fn run(command: ServerCommand) -> Result<(), Failure> {
         }
         ServerCommand::Run(ConfigArg { config }) => {
             let config = ServerConfig::load(&config).map_err(|e| Failure::usage(e.to_string()))?;
-            let handle = build(config)
-                .await
-                .map_err(|e| Failure::failed(e.to_string()))?;
+            let handle = build(config).await.map_err(|e| match e {
+                // Another server answers on the admin socket: the operator's mistake.
+                ServerError::Admin(EndpointError::InUse { .. }) => Failure::usage(e.to_string()),
+                e => Failure::failed(e.to_string()),
+            })?;
             sdnotify::notify("READY=1");
             super::termination().await;
             tracing::info!("stopping");
