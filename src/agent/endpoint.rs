@@ -5,16 +5,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
@@ -43,82 +41,14 @@ fn connection_limit() -> usize {
     (by_fds as usize).clamp(16, MAX_CONNECTIONS)
 }
 
-/// Why the socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum EndpointError {
-    /// The socket's directory could not be created.
-    #[error("cannot create socket directory {path}: {source}")]
-    CreateDir {
-        /// The directory.
-        path: String,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// Something other than a socket is in the way.
-    #[error("{path} exists and is not a socket; refusing to remove it")]
-    NotASocket {
-        /// The configured socket path.
-        path: String,
-    },
-    /// Binding or setting permissions failed.
-    #[error("cannot bind {path}: {source}")]
-    Bind {
-        /// The configured socket path.
-        path: String,
-        /// The underlying error.
-        source: io::Error,
-    },
-}
+/// Why the socket could not be set up (shared with the server's admin socket).
+pub use crate::runtime::socket::BindError as EndpointError;
 
 /// Binds the Workload API socket: creates the directory, removes a stale socket, makes the
 /// socket connectable by every local user.
 pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
     // World-connectable on purpose: authorisation comes from attestation, not file modes.
-    bind_with_modes(path, 0o777, 0o755)
-}
-
-/// Binds a socket only its owner can connect to, in a directory only its owner can enter
-/// (when the directory is created here).
-pub fn bind_private(path: &Path) -> Result<UnixListener, EndpointError> {
-    bind_with_modes(path, 0o600, 0o700)
-}
-
-fn bind_with_modes(
-    path: &Path,
-    socket_mode: u32,
-    dir_mode: u32,
-) -> Result<UnixListener, EndpointError> {
-    let shown = || path.display().to_string();
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).map_err(|source| EndpointError::CreateDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode));
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| EndpointError::Bind {
-                path: shown(),
-                source,
-            })?;
-        }
-        Ok(_) => return Err(EndpointError::NotASocket { path: shown() }),
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(|source| EndpointError::Bind {
-        path: shown(),
-        source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(
-        |source| EndpointError::Bind {
-            path: shown(),
-            source,
-        },
-    )?;
-    Ok(listener)
+    crate::runtime::socket::bind_with_modes(path, 0o777, 0o755)
 }
 
 /// The peer of a connection, as captured at accept time; handed to every request on it.
@@ -234,7 +164,6 @@ pub fn incoming(
     attestor: Arc<Attestor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<Result<PeerConnection, io::Error>> {
-    let (tx, rx) = mpsc::channel(64);
     let limit = connection_limit();
     // No single user may hold more than half of the connections: others can always connect.
     let per_user_limit = (limit / 2).max(1);
@@ -245,58 +174,62 @@ pub fn incoming(
     );
     let slots = Arc::new(Semaphore::new(limit));
     let user_counts = UserCounts::default();
-    tokio::spawn(async move {
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::error!(error = %e, "accept failed; retrying shortly");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+    crate::runtime::accept::incoming(
+        listener,
+        "workload",
+        shutdown,
+        move |stream: UnixStream, _, handoff| {
+            let admitted = admit(&slots, &user_counts, per_user_limit, &attestor, stream);
+            async move {
+                if let Some(connection) = admitted {
+                    let _ = handoff.send(Ok(connection)).await;
                 }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    limit = MAX_CONNECTIONS,
-                    "too many open connections; closing a new one"
-                );
-                continue;
-            };
-            let peer = attestor.capture_peer(stream.as_fd());
-            if let Err(e) = &peer {
-                tracing::warn!(error = %e, "could not capture peer credentials");
             }
-            let uid = peer.as_ref().ok().map(|p| p.uid);
-            let Some(user_slot) = UserSlot::take(&user_counts, uid, per_user_limit) else {
-                tracing::warn!(
-                    ?uid,
-                    limit = per_user_limit,
-                    "user holds too many connections; closing a new one"
-                );
-                continue;
-            };
-            let connection = PeerConnection {
-                io: AuthorityFix::new(stream),
-                peer: PeerInfo(Arc::new(peer)),
-                _slot: slot,
-                _user_slot: user_slot,
-            };
-            if tx.send(Ok(connection)).await.is_err() {
-                return;
-            }
-        }
-    });
-    ReceiverStream::new(rx)
+        },
+    )
+}
+
+/// Captures the peer of `stream` and gives it a connection slot, or closes it when the agent or
+/// its user holds too many connections.
+fn admit(
+    slots: &Arc<Semaphore>,
+    user_counts: &UserCounts,
+    per_user_limit: usize,
+    attestor: &Attestor,
+    stream: UnixStream,
+) -> Option<PeerConnection> {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        tracing::warn!(
+            limit = MAX_CONNECTIONS,
+            "too many open connections; closing a new one"
+        );
+        return None;
+    };
+    let peer = attestor.capture_peer(stream.as_fd());
+    if let Err(e) = &peer {
+        tracing::warn!(error = %e, "could not capture peer credentials");
+    }
+    let uid = peer.as_ref().ok().map(|p| p.uid);
+    let Some(user_slot) = UserSlot::take(user_counts, uid, per_user_limit) else {
+        tracing::warn!(
+            ?uid,
+            limit = per_user_limit,
+            "user holds too many connections; closing a new one"
+        );
+        return None;
+    };
+    Some(PeerConnection {
+        io: AuthorityFix::new(stream),
+        peer: PeerInfo(Arc::new(peer)),
+        _slot: slot,
+        _user_slot: user_slot,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_user_share_is_bounded_and_released_on_drop() {
