@@ -22,6 +22,7 @@ use crate::proto::workload::{
     WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
     X509svidResponse,
 };
+use crate::runtime::Shutdown;
 use crate::spiffe::TrustDomain;
 
 /// The metadata key every Workload API call must carry, with the value `true`.
@@ -107,8 +108,8 @@ pub struct WorkloadService {
     trust_domain: TrustDomain,
     /// Serve bundles to callers without an identity.
     allow_unauthenticated_verifiers: bool,
-    /// Becomes `true` when the agent drains; every stream then ends.
-    shutdown: watch::Receiver<bool>,
+    /// Triggered when the agent drains; every stream then ends.
+    shutdown: Shutdown,
 }
 
 impl WorkloadService {
@@ -118,7 +119,7 @@ impl WorkloadService {
         attestor: Arc<Attestor>,
         trust_domain: TrustDomain,
         allow_unauthenticated_verifiers: bool,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Self {
         Self {
             cache,
@@ -231,13 +232,13 @@ impl WorkloadService {
         F: FnMut() -> Result<Option<T>, ServeError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(2);
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let ended = tokio::select! {
                     changed = generation.changed() => changed.is_err(),
                     _ = tx.closed() => return,
-                    _ = shutdown.wait_for(|draining| *draining) => true,
+                    _ = shutdown.signalled() => true,
                 };
                 let outcome = if ended {
                     Err(ServeError::ShuttingDown)
@@ -275,7 +276,7 @@ fn matching_entries(
 }
 
 /// What a client would see change between two X.509-SVID messages.
-type SvidFingerprint = (Vec<(String, String)>, usize);
+type SvidFingerprint = (Vec<(String, String)>, u64);
 
 fn fingerprint(ids: &Identities) -> SvidFingerprint {
     let svids = ids
@@ -288,7 +289,7 @@ fn fingerprint(ids: &Identities) -> SvidFingerprint {
             )
         })
         .collect();
-    (svids, Arc::as_ptr(&ids.ca) as usize)
+    (svids, ids.ca_generation)
 }
 
 fn svid_response(ids: &Identities) -> X509svidResponse {
@@ -325,7 +326,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        if *self.shutdown.borrow() {
+        if self.shutdown.is_triggered() {
             return Err(ServeError::ShuttingDown.into_status());
         }
         let facts = self
@@ -359,7 +360,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        if *self.shutdown.borrow() {
+        if self.shutdown.is_triggered() {
             return Err(ServeError::ShuttingDown.into_status());
         }
         let facts = self
@@ -457,5 +458,34 @@ mod tests {
         assert_eq!(with(&[]), Err(tonic::Code::InvalidArgument));
         assert_eq!(with(&["True"]), Err(tonic::Code::InvalidArgument));
         assert_eq!(with(&["true", "true"]), Err(tonic::Code::InvalidArgument));
+    }
+
+    #[test]
+    fn a_stream_tells_cas_apart_by_generation_not_by_address() {
+        let td = TrustDomain::new("td").unwrap();
+        let (ca, _, _) = crate::ca::generate_root(
+            &td,
+            std::time::Duration::from_secs(3600),
+            SystemTime::now(),
+            0,
+            "t",
+        )
+        .unwrap();
+        let ca = Arc::new(ca);
+        let sent = Identities {
+            svids: Vec::new(),
+            ca: ca.clone(),
+            ca_generation: 1,
+        };
+        let now = Identities {
+            svids: Vec::new(),
+            ca,
+            ca_generation: 2,
+        };
+        assert_ne!(
+            fingerprint(&sent),
+            fingerprint(&now),
+            "a new CA at a reused address is still news"
+        );
     }
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::Failure;
-use crate::agent::{AgentConfig, BuildOptions, build, sdnotify};
+use crate::agent::{AgentConfig, BuildOptions, build};
+use crate::runtime::sdnotify;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AgentCommand {
@@ -51,8 +52,12 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Failure> {
                 .await
                 .map_err(|e| Failure::failed(e.to_string()))?;
             sdnotify::notify("READY=1");
-            super::termination().await;
-            tracing::info!("stopping: draining open streams");
+            // A background task that dies stops the process too, which then exits non-zero
+            // with that task's error instead of serving half-alive.
+            tokio::select! {
+                _ = super::termination() => tracing::info!("stopping: draining open streams"),
+                _ = handle.stopping() => {}
+            }
             sdnotify::notify("STOPPING=1");
             handle
                 .stop()

@@ -4,7 +4,7 @@ use clap::Subcommand;
 
 use super::Failure;
 use super::agent::ConfigArg;
-use crate::agent::sdnotify;
+use crate::runtime::sdnotify;
 use crate::server::{ServerConfig, build};
 
 #[derive(Subcommand, Debug)]
@@ -34,8 +34,12 @@ pub(super) async fn run(command: ServerCommand) -> Result<(), Failure> {
                 .await
                 .map_err(|e| Failure::failed(e.to_string()))?;
             sdnotify::notify("READY=1");
-            super::termination().await;
-            tracing::info!("stopping");
+            // A background task that dies stops the process too, which then exits non-zero
+            // with that task's error instead of serving half-alive.
+            tokio::select! {
+                _ = super::termination() => tracing::info!("stopping"),
+                _ = handle.stopping() => {}
+            }
             sdnotify::notify("STOPPING=1");
             handle
                 .stop()
