@@ -25,12 +25,17 @@ use crate::proto::tessera::node_server::NodeServer;
 use crate::runtime::socket::{BindError, bind_private};
 use crate::runtime::{Shutdown, TaskError, Tasks, wait_until_wall_time};
 use crate::store::{BundleRoot, Datastore, StoreError, unix_seconds};
-use crate::tls::{TlsError, server_config};
+use crate::tls::{ConnectionLimits, TlsError, server_config};
 
 /// Lifetime of the serving certificate; renewed at half-life.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long streams get to end after shutdown before connections are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent streams one node API connection may open: an agent needs three (sync, event
+/// upload, a renewal or attestation).
+const NODE_STREAMS_PER_CONNECTION: u32 = 16;
+/// How long a node API handler may take to answer (streams then run on their own).
+const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -151,18 +156,22 @@ fn half_life_from(now: SystemTime, not_after: SystemTime) -> SystemTime {
 }
 
 /// Keeps the serving configuration current: a new one (from `renew`, given the bundle) when the
-/// bundle changes, and a new serving certificate at half of its life, by the wall clock `now`
+/// bundle differs from `in_service`, the one the configuration in service was built from, and a new serving certificate at half of its life, by the wall clock `now`
 /// looked at every few seconds, so a suspend or a clock step never leaves an expired
 /// certificate in service.
 async fn refresh_serving_config<C: Send + Sync>(
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     publish: watch::Sender<C>,
+    in_service: Vec<Vec<u8>>,
     not_after: SystemTime,
     mut renew: impl FnMut(&[Vec<u8>]) -> Result<(C, SystemTime), ServerError>,
     now: impl Fn() -> SystemTime,
     shutdown: Shutdown,
 ) {
-    let mut bundle = snapshots.borrow_and_update().bundle.clone();
+    // The configuration in service was built from `in_service`; a bundle published since then
+    // is compared on the first turn.
+    let mut bundle = in_service;
+    snapshots.mark_changed();
     let mut renew_at = half_life_from(now(), not_after);
     loop {
         tokio::select! {
@@ -318,6 +327,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         refresh_serving_config(
             state.snapshots.clone(),
             tls_tx,
+            bundle,
             serving_not_after,
             move |bundle| serving_config(&state.root, &state.config, bundle),
             SystemTime::now,
@@ -328,9 +338,16 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
 
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(NODE_STREAMS_PER_CONNECTION))
+        .timeout(NODE_REQUEST_DEADLINE)
         .add_service(NodeServer::new(NodeService::new(state.clone())))
         .serve_with_incoming_shutdown(
-            crate::tls::incoming(listener, tls_rx, shutdown.signalled()),
+            crate::tls::incoming(
+                listener,
+                tls_rx,
+                ConnectionLimits::from_descriptor_limit(),
+                shutdown.signalled(),
+            ),
             shutdown.signalled(),
         );
     let admin_server = tonic::transport::Server::builder()
@@ -401,6 +418,7 @@ mod tests {
         let refresher = tokio::spawn(refresh_serving_config(
             snapshots,
             publish,
+            Vec::new(),
             start + SERVING_CERT_TTL,
             {
                 let (renewals, now) = (renewals.clone(), now.clone());
@@ -425,6 +443,8 @@ mod tests {
         refresher.await.unwrap();
     }
 
+    /// Also when the bundle changed before the task first looked: the configuration in service
+    /// was built from the older one.
     #[tokio::test(start_paused = true)]
     async fn a_bundle_change_renews_at_once() {
         let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
@@ -433,6 +453,7 @@ mod tests {
         let refresher = tokio::spawn(refresh_serving_config(
             snapshots,
             publish,
+            Vec::new(),
             SystemTime::now() + SERVING_CERT_TTL,
             |bundle: &[Vec<u8>]| Ok((bundle.len() as u32, SystemTime::now() + SERVING_CERT_TTL)),
             SystemTime::now,
@@ -442,7 +463,10 @@ mod tests {
             bundle: vec![vec![1], vec![2]],
             ..Snapshot::default()
         }));
-        published.changed().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), published.changed())
+            .await
+            .expect("renewed on the bundle change, not at half-life")
+            .unwrap();
         assert_eq!(*published.borrow(), 2, "built with the new bundle");
         shutdown.trigger();
         refresher.await.unwrap();
