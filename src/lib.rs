@@ -24,6 +24,8 @@
 //!   uploader, and `app::build`, the composition root.
 //! - [`server`]: the trust domain's server: root CA, node API (attestation, renewal, sync,
 //!   events), admin API, snapshot fan-out, and `app::build`.
+//! - [`runtime`]: what both roles are built from: the shutdown signal, the task supervisor, the
+//!   retry backoff, the accept loop, wall-clock waits, socket binding and sd_notify.
 //! - [`store`]: the server's datastore trait with its SQLite and PostgreSQL backends.
 //! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
 //! - [`bench`](mod@bench): `tessera bench`, the binaries measured against baselines in the same
@@ -43,6 +45,7 @@ pub mod entry;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod runtime;
 pub mod server;
 pub mod spiffe;
 pub mod store;

@@ -836,3 +836,149 @@ async fn a_node_ca_cannot_mint_its_way_into_another_node() {
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("signed by a root"), "{status:?}");
 }
+
+/// Sets this process's soft descriptor limit, returning the previous one. Children inherit it.
+fn set_descriptor_limit(soft: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit through valid pointers.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        let previous = limit.rlim_cur;
+        limit.rlim_cur = soft.min(limit.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        previous
+    }
+}
+
+/// Descriptors `pid` holds.
+fn descriptors_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+/// Keeps `size` TCP connections to `address` open from 127.0.0.2 without ever starting a TLS
+/// handshake, opening a new one whenever the server closes one, until `stop` is set or a
+/// minute has passed. Returns how many the server closed.
+fn half_open_flood(
+    address: std::net::SocketAddr,
+    size: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let closed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let mut attackers = Vec::new();
+            for _ in 0..size {
+                let (stop, closed) = (stop.clone(), closed.clone());
+                attackers.push(tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                        let Ok(mut connection) = socket.connect(address).await else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
+                        // Held until the server closes it, looking at the clock twice a second.
+                        let mut byte = [0u8; 1];
+                        loop {
+                            let read = tokio::io::AsyncReadExt::read(&mut connection, &mut byte);
+                            match tokio::time::timeout(Duration::from_millis(500), read).await {
+                                Ok(_) => {
+                                    closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    // Reconnect soon, not in a busy loop on a shared machine.
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                    break;
+                                }
+                                Err(_)
+                                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                                        || tokio::time::Instant::now() >= deadline =>
+                                {
+                                    return;
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                    }
+                }));
+            }
+            for attacker in attackers {
+                let _ = attacker.await;
+            }
+            closed.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_open_tls_flood_neither_starves_the_server_nor_keeps_a_new_node_out() {
+    let dir = world_dir();
+    // The server gets 512 descriptors (as a small default would give it), so that 600 held
+    // connections would exhaust them; this test process keeps its own, higher limit.
+    let previous = set_descriptor_limit(512);
+    let server = ServerProcess::start(dir.path(), "server", "");
+    set_descriptor_limit(previous);
+    let pid = server.child.as_ref().unwrap().id();
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let token = server.join_token();
+    let idle = descriptors_of(pid);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = half_open_flood(server.address.parse().unwrap(), 600, stop.clone());
+    // Until the server holds its share of them, the flood has not started.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while descriptors_of(pid) < idle + 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut most = 0;
+    let mut sample = || {
+        most = most.max(descriptors_of(pid));
+    };
+    for _ in 0..3 {
+        let out = server.admin(&["node", "list"]);
+        assert!(
+            out.status.success(),
+            "the admin socket answers during the flood: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sample();
+    }
+    let agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{token}\""),
+    );
+    sample();
+    create_entry(&server, "/during-flood", &[]);
+    wait_for_identity(&agent, &spiffe_id("/during-flood")).await;
+    sample();
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let closed_by_server = flood.join().unwrap();
+    eprintln!(
+        "server descriptors: {idle} idle, at most {most} under a flood of 600 half-open connections ({closed_by_server} closed by the server)"
+    );
+    assert!(
+        closed_by_server > 600,
+        "the server closed {closed_by_server} flood connections"
+    );
+    assert!(most < 256, "the server held {most} descriptors of its 512");
+}

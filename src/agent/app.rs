@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::cache::IdentityCache;
 use super::config::AgentConfig;
@@ -23,6 +22,7 @@ use crate::events::recorder::{AuditLog, Recorder};
 use crate::events::spool::Spool;
 use crate::events::{SpoolLog, open_spool};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::runtime::{Backoff, Shutdown, TaskError, Tasks, wait_until_wall_time};
 use crate::spiffe::TrustDomain;
 
 /// How often delivery counts are reported and recorded events synced to disk.
@@ -83,6 +83,9 @@ pub enum AgentError {
     /// The gRPC server failed.
     #[error("Workload API server: {0}")]
     Serve(String),
+    /// A background task died, which stopped the agent.
+    #[error(transparent)]
+    Task(#[from] TaskError),
 }
 
 /// Knobs that are not part of the configuration file.
@@ -106,10 +109,10 @@ pub struct AgentHandle {
     pub socket_path: PathBuf,
     /// The identity cache, for inspection.
     pub cache: Arc<IdentityCache>,
-    /// Set to `true` to drain and stop.
-    shutdown: watch::Sender<bool>,
-    /// The server task; ends after draining.
-    server: JoinHandle<Result<(), AgentError>>,
+    /// Triggered to drain and stop, by [`AgentHandle::shutdown`] or by a task that died.
+    shutdown: Shutdown,
+    /// Every background task of the agent, the Workload API server included.
+    tasks: Tasks,
 }
 
 impl AgentHandle {
@@ -120,14 +123,17 @@ impl AgentHandle {
 
     /// Starts draining: streams end with Unavailable, then the socket is removed.
     pub fn shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.shutdown.trigger();
     }
 
-    /// Waits until the agent has stopped.
+    /// Resolves once the agent is stopping: asked to, or because a background task died.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.shutdown.signalled()
+    }
+
+    /// Waits until every task has stopped; the error of the first task that died, if any.
     pub async fn wait(self) -> Result<(), AgentError> {
-        self.server
-            .await
-            .map_err(|e| AgentError::Serve(e.to_string()))?
+        Ok(self.tasks.wait().await?)
     }
 
     /// Drains and waits.
@@ -139,28 +145,23 @@ impl AgentHandle {
 
 /// Renews a generated standalone CA in two steps (publish the next root at half of the current
 /// CA's life, sign with it from 80%) and publishes each result; warns about an operator's CA
-/// instead. Holds the signing-authority sender for the agent's lifetime.
+/// instead. Holds the signing-authority sender for the agent's lifetime. Due times are read
+/// off the wall clock `now` every few seconds, so a suspend or a clock step never leaves an
+/// expired CA signing.
 async fn renew_ca_when_due(
     source: LocalCaSource,
     trust_domain: TrustDomain,
     ca_tx: watch::Sender<Arc<SigningCa>>,
-    stop: impl std::future::Future<Output = ()>,
+    now: impl Fn() -> SystemTime,
+    shutdown: Shutdown,
 ) {
+    let stop = shutdown.signalled();
     tokio::pin!(stop);
     loop {
         let current = ca_tx.borrow().clone();
         let (step, due) = next_renewal_step(&source, &current);
-        // Re-check the wall clock at least hourly: timers do not run while a machine sleeps.
-        let wait = due
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .min(Duration::from_secs(3600));
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if SystemTime::now() < due {
-            continue;
+        if !wait_until_wall_time(due, &now, &shutdown).await {
+            return;
         }
         let (source, trust_domain) = (source.clone(), trust_domain.clone());
         let renewed = tokio::task::spawn_blocking(move || {
@@ -199,20 +200,19 @@ async fn renew_ca_when_due(
 fn spawn_entry_source(
     config: &AgentConfig,
     entries_tx: watch::Sender<Arc<crate::entry::EntrySet>>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    tasks: &Tasks,
 ) {
+    let stop = tasks.shutdown().signalled();
     match config.file.clone() {
         Some(file) => {
-            tokio::spawn(watch_config_file(
-                file,
-                config.trust_domain.clone(),
-                entries_tx,
-                stop,
-            ));
+            tasks.spawn_until_shutdown(
+                "entry file watcher",
+                watch_config_file(file, config.trust_domain.clone(), entries_tx, stop),
+            );
         }
         None => {
             // No file to watch: keep the sender alive for the agent's lifetime.
-            tokio::spawn(async move {
+            tasks.spawn_until_shutdown("entry source", async move {
                 stop.await;
                 drop(entries_tx);
             });
@@ -224,34 +224,29 @@ fn spawn_entry_source(
 /// fails at once when the server refuses the node.
 async fn attest_at_start(
     upstream: &Upstream,
-    stop: impl std::future::Future<Output = ()>,
+    shutdown: &Shutdown,
 ) -> Result<Credentials, AgentError> {
-    tokio::pin!(stop);
-    let mut pause = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match upstream.attest().await {
             Ok(credentials) => return Ok(credentials),
             Err(UpstreamError::Unavailable(e)) => {
-                tracing::warn!(error = %e, retry_in = ?pause, "server unreachable for node attestation");
+                tracing::warn!(error = %e, "server unreachable for node attestation; retrying");
             }
             Err(e) => return Err(AgentError::Upstream(e)),
         }
-        tokio::select! {
-            _ = &mut stop => return Err(AgentError::Upstream(UpstreamError::Unavailable("stopped before the node was attested".into()))),
-            _ = tokio::time::sleep(pause) => {}
+        if !backoff.pause(shutdown).await {
+            return Err(AgentError::Upstream(UpstreamError::Unavailable(
+                "stopped before the node was attested".into(),
+            )));
         }
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
-}
-
-/// Resolves once shutdown has been requested (or its sender is gone).
-async fn signalled(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// Builds and starts an agent. Returns once the socket accepts connections.
 pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHandle, AgentError> {
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = Shutdown::new();
+    let tasks = Tasks::new(shutdown.clone());
 
     // Server mode: the node's granted intermediate (saved, or from attesting now) and the last
     // synced entries; standalone: the local CA and the configured entries.
@@ -270,7 +265,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
                 }
                 None => {
                     fresh_node = true;
-                    attest_at_start(&upstream, signalled(shutdown_rx.clone())).await?
+                    attest_at_start(&upstream, &shutdown).await?
                 }
             };
             Some((upstream, credentials))
@@ -294,10 +289,11 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     let (recorder, spool) =
         open_recorder(&config, upstream.as_ref().map(|(_, c)| c.node_id.as_str()))?;
     let recorder = Arc::new(recorder.with_use_window(config.use_window));
-    tokio::spawn(
+    tasks.spawn_until_shutdown(
+        "event flusher",
         recorder
             .clone()
-            .run_flusher(EVENT_FLUSH_INTERVAL, signalled(shutdown_rx.clone())),
+            .run_flusher(EVENT_FLUSH_INTERVAL, shutdown.signalled()),
     );
     if let Some(address) = config.metrics_address {
         let listener = super::metrics::bind(address)
@@ -307,17 +303,17 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             recorder: recorder.clone(),
             spool: spool.clone(),
         });
-        tokio::spawn(super::metrics::serve(
-            listener,
-            sources,
-            signalled(shutdown_rx.clone()),
-        ));
+        tasks.spawn_until_shutdown(
+            "metrics endpoint",
+            super::metrics::serve(listener, sources, shutdown.signalled()),
+        );
     }
     let cache = IdentityCache::new(entries, ca, recorder.clone());
-    tokio::spawn(
+    tasks.spawn_until_shutdown(
+        "SVID rotation",
         cache
             .clone()
-            .run_rotation(entries_rx, ca_rx, signalled(shutdown_rx.clone())),
+            .run_rotation(entries_rx, ca_rx, shutdown.signalled()),
     );
     if let (Some((upstream, credentials)), Some(spool)) = (upstream, spool) {
         let mut first_sync = entries_tx.subscribe();
@@ -327,12 +323,10 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             cache: cache.clone(),
             spool,
         };
-        tokio::spawn(super::upstream::run(
-            upstream,
-            Some(credentials),
-            seams,
-            signalled(shutdown_rx.clone()),
-        ));
+        tasks.spawn_until_shutdown(
+            "server link",
+            super::upstream::run(upstream, Some(credentials), seams, shutdown.clone()),
+        );
         // A node that has just joined has no entries yet: give the first sync a moment, so
         // that its first callers are not refused for want of entries it is about to receive.
         if fresh_node
@@ -343,13 +337,17 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             tracing::warn!("no entries from the server yet; serving without them meanwhile");
         }
     } else {
-        tokio::spawn(renew_ca_when_due(
-            config.ca.clone(),
-            config.trust_domain.clone(),
-            ca_tx,
-            signalled(shutdown_rx.clone()),
-        ));
-        spawn_entry_source(&config, entries_tx, signalled(shutdown_rx.clone()));
+        tasks.spawn_until_shutdown(
+            "standalone CA renewal",
+            renew_ca_when_due(
+                config.ca.clone(),
+                config.trust_domain.clone(),
+                ca_tx,
+                SystemTime::now,
+                shutdown.clone(),
+            ),
+        );
+        spawn_entry_source(&config, entries_tx, &tasks);
     }
 
     let attestor = Arc::new(Attestor::new(config.exe_hash_size_limit, options.pin_mode));
@@ -358,7 +356,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         attestor.clone(),
         config.trust_domain.clone(),
         config.allow_unauthenticated_verifiers,
-        shutdown_rx.clone(),
+        shutdown.clone(),
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -376,7 +374,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         idle: config.idle_timeout,
         header_block: config.header_timeout,
     };
-    let incoming = endpoint::incoming(listener, attestor, timeouts, signalled(shutdown_rx.clone()));
+    let incoming = endpoint::incoming(listener, attestor, timeouts, shutdown.signalled());
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .max_concurrent_streams(Some(256))
@@ -396,17 +394,22 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         .add_service(health_service)
         .add_service(reflection);
 
-    let server = tokio::spawn({
+    tasks.spawn("Workload API server", {
         let socket_path = socket_path.clone();
-        let stop = signalled(shutdown_rx.clone());
-        let mut drained = shutdown_rx.clone();
+        let shutdown = shutdown.clone();
         async move {
-            let serve = router.serve_with_incoming_shutdown(incoming, stop);
+            let serve = router.serve_with_incoming_shutdown(incoming, shutdown.signalled());
             tokio::pin!(serve);
             let result = tokio::select! {
-                result = &mut serve => result.map_err(|e| AgentError::Serve(e.to_string())),
+                result = &mut serve => match result {
+                    Err(e) => Err(AgentError::Serve(e.to_string())),
+                    Ok(()) if !shutdown.is_triggered() => Err(AgentError::Serve(
+                        "the Workload API stopped accepting connections".into(),
+                    )),
+                    Ok(()) => Ok(()),
+                },
                 _ = async {
-                    let _ = drained.wait_for(|stop| *stop).await;
+                    shutdown.signalled().await;
                     tokio::time::sleep(DRAIN_TIMEOUT).await;
                 } => {
                     tracing::warn!("connections did not drain in time; closing them");
@@ -432,7 +435,86 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     Ok(AgentHandle {
         socket_path,
         cache,
-        shutdown: shutdown_tx,
-        server,
+        shutdown,
+        tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("injected failure")]
+    struct Injected;
+
+    #[tokio::test]
+    async fn a_task_that_dies_stops_the_agent_and_wait_returns_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\nstate_dir = \"{}\"\n",
+            dir.path().join("agent.sock").display(),
+            dir.path().join("state").display(),
+        );
+        let config = AgentConfig::parse("agent.toml", &text).unwrap();
+        let handle = build(config, BuildOptions::default()).await.unwrap();
+        assert!(handle.socket_path.exists());
+        handle
+            .tasks
+            .spawn("injected", async { Err::<(), _>(Injected) });
+        handle.stopping().await;
+        let socket = handle.socket_path.clone();
+        let error = handle.wait().await.unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                AgentError::Task(TaskError::Failed {
+                    task: "injected",
+                    ..
+                })
+            ),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("injected failure"), "{error}");
+        assert!(
+            !socket.exists(),
+            "the agent stopped serving and removed its socket"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_standalone_ca_is_renewed_soon_after_a_wall_clock_jump() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let source = LocalCaSource::Generated {
+            state_dir: dir.path().into(),
+            ttl: Duration::from_secs(24 * 3600),
+        };
+        let ca = Arc::new(load_or_create_local_ca(&source, &td).unwrap());
+        let first_roots = ca.bundle.len();
+        let wall_offset = Arc::new(AtomicU64::new(0));
+        let now = {
+            let offset = wall_offset.clone();
+            move || SystemTime::now() + Duration::from_secs(offset.load(Ordering::SeqCst))
+        };
+        let (ca_tx, mut ca_rx) = watch::channel(ca);
+        let shutdown = Shutdown::new();
+        let renewer = tokio::spawn(renew_ca_when_due(source, td, ca_tx, now, shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!ca_rx.has_changed().unwrap(), "not due for 12 h");
+        // Suspended for 13 hours: past half of the CA's life by the wall clock.
+        wall_offset.store(13 * 3600, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(60), ca_rx.changed())
+            .await
+            .expect("the next root published within a minute, not an hour later")
+            .unwrap();
+        assert_eq!(
+            ca_rx.borrow().bundle.len(),
+            first_roots + 1,
+            "the next root is published"
+        );
+        shutdown.trigger();
+        renewer.await.unwrap();
+    }
 }

@@ -65,6 +65,9 @@ struct State {
     entries: Arc<EntrySet>,
     /// Current signing CA, as last published by the signing authority.
     ca: Arc<SigningCa>,
+    /// Counts the CAs installed: a stream tells a new CA from the one it sent by this number
+    /// (an address could be reused by the next CA once the old one is freed).
+    ca_generation: u64,
     /// SVIDs by entry id.
     svids: HashMap<String, Cached>,
     /// Number of leases per entry id.
@@ -77,6 +80,8 @@ pub struct Identities {
     pub svids: Vec<(Arc<RegistrationEntry>, Arc<X509Svid>)>,
     /// The CA they were minted under (its bundle goes to workloads).
     pub ca: Arc<SigningCa>,
+    /// Which CA that is: a new number for every CA installed.
+    pub ca_generation: u64,
 }
 
 /// Shared identity state of one agent.
@@ -105,6 +110,7 @@ impl IdentityCache {
             state: Mutex::new(State {
                 entries,
                 ca,
+                ca_generation: 0,
                 svids: HashMap::new(),
                 demand: HashMap::new(),
             }),
@@ -168,8 +174,11 @@ impl IdentityCache {
             let Some(entry) = missing else {
                 let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
                 lease.move_to(&mut state.demand, ids);
-                let ca = state.ca.clone();
-                return Ok(Some(Identities { svids, ca }));
+                return Ok(Some(Identities {
+                    svids,
+                    ca: state.ca.clone(),
+                    ca_generation: state.ca_generation,
+                }));
             };
             let ca = state.ca.clone();
             drop(state);
@@ -308,6 +317,7 @@ impl IdentityCache {
                 .collect()
         };
         state.ca = ca;
+        state.ca_generation += 1;
         drop(state);
         self.record_revocations(revoked);
         self.bump();
@@ -604,6 +614,26 @@ mod tests {
             Arc::new(ca),
             crate::events::recorder::tests::memory_recorder().0,
         )
+    }
+
+    #[test]
+    fn every_installed_ca_gets_a_new_generation_even_at_the_same_address() {
+        let cache = setup(Duration::from_secs(100));
+        let entries = cache.entries();
+        let mut lease = cache.lease();
+        let before = cache
+            .acquire(&entries, &entries.entries[..1], &mut lease, None)
+            .unwrap()
+            .unwrap();
+        // The same allocation published again, as a freed CA's address can be reused by the
+        // next one: streams must still see a new CA.
+        cache.set_ca(before.ca.clone());
+        let after = cache
+            .acquire(&entries, &entries.entries[..1], &mut lease, None)
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&before.ca, &after.ca));
+        assert_ne!(before.ca_generation, after.ca_generation);
     }
 
     #[test]

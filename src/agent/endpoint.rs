@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
@@ -44,182 +43,14 @@ fn connection_limit() -> usize {
     (by_fds as usize).clamp(16, MAX_CONNECTIONS)
 }
 
-/// Why the socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum EndpointError {
-    /// The socket's directory could not be created.
-    #[error("cannot create socket directory {path}: {source}")]
-    CreateDir {
-        /// The directory.
-        path: String,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// Something other than a socket is in the way.
-    #[error("{path} exists and is not a socket; refusing to remove it")]
-    NotASocket {
-        /// The configured socket path.
-        path: String,
-    },
-    /// The socket's directory could be changed by users other than root and the agent's own.
-    #[error("socket directory {path} is {reason}")]
-    UnsafeDirectory {
-        /// The directory.
-        path: String,
-        /// What is wrong with it and how to fix it.
-        reason: String,
-    },
-    /// Something answers on the socket already; it is never taken over.
-    #[error(
-        "{path}: another agent or server is serving this socket; stop it, or configure another socket path"
-    )]
-    InUse {
-        /// The configured socket path.
-        path: String,
-    },
-    /// Binding or setting permissions failed.
-    #[error("cannot bind {path}: {source}")]
-    Bind {
-        /// The configured socket path.
-        path: String,
-        /// The underlying error.
-        source: io::Error,
-    },
-}
+/// Why the socket could not be set up (shared with the server's admin socket).
+pub use crate::runtime::socket::BindError as EndpointError;
 
 /// Binds the Workload API socket: creates the directory, removes a stale socket, makes the
 /// socket connectable by every local user.
 pub fn bind(path: &Path) -> Result<UnixListener, EndpointError> {
     // World-connectable on purpose: authorisation comes from attestation, not file modes.
-    bind_with_modes(path, 0o777, 0o755)
-}
-
-/// Binds a socket only its owner can connect to, in a directory only its owner can enter
-/// (when the directory is created here).
-pub fn bind_private(path: &Path) -> Result<UnixListener, EndpointError> {
-    bind_with_modes(path, 0o600, 0o700)
-}
-
-fn bind_with_modes(
-    path: &Path,
-    socket_mode: u32,
-    dir_mode: u32,
-) -> Result<UnixListener, EndpointError> {
-    let shown = || path.display().to_string();
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).map_err(|source| EndpointError::CreateDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode));
-    }
-    if let Some(dir) = path.parent() {
-        check_directory(dir)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            // Only a stale socket (nothing listening) is replaced: removing a live one would
-            // silently cut its server's clients off and leave it serving nobody.
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => return Err(EndpointError::InUse { path: shown() }),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-                Err(source) => {
-                    return Err(EndpointError::Bind {
-                        path: shown(),
-                        source,
-                    });
-                }
-            }
-            std::fs::remove_file(path).map_err(|source| EndpointError::Bind {
-                path: shown(),
-                source,
-            })?;
-        }
-        Ok(_) => return Err(EndpointError::NotASocket { path: shown() }),
-        Err(_) => {}
-    }
-    bind_socket(path, socket_mode).map_err(|source| EndpointError::Bind {
-        path: shown(),
-        source,
-    })
-}
-
-/// Refuses a directory that someone other than root and the agent's own user could change: such
-/// a user could swap the socket for a file or a link of their own between our steps.
-fn check_directory(dir: &Path) -> Result<(), EndpointError> {
-    use std::os::unix::fs::MetadataExt;
-    let refused = |reason: String| EndpointError::UnsafeDirectory {
-        path: dir.display().to_string(),
-        reason,
-    };
-    let meta = std::fs::metadata(dir).map_err(|source| EndpointError::CreateDir {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let (uid, gid) = (
-        nix::unistd::geteuid().as_raw(),
-        nix::unistd::getegid().as_raw(),
-    );
-    if meta.uid() != 0 && meta.uid() != uid {
-        return Err(refused(format!(
-            "owned by uid {}; it must belong to root or to uid {uid}, which runs this process",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o002 != 0 {
-        return Err(refused(format!(
-            "writable by every user (mode {:o}); remove that with chmod o-w, or choose a directory of its own",
-            meta.mode() & 0o7777
-        )));
-    }
-    if meta.mode() & 0o020 != 0 && meta.gid() != 0 && meta.gid() != gid {
-        return Err(refused(format!(
-            "writable by group {} (mode {:o}); remove that with chmod g-w",
-            meta.gid(),
-            meta.mode() & 0o7777
-        )));
-    }
-    Ok(())
-}
-
-/// Binds a listening socket at `path` with `mode`. The mode is set on the socket before it has a
-/// name (Linux gives the bound file the socket's mode, less the umask), and the bits the umask
-/// took away are restored through a descriptor of the very file bound, never by following the
-/// path again.
-fn bind_socket(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-    use nix::sys::stat::Mode;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let socket = nix::sys::socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    nix::sys::stat::fchmod(&socket, Mode::from_bits_truncate(mode))?;
-    nix::sys::socket::bind(
-        std::os::fd::AsRawFd::as_raw_fd(&socket),
-        &UnixAddr::new(path)?,
-    )?;
-    let bound = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    let meta = bound.metadata()?;
-    if !meta.file_type().is_socket() || meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(io::Error::other(
-            "the bound socket was replaced before its mode could be set",
-        ));
-    }
-    if meta.mode() & 0o777 != mode {
-        // An O_PATH descriptor cannot be fchmod'ed; its /proc link names exactly that file.
-        let by_descriptor = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&bound));
-        std::fs::set_permissions(by_descriptor, std::fs::Permissions::from_mode(mode))?;
-    }
-    nix::sys::socket::listen(&socket, Backlog::MAXCONN)?;
-    UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))
+    crate::runtime::socket::bind_with_modes(path, 0o777, 0o755)
 }
 
 /// How long a connection may do nothing, or take over a request's headers.
@@ -349,6 +180,8 @@ pub struct PeerConnection {
 /// How the connection limit is shared out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Shares {
+    /// Connections the agent accepts at once, from everyone.
+    total: usize,
     /// Connections any one user may hold.
     per_user: usize,
     /// Connections all ordinary users together may hold; the rest of the limit is kept for
@@ -359,6 +192,7 @@ struct Shares {
 impl Shares {
     fn of(limit: usize) -> Self {
         Self {
+            total: limit,
             per_user: (limit / 4).max(1),
             ordinary: limit - (limit / 8).max(1),
         }
@@ -541,7 +375,6 @@ pub fn incoming(
     timeouts: ConnectionTimeouts,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<Result<PeerConnection, io::Error>> {
-    let (tx, rx) = mpsc::channel(64);
     let limit = connection_limit();
     let shares = Shares::of(limit);
     let agent_uid = nix::unistd::geteuid().as_raw();
@@ -553,67 +386,85 @@ pub fn incoming(
     );
     let slots = Arc::new(Semaphore::new(limit));
     let user_counts = UserCounts::default();
-    tokio::spawn(async move {
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::error!(error = %e, "accept failed; retrying shortly");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(limit, "too many open connections; closing a new one");
-                continue;
-            };
-            let peer = attestor.capture_peer(stream.as_fd());
-            if let Err(e) = &peer {
-                tracing::warn!(error = %e, "could not capture peer credentials");
-            }
-            let uid = peer.as_ref().ok().map(|p| p.uid);
-            let privileged = uid.is_some_and(|uid| uid == 0 || uid == agent_uid);
-            let Some(user_slot) = UserSlot::take(&user_counts, uid, privileged, shares) else {
-                tracing::warn!(
-                    ?uid,
-                    per_user = shares.per_user,
-                    ordinary_users = shares.ordinary,
-                    "user, or ordinary users together, hold their share of connections; closing a new one"
-                );
-                continue;
-            };
-            let connection = PeerConnection {
-                io: AuthorityFix::new(stream),
-                peer: PeerInfo {
-                    credentials: Arc::new(peer),
-                    activity: Arc::new(Activity::new()),
-                },
+    crate::runtime::accept::incoming(
+        listener,
+        "workload",
+        shutdown,
+        move |stream: UnixStream, _, handoff| {
+            let admitted = admit(
+                &slots,
+                &user_counts,
+                shares,
+                agent_uid,
                 timeouts,
-                deadline: Box::pin(tokio::time::sleep(timeouts.idle.min(timeouts.header_block))),
-                _slot: slot,
-                _user_slot: user_slot,
-            };
-            if tx.send(Ok(connection)).await.is_err() {
-                return;
+                &attestor,
+                stream,
+            );
+            async move {
+                if let Some(connection) = admitted {
+                    let _ = handoff.send(Ok(connection)).await;
+                }
             }
-        }
-    });
-    ReceiverStream::new(rx)
+        },
+    )
+}
+
+/// Captures the peer of `stream` and gives it a connection slot, or closes it when the agent,
+/// its user or ordinary users together hold their share of connections.
+fn admit(
+    slots: &Arc<Semaphore>,
+    user_counts: &UserCounts,
+    shares: Shares,
+    agent_uid: u32,
+    timeouts: ConnectionTimeouts,
+    attestor: &Attestor,
+    stream: UnixStream,
+) -> Option<PeerConnection> {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        tracing::warn!(
+            limit = shares.total,
+            "too many open connections; closing a new one"
+        );
+        return None;
+    };
+    let peer = attestor.capture_peer(stream.as_fd());
+    if let Err(e) = &peer {
+        tracing::warn!(error = %e, "could not capture peer credentials");
+    }
+    let uid = peer.as_ref().ok().map(|p| p.uid);
+    let privileged = uid.is_some_and(|uid| uid == 0 || uid == agent_uid);
+    let Some(user_slot) = UserSlot::take(user_counts, uid, privileged, shares) else {
+        tracing::warn!(
+            ?uid,
+            per_user = shares.per_user,
+            ordinary_users = shares.ordinary,
+            "user, or ordinary users together, hold their share of connections; closing a new one"
+        );
+        return None;
+    };
+    Some(PeerConnection {
+        io: AuthorityFix::new(stream),
+        peer: PeerInfo {
+            credentials: Arc::new(peer),
+            activity: Arc::new(Activity::new()),
+        },
+        timeouts,
+        deadline: Box::pin(tokio::time::sleep(timeouts.idle.min(timeouts.header_block))),
+        _slot: slot,
+        _user_slot: user_slot,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_user_share_is_bounded_and_released_on_drop() {
         let counts = UserCounts::default();
         let shares = Shares {
+            total: 128,
             per_user: 2,
             ordinary: 100,
         };
@@ -640,6 +491,7 @@ mod tests {
         assert_eq!(
             shares,
             Shares {
+                total: 16,
                 per_user: 4,
                 ordinary: 14
             }
@@ -700,7 +552,7 @@ mod tests {
         // Exact modes whatever the umask: the bits it removes are restored on the bound file.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let world = bind(&dir.path().join("world.sock"));
-        let private = bind_private(&dir.path().join("private.sock"));
+        let private = crate::runtime::socket::bind_private(&dir.path().join("private.sock"));
         nix::sys::stat::umask(old);
         let (_world, _private) = (world.unwrap(), private.unwrap());
         for (name, mode) in [("world.sock", 0o777), ("private.sock", 0o600)] {
@@ -714,7 +566,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let live = bind(&path).unwrap();
-        for attempt in [bind(&path), bind_private(&path)] {
+        for attempt in [bind(&path), crate::runtime::socket::bind_private(&path)] {
             let err = attempt.unwrap_err();
             assert!(matches!(err, EndpointError::InUse { .. }), "{err}");
             assert!(

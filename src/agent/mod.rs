@@ -7,7 +7,6 @@ pub mod config;
 pub mod endpoint;
 pub mod entries;
 pub mod metrics;
-pub mod sdnotify;
 pub mod uploader;
 pub mod upstream;
 pub mod workload;

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use crate::events::spool::Spool;
 use crate::proto::tessera::node_client::NodeClient;
 use crate::proto::tessera::{Event, EventBatch};
+use crate::runtime::Backoff;
 
 /// Events per batch: as many as the server takes. Each batch is one datastore transaction, so
 /// fewer, larger batches write each hot index page fewer times (500 a batch ingested about
@@ -22,8 +23,13 @@ use crate::proto::tessera::{Event, EventBatch};
 const BATCH_EVENTS: usize = crate::events::model::MAX_BATCH_EVENTS;
 /// Bytes of encoded events per batch, well under the server's message limit.
 const BATCH_BYTES: usize = 1 << 20;
-/// First pause after a failed upload; doubled up to 5 s.
+/// First pause after a failed upload; doubled up to [`MAX_PAUSE`].
 const MIN_PAUSE: Duration = Duration::from_millis(200);
+/// The longest pause between uploads.
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+/// An upload that lasted this long was a working connection: the next failure starts the
+/// backoff afresh.
+const HEALTHY_UPLOAD: Duration = Duration::from_secs(30);
 /// Batches sent but not yet acknowledged.
 const IN_FLIGHT: usize = 8;
 
@@ -127,17 +133,76 @@ pub async fn upload(spool: Arc<Spool>, channel: Channel) -> UploadError {
     }
 }
 
-/// Runs [`upload`] again and again with backoff, until the task is aborted.
+/// Runs [`upload`] again and again with jittered backoff, until the task is aborted.
 pub async fn run(spool: Arc<Spool>, channel: Channel) {
-    let mut pause = MIN_PAUSE;
+    retry_uploads(|| upload(spool.clone(), channel.clone())).await
+}
+
+/// Runs `upload` again and again, pausing with jittered backoff after each failure; an upload
+/// that worked for a while resets the backoff.
+async fn retry_uploads<F, Fut>(mut upload: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = UploadError>,
+{
+    let mut backoff = Backoff::new(MIN_PAUSE, MAX_PAUSE);
     loop {
         let started = tokio::time::Instant::now();
-        let error = upload(spool.clone(), channel.clone()).await;
-        if started.elapsed() > Duration::from_secs(30) {
-            pause = MIN_PAUSE;
+        let error = upload().await;
+        if started.elapsed() > HEALTHY_UPLOAD {
+            backoff.reset();
         }
+        let pause = backoff.next_pause();
         tracing::warn!(%error, retry_in = ?pause, "event upload interrupted");
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_uploads_back_off_and_a_healthy_one_resets_the_backoff() {
+        // Each upload records when it started; the sixth lasts a minute before failing.
+        let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let runner = tokio::spawn({
+            let starts = starts.clone();
+            retry_uploads(move || {
+                let starts = starts.clone();
+                async move {
+                    let attempt = {
+                        let mut starts = starts.lock().unwrap();
+                        starts.push(Instant::now());
+                        starts.len()
+                    };
+                    if attempt == 6 {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                    UploadError::Stream("connection refused".into())
+                }
+            })
+        });
+        while starts.lock().unwrap().len() < 8 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        runner.abort();
+        let starts = starts.lock().unwrap().clone();
+        let pauses: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        // Ceilings 0.2, 0.4, 0.8, 1.6, 3.2 s; each pause in the upper half of its ceiling.
+        let mut ceiling = MIN_PAUSE;
+        for pause in &pauses[..4] {
+            assert!(
+                *pause >= ceiling / 2 && *pause <= ceiling,
+                "{pause:?} for ceiling {ceiling:?}"
+            );
+            ceiling = (ceiling * 2).min(MAX_PAUSE);
+        }
+        // The sixth upload ran for a minute: the pause after it starts from the bottom again.
+        let after_healthy = pauses[5] - Duration::from_secs(60);
+        assert!(after_healthy <= MIN_PAUSE, "{after_healthy:?}");
+        assert!(pauses[4] > MIN_PAUSE, "no reset before it: {:?}", pauses[4]);
     }
 }

@@ -23,6 +23,7 @@ use crate::proto::tessera::{
     AttestRequest, Csrs, Entry, JoinTokenAttestation, NodeCredentials, RenewRequest, SyncRequest,
     SyncUpdate, X509PopAttestation, X509PopProof, attest_request, attest_response,
 };
+use crate::runtime::{Backoff, Shutdown, wait_until_wall_time};
 use crate::server::node_api::x509pop_message;
 use crate::spiffe::TrustDomain;
 
@@ -44,6 +45,9 @@ const CREDENTIAL_FILES: [&str; 5] = [
 /// Reconnection backoff bounds.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The pause after the server refused the node (a bad token, an untrusted certificate):
+/// retrying sooner would only fill the server's audit log.
+const REFUSED_PAUSE: Duration = Duration::from_secs(30);
 
 /// Why the link to the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -702,17 +706,18 @@ enum Outcome {
     Stop,
 }
 
-/// Runs the link until `stop`: renews credentials when due, holds the sync stream, and
-/// reconnects with backoff. After an eviction the agent stops serving and re-attests when its
-/// method allows it (x509pop); a join token is spent, so such a node waits for an operator.
+/// Runs the link until `shutdown`: renews credentials when due, holds the sync stream, and
+/// reconnects with jittered backoff. After an eviction the agent stops serving and re-attests
+/// when its method allows it (x509pop); a join token is spent, so such a node waits for an
+/// operator.
 pub async fn run(
     mut upstream: Upstream,
     mut credentials: Option<Credentials>,
     seams: Seams,
-    stop: impl std::future::Future<Output = ()>,
+    shutdown: Shutdown,
 ) {
-    tokio::pin!(stop);
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+    let mut refused = Backoff::new(REFUSED_PAUSE, REFUSED_PAUSE);
     loop {
         let current = match credentials.take() {
             Some(c) if svid_expired(&c) => {
@@ -725,7 +730,7 @@ pub async fn run(
                 tracing::error!(
                     "the node SVID expired while the server was away, and a join token is spent after one use: serving until the node CA expires; re-join the node with a new token (server.join_token) and restart the agent"
                 );
-                stop.await;
+                shutdown.signalled().await;
                 return;
             }
             Some(c) => c,
@@ -736,32 +741,28 @@ pub async fn run(
                     c
                 }
                 Err(e) => {
+                    tracing::warn!(error = %e, "node attestation failed; retrying");
                     let pause = match e {
-                        UpstreamError::Unavailable(_) => backoff,
-                        _ => MAX_BACKOFF * 6,
+                        UpstreamError::Unavailable(_) => &mut backoff,
+                        _ => &mut refused,
                     };
-                    tracing::warn!(error = %e, retry_in = ?pause, "node attestation failed");
-                    tokio::select! {
-                        _ = &mut stop => return,
-                        _ = tokio::time::sleep(pause) => {}
+                    if !pause.pause(&shutdown).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             },
         };
         let (outcome, kept) =
-            session(&mut upstream, current, &seams, &mut stop, &mut backoff).await;
+            session(&mut upstream, current, &seams, &shutdown, &mut backoff).await;
         credentials = kept;
         match outcome {
             Outcome::Stop => return,
             Outcome::Retry(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "lost the server; serving from local state meanwhile");
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                tracing::warn!(error = %e, "lost the server; serving from local state meanwhile");
+                if !backoff.pause(&shutdown).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Outcome::Evicted(why) => {
                 tracing::error!(reason = %why, "this node is no longer admitted by the server; it stops serving identities");
@@ -776,12 +777,11 @@ pub async fn run(
                     tracing::error!(
                         "a join token is spent after one use: create a new one with `tessera token create`, put it in server.join_token and restart the agent"
                     );
-                    stop.await;
+                    shutdown.signalled().await;
                     return;
                 }
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = tokio::time::sleep(MAX_BACKOFF) => {}
+                if !backoff.pause(&shutdown).await {
+                    return;
                 }
             }
         }
@@ -808,14 +808,14 @@ fn outcome_of(error: UpstreamError, credentials: Credentials) -> (Outcome, Optio
     }
 }
 
-/// One connected stretch: renewals and the sync stream, until an error or `stop`. Returns the
+/// One connected stretch: renewals and the sync stream, until an error or `shutdown`. Returns the
 /// credentials to go on with (none after an eviction).
 async fn session(
     upstream: &mut Upstream,
     mut credentials: Credentials,
     seams: &Seams,
-    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
-    backoff: &mut Duration,
+    shutdown: &Shutdown,
+    backoff: &mut Backoff,
 ) -> (Outcome, Option<Credentials>) {
     if SystemTime::now() >= credentials.renew_at()
         && let Err(e) = renew_into(upstream, &mut credentials, seams).await
@@ -837,16 +837,13 @@ async fn session(
         Err(status) => return outcome_of(status_error(status), credentials),
     };
     loop {
-        let wait = credentials
-            .renew_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .min(Duration::from_secs(3600));
+        // Renewal is due by the wall clock, looked at every few seconds: a suspended machine
+        // renews as soon as it wakes, not after its monotonic timer runs out.
+        let renew_at = credentials.renew_at();
         tokio::select! {
-            _ = &mut *stop => return (Outcome::Stop, Some(credentials)),
-            _ = tokio::time::sleep(wait) => {
-                if SystemTime::now() < credentials.renew_at() {
-                    continue;
+            due = wait_until_wall_time(renew_at, SystemTime::now, shutdown) => {
+                if !due {
+                    return (Outcome::Stop, Some(credentials));
                 }
                 if let Err(e) = renew_into(upstream, &mut credentials, seams).await {
                     return outcome_of(e, credentials);
@@ -854,7 +851,7 @@ async fn session(
             }
             message = stream.message() => match message {
                 Ok(Some(update)) => {
-                    *backoff = MIN_BACKOFF;
+                    backoff.reset();
                     let full = update.full;
                     let bundle_changed = upstream.apply(update, &mut credentials);
                     if bundle_changed {

@@ -22,6 +22,7 @@ use crate::proto::workload::{
     WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
     X509svidResponse,
 };
+use crate::runtime::Shutdown;
 use crate::spiffe::TrustDomain;
 
 /// The metadata key every Workload API call must carry, with the value `true`.
@@ -111,8 +112,8 @@ pub struct WorkloadService {
     trust_domain: TrustDomain,
     /// Serve bundles to callers without an identity.
     allow_unauthenticated_verifiers: bool,
-    /// Becomes `true` when the agent drains; every stream then ends.
-    shutdown: watch::Receiver<bool>,
+    /// Triggered when the agent drains; every stream then ends.
+    shutdown: Shutdown,
 }
 
 impl WorkloadService {
@@ -122,7 +123,7 @@ impl WorkloadService {
         attestor: Arc<Attestor>,
         trust_domain: TrustDomain,
         allow_unauthenticated_verifiers: bool,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Self {
         Self {
             cache,
@@ -241,7 +242,7 @@ impl WorkloadService {
         F: FnMut() -> Result<Option<T>, ServeError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         let open = peer.as_ref().map(PeerInfo::stream_open);
         tokio::spawn(async move {
             let mut latest: Option<T> = None;
@@ -256,7 +257,7 @@ impl WorkloadService {
                 let ended = tokio::select! {
                     changed = generation.changed() => changed.is_err(),
                     _ = tx.closed() => return,
-                    _ = shutdown.wait_for(|draining| *draining) => true,
+                    _ = shutdown.signalled() => true,
                     permit = client_reads, if latest.is_some() => {
                         let Ok(permit) = permit else { return };
                         if let Some(message) = latest.take() {
@@ -333,7 +334,7 @@ fn matching_entries(
 }
 
 /// What a client would see change between two X.509-SVID messages.
-type SvidFingerprint = (Vec<(String, String)>, usize);
+type SvidFingerprint = (Vec<(String, String)>, u64);
 
 fn fingerprint(ids: &Identities) -> SvidFingerprint {
     let svids = ids
@@ -346,7 +347,7 @@ fn fingerprint(ids: &Identities) -> SvidFingerprint {
             )
         })
         .collect();
-    (svids, Arc::as_ptr(&ids.ca) as usize)
+    (svids, ids.ca_generation)
 }
 
 fn svid_response(ids: &Identities) -> X509svidResponse {
@@ -383,7 +384,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        if *self.shutdown.borrow() {
+        if self.shutdown.is_triggered() {
             return Err(ServeError::ShuttingDown.into_status());
         }
         let facts = self
@@ -418,7 +419,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        if *self.shutdown.borrow() {
+        if self.shutdown.is_triggered() {
             return Err(ServeError::ShuttingDown.into_status());
         }
         let facts = self
@@ -517,5 +518,34 @@ mod tests {
         assert_eq!(with(&[]), Err(tonic::Code::InvalidArgument));
         assert_eq!(with(&["True"]), Err(tonic::Code::InvalidArgument));
         assert_eq!(with(&["true", "true"]), Err(tonic::Code::InvalidArgument));
+    }
+
+    #[test]
+    fn a_stream_tells_cas_apart_by_generation_not_by_address() {
+        let td = TrustDomain::new("td").unwrap();
+        let (ca, _, _) = crate::ca::generate_root(
+            &td,
+            std::time::Duration::from_secs(3600),
+            SystemTime::now(),
+            0,
+            "t",
+        )
+        .unwrap();
+        let ca = Arc::new(ca);
+        let sent = Identities {
+            svids: Vec::new(),
+            ca: ca.clone(),
+            ca_generation: 1,
+        };
+        let now = Identities {
+            svids: Vec::new(),
+            ca,
+            ca_generation: 2,
+        };
+        assert_ne!(
+            fingerprint(&sent),
+            fingerprint(&now),
+            "a new CA at a reused address is still news"
+        );
     }
 }

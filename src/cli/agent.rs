@@ -6,7 +6,8 @@ use clap::{Args, Subcommand};
 
 use super::Failure;
 use crate::agent::endpoint::EndpointError;
-use crate::agent::{AgentConfig, AgentError, BuildOptions, build, sdnotify};
+use crate::agent::{AgentConfig, AgentError, BuildOptions, build};
+use crate::runtime::sdnotify;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AgentCommand {
@@ -58,8 +59,12 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Failure> {
                     e => Failure::failed(e.to_string()),
                 })?;
             sdnotify::notify("READY=1");
-            super::termination().await;
-            tracing::info!("stopping: draining open streams");
+            // A background task that dies stops the process too, which then exits non-zero
+            // with that task's error instead of serving half-alive.
+            tokio::select! {
+                _ = super::termination() => tracing::info!("stopping: draining open streams"),
+                _ = handle.stopping() => {}
+            }
             sdnotify::notify("STOPPING=1");
             handle
                 .stop()

@@ -4,8 +4,8 @@ use clap::Subcommand;
 
 use super::Failure;
 use super::agent::ConfigArg;
-use crate::agent::endpoint::EndpointError;
-use crate::agent::sdnotify;
+use crate::runtime::sdnotify;
+use crate::runtime::socket::BindError;
 use crate::server::{ServerConfig, ServerError, build};
 
 #[derive(Subcommand, Debug)]
@@ -33,12 +33,16 @@ pub(super) async fn run(command: ServerCommand) -> Result<(), Failure> {
             let config = ServerConfig::load(&config).map_err(|e| Failure::usage(e.to_string()))?;
             let handle = build(config).await.map_err(|e| match e {
                 // Another server answers on the admin socket: the operator's mistake.
-                ServerError::Admin(EndpointError::InUse { .. }) => Failure::usage(e.to_string()),
+                ServerError::Admin(BindError::InUse { .. }) => Failure::usage(e.to_string()),
                 e => Failure::failed(e.to_string()),
             })?;
             sdnotify::notify("READY=1");
-            super::termination().await;
-            tracing::info!("stopping");
+            // A background task that dies stops the process too, which then exits non-zero
+            // with that task's error instead of serving half-alive.
+            tokio::select! {
+                _ = super::termination() => tracing::info!("stopping"),
+                _ = handle.stopping() => {}
+            }
             sdnotify::notify("STOPPING=1");
             handle
                 .stop()

@@ -226,6 +226,9 @@ struct Uses {
     first_ms: i64,
     last_ms: i64,
     count: u64,
+    /// When the window opened, on the monotonic clock: a wall-clock step neither holds a
+    /// window open for hours nor closes every window at once.
+    opened: tokio::time::Instant,
 }
 
 #[derive(Hash, PartialEq, Eq)]
@@ -420,6 +423,7 @@ impl Recorder {
                 first_ms: now,
                 last_ms: now,
                 count: 0,
+                opened: tokio::time::Instant::now(),
             }
         });
         counted.last_ms = now;
@@ -465,6 +469,7 @@ impl Recorder {
                 first_ms: now,
                 last_ms: now,
                 count: 0,
+                opened: tokio::time::Instant::now(),
             }
         });
         counted.last_ms = now;
@@ -473,12 +478,12 @@ impl Recorder {
 
     /// Reports every delivery count whose window is over (all of them with `all`).
     pub fn flush_uses(&self, all: bool) {
-        let cutoff = now_ms() - self.use_window.as_millis() as i64;
+        let now = tokio::time::Instant::now();
         let due: Vec<Uses> = {
             let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
             let keys: Vec<UseKey> = uses
                 .iter()
-                .filter(|(_, u)| all || u.first_ms <= cutoff)
+                .filter(|(_, u)| all || now.duration_since(u.opened) >= self.use_window)
                 .map(|(k, _)| UseKey {
                     serial: k.serial.clone(),
                     pid: k.pid,
@@ -495,7 +500,7 @@ impl Recorder {
                 let mut denials = denials.lock().unwrap_or_else(|e| e.into_inner());
                 let keys: Vec<DenialKey> = denials
                     .iter()
-                    .filter(|(_, d)| all || d.first_ms <= cutoff)
+                    .filter(|(_, d)| all || now.duration_since(d.opened) >= self.use_window)
                     .map(|(k, _)| k.clone())
                     .collect();
                 keys.iter().filter_map(|k| denials.remove(k)).collect()
@@ -643,6 +648,28 @@ pub(crate) mod tests {
             .collect();
         counts.sort();
         assert_eq!(counts, [(10, 5), (11, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_use_window_runs_on_the_monotonic_clock() {
+        let log = Arc::new(MemoryLog::default());
+        let recorder = Recorder::new("td", "n1", Box::new(log.clone()))
+            .with_use_window(Duration::from_secs(10));
+        let (entry, svid) = svid();
+        recorder.used(&entry, &svid, &caller(10));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        recorder.flush_uses(false);
+        assert!(log.events.lock().unwrap().is_empty(), "window still open");
+        // Only monotonic time moves here; the wall clock barely does.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        recorder.flush_uses(false);
+        let events = log.events.lock().unwrap();
+        assert_eq!(
+            events.len(),
+            1,
+            "the window closed after 10 s of monotonic time"
+        );
+        assert_eq!(events[0].1.count, 1);
     }
 
     #[test]

@@ -491,7 +491,7 @@ impl Admin for AdminService {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let mut appended = state.store.events_appended();
-            let mut shutdown = state.shutdown.clone();
+            let shutdown = state.shutdown.clone();
             let td = state.config.trust_domain.name().to_owned();
             loop {
                 appended.borrow_and_update();
@@ -515,7 +515,7 @@ impl Admin for AdminService {
                 tokio::select! {
                     changed = appended.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
-                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    _ = shutdown.signalled() => return,
                 }
             }
         });

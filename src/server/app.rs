@@ -8,9 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::net::UnixListener;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::State;
@@ -18,19 +17,25 @@ use super::admin_api::AdminService;
 use super::config::{DatastoreConfig, ServerConfig};
 use super::node_api::{NodeService, x509pop_verifier};
 use super::root::{load_or_create_root, load_or_create_server_id};
-use super::sync::{load_snapshot, run_hub};
-use crate::agent::endpoint::{EndpointError, bind_private};
+use super::sync::{Snapshot, load_snapshot, run_hub};
 use crate::ca::node::sign_server_svid;
 use crate::ca::{CaError, SigningCa};
 use crate::proto::tessera::admin_server::AdminServer;
 use crate::proto::tessera::node_server::NodeServer;
+use crate::runtime::socket::{BindError, bind_private};
+use crate::runtime::{Shutdown, TaskError, Tasks, wait_until_wall_time};
 use crate::store::{BundleRoot, Datastore, StoreError, unix_seconds};
-use crate::tls::{TlsError, server_config};
+use crate::tls::{ConnectionLimits, TlsError, server_config};
 
 /// Lifetime of the serving certificate; renewed at half-life.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long streams get to end after shutdown before connections are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent streams one node API connection may open: an agent needs three (sync, event
+/// upload, a renewal or attestation).
+const NODE_STREAMS_PER_CONNECTION: u32 = 16;
+/// How long a node API handler may take to answer (streams then run on their own).
+const NODE_REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +70,13 @@ pub enum ServerError {
     },
     /// The admin socket could not be set up.
     #[error("admin socket: {0}")]
-    Admin(#[from] EndpointError),
+    Admin(#[from] BindError),
     /// A gRPC server failed.
     #[error("{0}")]
     Serve(String),
+    /// A background task died, which stopped the server.
+    #[error(transparent)]
+    Task(#[from] TaskError),
 }
 
 /// A running server.
@@ -79,23 +87,26 @@ pub struct ServerHandle {
     pub admin_socket: PathBuf,
     /// This replica's id.
     pub server_id: String,
-    /// Set to `true` to drain and stop.
-    shutdown: watch::Sender<bool>,
-    /// The two API servers; end after draining.
-    servers: JoinHandle<Result<(), ServerError>>,
+    /// Triggered to drain and stop, by [`ServerHandle::shutdown`] or by a task that died.
+    shutdown: Shutdown,
+    /// Every background task of the server, the two API servers included.
+    tasks: Tasks,
 }
 
 impl ServerHandle {
     /// Starts draining.
     pub fn shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.shutdown.trigger();
     }
 
-    /// Waits until the server has stopped.
+    /// Resolves once the server is stopping: asked to, or because a background task died.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.shutdown.signalled()
+    }
+
+    /// Waits until every task has stopped; the error of the first task that died, if any.
     pub async fn wait(self) -> Result<(), ServerError> {
-        self.servers
-            .await
-            .map_err(|e| ServerError::Serve(e.to_string()))?
+        Ok(self.tasks.wait().await?)
     }
 
     /// Drains and waits.
@@ -103,10 +114,6 @@ impl ServerHandle {
         self.shutdown();
         self.wait().await
     }
-}
-
-async fn signalled(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// Opens the configured datastore, applying migrations.
@@ -143,39 +150,48 @@ fn serving_config(
     Ok((tls, cert.not_after))
 }
 
-/// Keeps the serving configuration current: a new one when the bundle changes, and a new
-/// serving certificate at half of its life.
-async fn refresh_serving_config(
-    state: Arc<State>,
-    publish: watch::Sender<Arc<rustls::ServerConfig>>,
-    mut not_after: SystemTime,
+/// The point at which a certificate valid until `not_after` is renewed: half-way from `now`.
+fn half_life_from(now: SystemTime, not_after: SystemTime) -> SystemTime {
+    now + not_after.duration_since(now).unwrap_or_default() / 2
+}
+
+/// Keeps the serving configuration current: a new one (from `renew`, given the bundle) when the
+/// bundle differs from `in_service`, the one the configuration in service was built from, and a new serving certificate at half of its life, by the wall clock `now`
+/// looked at every few seconds, so a suspend or a clock step never leaves an expired
+/// certificate in service.
+async fn refresh_serving_config<C: Send + Sync>(
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    publish: watch::Sender<C>,
+    in_service: Vec<Vec<u8>>,
+    not_after: SystemTime,
+    mut renew: impl FnMut(&[Vec<u8>]) -> Result<(C, SystemTime), ServerError>,
+    now: impl Fn() -> SystemTime,
+    shutdown: Shutdown,
 ) {
-    let mut snapshots = state.snapshots.clone();
-    let mut bundle = snapshots.borrow_and_update().bundle.clone();
-    let shutdown = state.shutdown.clone();
+    // The configuration in service was built from `in_service`; a bundle published since then
+    // is compared on the first turn.
+    let mut bundle = in_service;
+    snapshots.mark_changed();
+    let mut renew_at = half_life_from(now(), not_after);
     loop {
-        let half_life = not_after
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            / 2;
         tokio::select! {
-            _ = signalled(shutdown.clone()) => return,
+            _ = shutdown.signalled() => return,
             changed = snapshots.changed() => {
                 if changed.is_err() { return }
                 let current = snapshots.borrow_and_update().bundle.clone();
                 if current == bundle { continue }
                 bundle = current;
             }
-            _ = tokio::time::sleep(half_life.max(Duration::from_secs(1))) => {}
+            reached = wait_until_wall_time(renew_at, &now, &shutdown) => if !reached { return },
         }
-        match serving_config(&state.root, &state.config, &bundle) {
+        match renew(&bundle) {
             Ok((config, expiry)) => {
                 publish.send_replace(config);
-                not_after = expiry;
+                renew_at = half_life_from(now(), expiry);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot renew the serving certificate; retrying in a minute");
-                not_after = SystemTime::now() + Duration::from_secs(120);
+                renew_at = now() + Duration::from_secs(60);
             }
         }
     }
@@ -194,7 +210,7 @@ async fn prune_events(state: Arc<State>) {
             Err(e) => tracing::warn!(error = %e, "cannot prune events; retrying in an hour"),
         }
         tokio::select! {
-            _ = signalled(shutdown.clone()) => return,
+            _ = shutdown.signalled() => return,
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
     }
@@ -204,42 +220,41 @@ async fn prune_events(state: Arc<State>) {
 fn admin_incoming(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> ReceiverStream<Result<tokio::net::UnixStream, std::io::Error>> {
-    let (tx, rx) = mpsc::channel(16);
+) -> ReceiverStream<Result<UnixStream, std::io::Error>> {
     let own_uid = nix::unistd::geteuid().as_raw();
-    tokio::spawn(async move {
-        tokio::pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed on the admin socket");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            match stream.peer_cred() {
-                Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => {
-                    if tx.send(Ok(stream)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(cred) => tracing::warn!(
-                    target: "tessera::audit",
-                    uid = cred.uid(),
-                    pid = cred.pid().unwrap_or(0),
-                    "admin connection refused: only root or the server's user may administer"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin connection without peer credentials refused")
+    crate::runtime::accept::incoming(
+        listener,
+        "admin",
+        shutdown,
+        move |stream: UnixStream, _, handoff| {
+            let admitted = may_administer(&stream, own_uid);
+            async move {
+                if admitted {
+                    let _ = handoff.send(Ok(stream)).await;
                 }
             }
+        },
+    )
+}
+
+/// Whether the peer of `stream` is root or `own_uid`; a refusal is audited.
+fn may_administer(stream: &UnixStream, own_uid: u32) -> bool {
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => true,
+        Ok(cred) => {
+            tracing::warn!(
+                target: "tessera::audit",
+                uid = cred.uid(),
+                pid = cred.pid().unwrap_or(0),
+                "admin connection refused: only root or the server's user may administer"
+            );
+            false
         }
-    });
-    ReceiverStream::new(rx)
+        Err(e) => {
+            tracing::warn!(error = %e, "admin connection without peer credentials refused");
+            false
+        }
+    }
 }
 
 /// Builds and starts a server replica. Returns once both APIs accept connections.
@@ -272,14 +287,14 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         })
         .await?;
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = Shutdown::new();
+    let tasks = Tasks::new(shutdown.clone());
     let initial = load_snapshot(store.as_ref()).await?;
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(initial));
-    tokio::spawn(run_hub(
-        store.clone(),
-        snapshot_tx,
-        signalled(shutdown_rx.clone()),
-    ));
+    tasks.spawn_until_shutdown(
+        "snapshot hub",
+        run_hub(store.clone(), snapshot_tx, shutdown.signalled()),
+    );
 
     let bundle = snapshot_rx.borrow().bundle.clone();
     let (tls, serving_not_after) = serving_config(&root, &config, &bundle)?;
@@ -305,39 +320,59 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         server_id: server_id.clone(),
         x509pop,
         snapshots: snapshot_rx,
-        shutdown: shutdown_rx.clone(),
+        shutdown: shutdown.clone(),
     });
-    tokio::spawn(refresh_serving_config(
-        state.clone(),
-        tls_tx,
-        serving_not_after,
-    ));
-    tokio::spawn(prune_events(state.clone()));
+    tasks.spawn_until_shutdown("serving certificate renewal", {
+        let state = state.clone();
+        refresh_serving_config(
+            state.snapshots.clone(),
+            tls_tx,
+            bundle,
+            serving_not_after,
+            move |bundle| serving_config(&state.root, &state.config, bundle),
+            SystemTime::now,
+            shutdown.clone(),
+        )
+    });
+    tasks.spawn_until_shutdown("event pruning", prune_events(state.clone()));
 
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(NODE_STREAMS_PER_CONNECTION))
+        .timeout(NODE_REQUEST_DEADLINE)
         .add_service(NodeServer::new(NodeService::new(state.clone())))
         .serve_with_incoming_shutdown(
-            crate::tls::incoming(listener, tls_rx, signalled(shutdown_rx.clone())),
-            signalled(shutdown_rx.clone()),
+            crate::tls::incoming(
+                listener,
+                tls_rx,
+                ConnectionLimits::from_descriptor_limit(),
+                shutdown.signalled(),
+            ),
+            shutdown.signalled(),
         );
     let admin_server = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminService::new(state.clone())))
         .serve_with_incoming_shutdown(
-            admin_incoming(admin_listener, signalled(shutdown_rx.clone())),
-            signalled(shutdown_rx.clone()),
+            admin_incoming(admin_listener, shutdown.signalled()),
+            shutdown.signalled(),
         );
 
-    let servers = tokio::spawn({
+    tasks.spawn("node and admin APIs", {
         let admin_socket = admin_socket.clone();
-        let mut drained = shutdown_rx.clone();
+        let shutdown = shutdown.clone();
         async move {
             let both = async { tokio::try_join!(node_server, admin_server).map(|_| ()) };
             tokio::pin!(both);
             let result = tokio::select! {
-                result = &mut both => result.map_err(|e| ServerError::Serve(e.to_string())),
+                result = &mut both => match result {
+                    Err(e) => Err(ServerError::Serve(e.to_string())),
+                    Ok(()) if !shutdown.is_triggered() => Err(ServerError::Serve(
+                        "the node and admin APIs stopped accepting connections".into(),
+                    )),
+                    Ok(()) => Ok(()),
+                },
                 _ = async {
-                    let _ = drained.wait_for(|stop| *stop).await;
+                    shutdown.signalled().await;
                     tokio::time::sleep(DRAIN_TIMEOUT).await;
                 } => Ok(()),
             };
@@ -358,7 +393,82 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         node_address,
         admin_socket,
         server_id,
-        shutdown: shutdown_tx,
-        servers,
+        shutdown,
+        tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn the_serving_certificate_is_renewed_soon_after_a_wall_clock_jump() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let wall_offset = Arc::new(AtomicU64::new(0));
+        let now = {
+            let offset = wall_offset.clone();
+            move || start + Duration::from_secs(offset.load(Ordering::SeqCst))
+        };
+        let (_snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let (publish, mut published) = watch::channel(0u32);
+        let renewals = Arc::new(AtomicU64::new(0));
+        let shutdown = Shutdown::new();
+        let refresher = tokio::spawn(refresh_serving_config(
+            snapshots,
+            publish,
+            Vec::new(),
+            start + SERVING_CERT_TTL,
+            {
+                let (renewals, now) = (renewals.clone(), now.clone());
+                move |_bundle: &[Vec<u8>]| {
+                    let count = renewals.fetch_add(1, Ordering::SeqCst) as u32 + 1;
+                    Ok((count, now() + SERVING_CERT_TTL))
+                }
+            },
+            now,
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(renewals.load(Ordering::SeqCst), 0, "not due for 12 h");
+        // Suspended for a day: the certificate in service has expired by the wall clock.
+        wall_offset.store(24 * 3600, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(60), published.changed())
+            .await
+            .expect("renewed within a minute of monotonic time, not hours later")
+            .unwrap();
+        assert_eq!(*published.borrow(), 1);
+        shutdown.trigger();
+        refresher.await.unwrap();
+    }
+
+    /// Also when the bundle changed before the task first looked: the configuration in service
+    /// was built from the older one.
+    #[tokio::test(start_paused = true)]
+    async fn a_bundle_change_renews_at_once() {
+        let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let (publish, mut published) = watch::channel(0u32);
+        let shutdown = Shutdown::new();
+        let refresher = tokio::spawn(refresh_serving_config(
+            snapshots,
+            publish,
+            Vec::new(),
+            SystemTime::now() + SERVING_CERT_TTL,
+            |bundle: &[Vec<u8>]| Ok((bundle.len() as u32, SystemTime::now() + SERVING_CERT_TTL)),
+            SystemTime::now,
+            shutdown.clone(),
+        ));
+        snapshots_tx.send_replace(Arc::new(Snapshot {
+            bundle: vec![vec![1], vec![2]],
+            ..Snapshot::default()
+        }));
+        tokio::time::timeout(Duration::from_secs(60), published.changed())
+            .await
+            .expect("renewed on the bundle change, not at half-life")
+            .unwrap();
+        assert_eq!(*published.borrow(), 2, "built with the new bundle");
+        shutdown.trigger();
+        refresher.await.unwrap();
+    }
 }

@@ -36,6 +36,6 @@ pub struct State {
     pub x509pop: Option<Arc<dyn ClientCertVerifier>>,
     /// The latest entries, nodes and bundle, republished after every datastore change.
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
-    /// Becomes `true` when the server starts draining.
-    pub shutdown: watch::Receiver<bool>,
+    /// Triggered when the server starts draining.
+    pub shutdown: crate::runtime::Shutdown,
 }

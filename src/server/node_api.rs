@@ -701,7 +701,7 @@ async fn stream_updates(
 ) {
     let mut sent: HashMap<String, Arc<crate::proto::tessera::Entry>> = HashMap::new();
     let mut sent_bundle: Option<Vec<Vec<u8>>> = None;
-    let mut shutdown = state.shutdown.clone();
+    let shutdown = state.shutdown.clone();
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let standing = snapshot
@@ -766,16 +766,12 @@ async fn stream_updates(
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
             _ = tx.closed() => return,
-            _ = stopping(&mut shutdown) => {
+            _ = shutdown.signalled() => {
                 let _ = tx.send(Err(NodeApiError::ShuttingDown.into_status())).await;
                 return;
             }
         }
     }
-}
-
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Builds the x509pop verifier from the configured CA bundle file.

@@ -32,7 +32,7 @@ pub(crate) async fn state(dir: &std::path::Path) -> Arc<State> {
         .unwrap();
     let snapshot = load_snapshot(store.as_ref()).await.unwrap();
     let (_, snapshots) = watch::channel(Arc::new(snapshot));
-    let (_, shutdown) = watch::channel(false);
+    let shutdown = crate::runtime::Shutdown::new();
     Arc::new(State {
         config,
         store,

@@ -1514,27 +1514,26 @@ impl Datastore for PostgresStore {
     }
 }
 
-/// Keeps a notification connection up for as long as the store lives, waiting longer after
-/// each failed attempt.
+/// Keeps a notification connection up for as long as the store lives, waiting longer (with
+/// jitter, so replicas do not reconnect in lockstep) after each failed attempt.
 async fn listen(
     config: Config,
     tls: PgTls,
     changes: Arc<watch::Sender<u64>>,
     events: Arc<watch::Sender<u64>>,
 ) {
-    let mut delay = LISTEN_RETRY_MIN;
+    let mut backoff = crate::runtime::Backoff::new(LISTEN_RETRY_MIN, LISTEN_RETRY_MAX);
     loop {
         match listen_once(&config, &tls, &changes, &events).await {
             Ok(reason) => {
                 tracing::warn!(%reason, "lost the PostgreSQL notification connection");
-                delay = LISTEN_RETRY_MIN;
+                backoff.reset();
             }
             Err(reason) => {
-                tracing::warn!(%reason, retry_in = ?delay, "cannot listen for PostgreSQL notifications");
+                tracing::warn!(%reason, "cannot listen for PostgreSQL notifications; retrying");
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(LISTEN_RETRY_MAX);
+        tokio::time::sleep(backoff.next_pause()).await;
     }
 }
 

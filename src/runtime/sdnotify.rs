@@ -1,11 +1,11 @@
 //! systemd's readiness protocol (sd_notify): a datagram to `$NOTIFY_SOCKET`. A no-op when the
-//! agent does not run under a `Type=notify` unit.
+//! process does not run under a `Type=notify` unit.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 /// Sends `state` (e.g. `READY=1`) to systemd, if it is listening. Failures are logged, never
-/// fatal: the agent works the same without a supervisor.
+/// fatal: the process works the same without a supervisor.
 pub fn notify(state: &str) {
     if let Some(target) = std::env::var_os("NOTIFY_SOCKET") {
         notify_to(&target.to_string_lossy(), state);
