@@ -25,15 +25,15 @@
 //!   events), admin API, snapshot fan-out, and `app::build`.
 //! - [`store`]: the server's datastore trait with its SQLite and PostgreSQL backends.
 //! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
-//! - [`bench`](mod@bench): `tessera bench`, the binaries measured against baselines in the same
-//!   run (a bare tonic server, raw signing, cfssl), with a report and PNG charts.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
-//!   `events`, `inventory`, `svid`, `dev`, `bench`.
+//!   `events`, `inventory`, `svid`, `dev`.
+//!
+//! The benchmark harness is the workspace member `tessera-bench` (`bench/`), so that this
+//! library and the `tessera` binary carry none of its plotting crates.
 //! - [`proto`]: code generated from `proto/`.
 
 pub mod agent;
 pub mod attest;
-pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod config;

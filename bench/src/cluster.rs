@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 
 use super::{BenchError, ChildProcess, io_err};
-use crate::proto::tessera::admin_client::AdminClient;
-use crate::proto::tessera::{CreateJoinTokenRequest, GetBundleRequest};
+use tessera::proto::tessera::admin_client::AdminClient;
+use tessera::proto::tessera::{CreateJoinTokenRequest, GetBundleRequest};
 
 /// The trust domain the scenarios' servers serve.
 pub const TRUST_DOMAIN: &str = "bench.tessera";
@@ -46,7 +46,7 @@ impl Server {
         .map_err(io_err("writing the server configuration"))?;
         let config = config.display().to_string();
         let process = ChildProcess::start(&["server", "run", "--config", &config], &admin_socket)?;
-        let channel = crate::cli::client::channel(&admin_socket)
+        let channel = tessera::cli::client::channel(&admin_socket)
             .await
             .map_err(|f| BenchError::Failed(f.message))?;
         let mut admin = AdminClient::new(channel);
@@ -57,7 +57,7 @@ impl Server {
             .into_inner()
             .roots;
         let bundle = dir.join("bundle.pem");
-        std::fs::write(&bundle, crate::ca::to_pem("CERTIFICATE", &roots))
+        std::fs::write(&bundle, tessera::ca::to_pem("CERTIFICATE", &roots))
             .map_err(io_err("writing the bundle"))?;
         Ok(Self {
             _process: process,

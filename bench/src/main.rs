@@ -1,12 +1,18 @@
-//! `tessera bench`: measures the agent as workloads meet it (the real binary, a real socket) and
-//! writes a report. Every compared figure is measured side by side with its baseline in the same
-//! run and reported as a ratio, because shared machines are noisy.
+//! `tessera-bench`: measures the agent as workloads meet it (the real `tessera` binary, a real
+//! socket) and writes a report. Every compared figure is measured side by side with its baseline
+//! in the same run and reported as a ratio, because shared machines are noisy.
 //!
 //! Scenarios: fetch latency against a bare tonic round trip; first fetch by a new process
 //! (attestation + mint), executable hash cached and not; mint throughput against a raw
 //! rcgen + aws-lc-rs loop and cfssl; concurrent streams at scale with RSS, CPU and late
 //! rotations; revocation propagation through a server to three agents; event ingest from an
 //! agent's spool to the server's datastore. Charts (PNG) are drawn beside the report.
+//!
+//! A workspace member of its own, so that the `tessera` binary every node runs carries none of
+//! the plotting and PNG crates. The agents and servers measured are `tessera` processes: the
+//! binary named by `--tessera` (or `TESSERA_BIN`), by default the `tessera` beside this one (as
+//! `cargo build --workspace` leaves them). The transport floor and the first-fetch probes are
+//! this binary's own hidden `floor` and `probe` commands.
 
 mod cfssl;
 mod cluster;
@@ -16,12 +22,136 @@ mod report;
 mod revocation;
 mod scenarios;
 
-pub use report::{Chart, Distribution, Report, ScenarioResult};
-pub use scenarios::{floor_server, probe, run_all};
+use report::{Report, ScenarioResult};
+use scenarios::{floor_server, probe, run_all};
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Measure tessera against its baselines and write a report.
+#[derive(Parser, Debug)]
+#[command(name = "tessera-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Run every scenario and write report.md, report.json and PNG charts.
+    Run(RunArgs),
+    /// (internal) One timed FetchX509SVID from a fresh process; prints microseconds.
+    #[command(hide = true)]
+    Probe(SocketArg),
+    /// (internal) A bare tonic server on a Unix socket: the transport floor.
+    #[command(hide = true)]
+    Floor(SocketArg),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Small numbers: every scenario in seconds (what the test suite runs).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report (default: bench/reports/<date>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Run only this scenario (repeat for several; default: all of them).
+    #[arg(long, value_name = "NAME")]
+    scenario: Vec<Scenario>,
+    /// The `tessera` binary to measure (default: the one beside this binary).
+    #[arg(long, value_name = "PATH", env = "TESSERA_BIN")]
+    tessera: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct SocketArg {
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tessera-bench: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: BenchCommand) -> Result<(), BenchError> {
+    match command {
+        BenchCommand::Probe(SocketArg { socket }) => {
+            let elapsed = probe(&socket).await?;
+            println!("{:.1}", elapsed.as_secs_f64() * 1e6);
+            Ok(())
+        }
+        BenchCommand::Floor(SocketArg { socket }) => floor_server(&socket).await,
+        BenchCommand::Run(args) => {
+            let tessera = match args.tessera {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .map_err(io_err("locating tessera-bench"))?
+                    .with_file_name("tessera"),
+            };
+            if !tessera.is_file() {
+                return Err(BenchError::Failed(format!(
+                    "no tessera binary at {}: build it beside tessera-bench (cargo build --workspace) or name it with --tessera or TESSERA_BIN",
+                    tessera.display()
+                )));
+            }
+            let _ = TESSERA.set(tessera);
+            let (plan, mode) = if args.quick {
+                (Plan::QUICK, "quick")
+            } else {
+                (Plan::FULL, "full")
+            };
+            let out = args.out.unwrap_or_else(|| {
+                let today =
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                PathBuf::from("bench/reports").join(&today[..10])
+            });
+            let work = tempfile::Builder::new()
+                .prefix("tessera-bench-")
+                .tempdir()
+                .map_err(io_err("creating a work directory"))?;
+            let selected = if args.scenario.is_empty() {
+                Scenario::ALL.to_vec()
+            } else {
+                args.scenario
+            };
+            let mut report = run_all(plan, mode, work.path(), &selected).await?;
+            report.write(&out)?;
+            print!("{}", report.markdown());
+            println!("\nreport written to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+/// The `tessera` binary a run measures, set once by `run` before any scenario starts.
+static TESSERA: OnceLock<PathBuf> = OnceLock::new();
+
+/// The `tessera` binary the agents and servers of a run are started from.
+fn tessera_binary() -> &'static Path {
+    TESSERA.get().map(PathBuf::as_path).unwrap_or(Path::new("tessera"))
+}
 
 /// The scenarios, by the names the command line and the report use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -145,10 +275,23 @@ pub(crate) struct ChildProcess {
 impl ChildProcess {
     /// Starts `tessera <args>` and waits until `socket` accepts connections.
     pub fn start(args: &[&str], socket: &Path) -> Result<Self, BenchError> {
-        let exe = std::env::current_exe().map_err(io_err("locating the tessera binary"))?;
-        let mut command = command_dying_with_parent(&exe);
+        Self::start_program(tessera_binary(), args, socket)
+    }
+
+    /// Starts this binary with `args` (the floor server) and waits until `socket` accepts
+    /// connections.
+    pub fn start_own(args: &[&str], socket: &Path) -> Result<Self, BenchError> {
+        let exe = std::env::current_exe().map_err(io_err("locating tessera-bench"))?;
+        Self::start_program(&exe, args, socket)
+    }
+
+    fn start_program(program: &Path, args: &[&str], socket: &Path) -> Result<Self, BenchError> {
+        let mut command = command_dying_with_parent(program);
         command.args(args).env("TESSERA_LOG", "warn");
-        let process = Self::spawn(command, &format!("starting tessera {}", args.join(" ")))?;
+        let process = Self::spawn(
+            command,
+            &format!("starting {} {}", program.display(), args.join(" ")),
+        )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if Instant::now() > deadline {

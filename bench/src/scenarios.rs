@@ -13,10 +13,10 @@ use super::report::{Chart, Distribution};
 use super::{
     BenchError, ChildProcess, Plan, Report, Scenario, ScenarioResult, io_err, output_within,
 };
-use crate::ca::{LeafRequest, LocalCaSource, SigningCa, load_or_create_local_ca, mint_x509_svid};
-use crate::cli::client::{WorkloadClient, channel, connect};
-use crate::proto::workload::X509svidRequest;
-use crate::spiffe::{SpiffeId, TrustDomain};
+use tessera::ca::{LeafRequest, LocalCaSource, SigningCa, load_or_create_local_ca, mint_x509_svid};
+use tessera::cli::client::{WorkloadClient, channel, connect};
+use tessera::proto::workload::X509svidRequest;
+use tessera::spiffe::{SpiffeId, TrustDomain};
 
 const TRUST_DOMAIN: &str = "bench.local";
 /// The streams target, 200 MB (10^6 bytes), in the MiB that /proc's KiB convert to.
@@ -24,7 +24,7 @@ const RSS_LIMIT_MIB: f64 = 200e6 / (1024.0 * 1024.0);
 /// Streams per connection in the scale scenario (below the agent's per-connection limit).
 const STREAMS_PER_CONNECTION: usize = 100;
 
-fn failed(what: &str) -> impl FnOnce(crate::cli::Failure) -> BenchError + '_ {
+fn failed(what: &str) -> impl FnOnce(tessera::cli::Failure) -> BenchError + '_ {
     move |f| BenchError::Failed(format!("{what}: {}", f.message))
 }
 
@@ -67,7 +67,7 @@ fn start_agent(config: &Path, socket: &Path) -> Result<ChildProcess, BenchError>
 
 async fn first_message(
     client: &mut WorkloadClient,
-) -> Result<crate::proto::workload::X509svidResponse, BenchError> {
+) -> Result<tessera::proto::workload::X509svidResponse, BenchError> {
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -136,7 +136,7 @@ async fn fetch_latency(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchEr
     let _agent = start_agent(&config, &socket)?;
     let floor_socket = dir.join("floor.sock");
     let floor_arg = floor_socket.display().to_string();
-    let _floor = ChildProcess::start(&["bench", "floor", "--socket", &floor_arg], &floor_socket)?;
+    let _floor = ChildProcess::start_own(&["floor", "--socket", &floor_arg], &floor_socket)?;
 
     let mut client = connect(&format!("unix://{}", socket.display()))
         .await
@@ -255,7 +255,6 @@ async fn first_fetch(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchErro
     for (i, (kind, program)) in programs.iter().enumerate() {
         let out = output_within(
             super::command_dying_with_parent(program).args([
-                "bench",
                 "probe",
                 "--socket",
                 &socket_arg,
@@ -619,7 +618,7 @@ async fn watch_one_rotation(
     }
 }
 
-fn leaf_not_after(response: &crate::proto::workload::X509svidResponse) -> Result<i64, BenchError> {
+fn leaf_not_after(response: &tessera::proto::workload::X509svidResponse) -> Result<i64, BenchError> {
     let svid = response
         .svids
         .first()
