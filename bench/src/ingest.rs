@@ -28,7 +28,7 @@ async fn ingest_once(
     datastore: &str,
 ) -> Result<(f64, Duration), BenchError> {
     let mut server = Server::start(dir, datastore).await?;
-    let metrics = super::free_loopback_address()?;
+    let metrics = tessera_harness::free_loopback_address()?;
     let agent = server
         .agent_config(dir, "agent", &format!("metrics_address = \"{metrics}\"\n"))
         .await?;
@@ -164,7 +164,7 @@ pub async fn event_ingest(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
             let (rate, time) = ingest_once(&dir.join("postgres"), events, &datastore).await?;
             figures.push(("PostgreSQL: events/s".to_owned(), rate));
             figures.push(("PostgreSQL: seconds".to_owned(), time.as_secs_f64()));
-            tessera::store::postgres::drop_scratch_database(&connection).await;
+            tessera_harness::postgres::drop_scratch_database(&connection).await;
         }
         None => notes.push("PostgreSQL not measured: TESSERA_TEST_POSTGRES is not set".into()),
     }
@@ -182,5 +182,5 @@ pub async fn event_ingest(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
 
 async fn postgres_database() -> Option<String> {
     std::env::var_os("TESSERA_TEST_POSTGRES")?;
-    tessera::store::postgres::scratch_database_from_env().await
+    tessera_harness::postgres::scratch_database_from_env().await
 }

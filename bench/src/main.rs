@@ -26,11 +26,12 @@ use report::{Report, ScenarioResult};
 use scenarios::{floor_server, probe, run_all};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use tessera_harness::Process;
 
 /// Measure tessera against its baselines and write a report.
 #[derive(Parser, Debug)]
@@ -150,7 +151,10 @@ static TESSERA: OnceLock<PathBuf> = OnceLock::new();
 
 /// The `tessera` binary the agents and servers of a run are started from.
 fn tessera_binary() -> &'static Path {
-    TESSERA.get().map(PathBuf::as_path).unwrap_or(Path::new("tessera"))
+    TESSERA
+        .get()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new("tessera"))
 }
 
 /// The scenarios, by the names the command line and the report use.
@@ -248,157 +252,44 @@ pub enum BenchError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A child process did not start, or not in time.
+    #[error(transparent)]
+    Process(#[from] tessera_harness::Error),
     /// A measurement could not be taken.
     #[error("{0}")]
     Failed(String),
 }
 
-pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let what = what.into();
     move |source| BenchError::Io { what, source }
 }
 
-/// A loopback address with a port that was free a moment ago, for a child process to bind.
-/// (Another process could take it first; the child then fails to start and says so.)
-pub(crate) fn free_loopback_address() -> Result<std::net::SocketAddr, BenchError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(io_err("finding a free port"))
+/// Starts `tessera <args>` and waits until `socket` accepts connections.
+fn start_tessera(args: &[&str], socket: &Path) -> Result<Process, BenchError> {
+    start_serving(tessera_binary(), args, socket)
 }
 
-/// A child process (agent or floor server) killed when dropped.
-pub(crate) struct ChildProcess {
-    /// The process; killed and reaped on drop.
-    pub child: Child,
+/// Starts this binary with `args` (the floor server) and waits until `socket` accepts
+/// connections.
+fn start_own(args: &[&str], socket: &Path) -> Result<Process, BenchError> {
+    let exe = std::env::current_exe().map_err(io_err("locating tessera-bench"))?;
+    start_serving(&exe, args, socket)
 }
 
-impl ChildProcess {
-    /// Starts `tessera <args>` and waits until `socket` accepts connections.
-    pub fn start(args: &[&str], socket: &Path) -> Result<Self, BenchError> {
-        Self::start_program(tessera_binary(), args, socket)
-    }
-
-    /// Starts this binary with `args` (the floor server) and waits until `socket` accepts
-    /// connections.
-    pub fn start_own(args: &[&str], socket: &Path) -> Result<Self, BenchError> {
-        let exe = std::env::current_exe().map_err(io_err("locating tessera-bench"))?;
-        Self::start_program(&exe, args, socket)
-    }
-
-    fn start_program(program: &Path, args: &[&str], socket: &Path) -> Result<Self, BenchError> {
-        let mut command = command_dying_with_parent(program);
-        command.args(args).env("TESSERA_LOG", "warn");
-        let process = Self::spawn(
-            command,
-            &format!("starting {} {}", program.display(), args.join(" ")),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            if Instant::now() > deadline {
-                return Err(BenchError::Failed(format!(
-                    "{} did not come up",
-                    socket.display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(process)
-    }
-
-    /// Starts `command` with its output discarded and its errors passed through.
-    pub fn spawn(mut command: Command, what: &str) -> Result<Self, BenchError> {
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(io_err(what))?;
-        Ok(Self { child })
-    }
-
-    /// Resident set size now and at peak, in KiB, from `/proc/<pid>/status`.
-    pub fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    /// CPU time used so far (user + system).
-    pub fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let ticks: u64 = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| {
-                rest.split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse::<u64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_millis(ticks * 1000 / per_second)
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A command whose process is killed when the harness dies, however it dies (a harness killed
-/// by a test timeout must not leave agents running).
-pub(crate) fn command_dying_with_parent(program: &Path) -> Command {
-    use std::os::unix::process::CommandExt;
-    let mut command = Command::new(program);
-    // SAFETY: prctl is async-signal-safe and touches only the child being started.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+/// Starts `program <args>` (killed if the harness dies, its output discarded and its errors
+/// passed through) and waits until `socket` accepts connections.
+fn start_serving(program: &Path, args: &[&str], socket: &Path) -> Result<Process, BenchError> {
+    let mut command = tessera_harness::command(program);
     command
-}
-
-/// Runs `command` to completion, killing it after `limit`.
-pub(crate) fn output_within(
-    command: &mut Command,
-    limit: Duration,
-) -> Result<std::process::Output, BenchError> {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io_err("starting a probe"))?;
-    let deadline = Instant::now() + limit;
-    while child
-        .try_wait()
-        .map_err(io_err("waiting for a probe"))?
-        .is_none()
-    {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(BenchError::Failed(format!(
-                "a probe did not finish within {limit:?}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child
-        .wait_with_output()
-        .map_err(io_err("collecting a probe's output"))
+        .args(args)
+        .env("TESSERA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let name = format!("{} {}", program.display(), args.join(" "));
+    let mut process = Process::spawn(&mut command, name)?;
+    process.wait_for_socket(socket, Duration::from_secs(30))?;
+    Ok(process)
 }
 
 #[cfg(test)]

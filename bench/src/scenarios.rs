@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use tessera_harness::Process;
 use tokio::sync::Barrier;
 
 use super::cfssl::{self, Cfssl};
 use super::report::{Chart, Distribution};
-use super::{
-    BenchError, ChildProcess, Plan, Report, Scenario, ScenarioResult, io_err, output_within,
-};
+use super::{BenchError, Plan, Report, Scenario, ScenarioResult, io_err, start_own, start_tessera};
 use tessera::ca::{LeafRequest, LocalCaSource, SigningCa, load_or_create_local_ca, mint_x509_svid};
 use tessera::cli::client::{WorkloadClient, channel, connect};
 use tessera::proto::workload::X509svidRequest;
@@ -60,9 +59,9 @@ fn agent_config(
     Ok((config, socket))
 }
 
-fn start_agent(config: &Path, socket: &Path) -> Result<ChildProcess, BenchError> {
+fn start_agent(config: &Path, socket: &Path) -> Result<Process, BenchError> {
     let config = config.display().to_string();
-    ChildProcess::start(&["agent", "run", "--config", &config], socket)
+    start_tessera(&["agent", "run", "--config", &config], socket)
 }
 
 async fn first_message(
@@ -136,7 +135,7 @@ async fn fetch_latency(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchEr
     let _agent = start_agent(&config, &socket)?;
     let floor_socket = dir.join("floor.sock");
     let floor_arg = floor_socket.display().to_string();
-    let _floor = ChildProcess::start_own(&["floor", "--socket", &floor_arg], &floor_socket)?;
+    let _floor = start_own(&["floor", "--socket", &floor_arg], &floor_socket)?;
 
     let mut client = connect(&format!("unix://{}", socket.display()))
         .await
@@ -253,12 +252,8 @@ async fn first_fetch(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchErro
     let socket_arg = socket.display().to_string();
     let (mut cached, mut uncached) = (Vec::new(), Vec::new());
     for (i, (kind, program)) in programs.iter().enumerate() {
-        let out = output_within(
-            super::command_dying_with_parent(program).args([
-                "probe",
-                "--socket",
-                &socket_arg,
-            ]),
+        let out = tessera_harness::output_within(
+            tessera_harness::command(program).args(["probe", "--socket", &socket_arg]),
             Duration::from_secs(30),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -618,7 +613,9 @@ async fn watch_one_rotation(
     }
 }
 
-fn leaf_not_after(response: &tessera::proto::workload::X509svidResponse) -> Result<i64, BenchError> {
+fn leaf_not_after(
+    response: &tessera::proto::workload::X509svidResponse,
+) -> Result<i64, BenchError> {
     let svid = response
         .svids
         .first()
