@@ -15,7 +15,9 @@ use tonic::Code;
 use zeroize::Zeroizing;
 
 use super::config::{NodeAttestation, UpstreamConfig};
-use crate::ca::node::{key_and_csr, not_after_of, server_spiffe_id, signing_ca_from_grant};
+use crate::ca::node::{
+    key_and_csr, not_after_of, server_spiffe_id, signing_ca_from_grant, x509pop_message,
+};
 use crate::ca::{CaError, SigningCa, to_pem, write_atomically};
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
 use crate::proto::tessera::node_client::NodeClient;
@@ -23,7 +25,6 @@ use crate::proto::tessera::{
     AttestRequest, Csrs, Entry, JoinTokenAttestation, NodeCredentials, RenewRequest, SyncRequest,
     SyncUpdate, X509PopAttestation, X509PopProof, attest_request, attest_response,
 };
-use crate::server::node_api::x509pop_message;
 use crate::spiffe::TrustDomain;
 
 const NODE_SVID_FILE: &str = "node_svid.pem";
@@ -459,7 +460,11 @@ impl Upstream {
                         ))
                     })?;
                     let signature = key
-                        .sign(&x509pop_message(&challenge.nonce, &csrs))
+                        .sign(&x509pop_message(
+                            &challenge.nonce,
+                            &csrs.node_svid,
+                            &csrs.ca,
+                        ))
                         .map_err(|e| UpstreamError::Local(format!("x509pop signature: {e}")))?;
                     let proof = AttestRequest {
                         step: Some(attest_request::Step::X509popProof(X509PopProof {

@@ -18,7 +18,7 @@ use x509_parser::prelude::*;
 use super::State;
 use super::sync::{Snapshot, bundle_message, delta, full};
 use crate::ca::node::{
-    CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid,
+    CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid, x509pop_message,
 };
 use crate::events::model::{
     MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, to_record, uuid_string,
@@ -37,8 +37,6 @@ use crate::tls::TlsPeer;
 
 /// How long an attesting node gets for each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Prefix of the message an x509pop proof signs.
-pub const X509POP_CONTEXT: &[u8] = b"tessera-x509pop-v1";
 
 /// Why a node API call was refused. Mapped to a status in [`NodeApiError::into_status`].
 #[derive(Debug, thiserror::Error)]
@@ -131,15 +129,6 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
         .as_ref()
         .to_vec()
-}
-
-/// The message an x509pop proof signs: context, nonce, and the digests of both CSRs.
-pub fn x509pop_message(nonce: &[u8], csrs: &Csrs) -> Vec<u8> {
-    let mut message = X509POP_CONTEXT.to_vec();
-    message.extend_from_slice(nonce);
-    message.extend(sha256(&csrs.node_svid));
-    message.extend(sha256(&csrs.ca));
-    message
 }
 
 impl State {
@@ -494,7 +483,7 @@ async fn attest(
             };
             verify_proof(
                 &pop.cert_chain[0],
-                &x509pop_message(&nonce, &csrs),
+                &x509pop_message(&nonce, &csrs.node_svid, &csrs.ca),
                 &proof.signature,
             )?;
             state.attested(node_id, "x509pop", selectors, &csrs).await
