@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::attest::{Selector, SelectorKind, SelectorSet};
+use crate::attest::{FactNeeds, Selector, SelectorKind, SelectorSet};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The shortest X.509-SVID lifetime an entry may ask for.
@@ -249,13 +249,6 @@ pub fn is_dns_name(name: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
-}
-
-/// Which costly facts attestation must gather because some entry uses them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FactNeeds {
-    /// Some entry has a `unix:sha256` selector: hash the executable.
-    pub exe_sha256: bool,
 }
 
 /// All entries an agent serves, in declaration order (the first match is the default identity).
