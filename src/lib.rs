@@ -15,6 +15,7 @@
 //!   matching callers against them.
 //! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA, node SVIDs and
 //!   node intermediate CAs.
+//! - [`clock`]: wall-clock instants as records carry them (Unix seconds).
 //! - [`config`]: what the agent's and the server's configuration files share.
 //! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
 //!   durable spool.
@@ -36,6 +37,7 @@ pub mod agent;
 pub mod attest;
 pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod entry;
 pub mod events;

@@ -17,9 +17,9 @@ use std::time::Duration;
 use super::model::{caller_of, kind_name, new_event_id, now_ms};
 use crate::attest::CallerFacts;
 use crate::ca::X509Svid;
+use crate::clock::unix_seconds;
 use crate::entry::RegistrationEntry;
 use crate::proto::tessera::{Event, EventKind, RevocationReason};
-use crate::store::unix_seconds;
 
 /// An event could not be recorded.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -18,9 +18,11 @@
 //! receiver moves on. Events never move [`Datastore::changes`]: they do not change what agents
 //! are served.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use tokio::sync::watch;
+
+// Records hold Unix seconds; the clock helpers are the ground module's, re-exported here for
+// the backends and the server.
+pub use crate::clock::{unix_now, unix_seconds};
 
 mod codec;
 mod events;
@@ -534,18 +536,6 @@ pub trait Datastore: Send + Sync + 'static {
     /// sharing the database (and after a reconnection, when some may have been missed): tailing
     /// readers ask for what follows the last `seq` they saw.
     fn events_appended(&self) -> watch::Receiver<u64>;
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    unix_seconds(SystemTime::now())
-}
-
-/// `t` as seconds since the Unix epoch (0 for earlier instants).
-pub fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Sorts and de-duplicates selectors, the canonical form stored and compared for uniqueness.
