@@ -1,11 +1,11 @@
 //! The event model shared by agent and server: ids, kind and reason names, the caller's facts,
-//! the checks an ingested event must pass, and the conversion to and from stored records.
+//! the checks an ingested event must pass, and the JSON form. (The stored form and its
+//! conversions are the datastore's: `store::wire`.)
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::attest::CallerFacts;
 use crate::proto::tessera::{Caller, Event, EventKind, RevocationReason};
-use crate::store::{CallerRecord, EventRecord};
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -102,7 +102,8 @@ pub fn reason_name(reason: RevocationReason) -> &'static str {
     }
 }
 
-fn reason_from_name(name: &str) -> RevocationReason {
+/// Parses a revocation reason's name; `Unspecified` for a name this code does not know.
+pub fn reason_from_name(name: &str) -> RevocationReason {
     [
         RevocationReason::EntryRemoved,
         RevocationReason::EntryChanged,
@@ -199,67 +200,6 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
         return Err(invalid("time_ms must be set".into()));
     }
     Ok(kind)
-}
-
-/// An event as stored, reported by `node_id` and received at `received_ms`.
-pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64) -> EventRecord {
-    let svid_used = kind == EventKind::SvidUsed;
-    EventRecord {
-        id: event.id.clone(),
-        kind: kind_name(kind).to_owned(),
-        time_ms: event.time_ms,
-        node_id: node_id.to_owned(),
-        entry_id: event.entry_id.clone(),
-        spiffe_id: event.spiffe_id.clone(),
-        serial: event.serial.clone(),
-        not_after: (event.not_after > 0).then_some(event.not_after),
-        reason: (kind == EventKind::SvidRevoked).then(|| reason_name(event.reason()).to_owned()),
-        caller: event.caller.as_ref().map(|c| CallerRecord {
-            pid: i64::from(c.pid),
-            uid: i64::from(c.uid),
-            gid: i64::from(c.gid),
-            exe_path: c.exe_path.clone(),
-            exe_sha256: c.exe_sha256.clone(),
-            unit: c.unit.clone(),
-        }),
-        first_ms: svid_used.then_some(event.first_ms),
-        last_ms: svid_used.then_some(event.last_ms),
-        count: svid_used.then_some(event.count.min(i64::MAX as u64) as i64),
-        detail: event.detail.clone(),
-        received_ms,
-    }
-}
-
-/// A stored record as the wire carries it.
-pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
-    let mut event = Event {
-        id: record.id.clone(),
-        kind: kind_from_name(&record.kind).unwrap_or(EventKind::Unspecified) as i32,
-        time_ms: record.time_ms,
-        trust_domain: trust_domain.to_owned(),
-        node_id: record.node_id.clone(),
-        entry_id: record.entry_id.clone(),
-        spiffe_id: record.spiffe_id.clone(),
-        serial: record.serial.clone(),
-        not_after: record.not_after.unwrap_or(0),
-        caller: record.caller.as_ref().map(|c| Caller {
-            pid: c.pid as i32,
-            uid: c.uid as u32,
-            gid: c.gid as u32,
-            exe_path: c.exe_path.clone(),
-            exe_sha256: c.exe_sha256.clone(),
-            unit: c.unit.clone(),
-        }),
-        reason: 0,
-        first_ms: record.first_ms.unwrap_or(0),
-        last_ms: record.last_ms.unwrap_or(0),
-        count: record.count.unwrap_or(0).max(0) as u64,
-        detail: record.detail.clone(),
-    };
-    if let Some(reason) = &record.reason {
-        event.set_reason(reason_from_name(reason));
-    }
-    event
 }
 
 /// An event as one JSON object (the audit log's and the CLI's shape): kinds and reasons by
@@ -388,41 +328,5 @@ mod tests {
             let err = check_event(7, &event).unwrap_err().to_string();
             assert!(err.contains(want) && err.starts_with("event 7"), "{err}");
         }
-    }
-
-    #[test]
-    fn records_round_trip() {
-        let mut event = Event {
-            id: new_event_id(),
-            kind: EventKind::SvidRevoked as i32,
-            time_ms: 1_700_000_000_000,
-            trust_domain: "td".into(),
-            entry_id: "e".into(),
-            spiffe_id: "spiffe://td/x".into(),
-            serial: "ab".into(),
-            not_after: 1_700_000_300,
-            caller: Some(Caller {
-                pid: 4,
-                uid: 1000,
-                gid: 100,
-                exe_path: "/bin/x".into(),
-                exe_sha256: "00".into(),
-                unit: "x.service".into(),
-            }),
-            ..Default::default()
-        };
-        event.set_reason(RevocationReason::EntryRemoved);
-        let record = to_record(&event, EventKind::SvidRevoked, "n1", 5);
-        assert_eq!(record.reason.as_deref(), Some("entry_removed"));
-        let back = from_record(&record, "td");
-        assert_eq!(
-            Event {
-                node_id: String::new(),
-                ..back.clone()
-            },
-            event
-        );
-        assert_eq!(back.node_id, "n1");
-        assert_eq!(to_json(&back, Some(3), None)["reason"], "entry_removed");
     }
 }

@@ -202,10 +202,7 @@ fn stored_event(event: &crate::store::StoredEvent, trust_domain: &str) -> Stored
     StoredEvent {
         seq: event.seq,
         received_ms: event.event.received_ms,
-        event: Some(crate::events::model::from_record(
-            &event.event,
-            trust_domain,
-        )),
+        event: Some(crate::store::wire::from_record(&event.event, trust_domain)),
     }
 }
 

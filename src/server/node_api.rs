@@ -21,7 +21,7 @@ use crate::ca::node::{
     CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid, x509pop_message,
 };
 use crate::events::model::{
-    MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, to_record, uuid_string,
+    MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, uuid_string,
 };
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
@@ -29,6 +29,7 @@ use crate::proto::tessera::{
     NodeCredentials, RenewRequest, SyncRequest, SyncUpdate, X509PopChallenge, attest_request,
     attest_response,
 };
+use crate::store::wire::to_record;
 use crate::store::{
     NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, TokenRefusal, canonical, unix_now,
     unix_seconds,

@@ -30,6 +30,7 @@ pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
+pub mod wire;
 
 /// Why a datastore operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
