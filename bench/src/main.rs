@@ -15,6 +15,7 @@
 //! this binary's own hidden `floor` and `probe` commands.
 
 mod cfssl;
+mod chart;
 mod cluster;
 mod ingest;
 mod plot;

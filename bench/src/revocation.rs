@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
+use super::chart::{Chart, Distribution};
 use super::cluster::{Server, TRUST_DOMAIN, failed};
-use super::report::{Chart, Distribution};
 use super::{BenchError, Plan, ScenarioResult};
 use tessera::proto::tessera::{CreateEntryRequest, Entry, EntryRequest};
 use tessera::proto::workload::X509svidRequest;

@@ -10,7 +10,7 @@ use tessera_harness::Process;
 use tokio::sync::Barrier;
 
 use super::cfssl::{self, Cfssl};
-use super::report::{Chart, Distribution};
+use super::chart::{Chart, Distribution};
 use super::{BenchError, Plan, Report, Scenario, ScenarioResult, io_err, start_own, start_tessera};
 use tessera::ca::{LeafRequest, LocalCaSource, SigningCa, load_or_create_local_ca, mint_x509_svid};
 use tessera::cli::client::{WorkloadClient, channel, connect};
