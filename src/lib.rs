@@ -41,6 +41,8 @@ pub mod clock;
 pub mod config;
 pub mod entry;
 pub mod events;
+#[cfg(test)]
+mod layering;
 pub mod server;
 pub mod spiffe;
 pub mod store;
