@@ -2,6 +2,7 @@
 //! the checks an ingested event must pass, and the JSON form. (The stored form and its
 //! conversions are the datastore's: `store::wire`.)
 
+use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::attest::CallerFacts;
@@ -49,72 +50,69 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The stored and displayed name of a kind.
-pub fn kind_name(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::Unspecified => "unspecified",
-        EventKind::SvidIssued => "svid_issued",
-        EventKind::SvidUsed => "svid_used",
-        EventKind::SvidRevoked => "svid_revoked",
-        EventKind::AttestationDenied => "attestation_denied",
-        EventKind::NodeAttested => "node_attested",
-        EventKind::NodeEvicted => "node_evicted",
-        EventKind::IssuanceAnomaly => "issuance_anomaly",
-    }
+/// Names of an enum's values as tessera stores and shows them: prost's generated names
+/// (`EVENT_KIND_SVID_USED`) without the enum's prefix, in lowercase (`svid_used`). The proto
+/// files are the one table of names; these are read from it once.
+fn names_of<E: Copy + TryFrom<i32>>(
+    prefix: &str,
+    proto_name: fn(&E) -> &'static str,
+) -> Vec<(E, String)> {
+    // Enum values are small; a value the enum does not define is skipped.
+    (0..=255)
+        .filter_map(|n| E::try_from(n).ok())
+        .map(|value| {
+            let name = proto_name(&value);
+            let short = name.strip_prefix(prefix).unwrap_or(name);
+            (value, short.to_ascii_lowercase())
+        })
+        .collect()
 }
 
-/// Every kind name, for messages and CLI help.
-pub const KIND_NAMES: &[&str] = &[
-    "svid_issued",
-    "svid_used",
-    "svid_revoked",
-    "attestation_denied",
-    "node_attested",
-    "node_evicted",
-    "issuance_anomaly",
-];
+static KINDS: LazyLock<Vec<(EventKind, String)>> =
+    LazyLock::new(|| names_of("EVENT_KIND_", EventKind::as_str_name));
 
-/// Parses a kind name.
+static REASONS: LazyLock<Vec<(RevocationReason, String)>> =
+    LazyLock::new(|| names_of("REVOCATION_REASON_", RevocationReason::as_str_name));
+
+/// The stored and displayed name of a kind (`svid_issued`, ...; `unspecified` for 0).
+pub fn kind_name(kind: EventKind) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("unspecified", |(_, name)| name.as_str())
+}
+
+/// Every kind name but `unspecified`, in the order of the proto, for messages and CLI help.
+pub static KIND_NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    KINDS
+        .iter()
+        .filter(|(k, _)| *k != EventKind::Unspecified)
+        .map(|(_, name)| name.as_str())
+        .collect()
+});
+
+/// Parses a kind name; `None` for `unspecified` and for names this code does not know.
 pub fn kind_from_name(name: &str) -> Option<EventKind> {
-    [
-        EventKind::SvidIssued,
-        EventKind::SvidUsed,
-        EventKind::SvidRevoked,
-        EventKind::AttestationDenied,
-        EventKind::NodeAttested,
-        EventKind::NodeEvicted,
-        EventKind::IssuanceAnomaly,
-    ]
-    .into_iter()
-    .find(|k| kind_name(*k) == name)
+    KINDS
+        .iter()
+        .find(|(k, n)| *k != EventKind::Unspecified && n == name)
+        .map(|(k, _)| *k)
 }
 
 /// The stored and displayed name of a revocation reason.
 pub fn reason_name(reason: RevocationReason) -> &'static str {
-    match reason {
-        RevocationReason::Unspecified => "unspecified",
-        RevocationReason::EntryRemoved => "entry_removed",
-        RevocationReason::EntryChanged => "entry_changed",
-        RevocationReason::RegistrationExpired => "registration_expired",
-        RevocationReason::NodeEvicted => "node_evicted",
-        RevocationReason::Superseded => "superseded",
-        RevocationReason::CaRotated => "ca_rotated",
-    }
+    REASONS
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or("unspecified", |(_, name)| name.as_str())
 }
 
 /// Parses a revocation reason's name; `Unspecified` for a name this code does not know.
 pub fn reason_from_name(name: &str) -> RevocationReason {
-    [
-        RevocationReason::EntryRemoved,
-        RevocationReason::EntryChanged,
-        RevocationReason::RegistrationExpired,
-        RevocationReason::NodeEvicted,
-        RevocationReason::Superseded,
-        RevocationReason::CaRotated,
-    ]
-    .into_iter()
-    .find(|r| reason_name(*r) == name)
-    .unwrap_or(RevocationReason::Unspecified)
+    REASONS
+        .iter()
+        .find(|(_, n)| n == name)
+        .map_or(RevocationReason::Unspecified, |(r, _)| *r)
 }
 
 /// The caller's facts as events carry them.
@@ -328,5 +326,47 @@ mod tests {
             let err = check_event(7, &event).unwrap_err().to_string();
             assert!(err.contains(want) && err.starts_with("event 7"), "{err}");
         }
+    }
+
+    #[test]
+    fn names_come_from_the_proto_and_round_trip() {
+        assert_eq!(
+            *KIND_NAMES,
+            [
+                "svid_issued",
+                "svid_used",
+                "svid_revoked",
+                "attestation_denied",
+                "node_attested",
+                "node_evicted",
+                "issuance_anomaly",
+            ]
+        );
+        for name in KIND_NAMES.iter() {
+            assert_eq!(kind_name(kind_from_name(name).unwrap()), *name);
+        }
+        assert_eq!(kind_name(EventKind::Unspecified), "unspecified");
+        assert_eq!(kind_from_name("unspecified"), None);
+        assert_eq!(kind_from_name("SVID_ISSUED"), None);
+        assert_eq!(kind_from_name("EVENT_KIND_SVID_ISSUED"), None);
+        let reasons = [
+            (RevocationReason::EntryRemoved, "entry_removed"),
+            (RevocationReason::EntryChanged, "entry_changed"),
+            (
+                RevocationReason::RegistrationExpired,
+                "registration_expired",
+            ),
+            (RevocationReason::NodeEvicted, "node_evicted"),
+            (RevocationReason::Superseded, "superseded"),
+            (RevocationReason::CaRotated, "ca_rotated"),
+        ];
+        for (reason, name) in reasons {
+            assert_eq!(reason_name(reason), name);
+            assert_eq!(reason_from_name(name), reason);
+        }
+        assert_eq!(
+            reason_from_name("no such reason"),
+            RevocationReason::Unspecified
+        );
     }
 }

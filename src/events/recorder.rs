@@ -225,7 +225,7 @@ impl Recorder {
         let mut event = self.svid_event(EventKind::SvidIssued, entry, svid);
         event.caller = caller.map(caller_of);
         self.write(true, &event).map_err(|reason| RecordError {
-            kind: "svid_issued",
+            kind: kind_name(EventKind::SvidIssued),
             reason,
         })
     }
