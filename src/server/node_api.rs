@@ -20,9 +20,7 @@ use super::sync::{Snapshot, bundle_message, delta, full};
 use crate::ca::node::{
     CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid, x509pop_message,
 };
-use crate::events::model::{
-    MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, uuid_string,
-};
+use crate::events::model::{MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms};
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
     AttestRequest, AttestResponse, Bundle, Csrs, Event, EventAck, EventBatch, EventKind,
@@ -335,7 +333,7 @@ fn anomaly_id(source_id: &str) -> String {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     // Version 8: a custom, name-derived UUID.
-    uuid_string(bytes, 8)
+    uuid::Uuid::new_v8(bytes).to_string()
 }
 
 impl State {
