@@ -14,7 +14,7 @@ use rcgen::{
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use super::{CaError, SigningCa, random_serial, whole_seconds};
+use super::{BACKDATE, CaError, SigningCa, random_serial, whole_seconds};
 use crate::spiffe::TrustDomain;
 
 const CERT_FILE: &str = "ca_cert.pem";
@@ -282,7 +282,7 @@ pub(crate) fn generate_root(
         KeyUsagePurpose::DigitalSignature,
     ];
     params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-    let not_before = whole_seconds(now - Duration::from_secs(60));
+    let not_before = whole_seconds(now - BACKDATE);
     params.not_before = not_before.into();
     let not_after = whole_seconds(now + ttl);
     params.not_after = not_after.into();

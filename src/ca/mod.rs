@@ -11,9 +11,15 @@ pub use local::{
     LocalCaSource, RenewalStep, load_or_create_local_ca, next_renewal_step, renew_local_ca,
 };
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{Issuer, KeyPair};
+
+/// Every certificate this code signs starts this long before it was made (its not-before is
+/// back-dated), so that a relying party whose clock lags a little accepts it at once: X509-SVIDs,
+/// node SVIDs and intermediates, the server's certificate and roots. The node API relies on it
+/// too, to tell when a node SVID was really issued.
+pub const BACKDATE: Duration = Duration::from_secs(10);
 
 /// Errors from minting and from loading or creating a CA.
 #[derive(Debug, thiserror::Error)]

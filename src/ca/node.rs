@@ -12,11 +12,9 @@ use rcgen::{
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use super::{CaError, SigningCa, random_serial, whole_seconds};
+use super::{BACKDATE, CaError, SigningCa, random_serial, whole_seconds};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
-/// Certificates are back-dated by this much for relying parties whose clocks lag a little.
-const BACKDATE: Duration = Duration::from_secs(10);
 /// Prefix of the message an x509pop proof signs.
 pub const X509POP_CONTEXT: &[u8] = b"tessera-x509pop-v1";
 

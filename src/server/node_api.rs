@@ -17,6 +17,7 @@ use x509_parser::prelude::*;
 
 use super::State;
 use super::sync::{Snapshot, bundle_message, delta, full};
+use crate::ca::BACKDATE;
 use crate::ca::node::{
     CsrError, check_csrs, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid, x509pop_message,
 };
@@ -536,9 +537,9 @@ impl State {
             )));
         }
         {
-            // SVIDs are back-dated a little; one from before the latest attestation belongs to
-            // an earlier life of the node (before an eviction) and is refused.
-            let issued = cert.validity().not_before.timestamp() + 10;
+            // SVIDs are back-dated by BACKDATE; one from before the latest attestation belongs
+            // to an earlier life of the node (before an eviction) and is refused.
+            let issued = cert.validity().not_before.timestamp() + BACKDATE.as_secs() as i64;
             if issued < node.attested_at - 1 {
                 return Err(NodeApiError::Forbidden(format!(
                     "node {node_id}: this node SVID predates the node's latest attestation"
