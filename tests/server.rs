@@ -663,7 +663,7 @@ async fn raw_attest(
     bundle: &std::path::Path,
     first: tessera::proto::tessera::AttestRequest,
 ) -> Result<tessera::proto::tessera::AttestResponse, tonic::Status> {
-    let roots = tessera::agent::upstream::load_pem_certs(bundle).unwrap();
+    let roots = tessera::ca::load_pem_certs(bundle).unwrap();
     let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
     let tls = tessera::tls::client_config(&roots, &tessera::ca::node::server_spiffe_id(&td), None)
         .unwrap();
@@ -804,7 +804,7 @@ async fn a_node_ca_cannot_mint_its_way_into_another_node() {
         &std::fs::read_to_string(a.state_dir.join("upstream/node_ca_key.pem")).unwrap(),
     )
     .unwrap();
-    let roots = tessera::agent::upstream::load_pem_certs(&bundle).unwrap();
+    let roots = tessera::ca::load_pem_certs(&bundle).unwrap();
     let signing = tessera::ca::node::signing_ca_from_grant(&ca_der, ca_key, roots.clone()).unwrap();
     let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
     let forged_id = tessera::ca::node::node_spiffe_id(&td, &victim).unwrap();

@@ -18,7 +18,9 @@ use super::config::{NodeAttestation, UpstreamConfig};
 use crate::ca::node::{
     key_and_csr, not_after_of, server_spiffe_id, signing_ca_from_grant, x509pop_message,
 };
-use crate::ca::{CaError, SigningCa, to_pem, write_atomically};
+use crate::ca::{
+    CaError, SigningCa, certificates_from_pem, load_pem_certs, to_pem, write_atomically,
+};
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
 use crate::proto::tessera::node_client::NodeClient;
 use crate::proto::tessera::{
@@ -247,13 +249,7 @@ impl DiskState {
     /// Loads saved credentials, if complete and readable.
     pub fn load_credentials(&self) -> Option<Credentials> {
         let read = |name: &str| std::fs::read_to_string(self.path(name)).ok();
-        let cert = |name: &str| {
-            ::pem::parse_many(read(name)?)
-                .ok()?
-                .into_iter()
-                .find(|p| p.tag() == "CERTIFICATE")
-                .map(|p| p.into_contents())
-        };
+        let cert = |name: &str| certificates_from_pem(read(name)?).ok()?.into_iter().next();
         let credentials = Credentials {
             node_id: read("node_id")?.trim().to_owned(),
             svid_der: cert(NODE_SVID_FILE)?,
@@ -296,21 +292,6 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
     std::fs::create_dir_all(dir).map_err(|e| crate::ca::io_error(dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| crate::ca::io_error(dir, e))
-}
-
-/// Every CERTIFICATE block of a PEM file, as DER.
-pub fn load_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let certs: Vec<Vec<u8>> = ::pem::parse_many(&text)
-        .map_err(|e| format!("{}: not PEM: {e}", path.display()))?
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.into_contents())
-        .collect();
-    if certs.is_empty() {
-        return Err(format!("{}: holds no CERTIFICATE block", path.display()));
-    }
-    Ok(certs)
 }
 
 /// The link to the server, with what the agent has learned so far.

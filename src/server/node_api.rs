@@ -760,13 +760,7 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 
 /// Builds the x509pop verifier from the configured CA bundle file.
 pub fn x509pop_verifier(path: &std::path::Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let roots: Vec<Vec<u8>> = ::pem::parse_many(&text)
-        .map_err(|e| format!("{}: not PEM: {e}", path.display()))?
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.into_contents())
-        .collect();
+    let roots = crate::ca::load_pem_certs(path).map_err(|e| e.to_string())?;
     let store = crate::tls::root_store(&roots).map_err(|e| format!("{}: {e}", path.display()))?;
     rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(store),
