@@ -551,7 +551,12 @@ async fn bad_entries_are_refused_naming_the_field() {
     let args: Vec<&str> = node_selector.iter().map(String::as_str).collect();
     let out = server.admin(&args);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("node_selectors[0]"));
+    // The CLI applies the server's rule itself, naming the flag.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--node-selector \"rack:row:7\": unknown node selector type"),
+        "{stderr}"
+    );
 
     // The server checks too, for API callers that skip the CLI, naming the field.
     let channel = tessera::cli::client::channel(&server.admin_socket)
