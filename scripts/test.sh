@@ -143,9 +143,11 @@ WHERE CASE WHEN datname ~ '^tessera_test_[0-9]+_[0-9a-f]+$'
 SQL
 fi
 
+# The whole workspace: the tessera package and the benchmark harness (bench/), whose quick run
+# measures the tessera binary this build leaves beside it.
 echo "==> running the test suite"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-targets --no-fail-fast
+  cargo nextest run --workspace --all-targets --no-fail-fast
 else
-  cargo test --all-targets --no-fail-fast
+  cargo test --workspace --all-targets --no-fail-fast
 fi

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::attest::{Selector, SelectorKind, SelectorSet};
+use crate::attest::{FactNeeds, Selector, SelectorKind, SelectorSet};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The shortest X.509-SVID lifetime an entry may ask for.
@@ -306,11 +306,43 @@ pub fn is_dns_name(name: &str) -> bool {
         })
 }
 
-/// Which costly facts attestation must gather because some entry uses them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FactNeeds {
-    /// Some entry has a `unix:sha256` selector: hash the executable.
-    pub exe_sha256: bool,
+/// Node selector kinds an entry may name (the selectors node attestation gives a node).
+pub const NODE_SELECTOR_KINDS: &[&str] = &[
+    "node:id",
+    "node:attestation",
+    "node:label",
+    "x509pop:subject:cn",
+];
+
+/// Checks one node selector of an entry: a known kind and a non-empty value (which may hold
+/// spaces: a certificate's common name can). The one check, for the CLI and the admin API.
+pub fn check_node_selector(text: &str) -> Result<(), String> {
+    let known = NODE_SELECTOR_KINDS.iter().find(|kind| {
+        text.strip_prefix(**kind)
+            .is_some_and(|rest| rest.starts_with(':'))
+    });
+    match known {
+        None => Err(format!(
+            "unknown node selector type; known: {}",
+            NODE_SELECTOR_KINDS
+                .iter()
+                .map(|k| format!("{k}:<value>"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Some(kind) if text.len() == kind.len() + 1 => {
+            Err(format!("{kind} needs a value after the colon"))
+        }
+        Some(kind) if *kind == "node:attestation" => {
+            let value = &text[kind.len() + 1..];
+            if value == "join_token" || value == "x509pop" {
+                Ok(())
+            } else {
+                Err("node:attestation is join_token or x509pop".into())
+            }
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 /// All entries an agent serves, in declaration order (the first match is the default identity).
@@ -545,5 +577,31 @@ pub(crate) mod tests {
             &[&format!("unix:sha256:{}", "0".repeat(64))],
         )]);
         assert!(hashed.fact_needs().exe_sha256);
+    }
+
+    #[test]
+    fn node_selectors_are_checked() {
+        assert!(check_node_selector("node:id:n1").is_ok());
+        assert!(check_node_selector("node:attestation:x509pop").is_ok());
+        assert!(check_node_selector("node:attestation:tpm").is_err());
+        assert!(
+            check_node_selector("node:id:")
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            check_node_selector("k8s:ns:x")
+                .unwrap_err()
+                .contains("unknown node selector type")
+        );
+        // Where the CLI's own rule (three non-empty parts, no spaces) used to disagree: a
+        // common name with spaces is a real node's selector; an empty one matches no node.
+        assert!(check_node_selector("x509pop:subject:cn:web server 1").is_ok());
+        assert!(
+            check_node_selector("x509pop:subject:cn:")
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(check_node_selector("rack:row:7").is_err());
     }
 }

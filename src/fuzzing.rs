@@ -18,10 +18,11 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::agent::authority::{AuthorityFix, first_block_is_acceptable, is_valid_authority};
 use crate::attest::Selector;
 use crate::ca::SigningCa;
-use crate::events::model::{MAX_BATCH_EVENTS, check_event, from_record, to_json, to_record};
+use crate::events::model::{MAX_BATCH_EVENTS, check_event, to_json};
 use crate::events::spool::{Class, Spool, SpoolConfig};
 use crate::proto::tessera::{EventBatch, EventKind};
 use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::store::wire::{from_record, to_record};
 
 /// `SpiffeId::parse` and `TrustDomain::new`: what they accept is canonical, and survives a
 /// round trip through its parts.

@@ -15,6 +15,7 @@
 //!   matching callers against them.
 //! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA, node SVIDs and
 //!   node intermediate CAs.
+//! - [`clock`]: wall-clock instants as records carry them (Unix seconds).
 //! - [`config`]: what the agent's and the server's configuration files share.
 //! - [`durable`]: replacing a state file atomically and durably (rename, then directory fsync).
 //! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
@@ -28,23 +29,26 @@
 //!   retry backoff, the accept loop, wall-clock waits, socket binding and sd_notify.
 //! - [`store`]: the server's datastore trait with its SQLite and PostgreSQL backends.
 //! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
-//! - [`bench`](mod@bench): `tessera bench`, the binaries measured against baselines in the same
-//!   run (a bare tonic server, raw signing, cfssl), with a report and PNG charts.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
-//!   `events`, `inventory`, `svid`, `dev`, `bench`.
+//!   `events`, `inventory`, `svid`, `dev`.
+//!
+//! The benchmark harness is the workspace member `tessera-bench` (`bench/`), so that this
+//! library and the `tessera` binary carry none of its plotting crates.
 //! - [`proto`]: code generated from `proto/`.
 
 pub mod agent;
 pub mod attest;
-pub mod bench;
 pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod durable;
 pub mod entry;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(test)]
+mod layering;
 pub mod runtime;
 pub mod server;
 pub mod spiffe;

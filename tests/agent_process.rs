@@ -11,8 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use tessera_harness::Process;
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -34,22 +33,11 @@ fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(child: &Child, signal: Signal) {
-    kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+/// `tessera <args>` as set up by `setup`, killed when dropped (or when this test dies).
+fn spawn(args: &[&str], setup: impl FnOnce(&mut Command) -> &mut Command) -> Process {
+    let mut command = tessera_harness::command(TESSERA);
+    command.args(args);
+    Process::spawn(setup(&mut command), format!("tessera {}", args.join(" "))).unwrap()
 }
 
 #[test]
@@ -163,13 +151,10 @@ fn agent_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm() {
     notify
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut agent = Command::new(TESSERA)
-        .args(["agent", "run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let config_arg = config.display().to_string();
+    let mut agent = spawn(&["agent", "run", "--config", &config_arg], |c| {
+        c.env("NOTIFY_SOCKET", &notify_path).stderr(Stdio::null())
+    });
     let mut buf = [0u8; 64];
     let n = notify.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"READY=1");
@@ -195,7 +180,7 @@ fn agent_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm() {
         ["spiffe://example.org/before"],
         "no reload without SIGHUP"
     );
-    signal(&agent, Signal::SIGHUP);
+    agent.signal(libc::SIGHUP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while fetch_ids(&uri) != ["spiffe://example.org/after_"] {
         assert!(
@@ -205,25 +190,23 @@ fn agent_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let mut watcher = Command::new(TESSERA)
-        .args(["svid", "watch", "--socket", &uri])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(&mut watcher);
+    let mut watcher = spawn(&["svid", "watch", "--socket", &uri], |c| {
+        c.stdout(Stdio::piped()).stderr(Stdio::piped())
+    });
+    let lines = lines_of(watcher.child_mut());
     lines
         .recv_timeout(Duration::from_secs(10))
         .expect("watch prints the first update");
 
-    signal(&agent, Signal::SIGTERM);
+    agent.signal(libc::SIGTERM).unwrap();
     let n = notify.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
-    assert!(wait_exit(&mut agent, Duration::from_secs(10)).success());
+    assert!(agent.wait_exit(Duration::from_secs(10)).unwrap().success());
     assert!(!socket.exists(), "socket removed on shutdown");
-    let status = wait_exit(&mut watcher, Duration::from_secs(5));
+    let status = watcher.wait_exit(Duration::from_secs(5)).unwrap();
     let mut stderr = String::new();
-    std::io::Read::read_to_string(watcher.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    std::io::Read::read_to_string(watcher.child_mut().stderr.as_mut().unwrap(), &mut stderr)
+        .unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(
         stderr.contains("Unavailable") && stderr.contains("agent is shutting down"),
@@ -357,7 +340,7 @@ fn tessera_dev_serves_the_calling_user() {
 
 /// A running `tessera dev` and the sockets its banner printed.
 struct Dev {
-    process: Child,
+    process: Process,
     uri: String,
     admin: String,
 }
@@ -365,22 +348,24 @@ struct Dev {
 impl Dev {
     /// SIGTERM, a clean exit, and the workload socket gone.
     fn stop(mut self) {
-        signal(&self.process, Signal::SIGTERM);
-        assert!(wait_exit(&mut self.process, Duration::from_secs(10)).success());
+        self.process.signal(libc::SIGTERM).unwrap();
+        assert!(
+            self.process
+                .wait_exit(Duration::from_secs(10))
+                .unwrap()
+                .success()
+        );
         assert!(!Path::new(&self.uri["unix://".len()..]).exists());
     }
 }
 
 /// Starts `tessera dev --dir DIR --ttl TTL` and reads its banner up to the admin socket line.
 fn run_dev(dir: &Path, ttl: &str) -> Dev {
-    let mut process = Command::new(TESSERA)
-        .args(["dev", "--ttl", ttl, "--dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(&mut process);
+    let dir_arg = dir.display().to_string();
+    let mut process = spawn(&["dev", "--ttl", ttl, "--dir", &dir_arg], |c| {
+        c.stdout(Stdio::piped()).stderr(Stdio::null())
+    });
+    let lines = lines_of(process.child_mut());
     let mut uri = None;
     let admin = loop {
         let line = lines

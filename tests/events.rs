@@ -501,21 +501,20 @@ async fn events_tail_follows_new_events_and_expired_registrations_are_flagged() 
     let server = ServerProcess::start(dir.path(), "server", "");
     let bundle = dir.path().join("bundle.pem");
     server.write_bundle(&bundle);
-    let mut tail = std::process::Command::new(TESSERA)
-        .args([
-            "events",
-            "tail",
-            "--kind",
-            "node_attested",
-            "--output",
-            "json",
-            "--admin-socket",
-        ])
-        .arg(&server.admin_socket)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
+    let mut tail = tessera_harness::command(TESSERA);
+    tail.args([
+        "events",
+        "tail",
+        "--kind",
+        "node_attested",
+        "--output",
+        "json",
+        "--admin-socket",
+    ])
+    .arg(&server.admin_socket)
+    .stdout(std::process::Stdio::piped());
+    let mut tail = tessera_harness::Process::spawn(&mut tail, "tessera events tail").unwrap();
+    let stdout = tail.child_mut().stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
@@ -540,8 +539,7 @@ async fn events_tail_follows_new_events_and_expired_registrations_are_flagged() 
     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(event["kind"], "node_attested");
     assert_eq!(event["node_id"], node_id.as_str());
-    let _ = tail.kill();
-    let _ = tail.wait();
+    drop(tail);
 
     let selector = my_uid_selector();
     let id = format!("spiffe://{TRUST_DOMAIN}/short-lived-registration");

@@ -11,7 +11,7 @@ use tokio_stream::StreamExt;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_entry_created_on_one_replica_reaches_agents_of_the_other() {
-    let Some(connection) = tessera::store::postgres::scratch_database_from_env().await else {
+    let Some(connection) = tessera_harness::postgres::scratch_database_from_env().await else {
         return;
     };
     let dir = world_dir();
@@ -129,5 +129,5 @@ async fn an_entry_created_on_one_replica_reaches_agents_of_the_other() {
     drop(agent);
     drop(replica_a);
     drop(replica_b);
-    tessera::store::postgres::drop_scratch_database(&connection).await;
+    tessera_harness::postgres::drop_scratch_database(&connection).await;
 }

@@ -551,7 +551,12 @@ async fn bad_entries_are_refused_naming_the_field() {
     let args: Vec<&str> = node_selector.iter().map(String::as_str).collect();
     let out = server.admin(&args);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("node_selectors[0]"));
+    // The CLI applies the server's rule itself, naming the flag.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--node-selector \"rack:row:7\": unknown node selector type"),
+        "{stderr}"
+    );
 
     // The server checks too, for API callers that skip the CLI, naming the field.
     let channel = tessera::cli::client::channel(&server.admin_socket)
@@ -663,7 +668,7 @@ async fn raw_attest(
     bundle: &std::path::Path,
     first: tessera::proto::tessera::AttestRequest,
 ) -> Result<tessera::proto::tessera::AttestResponse, tonic::Status> {
-    let roots = tessera::agent::upstream::load_pem_certs(bundle).unwrap();
+    let roots = tessera::ca::load_pem_certs(bundle).unwrap();
     let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
     let tls = tessera::tls::client_config(&roots, &tessera::ca::node::server_spiffe_id(&td), None)
         .unwrap();
@@ -804,7 +809,7 @@ async fn a_node_ca_cannot_mint_its_way_into_another_node() {
         &std::fs::read_to_string(a.state_dir.join("upstream/node_ca_key.pem")).unwrap(),
     )
     .unwrap();
-    let roots = tessera::agent::upstream::load_pem_certs(&bundle).unwrap();
+    let roots = tessera::ca::load_pem_certs(&bundle).unwrap();
     let signing = tessera::ca::node::signing_ca_from_grant(&ca_der, ca_key, roots.clone()).unwrap();
     let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
     let forged_id = tessera::ca::node::node_spiffe_id(&td, &victim).unwrap();

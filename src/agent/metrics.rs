@@ -1,22 +1,26 @@
 //! The agent's metrics in the Prometheus text format, on `GET /metrics` at the optional
 //! `metrics_address` (loopback by convention; nothing secret is exposed, but nothing needs to
-//! reach it from elsewhere). A deliberately small HTTP/1.1 responder: one request per
-//! connection, headers bounded in size and time.
+//! reach it from elsewhere). Served by hyper's HTTP/1.1 server: one request per connection,
+//! the request head bounded in size and time.
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::events::Spool;
 use crate::events::recorder::Recorder;
 
-/// Longest request head read.
+/// Largest request head buffered (hyper's smallest allowed buffer).
 const MAX_REQUEST: usize = 8 * 1024;
-/// How long a client gets to send its request.
+/// How long a client gets to send its request head.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the metrics are read from. Lives as long as the agent.
@@ -134,47 +138,140 @@ pub async fn serve(
         };
         let sources = sources.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &sources).await {
+            if let Err(e) = answer(stream, sources).await {
                 tracing::debug!(error = %e, "metrics request failed");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 || head.len() + n > MAX_REQUEST {
-                return Err(std::io::Error::other("request head too long or cut short"));
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok(())
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, read)
+/// Serves one connection: one request, then the connection is closed.
+async fn answer(stream: TcpStream, sources: Arc<Sources>) -> hyper::Result<()> {
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let sources = sources.clone();
+        async move { Ok::<_, Infallible>(respond(&request, &sources)) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(MAX_REQUEST)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
         .await
-        .map_err(|_| std::io::Error::other("request timed out"))??;
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let (status, body) = if line.starts_with(b"GET /metrics ") {
-        ("200 OK", render(sources))
+}
+
+/// The metrics for `GET /metrics`, 404 for anything else.
+fn respond<B>(request: &Request<B>, sources: &Sources) -> Response<Full<Bytes>> {
+    let (status, body) = if request.method() == Method::GET && request.uri().path() == "/metrics" {
+        (StatusCode::OK, render(sources))
     } else {
         (
-            "404 Not Found",
+            StatusCode::NOT_FOUND,
             "only GET /metrics is served here\n".to_owned(),
         )
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    response
 }
 
 /// Binds the metrics port.
 pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::recorder::EventLog;
+    use crate::proto::tessera::Event;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Discard;
+
+    impl EventLog for Discard {
+        fn append(&self, _critical: bool, _event: &Event) -> Result<(), String> {
+            Ok(())
+        }
+        fn sync(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A metrics server on a free loopback port; stops when the sender is dropped.
+    async fn server() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let sources = Arc::new(Sources {
+            recorder: Arc::new(Recorder::new("example.org", "", Box::new(Discard))),
+            spool: None,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, sources, async {
+            let _ = stopped.await;
+        }));
+        (address, stop)
+    }
+
+    /// Sends `request` and reads until the server closes the connection.
+    async fn exchange(address: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_once_per_connection_and_nothing_else_is() {
+        let (address, _stop) = server().await;
+        let ok = exchange(address, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4\r\n"),
+            "{ok}"
+        );
+        assert!(ok.contains("\r\nconnection: close\r\n"), "{ok}");
+        assert!(
+            ok.contains("# TYPE tessera_events_recorded_total counter\n"),
+            "{ok}"
+        );
+        for request in [
+            &b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"[..],
+            b"POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let refused = exchange(address, request).await;
+            assert!(
+                refused.starts_with("HTTP/1.1 404 Not Found\r\n"),
+                "{refused}"
+            );
+            assert!(
+                refused.ends_with("only GET /metrics is served here\n"),
+                "{refused}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_its_request_is_cut_off() {
+        let (address, _stop) = server().await;
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+        assert!(
+            started.elapsed() >= REQUEST_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+    }
 }

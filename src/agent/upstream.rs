@@ -15,8 +15,12 @@ use tonic::Code;
 use zeroize::Zeroizing;
 
 use super::config::{NodeAttestation, UpstreamConfig};
-use crate::ca::node::{key_and_csr, not_after_of, server_spiffe_id, signing_ca_from_grant};
-use crate::ca::{CaError, SigningCa, to_pem, write_atomically};
+use crate::ca::node::{
+    key_and_csr, not_after_of, server_spiffe_id, signing_ca_from_grant, x509pop_message,
+};
+use crate::ca::{
+    CaError, SigningCa, certificates_from_pem, load_pem_certs, to_pem, write_atomically,
+};
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
 use crate::proto::tessera::node_client::NodeClient;
 use crate::proto::tessera::{
@@ -24,7 +28,6 @@ use crate::proto::tessera::{
     SyncUpdate, X509PopAttestation, X509PopProof, attest_request, attest_response,
 };
 use crate::runtime::{Backoff, Shutdown, wait_until_wall_time};
-use crate::server::node_api::x509pop_message;
 use crate::spiffe::TrustDomain;
 
 const NODE_SVID_FILE: &str = "node_svid.pem";
@@ -292,10 +295,9 @@ impl DiskState {
             std::fs::read_to_string(self.path(name)).map_err(|e| format!("{name}: {e}"))
         };
         let cert = |name: &str| {
-            ::pem::parse_many(read(name)?)
+            certificates_from_pem(read(name)?)
                 .ok()
-                .and_then(|blocks| blocks.into_iter().find(|p| p.tag() == "CERTIFICATE"))
-                .map(|p| p.into_contents())
+                .and_then(|certs| certs.into_iter().next())
                 .ok_or_else(|| format!("{name} holds no PEM certificate"))
         };
         let credentials = Credentials {
@@ -383,21 +385,6 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
     std::fs::create_dir_all(dir).map_err(|e| crate::ca::io_error(dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| crate::ca::io_error(dir, e))
-}
-
-/// Every CERTIFICATE block of a PEM file, as DER.
-pub fn load_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let certs: Vec<Vec<u8>> = ::pem::parse_many(&text)
-        .map_err(|e| format!("{}: not PEM: {e}", path.display()))?
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.into_contents())
-        .collect();
-    if certs.is_empty() {
-        return Err(format!("{}: holds no CERTIFICATE block", path.display()));
-    }
-    Ok(certs)
 }
 
 /// The link to the server, with what the agent has learned so far.
@@ -569,7 +556,11 @@ impl Upstream {
                         ))
                     })?;
                     let signature = key
-                        .sign(&x509pop_message(&challenge.nonce, &csrs))
+                        .sign(&x509pop_message(
+                            &challenge.nonce,
+                            &csrs.node_svid,
+                            &csrs.ca,
+                        ))
                         .map_err(|e| UpstreamError::Local(format!("x509pop signature: {e}")))?;
                     let proof = AttestRequest {
                         step: Some(attest_request::Step::X509popProof(X509PopProof {

@@ -17,7 +17,13 @@ pub use hash::ExeHashCache;
 pub use peer::{PeerCredentials, PinMode, kernel_has_peer_pidfd};
 pub use selector::{Selector, SelectorError, SelectorKind, SelectorSet};
 
-use crate::entry::FactNeeds;
+/// Which costly facts attestation must gather because some entry uses them (the entry set
+/// works this out once per set).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FactNeeds {
+    /// Some entry has a `unix:sha256` selector: hash the executable.
+    pub exe_sha256: bool,
+}
 
 /// Why a caller could not be attested. Reported to the caller only as "attestation failed";
 /// the reason goes to the agent's log.

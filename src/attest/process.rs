@@ -7,8 +7,7 @@ use nix::fcntl::readlinkat;
 use super::hash::{ExeHashCache, HashError};
 use super::names::NameCache;
 use super::peer::{PeerCredentials, exe_identity, open_entry};
-use super::{AttestError, CallerFacts, Selector, SelectorKind, SelectorSet};
-use crate::entry::FactNeeds;
+use super::{AttestError, CallerFacts, FactNeeds, Selector, SelectorKind, SelectorSet};
 
 /// Supplementary groups beyond this many get a `unix:supplementary_gid` selector but no name.
 const MAX_NAMED_GROUPS: usize = 64;

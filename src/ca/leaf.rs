@@ -8,12 +8,8 @@ use rcgen::{
 };
 use zeroize::Zeroizing;
 
-use super::{CaError, SigningCa, random_serial, whole_seconds};
+use super::{BACKDATE, CaError, SigningCa, random_serial, whole_seconds};
 use crate::spiffe::SpiffeId;
-
-/// Leaves are back-dated by this much so that a relying party whose clock is slightly behind
-/// still accepts a certificate minted a moment ago.
-const BACKDATE: Duration = Duration::from_secs(10);
 
 /// What to mint.
 #[derive(Debug, Clone)]

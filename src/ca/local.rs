@@ -13,7 +13,7 @@ use rcgen::{
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use super::{CaError, SigningCa, random_serial, whole_seconds};
+use super::{BACKDATE, CaError, SigningCa, certificates_from_pem, random_serial, whole_seconds};
 use crate::spiffe::TrustDomain;
 
 const CERT_FILE: &str = "ca_cert.pem";
@@ -231,11 +231,9 @@ fn earlier_roots(bundle_file: &Path, current: &[u8]) -> Vec<Vec<u8>> {
         return Vec::new();
     };
     let now = SystemTime::now();
-    ::pem::parse_many(&text)
+    certificates_from_pem(&text)
         .unwrap_or_default()
         .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.into_contents())
         .filter(|der| der.as_slice() != current && still_valid(der, now))
         .collect()
 }
@@ -281,7 +279,7 @@ pub(crate) fn generate_root(
         KeyUsagePurpose::DigitalSignature,
     ];
     params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-    let not_before = whole_seconds(now - Duration::from_secs(60));
+    let not_before = whole_seconds(now - BACKDATE);
     params.not_before = not_before.into();
     let not_after = whole_seconds(now + ttl);
     params.not_after = not_after.into();
@@ -335,12 +333,11 @@ pub(crate) fn load_ca_files(
         );
     }
 
-    let cert_der = ::pem::parse_many(&cert_pem)
+    let cert_der = certificates_from_pem(&cert_pem)
         .map_err(|e| bad(cert_path, format!("not PEM: {e}")))?
         .into_iter()
-        .find(|p| p.tag() == "CERTIFICATE")
-        .ok_or_else(|| bad(cert_path, "holds no CERTIFICATE block".into()))?
-        .into_contents();
+        .next()
+        .ok_or_else(|| bad(cert_path, "holds no CERTIFICATE block".into()))?;
     let key = KeyPair::from_pem(&key_pem)
         .map_err(|e| bad(key_path, format!("not a PEM PKCS#8 private key ({e})")))?;
 

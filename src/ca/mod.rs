@@ -11,9 +11,16 @@ pub use local::{
     LocalCaSource, RenewalStep, load_or_create_local_ca, next_renewal_step, renew_local_ca,
 };
 
-use std::time::SystemTime;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{Issuer, KeyPair};
+
+/// Every certificate this code signs starts this long before it was made (its not-before is
+/// back-dated), so that a relying party whose clock lags a little accepts it at once: X509-SVIDs,
+/// node SVIDs and intermediates, the server's certificate and roots. The node API relies on it
+/// too, to tell when a node SVID was really issued.
+pub const BACKDATE: Duration = Duration::from_secs(10);
 
 /// Errors from minting and from loading or creating a CA.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +115,33 @@ pub fn to_pem<D: AsRef<[u8]>>(tag: &str, ders: &[D]) -> String {
         .collect()
 }
 
+/// The DER of every CERTIFICATE block of PEM `text`, in order; blocks of other kinds are
+/// skipped. The one PEM reader of certificates: bundles, chains, CA and node files.
+pub fn certificates_from_pem(text: impl AsRef<[u8]>) -> Result<Vec<Vec<u8>>, ::pem::PemError> {
+    Ok(::pem::parse_many(text)?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(::pem::Pem::into_contents)
+        .collect())
+}
+
+/// Every CERTIFICATE block of the PEM file at `path`, as DER. Fails, naming the file, when it
+/// cannot be read, is not PEM, or holds no certificate.
+pub fn load_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, CaError> {
+    let text = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    let certs = certificates_from_pem(&text).map_err(|e| CaError::BadFile {
+        path: path.display().to_string(),
+        reason: format!("not PEM: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(CaError::BadFile {
+            path: path.display().to_string(),
+            reason: "holds no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
 /// A random, positive, 16-byte certificate serial number.
 pub(crate) fn random_serial() -> Result<[u8; 16], CaError> {
     let mut serial = [0u8; 16];
@@ -123,4 +157,40 @@ pub(crate) fn random_serial() -> Result<[u8; 16], CaError> {
 pub(crate) fn whole_seconds(t: SystemTime) -> SystemTime {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(since.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_are_read_in_order_and_other_blocks_skipped() {
+        let text = to_pem("CERTIFICATE", &[b"one"])
+            + &to_pem("PRIVATE KEY", &[b"key"])
+            + &to_pem("CERTIFICATE", &[b"two"]);
+        assert_eq!(
+            certificates_from_pem(&text).unwrap(),
+            [b"one".to_vec(), b"two".to_vec()]
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bundle.pem");
+        std::fs::write(&file, &text).unwrap();
+        assert_eq!(load_pem_certs(&file).unwrap().len(), 2);
+        std::fs::write(&file, to_pem("PRIVATE KEY", &[b"key"])).unwrap();
+        let error = load_pem_certs(&file).unwrap_err().to_string();
+        assert!(
+            error.ends_with("bundle.pem: holds no CERTIFICATE block"),
+            "{error}"
+        );
+        std::fs::write(
+            &file,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let error = load_pem_certs(&file).unwrap_err().to_string();
+        assert!(error.contains("bundle.pem: not PEM"), "{error}");
+        let missing = load_pem_certs(&dir.path().join("missing.pem")).unwrap_err();
+        assert!(missing.to_string().contains("missing.pem"), "{missing}");
+    }
 }

@@ -12,11 +12,23 @@ use rcgen::{
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use super::{CaError, SigningCa, random_serial, whole_seconds};
+use super::{BACKDATE, CaError, SigningCa, random_serial, whole_seconds};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
-/// Certificates are back-dated by this much for relying parties whose clocks lag a little.
-const BACKDATE: Duration = Duration::from_secs(10);
+/// Prefix of the message an x509pop proof signs.
+pub const X509POP_CONTEXT: &[u8] = b"tessera-x509pop-v1";
+
+/// The message an x509pop proof signs: context, the server's nonce, and the SHA-256 digests of
+/// both CSRs (node SVID, then CA), so that the proof is bound to these keys. The agent signs it;
+/// the server checks the signature.
+pub fn x509pop_message(nonce: &[u8], node_svid_csr: &[u8], ca_csr: &[u8]) -> Vec<u8> {
+    let sha256 = |bytes: &[u8]| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut message = X509POP_CONTEXT.to_vec();
+    message.extend_from_slice(nonce);
+    message.extend_from_slice(sha256(node_svid_csr).as_ref());
+    message.extend_from_slice(sha256(ca_csr).as_ref());
+    message
+}
 
 /// A CSR the server will not sign.
 #[derive(Debug, thiserror::Error)]
@@ -455,5 +467,14 @@ mod tests {
         let err =
             sign_node_svid(&root, &node, b"garbage", Duration::from_secs(60), now).unwrap_err();
         assert!(matches!(err, CsrError::Invalid { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_x509pop_message_binds_the_nonce_and_both_csrs_in_order() {
+        let message = x509pop_message(b"nonce", b"svid csr", b"ca csr");
+        assert!(message.starts_with(b"tessera-x509pop-v1nonce"));
+        assert_eq!(message.len(), X509POP_CONTEXT.len() + 5 + 32 + 32);
+        assert_ne!(message, x509pop_message(b"nonce", b"ca csr", b"svid csr"));
+        assert_ne!(message, x509pop_message(b"other", b"svid csr", b"ca csr"));
     }
 }

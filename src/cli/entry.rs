@@ -14,6 +14,7 @@ use super::admin::{
 use super::table::{Table, duration, fields, list_or, rfc3339, time_or, unix};
 use super::{Failure, Output};
 use crate::attest::Selector;
+use crate::entry::check_node_selector;
 use crate::proto::tessera::{
     CreateEntryRequest, Entry, EntryRequest, ListEntriesRequest, UpdateEntryRequest,
 };
@@ -289,18 +290,15 @@ fn node_id_selector(node: &str) -> Result<String, Failure> {
     Ok(format!("node:id:{node}"))
 }
 
+/// A node selector, checked by the rule the server applies.
 fn node_selector(selector: &str) -> Result<String, Failure> {
-    let parts: Vec<&str> = selector.splitn(3, ':').collect();
-    if parts.len() != 3
-        || parts.iter().any(|p| p.is_empty())
-        || selector.contains(char::is_whitespace)
-    {
-        return Err(bad_flag(
+    check_node_selector(selector).map_err(|reason| {
+        bad_flag(
             "--node-selector",
             selector,
-            "must have the form type:kind:value, e.g. node:label:gpu or node:id:NODE_ID",
-        ));
-    }
+            &format!("{reason} (e.g. node:label:gpu or node:id:NODE_ID)"),
+        )
+    })?;
     Ok(selector.to_owned())
 }
 
@@ -800,6 +798,25 @@ mod tests {
             revision: 7,
             created_at: 1_800_000_000,
             updated_at: 1_800_000_060,
+        }
+    }
+
+    #[test]
+    fn node_selectors_are_checked_by_the_servers_rule() {
+        // A common name may hold spaces: such a node selector is one a real node has.
+        let entry = create(&["--node-selector", "x509pop:subject:cn:web server 1"]).unwrap();
+        assert_eq!(entry.node_selectors, ["x509pop:subject:cn:web server 1"]);
+        for (selector, reason) in [
+            ("x509pop:subject:cn:", "needs a value"),
+            ("rack:row:7", "unknown node selector type"),
+            ("node:attestation:tpm", "join_token or x509pop"),
+        ] {
+            let message = usage_error(create(&["--node-selector", selector]));
+            assert!(
+                message.contains(&format!("--node-selector {selector:?}"))
+                    && message.contains(reason),
+                "{selector}: {message}"
+            );
         }
     }
 

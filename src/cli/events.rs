@@ -69,7 +69,7 @@ fn instant_ms(flag: &str, text: &str) -> Result<i64, Failure> {
         return Ok(crate::events::model::now_ms() - ago.as_millis() as i64);
     }
     crate::config::parse_rfc3339(text)
-        .map(|t| crate::store::unix_seconds(t) * 1000)
+        .map(|t| crate::clock::unix_seconds(t) * 1000)
         .map_err(|_| {
             bad_flag(
                 flag,

@@ -1,6 +1,6 @@
 //! The `tessera` command line. Usage errors exit with code 2, failures with 1.
 //!
-//! Workload and agent verbs: `agent`, `svid`, `dev`, `bench`. Operator verbs talk to the
+//! Workload and agent verbs: `agent`, `svid`, `dev`. Operator verbs talk to the
 //! server's admin API over its root-only Unix socket (`--admin-socket`, default
 //! `/run/tessera-server/admin.sock`, or `TESSERA_ADMIN_SOCKET`): `entry`, `token`, `node` and
 //! `bundle`.
@@ -18,7 +18,6 @@
 
 mod admin;
 mod agent;
-mod bench;
 mod bundle;
 pub mod client;
 mod dev;
@@ -80,9 +79,6 @@ enum Command {
     Svid(svid::SvidCommand),
     /// Run a server and an agent with throwaway state and an identity for the calling user.
     Dev(dev::DevArgs),
-    /// Measure the agent against its baselines and write a report.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
     /// Create, list, show, update or delete registration entries on the server.
     Entry(Box<entry::EntryArgs>),
     /// Create join tokens with which new nodes attest to the server.
@@ -145,7 +141,6 @@ pub fn main() -> ExitCode {
             Command::Server(command) => server::run(command).await,
             Command::Svid(command) => svid::run(command, cli.output).await,
             Command::Dev(args) => dev::run(args).await,
-            Command::Bench(command) => bench::run(command).await,
             Command::Entry(args) => entry::run(*args, cli.output).await,
             Command::Token(args) => token::run(args, cli.output).await,
             Command::Node(args) => node::run(args, cli.output).await,

@@ -1,44 +1,22 @@
 //! The event model shared by agent and server: ids, kind and reason names, the caller's facts,
-//! the checks an ingested event must pass, and the conversion to and from stored records.
+//! the checks an ingested event must pass, and the JSON form. (The stored form and its
+//! conversions are the datastore's: `store::wire`.)
 
+use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::attest::CallerFacts;
 use crate::proto::tessera::{Caller, Event, EventKind, RevocationReason};
-use crate::store::{CallerRecord, EventRecord};
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 /// Longest text field of an event (paths, ids, details).
 const MAX_FIELD_LEN: usize = 4096;
 
-/// A new event id: a UUIDv7 (time-ordered, 74 random bits), lowercase with dashes.
+/// A new event id: a UUIDv7 (time-ordered: ids made by one process sort in the order they were
+/// made), lowercase with dashes.
 pub fn new_event_id() -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let mut bytes = [0u8; 16];
-    // Without randomness ids could collide across producers; aws-lc's DRBG does not fail in
-    // practice, and a zeroed tail still leaves the time prefix.
-    let _ = aws_lc_rs::rand::fill(&mut bytes[6..]);
-    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    uuid_string(bytes, 7)
-}
-
-/// `bytes` as a UUID of `version` (RFC 9562 variant), lowercase with dashes.
-pub fn uuid_string(mut bytes: [u8; 16], version: u8) -> String {
-    bytes[6] = (bytes[6] & 0x0f) | (version << 4);
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// Milliseconds since the Unix epoch.
@@ -49,71 +27,69 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The stored and displayed name of a kind.
-pub fn kind_name(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::Unspecified => "unspecified",
-        EventKind::SvidIssued => "svid_issued",
-        EventKind::SvidUsed => "svid_used",
-        EventKind::SvidRevoked => "svid_revoked",
-        EventKind::AttestationDenied => "attestation_denied",
-        EventKind::NodeAttested => "node_attested",
-        EventKind::NodeEvicted => "node_evicted",
-        EventKind::IssuanceAnomaly => "issuance_anomaly",
-    }
+/// Names of an enum's values as tessera stores and shows them: prost's generated names
+/// (`EVENT_KIND_SVID_USED`) without the enum's prefix, in lowercase (`svid_used`). The proto
+/// files are the one table of names; these are read from it once.
+fn names_of<E: Copy + TryFrom<i32>>(
+    prefix: &str,
+    proto_name: fn(&E) -> &'static str,
+) -> Vec<(E, String)> {
+    // Enum values are small; a value the enum does not define is skipped.
+    (0..=255)
+        .filter_map(|n| E::try_from(n).ok())
+        .map(|value| {
+            let name = proto_name(&value);
+            let short = name.strip_prefix(prefix).unwrap_or(name);
+            (value, short.to_ascii_lowercase())
+        })
+        .collect()
 }
 
-/// Every kind name, for messages and CLI help.
-pub const KIND_NAMES: &[&str] = &[
-    "svid_issued",
-    "svid_used",
-    "svid_revoked",
-    "attestation_denied",
-    "node_attested",
-    "node_evicted",
-    "issuance_anomaly",
-];
+static KINDS: LazyLock<Vec<(EventKind, String)>> =
+    LazyLock::new(|| names_of("EVENT_KIND_", EventKind::as_str_name));
 
-/// Parses a kind name.
+static REASONS: LazyLock<Vec<(RevocationReason, String)>> =
+    LazyLock::new(|| names_of("REVOCATION_REASON_", RevocationReason::as_str_name));
+
+/// The stored and displayed name of a kind (`svid_issued`, ...; `unspecified` for 0).
+pub fn kind_name(kind: EventKind) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("unspecified", |(_, name)| name.as_str())
+}
+
+/// Every kind name but `unspecified`, in the order of the proto, for messages and CLI help.
+pub static KIND_NAMES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    KINDS
+        .iter()
+        .filter(|(k, _)| *k != EventKind::Unspecified)
+        .map(|(_, name)| name.as_str())
+        .collect()
+});
+
+/// Parses a kind name; `None` for `unspecified` and for names this code does not know.
 pub fn kind_from_name(name: &str) -> Option<EventKind> {
-    [
-        EventKind::SvidIssued,
-        EventKind::SvidUsed,
-        EventKind::SvidRevoked,
-        EventKind::AttestationDenied,
-        EventKind::NodeAttested,
-        EventKind::NodeEvicted,
-        EventKind::IssuanceAnomaly,
-    ]
-    .into_iter()
-    .find(|k| kind_name(*k) == name)
+    KINDS
+        .iter()
+        .find(|(k, n)| *k != EventKind::Unspecified && n == name)
+        .map(|(k, _)| *k)
 }
 
 /// The stored and displayed name of a revocation reason.
 pub fn reason_name(reason: RevocationReason) -> &'static str {
-    match reason {
-        RevocationReason::Unspecified => "unspecified",
-        RevocationReason::EntryRemoved => "entry_removed",
-        RevocationReason::EntryChanged => "entry_changed",
-        RevocationReason::RegistrationExpired => "registration_expired",
-        RevocationReason::NodeEvicted => "node_evicted",
-        RevocationReason::Superseded => "superseded",
-        RevocationReason::CaRotated => "ca_rotated",
-    }
+    REASONS
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or("unspecified", |(_, name)| name.as_str())
 }
 
-fn reason_from_name(name: &str) -> RevocationReason {
-    [
-        RevocationReason::EntryRemoved,
-        RevocationReason::EntryChanged,
-        RevocationReason::RegistrationExpired,
-        RevocationReason::NodeEvicted,
-        RevocationReason::Superseded,
-        RevocationReason::CaRotated,
-    ]
-    .into_iter()
-    .find(|r| reason_name(*r) == name)
-    .unwrap_or(RevocationReason::Unspecified)
+/// Parses a revocation reason's name; `Unspecified` for a name this code does not know.
+pub fn reason_from_name(name: &str) -> RevocationReason {
+    REASONS
+        .iter()
+        .find(|(_, n)| n == name)
+        .map_or(RevocationReason::Unspecified, |(r, _)| *r)
 }
 
 /// The caller's facts as events carry them.
@@ -274,67 +250,6 @@ pub fn rfc3339_ms(ms: i64) -> Option<String> {
     Some(humantime::format_rfc3339_millis(at).to_string())
 }
 
-/// An event as stored, reported by `node_id` and received at `received_ms`.
-pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64) -> EventRecord {
-    let svid_used = kind == EventKind::SvidUsed;
-    EventRecord {
-        id: event.id.clone(),
-        kind: kind_name(kind).to_owned(),
-        time_ms: event.time_ms,
-        node_id: node_id.to_owned(),
-        entry_id: event.entry_id.clone(),
-        spiffe_id: event.spiffe_id.clone(),
-        serial: event.serial.clone(),
-        not_after: (event.not_after > 0).then_some(event.not_after),
-        reason: (kind == EventKind::SvidRevoked).then(|| reason_name(event.reason()).to_owned()),
-        caller: event.caller.as_ref().map(|c| CallerRecord {
-            pid: i64::from(c.pid),
-            uid: i64::from(c.uid),
-            gid: i64::from(c.gid),
-            exe_path: c.exe_path.clone(),
-            exe_sha256: c.exe_sha256.clone(),
-            unit: c.unit.clone(),
-        }),
-        first_ms: svid_used.then_some(event.first_ms),
-        last_ms: svid_used.then_some(event.last_ms),
-        count: svid_used.then_some(event.count.min(i64::MAX as u64) as i64),
-        detail: event.detail.clone(),
-        received_ms,
-    }
-}
-
-/// A stored record as the wire carries it.
-pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
-    let mut event = Event {
-        id: record.id.clone(),
-        kind: kind_from_name(&record.kind).unwrap_or(EventKind::Unspecified) as i32,
-        time_ms: record.time_ms,
-        trust_domain: trust_domain.to_owned(),
-        node_id: record.node_id.clone(),
-        entry_id: record.entry_id.clone(),
-        spiffe_id: record.spiffe_id.clone(),
-        serial: record.serial.clone(),
-        not_after: record.not_after.unwrap_or(0),
-        caller: record.caller.as_ref().map(|c| Caller {
-            pid: c.pid as i32,
-            uid: c.uid as u32,
-            gid: c.gid as u32,
-            exe_path: c.exe_path.clone(),
-            exe_sha256: c.exe_sha256.clone(),
-            unit: c.unit.clone(),
-        }),
-        reason: 0,
-        first_ms: record.first_ms.unwrap_or(0),
-        last_ms: record.last_ms.unwrap_or(0),
-        count: record.count.unwrap_or(0).max(0) as u64,
-        detail: record.detail.clone(),
-    };
-    if let Some(reason) = &record.reason {
-        event.set_reason(reason_from_name(reason));
-    }
-    event
-}
-
 /// An event as one JSON object (the audit log's and the CLI's shape): kinds and reasons by
 /// name, times in milliseconds and RFC 3339.
 pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> serde_json::Value {
@@ -391,11 +306,9 @@ mod tests {
 
     #[test]
     fn ids_are_unique_time_ordered_uuid_v7() {
-        let a = new_event_id();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let b = new_event_id();
-        assert_ne!(a, b);
-        assert!(a < b, "{a} {b}");
+        let ids: Vec<String> = (0..100).map(|_| new_event_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let a = ids[0].clone();
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "7");
         let event = Event {
@@ -560,38 +473,44 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip() {
-        let mut event = Event {
-            id: new_event_id(),
-            kind: EventKind::SvidRevoked as i32,
-            time_ms: 1_700_000_000_000,
-            trust_domain: "td".into(),
-            entry_id: "e".into(),
-            spiffe_id: "spiffe://td/x".into(),
-            serial: "ab".into(),
-            not_after: 1_700_000_300,
-            caller: Some(Caller {
-                pid: 4,
-                uid: 1000,
-                gid: 100,
-                exe_path: "/bin/x".into(),
-                exe_sha256: "00".into(),
-                unit: "x.service".into(),
-            }),
-            ..Default::default()
-        };
-        event.set_reason(RevocationReason::EntryRemoved);
-        let record = to_record(&event, EventKind::SvidRevoked, "n1", 5);
-        assert_eq!(record.reason.as_deref(), Some("entry_removed"));
-        let back = from_record(&record, "td");
+    fn names_come_from_the_proto_and_round_trip() {
         assert_eq!(
-            Event {
-                node_id: String::new(),
-                ..back.clone()
-            },
-            event
+            *KIND_NAMES,
+            [
+                "svid_issued",
+                "svid_used",
+                "svid_revoked",
+                "attestation_denied",
+                "node_attested",
+                "node_evicted",
+                "issuance_anomaly",
+            ]
         );
-        assert_eq!(back.node_id, "n1");
-        assert_eq!(to_json(&back, Some(3), None)["reason"], "entry_removed");
+        for name in KIND_NAMES.iter() {
+            assert_eq!(kind_name(kind_from_name(name).unwrap()), *name);
+        }
+        assert_eq!(kind_name(EventKind::Unspecified), "unspecified");
+        assert_eq!(kind_from_name("unspecified"), None);
+        assert_eq!(kind_from_name("SVID_ISSUED"), None);
+        assert_eq!(kind_from_name("EVENT_KIND_SVID_ISSUED"), None);
+        let reasons = [
+            (RevocationReason::EntryRemoved, "entry_removed"),
+            (RevocationReason::EntryChanged, "entry_changed"),
+            (
+                RevocationReason::RegistrationExpired,
+                "registration_expired",
+            ),
+            (RevocationReason::NodeEvicted, "node_evicted"),
+            (RevocationReason::Superseded, "superseded"),
+            (RevocationReason::CaRotated, "ca_rotated"),
+        ];
+        for (reason, name) in reasons {
+            assert_eq!(reason_name(reason), name);
+            assert_eq!(reason_from_name(name), reason);
+        }
+        assert_eq!(
+            reason_from_name("no such reason"),
+            RevocationReason::Unspecified
+        );
     }
 }

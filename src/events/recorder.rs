@@ -23,9 +23,9 @@ use std::time::Duration;
 use super::model::{caller_of, kind_name, new_event_id, now_ms};
 use crate::attest::CallerFacts;
 use crate::ca::X509Svid;
+use crate::clock::unix_seconds;
 use crate::entry::RegistrationEntry;
 use crate::proto::tessera::{Event, EventKind, RevocationReason};
-use crate::store::unix_seconds;
 
 /// An event could not be recorded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -388,7 +388,7 @@ impl Recorder {
             // Logged and counted by the log and in `failed`; the issuance goes on.
             Err(_) if !self.log.required() => Ok(()),
             Err(reason) => Err(RecordError {
-                kind: "svid_issued",
+                kind: kind_name(EventKind::SvidIssued),
                 reason,
             }),
         }

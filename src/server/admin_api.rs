@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
 
 use super::State;
-use super::sync::{check_node_selector, entry_to_proto};
-use crate::entry::{EntryFields, FieldError};
+use super::sync::entry_to_proto;
+use crate::entry::{EntryFields, FieldError, check_node_selector};
 use crate::proto::tessera::admin_server::Admin;
 use crate::proto::tessera::{
     Bundle, CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, EventFilter,
@@ -244,10 +244,7 @@ fn stored_event(event: &crate::store::StoredEvent, trust_domain: &str) -> Stored
     StoredEvent {
         seq: event.seq,
         received_ms: event.event.received_ms,
-        event: Some(crate::events::model::from_record(
-            &event.event,
-            trust_domain,
-        )),
+        event: Some(crate::store::wire::from_record(&event.event, trust_domain)),
     }
 }
 

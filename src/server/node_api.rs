@@ -17,16 +17,18 @@ use x509_parser::prelude::*;
 
 use super::State;
 use super::sync::{Snapshot, bundle_message, delta, full};
-use crate::ca::node::{CsrError, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid};
-use crate::events::model::{
-    MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms, to_record, uuid_string,
+use crate::ca::BACKDATE;
+use crate::ca::node::{
+    CsrError, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid, x509pop_message,
 };
+use crate::events::model::{MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms};
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
     AttestRequest, AttestResponse, Bundle, Csrs, Event, EventAck, EventBatch, EventKind,
     NodeCredentials, RenewRequest, SyncRequest, SyncUpdate, X509PopChallenge, attest_request,
     attest_response,
 };
+use crate::store::wire::to_record;
 use crate::store::{
     NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, TokenRefusal, canonical, unix_now,
     unix_seconds,
@@ -35,8 +37,6 @@ use crate::tls::TlsPeer;
 
 /// How long an attesting node gets for each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Prefix of the message an x509pop proof signs.
-pub const X509POP_CONTEXT: &[u8] = b"tessera-x509pop-v1";
 
 /// Why a node API call was refused. Mapped to a status in [`NodeApiError::into_status`].
 #[derive(Debug, thiserror::Error)]
@@ -140,15 +140,6 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
         .as_ref()
         .to_vec()
-}
-
-/// The message an x509pop proof signs: context, nonce, and the digests of both CSRs.
-pub fn x509pop_message(nonce: &[u8], csrs: &Csrs) -> Vec<u8> {
-    let mut message = X509POP_CONTEXT.to_vec();
-    message.extend_from_slice(nonce);
-    message.extend(sha256(&csrs.node_svid));
-    message.extend(sha256(&csrs.ca));
-    message
 }
 
 impl State {
@@ -347,7 +338,7 @@ fn anomaly_id(source_id: &str) -> String {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     // Version 8: a custom, name-derived UUID.
-    uuid_string(bytes, 8)
+    uuid::Uuid::new_v8(bytes).to_string()
 }
 
 impl State {
@@ -496,7 +487,7 @@ async fn attest(
             };
             verify_proof(
                 &pop.cert_chain[0],
-                &x509pop_message(&nonce, &csrs),
+                &x509pop_message(&nonce, &csrs.node_svid, &csrs.ca),
                 &proof.signature,
             )?;
             let (credentials, granted) = state.grant(&node_id, &csrs)?;
@@ -553,9 +544,9 @@ impl State {
             )));
         }
         {
-            // SVIDs are back-dated a little; one from before the latest attestation belongs to
-            // an earlier life of the node (before an eviction) and is refused.
-            let issued = cert.validity().not_before.timestamp() + 10;
+            // SVIDs are back-dated by BACKDATE; one from before the latest attestation belongs
+            // to an earlier life of the node (before an eviction) and is refused.
+            let issued = cert.validity().not_before.timestamp() + BACKDATE.as_secs() as i64;
             if issued < node.attested_at - 1 {
                 return Err(NodeApiError::Forbidden(format!(
                     "node {node_id}: this node SVID predates the node's latest attestation"
@@ -776,13 +767,7 @@ async fn stream_updates(
 
 /// Builds the x509pop verifier from the configured CA bundle file.
 pub fn x509pop_verifier(path: &std::path::Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let roots: Vec<Vec<u8>> = ::pem::parse_many(&text)
-        .map_err(|e| format!("{}: not PEM: {e}", path.display()))?
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.into_contents())
-        .collect();
+    let roots = crate::ca::load_pem_certs(path).map_err(|e| e.to_string())?;
     let store = crate::tls::root_store(&roots).map_err(|e| format!("{}: {e}", path.display()))?;
     rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(store),

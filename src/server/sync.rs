@@ -12,44 +12,6 @@ use crate::proto::tessera::{Bundle, Entry, SyncUpdate};
 use crate::spiffe::TrustDomain;
 use crate::store::{Datastore, EntryRecord, NodeRecord, NodeStatus, StoreError, unix_now};
 
-/// Node selector kinds an entry may name.
-pub const NODE_SELECTOR_KINDS: &[&str] = &[
-    "node:id",
-    "node:attestation",
-    "node:label",
-    "x509pop:subject:cn",
-];
-
-/// Checks one node selector: a known kind and a non-empty value.
-pub fn check_node_selector(text: &str) -> Result<(), String> {
-    let known = NODE_SELECTOR_KINDS.iter().find(|kind| {
-        text.strip_prefix(**kind)
-            .is_some_and(|rest| rest.starts_with(':'))
-    });
-    match known {
-        None => Err(format!(
-            "unknown node selector type; known: {}",
-            NODE_SELECTOR_KINDS
-                .iter()
-                .map(|k| format!("{k}:<value>"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
-        Some(kind) if text.len() == kind.len() + 1 => {
-            Err(format!("{kind} needs a value after the colon"))
-        }
-        Some(kind) if *kind == "node:attestation" => {
-            let value = &text[kind.len() + 1..];
-            if value == "join_token" || value == "x509pop" {
-                Ok(())
-            } else {
-                Err("node:attestation is join_token or x509pop".into())
-            }
-        }
-        Some(_) => Ok(()),
-    }
-}
-
 /// What one node is, as far as sync cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
@@ -390,22 +352,5 @@ mod tests {
         assert!(delta(&now, &now, None).is_none());
         let bundle = Bundle::default();
         assert!(delta(&now, &now, Some(&bundle)).unwrap().bundle.is_some());
-    }
-
-    #[test]
-    fn node_selectors_are_checked() {
-        assert!(check_node_selector("node:id:n1").is_ok());
-        assert!(check_node_selector("node:attestation:x509pop").is_ok());
-        assert!(check_node_selector("node:attestation:tpm").is_err());
-        assert!(
-            check_node_selector("node:id:")
-                .unwrap_err()
-                .contains("needs a value")
-        );
-        assert!(
-            check_node_selector("k8s:ns:x")
-                .unwrap_err()
-                .contains("unknown node selector type")
-        );
     }
 }

@@ -14,6 +14,8 @@ use super::{
     CallerRecord, EntryActivity, EventFilter, EventRecord, MAX_EVENTS_LISTED, NodeActivity,
     StoreError, SvidRecord, event_kind,
 };
+use crate::events::model::{KIND_NAMES, kind_from_name};
+use crate::proto::tessera::EventKind;
 
 /// The stored columns of an event, in the order both backends bind and read them.
 pub(crate) const EVENT_COLUMNS: &str = "id, kind, time_ms, node_id, entry_id, spiffe_id, serial, \
@@ -156,7 +158,7 @@ pub(crate) fn check_filter(filter: &EventFilter) -> Result<(), StoreError> {
     match filter.kinds.iter().find(|k| !event_kind::is_known(k)) {
         Some(kind) => Err(StoreError::Invalid(format!(
             "no events have the kind {kind:?}; the kinds are {}",
-            event_kind::ALL.join(", ")
+            KIND_NAMES.join(", ")
         ))),
         None => Ok(()),
     }
@@ -262,13 +264,13 @@ fn svid_change(event: &EventRecord) -> Option<SvidRecord> {
         not_after: event.not_after,
         ..SvidRecord::default()
     };
-    match event.kind.as_str() {
-        event_kind::SVID_ISSUED => change.issued_ms = Some(event.time_ms),
-        event_kind::SVID_REVOKED => {
+    match kind_from_name(&event.kind)? {
+        EventKind::SvidIssued => change.issued_ms = Some(event.time_ms),
+        EventKind::SvidRevoked => {
             change.revoked_ms = Some(event.time_ms);
             change.reason = event.reason.clone();
         }
-        event_kind::SVID_USED => {
+        EventKind::SvidUsed => {
             change.last_used_ms = Some(event.last_ms.unwrap_or(event.time_ms));
             change.uses = event.count.unwrap_or(1);
         }

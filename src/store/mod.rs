@@ -18,9 +18,11 @@
 //! receiver moves on. Events never move [`Datastore::changes`]: they do not change what agents
 //! are served.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use tokio::sync::watch;
+
+// Records hold Unix seconds; the clock helpers are the ground module's, re-exported here for
+// the backends and the server.
+pub use crate::clock::{unix_now, unix_seconds};
 
 mod codec;
 mod events;
@@ -29,6 +31,7 @@ pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
+pub mod wire;
 
 /// Why a datastore operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -230,44 +233,37 @@ pub struct BundleRoot {
     pub not_after: i64,
 }
 
-/// The kinds of [`EventRecord`], as stored: the names of `tessera.v1.EventKind` without their
-/// prefix, in lowercase.
+/// The kinds of [`EventRecord`], as stored: the event model's names (those of
+/// `tessera.v1.EventKind` without their prefix, in lowercase).
 pub mod event_kind {
-    /// An X.509-SVID was minted.
-    pub const SVID_ISSUED: &str = "svid_issued";
-    /// An SVID was delivered to callers (aggregated over a short window).
-    pub const SVID_USED: &str = "svid_used";
-    /// An SVID stopped being served before its expiry.
-    pub const SVID_REVOKED: &str = "svid_revoked";
-    /// A caller could not be attested, or matched no entry.
-    pub const ATTESTATION_DENIED: &str = "attestation_denied";
-    /// A node attested to the server.
-    pub const NODE_ATTESTED: &str = "node_attested";
-    /// A node was evicted or banned.
-    pub const NODE_EVICTED: &str = "node_evicted";
-    /// A node reported an issuance for an identity it may not serve.
-    pub const ISSUANCE_ANOMALY: &str = "issuance_anomaly";
-    /// Every kind the datastore stores; any other is refused.
-    pub const ALL: [&str; 7] = [
-        SVID_ISSUED,
-        SVID_USED,
-        SVID_REVOKED,
-        ATTESTATION_DENIED,
-        NODE_ATTESTED,
-        NODE_EVICTED,
-        ISSUANCE_ANOMALY,
-    ];
+    use crate::events::model::kind_from_name;
+    use crate::proto::tessera::EventKind;
 
-    /// True for the kinds the datastore stores.
+    /// True for the kinds the datastore stores (every kind but `unspecified`).
     pub fn is_known(kind: &str) -> bool {
-        ALL.contains(&kind)
+        kind_from_name(kind).is_some()
     }
 
     /// True for the kinds that concern one SVID, named by its serial, and update the SVID
     /// inventory.
     pub fn is_svid(kind: &str) -> bool {
-        [SVID_ISSUED, SVID_USED, SVID_REVOKED].contains(&kind)
+        matches!(
+            kind_from_name(kind),
+            Some(EventKind::SvidIssued | EventKind::SvidUsed | EventKind::SvidRevoked)
+        )
     }
+
+    /// Kind names for the tests' records.
+    #[cfg(test)]
+    pub(crate) const SVID_ISSUED: &str = "svid_issued";
+    #[cfg(test)]
+    pub(crate) const SVID_USED: &str = "svid_used";
+    #[cfg(test)]
+    pub(crate) const SVID_REVOKED: &str = "svid_revoked";
+    #[cfg(test)]
+    pub(crate) const ATTESTATION_DENIED: &str = "attestation_denied";
+    #[cfg(test)]
+    pub(crate) const NODE_ATTESTED: &str = "node_attested";
 }
 
 /// One credential event as stored (see `proto/tessera/v1/events.proto` for the meaning of the
@@ -276,7 +272,7 @@ pub mod event_kind {
 pub struct EventRecord {
     /// Minted by the producer, unique: the idempotency key. Never empty.
     pub id: String,
-    /// One of [`event_kind::ALL`].
+    /// A kind name of the event model (`events::model::KIND_NAMES`).
     pub kind: String,
     /// When it happened, Unix milliseconds (the producer's clock).
     pub time_ms: i64,
@@ -538,18 +534,6 @@ pub trait Datastore: Send + Sync + 'static {
     /// sharing the database (and after a reconnection, when some may have been missed): tailing
     /// readers ask for what follows the last `seq` they saw.
     fn events_appended(&self) -> watch::Receiver<u64>;
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    unix_seconds(SystemTime::now())
-}
-
-/// `t` as seconds since the Unix epoch (0 for earlier instants).
-pub fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Sorts and de-duplicates selectors, the canonical form stored and compared for uniqueness.

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::postgres::{PostgresStore, drop_scratch_database, scratch_database_from_env};
+use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
     BundleRoot, CallerRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord,
@@ -1692,7 +1692,7 @@ mod postgres_suite {
         }
 
         async fn finish(self) {
-            drop_scratch_database(&self.conninfo).await;
+            tessera_harness::postgres::drop_scratch_database(&self.conninfo).await;
         }
     }
 
@@ -1727,7 +1727,7 @@ mod postgres_suite {
 
     async fn harness() -> Option<Postgres> {
         Some(Postgres {
-            conninfo: scratch_database_from_env().await?,
+            conninfo: tessera_harness::postgres::scratch_database_from_env().await?,
         })
     }
 

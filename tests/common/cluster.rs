@@ -1,9 +1,12 @@
 //! Real server and agent processes for end-to-end tests of server mode: each with its own
-//! config file, state directory and log file, killed when dropped.
+//! config file, state directory and log file, killed when dropped (and when the test process
+//! dies: see `tessera_harness::command`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tessera_harness::Process;
 
 use super::TRUST_DOMAIN;
 
@@ -12,41 +15,36 @@ pub const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 
 /// A TCP port on loopback that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    tessera_harness::free_loopback_address().unwrap().port()
 }
 
-fn spawn_logged(args: &[&str], log: &Path) -> Child {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+/// Starts `tessera <args>` with its output appended to `log`.
+fn spawn_logged(args: &[&str], log: &Path) -> Process {
+    let mut command = tessera_harness::command(TESSERA);
+    command.args(args).env("TESSERA_LOG", "info,tessera=debug");
+    Process::spawn_logged(&mut command, format!("tessera {}", args.join(" ")), log)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `tessera <args> --admin-socket <admin_socket>`.
+fn admin(admin_socket: &Path, args: &[&str]) -> Output {
     Command::new(TESSERA)
         .args(args)
-        .env("TESSERA_LOG", "info,tessera=debug")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
+        .arg("--admin-socket")
+        .arg(admin_socket)
+        .output()
         .unwrap()
 }
 
-fn stop_child(child: &mut Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = child.wait();
+/// True when `tessera <args>` against `admin_socket` succeeds.
+fn admin_succeeds(admin_socket: &Path, args: &[&str]) -> bool {
+    admin(admin_socket, args).status.success()
 }
 
 /// A `tessera server run` process.
 pub struct ServerProcess {
     /// The process, while running.
-    pub child: Option<Child>,
+    pub child: Option<Process>,
     /// Its configuration file.
     pub config_path: PathBuf,
     /// Its admin socket.
@@ -91,38 +89,23 @@ impl ServerProcess {
             &["server", "run", "--config", &config],
             &self.log,
         ));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.admin(&["bundle", "show"]).status.success() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited with {status}:\n{}", self.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server not ready:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let admin_socket = self.admin_socket.clone();
+        let ready = || admin_succeeds(&admin_socket, &["bundle", "show"]);
+        self.child
+            .as_mut()
+            .unwrap()
+            .wait_ready("answering the admin API", Duration::from_secs(30), ready)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Kills the process (SIGKILL: no draining).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
-        }
+        self.child = None;
     }
 
     /// Runs `tessera <args> --admin-socket <this server's>`.
     pub fn admin(&self, args: &[&str]) -> Output {
-        Command::new(TESSERA)
-            .args(args)
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .output()
-            .unwrap()
+        admin(&self.admin_socket, args)
     }
 
     /// Like [`admin`](Self::admin) with `--output json`, asserting success; the parsed output.
@@ -199,16 +182,10 @@ impl ServerProcess {
     }
 }
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A `tessera agent run` process in server mode.
 pub struct AgentProcess {
     /// The process, while running.
-    pub child: Option<Child>,
+    pub child: Option<Process>,
     /// Its configuration file.
     pub config_path: PathBuf,
     /// Its Workload API socket.
@@ -278,46 +255,28 @@ impl AgentProcess {
 
     /// Waits until the Workload API socket accepts connections.
     pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {status}:\n{}", self.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child
+            .as_mut()
+            .expect("agent running")
+            .wait_for_socket(&self.socket, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Waits for the process to exit on its own; its status.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        let child = self.child.as_mut().expect("agent running");
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = self
+            .child
+            .as_mut()
+            .expect("agent running")
+            .wait_exit(limit)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.child = None;
+        status
     }
 
     /// Kills the process.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_child(&mut child);
-        }
+        self.child = None;
     }
 
     /// `unix://` URI of the socket.
@@ -328,12 +287,6 @@ impl AgentProcess {
     /// The log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

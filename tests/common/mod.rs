@@ -24,17 +24,13 @@ pub fn world_dir() -> tempfile::TempDir {
     dir
 }
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
-}
-
 /// True when running as root. Otherwise: in CI a failure, elsewhere a loud notice and `false`.
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
     assert!(
-        !in_ci(),
+        !tessera_harness::in_ci(),
         "{test} needs root (it runs clients as other uids), and CI runs as root"
     );
     eprintln!("\n*** {test}: NOT RUN: needs root to start clients as other uids ***\n");
@@ -47,7 +43,7 @@ pub fn python() -> Option<PathBuf> {
         Some(path) => Some(PathBuf::from(path)),
         None => {
             assert!(
-                !in_ci(),
+                !tessera_harness::in_ci(),
                 "TESSERA_TEST_PYTHON is not set; run the suite through scripts/test.sh"
             );
             eprintln!(

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::net::TcpStream;
 
-use super::{BenchError, ChildProcess, io_err};
+use tessera_harness::Process;
+
+use super::{BenchError, io_err};
 
 /// Concurrent keep-alive connections to cfssl: enough to keep one core busy while one waits.
 const CONNECTIONS: usize = 4;
@@ -28,7 +30,7 @@ pub const NEW_CERT_REQUEST_SUMMARY: &str =
 /// A running `cfssl serve` signing with a given CA.
 pub struct Cfssl {
     /// The server process, pinned to one CPU; killed on drop.
-    process: ChildProcess,
+    process: Process,
     /// Its address on loopback.
     address: std::net::SocketAddr,
 }
@@ -64,8 +66,8 @@ impl Cfssl {
     /// Starts `program serve` with the CA in `ca_cert`/`ca_key` (PEM) and waits until it
     /// answers a first certificate request, which is checked to carry a certificate.
     pub async fn start(program: &Path, ca_cert: &Path, ca_key: &Path) -> Result<Self, BenchError> {
-        let address = super::free_loopback_address()?;
-        let mut command = super::command_dying_with_parent(program);
+        let address = tessera_harness::free_loopback_address()?;
+        let mut command = tessera_harness::command(program);
         command
             .args(["serve", "-loglevel", "3", "-address", "127.0.0.1", "-port"])
             .arg(address.port().to_string())
@@ -75,7 +77,10 @@ impl Cfssl {
             .arg(ca_key)
             .env("GOMAXPROCS", "1");
         pin_to_first_cpu(&mut command);
-        let process = ChildProcess::spawn(command, "starting cfssl serve")?;
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        let process = Process::spawn(&mut command, "cfssl serve")?;
         let cfssl = Self { process, address };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use super::cluster::{Server, TRUST_DOMAIN, failed};
 use super::{BenchError, Plan, ScenarioResult, io_err};
-use crate::events::model::{new_event_id, now_ms};
-use crate::events::{Spool, SpoolConfig, append_event};
-use crate::proto::tessera::{Event, EventFilter, EventKind};
+use tessera::events::model::{new_event_id, now_ms};
+use tessera::events::{Spool, SpoolConfig, append_event};
+use tessera::proto::tessera::{Event, EventFilter, EventKind};
 
 /// The rate the issue asks of SQLite.
 const TARGET_EVENTS_PER_SECOND: f64 = 20_000.0;
@@ -28,7 +28,7 @@ async fn ingest_once(
     datastore: &str,
 ) -> Result<(f64, Duration), BenchError> {
     let mut server = Server::start(dir, datastore).await?;
-    let metrics = super::free_loopback_address()?;
+    let metrics = tessera_harness::free_loopback_address()?;
     let agent = server
         .agent_config(dir, "agent", &format!("metrics_address = \"{metrics}\"\n"))
         .await?;
@@ -164,7 +164,7 @@ pub async fn event_ingest(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
             let (rate, time) = ingest_once(&dir.join("postgres"), events, &datastore).await?;
             figures.push(("PostgreSQL: events/s".to_owned(), rate));
             figures.push(("PostgreSQL: seconds".to_owned(), time.as_secs_f64()));
-            crate::store::postgres::drop_scratch_database(&connection).await;
+            tessera_harness::postgres::drop_scratch_database(&connection).await;
         }
         None => notes.push("PostgreSQL not measured: TESSERA_TEST_POSTGRES is not set".into()),
     }
@@ -182,5 +182,5 @@ pub async fn event_ingest(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
 
 async fn postgres_database() -> Option<String> {
     std::env::var_os("TESSERA_TEST_POSTGRES")?;
-    crate::store::postgres::scratch_database_from_env().await
+    tessera_harness::postgres::scratch_database_from_env().await
 }

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
+use super::chart::{Chart, Distribution};
 use super::cluster::{Server, TRUST_DOMAIN, failed};
-use super::report::{Chart, Distribution};
 use super::{BenchError, Plan, ScenarioResult};
-use crate::proto::tessera::{CreateEntryRequest, Entry, EntryRequest};
-use crate::proto::workload::X509svidRequest;
+use tessera::proto::tessera::{CreateEntryRequest, Entry, EntryRequest};
+use tessera::proto::workload::X509svidRequest;
 
 const AGENTS: usize = 3;
 
@@ -69,7 +69,7 @@ pub async fn revocation_propagation(plan: Plan, dir: &Path) -> Result<ScenarioRe
             .await?;
         agents.push(files.start()?);
         let socket = files.socket;
-        let mut client = crate::cli::client::connect(&format!("unix://{}", socket.display()))
+        let mut client = tessera::cli::client::connect(&format!("unix://{}", socket.display()))
             .await
             .map_err(|f| BenchError::Failed(f.message))?;
         let mut stream = client

@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 
 use tonic::transport::Channel;
 
-use super::{BenchError, ChildProcess, io_err};
-use crate::proto::tessera::admin_client::AdminClient;
-use crate::proto::tessera::{CreateJoinTokenRequest, GetBundleRequest};
+use tessera_harness::Process;
+
+use super::{BenchError, io_err, start_tessera};
+use tessera::proto::tessera::admin_client::AdminClient;
+use tessera::proto::tessera::{CreateJoinTokenRequest, GetBundleRequest};
 
 /// The trust domain the scenarios' servers serve.
 pub const TRUST_DOMAIN: &str = "bench.tessera";
@@ -19,7 +21,7 @@ pub fn failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
 /// A running server with an admin client on its socket.
 pub struct Server {
     /// The process; killed on drop.
-    _process: ChildProcess,
+    _process: Process,
     /// Admin API client.
     pub admin: AdminClient<Channel>,
     /// The node API port on loopback.
@@ -32,7 +34,7 @@ impl Server {
     /// Starts `tessera server run` in `dir` with `datastore` TOML (empty: SQLite).
     pub async fn start(dir: &Path, datastore: &str) -> Result<Self, BenchError> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let port = super::free_loopback_address()?.port();
+        let port = tessera_harness::free_loopback_address()?.port();
         let admin_socket = dir.join("admin.sock");
         let config = dir.join("server.toml");
         std::fs::write(
@@ -45,8 +47,8 @@ impl Server {
         )
         .map_err(io_err("writing the server configuration"))?;
         let config = config.display().to_string();
-        let process = ChildProcess::start(&["server", "run", "--config", &config], &admin_socket)?;
-        let channel = crate::cli::client::channel(&admin_socket)
+        let process = start_tessera(&["server", "run", "--config", &config], &admin_socket)?;
+        let channel = tessera::cli::client::channel(&admin_socket)
             .await
             .map_err(|f| BenchError::Failed(f.message))?;
         let mut admin = AdminClient::new(channel);
@@ -57,7 +59,7 @@ impl Server {
             .into_inner()
             .roots;
         let bundle = dir.join("bundle.pem");
-        std::fs::write(&bundle, crate::ca::to_pem("CERTIFICATE", &roots))
+        std::fs::write(&bundle, tessera::ca::to_pem("CERTIFICATE", &roots))
             .map_err(io_err("writing the bundle"))?;
         Ok(Self {
             _process: process,
@@ -117,7 +119,7 @@ pub struct AgentFiles {
 
 impl AgentFiles {
     /// Starts `tessera agent run` with this configuration and waits for its socket.
-    pub fn start(&self) -> Result<ChildProcess, BenchError> {
-        ChildProcess::start(&["agent", "run", "--config", &self.config], &self.socket)
+    pub fn start(&self) -> Result<Process, BenchError> {
+        start_tessera(&["agent", "run", "--config", &self.config], &self.socket)
     }
 }

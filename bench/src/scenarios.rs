@@ -6,17 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use tessera_harness::Process;
 use tokio::sync::Barrier;
 
 use super::cfssl::{self, Cfssl};
-use super::report::{Chart, Distribution};
-use super::{
-    BenchError, ChildProcess, Plan, Report, Scenario, ScenarioResult, io_err, output_within,
-};
-use crate::ca::{LeafRequest, LocalCaSource, SigningCa, load_or_create_local_ca, mint_x509_svid};
-use crate::cli::client::{WorkloadClient, channel, connect};
-use crate::proto::workload::X509svidRequest;
-use crate::spiffe::{SpiffeId, TrustDomain};
+use super::chart::{Chart, Distribution};
+use super::{BenchError, Plan, Report, Scenario, ScenarioResult, io_err, start_own, start_tessera};
+use tessera::ca::{LeafRequest, LocalCaSource, SigningCa, load_or_create_local_ca, mint_x509_svid};
+use tessera::cli::client::{WorkloadClient, channel, connect};
+use tessera::proto::workload::X509svidRequest;
+use tessera::spiffe::{SpiffeId, TrustDomain};
 
 const TRUST_DOMAIN: &str = "bench.local";
 /// The streams target, 200 MB (10^6 bytes), in the MiB that /proc's KiB convert to.
@@ -24,7 +23,7 @@ const RSS_LIMIT_MIB: f64 = 200e6 / (1024.0 * 1024.0);
 /// Streams per connection in the scale scenario (below the agent's per-connection limit).
 const STREAMS_PER_CONNECTION: usize = 100;
 
-fn failed(what: &str) -> impl FnOnce(crate::cli::Failure) -> BenchError + '_ {
+fn failed(what: &str) -> impl FnOnce(tessera::cli::Failure) -> BenchError + '_ {
     move |f| BenchError::Failed(format!("{what}: {}", f.message))
 }
 
@@ -60,14 +59,14 @@ fn agent_config(
     Ok((config, socket))
 }
 
-fn start_agent(config: &Path, socket: &Path) -> Result<ChildProcess, BenchError> {
+fn start_agent(config: &Path, socket: &Path) -> Result<Process, BenchError> {
     let config = config.display().to_string();
-    ChildProcess::start(&["agent", "run", "--config", &config], socket)
+    start_tessera(&["agent", "run", "--config", &config], socket)
 }
 
 async fn first_message(
     client: &mut WorkloadClient,
-) -> Result<crate::proto::workload::X509svidResponse, BenchError> {
+) -> Result<tessera::proto::workload::X509svidResponse, BenchError> {
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
@@ -136,7 +135,7 @@ async fn fetch_latency(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchEr
     let _agent = start_agent(&config, &socket)?;
     let floor_socket = dir.join("floor.sock");
     let floor_arg = floor_socket.display().to_string();
-    let _floor = ChildProcess::start(&["bench", "floor", "--socket", &floor_arg], &floor_socket)?;
+    let _floor = start_own(&["floor", "--socket", &floor_arg], &floor_socket)?;
 
     let mut client = connect(&format!("unix://{}", socket.display()))
         .await
@@ -253,13 +252,8 @@ async fn first_fetch(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchErro
     let socket_arg = socket.display().to_string();
     let (mut cached, mut uncached) = (Vec::new(), Vec::new());
     for (i, (kind, program)) in programs.iter().enumerate() {
-        let out = output_within(
-            super::command_dying_with_parent(program).args([
-                "bench",
-                "probe",
-                "--socket",
-                &socket_arg,
-            ]),
+        let out = tessera_harness::output_within(
+            tessera_harness::command(program).args(["probe", "--socket", &socket_arg]),
             Duration::from_secs(30),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -619,7 +613,9 @@ async fn watch_one_rotation(
     }
 }
 
-fn leaf_not_after(response: &crate::proto::workload::X509svidResponse) -> Result<i64, BenchError> {
+fn leaf_not_after(
+    response: &tessera::proto::workload::X509svidResponse,
+) -> Result<i64, BenchError> {
     let svid = response
         .svids
         .first()

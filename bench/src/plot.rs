@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-use super::report::{Chart, Distribution};
+use super::chart::{Chart, Distribution};
 
 const WIDTH: u32 = 960;
 const HEIGHT: u32 = 560;

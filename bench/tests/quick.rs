@@ -1,15 +1,39 @@
 //! The benchmark harness in quick mode, so it cannot rot: every scenario runs on small numbers
 //! and writes a complete report with its charts. Figures are not judged here (machines are shared and noisy);
 //! the committed reports under bench/reports come from full runs.
+//!
+//! The harness measures the `tessera` binary beside its own, where a workspace build
+//! (`cargo nextest run --workspace`, as scripts/test.sh runs it) leaves a fresh one.
 
+use std::path::Path;
 use std::process::Command;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_tessera-bench");
 
 #[test]
 fn quick_benchmark_writes_a_complete_report() {
+    let tessera = Path::new(BENCH).with_file_name("tessera");
+    assert!(
+        tessera.is_file(),
+        "{} is missing: build the workspace (cargo build --workspace, or run the suite with \
+         --workspace) so that the binary under test stands beside tessera-bench",
+        tessera.display()
+    );
+    let built = std::fs::metadata(&tessera).unwrap().modified().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    if let Some(newer) = newer_than(&root.join("src"), built) {
+        panic!(
+            "{} is older than {}: build the workspace (cargo build --workspace) so that the \
+             binary under test is the code under test",
+            tessera.display(),
+            newer.display()
+        );
+    }
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["bench", "run", "--quick", "--out"])
+    let run = Command::new(BENCH)
+        .args(["run", "--quick", "--out"])
         .arg(out.path())
+        .env_remove("TESSERA_BIN")
         .output()
         .unwrap();
     assert!(
@@ -105,6 +129,19 @@ fn quick_benchmark_writes_a_complete_report() {
             eprintln!("\n*** benchmark charts NOT DRAWN: {why} ***\n");
         }
     }
+}
+
+/// A file under `dir` modified after `time`, if any.
+fn newer_than(dir: &Path, time: std::time::SystemTime) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let path = entry.path();
+        let meta = entry.metadata().ok()?;
+        if meta.is_dir() {
+            newer_than(&path, time)
+        } else {
+            (meta.modified().ok()? > time).then_some(path)
+        }
+    })
 }
 
 fn cfssl_on_path() -> bool {

@@ -1,0 +1,311 @@
+//! `tessera-bench`: measures the agent as workloads meet it (the real `tessera` binary, a real
+//! socket) and writes a report. Every compared figure is measured side by side with its baseline
+//! in the same run and reported as a ratio, because shared machines are noisy.
+//!
+//! Scenarios: fetch latency against a bare tonic round trip; first fetch by a new process
+//! (attestation + mint), executable hash cached and not; mint throughput against a raw
+//! rcgen + aws-lc-rs loop and cfssl; concurrent streams at scale with RSS, CPU and late
+//! rotations; revocation propagation through a server to three agents; event ingest from an
+//! agent's spool to the server's datastore. Charts (PNG) are drawn beside the report.
+//!
+//! A workspace member of its own, so that the `tessera` binary every node runs carries none of
+//! the plotting and PNG crates. The agents and servers measured are `tessera` processes: the
+//! binary named by `--tessera` (or `TESSERA_BIN`), by default the `tessera` beside this one (as
+//! `cargo build --workspace` leaves them). The transport floor and the first-fetch probes are
+//! this binary's own hidden `floor` and `probe` commands.
+
+mod cfssl;
+mod chart;
+mod cluster;
+mod ingest;
+mod plot;
+mod report;
+mod revocation;
+mod scenarios;
+
+use report::{Report, ScenarioResult};
+use scenarios::{floor_server, probe, run_all};
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tessera_harness::Process;
+
+/// Measure tessera against its baselines and write a report.
+#[derive(Parser, Debug)]
+#[command(name = "tessera-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Run every scenario and write report.md, report.json and PNG charts.
+    Run(RunArgs),
+    /// (internal) One timed FetchX509SVID from a fresh process; prints microseconds.
+    #[command(hide = true)]
+    Probe(SocketArg),
+    /// (internal) A bare tonic server on a Unix socket: the transport floor.
+    #[command(hide = true)]
+    Floor(SocketArg),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Small numbers: every scenario in seconds (what the test suite runs).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report (default: bench/reports/<date>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Run only this scenario (repeat for several; default: all of them).
+    #[arg(long, value_name = "NAME")]
+    scenario: Vec<Scenario>,
+    /// The `tessera` binary to measure (default: the one beside this binary).
+    #[arg(long, value_name = "PATH", env = "TESSERA_BIN")]
+    tessera: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct SocketArg {
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tessera-bench: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: BenchCommand) -> Result<(), BenchError> {
+    match command {
+        BenchCommand::Probe(SocketArg { socket }) => {
+            let elapsed = probe(&socket).await?;
+            println!("{:.1}", elapsed.as_secs_f64() * 1e6);
+            Ok(())
+        }
+        BenchCommand::Floor(SocketArg { socket }) => floor_server(&socket).await,
+        BenchCommand::Run(args) => {
+            let tessera = match args.tessera {
+                Some(path) => path,
+                None => std::env::current_exe()
+                    .map_err(io_err("locating tessera-bench"))?
+                    .with_file_name("tessera"),
+            };
+            if !tessera.is_file() {
+                return Err(BenchError::Failed(format!(
+                    "no tessera binary at {}: build it beside tessera-bench (cargo build --workspace) or name it with --tessera or TESSERA_BIN",
+                    tessera.display()
+                )));
+            }
+            let _ = TESSERA.set(tessera);
+            let (plan, mode) = if args.quick {
+                (Plan::QUICK, "quick")
+            } else {
+                (Plan::FULL, "full")
+            };
+            let out = args.out.unwrap_or_else(|| {
+                let today =
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+                PathBuf::from("bench/reports").join(&today[..10])
+            });
+            let work = tempfile::Builder::new()
+                .prefix("tessera-bench-")
+                .tempdir()
+                .map_err(io_err("creating a work directory"))?;
+            let selected = if args.scenario.is_empty() {
+                Scenario::ALL.to_vec()
+            } else {
+                args.scenario
+            };
+            let mut report = run_all(plan, mode, work.path(), &selected).await?;
+            report.write(&out)?;
+            print!("{}", report.markdown());
+            println!("\nreport written to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+/// The `tessera` binary a run measures, set once by `run` before any scenario starts.
+static TESSERA: OnceLock<PathBuf> = OnceLock::new();
+
+/// The `tessera` binary the agents and servers of a run are started from.
+fn tessera_binary() -> &'static Path {
+    TESSERA
+        .get()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new("tessera"))
+}
+
+/// The scenarios, by the names the command line and the report use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Scenario {
+    /// FetchX509SVID for a minted identity, against a bare tonic round trip.
+    FetchLatency,
+    /// A new process's first fetch: attestation and mint.
+    FirstFetch,
+    /// Mints per second against raw signing and cfssl.
+    MintThroughput,
+    /// Thousands of concurrent streams through a rotation.
+    StreamsAtScale,
+    /// Entry deletion at the server to three agents' workload streams.
+    RevocationPropagation,
+    /// Events from an agent's spool to the server's datastore.
+    EventIngest,
+}
+
+impl Scenario {
+    /// Every scenario, in the order a run takes them.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::FetchLatency,
+        Scenario::FirstFetch,
+        Scenario::MintThroughput,
+        Scenario::StreamsAtScale,
+        Scenario::RevocationPropagation,
+        Scenario::EventIngest,
+    ];
+
+    /// The name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::FetchLatency => "fetch_latency",
+            Scenario::FirstFetch => "first_fetch",
+            Scenario::MintThroughput => "mint_throughput",
+            Scenario::StreamsAtScale => "streams_at_scale",
+            Scenario::RevocationPropagation => "revocation_propagation",
+            Scenario::EventIngest => "event_ingest",
+        }
+    }
+}
+
+/// Sizes of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Round trips per latency series.
+    pub round_trips: usize,
+    /// New processes per first-fetch series.
+    pub new_processes: usize,
+    /// Mints per throughput series.
+    pub mints: usize,
+    /// Concurrent stream counts, and the TTL used to force a rotation.
+    pub stream_levels: &'static [usize],
+    /// SVID lifetime in the streams scenario.
+    pub stream_ttl: Duration,
+    /// Events uploaded by one agent in the ingest scenario.
+    pub ingest_events: usize,
+    /// Entries deleted in the revocation scenario.
+    pub revocation_rounds: usize,
+}
+
+impl Plan {
+    /// Seconds, for the test suite: every scenario runs, on small numbers.
+    pub const QUICK: Plan = Plan {
+        round_trips: 200,
+        new_processes: 6,
+        mints: 100,
+        stream_levels: &[100, 300],
+        stream_ttl: Duration::from_secs(4),
+        ingest_events: 2_000,
+        revocation_rounds: 5,
+    };
+    /// The full run behind the committed report (a few minutes).
+    pub const FULL: Plan = Plan {
+        round_trips: 5000,
+        new_processes: 60,
+        mints: 3000,
+        stream_levels: &[1000, 5000, 10000],
+        stream_ttl: Duration::from_secs(30),
+        ingest_events: 100_000,
+        revocation_rounds: 200,
+    };
+}
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Starting or talking to a child process failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A child process did not start, or not in time.
+    #[error(transparent)]
+    Process(#[from] tessera_harness::Error),
+    /// A measurement could not be taken.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+/// Starts `tessera <args>` and waits until `socket` accepts connections.
+fn start_tessera(args: &[&str], socket: &Path) -> Result<Process, BenchError> {
+    start_serving(tessera_binary(), args, socket)
+}
+
+/// Starts this binary with `args` (the floor server) and waits until `socket` accepts
+/// connections.
+fn start_own(args: &[&str], socket: &Path) -> Result<Process, BenchError> {
+    let exe = std::env::current_exe().map_err(io_err("locating tessera-bench"))?;
+    start_serving(&exe, args, socket)
+}
+
+/// Starts `program <args>` (killed if the harness dies, its output discarded and its errors
+/// passed through) and waits until `socket` accepts connections.
+fn start_serving(program: &Path, args: &[&str], socket: &Path) -> Result<Process, BenchError> {
+    let mut command = tessera_harness::command(program);
+    command
+        .args(args)
+        .env("TESSERA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let name = format!("{} {}", program.display(), args.join(" "));
+    let mut process = Process::spawn(&mut command, name)?;
+    process.wait_for_socket(socket, Duration::from_secs(30))?;
+    Ok(process)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scenario;
+    use clap::ValueEnum;
+
+    #[test]
+    fn command_line_names_are_the_report_names_in_run_order() {
+        let from_clap: Vec<String> = Scenario::value_variants()
+            .iter()
+            .filter_map(|s| s.to_possible_value())
+            .map(|v| v.get_name().to_owned())
+            .collect();
+        let ours: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(from_clap, ours);
+    }
+}
