@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+#[allow(unsafe_code)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment yet.

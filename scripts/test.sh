@@ -67,7 +67,7 @@ if $local_postgres; then
 elif [[ -n ${TESSERA_TEST_POSTGRES:-} ]]; then
   echo "    - use the PostgreSQL server named by TESSERA_TEST_POSTGRES"
 fi
-echo "    - run the whole test suite"
+echo "    - check formatting and lints (cargo fmt, cargo clippy), then run the whole test suite"
 
 if ((${#packages[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
@@ -142,6 +142,15 @@ WHERE CASE WHEN datname ~ '^tessera_test_[0-9]+_[0-9a-f]+$'
   THEN split_part(datname, '_', 3)::bigint < extract(epoch FROM now()) - 3600 END \gexec
 SQL
 fi
+
+# Formatting and lints first, so that a change that fails them never lands. The lints themselves are in Cargo.toml ([workspace.lints]).
+echo "==> checking formatting (cargo fmt) and lints (cargo clippy)"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  echo "scripts/test.sh: rustfmt and clippy are needed (rustup component add rustfmt clippy)" >&2
+  exit 1
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 # The whole workspace: the tessera package and the benchmark harness (bench/), whose quick run
 # measures the tessera binary this build leaves beside it.

@@ -40,19 +40,19 @@ pub mod agent;
 pub mod attest;
 pub mod ca;
 pub mod cli;
-pub mod clock;
-pub mod config;
-pub mod durable;
-pub mod entry;
+pub(crate) mod clock;
+pub(crate) mod config;
+pub(crate) mod durable;
+pub(crate) mod entry;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 #[cfg(test)]
 mod layering;
-pub mod runtime;
-pub mod server;
+pub(crate) mod runtime;
+pub(crate) mod server;
 pub mod spiffe;
-pub mod store;
+pub(crate) mod store;
 pub mod tls;
 
 /// Code generated from the `.proto` files.

@@ -2,6 +2,10 @@
 //! header blocks that never end, idle and slow connections, connections held to lock others
 //! out, a second agent on the same socket. Real sockets; the real binary where processes matter.
 
+// These tests make raw system calls (setuid in a child, raw socket options) to act as other
+// users and hostile clients would.
+#![allow(unsafe_code)]
+
 mod common;
 
 use std::os::unix::net::UnixDatagram;

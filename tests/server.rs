@@ -1,6 +1,10 @@
 //! Server mode end to end, with real processes: a server, agents that join with a token or with
 //! x509pop, workloads using the `spiffe` crate and py-spiffe, and the operator's CLI.
 
+// These tests make raw system calls (setuid in a child, raw socket options) to act as other
+// users and hostile clients would.
+#![allow(unsafe_code)]
+
 mod common;
 
 use std::time::{Duration, Instant};

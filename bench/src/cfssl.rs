@@ -203,6 +203,7 @@ fn certificate_in(status: http::StatusCode, body: &[u8]) -> Result<Vec<u8>, Benc
 }
 
 /// Pins the child to the lowest-numbered CPU this process may use.
+#[allow(unsafe_code)]
 fn pin_to_first_cpu(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: sched_getaffinity/sched_setaffinity are async-signal-safe and act on the child

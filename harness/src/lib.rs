@@ -104,6 +104,7 @@ pub fn free_loopback_address() -> Result<SocketAddr, Error> {
 /// The signal follows the starting *thread*: start long-lived children from a thread that
 /// outlives them (a test's own thread, a runtime worker), not from a blocking-pool thread that
 /// may be retired while they run.
+#[allow(unsafe_code)]
 pub fn command(program: impl AsRef<OsStr>) -> Command {
     use std::os::unix::process::CommandExt;
     let mut command = Command::new(program);
@@ -243,6 +244,7 @@ impl Process {
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    #[allow(unsafe_code)]
     pub fn signal(&self, signal: i32) -> Result<(), Error> {
         // SAFETY: kill has no memory-safety preconditions.
         if unsafe { libc::kill(self.child.id() as libc::pid_t, signal) } == 0 {
@@ -275,6 +277,7 @@ impl Process {
     }
 
     /// CPU time used so far (user + system), from `/proc/<pid>/stat`.
+    #[allow(unsafe_code)]
     pub fn cpu_time(&self) -> Duration {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
@@ -367,7 +370,7 @@ mod tests {
 
     #[test]
     fn dropping_a_process_kills_it() {
-        let process = Process::spawn(&mut command("/bin/sleep").arg("30"), "sleep").unwrap();
+        let process = Process::spawn(command("/bin/sleep").arg("30"), "sleep").unwrap();
         let pid = process.id();
         drop(process);
         // Reaped: the pid no longer names our child.

@@ -29,16 +29,7 @@ const RESERVED_FDS: u64 = 256;
 /// How many connections may be open: each holds two descriptors (the socket and the pidfd or
 /// /proc directory), so the limit follows RLIMIT_NOFILE, leaving room for attestation's reads.
 fn connection_limit() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit through a valid pointer.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
-    } else {
-        1024
-    };
+    let soft = crate::runtime::descriptor_limit();
     let by_fds = soft.saturating_sub(RESERVED_FDS) / 2;
     (by_fds as usize).clamp(16, MAX_CONNECTIONS)
 }

@@ -190,6 +190,7 @@ fn open_proc_dir(pid: i32) -> Result<OwnedFd, AttestError> {
 /// The executable of the process whose `/proc/<pid>` directory is `dir`. Read with cached
 /// attributes only (`AT_STATX_DONT_SYNC`): device and inode are known to the kernel without
 /// asking the file's file system, which could hang (an unreachable NFS server).
+#[allow(unsafe_code)]
 pub(super) fn exe_identity(pid: i32, dir: BorrowedFd<'_>) -> Result<ExeIdentity, AttestError> {
     use std::os::fd::AsRawFd;
     // SAFETY: statx writes one `statx` through a valid pointer; the path is a C string.

@@ -275,6 +275,7 @@ fn unit_random() -> f64 {
 
 /// This process's soft limit on open descriptors (RLIMIT_NOFILE); 1024, the usual default,
 /// when it cannot be read.
+#[allow(unsafe_code)]
 pub fn descriptor_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

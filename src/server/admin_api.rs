@@ -536,6 +536,13 @@ impl Admin for AdminService {
             .into_iter()
             .map(|a| (a.entry_id.clone(), (a.last_issued_ms, a.last_used_ms)))
             .collect();
+        let last_events: std::collections::HashMap<String, i64> = store
+            .node_activity()
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(|a| (a.node_id, a.last_event_ms))
+            .collect();
         let now = unix_now();
         // Stored values are whatever a node or an old version wrote: arithmetic on them
         // saturates rather than panics.
@@ -575,7 +582,10 @@ impl Admin for AdminService {
                     .filter(|s| s.node_id == node.id)
                     .map(|s| s.serial.clone())
                     .collect();
-                let last_contact_ms = node.last_seen.saturating_mul(1000);
+                // The later of the server's own record of the node's calls and the time of the
+                // latest event it reported, which a node cannot push past the present.
+                let last_event_ms = last_events.get(&node.id).copied().unwrap_or(0).min(now_ms);
+                let last_contact_ms = node.last_seen.saturating_mul(1000).max(last_event_ms);
                 NodeInventory {
                     node: Some(node_info(&self.state, node)),
                     live_serials,

@@ -85,8 +85,6 @@ pub struct ServerHandle {
     pub node_address: SocketAddr,
     /// The admin socket.
     pub admin_socket: PathBuf,
-    /// This replica's id.
-    pub server_id: String,
     /// Triggered to drain and stop, by [`ServerHandle::shutdown`] or by a task that died.
     shutdown: Shutdown,
     /// Every background task of the server, the two API servers included.
@@ -317,7 +315,6 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config,
         store,
         root,
-        server_id: server_id.clone(),
         x509pop,
         snapshots: snapshot_rx,
         shutdown: shutdown.clone(),
@@ -392,7 +389,6 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     Ok(ServerHandle {
         node_address,
         admin_socket,
-        server_id,
         shutdown,
         tasks,
     })

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rustls::server::danger::ClientCertVerifier;
 use tokio::sync::watch;
 
-pub use app::{ServerError, ServerHandle, build};
+pub use app::{ServerError, build};
 pub use config::ServerConfig;
 
 use crate::ca::SigningCa;
@@ -30,8 +30,6 @@ pub struct State {
     pub store: Arc<dyn Datastore>,
     /// This replica's root CA; signs node SVIDs, node CAs and the serving certificate.
     pub root: SigningCa,
-    /// This replica's stable id (its root's key in the bundle).
-    pub server_id: String,
     /// Verifies x509pop node certificates; `None` when x509pop is not enabled.
     pub x509pop: Option<Arc<dyn ClientCertVerifier>>,
     /// The latest entries, nodes and bundle, republished after every datastore change.
