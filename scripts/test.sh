@@ -143,7 +143,8 @@ WHERE CASE WHEN datname ~ '^tessera_test_[0-9]+_[0-9a-f]+$'
 SQL
 fi
 
-# Formatting and lints first, so that a change that fails them never lands. The lints themselves are in Cargo.toml ([workspace.lints]).
+# Formatting and lints first, so that a change that fails them never lands. The lints
+# themselves are in Cargo.toml ([workspace.lints]).
 echo "==> checking formatting (cargo fmt) and lints (cargo clippy)"
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   echo "scripts/test.sh: rustfmt and clippy are needed (rustup component add rustfmt clippy)" >&2
@@ -152,8 +153,15 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-# The whole workspace: the tessera package and the benchmark harness (bench/), whose quick run
-# measures the tessera binary this build leaves beside it.
+# The binary every node runs carries none of the benchmark's plotting crates (bench/ is a
+# workspace member of its own for that).
+if cargo tree -e normal -p tessera --prefix none | grep -qE '^(plotters|png) '; then
+  echo "scripts/test.sh: the tessera package depends on plotters or png; they belong to tessera-bench" >&2
+  exit 1
+fi
+
+# The whole workspace: the tessera package, the benchmark harness (bench/), whose quick run
+# measures the tessera binary this build leaves beside it, and the process harness (harness/).
 echo "==> running the test suite"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-targets --no-fail-fast

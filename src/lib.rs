@@ -31,10 +31,11 @@
 //! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
 //!   `events`, `inventory`, `svid`, `dev`.
-//!
-//! The benchmark harness is the workspace member `tessera-bench` (`bench/`), so that this
-//! library and the `tessera` binary carry none of its plotting crates.
 //! - [`proto`]: code generated from `proto/`.
+//!
+//! ARCHITECTURE.md's "Layering" says which of these may use which (a unit test holds the code to
+//! it). The benchmark harness is the workspace member `tessera-bench` (`bench/`), so that this
+//! library and the `tessera` binary carry none of its plotting crates.
 
 pub mod agent;
 pub mod attest;

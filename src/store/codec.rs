@@ -1,7 +1,11 @@
 //! What both backends share: how lists are stored, how records are put in canonical form before
-//! they are written, the wording of clashes, and the schema-version check.
+//! they are written, how rows are decoded into records, the wording of clashes, and the
+//! schema-version check.
 
-use super::{EntryRecord, NodeRecord, NodeStatus, StoreError, canonical};
+use super::{
+    BundleRoot, EntryActivity, EntryRecord, EventRecord, NodeActivity, NodeRecord, NodeStatus,
+    StoreError, StoredEvent, SvidRecord, canonical,
+};
 
 /// Stores a list of strings as a JSON array: unambiguous for any string content, and readable
 /// with the database's own tools.
@@ -92,6 +96,139 @@ pub(crate) fn check_schema_version(found: i64, known: i64) -> Result<(), StoreEr
         )));
     }
     Ok(())
+}
+
+/// A column value both backends read: what rusqlite and tokio-postgres can both convert.
+pub(crate) trait Value:
+    rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a>
+{
+}
+
+impl<T> Value for T where T: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a> {}
+
+/// A row of either backend, read by column name. A value that cannot be read as `T` is
+/// [`StoreError::Corrupt`], naming the column.
+pub(crate) trait ReadRow {
+    /// The value of `name`.
+    fn column<T: Value>(&self, name: &str) -> Result<T, StoreError>;
+}
+
+// Rows decoded alike by both backends: the columns are the same, and so are the records.
+
+/// An entry from its row.
+pub(crate) fn entry_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<EntryRecord, StoreError> {
+    Ok(EntryRecord {
+        id: row.column("id")?,
+        spiffe_id: row.column("spiffe_id")?,
+        selectors: decode_list(&row.column::<String>("selectors")?, "entry selectors")?,
+        node_selectors: decode_list(
+            &row.column::<String>("node_selectors")?,
+            "entry node selectors",
+        )?,
+        x509_ttl_seconds: row.column("x509_ttl_seconds")?,
+        owner: row.column("owner")?,
+        purpose: row.column("purpose")?,
+        expires_at: row.column("expires_at")?,
+        inactivity_timeout_seconds: row.column("inactivity_timeout_seconds")?,
+        hint: row.column("hint")?,
+        dns_names: decode_list(&row.column::<String>("dns_names")?, "entry DNS names")?,
+        revision: row.column("revision")?,
+        created_at: row.column("created_at")?,
+        updated_at: row.column("updated_at")?,
+    })
+}
+
+/// A node from its row.
+pub(crate) fn node_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        id: row.column("id")?,
+        attestation: row.column("attestation")?,
+        selectors: decode_list(&row.column::<String>("selectors")?, "node selectors")?,
+        status: decode_status(&row.column::<String>("status")?)?,
+        attested_at: row.column("attested_at")?,
+        last_seen: row.column("last_seen")?,
+        svid_serial: row.column("svid_serial")?,
+        svid_not_after: row.column("svid_not_after")?,
+        ca_serial: row.column("ca_serial")?,
+        ca_not_after: row.column("ca_not_after")?,
+    })
+}
+
+/// A bundle root from its row.
+pub(crate) fn root_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<BundleRoot, StoreError> {
+    Ok(BundleRoot {
+        server_id: row.column("server_id")?,
+        der: row.column("der")?,
+        not_after: row.column("not_after")?,
+    })
+}
+
+/// A stored event from its row (`seq` and the event columns).
+pub(crate) fn event_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        seq: row.column("seq")?,
+        event: EventRecord {
+            id: row.column("id")?,
+            kind: row.column("kind")?,
+            time_ms: row.column("time_ms")?,
+            node_id: row.column("node_id")?,
+            entry_id: row.column("entry_id")?,
+            spiffe_id: row.column("spiffe_id")?,
+            serial: row.column("serial")?,
+            not_after: row.column("not_after")?,
+            reason: row.column("reason")?,
+            caller: super::events::caller_from_columns((
+                row.column("caller_pid")?,
+                row.column("caller_uid")?,
+                row.column("caller_gid")?,
+                row.column("caller_exe_path")?,
+                row.column("caller_exe_sha256")?,
+                row.column("caller_unit")?,
+            ))?,
+            first_ms: row.column("first_ms")?,
+            last_ms: row.column("last_ms")?,
+            count: row.column("count")?,
+            detail: row.column("detail")?,
+            received_ms: row.column("received_ms")?,
+        },
+    })
+}
+
+/// An SVID of the inventory from its row.
+pub(crate) fn svid_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<SvidRecord, StoreError> {
+    Ok(SvidRecord {
+        serial: row.column("serial")?,
+        entry_id: row.column("entry_id")?,
+        spiffe_id: row.column("spiffe_id")?,
+        node_id: row.column("node_id")?,
+        issued_ms: row.column("issued_ms")?,
+        not_after: row.column("not_after")?,
+        revoked_ms: row.column("revoked_ms")?,
+        reason: row.column("reason")?,
+        last_used_ms: row.column("last_used_ms")?,
+        uses: row.column("uses")?,
+    })
+}
+
+/// An entry's activity from its row.
+pub(crate) fn entry_activity_from_row<R: ReadRow + ?Sized>(
+    row: &R,
+) -> Result<EntryActivity, StoreError> {
+    Ok(EntryActivity {
+        entry_id: row.column("entry_id")?,
+        last_issued_ms: row.column("last_issued_ms")?,
+        last_used_ms: row.column("last_used_ms")?,
+    })
+}
+
+/// A node's activity from its row.
+pub(crate) fn node_activity_from_row<R: ReadRow + ?Sized>(
+    row: &R,
+) -> Result<NodeActivity, StoreError> {
+    Ok(NodeActivity {
+        node_id: row.column("node_id")?,
+        last_event_ms: row.column("last_event_ms")?,
+    })
 }
 
 #[cfg(test)]

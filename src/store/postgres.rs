@@ -30,7 +30,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{AsyncMessage, Client, Config, Row, Transaction};
 
-use super::codec;
+use super::codec::{
+    self, entry_activity_from_row, entry_from_row, event_from_row, node_activity_from_row,
+    node_from_row, root_from_row, svid_from_row,
+};
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::pg_tls::{ConnectionString, PgTls};
 use super::{
@@ -484,46 +487,10 @@ fn col<'r, T: FromSql<'r>>(row: &'r Row, name: &str) -> Result<T, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("column {name}: {}", describe(&e))))
 }
 
-fn entry_from_row(row: &Row) -> Result<EntryRecord, StoreError> {
-    Ok(EntryRecord {
-        id: col(row, "id")?,
-        spiffe_id: col(row, "spiffe_id")?,
-        selectors: codec::decode_list(col(row, "selectors")?, "entry selectors")?,
-        node_selectors: codec::decode_list(col(row, "node_selectors")?, "entry node selectors")?,
-        x509_ttl_seconds: col(row, "x509_ttl_seconds")?,
-        owner: col(row, "owner")?,
-        purpose: col(row, "purpose")?,
-        expires_at: col(row, "expires_at")?,
-        inactivity_timeout_seconds: col(row, "inactivity_timeout_seconds")?,
-        hint: col(row, "hint")?,
-        dns_names: codec::decode_list(col(row, "dns_names")?, "entry DNS names")?,
-        revision: col(row, "revision")?,
-        created_at: col(row, "created_at")?,
-        updated_at: col(row, "updated_at")?,
-    })
-}
-
-fn node_from_row(row: &Row) -> Result<NodeRecord, StoreError> {
-    Ok(NodeRecord {
-        id: col(row, "id")?,
-        attestation: col(row, "attestation")?,
-        selectors: codec::decode_list(col(row, "selectors")?, "node selectors")?,
-        status: codec::decode_status(col(row, "status")?)?,
-        attested_at: col(row, "attested_at")?,
-        last_seen: col(row, "last_seen")?,
-        svid_serial: col(row, "svid_serial")?,
-        svid_not_after: col(row, "svid_not_after")?,
-        ca_serial: col(row, "ca_serial")?,
-        ca_not_after: col(row, "ca_not_after")?,
-    })
-}
-
-fn root_from_row(row: &Row) -> Result<BundleRoot, StoreError> {
-    Ok(BundleRoot {
-        server_id: col(row, "server_id")?,
-        der: col(row, "der")?,
-        not_after: col(row, "not_after")?,
-    })
+impl codec::ReadRow for Row {
+    fn column<T: codec::Value>(&self, name: &str) -> Result<T, StoreError> {
+        col(self, name)
+    }
 }
 
 fn decode_all<T>(
@@ -863,66 +830,6 @@ async fn publish_root(client: &mut Client, root: &BundleRoot) -> Result<bool, Fa
     }
     tx.commit().await?;
     Ok(changed)
-}
-
-fn event_from_row(row: &Row) -> Result<StoredEvent, StoreError> {
-    Ok(StoredEvent {
-        seq: col(row, "seq")?,
-        event: EventRecord {
-            id: col(row, "id")?,
-            kind: col(row, "kind")?,
-            time_ms: col(row, "time_ms")?,
-            node_id: col(row, "node_id")?,
-            entry_id: col(row, "entry_id")?,
-            spiffe_id: col(row, "spiffe_id")?,
-            serial: col(row, "serial")?,
-            not_after: col(row, "not_after")?,
-            reason: col(row, "reason")?,
-            caller: events::caller_from_columns((
-                col(row, "caller_pid")?,
-                col(row, "caller_uid")?,
-                col(row, "caller_gid")?,
-                col(row, "caller_exe_path")?,
-                col(row, "caller_exe_sha256")?,
-                col(row, "caller_unit")?,
-            ))?,
-            first_ms: col(row, "first_ms")?,
-            last_ms: col(row, "last_ms")?,
-            count: col(row, "count")?,
-            detail: col(row, "detail")?,
-            received_ms: col(row, "received_ms")?,
-        },
-    })
-}
-
-fn svid_from_row(row: &Row) -> Result<SvidRecord, StoreError> {
-    Ok(SvidRecord {
-        serial: col(row, "serial")?,
-        entry_id: col(row, "entry_id")?,
-        spiffe_id: col(row, "spiffe_id")?,
-        node_id: col(row, "node_id")?,
-        issued_ms: col(row, "issued_ms")?,
-        not_after: col(row, "not_after")?,
-        revoked_ms: col(row, "revoked_ms")?,
-        reason: col(row, "reason")?,
-        last_used_ms: col(row, "last_used_ms")?,
-        uses: col(row, "uses")?,
-    })
-}
-
-fn entry_activity_from_row(row: &Row) -> Result<EntryActivity, StoreError> {
-    Ok(EntryActivity {
-        entry_id: col(row, "entry_id")?,
-        last_issued_ms: col(row, "last_issued_ms")?,
-        last_used_ms: col(row, "last_used_ms")?,
-    })
-}
-
-fn node_activity_from_row(row: &Row) -> Result<NodeActivity, StoreError> {
-    Ok(NodeActivity {
-        node_id: col(row, "node_id")?,
-        last_event_ms: col(row, "last_event_ms")?,
-    })
 }
 
 /// Stores the events whose ids are new, and what they change in the inventory, in one

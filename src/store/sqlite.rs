@@ -349,56 +349,28 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     })
 }
 
-fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, name: &str) -> Result<T, StoreError> {
-    row.get(name).map_err(|e| match db_error(e) {
-        StoreError::Corrupt(m) => StoreError::Corrupt(format!("column {name}: {m}")),
-        other => other,
-    })
+impl codec::ReadRow for Row<'_> {
+    fn column<T: codec::Value>(&self, name: &str) -> Result<T, StoreError> {
+        self.get(name).map_err(|e| match db_error(e) {
+            StoreError::Corrupt(m) => StoreError::Corrupt(format!("column {name}: {m}")),
+            other => other,
+        })
+    }
 }
 
+// The shared decoders as plain functions of rusqlite's row, for `query_all` and `query_first`
+// (a generic function cannot stand for every lifetime of `Row<'_>`).
+
 fn entry_from_row(row: &Row<'_>) -> Result<EntryRecord, StoreError> {
-    Ok(EntryRecord {
-        id: col(row, "id")?,
-        spiffe_id: col(row, "spiffe_id")?,
-        selectors: codec::decode_list(&col::<String>(row, "selectors")?, "entry selectors")?,
-        node_selectors: codec::decode_list(
-            &col::<String>(row, "node_selectors")?,
-            "entry node selectors",
-        )?,
-        x509_ttl_seconds: col(row, "x509_ttl_seconds")?,
-        owner: col(row, "owner")?,
-        purpose: col(row, "purpose")?,
-        expires_at: col(row, "expires_at")?,
-        inactivity_timeout_seconds: col(row, "inactivity_timeout_seconds")?,
-        hint: col(row, "hint")?,
-        dns_names: codec::decode_list(&col::<String>(row, "dns_names")?, "entry DNS names")?,
-        revision: col(row, "revision")?,
-        created_at: col(row, "created_at")?,
-        updated_at: col(row, "updated_at")?,
-    })
+    codec::entry_from_row(row)
 }
 
 fn node_from_row(row: &Row<'_>) -> Result<NodeRecord, StoreError> {
-    Ok(NodeRecord {
-        id: col(row, "id")?,
-        attestation: col(row, "attestation")?,
-        selectors: codec::decode_list(&col::<String>(row, "selectors")?, "node selectors")?,
-        status: codec::decode_status(&col::<String>(row, "status")?)?,
-        attested_at: col(row, "attested_at")?,
-        last_seen: col(row, "last_seen")?,
-        svid_serial: col(row, "svid_serial")?,
-        svid_not_after: col(row, "svid_not_after")?,
-        ca_serial: col(row, "ca_serial")?,
-        ca_not_after: col(row, "ca_not_after")?,
-    })
+    codec::node_from_row(row)
 }
 
 fn root_from_row(row: &Row<'_>) -> Result<BundleRoot, StoreError> {
-    Ok(BundleRoot {
-        server_id: col(row, "server_id")?,
-        der: col(row, "der")?,
-        not_after: col(row, "not_after")?,
-    })
+    codec::root_from_row(row)
 }
 
 /// Every row `sql` returns, decoded.
@@ -699,63 +671,19 @@ fn upsert_root(tx: &Transaction<'_>, root: &BundleRoot) -> Result<bool, StoreErr
 }
 
 fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
-    Ok(StoredEvent {
-        seq: col(row, "seq")?,
-        event: EventRecord {
-            id: col(row, "id")?,
-            kind: col(row, "kind")?,
-            time_ms: col(row, "time_ms")?,
-            node_id: col(row, "node_id")?,
-            entry_id: col(row, "entry_id")?,
-            spiffe_id: col(row, "spiffe_id")?,
-            serial: col(row, "serial")?,
-            not_after: col(row, "not_after")?,
-            reason: col(row, "reason")?,
-            caller: events::caller_from_columns((
-                col(row, "caller_pid")?,
-                col(row, "caller_uid")?,
-                col(row, "caller_gid")?,
-                col(row, "caller_exe_path")?,
-                col(row, "caller_exe_sha256")?,
-                col(row, "caller_unit")?,
-            ))?,
-            first_ms: col(row, "first_ms")?,
-            last_ms: col(row, "last_ms")?,
-            count: col(row, "count")?,
-            detail: col(row, "detail")?,
-            received_ms: col(row, "received_ms")?,
-        },
-    })
+    codec::event_from_row(row)
 }
 
 fn svid_from_row(row: &Row<'_>) -> Result<SvidRecord, StoreError> {
-    Ok(SvidRecord {
-        serial: col(row, "serial")?,
-        entry_id: col(row, "entry_id")?,
-        spiffe_id: col(row, "spiffe_id")?,
-        node_id: col(row, "node_id")?,
-        issued_ms: col(row, "issued_ms")?,
-        not_after: col(row, "not_after")?,
-        revoked_ms: col(row, "revoked_ms")?,
-        reason: col(row, "reason")?,
-        last_used_ms: col(row, "last_used_ms")?,
-        uses: col(row, "uses")?,
-    })
+    codec::svid_from_row(row)
 }
 
 fn entry_activity_from_row(row: &Row<'_>) -> Result<EntryActivity, StoreError> {
-    Ok(EntryActivity {
-        entry_id: col(row, "entry_id")?,
-        last_issued_ms: col(row, "last_issued_ms")?,
-        last_used_ms: col(row, "last_used_ms")?,
-    })
+    codec::entry_activity_from_row(row)
 }
 
 fn node_activity_from_row(row: &Row<'_>) -> Result<NodeActivity, StoreError> {
-    Ok(NodeActivity {
-        node_id: col(row, "node_id")?,
-        last_event_ms: col(row, "last_event_ms")?,
-    })
+    codec::node_activity_from_row(row)
 }
 
 /// Stores the events whose ids are new, and what they change in the inventory. Returns how
