@@ -11,23 +11,25 @@
 //! - [`spiffe`]: `SpiffeId` and `TrustDomain`, parsed strictly per the SPIFFE-ID standard.
 //! - [`attest`]: peer credentials and pidfd pinning at accept, /proc facts, executable hashing,
 //!   selectors.
-//! - [`entry`]: registration entries (who may be what, owned by whom, for what, until when) and
-//!   matching callers against them.
-//! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA, node SVIDs and
-//!   node intermediate CAs.
-//! - [`clock`]: wall-clock instants as records carry them (Unix seconds).
-//! - [`config`]: what the agent's and the server's configuration files share.
-//! - [`durable`]: replacing a state file atomically and durably (rename, then directory fsync).
+//! - `entry` (crate-private): registration entries (who may be what, owned by whom, for what, until
+//!   when) and matching callers against them.
+//! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA, node SVIDs and node
+//!   intermediate CAs.
+//! - `clock` (crate-private): wall-clock instants as records carry them (Unix seconds).
+//! - `config` (crate-private): what the agent's and the server's configuration files share.
+//! - `durable` (crate-private): replacing a state file atomically and durably (rename, then
+//!   directory fsync).
 //! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
 //!   durable spool.
 //! - [`agent`]: the node agent: configuration, entry source (file or server), identity cache and
-//!   rotation, the Workload API service, the socket endpoint, the server link and event
-//!   uploader, and `app::build`, the composition root.
-//! - [`server`]: the trust domain's server: root CA, node API (attestation, renewal, sync,
-//!   events), admin API, snapshot fan-out, and `app::build`.
-//! - [`runtime`]: what both roles are built from: the shutdown signal, the task supervisor, the
-//!   retry backoff, the accept loop, wall-clock waits, socket binding and sd_notify.
-//! - [`store`]: the server's datastore trait with its SQLite and PostgreSQL backends.
+//!   rotation, the Workload API service, the socket endpoint, the server link and event uploader,
+//!   and `app::build`, the composition root.
+//! - `server` (crate-private): the trust domain's server: root CA, node API (attestation, renewal,
+//!   sync, events), admin API, snapshot fan-out, and `app::build`.
+//! - `runtime` (crate-private): what both roles are built from: the shutdown signal, the task
+//!   supervisor, the retry backoff, the accept loop, wall-clock waits, socket binding and
+//!   sd_notify.
+//! - `store` (crate-private): the server's datastore trait with its SQLite and PostgreSQL backends.
 //! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
 //!   `events`, `inventory`, `svid`, `dev`.
