@@ -7,7 +7,7 @@ use tokio_stream::StreamExt;
 use super::admin::{Admin, AdminArgs, bad_flag, print_json, print_text};
 use super::table::{Table, duration, time_or};
 use super::{Failure, Output};
-use crate::events::model::{KIND_NAMES, kind_from_name, to_json};
+use crate::events::model::{JsonTime, KIND_NAMES, kind_from_name, to_json};
 use crate::proto::tessera::{EventFilter, GetInventoryRequest, Inventory, StoredEvent};
 
 /// `tessera events ...`.
@@ -259,39 +259,43 @@ pub(super) async fn inventory(args: InventoryArgs, output: Output) -> Result<(),
     }
 }
 
-fn ms_time(ms: Option<i64>) -> serde_json::Value {
-    match ms {
-        Some(ms) if ms > 0 => time_or(ms / 1000, "").into(),
-        _ => serde_json::Value::Null,
-    }
-}
-
 fn inventory_json(inventory: &Inventory) -> serde_json::Value {
+    // The API sends 0 for a time never set.
+    let set = |ms: i64| (ms != 0).then_some(ms);
     let identities: Vec<serde_json::Value> = inventory
         .identities
         .iter()
         .map(|i| {
             let entry = i.entry.clone().unwrap_or_default();
-            serde_json::json!({
+            let live_svids: Vec<serde_json::Value> = i
+                .live_svids
+                .iter()
+                .map(|s| {
+                    let mut svid = serde_json::json!({
+                        "serial": s.serial,
+                        "node_id": s.node_id,
+                        "uses": s.uses,
+                    });
+                    JsonTime::from_ms("issued", set(s.issued_ms)).put(&mut svid);
+                    JsonTime::from_seconds("not_after", s.not_after).put(&mut svid);
+                    JsonTime::from_ms("last_used", s.last_used_ms).put(&mut svid);
+                    svid
+                })
+                .collect();
+            let mut identity = serde_json::json!({
                 "entry_id": entry.id,
                 "spiffe_id": entry.spiffe_id,
                 "owner": entry.owner,
                 "purpose": entry.purpose,
-                "expires_at": entry.expires_at.map(|t| time_or(t, "")),
                 "inactivity_timeout_seconds": entry.inactivity_timeout_seconds,
                 "registration_expired": i.registration_expired,
                 "unused_past_timeout": i.unused_past_timeout,
-                "last_issued": ms_time(i.last_issued_ms),
-                "last_used": ms_time(i.last_used_ms),
-                "live_svids": i.live_svids.iter().map(|s| serde_json::json!({
-                    "serial": s.serial,
-                    "node_id": s.node_id,
-                    "issued": ms_time(Some(s.issued_ms)),
-                    "not_after": time_or(s.not_after, ""),
-                    "last_used": ms_time(s.last_used_ms),
-                    "uses": s.uses,
-                })).collect::<Vec<_>>(),
-            })
+                "live_svids": live_svids,
+            });
+            JsonTime::from_seconds("expires_at", entry.expires_at.unwrap_or(0)).put(&mut identity);
+            JsonTime::from_ms("last_issued", i.last_issued_ms).put(&mut identity);
+            JsonTime::from_ms("last_used", i.last_used_ms).put(&mut identity);
+            identity
         })
         .collect();
     let nodes: Vec<serde_json::Value> = inventory
@@ -299,13 +303,14 @@ fn inventory_json(inventory: &Inventory) -> serde_json::Value {
         .iter()
         .map(|n| {
             let node = n.node.clone().unwrap_or_default();
-            serde_json::json!({
+            let mut node_json = serde_json::json!({
                 "node_id": node.id,
                 "status": node.status,
                 "attestation": node.attestation,
-                "last_contact": ms_time(Some(n.last_contact_ms)),
                 "live_svids": n.live_serials,
-            })
+            });
+            JsonTime::from_ms("last_contact", set(n.last_contact_ms)).put(&mut node_json);
+            node_json
         })
         .collect();
     serde_json::json!({ "identities": identities, "nodes": nodes })
@@ -366,4 +371,56 @@ fn inventory_text(inventory: &Inventory) -> String {
         identities.render(),
         nodes.render()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::tessera::{Entry, IdentityInventory, NodeInfo, NodeInventory, SvidInfo};
+
+    #[test]
+    fn inventory_json_times_are_strings_with_milliseconds_and_null_when_absent() {
+        let inventory = Inventory {
+            identities: vec![IdentityInventory {
+                entry: Some(Entry {
+                    id: "e-1".into(),
+                    expires_at: None,
+                    ..Default::default()
+                }),
+                live_svids: vec![SvidInfo {
+                    serial: "0a0b".into(),
+                    issued_ms: 1_800_000_000_000,
+                    not_after: 1_800_003_600,
+                    last_used_ms: None,
+                    ..Default::default()
+                }],
+                last_issued_ms: Some(1_800_000_000_000),
+                last_used_ms: None,
+                ..Default::default()
+            }],
+            nodes: vec![NodeInventory {
+                node: Some(NodeInfo::default()),
+                live_serials: vec![],
+                last_contact_ms: 0,
+            }],
+        };
+        let json = inventory_json(&inventory);
+        let identity = &json["identities"][0];
+        assert_eq!(identity["expires_at"], serde_json::Value::Null, "{json}");
+        assert_eq!(identity["expires_at_ms"], serde_json::Value::Null, "{json}");
+        assert_eq!(
+            identity["last_issued"], "2027-01-15T08:00:00.000Z",
+            "{json}"
+        );
+        assert_eq!(identity["last_issued_ms"], 1_800_000_000_000_i64, "{json}");
+        assert_eq!(identity["last_used"], serde_json::Value::Null, "{json}");
+        let svid = &identity["live_svids"][0];
+        assert_eq!(svid["not_after"], "2027-01-15T09:00:00.000Z", "{json}");
+        assert_eq!(svid["not_after_ms"], 1_800_003_600_000_i64, "{json}");
+        assert_eq!(svid["issued_ms"], 1_800_000_000_000_i64, "{json}");
+        assert_eq!(svid["last_used_ms"], serde_json::Value::Null, "{json}");
+        let node = &json["nodes"][0];
+        assert_eq!(node["last_contact"], serde_json::Value::Null, "{json}");
+        assert_eq!(node["last_contact_ms"], serde_json::Value::Null, "{json}");
+    }
 }
