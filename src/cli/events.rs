@@ -21,7 +21,7 @@ pub(super) struct EventsArgs {
 
 #[derive(Subcommand, Debug)]
 enum EventsCommand {
-    /// Stored events matching the filters, oldest first.
+    /// Stored events matching the filters, oldest first (by the time they happened).
     List(FilterArgs),
     /// Stored events matching the filters, then new ones as they arrive, until interrupted.
     Tail(FilterArgs),
@@ -52,7 +52,7 @@ struct FilterArgs {
     /// Only events about the SVID with this serial (hex).
     #[arg(long, value_name = "HEX")]
     serial: Option<String>,
-    /// At most this many events (list only).
+    /// At most this many events (list only; at most 9999, `export` has no limit).
     #[arg(long, default_value_t = 1000)]
     limit: u32,
 }
@@ -113,6 +113,7 @@ impl FilterArgs {
             serial: self.serial.clone().unwrap_or_default(),
             after_seq: 0,
             limit: self.limit,
+            by_event_time: false,
         })
     }
 }
@@ -168,18 +169,41 @@ const EVENT_HEADER: &[&str] = &[
     "DETAIL",
 ];
 
+/// The largest `--limit` of `events list`: one less than the server lists at once, so that
+/// asking for one more tells whether the limit cut the list.
+const MAX_LISTED: u32 = crate::store::MAX_EVENTS_LISTED as u32 - 1;
+
 /// Runs one `tessera events` verb.
 pub(super) async fn run(args: EventsArgs, output: Output) -> Result<(), Failure> {
     let mut admin = Admin::connect(&args.admin).await?;
     match args.command {
         EventsCommand::List(filter) => {
-            let events = admin
+            let limit = filter.limit;
+            if limit > MAX_LISTED {
+                return Err(bad_flag(
+                    "--limit",
+                    &limit.to_string(),
+                    &format!("at most {MAX_LISTED}; `tessera events export` lists them all"),
+                ));
+            }
+            let mut request = filter.to_filter()?;
+            request.by_event_time = true;
+            // One more than shown tells whether the limit cut the list.
+            request.limit = limit + 1;
+            let mut events = admin
                 .client
-                .list_events(filter.to_filter()?)
+                .list_events(request)
                 .await
                 .map_err(|s| admin.failure(s))?
                 .into_inner()
                 .events;
+            if events.len() > limit as usize {
+                events.truncate(limit as usize);
+                eprintln!(
+                    "showing the first {limit} matching events; narrow with --since/--until or \
+                     raise --limit"
+                );
+            }
             match output {
                 Output::Json => print_json(&events.iter().map(event_json).collect::<Vec<_>>()),
                 Output::Text => {
