@@ -321,6 +321,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         x509pop,
         snapshots: snapshot_rx,
         shutdown: shutdown.clone(),
+        contacts: Default::default(),
     });
     tasks.spawn_until_shutdown("serving certificate renewal", {
         let state = state.clone();
