@@ -987,3 +987,36 @@ async fn a_half_open_tls_flood_neither_starves_the_server_nor_keeps_a_new_node_o
     );
     assert!(most < 256, "the server held {most} descriptors of its 512");
 }
+
+#[test]
+fn an_admin_call_from_another_user_is_refused_with_the_rule() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root("an_admin_call_from_another_user_is_refused_with_the_rule") {
+        return;
+    }
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    // The socket is 0600 by default, so another user could not even connect; open it up here
+    // to reach the server's own check, as an operator widening the mode would.
+    std::fs::set_permissions(&server.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket = server.admin_socket.display().to_string();
+    let nobody = 65_534;
+    let out = run_as(
+        nobody,
+        std::path::Path::new(TESSERA),
+        &["entry", "list", "--admin-socket", &socket],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the admin API is for root and the server's user (uid 0); this caller runs as uid \
+             {nobody}"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run this command as root"), "{stderr}");
+    assert!(!stderr.contains("broken pipe"), "{stderr}");
+    // Root still administers over the same socket.
+    assert!(server.admin(&["entry", "list"]).status.success());
+}
