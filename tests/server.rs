@@ -1020,3 +1020,59 @@ fn an_admin_call_from_another_user_is_refused_with_the_rule() {
     // Root still administers over the same socket.
     assert!(server.admin(&["entry", "list"]).status.success());
 }
+
+/// The lines of `log` past its first `from` bytes at WARN or ERROR.
+fn warnings_after(log: &str, from: usize) -> Vec<String> {
+    log.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orderly_stop_of_agent_and_server_logs_no_warnings() {
+    let dir = world_dir();
+    let mut server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let mut agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    // A workload holding an identity: the agent has a sync stream, an event upload and a
+    // Workload API stream open when it is told to stop.
+    create_entry(&server, "/stopping", &["--selector", &my_uid_selector()]);
+    wait_for_identity(&agent, &spiffe_id("/stopping")).await;
+    let mut held = open_stream(&agent).await;
+    next_message(&mut held).await.unwrap();
+
+    let agent_log_before = agent.logs().len();
+    let server_log_before = server.logs().len();
+    let term = nix::sys::signal::Signal::SIGTERM as i32;
+    agent.child.as_ref().unwrap().signal(term).unwrap();
+    assert!(agent.wait_exit(Duration::from_secs(30)).success());
+    let server_process = server.child.as_mut().unwrap();
+    server_process.signal(term).unwrap();
+    assert!(
+        server_process
+            .wait_exit(Duration::from_secs(30))
+            .unwrap()
+            .success()
+    );
+    server.kill();
+
+    let agent_warnings = warnings_after(&agent.logs(), agent_log_before);
+    assert!(agent_warnings.is_empty(), "{agent_warnings:#?}");
+    let server_warnings = warnings_after(&server.logs(), server_log_before);
+    assert!(server_warnings.is_empty(), "{server_warnings:#?}");
+    assert!(
+        server.logs().contains("server stopped"),
+        "{}",
+        server.logs()
+    );
+}
