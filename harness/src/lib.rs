@@ -367,7 +367,7 @@ mod tests {
 
     #[test]
     fn dropping_a_process_kills_it() {
-        let process = Process::spawn(&mut command("/bin/sleep").arg("30"), "sleep").unwrap();
+        let process = Process::spawn(command("/bin/sleep").arg("30"), "sleep").unwrap();
         let pid = process.id();
         drop(process);
         // Reaped: the pid no longer names our child.
