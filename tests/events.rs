@@ -573,3 +573,85 @@ async fn events_tail_follows_new_events_and_expired_registrations_are_flagged() 
     assert_eq!(identity["unused_past_timeout"], false, "{identity}");
     assert!(String::from_utf8_lossy(&server.admin(&["inventory"]).stdout).contains("EXPIRED"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_list_is_in_event_time_order_and_says_when_the_limit_cut_it() {
+    use tessera::proto::tessera::{Event, EventBatch, EventKind};
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &joined(&server),
+    );
+    let node_id = std::fs::read_to_string(agent.state_dir.join("upstream/node_id")).unwrap();
+
+    // A node reports events late and out of order: arrival order is not event-time order.
+    let upstream = node_link(&server.address, &bundle, &agent.state_dir);
+    let credentials = upstream.saved_credentials().unwrap();
+    let mut client = tessera::proto::tessera::node_client::NodeClient::new(
+        upstream.channel(Some(&credentials)).unwrap(),
+    );
+    let now = tessera::events::model::now_ms();
+    let denied = |ago_ms: i64| Event {
+        id: tessera::events::model::new_event_id(),
+        kind: EventKind::AttestationDenied as i32,
+        time_ms: now - ago_ms,
+        trust_domain: TRUST_DOMAIN.into(),
+        detail: format!("{ago_ms} ms ago"),
+        ..Default::default()
+    };
+    let batch = EventBatch {
+        sequence: 1,
+        events: vec![denied(1_000), denied(3_000), denied(2_000)],
+    };
+    let mut acks = client
+        .report_events(tokio_stream::iter(vec![batch]))
+        .await
+        .unwrap()
+        .into_inner();
+    let ack = acks.message().await.unwrap().unwrap();
+    assert_eq!((ack.error.as_str(), ack.stored), ("", 3), "{ack:?}");
+
+    let list = |extra: &[&str]| {
+        let mut args = vec![
+            "events",
+            "list",
+            "--node",
+            node_id.as_str(),
+            "--kind",
+            "attestation_denied",
+            "--output",
+            "json",
+        ];
+        args.extend(extra);
+        let out = server.admin(&args);
+        assert!(out.status.success(), "{out:?}");
+        let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let details: Vec<String> = listed
+            .iter()
+            .map(|e| e["detail"].as_str().unwrap().to_owned())
+            .collect();
+        (details, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (all, note) = list(&[]);
+    assert_eq!(all, ["3000 ms ago", "2000 ms ago", "1000 ms ago"]);
+    assert!(!note.contains("showing the first"), "{note}");
+    let (exact, note) = list(&["--limit", "3"]);
+    assert_eq!(exact.len(), 3, "{exact:?}");
+    assert!(!note.contains("showing the first"), "{note}");
+    let (cut, note) = list(&["--limit", "2"]);
+    assert_eq!(cut, ["3000 ms ago", "2000 ms ago"]);
+    assert!(
+        note.contains("showing the first 2 matching events"),
+        "{note}"
+    );
+
+    let too_many = server.admin(&["events", "list", "--limit", "10000"]);
+    assert_eq!(too_many.status.code(), Some(2), "{too_many:?}");
+    assert!(String::from_utf8_lossy(&too_many.stderr).contains("10000"));
+}

@@ -991,3 +991,92 @@ async fn a_half_open_tls_flood_neither_starves_the_server_nor_keeps_a_new_node_o
     );
     assert!(most < 256, "the server held {most} descriptors of its 512");
 }
+
+#[test]
+fn an_admin_call_from_another_user_is_refused_with_the_rule() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root("an_admin_call_from_another_user_is_refused_with_the_rule") {
+        return;
+    }
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    // The socket is 0600 by default, so another user could not even connect; open it up here
+    // to reach the server's own check, as an operator widening the mode would.
+    std::fs::set_permissions(&server.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket = server.admin_socket.display().to_string();
+    let nobody = 65_534;
+    let out = run_as(
+        nobody,
+        std::path::Path::new(TESSERA),
+        &["entry", "list", "--admin-socket", &socket],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the admin API is for root and the server's user (uid 0); this caller runs as uid \
+             {nobody}"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run this command as root"), "{stderr}");
+    assert!(!stderr.contains("broken pipe"), "{stderr}");
+    // Root still administers over the same socket.
+    assert!(server.admin(&["entry", "list"]).status.success());
+}
+
+/// The lines of `log` past its first `from` bytes at WARN or ERROR.
+fn warnings_after(log: &str, from: usize) -> Vec<String> {
+    log.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orderly_stop_of_agent_and_server_logs_no_warnings() {
+    let dir = world_dir();
+    let mut server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let mut agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    // A workload holding an identity: the agent has a sync stream, an event upload and a
+    // Workload API stream open when it is told to stop.
+    create_entry(&server, "/stopping", &["--selector", &my_uid_selector()]);
+    wait_for_identity(&agent, &spiffe_id("/stopping")).await;
+    let mut held = open_stream(&agent).await;
+    next_message(&mut held).await.unwrap();
+
+    let agent_log_before = agent.logs().len();
+    let server_log_before = server.logs().len();
+    let term = nix::sys::signal::Signal::SIGTERM as i32;
+    agent.child.as_ref().unwrap().signal(term).unwrap();
+    assert!(agent.wait_exit(Duration::from_secs(30)).success());
+    let server_process = server.child.as_mut().unwrap();
+    server_process.signal(term).unwrap();
+    assert!(
+        server_process
+            .wait_exit(Duration::from_secs(30))
+            .unwrap()
+            .success()
+    );
+    server.kill();
+
+    let agent_warnings = warnings_after(&agent.logs(), agent_log_before);
+    assert!(agent_warnings.is_empty(), "{agent_warnings:#?}");
+    let server_warnings = warnings_after(&server.logs(), server_log_before);
+    assert!(server_warnings.is_empty(), "{server_warnings:#?}");
+    assert!(
+        server.logs().contains("server stopped"),
+        "{}",
+        server.logs()
+    );
+}

@@ -204,7 +204,7 @@ pub fn admin_status_failure(status: tonic::Status, socket: &Path) -> Failure {
             socket.display()
         )),
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Failure::failed(format!(
-            "the server refused this caller: {message} (the admin API is for root only)"
+            "the server refused this caller: {message} (run this command as root)"
         )),
         tonic::Code::Unimplemented => Failure::failed(format!(
             "{} does not serve the admin API ({message}); is it a tessera server of this \

@@ -11,10 +11,11 @@ use serde::Serialize;
 use super::admin::{
     Admin, AdminArgs, bad_flag, positive_seconds, print_json, print_text, require_id, seconds,
 };
-use super::table::{Table, duration, fields, list_or, rfc3339, time_or, unix};
+use super::table::{Table, duration, fields, list_or, time_or};
 use super::{Failure, Output};
 use crate::attest::Selector;
 use crate::entry::check_node_selector;
+use crate::events::model::JsonTime;
 use crate::proto::tessera::{
     CreateEntryRequest, Entry, EntryRequest, ListEntriesRequest, UpdateEntryRequest,
 };
@@ -600,16 +601,16 @@ struct EntryView {
     x509_ttl_seconds: i64,
     owner: String,
     purpose: String,
-    expires_at: Option<String>,
-    expires_at_unix: Option<i64>,
+    #[serde(flatten)]
+    expires_at: JsonTime,
     inactivity_timeout_seconds: Option<i64>,
     hint: Option<String>,
     dns_names: Vec<String>,
     revision: i64,
-    created_at: Option<String>,
-    created_at_unix: Option<i64>,
-    updated_at: Option<String>,
-    updated_at_unix: Option<i64>,
+    #[serde(flatten)]
+    created_at: JsonTime,
+    #[serde(flatten)]
+    updated_at: JsonTime,
 }
 
 impl From<&Entry> for EntryView {
@@ -622,16 +623,13 @@ impl From<&Entry> for EntryView {
             x509_ttl_seconds: entry.x509_ttl_seconds,
             owner: entry.owner.clone(),
             purpose: entry.purpose.clone(),
-            expires_at: entry.expires_at.and_then(rfc3339),
-            expires_at_unix: entry.expires_at.and_then(unix),
+            expires_at: JsonTime::from_seconds("expires_at", entry.expires_at.unwrap_or(0)),
             inactivity_timeout_seconds: entry.inactivity_timeout_seconds,
             hint: Some(entry.hint.clone()).filter(|h| !h.is_empty()),
             dns_names: entry.dns_names.clone(),
             revision: entry.revision,
-            created_at: rfc3339(entry.created_at),
-            created_at_unix: unix(entry.created_at),
-            updated_at: rfc3339(entry.updated_at),
-            updated_at_unix: unix(entry.updated_at),
+            created_at: JsonTime::from_seconds("created_at", entry.created_at),
+            updated_at: JsonTime::from_seconds("updated_at", entry.updated_at),
         }
     }
 }
@@ -1140,16 +1138,16 @@ mod tests {
                 "x509_ttl_seconds": 600,
                 "owner": "ops",
                 "purpose": "code review",
-                "expires_at": "2027-01-31T18:00:00Z",
-                "expires_at_unix": 1_801_418_400,
+                "expires_at": "2027-01-31T18:00:00.000Z",
+                "expires_at_ms": 1_801_418_400_000_i64,
                 "inactivity_timeout_seconds": 86_400,
                 "hint": "coder",
                 "dns_names": ["coder.internal"],
                 "revision": 7,
-                "created_at": "2027-01-15T08:00:00Z",
-                "created_at_unix": 1_800_000_000,
-                "updated_at": "2027-01-15T08:01:00Z",
-                "updated_at_unix": 1_800_000_060,
+                "created_at": "2027-01-15T08:00:00.000Z",
+                "created_at_ms": 1_800_000_000_000_i64,
+                "updated_at": "2027-01-15T08:01:00.000Z",
+                "updated_at_ms": 1_800_000_060_000_i64,
             })
         );
         let bare = Entry {
@@ -1160,7 +1158,7 @@ mod tests {
         };
         let json = serde_json::to_value(EntryView::from(&bare)).unwrap();
         assert_eq!(json["expires_at"], serde_json::Value::Null);
-        assert_eq!(json["expires_at_unix"], serde_json::Value::Null);
+        assert_eq!(json["expires_at_ms"], serde_json::Value::Null);
         assert_eq!(json["inactivity_timeout_seconds"], serde_json::Value::Null);
         assert_eq!(json["hint"], serde_json::Value::Null);
     }

@@ -7,7 +7,7 @@ use tokio_stream::StreamExt;
 use super::admin::{Admin, AdminArgs, bad_flag, print_json, print_text};
 use super::table::{Table, duration, time_or};
 use super::{Failure, Output};
-use crate::events::model::{KIND_NAMES, kind_from_name, to_json};
+use crate::events::model::{JsonTime, KIND_NAMES, kind_from_name, to_json};
 use crate::proto::tessera::{EventFilter, GetInventoryRequest, Inventory, StoredEvent};
 
 /// `tessera events ...`.
@@ -21,7 +21,7 @@ pub(super) struct EventsArgs {
 
 #[derive(Subcommand, Debug)]
 enum EventsCommand {
-    /// Stored events matching the filters, oldest first.
+    /// Stored events matching the filters, oldest first (by the time they happened).
     List(FilterArgs),
     /// Stored events matching the filters, then new ones as they arrive, until interrupted.
     Tail(FilterArgs),
@@ -52,7 +52,7 @@ struct FilterArgs {
     /// Only events about the SVID with this serial (hex).
     #[arg(long, value_name = "HEX")]
     serial: Option<String>,
-    /// At most this many events (list only).
+    /// At most this many events (list only; at most 9999, `export` has no limit).
     #[arg(long, default_value_t = 1000)]
     limit: u32,
 }
@@ -113,6 +113,7 @@ impl FilterArgs {
             serial: self.serial.clone().unwrap_or_default(),
             after_seq: 0,
             limit: self.limit,
+            by_event_time: false,
         })
     }
 }
@@ -168,18 +169,41 @@ const EVENT_HEADER: &[&str] = &[
     "DETAIL",
 ];
 
+/// The largest `--limit` of `events list`: one less than the server lists at once, so that
+/// asking for one more tells whether the limit cut the list.
+const MAX_LISTED: u32 = crate::store::MAX_EVENTS_LISTED as u32 - 1;
+
 /// Runs one `tessera events` verb.
 pub(super) async fn run(args: EventsArgs, output: Output) -> Result<(), Failure> {
     let mut admin = Admin::connect(&args.admin).await?;
     match args.command {
         EventsCommand::List(filter) => {
-            let events = admin
+            let limit = filter.limit;
+            if limit > MAX_LISTED {
+                return Err(bad_flag(
+                    "--limit",
+                    &limit.to_string(),
+                    &format!("at most {MAX_LISTED}; `tessera events export` lists them all"),
+                ));
+            }
+            let mut request = filter.to_filter()?;
+            request.by_event_time = true;
+            // One more than shown tells whether the limit cut the list.
+            request.limit = limit + 1;
+            let mut events = admin
                 .client
-                .list_events(filter.to_filter()?)
+                .list_events(request)
                 .await
                 .map_err(|s| admin.failure(s))?
                 .into_inner()
                 .events;
+            if events.len() > limit as usize {
+                events.truncate(limit as usize);
+                eprintln!(
+                    "showing the first {limit} matching events; narrow with --since/--until or \
+                     raise --limit"
+                );
+            }
             match output {
                 Output::Json => print_json(&events.iter().map(event_json).collect::<Vec<_>>()),
                 Output::Text => {
@@ -259,39 +283,43 @@ pub(super) async fn inventory(args: InventoryArgs, output: Output) -> Result<(),
     }
 }
 
-fn ms_time(ms: Option<i64>) -> serde_json::Value {
-    match ms {
-        Some(ms) if ms > 0 => time_or(ms / 1000, "").into(),
-        _ => serde_json::Value::Null,
-    }
-}
-
 fn inventory_json(inventory: &Inventory) -> serde_json::Value {
+    // The API sends 0 for a time never set.
+    let set = |ms: i64| (ms != 0).then_some(ms);
     let identities: Vec<serde_json::Value> = inventory
         .identities
         .iter()
         .map(|i| {
             let entry = i.entry.clone().unwrap_or_default();
-            serde_json::json!({
+            let live_svids: Vec<serde_json::Value> = i
+                .live_svids
+                .iter()
+                .map(|s| {
+                    let mut svid = serde_json::json!({
+                        "serial": s.serial,
+                        "node_id": s.node_id,
+                        "uses": s.uses,
+                    });
+                    JsonTime::from_ms("issued", set(s.issued_ms)).put(&mut svid);
+                    JsonTime::from_seconds("not_after", s.not_after).put(&mut svid);
+                    JsonTime::from_ms("last_used", s.last_used_ms).put(&mut svid);
+                    svid
+                })
+                .collect();
+            let mut identity = serde_json::json!({
                 "entry_id": entry.id,
                 "spiffe_id": entry.spiffe_id,
                 "owner": entry.owner,
                 "purpose": entry.purpose,
-                "expires_at": entry.expires_at.map(|t| time_or(t, "")),
                 "inactivity_timeout_seconds": entry.inactivity_timeout_seconds,
                 "registration_expired": i.registration_expired,
                 "unused_past_timeout": i.unused_past_timeout,
-                "last_issued": ms_time(i.last_issued_ms),
-                "last_used": ms_time(i.last_used_ms),
-                "live_svids": i.live_svids.iter().map(|s| serde_json::json!({
-                    "serial": s.serial,
-                    "node_id": s.node_id,
-                    "issued": ms_time(Some(s.issued_ms)),
-                    "not_after": time_or(s.not_after, ""),
-                    "last_used": ms_time(s.last_used_ms),
-                    "uses": s.uses,
-                })).collect::<Vec<_>>(),
-            })
+                "live_svids": live_svids,
+            });
+            JsonTime::from_seconds("expires_at", entry.expires_at.unwrap_or(0)).put(&mut identity);
+            JsonTime::from_ms("last_issued", i.last_issued_ms).put(&mut identity);
+            JsonTime::from_ms("last_used", i.last_used_ms).put(&mut identity);
+            identity
         })
         .collect();
     let nodes: Vec<serde_json::Value> = inventory
@@ -299,13 +327,14 @@ fn inventory_json(inventory: &Inventory) -> serde_json::Value {
         .iter()
         .map(|n| {
             let node = n.node.clone().unwrap_or_default();
-            serde_json::json!({
+            let mut node_json = serde_json::json!({
                 "node_id": node.id,
                 "status": node.status,
                 "attestation": node.attestation,
-                "last_contact": ms_time(Some(n.last_contact_ms)),
                 "live_svids": n.live_serials,
-            })
+            });
+            JsonTime::from_ms("last_contact", set(n.last_contact_ms)).put(&mut node_json);
+            node_json
         })
         .collect();
     serde_json::json!({ "identities": identities, "nodes": nodes })
@@ -366,4 +395,56 @@ fn inventory_text(inventory: &Inventory) -> String {
         identities.render(),
         nodes.render()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::tessera::{Entry, IdentityInventory, NodeInfo, NodeInventory, SvidInfo};
+
+    #[test]
+    fn inventory_json_times_are_strings_with_milliseconds_and_null_when_absent() {
+        let inventory = Inventory {
+            identities: vec![IdentityInventory {
+                entry: Some(Entry {
+                    id: "e-1".into(),
+                    expires_at: None,
+                    ..Default::default()
+                }),
+                live_svids: vec![SvidInfo {
+                    serial: "0a0b".into(),
+                    issued_ms: 1_800_000_000_000,
+                    not_after: 1_800_003_600,
+                    last_used_ms: None,
+                    ..Default::default()
+                }],
+                last_issued_ms: Some(1_800_000_000_000),
+                last_used_ms: None,
+                ..Default::default()
+            }],
+            nodes: vec![NodeInventory {
+                node: Some(NodeInfo::default()),
+                live_serials: vec![],
+                last_contact_ms: 0,
+            }],
+        };
+        let json = inventory_json(&inventory);
+        let identity = &json["identities"][0];
+        assert_eq!(identity["expires_at"], serde_json::Value::Null, "{json}");
+        assert_eq!(identity["expires_at_ms"], serde_json::Value::Null, "{json}");
+        assert_eq!(
+            identity["last_issued"], "2027-01-15T08:00:00.000Z",
+            "{json}"
+        );
+        assert_eq!(identity["last_issued_ms"], 1_800_000_000_000_i64, "{json}");
+        assert_eq!(identity["last_used"], serde_json::Value::Null, "{json}");
+        let svid = &identity["live_svids"][0];
+        assert_eq!(svid["not_after"], "2027-01-15T09:00:00.000Z", "{json}");
+        assert_eq!(svid["not_after_ms"], 1_800_003_600_000_i64, "{json}");
+        assert_eq!(svid["issued_ms"], 1_800_000_000_000_i64, "{json}");
+        assert_eq!(svid["last_used_ms"], serde_json::Value::Null, "{json}");
+        let node = &json["nodes"][0];
+        assert_eq!(node["last_contact"], serde_json::Value::Null, "{json}");
+        assert_eq!(node["last_contact_ms"], serde_json::Value::Null, "{json}");
+    }
 }

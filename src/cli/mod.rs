@@ -7,9 +7,10 @@
 //!
 //! Operator verbs print text for people (aligned tables for lists, `key: value` blocks for one
 //! record) or, with `--output json`, one line of JSON: an object for one record, an array for a
-//! list. JSON field names are the API's, in snake_case. A time `t` appears twice: `t` in RFC 3339
-//! (UTC, whole seconds) and `t_unix` in Unix seconds, both `null` when unset. Durations are
-//! integers named `*_seconds`, `null` when unset. Absent optional strings (an entry's hint) are
+//! list. JSON field names are the API's, in snake_case. Every time `t`, here and in the audit
+//! log, appears twice (`events::model::JsonTime`): `t` in RFC 3339 (UTC, with milliseconds) and
+//! `t_ms` in Unix milliseconds, both `null` when unset (a time RFC 3339 cannot show keeps its
+//! number and has a `null` string). Durations are integers named `*_seconds`, `null` when unset. Absent optional strings (an entry's hint) are
 //! `null`; empty lists are `[]` (empty `node_selectors`: every node).
 //!
 //! Exit codes of operator verbs: 2 for a flag the CLI or the server refuses (InvalidArgument),

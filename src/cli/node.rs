@@ -4,8 +4,9 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::admin::{Admin, AdminArgs, print_json, print_text, require_id};
-use super::table::{Table, fields, rfc3339, time_or, unix};
+use super::table::{Table, fields, time_or};
 use super::{Failure, Output};
+use crate::events::model::JsonTime;
 use crate::proto::tessera::{ListNodesRequest, NodeInfo, NodeRequest};
 
 /// `tessera node ...`: the options every verb shares, then the verb.
@@ -98,16 +99,16 @@ struct NodeView {
     attestation: String,
     selectors: Vec<String>,
     status: String,
-    attested_at: Option<String>,
-    attested_at_unix: Option<i64>,
-    last_seen: Option<String>,
-    last_seen_unix: Option<i64>,
+    #[serde(flatten)]
+    attested_at: JsonTime,
+    #[serde(flatten)]
+    last_seen: JsonTime,
     svid_serial: String,
-    svid_not_after: Option<String>,
-    svid_not_after_unix: Option<i64>,
+    #[serde(flatten)]
+    svid_not_after: JsonTime,
     ca_serial: String,
-    ca_not_after: Option<String>,
-    ca_not_after_unix: Option<i64>,
+    #[serde(flatten)]
+    ca_not_after: JsonTime,
 }
 
 impl From<&NodeInfo> for NodeView {
@@ -118,16 +119,12 @@ impl From<&NodeInfo> for NodeView {
             attestation: node.attestation.clone(),
             selectors: node.selectors.clone(),
             status: node.status.clone(),
-            attested_at: rfc3339(node.attested_at),
-            attested_at_unix: unix(node.attested_at),
-            last_seen: rfc3339(node.last_seen),
-            last_seen_unix: unix(node.last_seen),
+            attested_at: JsonTime::from_seconds("attested_at", node.attested_at),
+            last_seen: JsonTime::from_seconds("last_seen", node.last_seen),
             svid_serial: node.svid_serial.clone(),
-            svid_not_after: rfc3339(node.svid_not_after),
-            svid_not_after_unix: unix(node.svid_not_after),
+            svid_not_after: JsonTime::from_seconds("svid_not_after", node.svid_not_after),
             ca_serial: node.ca_serial.clone(),
-            ca_not_after: rfc3339(node.ca_not_after),
-            ca_not_after_unix: unix(node.ca_not_after),
+            ca_not_after: JsonTime::from_seconds("ca_not_after", node.ca_not_after),
         }
     }
 }
@@ -232,16 +229,16 @@ mod tests {
                 "attestation": "x509pop",
                 "selectors": ["node:id:x509pop-1f2e", "node:label:gpu"],
                 "status": "active",
-                "attested_at": "2027-01-15T08:00:00Z",
-                "attested_at_unix": 1_800_000_000,
-                "last_seen": "2027-01-15T08:01:00Z",
-                "last_seen_unix": 1_800_000_060,
+                "attested_at": "2027-01-15T08:00:00.000Z",
+                "attested_at_ms": 1_800_000_000_000_i64,
+                "last_seen": "2027-01-15T08:01:00.000Z",
+                "last_seen_ms": 1_800_000_060_000_i64,
                 "svid_serial": "0a1b",
-                "svid_not_after": "2027-01-15T09:00:00Z",
-                "svid_not_after_unix": 1_800_003_600,
+                "svid_not_after": "2027-01-15T09:00:00.000Z",
+                "svid_not_after_ms": 1_800_003_600_000_i64,
                 "ca_serial": "2c3d",
                 "ca_not_after": null,
-                "ca_not_after_unix": null,
+                "ca_not_after_ms": null,
             })
         );
     }

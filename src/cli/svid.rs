@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::client::{connect, status_failure};
 use super::{Failure, Output};
+use crate::events::model::JsonTime;
 use crate::proto::workload::{X509svidRequest, X509svidResponse};
 
 #[derive(Subcommand, Debug)]
@@ -52,10 +53,11 @@ pub(super) struct FetchArgs {
 struct SvidSummary {
     spiffe_id: String,
     serial: String,
-    /// RFC 3339.
-    not_after: String,
-    /// Unix milliseconds.
-    not_after_ms: i64,
+    #[serde(flatten)]
+    not_after: JsonTime,
+    /// The same instant in Unix seconds, for the text output.
+    #[serde(skip)]
+    not_after_seconds: i64,
     /// Whole seconds from now until `not_after`; 0 once it has passed.
     expires_in_seconds: u64,
     hint: Option<String>,
@@ -137,7 +139,9 @@ fn print(output: Output, summaries: &[SvidSummary]) {
                 };
                 println!(
                     "{}  serial {}  expires {} ({left}){hint}",
-                    s.spiffe_id, s.serial, s.not_after
+                    s.spiffe_id,
+                    s.serial,
+                    super::table::time_or(s.not_after_seconds, "-")
                 );
             }
         }
@@ -157,16 +161,12 @@ fn summarize(response: &X509svidResponse) -> Result<Vec<SvidSummary>, Failure> {
             let (_, cert) = x509_parser::parse_x509_certificate(leaf)
                 .map_err(|e| Failure::failed(format!("unreadable SVID certificate: {e}")))?;
             let expiry = cert.validity().not_after;
-            let not_after = expiry
-                .to_datetime()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_else(|_| expiry.to_string());
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             Ok(SvidSummary {
                 spiffe_id: svid.spiffe_id.clone(),
                 serial: hex::encode(cert.tbs_certificate.raw_serial()),
-                not_after,
-                not_after_ms: expiry.timestamp().saturating_mul(1000),
+                not_after: JsonTime::from_seconds("not_after", expiry.timestamp()),
+                not_after_seconds: expiry.timestamp(),
                 expires_in_seconds: u64::try_from(expiry.timestamp().saturating_sub(now))
                     .unwrap_or(0),
                 hint: Some(svid.hint.clone()).filter(|h| !h.is_empty()),

@@ -100,11 +100,6 @@ pub(super) fn unix_time(seconds: i64) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
 }
 
-/// Unix seconds as given, `None` for zero (never set).
-pub(super) fn unix(seconds: i64) -> Option<i64> {
-    Some(seconds).filter(|&s| s != 0)
-}
-
 /// Unix seconds in RFC 3339, e.g. `2027-01-31T18:00:00Z`; `None` for zero.
 pub(super) fn rfc3339(seconds: i64) -> Option<String> {
     match unix_time(seconds) {

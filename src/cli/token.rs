@@ -4,8 +4,9 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::admin::{Admin, AdminArgs, bad_flag, print_json, print_text, seconds};
-use super::table::{duration, rfc3339, time_or, unix};
+use super::table::{duration, time_or};
 use super::{Failure, Output};
+use crate::events::model::JsonTime;
 use crate::proto::tessera::{CreateJoinTokenRequest, JoinToken};
 
 /// `tessera token ...`: the options every verb shares, then the verb.
@@ -59,8 +60,8 @@ impl CreateArgs {
 #[derive(Debug, Serialize)]
 struct TokenView {
     token: String,
-    expires_at: Option<String>,
-    expires_at_unix: Option<i64>,
+    #[serde(flatten)]
+    expires_at: JsonTime,
     labels: Vec<String>,
 }
 
@@ -68,8 +69,7 @@ impl From<&JoinToken> for TokenView {
     fn from(token: &JoinToken) -> Self {
         Self {
             token: token.token.clone(),
-            expires_at: rfc3339(token.expires_at),
-            expires_at_unix: unix(token.expires_at),
+            expires_at: JsonTime::from_seconds("expires_at", token.expires_at),
             labels: token.labels.clone(),
         }
     }
@@ -172,8 +172,8 @@ mod tests {
             serde_json::to_value(TokenView::from(&token)).unwrap(),
             serde_json::json!({
                 "token": "secret",
-                "expires_at": "2027-01-15T08:10:00Z",
-                "expires_at_unix": 1_800_000_600,
+                "expires_at": "2027-01-15T08:10:00.000Z",
+                "expires_at_ms": 1_800_000_600_000_i64,
                 "labels": ["gpu"],
             })
         );

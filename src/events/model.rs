@@ -250,6 +250,53 @@ pub fn rfc3339_ms(ms: i64) -> Option<String> {
     Some(humantime::format_rfc3339_millis(at).to_string())
 }
 
+/// One time in JSON output, by the rule all of tessera's JSON follows (the CLI's and the audit
+/// log's): `<name>` is RFC 3339 in UTC with milliseconds, `<name>_ms` is Unix milliseconds, both
+/// `null` when the time is absent. A time RFC 3339 cannot show (before 1970, after 9999) keeps its
+/// number and has a `null` string. Flatten it into a serialized struct
+/// (`#[serde(flatten)]`) or `put` it into a JSON object.
+#[derive(Debug, Clone, Copy)]
+pub struct JsonTime {
+    name: &'static str,
+    ms: Option<i64>,
+}
+
+impl JsonTime {
+    /// A time in Unix milliseconds, `None` when absent.
+    pub fn from_ms(name: &'static str, ms: Option<i64>) -> Self {
+        Self { name, ms }
+    }
+
+    /// A time in Unix seconds as the API stores it: 0 means never set.
+    pub fn from_seconds(name: &'static str, seconds: i64) -> Self {
+        let ms = (seconds != 0).then(|| seconds.saturating_mul(1000));
+        Self { name, ms }
+    }
+
+    /// The RFC 3339 form, `None` when absent or not showable.
+    fn text(&self) -> Option<String> {
+        self.ms.and_then(rfc3339_ms)
+    }
+
+    /// Adds both fields to `object`; does nothing if it is not a JSON object.
+    pub fn put(self, object: &mut serde_json::Value) {
+        if let Some(map) = object.as_object_mut() {
+            map.insert(self.name.to_owned(), self.text().into());
+            map.insert(format!("{}_ms", self.name), self.ms.into());
+        }
+    }
+}
+
+impl serde::Serialize for JsonTime {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry(self.name, &self.text())?;
+        map.serialize_entry(&format!("{}_ms", self.name), &self.ms)?;
+        map.end()
+    }
+}
+
 /// An event as one JSON object (the audit log's and the CLI's shape): kinds and reasons by
 /// name, times in milliseconds and RFC 3339.
 pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> serde_json::Value {
@@ -257,34 +304,34 @@ pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> ser
     let mut value = serde_json::json!({
         "id": event.id,
         "kind": kind_name(kind),
-        "time": rfc3339_ms(event.time_ms),
-        "time_ms": event.time_ms,
         "trust_domain": event.trust_domain,
         "node_id": event.node_id,
         "entry_id": event.entry_id,
         "spiffe_id": event.spiffe_id,
         "serial": event.serial,
-        "not_after": (event.not_after > 0).then_some(event.not_after),
         "caller": event.caller.as_ref().map(|c| serde_json::json!({
             "pid": c.pid, "uid": c.uid, "gid": c.gid,
             "exe_path": c.exe_path, "exe_sha256": c.exe_sha256, "unit": c.unit,
         })),
         "detail": event.detail,
     });
+    JsonTime::from_ms("time", Some(event.time_ms)).put(&mut value);
+    JsonTime::from_seconds("not_after", event.not_after).put(&mut value);
     if kind == EventKind::SvidRevoked {
         value["reason"] = reason_name(event.reason()).into();
     }
     // Refusals carry a count when the standalone recorder aggregated them.
     if kind == EventKind::SvidUsed || (kind == EventKind::AttestationDenied && event.count > 0) {
-        value["first_ms"] = event.first_ms.into();
-        value["last_ms"] = event.last_ms.into();
+        let set = |ms: i64| (ms != 0).then_some(ms);
+        JsonTime::from_ms("first", set(event.first_ms)).put(&mut value);
+        JsonTime::from_ms("last", set(event.last_ms)).put(&mut value);
         value["count"] = event.count.into();
     }
     if let Some(seq) = seq {
         value["seq"] = seq.into();
     }
-    if let Some(received) = received_ms {
-        value["received_ms"] = received.into();
+    if received_ms.is_some() {
+        JsonTime::from_ms("received", received_ms).put(&mut value);
     }
     value
 }
@@ -302,6 +349,39 @@ mod tests {
         let json = to_json(&event, None, None);
         assert_eq!(json["time"], serde_json::Value::Null);
         assert_eq!(json["time_ms"], i64::MAX);
+    }
+
+    #[test]
+    fn every_time_in_event_json_is_rfc3339_and_milliseconds() {
+        let used = Event {
+            id: new_event_id(),
+            kind: EventKind::SvidUsed as i32,
+            time_ms: 1_800_000_000_123,
+            not_after: 1_800_003_600,
+            first_ms: 1_800_000_000_000,
+            last_ms: 1_800_000_000_100,
+            count: 2,
+            ..Default::default()
+        };
+        let json = to_json(&used, Some(7), Some(1_800_000_001_000));
+        for (name, text, ms) in [
+            ("time", "2027-01-15T08:00:00.123Z", 1_800_000_000_123_i64),
+            ("not_after", "2027-01-15T09:00:00.000Z", 1_800_003_600_000),
+            ("first", "2027-01-15T08:00:00.000Z", 1_800_000_000_000),
+            ("last", "2027-01-15T08:00:00.100Z", 1_800_000_000_100),
+            ("received", "2027-01-15T08:00:01.000Z", 1_800_000_001_000),
+        ] {
+            assert_eq!(json[name], text, "{json}");
+            assert_eq!(json[format!("{name}_ms")], ms, "{json}");
+        }
+        let issued_without_expiry = Event {
+            kind: EventKind::SvidIssued as i32,
+            time_ms: 1_800_000_000_000,
+            ..Default::default()
+        };
+        let json = to_json(&issued_without_expiry, None, None);
+        assert_eq!(json["not_after"], serde_json::Value::Null, "{json}");
+        assert_eq!(json["not_after_ms"], serde_json::Value::Null, "{json}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::proto::tessera::{
     UpdateEntryRequest,
 };
 use crate::store::{
-    EntryRecord, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, SvidRecord, canonical,
-    unix_now,
+    EntryRecord, EventOrder, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, SvidRecord,
+    canonical, unix_now,
 };
 
 /// Longest lifetime of a join token.
@@ -237,6 +237,11 @@ fn store_filter(filter: EventFilter) -> Result<crate::store::EventFilter, AdminA
         serial: text(filter.serial),
         after_seq: (filter.after_seq > 0).then_some(filter.after_seq),
         limit,
+        order: if filter.by_event_time {
+            EventOrder::EventTime
+        } else {
+            EventOrder::Arrival
+        },
     })
 }
 
@@ -484,6 +489,8 @@ impl Admin for AdminService {
         request: Request<EventFilter>,
     ) -> Result<Response<Self::TailEventsStream>, Status> {
         let mut filter = store_filter(request.into_inner()).map_err(status)?;
+        // Tailing resumes after the last seq sent, which only arrival order makes complete.
+        filter.order = EventOrder::Arrival;
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {

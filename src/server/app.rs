@@ -214,43 +214,52 @@ async fn prune_events(state: Arc<State>) {
     }
 }
 
-/// Accepts admin connections from root or the server's own user only.
+/// Accepts admin connections; who may call is decided per call by [`admit_administrator`],
+/// which can answer a refused caller instead of dropping its connection.
 fn admin_incoming(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<Result<UnixStream, std::io::Error>> {
-    let own_uid = nix::unistd::geteuid().as_raw();
     crate::runtime::accept::incoming(
         listener,
         "admin",
         shutdown,
-        move |stream: UnixStream, _, handoff| {
-            let admitted = may_administer(&stream, own_uid);
-            async move {
-                if admitted {
-                    let _ = handoff.send(Ok(stream)).await;
-                }
-            }
+        move |stream: UnixStream, _, handoff| async move {
+            let _ = handoff.send(Ok(stream)).await;
         },
     )
 }
 
-/// Whether the peer of `stream` is root or `own_uid`; a refusal is audited.
-fn may_administer(stream: &UnixStream, own_uid: u32) -> bool {
-    match stream.peer_cred() {
-        Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => true,
-        Ok(cred) => {
+/// Lets a call through when its caller (the peer credentials of its connection) is root or
+/// `own_uid`; refuses it with PermissionDenied naming the rule otherwise, and audits that.
+fn admit_administrator(
+    request: tonic::Request<()>,
+    own_uid: u32,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    let peer = request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred);
+    match peer {
+        Some(cred) if cred.uid() == 0 || cred.uid() == own_uid => Ok(request),
+        Some(cred) => {
             tracing::warn!(
                 target: "tessera::audit",
                 uid = cred.uid(),
                 pid = cred.pid().unwrap_or(0),
-                "admin connection refused: only root or the server's user may administer"
+                "admin call refused: only root or the server's user may administer"
             );
-            false
+            Err(tonic::Status::permission_denied(format!(
+                "the admin API is for root and the server's user (uid {own_uid}); this caller \
+                 runs as uid {}",
+                cred.uid()
+            )))
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "admin connection without peer credentials refused");
-            false
+        None => {
+            tracing::warn!("admin call without peer credentials refused");
+            Err(tonic::Status::permission_denied(
+                "the admin API is for root and the server's user; this caller's uid is unknown",
+            ))
         }
     }
 }
@@ -318,6 +327,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         x509pop,
         snapshots: snapshot_rx,
         shutdown: shutdown.clone(),
+        contacts: Default::default(),
     });
     tasks.spawn_until_shutdown("serving certificate renewal", {
         let state = state.clone();
@@ -347,8 +357,12 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             ),
             shutdown.signalled(),
         );
+    let own_uid = nix::unistd::geteuid().as_raw();
     let admin_server = tonic::transport::Server::builder()
-        .add_service(AdminServer::new(AdminService::new(state.clone())))
+        .add_service(AdminServer::with_interceptor(
+            AdminService::new(state.clone()),
+            move |request| admit_administrator(request, own_uid),
+        ))
         .serve_with_incoming_shutdown(
             admin_incoming(admin_listener, shutdown.signalled()),
             shutdown.signalled(),

@@ -36,4 +36,6 @@ pub struct State {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Triggered when the server starts draining.
     pub shutdown: crate::runtime::Shutdown,
+    /// When each node's contact was last written, so that a busy node costs few writes.
+    pub contacts: node_api::Contacts,
 }

@@ -37,6 +37,41 @@ use crate::tls::TlsPeer;
 
 /// How long an attesting node gets for each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A node's last contact ("last seen") is written at most this often: an open sync stream and
+/// every event batch count as contact, and a node with many of them would otherwise write to the
+/// store for each.
+pub(crate) const CONTACT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// When each node's contact was last written to the store.
+#[derive(Debug, Default)]
+pub struct Contacts {
+    written: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
+}
+
+impl State {
+    /// Records that `node_id` was in contact now, unless that was written less than
+    /// [`CONTACT_INTERVAL`] ago.
+    async fn record_contact(&self, node_id: &str) {
+        let now = tokio::time::Instant::now();
+        {
+            // A poisoned map still holds valid instants: a panic cannot leave one half-written.
+            let mut written = self
+                .contacts
+                .written
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(at) = written.get(node_id)
+                && now.duration_since(*at) < CONTACT_INTERVAL
+            {
+                return;
+            }
+            written.insert(node_id.to_owned(), now);
+        }
+        if let Err(e) = self.store.touch_node(node_id, unix_now()).await {
+            tracing::debug!(error = %e, node = %node_id, "cannot record the node's last contact");
+        }
+    }
+}
 
 /// Why a node API call was refused. Mapped to a status in [`NodeApiError::into_status`].
 #[derive(Debug, thiserror::Error)]
@@ -586,6 +621,7 @@ impl Node for NodeService {
                         return;
                     }
                 };
+                state.record_contact(&node.id).await;
                 let message = match state.ingest(&node.id, batch).await {
                     Ok(ack) => {
                         if !ack.error.is_empty() {
@@ -666,9 +702,7 @@ impl Node for NodeService {
             .authenticated_node(leaf)
             .await
             .map_err(|e| refuse("Sync", &peer, e))?;
-        if let Err(e) = self.state.store.touch_node(&node.id, unix_now()).await {
-            tracing::debug!(error = %e, node = %node.id, "cannot record the node's last contact");
-        }
+        self.state.record_contact(&node.id).await;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(stream_updates(
             self.state.clone(),
@@ -693,6 +727,12 @@ async fn stream_updates(
     let mut sent: HashMap<String, Arc<crate::proto::tessera::Entry>> = HashMap::new();
     let mut sent_bundle: Option<Vec<Vec<u8>>> = None;
     let shutdown = state.shutdown.clone();
+    // An open stream is contact too, however long nothing changes.
+    let mut contact = tokio::time::interval_at(
+        tokio::time::Instant::now() + CONTACT_INTERVAL,
+        CONTACT_INTERVAL,
+    );
+    contact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let standing = snapshot
@@ -756,6 +796,7 @@ async fn stream_updates(
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
+            _ = contact.tick() => state.record_contact(&node_id).await,
             _ = tx.closed() => return,
             _ = shutdown.signalled() => {
                 let _ = tx.send(Err(NodeApiError::ShuttingDown.into_status())).await;
@@ -963,5 +1004,59 @@ mod tests {
         let status = rx.recv().await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         assert_eq!(status.message(), format!("node {node_id} is evicted"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn contact_is_recorded_while_a_sync_stream_is_open_at_most_once_an_interval() {
+        const LONG_AGO: i64 = 1_000;
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        token(&state, "secret-4", &[]).await;
+        let node_id = state
+            .attest_join_token("secret-4", &csrs())
+            .await
+            .unwrap()
+            .node_id;
+        let last_seen = || async {
+            let node = state.store.get_node(&node_id).await.unwrap().unwrap();
+            node.last_seen
+        };
+
+        // An event batch or a stream opening records contact, then not again within the interval.
+        state.store.touch_node(&node_id, LONG_AGO).await.unwrap();
+        state.record_contact(&node_id).await;
+        assert!(last_seen().await > LONG_AGO);
+        state.store.touch_node(&node_id, LONG_AGO).await.unwrap();
+        state.record_contact(&node_id).await;
+        assert_eq!(
+            last_seen().await,
+            LONG_AGO,
+            "written twice within the interval"
+        );
+
+        // A sync stream that stays open with nothing to send still records contact.
+        let node = state.store.get_node(&node_id).await.unwrap().unwrap();
+        let snapshot = crate::server::sync::load_snapshot(state.store.as_ref())
+            .await
+            .unwrap();
+        let (_keep, snapshots) = watch::channel(Arc::new(snapshot));
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(stream_updates(
+            state.clone(),
+            node_id.clone(),
+            node.attested_at,
+            snapshots,
+            tx,
+        ));
+        assert!(rx.recv().await.unwrap().is_ok(), "the full state first");
+        let deadline = tokio::time::Instant::now() + 3 * CONTACT_INTERVAL;
+        while last_seen().await == LONG_AGO {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an open sync stream never recorded contact"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(last_seen().await > LONG_AGO);
     }
 }

@@ -40,5 +40,6 @@ pub(crate) async fn state(dir: &std::path::Path) -> Arc<State> {
         x509pop: None,
         snapshots,
         shutdown,
+        contacts: Default::default(),
     })
 }

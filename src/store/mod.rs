@@ -350,6 +350,29 @@ pub struct EventFilter {
     pub after_seq: Option<i64>,
     /// At most this many events; 0, or more than [`MAX_EVENTS_LISTED`]: that many.
     pub limit: usize,
+    /// The order of the events returned, and so which ones a limit keeps.
+    pub order: EventOrder,
+}
+
+/// The order in which [`Datastore::list_events`] returns events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventOrder {
+    /// By `seq`, the order they were stored: the order to page and tail by (`after_seq`).
+    #[default]
+    Arrival,
+    /// By the event's own time (`time_ms`), then by arrival: the order things happened in, for
+    /// people reading a listing. Nodes upload late, so this is not the arrival order.
+    EventTime,
+}
+
+impl EventOrder {
+    /// The SQL `ORDER BY` list, the same for every backend.
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            Self::Arrival => "seq",
+            Self::EventTime => "time_ms, seq",
+        }
+    }
 }
 
 /// The most events one [`Datastore::list_events`] returns.

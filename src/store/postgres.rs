@@ -1035,9 +1035,10 @@ async fn list_events(
     }
     params.push(Box::new(events::limit(filter)));
     let sql = format!(
-        "SELECT seq, {EVENT_COLUMNS} FROM events {} {} ORDER BY seq LIMIT ${}",
+        "SELECT seq, {EVENT_COLUMNS} FROM events {} {} ORDER BY {} LIMIT ${}",
         if conditions.is_empty() { "" } else { "WHERE" },
         conditions.join(" AND "),
+        filter.order.sql(),
         params.len()
     );
     let params: Vec<&(dyn ToSql + Sync)> = params

@@ -837,9 +837,10 @@ fn select_events(conn: &Connection, filter: &EventFilter) -> Result<Vec<StoredEv
     }
     params.push(events::limit(filter).into());
     let sql = format!(
-        "SELECT seq, {EVENT_COLUMNS} FROM events {} {} ORDER BY seq LIMIT ?{}",
+        "SELECT seq, {EVENT_COLUMNS} FROM events {} {} ORDER BY {} LIMIT ?{}",
         if conditions.is_empty() { "" } else { "WHERE" },
         conditions.join(" AND "),
+        filter.order.sql(),
         params.len()
     );
     query_all(

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    BundleRoot, CallerRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord,
-    JoinTokenRecord, NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError,
-    StoredCount, StoredEvent, SvidRecord, TokenRefusal, event_kind,
+    BundleRoot, CallerRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventOrder,
+    EventRecord, JoinTokenRecord, NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus,
+    StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal, event_kind,
 };
 
 /// The clock of the suite: stores take `now` from their callers.
@@ -1021,6 +1021,43 @@ async fn uses_aggregate(store: &dyn Datastore) {
     );
 }
 
+/// A node uploads late: arrival order is not the order things happened in. Event-time order
+/// sorts by the event's time, ties by arrival, and a limit keeps the earliest events.
+async fn events_listed_in_event_time_order(store: &dyn Datastore) {
+    // Arrival order b3, b1, b2, b0; b1 and b2 happened at the same instant.
+    store
+        .store_events(vec![
+            event("b3", event_kind::SVID_ISSUED, "s3", NOW_MS + 3_000),
+            event("b1", event_kind::SVID_ISSUED, "s1", NOW_MS + 1_000),
+            event("b2", event_kind::SVID_ISSUED, "s2", NOW_MS + 1_000),
+        ])
+        .await
+        .unwrap();
+    store
+        .store_events(vec![event("b0", event_kind::SVID_ISSUED, "s0", NOW_MS)])
+        .await
+        .unwrap();
+    let by_time = |limit| EventFilter {
+        order: EventOrder::EventTime,
+        limit,
+        ..EventFilter::default()
+    };
+    let listed = store.list_events(by_time(0)).await.unwrap();
+    assert_eq!(ids(&listed), ["b0", "b1", "b2", "b3"]);
+    let first_two = store.list_events(by_time(2)).await.unwrap();
+    assert_eq!(ids(&first_two), ["b0", "b1"]);
+    let since = EventFilter {
+        since_ms: Some(NOW_MS + 1_000),
+        ..by_time(0)
+    };
+    assert_eq!(
+        ids(&store.list_events(since).await.unwrap()),
+        ["b1", "b2", "b3"]
+    );
+    // Arrival order, for paging and tailing, is unchanged.
+    assert_eq!(ids(&all_events(store).await), ["b3", "b1", "b2", "b0"]);
+}
+
 async fn event_filters_and_paging(store: &dyn Datastore) {
     let mut db = event("a3", event_kind::SVID_ISSUED, "s2", NOW_MS + 3_000);
     db.node_id = "n2".to_owned();
@@ -1623,7 +1660,7 @@ mod sqlite_suite {
             bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
-            event_filters_and_paging, events_appended_moves, prune_keeps_valid_svids,
+            event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
@@ -1739,7 +1776,7 @@ mod postgres_suite {
             bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
-            event_filters_and_paging, events_appended_moves, prune_keeps_valid_svids,
+            event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
