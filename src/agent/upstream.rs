@@ -128,9 +128,9 @@ impl Credentials {
         signing_ca_from_grant(&self.ca_der, key, self.bundle.clone())
     }
 
-    /// When to renew: at half of the shorter-lived of the node SVID and the node CA.
-    pub fn renew_at(&self) -> SystemTime {
-        let now = SystemTime::now();
+    /// When to renew: at half of the shorter-lived of the node SVID and the node CA; `now`
+    /// when neither certificate can be read.
+    pub fn renew_at(&self, now: SystemTime) -> SystemTime {
         [&self.svid_der, &self.ca_der]
             .iter()
             .filter_map(|der| half_life(der))
@@ -139,8 +139,8 @@ impl Credentials {
     }
 }
 
-fn svid_expired(credentials: &Credentials) -> bool {
-    not_after_of(&credentials.svid_der).is_none_or(|t| t <= SystemTime::now())
+fn svid_expired(credentials: &Credentials, now: SystemTime) -> bool {
+    not_after_of(&credentials.svid_der).is_none_or(|t| t <= now)
 }
 
 fn half_life(der: &[u8]) -> Option<SystemTime> {
@@ -211,6 +211,7 @@ impl StoredEntry {
 }
 
 /// The agent's state kept on disk in server mode.
+#[derive(Clone)]
 pub struct DiskState {
     dir: PathBuf,
 }
@@ -378,6 +379,19 @@ fn check_key_matches(
         ));
     }
     Ok(())
+}
+
+/// Runs `write` (file writes and their fsyncs) on the blocking pool: a slow disk then holds up
+/// no async worker, and with it no Workload API call.
+async fn on_blocking_pool<T: Send + 'static>(
+    write: impl FnOnce() -> Result<T, CaError> + Send + 'static,
+) -> Result<T, UpstreamError> {
+    match tokio::task::spawn_blocking(write).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(UpstreamError::Local(format!(
+            "writing the node state failed: {e}"
+        ))),
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CaError> {
@@ -578,7 +592,7 @@ impl Upstream {
                 }
             }
         };
-        let credentials = self.accept(granted, svid_key, ca_key)?;
+        let credentials = self.accept(granted, svid_key, ca_key).await?;
         tracing::info!(node = %credentials.node_id, server = %self.config.address, "node attested");
         Ok(credentials)
     }
@@ -598,12 +612,12 @@ impl Upstream {
             .await
             .map_err(status_error)?
             .into_inner();
-        let credentials = self.accept(granted, svid_key, ca_key)?;
+        let credentials = self.accept(granted, svid_key, ca_key).await?;
         tracing::info!(node = %credentials.node_id, "node credentials renewed");
         Ok(credentials)
     }
 
-    fn accept(
+    async fn accept(
         &self,
         granted: NodeCredentials,
         svid_key: KeyPair,
@@ -625,12 +639,16 @@ impl Upstream {
         };
         // Refuse a grant that does not fit the keys before it replaces anything on disk.
         credentials.signing_ca()?;
-        self.disk.save_credentials(&credentials)?;
-        Ok(credentials)
+        let disk = self.disk.clone();
+        on_blocking_pool(move || {
+            disk.save_credentials(&credentials)?;
+            Ok(credentials)
+        })
+        .await
     }
 
     /// Applies one sync message; returns whether the bundle changed.
-    fn apply(&mut self, update: SyncUpdate, credentials: &mut Credentials) -> bool {
+    async fn apply(&mut self, update: SyncUpdate, credentials: &mut Credentials) -> bool {
         if update.full {
             self.entries = update.upserted.iter().map(StoredEntry::from).collect();
         } else {
@@ -642,13 +660,15 @@ impl Upstream {
         }
         self.entries
             .sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        if let Err(e) = self.disk.save_entries(&self.entries) {
+        let (disk, entries) = (self.disk.clone(), self.entries.clone());
+        if let Err(e) = on_blocking_pool(move || disk.save_entries(&entries)).await {
             tracing::warn!(error = %e, "cannot save synced entries; a restart would serve older ones");
         }
         match update.bundle {
             Some(bundle) if !bundle.roots.is_empty() && bundle.roots != credentials.bundle => {
                 credentials.bundle = bundle.roots;
-                if let Err(e) = self.disk.save_bundle(&credentials.bundle) {
+                let (disk, bundle) = (self.disk.clone(), credentials.bundle.clone());
+                if let Err(e) = on_blocking_pool(move || disk.save_bundle(&bundle)).await {
                     tracing::warn!(error = %e, "cannot save the trust bundle");
                 }
                 true
@@ -711,7 +731,7 @@ pub async fn run(
     let mut refused = Backoff::new(REFUSED_PAUSE, REFUSED_PAUSE);
     loop {
         let current = match credentials.take() {
-            Some(c) if svid_expired(&c) => {
+            Some(c) if svid_expired(&c, SystemTime::now()) => {
                 if matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
                     tracing::warn!(
                         "the node SVID expired while the server was away; attesting again"
@@ -761,7 +781,11 @@ pub async fn run(
                     .cache
                     .revoke_all(crate::proto::tessera::RevocationReason::NodeEvicted);
                 upstream.entries.clear();
-                upstream.disk.remove_credentials();
+                let disk = upstream.disk.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || disk.remove_credentials()).await
+                {
+                    tracing::error!(error = %e, "forgetting the node credentials failed");
+                }
                 seams.entries.send_replace(Arc::new(EntrySet::default()));
                 credentials = None;
                 if !matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
@@ -808,7 +832,7 @@ async fn session(
     shutdown: &Shutdown,
     backoff: &mut Backoff,
 ) -> (Outcome, Option<Credentials>) {
-    if SystemTime::now() >= credentials.renew_at()
+    if SystemTime::now() >= credentials.renew_at(SystemTime::now())
         && let Err(e) = renew_into(upstream, &mut credentials, seams).await
     {
         return outcome_of(e, credentials);
@@ -830,7 +854,7 @@ async fn session(
     loop {
         // Renewal is due by the wall clock, looked at every few seconds: a suspended machine
         // renews as soon as it wakes, not after its monotonic timer runs out.
-        let renew_at = credentials.renew_at();
+        let renew_at = credentials.renew_at(SystemTime::now());
         tokio::select! {
             due = wait_until_wall_time(renew_at, SystemTime::now, shutdown) => {
                 if !due {
@@ -844,7 +868,7 @@ async fn session(
                 Ok(Some(update)) => {
                     backoff.reset();
                     let full = update.full;
-                    let bundle_changed = upstream.apply(update, &mut credentials);
+                    let bundle_changed = upstream.apply(update, &mut credentials).await;
                     if bundle_changed {
                         publish_ca(seams, &credentials);
                     }
