@@ -308,27 +308,28 @@ async fn crashes_and_outages_lose_nothing_and_double_nothing() {
     let mut server = ServerProcess::start(dir.path(), "server", "");
     let bundle = dir.path().join("bundle.pem");
     server.write_bundle(&bundle);
-    let metrics_port = free_port();
     let mut agent = AgentProcess::spawn_with(
         dir.path(),
         "agent",
         &server.address,
         &bundle,
         &joined(&server),
-        &format!("metrics_address = \"127.0.0.1:{metrics_port}\""),
+        "metrics_address = \"127.0.0.1:0\"",
     );
     agent.wait_ready();
 
     // Server away: events pile up in the spool, across a kill -9 and restart of the agent.
     server.kill();
     refused_calls(&agent, 400).await;
-    wait_spool(metrics_port, "the refusals reach the spool", |p| p >= 400);
+    wait_spool(agent.metrics_port(), "the refusals reach the spool", |p| {
+        p >= 400
+    });
     agent.kill();
     agent.spawn_again();
     agent.wait_ready();
     refused_calls(&agent, 400).await;
     // The backlog shows in the agent's metrics.
-    let metrics = scrape(metrics_port);
+    let metrics = scrape(agent.metrics_port());
     assert!(
         metrics.contains("tessera_events_recorded_total{kind=\"attestation_denied\"} 400"),
         "{metrics}"
@@ -353,9 +354,12 @@ async fn crashes_and_outages_lose_nothing_and_double_nothing() {
     agent.wait_ready();
     refused_calls(&agent, 200).await;
 
-    let denied = wait_events(&server, "attestation_denied", "all refusals", |e| {
+    wait_events(&server, "attestation_denied", "all refusals", |e| {
         e.len() >= 1000
     });
+    // Nothing left to upload: whatever the server stores now is all it will ever get.
+    wait_spool(agent.metrics_port(), "the spool drains", |p| p == 0);
+    let denied = events(&server, "attestation_denied");
     assert_unique_ids(&denied);
     assert_eq!(denied.len(), 1000, "exactly the refusals made");
     for event in &denied {
@@ -369,19 +373,20 @@ async fn a_cut_spool_tail_keeps_the_good_prefix() {
     let mut server = ServerProcess::start(dir.path(), "server", "");
     let bundle = dir.path().join("bundle.pem");
     server.write_bundle(&bundle);
-    let metrics_port = free_port();
     let mut agent = AgentProcess::spawn_with(
         dir.path(),
         "agent",
         &server.address,
         &bundle,
         &joined(&server),
-        &format!("metrics_address = \"127.0.0.1:{metrics_port}\""),
+        "metrics_address = \"127.0.0.1:0\"",
     );
     agent.wait_ready();
     server.kill();
     refused_calls(&agent, 50).await;
-    wait_spool(metrics_port, "the refusals reach the spool", |p| p >= 50);
+    wait_spool(agent.metrics_port(), "the refusals reach the spool", |p| {
+        p >= 50
+    });
     agent.kill();
 
     // Cut the last record of the newest segment in the middle.
@@ -408,7 +413,7 @@ async fn a_cut_spool_tail_keeps_the_good_prefix() {
         e.len() >= 49
     });
     // Nothing left to upload: whatever the server stores now is all it will ever get.
-    wait_spool(metrics_port, "the spool drains", |p| p == 0);
+    wait_spool(agent.metrics_port(), "the spool drains", |p| p == 0);
     let denied_after = events(&server, "attestation_denied");
     assert_eq!(
         denied_after.len(),

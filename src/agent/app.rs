@@ -111,6 +111,8 @@ pub struct AgentHandle {
     pub cache: Arc<IdentityCache>,
     /// What the standalone entry file watcher has refused, for inspection.
     pub entry_reloads: Arc<ReloadCounts>,
+    /// The bound metrics address (the real port when configured with port 0).
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Triggered to drain and stop, by [`AgentHandle::shutdown`] or by a task that died.
     shutdown: Shutdown,
     /// Every background task of the agent, the Workload API server included.
@@ -298,10 +300,17 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             .clone()
             .run_flusher(EVENT_FLUSH_INTERVAL, shutdown.signalled()),
     );
+    let mut metrics_address = None;
     if let Some(address) = config.metrics_address {
         let listener = super::metrics::bind(address)
             .await
             .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+        // The real port when configured with port 0, for whoever scrapes.
+        tracing::info!("metrics endpoint listening on {bound}");
+        metrics_address = Some(bound);
         let sources = Arc::new(super::metrics::Sources {
             recorder: recorder.clone(),
             spool: spool.clone(),
@@ -440,6 +449,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         socket_path,
         cache,
         entry_reloads,
+        metrics_address,
         shutdown,
         tasks,
     })
