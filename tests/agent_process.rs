@@ -152,8 +152,12 @@ fn agent_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let config_arg = config.display().to_string();
+    let log_path = dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut agent = spawn(&["agent", "run", "--config", &config_arg], |c| {
-        c.env("NOTIFY_SOCKET", &notify_path).stderr(Stdio::null())
+        c.env("NOTIFY_SOCKET", &notify_path)
+            .env("TESSERA_LOG", "info,tessera::agent::entries=debug")
+            .stderr(log)
     });
     let mut buf = [0u8; 64];
     let n = notify.recv(&mut buf).unwrap();
@@ -174,7 +178,23 @@ fn agent_notifies_systemd_reloads_on_sighup_and_drains_on_sigterm() {
         .unwrap()
         .set_modified(modified)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Two checks logged after the write: at least one of them began after it.
+    let checks = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .matches("entry file unchanged")
+            .count()
+    };
+    let seen = checks();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while checks() < seen + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the file poll never ran: {}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         fetch_ids(&uri),
         ["spiffe://example.org/before"],

@@ -6,7 +6,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::free_port;
 use common::*;
 use tessera::agent::{AgentConfig, BuildOptions};
 
@@ -81,14 +80,13 @@ async fn a_full_disk_is_counted_and_identities_are_still_issued() {
     std::fs::create_dir(&state).unwrap();
     // /dev/full refuses every write with ENOSPC, as a full file system does.
     std::os::unix::fs::symlink("/dev/full", state.join("audit.jsonl")).unwrap();
-    let port = free_port();
     let config_path = dir.path().join("agent.toml");
     std::fs::write(
         &config_path,
         config_text(
             dir.path(),
             &entry("/kept-going", &[&my_uid_selector()], "5m", ""),
-            &format!("metrics_address = \"127.0.0.1:{port}\""),
+            "metrics_address = \"127.0.0.1:0\"",
         ),
     )
     .unwrap();
@@ -113,7 +111,7 @@ async fn a_full_disk_is_counted_and_identities_are_still_issued() {
         message.svids[0].spiffe_id,
         format!("spiffe://{TRUST_DOMAIN}/kept-going")
     );
-    let metrics = scrape(port);
+    let metrics = scrape(handle.metrics_address.expect("metrics bound").port());
     assert!(
         metrics.contains("tessera_events_not_recorded_total{kind=\"svid_issued\"} 1"),
         "{metrics}"

@@ -65,6 +65,33 @@ fn scrape(port: u16) -> String {
     response
 }
 
+/// The agent's spool backlog (records not yet acknowledged by the server), from its metrics.
+fn spool_pending(metrics_port: u16) -> u64 {
+    let metrics = scrape(metrics_port);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_spool_pending_records "))
+        .expect("spool backlog metric")
+        .parse()
+        .unwrap()
+}
+
+/// Polls the agent's spool backlog until `check` accepts it.
+fn wait_spool(metrics_port: u16, what: &str, check: impl Fn(u64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending = spool_pending(metrics_port);
+        if check(pending) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {pending} records pending"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn assert_unique_ids(events: &[serde_json::Value]) {
     let ids: HashSet<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), events.len(), "an event was stored twice");
@@ -281,27 +308,28 @@ async fn crashes_and_outages_lose_nothing_and_double_nothing() {
     let mut server = ServerProcess::start(dir.path(), "server", "");
     let bundle = dir.path().join("bundle.pem");
     server.write_bundle(&bundle);
-    let metrics_port = free_port();
     let mut agent = AgentProcess::spawn_with(
         dir.path(),
         "agent",
         &server.address,
         &bundle,
         &joined(&server),
-        &format!("metrics_address = \"127.0.0.1:{metrics_port}\""),
+        "metrics_address = \"127.0.0.1:0\"",
     );
     agent.wait_ready();
 
     // Server away: events pile up in the spool, across a kill -9 and restart of the agent.
     server.kill();
     refused_calls(&agent, 400).await;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_spool(agent.metrics_port(), "the refusals reach the spool", |p| {
+        p >= 400
+    });
     agent.kill();
     agent.spawn_again();
     agent.wait_ready();
     refused_calls(&agent, 400).await;
     // The backlog shows in the agent's metrics.
-    let metrics = scrape(metrics_port);
+    let metrics = scrape(agent.metrics_port());
     assert!(
         metrics.contains("tessera_events_recorded_total{kind=\"attestation_denied\"} 400"),
         "{metrics}"
@@ -326,9 +354,12 @@ async fn crashes_and_outages_lose_nothing_and_double_nothing() {
     agent.wait_ready();
     refused_calls(&agent, 200).await;
 
-    let denied = wait_events(&server, "attestation_denied", "all refusals", |e| {
+    wait_events(&server, "attestation_denied", "all refusals", |e| {
         e.len() >= 1000
     });
+    // Nothing left to upload: whatever the server stores now is all it will ever get.
+    wait_spool(agent.metrics_port(), "the spool drains", |p| p == 0);
+    let denied = events(&server, "attestation_denied");
     assert_unique_ids(&denied);
     assert_eq!(denied.len(), 1000, "exactly the refusals made");
     for event in &denied {
@@ -342,16 +373,20 @@ async fn a_cut_spool_tail_keeps_the_good_prefix() {
     let mut server = ServerProcess::start(dir.path(), "server", "");
     let bundle = dir.path().join("bundle.pem");
     server.write_bundle(&bundle);
-    let mut agent = AgentProcess::start(
+    let mut agent = AgentProcess::spawn_with(
         dir.path(),
         "agent",
         &server.address,
         &bundle,
         &joined(&server),
+        "metrics_address = \"127.0.0.1:0\"",
     );
+    agent.wait_ready();
     server.kill();
     refused_calls(&agent, 50).await;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_spool(agent.metrics_port(), "the refusals reach the spool", |p| {
+        p >= 50
+    });
     agent.kill();
 
     // Cut the last record of the newest segment in the middle.
@@ -377,7 +412,8 @@ async fn a_cut_spool_tail_keeps_the_good_prefix() {
     let denied = wait_events(&server, "attestation_denied", "the good prefix", |e| {
         e.len() >= 49
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing left to upload: whatever the server stores now is all it will ever get.
+    wait_spool(agent.metrics_port(), "the spool drains", |p| p == 0);
     let denied_after = events(&server, "attestation_denied");
     assert_eq!(
         denied_after.len(),
@@ -524,7 +560,7 @@ async fn events_tail_follows_new_events_and_expired_registrations_are_flagged() 
             let _ = tx.send(line);
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // No need to wait for the tail to connect: it prints stored events before new ones.
     let agent = AgentProcess::start(
         dir.path(),
         "agent",
@@ -560,16 +596,22 @@ async fn events_tail_follows_new_events_and_expired_registrations_are_flagged() 
         "--inactivity-timeout",
         "1m",
     ]);
-    std::thread::sleep(Duration::from_millis(2500));
-    let inventory = server.admin_json(&["inventory"]);
-    let identity = inventory["identities"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["entry_id"] == entry["id"])
-        .unwrap()
-        .clone();
-    assert_eq!(identity["registration_expired"], true, "{identity}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let identity = loop {
+        let inventory = server.admin_json(&["inventory"]);
+        let identity = inventory["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["entry_id"] == entry["id"])
+            .unwrap()
+            .clone();
+        if identity["registration_expired"] == true {
+            break identity;
+        }
+        assert!(Instant::now() < deadline, "never expired: {identity}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(identity["unused_past_timeout"], false, "{identity}");
     assert!(String::from_utf8_lossy(&server.admin(&["inventory"]).stdout).contains("EXPIRED"));
 }

@@ -439,7 +439,20 @@ async fn bad_node_credentials_are_refused_with_clear_messages() {
     );
     let out = server.admin(&["token", "create", "--ttl", "1s"]);
     let short = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    std::thread::sleep(Duration::from_millis(2100));
+    // The server stores the expiry in whole seconds, usable through its last second: past it
+    // once the wall clock has moved two whole seconds beyond the creation.
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let created = unix_now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while unix_now() < created + 2 {
+        assert!(Instant::now() < deadline, "the wall clock does not move");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     refused(
         "expired-token",
         &format!("join_token = \"{short}\""),

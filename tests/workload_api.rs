@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use spiffe::{TrustDomain, WorkloadApiClient, WorkloadApiError, X509Source};
@@ -253,12 +253,17 @@ async fn entry_changes_reach_open_streams_and_removal_ends_them() {
     );
 
     // A broken file is refused and the last good entries stay in force.
+    let refused = agent.handle.entry_reloads.refused();
     std::fs::write(
         &agent.config_path,
         "trust_domain = \"example.org\"\n[[entry]]\nspiffe_id = 7\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.handle.entry_reloads.refused() == refused {
+        assert!(Instant::now() < deadline, "the broken file was never read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(client.fetch_all_x509_svids().await.unwrap().len(), 2);
 
     // Every matching entry removed: the stream ends with PermissionDenied.

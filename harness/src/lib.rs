@@ -98,6 +98,22 @@ pub fn free_loopback_address() -> Result<SocketAddr, Error> {
         .map_err(io_error("finding a free loopback port"))
 }
 
+/// The word after the first `marker` in `log` from byte `start` on, once its line is complete.
+fn logged_after(log: &Path, start: u64, marker: &str) -> Option<String> {
+    let bytes = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(bytes.get(start as usize..)?);
+    let line = text.split_inclusive('\n').find(|l| l.contains(marker))?;
+    if !line.ends_with('\n') {
+        return None;
+    }
+    let (_, after) = line.split_once(marker)?;
+    let word: String = after
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != ',')
+        .collect();
+    Some(word).filter(|w| !w.is_empty())
+}
+
 /// A command for `program` whose process is killed when the thread that starts it dies,
 /// however it dies (a harness killed by a test timeout must not leave agents running).
 ///
@@ -124,6 +140,8 @@ pub struct Process {
     child: Child,
     name: String,
     log: Option<PathBuf>,
+    /// Where this process's output begins in its log (earlier runs may have appended to it).
+    log_start: u64,
 }
 
 impl Process {
@@ -137,6 +155,7 @@ impl Process {
             child,
             name,
             log: None,
+            log_start: 0,
         })
     }
 
@@ -156,9 +175,14 @@ impl Process {
         let err = file
             .try_clone()
             .map_err(io_error(format!("opening {}", log.display())))?;
+        let log_start = file
+            .metadata()
+            .map_err(io_error(format!("opening {}", log.display())))?
+            .len();
         command.stdin(Stdio::null()).stdout(file).stderr(err);
         let mut process = Self::spawn(command, name)?;
         process.log = Some(log.to_path_buf());
+        process.log_start = log_start;
         Ok(process)
     }
 
@@ -212,6 +236,31 @@ impl Process {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Waits until this process logs `marker` and returns the word after it (up to white
+    /// space, a quote or a comma, so text and JSON logs both work): how a child reports what it
+    /// chose itself, such as the port it bound. Fails when the process exits first or `limit`
+    /// passes; only this process's own output counts, not an earlier run's in the same log.
+    pub fn wait_for_logged(&mut self, marker: &str, limit: Duration) -> Result<String, Error> {
+        let (log, start) = match &self.log {
+            Some(log) => (log.clone(), self.log_start),
+            None => {
+                return Err(Error::Io {
+                    what: format!("finding {marker:?} in the log of {}", self.name),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "started without a log file",
+                    ),
+                });
+            }
+        };
+        let mut found = None;
+        self.wait_ready(&format!("logging {marker:?}"), limit, || {
+            found = logged_after(&log, start, marker);
+            found.is_some()
+        })?;
+        Ok(found.unwrap_or_default())
     }
 
     /// Waits until the Unix socket `socket` accepts connections.
@@ -357,6 +406,26 @@ mod tests {
             text.contains("sh exited") && text.contains("starting up"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_logged_value_is_read_from_this_run_only() {
+        let dir = std::env::temp_dir().join(format!("tessera-harness-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("child.log");
+        std::fs::write(&log, "old run: listening on 127.0.0.1:1111\n").unwrap();
+        let mut process = Process::spawn_logged(
+            command("/bin/sh").args([
+                "-c",
+                "echo 'INFO x: listening on 127.0.0.1:2222 more'; exec sleep 30",
+            ]),
+            "sh",
+            &log,
+        )
+        .unwrap();
+        let found = process.wait_for_logged("listening on ", Duration::from_secs(10));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(found.unwrap(), "127.0.0.1:2222");
     }
 
     #[test]

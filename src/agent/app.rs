@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::cache::IdentityCache;
 use super::config::AgentConfig;
 use super::endpoint::{self, EndpointError};
-use super::entries::watch_config_file;
+use super::entries::{ReloadCounts, watch_config_file};
 use super::upstream::{Credentials, Seams, Upstream, UpstreamError};
 use super::workload::{WorkloadService, check_security_header};
 use crate::attest::{Attestor, PinMode};
@@ -109,6 +109,10 @@ pub struct AgentHandle {
     pub socket_path: PathBuf,
     /// The identity cache, for inspection.
     pub cache: Arc<IdentityCache>,
+    /// What the standalone entry file watcher has refused, for inspection.
+    pub entry_reloads: Arc<ReloadCounts>,
+    /// The bound metrics address (the real port when configured with port 0).
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Triggered to drain and stop, by [`AgentHandle::shutdown`] or by a task that died.
     shutdown: Shutdown,
     /// Every background task of the agent, the Workload API server included.
@@ -200,6 +204,7 @@ async fn renew_ca_when_due(
 fn spawn_entry_source(
     config: &AgentConfig,
     entries_tx: watch::Sender<Arc<crate::entry::EntrySet>>,
+    counts: Arc<ReloadCounts>,
     tasks: &Tasks,
 ) {
     let stop = tasks.shutdown().signalled();
@@ -207,7 +212,7 @@ fn spawn_entry_source(
         Some(file) => {
             tasks.spawn_until_shutdown(
                 "entry file watcher",
-                watch_config_file(file, config.trust_domain.clone(), entries_tx, stop),
+                watch_config_file(file, config.trust_domain.clone(), entries_tx, counts, stop),
             );
         }
         None => {
@@ -295,10 +300,17 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             .clone()
             .run_flusher(EVENT_FLUSH_INTERVAL, shutdown.signalled()),
     );
+    let mut metrics_address = None;
     if let Some(address) = config.metrics_address {
         let listener = super::metrics::bind(address)
             .await
             .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+        // The real port when configured with port 0, for whoever scrapes.
+        tracing::info!("metrics endpoint listening on {bound}");
+        metrics_address = Some(bound);
         let sources = Arc::new(super::metrics::Sources {
             recorder: recorder.clone(),
             spool: spool.clone(),
@@ -309,6 +321,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         );
     }
     let cache = IdentityCache::new(entries, ca, recorder.clone());
+    let entry_reloads = Arc::new(ReloadCounts::default());
     tasks.spawn_until_shutdown(
         "SVID rotation",
         cache
@@ -347,7 +360,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
                 shutdown.clone(),
             ),
         );
-        spawn_entry_source(&config, entries_tx, &tasks);
+        spawn_entry_source(&config, entries_tx, entry_reloads.clone(), &tasks);
     }
 
     let attestor = Arc::new(Attestor::new(config.exe_hash_size_limit, options.pin_mode));
@@ -435,6 +448,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     Ok(AgentHandle {
         socket_path,
         cache,
+        entry_reloads,
+        metrics_address,
         shutdown,
         tasks,
     })

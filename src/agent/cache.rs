@@ -132,6 +132,11 @@ impl IdentityCache {
         self.generation.subscribe()
     }
 
+    /// How many SVIDs are cached; only these are ever renewed.
+    pub fn cached_svids(&self) -> usize {
+        self.lock().svids.len()
+    }
+
     /// The current entries.
     pub fn entries(&self) -> Arc<EntrySet> {
         self.lock().entries.clone()

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -33,11 +34,26 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// What the watcher has refused, so that a caller can tell "kept the last good entries" from
+/// "has not looked at the file yet".
+#[derive(Debug, Default)]
+pub struct ReloadCounts {
+    refused: AtomicU64,
+}
+
+impl ReloadCounts {
+    /// How many reloads were refused (a file that does not parse, or another trust domain).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Acquire)
+    }
+}
+
 /// Watches `file` and publishes its entries on `entries` until `shutdown` resolves.
 pub async fn watch_config_file(
     file: PathBuf,
     trust_domain: TrustDomain,
     entries: watch::Sender<Arc<EntrySet>>,
+    counts: Arc<ReloadCounts>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -56,12 +72,17 @@ pub async fn watch_config_file(
             _ = async { match hangup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => "SIGHUP",
             _ = ticker.tick() => {
                 let now = stamp(&file);
-                if now == last { continue; }
+                if now == last {
+                    tracing::debug!(file = %file.display(), "entry file unchanged");
+                    continue;
+                }
                 last = now;
                 "file change"
             }
         };
-        reload(&file, &trust_domain, &entries, reason);
+        if !reload(&file, &trust_domain, &entries, reason) {
+            counts.refused.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -70,7 +91,7 @@ fn reload(
     trust_domain: &TrustDomain,
     entries: &watch::Sender<Arc<EntrySet>>,
     reason: &str,
-) {
+) -> bool {
     match AgentConfig::load(file) {
         Ok(config) if config.trust_domain != *trust_domain => {
             tracing::error!(
@@ -79,6 +100,7 @@ fn reload(
                 serving = %trust_domain,
                 "trust_domain changed; restart the agent to change it. Keeping the last good entries"
             );
+            false
         }
         Ok(config) => {
             let count = config.entries.entries.len();
@@ -90,9 +112,11 @@ fn reload(
                 true
             });
             tracing::info!(file = %file.display(), reason, entries = count, changed, "reloaded registration entries");
+            true
         }
         Err(e) => {
             tracing::error!(reason, error = %e, "cannot reload entries; keeping the last good ones");
+            false
         }
     }
 }

@@ -128,9 +128,9 @@ impl Credentials {
         signing_ca_from_grant(&self.ca_der, key, self.bundle.clone())
     }
 
-    /// When to renew: at half of the shorter-lived of the node SVID and the node CA.
-    pub fn renew_at(&self) -> SystemTime {
-        let now = SystemTime::now();
+    /// When to renew: at half of the shorter-lived of the node SVID and the node CA; `now`
+    /// when neither certificate can be read.
+    pub fn renew_at(&self, now: SystemTime) -> SystemTime {
         [&self.svid_der, &self.ca_der]
             .iter()
             .filter_map(|der| half_life(der))
@@ -139,8 +139,8 @@ impl Credentials {
     }
 }
 
-fn svid_expired(credentials: &Credentials) -> bool {
-    not_after_of(&credentials.svid_der).is_none_or(|t| t <= SystemTime::now())
+fn svid_expired(credentials: &Credentials, now: SystemTime) -> bool {
+    not_after_of(&credentials.svid_der).is_none_or(|t| t <= now)
 }
 
 fn half_life(der: &[u8]) -> Option<SystemTime> {
@@ -211,6 +211,7 @@ impl StoredEntry {
 }
 
 /// The agent's state kept on disk in server mode.
+#[derive(Clone)]
 pub struct DiskState {
     dir: PathBuf,
 }
@@ -378,6 +379,19 @@ fn check_key_matches(
         ));
     }
     Ok(())
+}
+
+/// Runs `write` (file writes and their fsyncs) on the blocking pool: a slow disk then holds up
+/// no async worker, and with it no Workload API call.
+async fn on_blocking_pool<T: Send + 'static>(
+    write: impl FnOnce() -> Result<T, CaError> + Send + 'static,
+) -> Result<T, UpstreamError> {
+    match tokio::task::spawn_blocking(write).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(UpstreamError::Local(format!(
+            "writing the node state failed: {e}"
+        ))),
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CaError> {
@@ -578,7 +592,7 @@ impl Upstream {
                 }
             }
         };
-        let credentials = self.accept(granted, svid_key, ca_key)?;
+        let credentials = self.accept(granted, svid_key, ca_key).await?;
         tracing::info!(node = %credentials.node_id, server = %self.config.address, "node attested");
         Ok(credentials)
     }
@@ -598,12 +612,12 @@ impl Upstream {
             .await
             .map_err(status_error)?
             .into_inner();
-        let credentials = self.accept(granted, svid_key, ca_key)?;
+        let credentials = self.accept(granted, svid_key, ca_key).await?;
         tracing::info!(node = %credentials.node_id, "node credentials renewed");
         Ok(credentials)
     }
 
-    fn accept(
+    async fn accept(
         &self,
         granted: NodeCredentials,
         svid_key: KeyPair,
@@ -625,12 +639,16 @@ impl Upstream {
         };
         // Refuse a grant that does not fit the keys before it replaces anything on disk.
         credentials.signing_ca()?;
-        self.disk.save_credentials(&credentials)?;
-        Ok(credentials)
+        let disk = self.disk.clone();
+        on_blocking_pool(move || {
+            disk.save_credentials(&credentials)?;
+            Ok(credentials)
+        })
+        .await
     }
 
     /// Applies one sync message; returns whether the bundle changed.
-    fn apply(&mut self, update: SyncUpdate, credentials: &mut Credentials) -> bool {
+    async fn apply(&mut self, update: SyncUpdate, credentials: &mut Credentials) -> bool {
         if update.full {
             self.entries = update.upserted.iter().map(StoredEntry::from).collect();
         } else {
@@ -642,13 +660,15 @@ impl Upstream {
         }
         self.entries
             .sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        if let Err(e) = self.disk.save_entries(&self.entries) {
+        let (disk, entries) = (self.disk.clone(), self.entries.clone());
+        if let Err(e) = on_blocking_pool(move || disk.save_entries(&entries)).await {
             tracing::warn!(error = %e, "cannot save synced entries; a restart would serve older ones");
         }
         match update.bundle {
             Some(bundle) if !bundle.roots.is_empty() && bundle.roots != credentials.bundle => {
                 credentials.bundle = bundle.roots;
-                if let Err(e) = self.disk.save_bundle(&credentials.bundle) {
+                let (disk, bundle) = (self.disk.clone(), credentials.bundle.clone());
+                if let Err(e) = on_blocking_pool(move || disk.save_bundle(&bundle)).await {
                     tracing::warn!(error = %e, "cannot save the trust bundle");
                 }
                 true
@@ -711,7 +731,7 @@ pub async fn run(
     let mut refused = Backoff::new(REFUSED_PAUSE, REFUSED_PAUSE);
     loop {
         let current = match credentials.take() {
-            Some(c) if svid_expired(&c) => {
+            Some(c) if svid_expired(&c, SystemTime::now()) => {
                 if matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
                     tracing::warn!(
                         "the node SVID expired while the server was away; attesting again"
@@ -761,7 +781,11 @@ pub async fn run(
                     .cache
                     .revoke_all(crate::proto::tessera::RevocationReason::NodeEvicted);
                 upstream.entries.clear();
-                upstream.disk.remove_credentials();
+                let disk = upstream.disk.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || disk.remove_credentials()).await
+                {
+                    tracing::error!(error = %e, "forgetting the node credentials failed");
+                }
                 seams.entries.send_replace(Arc::new(EntrySet::default()));
                 credentials = None;
                 if !matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
@@ -808,7 +832,7 @@ async fn session(
     shutdown: &Shutdown,
     backoff: &mut Backoff,
 ) -> (Outcome, Option<Credentials>) {
-    if SystemTime::now() >= credentials.renew_at()
+    if SystemTime::now() >= credentials.renew_at(SystemTime::now())
         && let Err(e) = renew_into(upstream, &mut credentials, seams).await
     {
         return outcome_of(e, credentials);
@@ -830,7 +854,7 @@ async fn session(
     loop {
         // Renewal is due by the wall clock, looked at every few seconds: a suspended machine
         // renews as soon as it wakes, not after its monotonic timer runs out.
-        let renew_at = credentials.renew_at();
+        let renew_at = credentials.renew_at(SystemTime::now());
         tokio::select! {
             due = wait_until_wall_time(renew_at, SystemTime::now, shutdown) => {
                 if !due {
@@ -844,7 +868,7 @@ async fn session(
                 Ok(Some(update)) => {
                     backoff.reset();
                     let full = update.full;
-                    let bundle_changed = upstream.apply(update, &mut credentials);
+                    let bundle_changed = upstream.apply(update, &mut credentials).await;
                     if bundle_changed {
                         publish_ca(seams, &credentials);
                     }
@@ -855,6 +879,617 @@ async fn session(
                 Ok(None) => return (Outcome::Retry(UpstreamError::Unavailable("sync stream ended".into())), Some(credentials)),
                 Err(status) => return outcome_of(status_error(status), credentials),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::generate_root;
+    use crate::ca::node::{node_spiffe_id, sign_node_ca, sign_node_svid};
+    use crate::proto::tessera::Bundle;
+
+    fn trust_domain() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn upstream(state_dir: &Path) -> Upstream {
+        let config = UpstreamConfig {
+            address: "127.0.0.1:1".into(),
+            trust_bundle_file: state_dir.join("bootstrap.pem"),
+            attestation: NodeAttestation::JoinToken("unused".into()),
+        };
+        Upstream::new(config, trust_domain(), state_dir)
+    }
+
+    /// Credentials as a server would grant them at `now`, with these lifetimes.
+    fn granted(now: SystemTime, svid_ttl: Duration, ca_ttl: Duration) -> Credentials {
+        let td = trust_domain();
+        let (root, _, _) = generate_root(&td, Duration::from_secs(86_400), now, 1, "root").unwrap();
+        let (svid_key, svid_csr) = key_and_csr().unwrap();
+        let (ca_key, ca_csr) = key_and_csr().unwrap();
+        let node = node_spiffe_id(&td, "n1").unwrap();
+        let svid = sign_node_svid(&root, &node, &svid_csr, svid_ttl, now).unwrap();
+        let ca = sign_node_ca(&root, &td, "n1", &ca_csr, ca_ttl, now).unwrap();
+        Credentials {
+            node_id: "n1".into(),
+            svid_der: svid.der,
+            svid_key_pem: Zeroizing::new(svid_key.serialize_pem()),
+            ca_der: ca.der,
+            ca_key_pem: Zeroizing::new(ca_key.serialize_pem()),
+            bundle: root.bundle.clone(),
+        }
+    }
+
+    fn entry(name: &str, created_at: i64) -> Entry {
+        Entry {
+            id: name.into(),
+            spiffe_id: format!("spiffe://example.org/{name}"),
+            selectors: vec!["unix:uid:1000".into()],
+            x509_ttl_seconds: 300,
+            owner: "o".into(),
+            purpose: "p".into(),
+            revision: 1,
+            created_at,
+            ..Default::default()
+        }
+    }
+
+    fn served(upstream: &Upstream) -> Vec<String> {
+        upstream
+            .entry_set()
+            .entries
+            .iter()
+            .map(|e| e.spiffe_id.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn renewal_is_due_at_half_of_the_shorter_lived_credential() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ten_minutes = Duration::from_secs(600);
+        let credentials = granted(now, ten_minutes, Duration::from_secs(3600));
+        let due = credentials.renew_at(now);
+        // Half of the SVID's ten minutes, counted from its back-dated start.
+        assert!(
+            due <= now + ten_minutes / 2 && due >= now + ten_minutes / 2 - crate::ca::BACKDATE,
+            "{:?}",
+            due.duration_since(now)
+        );
+        let shorter_ca = granted(now, Duration::from_secs(3600), ten_minutes);
+        assert_eq!(shorter_ca.renew_at(now), due);
+        assert!(!svid_expired(
+            &credentials,
+            now + ten_minutes - Duration::from_secs(1)
+        ));
+        assert!(svid_expired(&credentials, now + ten_minutes));
+    }
+
+    #[test]
+    fn unreadable_credentials_are_due_at_once_and_expired() {
+        let now = SystemTime::now();
+        let mut credentials = granted(now, Duration::from_secs(600), Duration::from_secs(600));
+        credentials.svid_der = b"not a certificate".to_vec();
+        credentials.ca_der = Vec::new();
+        assert_eq!(credentials.renew_at(now), now);
+        assert!(svid_expired(&credentials, now));
+    }
+
+    #[tokio::test]
+    async fn a_full_sync_replaces_a_delta_patches_and_both_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut link = upstream(dir.path());
+        let mut credentials = granted(
+            SystemTime::now(),
+            Duration::from_secs(600),
+            Duration::from_secs(600),
+        );
+        let roots = credentials.bundle.clone();
+        // Attestation saves the credentials first, and with them the state directory.
+        link.disk.save_credentials(&credentials).unwrap();
+
+        let full = SyncUpdate {
+            full: true,
+            upserted: vec![entry("b", 2), entry("a", 1)],
+            removed: Vec::new(),
+            bundle: Some(Bundle {
+                roots: roots.clone(),
+                ..Default::default()
+            }),
+        };
+        assert!(
+            !link.apply(full, &mut credentials).await,
+            "the same bundle is no change"
+        );
+        assert_eq!(
+            served(&link),
+            ["spiffe://example.org/a", "spiffe://example.org/b"],
+            "creation order"
+        );
+
+        let delta = SyncUpdate {
+            full: false,
+            upserted: vec![entry("c", 3)],
+            removed: vec!["a".into()],
+            bundle: None,
+        };
+        assert!(!link.apply(delta, &mut credentials).await);
+        assert_eq!(
+            served(&link),
+            ["spiffe://example.org/b", "spiffe://example.org/c"]
+        );
+
+        let mut rotated = roots.clone();
+        rotated.push(
+            granted(
+                SystemTime::now(),
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            )
+            .bundle[0]
+                .clone(),
+        );
+        let new_bundle = SyncUpdate {
+            bundle: Some(Bundle {
+                roots: rotated.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(link.apply(new_bundle, &mut credentials).await);
+        assert_eq!(credentials.bundle, rotated);
+
+        // What a restart finds: the patched entries and the new bundle.
+        let restarted = upstream(dir.path());
+        assert_eq!(
+            served(&restarted),
+            ["spiffe://example.org/b", "spiffe://example.org/c"]
+        );
+        assert_eq!(restarted.disk.load_bundle().unwrap(), rotated);
+    }
+
+    #[tokio::test]
+    async fn an_entry_the_agent_cannot_serve_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut link = upstream(dir.path());
+        let mut credentials = granted(
+            SystemTime::now(),
+            Duration::from_secs(600),
+            Duration::from_secs(600),
+        );
+        let mut foreign = entry("foreign", 1);
+        foreign.spiffe_id = "spiffe://elsewhere.org/foreign".into();
+        let update = SyncUpdate {
+            full: true,
+            upserted: vec![foreign, entry("ours", 2)],
+            ..Default::default()
+        };
+        link.apply(update, &mut credentials).await;
+        assert_eq!(served(&link), ["spiffe://example.org/ours"]);
+    }
+
+    #[tokio::test]
+    async fn saved_credentials_load_back_and_a_torn_save_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = upstream(dir.path());
+        let credentials = granted(
+            SystemTime::now(),
+            Duration::from_secs(600),
+            Duration::from_secs(600),
+        );
+        let svid = credentials.svid_der.clone();
+        let disk = link.disk.clone();
+        on_blocking_pool(move || disk.save_credentials(&credentials))
+            .await
+            .unwrap();
+        let loaded = link.load_saved().unwrap().unwrap();
+        assert_eq!(loaded.svid_der, svid);
+
+        // A crash between the key's rename and its certificate's: another key beside it.
+        let (other, _) = key_and_csr().unwrap();
+        std::fs::write(
+            dir.path().join("upstream").join(NODE_SVID_KEY_FILE),
+            other.serialize_pem(),
+        )
+        .unwrap();
+        match link.load_saved() {
+            Err(UpstreamError::UnusableState { problem, .. }) => assert!(
+                problem.contains("does not match the public key in node_svid.pem"),
+                "{problem}"
+            ),
+            other => panic!(
+                "expected UnusableState, got {:?}",
+                other.map(|c| c.is_some())
+            ),
+        }
+    }
+
+    /// The link runs whole against this: a node API that grants what it
+    /// is asked, plays the sync streams a test scripts, and counts calls.
+    mod scripted_server {
+        use std::collections::VecDeque;
+        use std::net::SocketAddr;
+        use std::pin::Pin;
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use tokio_stream::{Stream, StreamExt};
+        use tonic::{Request, Response, Status, Streaming};
+
+        use super::*;
+        use crate::ca::node::sign_server_svid;
+        use crate::events::SpoolLog;
+        use crate::events::recorder::Recorder;
+        use crate::proto::tessera::node_server::{Node, NodeServer};
+        use crate::proto::tessera::{AttestResponse, Bundle, EventAck, EventBatch};
+
+        type Replies<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+        /// One sync stream as the fake server plays it: these updates, then held open or ended.
+        struct SyncScript {
+            updates: Vec<Result<SyncUpdate, Status>>,
+            hold: bool,
+        }
+
+        #[derive(Default)]
+        struct Calls {
+            attest: AtomicUsize,
+            renew: AtomicUsize,
+            sync: AtomicUsize,
+        }
+
+        struct FakeNode {
+            root: SigningCa,
+            svid_ttl: Duration,
+            calls: Arc<Calls>,
+            syncs: Mutex<VecDeque<SyncScript>>,
+        }
+
+        impl FakeNode {
+            fn grant(&self, csrs: Option<Csrs>) -> Result<NodeCredentials, Status> {
+                let csrs = csrs.ok_or_else(|| Status::invalid_argument("csrs are required"))?;
+                let td = trust_domain();
+                let now = SystemTime::now();
+                let refused = |e: &dyn std::fmt::Display| Status::invalid_argument(e.to_string());
+                let node = node_spiffe_id(&td, "n1").map_err(|e| refused(&e))?;
+                let svid = sign_node_svid(&self.root, &node, &csrs.node_svid, self.svid_ttl, now)
+                    .map_err(|e| refused(&e))?;
+                let ca = sign_node_ca(
+                    &self.root,
+                    &td,
+                    "n1",
+                    &csrs.ca,
+                    Duration::from_secs(3600),
+                    now,
+                )
+                .map_err(|e| refused(&e))?;
+                Ok(NodeCredentials {
+                    node_id: "n1".into(),
+                    spiffe_id: node.to_string(),
+                    node_svid: svid.der,
+                    ca_cert: ca.der,
+                    bundle: Some(Bundle {
+                        roots: self.root.bundle.clone(),
+                        ..Default::default()
+                    }),
+                })
+            }
+        }
+
+        #[tonic::async_trait]
+        impl Node for FakeNode {
+            type AttestStream = Replies<AttestResponse>;
+            type SyncStream = Replies<SyncUpdate>;
+            type ReportEventsStream = Replies<EventAck>;
+
+            async fn attest(
+                &self,
+                request: Request<Streaming<AttestRequest>>,
+            ) -> Result<Response<Self::AttestStream>, Status> {
+                self.calls.attest.fetch_add(1, Ordering::SeqCst);
+                let first = request
+                    .into_inner()
+                    .message()
+                    .await?
+                    .ok_or_else(|| Status::invalid_argument("no attestation request"))?;
+                let answer = AttestResponse {
+                    step: Some(attest_response::Step::Credentials(self.grant(first.csrs)?)),
+                };
+                Ok(Response::new(Box::pin(tokio_stream::iter([Ok(answer)]))))
+            }
+
+            async fn renew(
+                &self,
+                request: Request<RenewRequest>,
+            ) -> Result<Response<NodeCredentials>, Status> {
+                self.calls.renew.fetch_add(1, Ordering::SeqCst);
+                self.grant(request.into_inner().csrs).map(Response::new)
+            }
+
+            async fn sync(
+                &self,
+                _: Request<SyncRequest>,
+            ) -> Result<Response<Self::SyncStream>, Status> {
+                self.calls.sync.fetch_add(1, Ordering::SeqCst);
+                let script = self
+                    .syncs
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(SyncScript {
+                        updates: vec![Ok(full(&[]))],
+                        hold: true,
+                    });
+                let played = tokio_stream::iter(script.updates);
+                let stream: Self::SyncStream = if script.hold {
+                    Box::pin(played.chain(tokio_stream::pending()))
+                } else {
+                    Box::pin(played)
+                };
+                Ok(Response::new(stream))
+            }
+
+            async fn report_events(
+                &self,
+                _: Request<Streaming<EventBatch>>,
+            ) -> Result<Response<Self::ReportEventsStream>, Status> {
+                Ok(Response::new(Box::pin(tokio_stream::pending())))
+            }
+        }
+
+        fn full(entries: &[Entry]) -> SyncUpdate {
+            SyncUpdate {
+                full: true,
+                upserted: entries.to_vec(),
+                ..Default::default()
+            }
+        }
+
+        /// A fake node API serving over TLS on a loopback port the kernel picks, until
+        /// `shutdown`; its address, call counts and roots.
+        async fn serve(
+            svid_ttl: Duration,
+            scripts: Vec<SyncScript>,
+            shutdown: &Shutdown,
+        ) -> (SocketAddr, Arc<Calls>, Vec<Vec<u8>>) {
+            let td = trust_domain();
+            let now = SystemTime::now();
+            let (root, _, _) =
+                generate_root(&td, Duration::from_secs(86_400), now, 1, "root").unwrap();
+            let (cert, key) = sign_server_svid(&root, &td, Duration::from_secs(3600), now).unwrap();
+            let tls = crate::tls::server_config(&[cert.der], &key, &root.bundle).unwrap();
+            let (configs_tx, configs) = watch::channel(tls);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let calls = Arc::new(Calls::default());
+            let roots = root.bundle.clone();
+            let node = FakeNode {
+                root,
+                svid_ttl,
+                calls: calls.clone(),
+                syncs: Mutex::new(scripts.into()),
+            };
+            let incoming = crate::tls::incoming(
+                listener,
+                configs,
+                crate::tls::ConnectionLimits::from_descriptor_limit(),
+                shutdown.signalled(),
+            );
+            let stop = shutdown.signalled();
+            tokio::spawn(async move {
+                let _configs_tx = configs_tx;
+                let _ = tonic::transport::Server::builder()
+                    .add_service(NodeServer::new(node))
+                    .serve_with_incoming_shutdown(incoming, stop)
+                    .await;
+            });
+            (address, calls, roots)
+        }
+
+        /// The client's link, running as the agent runs it, joining with a token.
+        struct Link {
+            entries: watch::Receiver<Arc<EntrySet>>,
+            ca: watch::Receiver<Arc<SigningCa>>,
+            shutdown: Shutdown,
+            task: tokio::task::JoinHandle<()>,
+        }
+
+        fn start_link(state_dir: &Path, address: SocketAddr, roots: &[Vec<u8>]) -> Link {
+            let td = trust_domain();
+            let bootstrap = state_dir.join("bootstrap.pem");
+            std::fs::write(&bootstrap, to_pem("CERTIFICATE", roots)).unwrap();
+            let config = UpstreamConfig {
+                address: address.to_string(),
+                trust_bundle_file: bootstrap,
+                attestation: NodeAttestation::JoinToken("t".into()),
+            };
+            let (placeholder, _, _) = generate_root(
+                &td,
+                Duration::from_secs(3600),
+                SystemTime::now(),
+                0,
+                "placeholder",
+            )
+            .unwrap();
+            let placeholder = Arc::new(placeholder);
+            let spool = crate::events::open_spool(&state_dir.join("spool")).unwrap();
+            let recorder = Arc::new(Recorder::new(
+                "example.org",
+                "",
+                Box::new(SpoolLog(spool.clone())),
+            ));
+            let cache = crate::agent::cache::IdentityCache::new(
+                Arc::new(EntrySet::default()),
+                placeholder.clone(),
+                recorder,
+            );
+            let (entries_tx, entries) = watch::channel(Arc::new(EntrySet::default()));
+            let (ca_tx, ca) = watch::channel(placeholder);
+            let seams = Seams {
+                entries: entries_tx,
+                ca: ca_tx,
+                cache,
+                spool,
+            };
+            let shutdown = Shutdown::new();
+            let task = tokio::spawn(run(
+                Upstream::new(config, td, state_dir),
+                None,
+                seams,
+                shutdown.clone(),
+            ));
+            Link {
+                entries,
+                ca,
+                shutdown,
+                task,
+            }
+        }
+
+        impl Link {
+            async fn stop(self) {
+                self.shutdown.trigger();
+                tokio::time::timeout(Duration::from_secs(10), self.task)
+                    .await
+                    .expect("the link stops on shutdown")
+                    .unwrap();
+            }
+        }
+
+        async fn entries_become(link: &mut Link, names: &[&str]) {
+            let wanted: Vec<String> = names
+                .iter()
+                .map(|n| format!("spiffe://example.org/{n}"))
+                .collect();
+            let names_of = |set: &EntrySet| -> Vec<String> {
+                set.entries
+                    .iter()
+                    .map(|e| e.spiffe_id.to_string())
+                    .collect()
+            };
+            let reached = matches!(
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    link.entries.wait_for(|set| names_of(set) == wanted),
+                )
+                .await,
+                Ok(Ok(_))
+            );
+            assert!(
+                reached,
+                "entries never became {wanted:?}: {:?}",
+                names_of(&link.entries.borrow())
+            );
+        }
+
+        #[tokio::test]
+        async fn a_node_attests_serves_what_it_syncs_and_reconnects_when_the_stream_ends() {
+            let dir = tempfile::tempdir().unwrap();
+            let server = Shutdown::new();
+            let scripts = vec![
+                SyncScript {
+                    updates: vec![Ok(full(&[entry("a", 1)]))],
+                    hold: false,
+                },
+                SyncScript {
+                    updates: vec![Ok(full(&[entry("a", 1), entry("b", 2)]))],
+                    hold: true,
+                },
+            ];
+            let (address, calls, roots) = serve(Duration::from_secs(600), scripts, &server).await;
+            let mut link = start_link(dir.path(), address, &roots);
+
+            entries_become(&mut link, &["a", "b"]).await;
+            assert_eq!(calls.attest.load(Ordering::SeqCst), 1);
+            assert_eq!(calls.sync.load(Ordering::SeqCst), 2, "one reconnect");
+            assert_eq!(
+                link.ca.borrow().bundle,
+                roots,
+                "the granted CA is published"
+            );
+            let state = dir.path().join("upstream");
+            assert_eq!(
+                std::fs::read_to_string(state.join(NODE_ID_FILE)).unwrap(),
+                "n1"
+            );
+            let saved: Vec<StoredEntry> =
+                serde_json::from_slice(&std::fs::read(state.join(ENTRIES_FILE)).unwrap()).unwrap();
+            assert_eq!(saved.len(), 2);
+            link.stop().await;
+            server.trigger();
+        }
+
+        #[tokio::test]
+        async fn credentials_are_renewed_at_half_life_and_the_new_ca_published() {
+            let dir = tempfile::tempdir().unwrap();
+            let server = Shutdown::new();
+            // Fourteen seconds, back-dated by ten: half of the life is over two seconds after
+            // the grant.
+            let (address, calls, roots) = serve(Duration::from_secs(14), Vec::new(), &server).await;
+            let mut link = start_link(dir.path(), address, &roots);
+            let granted = tokio::time::timeout(
+                Duration::from_secs(20),
+                link.ca.wait_for(|ca| ca.bundle == roots),
+            )
+            .await
+            .expect("attested")
+            .unwrap()
+            .intermediates
+            .clone();
+            let renewed = matches!(
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    link.ca
+                        .wait_for(|ca| ca.bundle == roots && ca.intermediates != granted),
+                )
+                .await,
+                Ok(Ok(_))
+            );
+            assert!(renewed, "no renewal published");
+            assert!(calls.renew.load(Ordering::SeqCst) >= 1);
+            assert_eq!(
+                calls.attest.load(Ordering::SeqCst),
+                1,
+                "renewed, not attested again"
+            );
+            link.stop().await;
+            server.trigger();
+        }
+
+        #[tokio::test]
+        async fn an_evicted_node_forgets_its_credentials_and_entries() {
+            let dir = tempfile::tempdir().unwrap();
+            let server = Shutdown::new();
+            let scripts = vec![SyncScript {
+                updates: vec![
+                    Ok(full(&[entry("a", 1)])),
+                    Err(Status::permission_denied("node evicted")),
+                ],
+                hold: false,
+            }];
+            let (address, calls, roots) = serve(Duration::from_secs(600), scripts, &server).await;
+            let link = start_link(dir.path(), address, &roots);
+            let node_id = dir.path().join("upstream").join(NODE_ID_FILE);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            // The node id is written before the first sync and removed only by an eviction,
+            // which then withdraws the entries.
+            while calls.sync.load(Ordering::SeqCst) == 0
+                || node_id.exists()
+                || !link.entries.borrow().entries.is_empty()
+            {
+                assert!(std::time::Instant::now() < deadline, "never evicted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(!dir.path().join("upstream").join(ENTRIES_FILE).exists());
+            assert!(
+                !dir.path()
+                    .join("upstream")
+                    .join(NODE_SVID_KEY_FILE)
+                    .exists()
+            );
+            link.stop().await;
+            server.trigger();
         }
     }
 }

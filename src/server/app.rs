@@ -393,6 +393,9 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
     });
 
+    // In the message itself, so that whoever started the server with port 0 finds the port
+    // in text and JSON logs alike.
+    tracing::info!("node API listening on {node_address}");
     tracing::info!(
         node_api = %node_address,
         admin_socket = %admin_socket.display(),

@@ -13,10 +13,9 @@ use super::TRUST_DOMAIN;
 /// The binary under test.
 pub const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 
-/// A TCP port on loopback that was free a moment ago.
-pub fn free_port() -> u16 {
-    tessera_harness::free_loopback_address().unwrap().port()
-}
+/// What servers are configured to bind first: the kernel picks a free port, which the server
+/// logs (no window in which another process could take a port chosen beforehand).
+const ANY_PORT: &str = "127.0.0.1:0";
 
 /// Starts `tessera <args>` with its output appended to `log`.
 fn spawn_logged(args: &[&str], log: &Path) -> Process {
@@ -49,7 +48,8 @@ pub struct ServerProcess {
     pub config_path: PathBuf,
     /// Its admin socket.
     pub admin_socket: PathBuf,
-    /// `127.0.0.1:<port>` of its node API.
+    /// `127.0.0.1:<port>` of its node API: the port it bound first (port 0 in its
+    /// configuration), which a restart binds again.
     pub address: String,
     /// Its log file (stdout and stderr).
     pub log: PathBuf,
@@ -58,13 +58,12 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Writes `dir/<name>.toml` (state in `dir/<name>`, `extra` TOML appended) and starts it.
     pub fn start(dir: &Path, name: &str, extra: &str) -> Self {
-        let address = format!("127.0.0.1:{}", free_port());
         let admin_socket = dir.join(format!("{name}-admin.sock"));
         let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config_path,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"{address}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\nmax_x509_ttl = \"1h\"\nnode_svid_ttl = \"1h\"\n{extra}\n",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"{ANY_PORT}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\nmax_x509_ttl = \"1h\"\nnode_svid_ttl = \"1h\"\n{extra}\n",
                 admin_socket.display(),
                 dir.join(name).display(),
             ),
@@ -74,7 +73,7 @@ impl ServerProcess {
             child: None,
             config_path,
             admin_socket,
-            address,
+            address: String::new(),
             log: dir.join(format!("{name}.log")),
         };
         server.restart();
@@ -91,11 +90,26 @@ impl ServerProcess {
         ));
         let admin_socket = self.admin_socket.clone();
         let ready = || admin_succeeds(&admin_socket, &["bundle", "show"]);
-        self.child
-            .as_mut()
-            .unwrap()
+        let child = self.child.as_mut().unwrap();
+        let bound = child
+            .wait_for_logged("node API listening on ", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        child
             .wait_ready("answering the admin API", Duration::from_secs(30), ready)
             .unwrap_or_else(|e| panic!("{e}"));
+        if self.address.is_empty() {
+            // Agents keep the address across server restarts: from now on bind this port.
+            let config = std::fs::read_to_string(&self.config_path).unwrap();
+            let pinned = config.replacen(
+                &format!("bind_address = \"{ANY_PORT}\""),
+                &format!("bind_address = \"{bound}\""),
+                1,
+            );
+            std::fs::write(&self.config_path, pinned).unwrap();
+            self.address = bound;
+        } else {
+            assert_eq!(bound, self.address, "the restarted server moved");
+        }
     }
 
     /// Kills the process (SIGKILL: no draining).
@@ -251,6 +265,21 @@ impl AgentProcess {
             &["agent", "run", "--config", &config],
             &self.log,
         ));
+    }
+
+    /// The port of the metrics endpoint the running process bound (configure
+    /// `metrics_address = "127.0.0.1:0"`), as it logged it.
+    pub fn metrics_port(&mut self) -> u16 {
+        let bound = self
+            .child
+            .as_mut()
+            .expect("agent running")
+            .wait_for_logged("metrics endpoint listening on ", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        bound
+            .parse::<std::net::SocketAddr>()
+            .unwrap_or_else(|e| panic!("{bound}: {e}"))
+            .port()
     }
 
     /// Waits until the Workload API socket accepts connections.
