@@ -117,25 +117,21 @@ pub fn render(sources: &Sources) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until `stop`.
+/// Serves `GET /metrics` on `listener` until `stop`, accepting through the one accept loop.
 pub async fn serve(
     listener: TcpListener,
     sources: Arc<Sources>,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    tokio::pin!(stop);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on the metrics port");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    let mut connections = crate::runtime::accept::incoming(
+        listener,
+        "metrics",
+        stop,
+        |stream: TcpStream, _, handoff| async move {
+            let _ = handoff.send(Ok(stream)).await;
+        },
+    );
+    while let Some(Ok(stream)) = tokio_stream::StreamExt::next(&mut connections).await {
         let sources = sources.clone();
         tokio::spawn(async move {
             if let Err(e) = answer(stream, sources).await {

@@ -1,6 +1,6 @@
-//! The one accept loop: the workload socket, the admin socket and the node API's TCP port all
-//! accept through [`incoming`], which stops on shutdown and survives accept errors (running out
-//! of descriptors, a peer gone before it was accepted) by pausing briefly.
+//! The one accept loop: the workload socket, the admin socket, the node API's TCP port and the
+//! metrics port all accept through [`incoming`], which stops on shutdown and survives accept
+//! errors (running out of descriptors, a peer gone before it was accepted) by pausing briefly.
 
 use std::future::Future;
 use std::io;
