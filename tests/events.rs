@@ -432,25 +432,8 @@ async fn a_cut_spool_tail_keeps_the_good_prefix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn issuance_anomalies_and_bad_batches_are_flagged_without_blocking_the_stream() {
     use tessera::proto::tessera::{Event, EventBatch, EventKind};
-    let dir = world_dir();
-    let server = ServerProcess::start(dir.path(), "server", "");
-    let bundle = dir.path().join("bundle.pem");
-    server.write_bundle(&bundle);
-    let agent = AgentProcess::start(
-        dir.path(),
-        "agent",
-        &server.address,
-        &bundle,
-        &joined(&server),
-    );
-    let node_id = std::fs::read_to_string(agent.state_dir.join("upstream/node_id")).unwrap();
-
     // Speak for the node with its own credentials, as a compromised node would.
-    let upstream = node_link(&server.address, &bundle, &agent.state_dir);
-    let credentials = upstream.saved_credentials().unwrap();
-    let mut client = tessera::proto::tessera::node_client::NodeClient::new(
-        upstream.channel(Some(&credentials)).unwrap(),
-    );
+    let (_dir, server, _agent, node_id, mut client) = node_speaking_for_its_agent();
     let forged = |serial: &str| Event {
         id: tessera::events::model::new_event_id(),
         kind: EventKind::SvidIssued as i32,
@@ -619,25 +602,8 @@ async fn events_tail_follows_new_events_and_expired_registrations_are_flagged() 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_list_is_in_event_time_order_and_says_when_the_limit_cut_it() {
     use tessera::proto::tessera::{Event, EventBatch, EventKind};
-    let dir = world_dir();
-    let server = ServerProcess::start(dir.path(), "server", "");
-    let bundle = dir.path().join("bundle.pem");
-    server.write_bundle(&bundle);
-    let agent = AgentProcess::start(
-        dir.path(),
-        "agent",
-        &server.address,
-        &bundle,
-        &joined(&server),
-    );
-    let node_id = std::fs::read_to_string(agent.state_dir.join("upstream/node_id")).unwrap();
-
     // A node reports events late and out of order: arrival order is not event-time order.
-    let upstream = node_link(&server.address, &bundle, &agent.state_dir);
-    let credentials = upstream.saved_credentials().unwrap();
-    let mut client = tessera::proto::tessera::node_client::NodeClient::new(
-        upstream.channel(Some(&credentials)).unwrap(),
-    );
+    let (_dir, server, _agent, node_id, mut client) = node_speaking_for_its_agent();
     let now = tessera::events::model::now_ms();
     let denied = |ago_ms: i64| Event {
         id: tessera::events::model::new_event_id(),
@@ -696,4 +662,33 @@ async fn events_list_is_in_event_time_order_and_says_when_the_limit_cut_it() {
     let too_many = server.admin(&["events", "list", "--limit", "10000"]);
     assert_eq!(too_many.status.code(), Some(2), "{too_many:?}");
     assert!(String::from_utf8_lossy(&too_many.stderr).contains("10000"));
+}
+
+/// A server, an agent joined to it, the agent's node id, and a node API client holding that
+/// agent's own credentials: whatever a compromised node could send.
+fn node_speaking_for_its_agent() -> (
+    tempfile::TempDir,
+    ServerProcess,
+    AgentProcess,
+    String,
+    tessera::proto::tessera::node_client::NodeClient<tonic::transport::Channel>,
+) {
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let agent = AgentProcess::start(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &joined(&server),
+    );
+    let node_id = std::fs::read_to_string(agent.state_dir.join("upstream/node_id")).unwrap();
+    let upstream = node_link(&server.address, &bundle, &agent.state_dir);
+    let credentials = upstream.saved_credentials().unwrap();
+    let client = tessera::proto::tessera::node_client::NodeClient::new(
+        upstream.channel(Some(&credentials)).unwrap(),
+    );
+    (dir, server, agent, node_id, client)
 }

@@ -600,17 +600,22 @@ mod tests {
     use crate::ca::LocalCaSource;
     use crate::entry::tests::entry;
 
-    fn setup(ttl: Duration) -> Arc<IdentityCache> {
+    /// A standalone CA for trust domain `td`, made in a directory that is gone once it is made.
+    fn generated_ca() -> SigningCa {
         let dir = tempfile::tempdir().unwrap();
         let td = crate::spiffe::TrustDomain::new("td").unwrap();
-        let ca = crate::ca::load_or_create_local_ca(
+        crate::ca::load_or_create_local_ca(
             &LocalCaSource::Generated {
                 state_dir: dir.path().into(),
                 ttl: Duration::from_secs(86400),
             },
             &td,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    fn setup(ttl: Duration) -> Arc<IdentityCache> {
+        let ca = generated_ca();
         let mut a = entry("a", "spiffe://td/a", &["unix:uid:1"]);
         a.x509_ttl = ttl;
         let b = entry("b", "spiffe://td/b", &["unix:uid:1"]);
@@ -707,16 +712,7 @@ mod tests {
 
     #[test]
     fn a_slow_issuance_does_not_hold_up_other_callers() {
-        let dir = tempfile::tempdir().unwrap();
-        let td = crate::spiffe::TrustDomain::new("td").unwrap();
-        let ca = crate::ca::load_or_create_local_ca(
-            &LocalCaSource::Generated {
-                state_dir: dir.path().into(),
-                ttl: Duration::from_secs(86400),
-            },
-            &td,
-        )
-        .unwrap();
+        let ca = generated_ca();
         let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
         let (release, release_rx) = std::sync::mpsc::channel();
         let log = Arc::new(GatedLog {
