@@ -1017,10 +1017,15 @@ fn an_admin_call_from_another_user_is_refused_with_the_rule() {
     // to reach the server's own check, as an operator widening the mode would.
     std::fs::set_permissions(&server.admin_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let socket = server.admin_socket.display().to_string();
+    // The build's own binary may sit under a directory only root can enter (a checkout in a
+    // private temporary directory): the other user runs a copy it can reach.
+    let tessera = dir.path().join("tessera-for-others");
+    std::fs::copy(TESSERA, &tessera).unwrap();
+    std::fs::set_permissions(&tessera, std::fs::Permissions::from_mode(0o755)).unwrap();
     let nobody = 65_534;
     let out = run_as(
         nobody,
-        std::path::Path::new(TESSERA),
+        &tessera,
         &["entry", "list", "--admin-socket", &socket],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
