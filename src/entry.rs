@@ -53,6 +53,22 @@ impl RegistrationEntry {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
+    /// Whether certificates minted for `previous` (same id) must be revoked when this entry
+    /// replaces it: who may hold them (SPIFFE ID, selectors) or what they say (DNS names, a
+    /// lifetime or registration expiry cut shorter) changed.
+    pub fn revokes_holders_of(&self, previous: &RegistrationEntry) -> bool {
+        let expiry_cut = match (self.expires_at, previous.expires_at) {
+            (Some(now), Some(before)) => now < before,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        self.spiffe_id != previous.spiffe_id
+            || self.selectors != previous.selectors
+            || self.dns_names != previous.dns_names
+            || self.x509_ttl < previous.x509_ttl
+            || expiry_cut
+    }
+
     /// Whether a new certificate is needed when this entry replaces `previous` (same id).
     pub fn needs_new_certificate(&self, previous: &RegistrationEntry) -> bool {
         self.spiffe_id != previous.spiffe_id

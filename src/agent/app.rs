@@ -12,6 +12,7 @@ use super::cache::IdentityCache;
 use super::config::AgentConfig;
 use super::endpoint::{self, EndpointError};
 use super::entries::{ReloadCounts, watch_config_file};
+use super::revocation::{RevocationError, Revocations};
 use super::upstream::{Credentials, Seams, Upstream, UpstreamError};
 use super::workload::{WorkloadService, check_security_header};
 use crate::attest::{Attestor, PinMode};
@@ -74,6 +75,9 @@ pub enum AgentError {
     /// Server mode: the node could not be attested.
     #[error("node attestation: {0}")]
     Upstream(#[from] UpstreamError),
+    /// The revocation lists could not be restored.
+    #[error("revocation lists: {0}")]
+    Revocations(#[from] RevocationError),
     /// The event log could not be opened.
     #[error("events: {0}")]
     Events(String),
@@ -320,7 +324,12 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             super::metrics::serve(listener, sources, shutdown.signalled()),
         );
     }
-    let cache = IdentityCache::new(entries, ca, recorder.clone());
+    let revocations = Revocations::open(Some(config.state_dir.join("revocations.json")))?;
+    tasks.spawn_until_shutdown(
+        "CRL signing",
+        revocations.clone().run(shutdown.signalled()),
+    );
+    let cache = IdentityCache::new(entries, ca, recorder.clone(), revocations);
     let entry_reloads = Arc::new(ReloadCounts::default());
     tasks.spawn_until_shutdown(
         "SVID rotation",

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::revocation::{CrlSet, Revocations};
 use crate::attest::CallerFacts;
 use crate::ca::{CaError, LeafRequest, SigningCa, X509Svid, mint_x509_svid};
 use crate::entry::{EntrySet, RegistrationEntry};
@@ -51,11 +52,14 @@ const MIN_RENEWAL_DELAY: Duration = Duration::from_millis(500);
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 
 /// One entry's current SVID and its place in the schedule.
+#[derive(Clone)]
 struct Cached {
     /// The entry version the SVID was minted for.
     entry: Arc<RegistrationEntry>,
     /// The SVID itself, shared with every stream that serves it.
     svid: Arc<X509Svid>,
+    /// The CA that signed it: its CRL is where a revocation goes.
+    ca: Arc<SigningCa>,
     /// When the rotation task renews (or, without demand, drops) it.
     renew_at: SystemTime,
 }
@@ -70,6 +74,13 @@ struct State {
     ca_generation: u64,
     /// SVIDs by entry id.
     svids: HashMap<String, Cached>,
+    /// SVIDs replaced before their expiry (rotation, a new CA): a holder may still present
+    /// one, so revoking its entry revokes these too. Dropped once expired.
+    superseded: Vec<Cached>,
+    /// The CRLs relying parties are given, as the revocation lists last published them.
+    crls: Arc<CrlSet>,
+    /// Counts CRL sets installed, so a stream tells a new set from the one it sent.
+    crl_generation: u64,
     /// Number of leases per entry id.
     demand: HashMap<String, usize>,
 }
@@ -82,6 +93,25 @@ pub struct Identities {
     pub ca: Arc<SigningCa>,
     /// Which CA that is: a new number for every CA installed.
     pub ca_generation: u64,
+    /// The CRLs to send with them.
+    pub crls: Arc<CrlSet>,
+    /// Which CRL set that is: a new number for every set installed.
+    pub crl_generation: u64,
+}
+
+/// One SVID leaving service for `reason`, with the CA whose CRL lists it if it must be.
+struct Withdrawn {
+    cached: Cached,
+    reason: RevocationReason,
+}
+
+/// Whether a reason takes a certificate out of use (a CRL entry), rather than replacing it
+/// with a newer one that its holder may keep alongside until it expires.
+fn revokes(reason: RevocationReason) -> bool {
+    !matches!(
+        reason,
+        RevocationReason::Superseded | RevocationReason::CaRotated
+    )
 }
 
 /// Shared identity state of one agent.
@@ -96,14 +126,24 @@ pub struct IdentityCache {
     jitter_seed: Mutex<u64>,
     /// Records issuance and revocation; shared with the Workload API service for uses.
     recorder: Arc<Recorder>,
+    /// The CRLs of the CAs this agent signs with; revocations are added there.
+    revocations: Arc<Revocations>,
     /// One lock per entry being minted on demand, so that concurrent first callers of one
     /// entry mint it once; removed when no caller holds it.
     minting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl IdentityCache {
-    /// A cache serving `entries` under `ca`, recording with `recorder`.
-    pub fn new(entries: Arc<EntrySet>, ca: Arc<SigningCa>, recorder: Arc<Recorder>) -> Arc<Self> {
+    /// A cache serving `entries` under `ca`, recording with `recorder` and revoking into
+    /// `revocations`.
+    pub fn new(
+        entries: Arc<EntrySet>,
+        ca: Arc<SigningCa>,
+        recorder: Arc<Recorder>,
+        revocations: Arc<Revocations>,
+    ) -> Arc<Self> {
+        revocations.install_ca(&ca);
+        let crls = revocations.current();
         let mut seed = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut seed);
         Arc::new(Self {
@@ -112,14 +152,23 @@ impl IdentityCache {
                 ca,
                 ca_generation: 0,
                 svids: HashMap::new(),
+                superseded: Vec::new(),
+                crls,
+                crl_generation: 0,
                 demand: HashMap::new(),
             }),
             generation: watch::channel(0).0,
             schedule_changed: Notify::new(),
             jitter_seed: Mutex::new(u64::from_le_bytes(seed) | 1),
             recorder,
+            revocations,
             minting: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The revocation lists this cache revokes into.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// The event recorder.
@@ -145,6 +194,11 @@ impl IdentityCache {
     /// The current signing CA.
     pub fn ca(&self) -> Arc<SigningCa> {
         self.lock().ca.clone()
+    }
+
+    /// The CRLs streams currently send.
+    pub fn crls(&self) -> Arc<CrlSet> {
+        self.lock().crls.clone()
     }
 
     /// SVIDs for `entries`, chosen from the entry set `snapshot`, minting any that are missing,
@@ -183,6 +237,8 @@ impl IdentityCache {
                     svids,
                     ca: state.ca.clone(),
                     ca_generation: state.ca_generation,
+                    crls: state.crls.clone(),
+                    crl_generation: state.crl_generation,
                 }));
             };
             let ca = state.ca.clone();
@@ -263,14 +319,18 @@ impl IdentityCache {
         let mut state = self.lock();
         // An SVID minted under a CA that has just been replaced is never handed out.
         if Arc::ptr_eq(ca, &state.ca) && Arc::ptr_eq(snapshot, &state.entries) {
-            state.svids.insert(
+            let replaced = state.svids.insert(
                 entry.id.clone(),
                 Cached {
                     entry: entry.clone(),
                     svid,
+                    ca: ca.clone(),
                     renew_at,
                 },
             );
+            if let Some(old) = replaced.filter(|old| old.svid.not_after > now) {
+                state.superseded.push(old);
+            }
         }
         drop(state);
         self.schedule_changed.notify_one();
@@ -288,20 +348,128 @@ impl IdentityCache {
     /// Installs a new entry set: SVIDs of removed or materially changed entries are dropped,
     /// and every stream recomputes.
     pub fn set_entries(&self, entries: Arc<EntrySet>) {
-        let mut revoked = Vec::new();
         let mut state = self.lock();
-        state.svids.retain(|id, cached| {
-            let reason = match entries.get(id) {
+        let mut withdrawn = Vec::new();
+        let mut revoked_entries = Vec::new();
+        let mut replaced = Vec::new();
+        for (id, cached) in state.svids.drain() {
+            let reason = match entries.get(&id) {
                 None => RevocationReason::EntryRemoved,
-                Some(e) if e.needs_new_certificate(&cached.entry) => RevocationReason::EntryChanged,
-                Some(_) => return true,
+                Some(e) if e.revokes_holders_of(&cached.entry) => RevocationReason::EntryChanged,
+                Some(e) if e.needs_new_certificate(&cached.entry) => RevocationReason::Superseded,
+                Some(_) => {
+                    replaced.push((id, cached));
+                    continue;
+                }
             };
-            revoked.push((cached.entry.clone(), cached.svid.clone(), reason));
-            false
-        });
+            if revokes(reason) {
+                revoked_entries.push((id, reason));
+            }
+            withdrawn.push(Withdrawn { cached, reason });
+        }
+        state.svids.extend(replaced);
+        // Earlier SVIDs of a revoked entry go with it; an entry that was removed or changed
+        // while nothing was cached for it still has its superseded ones revoked.
+        for (id, previous) in superseded_entries(&state) {
+            if revoked_entries.iter().any(|(r, _)| *r == id) {
+                continue;
+            }
+            match entries.get(&id) {
+                None => revoked_entries.push((id, RevocationReason::EntryRemoved)),
+                Some(e) if e.revokes_holders_of(&previous) => {
+                    revoked_entries.push((id, RevocationReason::EntryChanged))
+                }
+                Some(_) => {}
+            }
+        }
+        let superseded = std::mem::take(&mut state.superseded);
+        for cached in superseded {
+            match revoked_entries.iter().find(|(id, _)| *id == cached.entry.id) {
+                Some((_, reason)) => withdrawn.push(Withdrawn {
+                    cached,
+                    reason: *reason,
+                }),
+                None => state.superseded.push(cached),
+            }
+        }
         state.entries = entries;
         drop(state);
-        self.record_revocations(revoked);
+        self.record_revocations(withdrawn);
+        self.bump();
+    }
+
+    /// Revokes every live SVID of entry `entry_id` this agent minted (the one served and any
+    /// it replaced) for `reason`; a holder that still matches gets a fresh one at once. Returns
+    /// how many were revoked.
+    pub fn revoke_entry(&self, entry_id: &str, reason: RevocationReason) -> usize {
+        let mut state = self.lock();
+        let mut withdrawn: Vec<Withdrawn> = state
+            .svids
+            .remove(entry_id)
+            .into_iter()
+            .map(|cached| Withdrawn { cached, reason })
+            .collect();
+        let (gone, kept) = std::mem::take(&mut state.superseded)
+            .into_iter()
+            .partition(|c| c.entry.id == entry_id);
+        state.superseded = kept;
+        withdrawn.extend(gone.into_iter().map(|cached| Withdrawn { cached, reason }));
+        drop(state);
+        let count = withdrawn.len();
+        self.record_revocations(withdrawn);
+        self.bump();
+        count
+    }
+
+    /// Revokes the SVID with serial `serial_hex` for `reason` (an order from the server, or an
+    /// operator's). Served, it is replaced at once; unknown here (minted before a restart), it
+    /// is listed by every CA this agent signs for, until `not_after`. False when it was already
+    /// revoked.
+    pub fn revoke_serial(
+        &self,
+        serial_hex: &str,
+        not_after: SystemTime,
+        reason: RevocationReason,
+    ) -> bool {
+        if self.revocations.is_revoked(serial_hex) {
+            return false;
+        }
+        let mut state = self.lock();
+        let served = state
+            .svids
+            .iter()
+            .find(|(_, c)| c.svid.serial_hex == serial_hex)
+            .map(|(id, _)| id.clone());
+        let cached = match served {
+            Some(id) => state.svids.remove(&id),
+            None => state
+                .superseded
+                .iter()
+                .position(|c| c.svid.serial_hex == serial_hex)
+                .map(|at| state.superseded.swap_remove(at)),
+        };
+        drop(state);
+        match cached {
+            Some(cached) => {
+                self.record_revocations(vec![Withdrawn { cached, reason }]);
+                self.bump();
+                true
+            }
+            None => self
+                .revocations
+                .revoke_anywhere(serial_hex, not_after, reason),
+        }
+    }
+
+    /// Installs a new CRL set; streams send it.
+    pub fn set_crls(&self, crls: Arc<CrlSet>) {
+        let mut state = self.lock();
+        if state.crls == crls {
+            return;
+        }
+        state.crls = crls;
+        state.crl_generation += 1;
+        drop(state);
         self.bump();
     }
 
@@ -318,12 +486,24 @@ impl IdentityCache {
             state
                 .svids
                 .drain()
-                .map(|(_, c)| (c.entry, c.svid, RevocationReason::CaRotated))
+                .map(|(_, cached)| Withdrawn {
+                    cached,
+                    reason: RevocationReason::CaRotated,
+                })
                 .collect()
         };
-        state.ca = ca;
+        // Replaced, not revoked: their holders may use them until they expire.
+        let now = SystemTime::now();
+        state.superseded.extend(
+            revoked
+                .iter()
+                .filter(|w| w.cached.svid.not_after > now)
+                .map(|w| w.cached.clone()),
+        );
+        state.ca = ca.clone();
         state.ca_generation += 1;
         drop(state);
+        self.revocations.install_ca(&ca);
         self.record_revocations(revoked);
         self.bump();
     }
@@ -333,10 +513,13 @@ impl IdentityCache {
     pub fn revoke_all(&self, reason: RevocationReason) {
         let mut state = self.lock();
         state.entries = Arc::new(EntrySet::default());
+        let superseded = std::mem::take(&mut state.superseded);
         let revoked: Vec<_> = state
             .svids
             .drain()
-            .map(|(_, c)| (c.entry, c.svid, reason))
+            .map(|(_, cached)| cached)
+            .chain(superseded)
+            .map(|cached| Withdrawn { cached, reason })
             .collect();
         drop(state);
         self.record_revocations(revoked);
@@ -377,6 +560,7 @@ impl IdentityCache {
                     }
                 }
             }
+            state.superseded.retain(|c| c.svid.not_after > now);
             state.ca.clone()
         };
         for cached in expired {
@@ -413,14 +597,18 @@ impl IdentityCache {
                     );
                     let svid = Arc::new(svid);
                     let renew_at = self.renewal_time(&svid);
-                    state.svids.insert(
+                    let replaced = state.svids.insert(
                         id,
                         Cached {
                             entry,
                             svid,
+                            ca: ca.clone(),
                             renew_at,
                         },
                     );
+                    if let Some(old) = replaced.filter(|old| old.svid.not_after > now) {
+                        state.superseded.push(old);
+                    }
                     changed = true;
                 }
                 Ok(_) => {}
@@ -448,12 +636,16 @@ impl IdentityCache {
     }
 
     /// Records revocations taken out of the state; called after its lock is released.
-    fn record_revocations(
-        &self,
-        revoked: Vec<(Arc<RegistrationEntry>, Arc<X509Svid>, RevocationReason)>,
-    ) {
-        for (entry, svid, reason) in revoked {
-            self.recorder.revoked(&entry, &svid, reason);
+    /// Revocations also go into the signing CA's CRL while the certificate is valid.
+    fn record_revocations(&self, withdrawn: Vec<Withdrawn>) {
+        let now = SystemTime::now();
+        for Withdrawn { cached, reason } in withdrawn {
+            let svid = &cached.svid;
+            if revokes(reason) && svid.not_after > now {
+                self.revocations
+                    .revoke(&cached.ca, &svid.serial_hex, svid.not_after, reason);
+            }
+            self.recorder.revoked(&cached.entry, svid, reason);
         }
     }
 
@@ -474,6 +666,8 @@ impl IdentityCache {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut crls = self.revocations.subscribe();
+        self.set_crls(crls.borrow_and_update().clone());
         let mut expiries_checked_until = SystemTime::now();
         loop {
             let now = SystemTime::now();
@@ -507,6 +701,11 @@ impl IdentityCache {
                     let current = ca.borrow_and_update().clone();
                     self.set_ca(current);
                 }
+                changed = crls.changed() => {
+                    if changed.is_err() { return; }
+                    let current = crls.borrow_and_update().clone();
+                    self.set_crls(current);
+                }
             }
         }
     }
@@ -530,6 +729,17 @@ impl IdentityCache {
         // The state stays consistent across a panic in a caller: keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Entry ids with superseded SVIDs, each with the entry version one of them was minted for.
+fn superseded_entries(state: &State) -> Vec<(String, Arc<RegistrationEntry>)> {
+    let mut seen: Vec<(String, Arc<RegistrationEntry>)> = Vec::new();
+    for cached in &state.superseded {
+        if !seen.iter().any(|(id, _)| *id == cached.entry.id) {
+            seen.push((cached.entry.id.clone(), cached.entry.clone()));
+        }
+    }
+    seen
 }
 
 /// `entry`'s cached SVID, if it was minted for this entry (or a version that needs no new
@@ -623,6 +833,7 @@ mod tests {
             Arc::new(EntrySet::new(vec![a, b])),
             Arc::new(ca),
             crate::events::recorder::tests::memory_recorder().0,
+            crate::agent::revocation::Revocations::open(None).unwrap(),
         )
     }
 
@@ -725,7 +936,12 @@ mod tests {
             entry("a", "spiffe://td/a", &["unix:uid:1"]),
             entry("b", "spiffe://td/b", &["unix:uid:1"]),
         ]));
-        let cache = IdentityCache::new(set.clone(), Arc::new(ca), recorder);
+        let cache = IdentityCache::new(
+            set.clone(),
+            Arc::new(ca),
+            recorder,
+            crate::agent::revocation::Revocations::open(None).unwrap(),
+        );
         let (a, b) = (set.get("a").unwrap().clone(), set.get("b").unwrap().clone());
 
         let slow = std::thread::spawn({
@@ -826,6 +1042,7 @@ mod tests {
             set.clone(),
             first.clone(),
             crate::events::recorder::tests::memory_recorder().0,
+            crate::agent::revocation::Revocations::open(None).unwrap(),
         );
         let mut lease = cache.lease();
         let before = cache

@@ -7,6 +7,7 @@ pub mod config;
 pub mod endpoint;
 pub mod entries;
 pub mod metrics;
+pub mod revocation;
 pub mod uploader;
 pub mod upstream;
 pub mod workload;

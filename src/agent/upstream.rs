@@ -1323,6 +1323,7 @@ mod tests {
                 Arc::new(EntrySet::default()),
                 placeholder.clone(),
                 recorder,
+                crate::agent::revocation::Revocations::open(None).unwrap(),
             );
             let (entries_tx, entries) = watch::channel(Arc::new(EntrySet::default()));
             let (ca_tx, ca) = watch::channel(placeholder);

@@ -217,7 +217,7 @@ impl WorkloadService {
 
     fn bundles_response(&self) -> X509BundlesResponse {
         X509BundlesResponse {
-            crl: Vec::new(),
+            crl: self.cache.crls().ders.clone(),
             bundles: HashMap::from([(self.trust_domain.id_string(), self.cache.ca().bundle_der())]),
         }
     }
@@ -333,8 +333,9 @@ fn matching_entries(
     Ok(entries.matching(&facts.selectors, SystemTime::now()))
 }
 
-/// What a client would see change between two X.509-SVID messages.
-type SvidFingerprint = (Vec<(String, String)>, u64);
+/// What a client would see change between two X.509-SVID messages: serials and hints, the
+/// CA and the CRL set.
+type SvidFingerprint = (Vec<(String, String)>, u64, u64);
 
 fn fingerprint(ids: &Identities) -> SvidFingerprint {
     let svids = ids
@@ -347,7 +348,7 @@ fn fingerprint(ids: &Identities) -> SvidFingerprint {
             )
         })
         .collect();
-    (svids, ids.ca_generation)
+    (svids, ids.ca_generation, ids.crl_generation)
 }
 
 fn svid_response(ids: &Identities) -> X509svidResponse {
@@ -364,7 +365,7 @@ fn svid_response(ids: &Identities) -> X509svidResponse {
                 hint: entry.hint.clone().unwrap_or_default(),
             })
             .collect(),
-        crl: Vec::new(),
+        crl: ids.crls.ders.clone(),
         federated_bundles: HashMap::new(),
     }
 }
@@ -532,20 +533,37 @@ mod tests {
         )
         .unwrap();
         let ca = Arc::new(ca);
+        let crls = Arc::new(crate::agent::revocation::CrlSet::default());
         let sent = Identities {
             svids: Vec::new(),
             ca: ca.clone(),
             ca_generation: 1,
+            crls: crls.clone(),
+            crl_generation: 1,
         };
         let now = Identities {
             svids: Vec::new(),
             ca,
             ca_generation: 2,
+            crls: crls.clone(),
+            crl_generation: 1,
         };
         assert_ne!(
             fingerprint(&sent),
             fingerprint(&now),
             "a new CA at a reused address is still news"
+        );
+        let new_crls = Identities {
+            svids: Vec::new(),
+            ca: now.ca.clone(),
+            ca_generation: 2,
+            crls,
+            crl_generation: 2,
+        };
+        assert_ne!(
+            fingerprint(&now),
+            fingerprint(&new_crls),
+            "a new CRL set is news"
         );
     }
 }

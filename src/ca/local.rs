@@ -278,7 +278,8 @@ pub(crate) fn generate_root(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+    let serial = random_serial()?;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     let not_before = whole_seconds(now - BACKDATE);
     params.not_before = not_before.into();
     let not_after = whole_seconds(now + ttl);
@@ -289,6 +290,7 @@ pub(crate) fn generate_root(
     params
         .distinguished_name
         .push(DnType::CommonName, common_name);
+    super::name_by_serial(&mut params.distinguished_name, &serial);
     params.subject_alt_names = vec![SanType::URI(trust_domain.id_string().try_into()?)];
 
     let cert = params.self_signed(&key)?;
@@ -298,6 +300,7 @@ pub(crate) fn generate_root(
         issuer: Issuer::new(params, key),
         intermediates: Vec::new(),
         bundle: vec![cert.der().to_vec()],
+        certificate: cert.der().to_vec(),
         not_before,
         not_after,
     };
@@ -393,7 +396,8 @@ pub(crate) fn load_ca_files(
     Ok(SigningCa {
         issuer,
         intermediates: Vec::new(),
-        bundle: vec![cert_der],
+        bundle: vec![cert_der.clone()],
+        certificate: cert_der,
         not_before,
         not_after,
     })

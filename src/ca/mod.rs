@@ -1,6 +1,7 @@
 //! Certificate authority work shared by agent and (later) server: the signing authority a
 //! leaf is minted under, X509-SVID minting, and the standalone self-signed CA.
 
+pub mod crl;
 mod leaf;
 mod local;
 pub mod node;
@@ -66,6 +67,9 @@ pub struct SigningCa {
     pub intermediates: Vec<Vec<u8>>,
     /// DER of every trust anchor of the trust domain: the bundle handed to workloads.
     pub bundle: Vec<Vec<u8>>,
+    /// DER of this CA's own certificate (the root itself, or the node intermediate): what its
+    /// CRLs are checked against.
+    pub certificate: Vec<u8>,
     /// The signing certificate's own not-before.
     pub not_before: SystemTime,
     /// The signing certificate's own not-after; no leaf outlives it.
@@ -151,6 +155,16 @@ pub(crate) fn random_serial() -> Result<[u8; 16], CaError> {
     // keeps all 16 bytes (no leading-zero stripping, never zero).
     serial[0] = (serial[0] & 0x7f) | 0x40;
     Ok(serial)
+}
+
+/// Adds the certificate serial to a CA's subject, so that every CA certificate has a name of
+/// its own: a CRL names its issuer, and a renewed CA must not be taken for its predecessor.
+pub(crate) fn name_by_serial(name: &mut rcgen::DistinguishedName, serial: &[u8]) {
+    // serialNumber (2.5.4.5)
+    name.push(
+        rcgen::DnType::CustomDnType(vec![2, 5, 4, 5]),
+        hex::encode(serial),
+    );
 }
 
 /// `t` rounded down to whole seconds, the precision of X.509 validity times.

@@ -315,6 +315,7 @@ pub fn signing_ca_from_grant(
         issuer,
         intermediates: vec![ca_der.to_vec()],
         bundle,
+        certificate: ca_der.to_vec(),
         not_before,
         not_after,
     })

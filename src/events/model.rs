@@ -583,6 +583,9 @@ mod tests {
             (RevocationReason::NodeEvicted, "node_evicted"),
             (RevocationReason::Superseded, "superseded"),
             (RevocationReason::CaRotated, "ca_rotated"),
+            (RevocationReason::Operator, "operator"),
+            (RevocationReason::Inactive, "inactive"),
+            (RevocationReason::Anomaly, "anomaly"),
         ];
         for (reason, name) in reasons {
             assert_eq!(reason_name(reason), name);
