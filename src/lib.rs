@@ -14,7 +14,7 @@
 //! - `entry` (crate-private): registration entries (who may be what, owned by whom, for what, until
 //!   when) and matching callers against them.
 //! - [`ca`]: the signing CA, X509-SVID minting, the standalone self-signed CA, node SVIDs and node
-//!   intermediate CAs.
+//!   intermediate CAs, CRLs.
 //! - `clock` (crate-private): wall-clock instants as records carry them (Unix seconds).
 //! - `config` (crate-private): what the agent's and the server's configuration files share.
 //! - `durable` (crate-private): replacing a state file atomically and durably (rename, then
@@ -31,6 +31,8 @@
 //!   sd_notify.
 //! - `store` (crate-private): the server's datastore trait with its SQLite and PostgreSQL backends.
 //! - [`tls`]: rustls between agents and servers, peers identified by SPIFFE ID.
+//! - [`verify`]: what a relying party checks before accepting an X.509-SVID: chain, SPIFFE ID,
+//!   validity and revocation in the CRLs given.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
 //!   `events`, `inventory`, `svid`, `dev`.
 //! - [`proto`]: code generated from `proto/`.
@@ -57,6 +59,7 @@ pub(crate) mod server;
 pub mod spiffe;
 pub(crate) mod store;
 pub mod tls;
+pub mod verify;
 
 /// Code generated from the `.proto` files.
 pub mod proto {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::client::{connect, status_failure};
 use super::{Failure, Output};
 use crate::events::model::JsonTime;
-use crate::proto::workload::{X509svidRequest, X509svidResponse};
+use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum SvidCommand {
@@ -17,6 +17,18 @@ pub(super) enum SvidCommand {
     Fetch(FetchArgs),
     /// Print every update of the X.509-SVIDs until interrupted.
     Watch(CommonArgs),
+    /// Check a certificate as a relying party would: chain to the bundle, SPIFFE ID, expiry and
+    /// revocation in the CRLs, all taken from the Workload API. Exit 0 valid, 1 invalid.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub(super) struct VerifyArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// PEM file with the certificate chain to check, leaf first (e.g. an svid.pem).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -43,7 +55,7 @@ impl CommonArgs {
 pub(super) struct FetchArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Write svid.pem, svid_key.pem (0600) and bundle.pem into this directory.
+    /// Write svid.pem, svid_key.pem (0600), bundle.pem and crl.pem into this directory.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
@@ -67,7 +79,74 @@ pub(super) async fn run(command: SvidCommand, output: Output) -> Result<(), Fail
     match command {
         SvidCommand::Fetch(args) => fetch(args, output).await,
         SvidCommand::Watch(args) => watch(args, output).await,
+        SvidCommand::Verify(args) => verify(args, output).await,
     }
+}
+
+async fn verify(args: VerifyArgs, output: Output) -> Result<(), Failure> {
+    let text = std::fs::read(&args.cert).map_err(|e| {
+        Failure::usage(format!(
+            "--cert {}: cannot read it: {e}",
+            args.cert.display()
+        ))
+    })?;
+    let chain = crate::ca::certificates_from_pem(&text)
+        .ok()
+        .filter(|chain| !chain.is_empty())
+        .ok_or_else(|| {
+            Failure::usage(format!(
+                "--cert {}: holds no PEM CERTIFICATE block; give the SVID's chain, leaf first",
+                args.cert.display()
+            ))
+        })?;
+    let mut client = connect(args.common.socket()?).await?;
+    let response = client
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .map_err(status_failure)?
+        .into_inner()
+        .message()
+        .await
+        .map_err(status_failure)?
+        .ok_or_else(|| Failure::failed("the Workload API closed the stream without an answer"))?;
+    let mut bundle = Vec::new();
+    for der in response.bundles.values() {
+        bundle.extend(split_der(der)?.into_iter().map(<[u8]>::to_vec));
+    }
+    let verdict = crate::verify::verify_svid(
+        &chain,
+        &bundle,
+        &response.crl,
+        crate::verify::Usage::Client,
+        std::time::SystemTime::now(),
+    );
+    match (output, &verdict) {
+        (Output::Json, Ok(v)) => println!(
+            "{}",
+            serde_json::json!({
+                "valid": true,
+                "spiffe_id": v.spiffe_id.as_str(),
+                "serial": v.serial,
+                "not_after": JsonTime::from_seconds("not_after", crate::clock::unix_seconds(v.not_after)),
+                "crls": response.crl.len(),
+            })
+        ),
+        (Output::Json, Err(e)) => println!(
+            "{}",
+            serde_json::json!({ "valid": false, "reason": e.to_string(), "crls": response.crl.len() })
+        ),
+        (Output::Text, Ok(v)) => println!(
+            "valid: {}  serial {}  expires {}  (checked against {} CRLs)",
+            v.spiffe_id,
+            v.serial,
+            humantime::format_rfc3339_seconds(v.not_after),
+            response.crl.len()
+        ),
+        (Output::Text, Err(_)) => {}
+    }
+    verdict
+        .map(|_| ())
+        .map_err(|e| Failure::failed(format!("invalid: {e}")))
 }
 
 async fn fetch(args: FetchArgs, output: Output) -> Result<(), Failure> {
@@ -89,7 +168,7 @@ async fn fetch(args: FetchArgs, output: Output) -> Result<(), Failure> {
     print(output, &summaries);
     if let (Some(dir), Output::Text) = (&args.out, output) {
         println!(
-            "wrote svid.pem, svid_key.pem and bundle.pem to {}",
+            "wrote svid.pem, svid_key.pem, bundle.pem and crl.pem to {}",
             dir.display()
         );
     }
@@ -222,6 +301,13 @@ fn write_pem_files(dir: &Path, response: &X509svidResponse) -> Result<(), Failur
             0o644,
         )?;
     }
+    // Every CRL the agent sent, for relying parties that read a file (openssl -CRLfile,
+    // nginx ssl_crl): an empty file when there are none.
+    write_file(
+        &dir.join("crl.pem"),
+        crate::ca::to_pem("X509 CRL", &response.crl).as_bytes(),
+        0o644,
+    )?;
     Ok(())
 }
 
