@@ -117,7 +117,9 @@ pub fn verify_svid(
         })
         .collect();
     if anchors.is_empty() {
-        return Err(Rejection::Untrusted("the bundle holds no usable root".into()));
+        return Err(Rejection::Untrusted(
+            "the bundle holds no usable root".into(),
+        ));
     }
     let crl_ders: Vec<CertificateRevocationListDer<'_>> = crls
         .iter()
@@ -140,8 +142,8 @@ pub fn verify_svid(
             .build()
     });
     let leaf_der = CertificateDer::from(leaf.as_slice());
-    let end_entity = EndEntityCert::try_from(&leaf_der)
-        .map_err(|e| Rejection::NotAnSvid(format!("{e:?}")))?;
+    let end_entity =
+        EndEntityCert::try_from(&leaf_der).map_err(|e| Rejection::NotAnSvid(format!("{e:?}")))?;
     let intermediates: Vec<CertificateDer<'_>> = chain[1..]
         .iter()
         .map(|der| CertificateDer::from(der.as_slice()))

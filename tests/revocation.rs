@@ -78,7 +78,10 @@ async fn a_removed_entry_is_revoked_for_every_relying_party() {
     // A raw grpcio client on the stream, to see the crl field change.
     let watcher = python().map(|python| {
         let child = Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/crl_watch.py"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/crl_watch.py"
+            ))
             .arg(agent.uri())
             .arg("5")
             .stdout(Stdio::piped())
@@ -150,7 +153,10 @@ async fn a_removed_entry_is_revoked_for_every_relying_party() {
         assert!(seen.iter().all(|m| m["crls"] == 1), "{seen:?}");
         let last = seen.last().unwrap();
         assert_ne!(seen[0]["crl_sha256"], last["crl_sha256"], "{seen:?}");
-        assert_eq!(last["svids"], serde_json::json!(["spiffe://example.org/keep"]));
+        assert_eq!(
+            last["svids"],
+            serde_json::json!(["spiffe://example.org/keep"])
+        );
     }
 }
 

@@ -325,10 +325,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         );
     }
     let revocations = Revocations::open(Some(config.state_dir.join("revocations.json")))?;
-    tasks.spawn_until_shutdown(
-        "CRL signing",
-        revocations.clone().run(shutdown.signalled()),
-    );
+    tasks.spawn_until_shutdown("CRL signing", revocations.clone().run(shutdown.signalled()));
     let cache = IdentityCache::new(entries, ca, recorder.clone(), revocations);
     let entry_reloads = Arc::new(ReloadCounts::default());
     tasks.spawn_until_shutdown(

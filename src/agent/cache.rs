@@ -103,6 +103,8 @@ pub struct Identities {
 struct Withdrawn {
     cached: Cached,
     reason: RevocationReason,
+    /// False when whoever ordered it has recorded the event already (the server).
+    record: bool,
 }
 
 /// Whether a reason takes a certificate out of use (a CRL entry), rather than replacing it
@@ -365,7 +367,11 @@ impl IdentityCache {
             if revokes(reason) {
                 revoked_entries.push((id, reason));
             }
-            withdrawn.push(Withdrawn { cached, reason });
+            withdrawn.push(Withdrawn {
+                cached,
+                reason,
+                record: true,
+            });
         }
         state.svids.extend(replaced);
         // Earlier SVIDs of a revoked entry go with it; an entry that was removed or changed
@@ -384,10 +390,14 @@ impl IdentityCache {
         }
         let superseded = std::mem::take(&mut state.superseded);
         for cached in superseded {
-            match revoked_entries.iter().find(|(id, _)| *id == cached.entry.id) {
+            match revoked_entries
+                .iter()
+                .find(|(id, _)| *id == cached.entry.id)
+            {
                 Some((_, reason)) => withdrawn.push(Withdrawn {
                     cached,
                     reason: *reason,
+                    record: true,
                 }),
                 None => state.superseded.push(cached),
             }
@@ -407,13 +417,21 @@ impl IdentityCache {
             .svids
             .remove(entry_id)
             .into_iter()
-            .map(|cached| Withdrawn { cached, reason })
+            .map(|cached| Withdrawn {
+                cached,
+                reason,
+                record: true,
+            })
             .collect();
         let (gone, kept) = std::mem::take(&mut state.superseded)
             .into_iter()
             .partition(|c| c.entry.id == entry_id);
         state.superseded = kept;
-        withdrawn.extend(gone.into_iter().map(|cached| Withdrawn { cached, reason }));
+        withdrawn.extend(gone.into_iter().map(|cached| Withdrawn {
+            cached,
+            reason,
+            record: true,
+        }));
         drop(state);
         let count = withdrawn.len();
         self.record_revocations(withdrawn);
@@ -421,10 +439,10 @@ impl IdentityCache {
         count
     }
 
-    /// Revokes the SVID with serial `serial_hex` for `reason` (an order from the server, or an
-    /// operator's). Served, it is replaced at once; unknown here (minted before a restart), it
-    /// is listed by every CA this agent signs for, until `not_after`. False when it was already
-    /// revoked.
+    /// Revokes the SVID with serial `serial_hex` for `reason`, an order from the server (which
+    /// recorded the event). Served, it is replaced at once; unknown here (minted before a
+    /// restart), it is listed by every CA this agent signs for, until `not_after`. False when it
+    /// was already revoked.
     pub fn revoke_serial(
         &self,
         serial_hex: &str,
@@ -451,7 +469,11 @@ impl IdentityCache {
         drop(state);
         match cached {
             Some(cached) => {
-                self.record_revocations(vec![Withdrawn { cached, reason }]);
+                self.record_revocations(vec![Withdrawn {
+                    cached,
+                    reason,
+                    record: false,
+                }]);
                 self.bump();
                 true
             }
@@ -489,6 +511,7 @@ impl IdentityCache {
                 .map(|(_, cached)| Withdrawn {
                     cached,
                     reason: RevocationReason::CaRotated,
+                    record: true,
                 })
                 .collect()
         };
@@ -519,7 +542,11 @@ impl IdentityCache {
             .drain()
             .map(|(_, cached)| cached)
             .chain(superseded)
-            .map(|cached| Withdrawn { cached, reason })
+            .map(|cached| Withdrawn {
+                cached,
+                reason,
+                record: true,
+            })
             .collect();
         drop(state);
         self.record_revocations(revoked);
@@ -639,13 +666,20 @@ impl IdentityCache {
     /// Revocations also go into the signing CA's CRL while the certificate is valid.
     fn record_revocations(&self, withdrawn: Vec<Withdrawn>) {
         let now = SystemTime::now();
-        for Withdrawn { cached, reason } in withdrawn {
+        for Withdrawn {
+            cached,
+            reason,
+            record,
+        } in withdrawn
+        {
             let svid = &cached.svid;
             if revokes(reason) && svid.not_after > now {
                 self.revocations
                     .revoke(&cached.ca, &svid.serial_hex, svid.not_after, reason);
             }
-            self.recorder.revoked(&cached.entry, svid, reason);
+            if record {
+                self.recorder.revoked(&cached.entry, svid, reason);
+            }
         }
     }
 

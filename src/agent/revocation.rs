@@ -19,8 +19,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::ca::crl::{CRL_LIFETIME, Revoked, check_crl, parse_crl, sign_crl, subject_der};
 use crate::ca::{SigningCa, whole_seconds};
-use crate::durable::write_atomically;
 use crate::clock::unix_seconds;
+use crate::durable::write_atomically;
 use crate::events::model::{reason_from_name, reason_name};
 use crate::proto::tessera::RevocationReason;
 
@@ -120,6 +120,8 @@ struct Lists {
     issuers: Vec<IssuerList>,
     /// CRLs from upstream (the roots' and other nodes'), already checked by the server.
     remote: Vec<Vec<u8>>,
+    /// Something changed that the state file does not hold yet.
+    unsaved: bool,
 }
 
 /// The agent's revocation lists and the CRL set it publishes.
@@ -137,14 +139,15 @@ pub struct Revocations {
 impl Revocations {
     /// Lists restored from `path` (none if the file does not exist yet).
     pub fn open(path: Option<PathBuf>) -> Result<Arc<Self>, RevocationError> {
-        let issuers = match &path {
+        let (issuers, remote) = match &path {
             Some(path) => load(path)?,
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         let this = Arc::new(Self {
             lists: Mutex::new(Lists {
                 issuers,
-                remote: Vec::new(),
+                remote,
+                unsaved: false,
             }),
             wake: Notify::new(),
             published: watch::channel(Arc::new(CrlSet::default())).0,
@@ -251,8 +254,17 @@ impl Revocations {
 
     /// Replaces the CRLs from upstream (every other issuer's, as the server last sent them).
     pub fn set_remote(&self, ders: Vec<Vec<u8>>) {
-        self.lock().remote = ders;
+        {
+            let mut lists = self.lock();
+            if lists.remote == ders {
+                return;
+            }
+            lists.remote = ders;
+            lists.unsaved = true;
+        }
         self.publish(SystemTime::now());
+        // Kept on disk, so that a restart while the server is away still passes them on.
+        self.wake.notify_one();
     }
 
     /// Signs what changed or is due, drops what expired, keeps and publishes the result; until
@@ -262,6 +274,14 @@ impl Revocations {
         loop {
             let now = SystemTime::now();
             let next = self.sign_due(now);
+            // Written on the blocking pool: a slow disk holds up no async worker.
+            if let Some((path, state)) = self.take_unsaved() {
+                let saved = tokio::task::spawn_blocking(move || save(&path, &state)).await;
+                if let Ok(Err(e)) = saved {
+                    tracing::error!(error = %e, "cannot keep the revocation lists on disk");
+                    self.lock().unsaved = true;
+                }
+            }
             let sleep_for = next
                 .map(|at| at.duration_since(now).unwrap_or_default())
                 .unwrap_or(MAX_SLEEP)
@@ -274,10 +294,31 @@ impl Revocations {
         }
     }
 
-    /// One pass of [`run`](Self::run); returns when the next CRL falls due.
+    /// What the state file should now hold, when something changed since it was written.
+    fn take_unsaved(&self) -> Option<(PathBuf, StateFile)> {
+        let path = self.path.clone()?;
+        let mut lists = self.lock();
+        if !lists.unsaved {
+            return None;
+        }
+        lists.unsaved = false;
+        Some((path, snapshot_of(&lists)))
+    }
+
+    /// Signs what is due, then writes the state file at once (for tests; the task writes it
+    /// from the blocking pool).
+    #[cfg(test)]
+    fn sign_and_save(&self, now: SystemTime) {
+        self.sign_due(now);
+        if let Some((path, state)) = self.take_unsaved() {
+            save(&path, &state).unwrap();
+        }
+    }
+
+    /// One pass of [`run`](Self::run) without the writing; returns when the next CRL falls due.
     pub fn sign_due(&self, now: SystemTime) -> Option<SystemTime> {
         let mut changed = false;
-        let snapshot = {
+        {
             let mut lists = self.lock();
             let before = lists.issuers.len();
             lists.issuers.retain(|l| {
@@ -325,13 +366,7 @@ impl Revocations {
                     }
                 }
             }
-            changed.then(|| snapshot_of(&lists.issuers))
-        };
-        if let Some(state) = snapshot
-            && let Some(path) = &self.path
-            && let Err(e) = save(path, &state)
-        {
-            tracing::error!(error = %e, "cannot keep the revocation lists on disk");
+            lists.unsaved |= changed;
         }
         if changed {
             self.publish(now);
@@ -382,11 +417,49 @@ impl Revocations {
     }
 }
 
+/// Publishes this agent's own CRLs to the server at once and after every change, for as long
+/// as the server session lasts (the task is dropped with it). A refused or failed call is
+/// retried with backoff; the next session publishes again from scratch.
+pub async fn publish_upstream(revocations: Arc<Revocations>, channel: tonic::transport::Channel) {
+    use crate::proto::tessera::PublishCrlsRequest;
+    use crate::proto::tessera::node_client::NodeClient;
+    let mut client = NodeClient::new(channel);
+    let mut crls = revocations.subscribe();
+    let mut backoff =
+        crate::runtime::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut published: Option<Vec<Vec<u8>>> = None;
+    loop {
+        let own = crls.borrow_and_update().own.clone();
+        if !own.is_empty() && published.as_ref() != Some(&own) {
+            let request = PublishCrlsRequest { crls: own.clone() };
+            match client.publish_crls(request).await {
+                Ok(_) => {
+                    published = Some(own);
+                    backoff.reset();
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), code = ?status.code(), "the server did not take this node's CRLs; retrying");
+                    tokio::time::sleep(backoff.next_pause()).await;
+                    continue;
+                }
+            }
+        }
+        if crls.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn is_current(signed: &Signed, now: SystemTime) -> bool {
     signed.next_update > now
 }
 
-fn add(list: &mut IssuerList, serial_hex: &str, not_after: SystemTime, reason: RevocationReason) -> bool {
+fn add(
+    list: &mut IssuerList,
+    serial_hex: &str,
+    not_after: SystemTime,
+    reason: RevocationReason,
+) -> bool {
     if list.entries.contains_key(serial_hex) {
         return false;
     }
@@ -412,6 +485,9 @@ fn unix_millis(t: SystemTime) -> u64 {
 struct StateFile {
     version: u32,
     issuers: Vec<IssuerState>,
+    /// Hex DER of the CRLs last received from upstream.
+    #[serde(default)]
+    remote: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -432,10 +508,12 @@ struct EntryState {
     reason: String,
 }
 
-fn snapshot_of(issuers: &[IssuerList]) -> StateFile {
+fn snapshot_of(lists: &Lists) -> StateFile {
     StateFile {
         version: 1,
-        issuers: issuers
+        remote: lists.remote.iter().map(hex::encode).collect(),
+        issuers: lists
+            .issuers
             .iter()
             .map(|l| IssuerState {
                 ca: hex::encode(&l.certificate),
@@ -471,10 +549,13 @@ fn from_seconds(s: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64)
 }
 
-fn load(path: &Path) -> Result<Vec<IssuerList>, RevocationError> {
+/// The issuers' lists and the remote CRLs kept in the state file.
+type Loaded = (Vec<IssuerList>, Vec<Vec<u8>>);
+
+fn load(path: &Path) -> Result<Loaded, RevocationError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
         Err(source) => {
             return Err(RevocationError::Io {
                 path: path.into(),
@@ -488,9 +569,17 @@ fn load(path: &Path) -> Result<Vec<IssuerList>, RevocationError> {
     };
     let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     if state.version != 1 {
-        return Err(corrupt(format!("version {} (this agent reads 1)", state.version)));
+        return Err(corrupt(format!(
+            "version {} (this agent reads 1)",
+            state.version
+        )));
     }
-    state
+    let remote = state
+        .remote
+        .iter()
+        .map(|der| hex::decode(der).map_err(|e| corrupt(format!("remote: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let issuers = state
         .issuers
         .into_iter()
         .map(|issuer| {
@@ -544,7 +633,8 @@ fn load(path: &Path) -> Result<Vec<IssuerList>, RevocationError> {
                 dirty: false,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((issuers, remote))
 }
 
 #[cfg(test)]
@@ -620,13 +710,20 @@ mod tests {
             revocations.install_ca(&new);
             revocations.revoke(&old, "0a0b", expiry, RevocationReason::EntryChanged);
             revocations.revoke(&new, "0c0d", expiry, RevocationReason::Operator);
-            revocations.sign_due(now);
+            let upstream = sign_crl(&ca("upstream"), 3, now, &[]).unwrap();
+            revocations.set_remote(vec![upstream]);
+            revocations.sign_and_save(now);
             assert_eq!(revocations.current().own.len(), 2);
         }
         let revocations = Revocations::open(Some(path.clone())).unwrap();
         // Published at once from the file, before any CA is installed.
         let restored = own_crls(&revocations);
         assert_eq!(restored.len(), 2);
+        assert_eq!(
+            revocations.current().ders.len(),
+            3,
+            "the upstream CRL is kept too"
+        );
         assert!(restored.iter().any(|c| c.find("0a0b").is_some()));
         revocations.install_ca(&new);
         revocations.sign_due(now);
@@ -639,8 +736,14 @@ mod tests {
         assert!(later[0].find("0c0d").is_some());
 
         std::fs::write(&path, b"{not json").unwrap();
-        let error = Revocations::open(Some(path.clone())).err().unwrap().to_string();
-        assert!(error.contains("revocations.json") && error.contains("move it away"), "{error}");
+        let error = Revocations::open(Some(path.clone()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("revocations.json") && error.contains("move it away"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -24,8 +24,9 @@ use crate::ca::{
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
 use crate::proto::tessera::node_client::NodeClient;
 use crate::proto::tessera::{
-    AttestRequest, Csrs, Entry, JoinTokenAttestation, NodeCredentials, RenewRequest, SyncRequest,
-    SyncUpdate, X509PopAttestation, X509PopProof, attest_request, attest_response,
+    AttestRequest, CrlSet, Csrs, Entry, JoinTokenAttestation, NodeCredentials, RenewRequest,
+    RevocationOrders, RevocationReason, SyncRequest, SyncUpdate, X509PopAttestation, X509PopProof,
+    attest_request, attest_response,
 };
 use crate::runtime::{Backoff, Shutdown, wait_until_wall_time};
 use crate::spiffe::TrustDomain;
@@ -803,6 +804,21 @@ pub async fn run(
     }
 }
 
+/// Passes on the CRLs of the trust domain's other issuers, and signs the revocations the server
+/// ordered into this node's CRLs (each at most once).
+fn apply_revocations(seams: &Seams, crls: Option<CrlSet>, orders: Option<RevocationOrders>) {
+    if let Some(crls) = crls {
+        seams.cache.revocations().set_remote(crls.crls);
+    }
+    for order in orders.map(|o| o.orders).unwrap_or_default() {
+        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(order.not_after.max(0) as u64);
+        let reason = RevocationReason::try_from(order.reason).unwrap_or(RevocationReason::Operator);
+        if seams.cache.revoke_serial(&order.serial, not_after, reason) {
+            tracing::info!(serial = %order.serial, detail = %order.detail, "SVID revoked by the server");
+        }
+    }
+}
+
 /// Renews the node's credentials and publishes the new CA.
 async fn renew_into(
     upstream: &Upstream,
@@ -845,6 +861,11 @@ async fn session(
     // Events go up the same connection for as long as this session lasts.
     let _uploader = AbortOnDrop(tokio::spawn(super::uploader::run(
         seams.spool.clone(),
+        channel.clone(),
+    )));
+    // So do this node's CRLs, for the server to pass on to every other node.
+    let _crl_publisher = AbortOnDrop(tokio::spawn(super::revocation::publish_upstream(
+        seams.cache.revocations().clone(),
         channel,
     )));
     let mut stream = match client.sync(SyncRequest {}).await {
@@ -865,9 +886,10 @@ async fn session(
                 }
             }
             message = stream.message() => match message {
-                Ok(Some(update)) => {
+                Ok(Some(mut update)) => {
                     backoff.reset();
                     let full = update.full;
+                    apply_revocations(seams, update.crls.take(), update.revocations.take());
                     let bundle_changed = upstream.apply(update, &mut credentials).await;
                     if bundle_changed {
                         publish_ca(seams, &credentials);
@@ -997,6 +1019,7 @@ mod tests {
                 roots: roots.clone(),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         assert!(
             !link.apply(full, &mut credentials).await,
@@ -1013,6 +1036,7 @@ mod tests {
             upserted: vec![entry("c", 3)],
             removed: vec!["a".into()],
             bundle: None,
+            ..Default::default()
         };
         assert!(!link.apply(delta, &mut credentials).await);
         assert_eq!(
@@ -1235,6 +1259,13 @@ mod tests {
                 _: Request<Streaming<EventBatch>>,
             ) -> Result<Response<Self::ReportEventsStream>, Status> {
                 Ok(Response::new(Box::pin(tokio_stream::pending())))
+            }
+
+            async fn publish_crls(
+                &self,
+                _: Request<crate::proto::tessera::PublishCrlsRequest>,
+            ) -> Result<Response<crate::proto::tessera::PublishCrlsResponse>, Status> {
+                Ok(Response::new(Default::default()))
             }
         }
 

@@ -63,9 +63,9 @@ pub fn crl_reason(reason: RevocationReason) -> rcgen::RevocationReason {
             Code::CessationOfOperation
         }
         RevocationReason::EntryChanged => Code::AffiliationChanged,
-        RevocationReason::NodeEvicted
-        | RevocationReason::Inactive
-        | RevocationReason::Anomaly => Code::PrivilegeWithdrawn,
+        RevocationReason::NodeEvicted | RevocationReason::Inactive | RevocationReason::Anomaly => {
+            Code::PrivilegeWithdrawn
+        }
         RevocationReason::Superseded | RevocationReason::CaRotated => Code::Superseded,
         RevocationReason::Operator | RevocationReason::Unspecified => Code::Unspecified,
     }
@@ -158,8 +158,8 @@ fn seconds(t: i64) -> SystemTime {
 }
 
 fn read(der: &[u8]) -> Result<(CertificateRevocationList<'_>, CrlInfo), CrlError> {
-    let (rest, crl) = CertificateRevocationList::from_der(der)
-        .map_err(|e| CrlError::Malformed(e.to_string()))?;
+    let (rest, crl) =
+        CertificateRevocationList::from_der(der).map_err(|e| CrlError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CrlError::Malformed(format!(
             "{} bytes follow the CRL",
@@ -169,12 +169,15 @@ fn read(der: &[u8]) -> Result<(CertificateRevocationList<'_>, CrlInfo), CrlError
     let number = crl.crl_number().ok_or(CrlError::Missing("cRLNumber"))?;
     let number: u64 = number.try_into().map_err(|_| CrlError::NumberTooLarge)?;
     let next_update = crl.next_update().ok_or(CrlError::Missing("nextUpdate"))?;
-    let key_id = crl.extensions().iter().find_map(|ext| match ext.parsed_extension() {
-        ParsedExtension::AuthorityKeyIdentifier(aki) => {
-            aki.key_identifier.as_ref().map(|k| k.0.to_vec())
-        }
-        _ => None,
-    });
+    let key_id = crl
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        });
     let revoked = crl
         .iter_revoked_certificates()
         .map(|r| RevokedEntry {

@@ -42,6 +42,18 @@ enum EntryCommand {
     Update(UpdateArgs),
     /// Remove an entry: nothing more is issued for it.
     Delete(IdArg),
+    /// Revoke every live X.509-SVID of an entry; holders that still match get fresh ones at
+    /// once (a forced rotation).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug)]
+struct RevokeArgs {
+    /// The entry's id, as `tessera entry list` shows it.
+    #[arg(value_name = "ENTRY_ID")]
+    id: String,
+    #[command(flatten)]
+    reason: super::revoke::ReasonArg,
 }
 
 #[derive(Args, Debug)]
@@ -522,6 +534,10 @@ pub(super) async fn run(args: EntryArgs, output: Output) -> Result<(), Failure> 
             let changes = update.changes(SystemTime::now())?;
             let admin = Admin::connect(&args.admin).await?;
             print_entry(output, &update_entry(admin, &update.id, changes).await?)
+        }
+        EntryCommand::Revoke(RevokeArgs { id, reason }) => {
+            require_id("entry", &id)?;
+            super::revoke::revoke_entry(&args.admin, &id, reason, output).await
         }
         EntryCommand::Delete(IdArg { id }) => {
             require_id("entry", &id)?;

@@ -291,21 +291,24 @@ fn inventory_json(inventory: &Inventory) -> serde_json::Value {
         .iter()
         .map(|i| {
             let entry = i.entry.clone().unwrap_or_default();
-            let live_svids: Vec<serde_json::Value> = i
-                .live_svids
-                .iter()
-                .map(|s| {
-                    let mut svid = serde_json::json!({
-                        "serial": s.serial,
-                        "node_id": s.node_id,
-                        "uses": s.uses,
-                    });
-                    JsonTime::from_ms("issued", set(s.issued_ms)).put(&mut svid);
-                    JsonTime::from_seconds("not_after", s.not_after).put(&mut svid);
-                    JsonTime::from_ms("last_used", s.last_used_ms).put(&mut svid);
-                    svid
-                })
-                .collect();
+            let svid_json = |s: &crate::proto::tessera::SvidInfo| {
+                let mut svid = serde_json::json!({
+                    "serial": s.serial,
+                    "node_id": s.node_id,
+                    "uses": s.uses,
+                });
+                JsonTime::from_ms("issued", set(s.issued_ms)).put(&mut svid);
+                JsonTime::from_seconds("not_after", s.not_after).put(&mut svid);
+                JsonTime::from_ms("last_used", s.last_used_ms).put(&mut svid);
+                if s.revoked_ms.is_some() {
+                    JsonTime::from_ms("revoked", s.revoked_ms).put(&mut svid);
+                    svid["reason"] = s.reason.clone().into();
+                }
+                svid
+            };
+            let live_svids: Vec<serde_json::Value> = i.live_svids.iter().map(svid_json).collect();
+            let revoked_svids: Vec<serde_json::Value> =
+                i.revoked_svids.iter().map(svid_json).collect();
             let mut identity = serde_json::json!({
                 "entry_id": entry.id,
                 "spiffe_id": entry.spiffe_id,
@@ -315,6 +318,7 @@ fn inventory_json(inventory: &Inventory) -> serde_json::Value {
                 "registration_expired": i.registration_expired,
                 "unused_past_timeout": i.unused_past_timeout,
                 "live_svids": live_svids,
+                "revoked_svids": revoked_svids,
             });
             JsonTime::from_seconds("expires_at", entry.expires_at.unwrap_or(0)).put(&mut identity);
             JsonTime::from_ms("last_issued", i.last_issued_ms).put(&mut identity);
@@ -332,6 +336,7 @@ fn inventory_json(inventory: &Inventory) -> serde_json::Value {
                 "status": node.status,
                 "attestation": node.attestation,
                 "live_svids": n.live_serials,
+                "revoked_svids": n.revoked_serials,
             });
             JsonTime::from_ms("last_contact", set(n.last_contact_ms)).put(&mut node_json);
             node_json
@@ -346,6 +351,7 @@ fn inventory_text(inventory: &Inventory) -> String {
         "OWNER",
         "PURPOSE",
         "LIVE",
+        "REVOKED",
         "LAST ISSUED",
         "LAST USED",
         "FLAGS",
@@ -368,6 +374,7 @@ fn inventory_text(inventory: &Inventory) -> String {
             entry.owner,
             entry.purpose,
             i.live_svids.len().to_string(),
+            i.revoked_svids.len().to_string(),
             when(i.last_issued_ms),
             when(i.last_used_ms),
             flags.join(" "),
@@ -426,6 +433,7 @@ mod tests {
                 node: Some(NodeInfo::default()),
                 live_serials: vec![],
                 last_contact_ms: 0,
+                ..Default::default()
             }],
         };
         let json = inventory_json(&inventory);

@@ -25,6 +25,7 @@ mod dev;
 mod entry;
 mod events;
 mod node;
+mod revoke;
 mod server;
 mod svid;
 mod table;

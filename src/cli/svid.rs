@@ -17,6 +17,9 @@ pub(super) enum SvidCommand {
     Fetch(FetchArgs),
     /// Print every update of the X.509-SVIDs until interrupted.
     Watch(CommonArgs),
+    /// Revoke one X.509-SVID by serial (server mode, on the server's admin socket): its node's
+    /// CA lists it in its CRL until it expires.
+    Revoke(super::revoke::RevokeSvidArgs),
     /// Check a certificate as a relying party would: chain to the bundle, SPIFFE ID, expiry and
     /// revocation in the CRLs, all taken from the Workload API. Exit 0 valid, 1 invalid.
     Verify(VerifyArgs),
@@ -80,6 +83,7 @@ pub(super) async fn run(command: SvidCommand, output: Output) -> Result<(), Fail
         SvidCommand::Fetch(args) => fetch(args, output).await,
         SvidCommand::Watch(args) => watch(args, output).await,
         SvidCommand::Verify(args) => verify(args, output).await,
+        SvidCommand::Revoke(args) => super::revoke::revoke_svid(args, output).await,
     }
 }
 

@@ -15,8 +15,8 @@ use crate::proto::tessera::{
     Bundle, CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, EventFilter,
     GetBundleRequest, GetInventoryRequest, IdentityInventory, Inventory, JoinToken,
     ListEntriesRequest, ListEntriesResponse, ListEventsResponse, ListNodesRequest,
-    ListNodesResponse, NodeInfo, NodeInventory, NodeRequest, StoredEvent, SvidInfo,
-    UpdateEntryRequest,
+    ListNodesResponse, NodeInfo, NodeInventory, NodeRequest, RevocationReason, RevokeEntryRequest,
+    RevokeResponse, RevokeSvidRequest, StoredEvent, SvidInfo, UpdateEntryRequest,
 };
 use crate::store::{
     EntryRecord, EventOrder, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, SvidRecord,
@@ -53,6 +53,11 @@ pub enum AdminApiError {
     /// The system's random generator failed.
     #[error("no randomness for {0}")]
     Randomness(&'static str),
+    /// No node reported issuing an SVID with this serial.
+    #[error(
+        "no SVID with serial {0:?} was reported by any node (serials are lowercase hex, as `tessera inventory` shows them)"
+    )]
+    UnknownSerial(String),
 }
 
 impl AdminApiError {
@@ -62,7 +67,9 @@ impl AdminApiError {
             e @ (Self::EntryField(_) | Self::Field(_) | Self::Missing(_)) => {
                 Status::invalid_argument(e.to_string())
             }
-            e @ Self::NotFound { .. } => Status::not_found(e.to_string()),
+            e @ (Self::NotFound { .. } | Self::UnknownSerial(_)) => {
+                Status::not_found(e.to_string())
+            }
             Self::Store(StoreError::Unavailable(e)) => {
                 tracing::warn!(error = %e, "admin call failed: datastore unavailable");
                 Status::unavailable("datastore unavailable; retry once it is back")
@@ -268,6 +275,48 @@ fn svid_info(svid: &SvidRecord) -> SvidInfo {
     }
 }
 
+/// The operator's reason for a revocation: required, one line of reasonable length.
+fn check_revocation_reason(reason: &str) -> Result<String, AdminApiError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > MAX_REASON_LEN || reason.contains(['\n', '\0']) {
+        return Err(AdminApiError::Field(FieldError::new(
+            "reason",
+            reason,
+            format!("say why, in one line of at most {MAX_REASON_LEN} bytes"),
+        )));
+    }
+    Ok(reason.to_owned())
+}
+
+/// Longest reason an operator may give for a revocation, in bytes.
+const MAX_REASON_LEN: usize = 1024;
+
+impl AdminService {
+    /// Revokes `svids` for an operator's `reason` and answers what changed.
+    async fn revoke(
+        &self,
+        svids: Vec<SvidRecord>,
+        reason: String,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let (revoked, already) = self
+            .state
+            .revoke_svids(&svids, RevocationReason::Operator, &reason)
+            .await
+            .map_err(status)?;
+        for serial in &revoked {
+            audit("SVID revoked", serial);
+        }
+        Ok(Response::new(RevokeResponse {
+            revoked: svids
+                .iter()
+                .filter(|s| revoked.contains(&s.serial))
+                .map(svid_info)
+                .collect(),
+            already_revoked: already,
+        }))
+    }
+}
+
 fn audit(action: &'static str, subject: &str) {
     tracing::info!(target: "tessera::audit", action, subject, "admin change");
 }
@@ -315,6 +364,66 @@ impl Admin for AdminService {
             .map_err(status)?;
         audit("entry updated", &stored.id);
         Ok(Response::new(entry_to_proto(&stored)))
+    }
+
+    async fn revoke_svid(
+        &self,
+        request: Request<RevokeSvidRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let request = request.into_inner();
+        let reason = check_revocation_reason(&request.reason).map_err(status)?;
+        let serial = request.serial.trim().to_ascii_lowercase();
+        if serial.is_empty()
+            || serial.len() > 40
+            || !serial.len().is_multiple_of(2)
+            || hex::decode(&serial).is_err()
+        {
+            return Err(status(AdminApiError::Field(FieldError::new(
+                "serial",
+                &request.serial,
+                "a certificate serial is lowercase hex of whole bytes, at most 20 of them",
+            ))));
+        }
+        let svid = self
+            .state
+            .store
+            .svid(&serial)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| status(AdminApiError::UnknownSerial(serial.clone())))?;
+        self.revoke(vec![svid], reason).await
+    }
+
+    async fn revoke_entry(
+        &self,
+        request: Request<RevokeEntryRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let request = request.into_inner();
+        let reason = check_revocation_reason(&request.reason).map_err(status)?;
+        let entry = self
+            .state
+            .store
+            .get_entry(&request.id)
+            .await
+            .map_err(status)?;
+        let svids = self
+            .state
+            .store
+            .svids(Some(&request.id), None)
+            .await
+            .map_err(status)?;
+        if entry.is_none() && svids.is_empty() {
+            return Err(status(AdminApiError::NotFound {
+                kind: "entry",
+                id: request.id,
+            }));
+        }
+        let now = unix_now();
+        let live = svids
+            .into_iter()
+            .filter(|s| s.revoked_ms.is_none() && s.not_after.is_none_or(|at| at > now))
+            .collect();
+        self.revoke(live, reason).await
     }
 
     async fn delete_entry(
@@ -439,6 +548,14 @@ impl Admin for AdminService {
             .set_node_status(&id, NodeStatus::Evicted)
             .await
             .map_err(status)?;
+        self.state
+            .revoke_node(
+                &id,
+                RevocationReason::NodeEvicted,
+                "node evicted by an operator",
+            )
+            .await
+            .map_err(status)?;
         audit("node evicted", &id);
         self.state
             .record(self.state.server_event(
@@ -456,6 +573,14 @@ impl Admin for AdminService {
             .state
             .store
             .set_node_status(&id, NodeStatus::Banned)
+            .await
+            .map_err(status)?;
+        self.state
+            .revoke_node(
+                &id,
+                RevocationReason::NodeEvicted,
+                "node banned by an operator",
+            )
             .await
             .map_err(status)?;
         audit("node banned", &id);
@@ -558,6 +683,10 @@ impl Admin for AdminService {
             .iter()
             .filter(|s| s.revoked_ms.is_none() && s.not_after.is_some_and(|t| t > now))
             .collect();
+        let revoked: Vec<&SvidRecord> = svids
+            .iter()
+            .filter(|s| s.revoked_ms.is_some() && s.not_after.is_some_and(|t| t > now))
+            .collect();
         let identities = entries
             .iter()
             .map(|entry| {
@@ -570,6 +699,11 @@ impl Admin for AdminService {
                 IdentityInventory {
                     entry: Some(entry_to_proto(entry)),
                     live_svids: live
+                        .iter()
+                        .filter(|s| s.entry_id == entry.id)
+                        .map(|s| svid_info(s))
+                        .collect(),
+                    revoked_svids: revoked
                         .iter()
                         .filter(|s| s.entry_id == entry.id)
                         .map(|s| svid_info(s))
@@ -589,6 +723,11 @@ impl Admin for AdminService {
                     .filter(|s| s.node_id == node.id)
                     .map(|s| s.serial.clone())
                     .collect();
+                let revoked_serials = revoked
+                    .iter()
+                    .filter(|s| s.node_id == node.id)
+                    .map(|s| s.serial.clone())
+                    .collect();
                 // The later of the server's own record of the node's calls and the time of the
                 // latest event it reported, which a node cannot push past the present.
                 let last_event_ms = last_events.get(&node.id).copied().unwrap_or(0).min(now_ms);
@@ -596,6 +735,7 @@ impl Admin for AdminService {
                 NodeInventory {
                     node: Some(node_info(&self.state, node)),
                     live_serials,
+                    revoked_serials,
                     last_contact_ms,
                 }
             })

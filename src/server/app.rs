@@ -324,6 +324,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         config,
         store,
         root,
+        server_id: server_id.clone(),
         x509pop,
         snapshots: snapshot_rx,
         shutdown: shutdown.clone(),
@@ -342,6 +343,10 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         )
     });
     tasks.spawn_until_shutdown("event pruning", prune_events(state.clone()));
+    tasks.spawn_until_shutdown(
+        "root CRL signing",
+        super::revocation::run_root_crl(state.clone(), shutdown.signalled()),
+    );
 
     let node_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -5,6 +5,7 @@ pub mod admin_api;
 pub mod app;
 pub mod config;
 pub mod node_api;
+pub mod revocation;
 pub mod root;
 pub mod sync;
 #[cfg(test)]
@@ -28,8 +29,11 @@ pub struct State {
     pub config: ServerConfig,
     /// Entries, nodes, tokens and the bundle, shared with the other replicas.
     pub store: Arc<dyn Datastore>,
-    /// This replica's root CA; signs node SVIDs, node CAs and the serving certificate.
+    /// This replica's root CA; signs node SVIDs, node CAs, the serving certificate and the
+    /// root CRL.
     pub root: SigningCa,
+    /// This replica's stable id: whose root granted a node CA, and so whose CRL revokes it.
+    pub server_id: String,
     /// Verifies x509pop node certificates; `None` when x509pop is not enabled.
     pub x509pop: Option<Arc<dyn ClientCertVerifier>>,
     /// The latest entries, nodes and bundle, republished after every datastore change.

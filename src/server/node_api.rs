@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use x509_parser::prelude::*;
 
 use super::State;
+use super::revocation::PublishError;
 use super::sync::{Snapshot, bundle_message, delta, full};
 use crate::ca::BACKDATE;
 use crate::ca::node::{
@@ -24,14 +25,14 @@ use crate::ca::node::{
 use crate::events::model::{MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms};
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
-    AttestRequest, AttestResponse, Bundle, Csrs, Event, EventAck, EventBatch, EventKind,
-    NodeCredentials, RenewRequest, SyncRequest, SyncUpdate, X509PopChallenge, attest_request,
-    attest_response,
+    AttestRequest, AttestResponse, Bundle, CrlSet, Csrs, Event, EventAck, EventBatch, EventKind,
+    NodeCredentials, PublishCrlsRequest, PublishCrlsResponse, RenewRequest, RevocationOrder,
+    RevocationOrders, SyncRequest, SyncUpdate, X509PopChallenge, attest_request, attest_response,
 };
 use crate::store::wire::to_record;
 use crate::store::{
-    NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, TokenRefusal, canonical, unix_now,
-    unix_seconds,
+    NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, TokenRefusal,
+    canonical, unix_now, unix_seconds,
 };
 use crate::tls::TlsPeer;
 
@@ -103,6 +104,9 @@ pub enum NodeApiError {
     /// The server is draining; the node should reconnect, to another replica if there is one.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// A CRL the node published was refused.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
 }
 
 impl NodeApiError {
@@ -142,6 +146,8 @@ impl NodeApiError {
                 Status::internal("internal error")
             }
             Self::ShuttingDown => Status::unavailable("server is shutting down"),
+            Self::Publish(PublishError::Store(e)) => Self::Store(e).into_status(),
+            Self::Publish(e) => Status::invalid_argument(e.to_string()),
         }
     }
 }
@@ -178,8 +184,9 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
 }
 
 impl State {
-    /// Signs both credentials for `node_id`.
-    fn grant(
+    /// Signs both credentials for `node_id`, and records the node CA before it is handed out
+    /// (so that an eviction can always revoke it).
+    async fn grant(
         &self,
         node_id: &str,
         csrs: &Csrs,
@@ -202,6 +209,15 @@ impl State {
             self.config.node_ca_ttl,
             now,
         )?;
+        self.store
+            .record_node_ca(NodeCaRecord {
+                serial: ca.serial_hex.clone(),
+                node_id: node_id.to_owned(),
+                server_id: self.server_id.clone(),
+                der: ca.der.clone(),
+                not_after: unix_seconds(ca.not_after),
+            })
+            .await?;
         let record = NodeCredentialsRecord {
             svid_serial: svid.serial_hex,
             svid_not_after: unix_seconds(svid.not_after),
@@ -287,7 +303,7 @@ impl State {
         let node_id = format!("jt-{}", hex::encode(id));
         // Refuse bad CSRs before the one-time token is spent; the token is spent in the same
         // transaction that records the node, so a crash cannot burn it for nothing.
-        let (credentials, granted) = self.grant(&node_id, csrs)?;
+        let (credentials, granted) = self.grant(&node_id, csrs).await?;
         let digest = hex::encode(sha256(token.as_bytes()));
         let node = Self::attested_record(&node_id, "join_token", Vec::new(), &granted);
         let node = self.store.join_node(&digest, node, unix_now()).await?;
@@ -525,7 +541,7 @@ async fn attest(
                 &x509pop_message(&nonce, &csrs.node_svid, &csrs.ca),
                 &proof.signature,
             )?;
-            let (credentials, granted) = state.grant(&node_id, &csrs)?;
+            let (credentials, granted) = state.grant(&node_id, &csrs).await?;
             let node = State::attested_record(&node_id, "x509pop", selectors, &granted);
             let node = state.store.attest_node(node).await?;
             state.attested(credentials, &node).await
@@ -671,7 +687,7 @@ impl Node for NodeService {
                 .into_inner()
                 .csrs
                 .ok_or_else(|| NodeApiError::BadRequest("csrs are required".into()))?;
-            let (mut credentials, granted) = self.state.grant(&node.id, &csrs)?;
+            let (mut credentials, granted) = self.state.grant(&node.id, &csrs).await?;
             self.state
                 .store
                 .renew_node(&node.id, granted.clone(), unix_now())
@@ -690,6 +706,23 @@ impl Node for NodeService {
         result
             .map(Response::new)
             .map_err(|e| refuse("Renew", &peer, e))
+    }
+
+    async fn publish_crls(
+        &self,
+        request: Request<PublishCrlsRequest>,
+    ) -> Result<Response<PublishCrlsResponse>, Status> {
+        let (peer, leaf) = peer_of(&request);
+        let result = async {
+            let node = self.state.authenticated_node(leaf).await?;
+            let crls = request.into_inner().crls;
+            let stored = self.state.publish_node_crls(&node.id, crls).await?;
+            Ok::<_, NodeApiError>(PublishCrlsResponse { stored })
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| refuse("PublishCrls", &peer, e))
     }
 
     async fn sync(
@@ -726,6 +759,8 @@ async fn stream_updates(
 ) {
     let mut sent: HashMap<String, Arc<crate::proto::tessera::Entry>> = HashMap::new();
     let mut sent_bundle: Option<Vec<Vec<u8>>> = None;
+    let mut sent_crls: Option<Vec<Vec<u8>>> = None;
+    let mut sent_orders: Option<Vec<RevocationOrder>> = None;
     let shutdown = state.shutdown.clone();
     // An open stream is contact too, however long nothing changes.
     let mut contact = tokio::time::interval_at(
@@ -787,12 +822,30 @@ async fn stream_updates(
                 delta(&sent, &now, changed.as_ref())
             }
         };
-        if let Some(update) = update {
+        let orders = snapshot.orders.get(&node_id).cloned().unwrap_or_default();
+        let crls_changed = sent_crls.as_ref() != Some(&snapshot.crls);
+        let orders_changed = sent_orders.as_ref() != Some(&orders);
+        let update = update.or_else(|| {
+            (sent_bundle.is_some() && (crls_changed || orders_changed)).then(SyncUpdate::default)
+        });
+        if let Some(mut update) = update {
+            if update.full || crls_changed {
+                update.crls = Some(CrlSet {
+                    crls: snapshot.crls.clone(),
+                });
+            }
+            if update.full || orders_changed {
+                update.revocations = Some(RevocationOrders {
+                    orders: orders.clone(),
+                });
+            }
             if tx.send(Ok(update)).await.is_err() {
                 return;
             }
             sent = now;
             sent_bundle = Some(snapshot.bundle.clone());
+            sent_crls = Some(snapshot.crls.clone());
+            sent_orders = Some(orders);
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },

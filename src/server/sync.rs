@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::proto::tessera::{Bundle, Entry, SyncUpdate};
+use crate::proto::tessera::{Bundle, Entry, RevocationOrder, SyncUpdate};
 use crate::spiffe::TrustDomain;
 use crate::store::{Datastore, EntryRecord, NodeRecord, NodeStatus, StoreError, unix_now};
 
@@ -36,6 +36,10 @@ pub struct Snapshot {
     /// when they stopped being current (Unix ms): an issuance reported late (after an outage)
     /// is judged against what the node was entitled to then, not only now.
     pub history: Arc<EntryHistory>,
+    /// The CRLs every agent is given (see [`super::revocation::distributed`]).
+    pub crls: Vec<Vec<u8>>,
+    /// The SVID revocations each node must sign into its CAs' CRLs, by node id.
+    pub orders: HashMap<String, Vec<RevocationOrder>>,
 }
 
 /// Replaced versions of entries, by entry id, each with when it was replaced (Unix ms).
@@ -111,6 +115,8 @@ pub fn delta(
         upserted,
         removed,
         bundle: bundle_changed.cloned(),
+        crls: None,
+        revocations: None,
     })
 }
 
@@ -123,6 +129,8 @@ pub fn full(now: &HashMap<String, Arc<Entry>>, bundle: Bundle) -> SyncUpdate {
         upserted,
         removed: Vec::new(),
         bundle: Some(bundle),
+        crls: None,
+        revocations: None,
     }
 }
 
@@ -192,7 +200,11 @@ pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError
     let entries = store.list_entries().await?;
     let nodes = store.list_nodes().await?;
     let bundle = store.bundle(unix_now()).await?;
+    let crls = store.crls(unix_now()).await?;
+    let revocations = store.revocations(unix_now()).await?;
     Ok(Snapshot {
+        crls: super::revocation::distributed(&crls, unix_now()),
+        orders: super::revocation::orders_by_node(&revocations),
         entries: entries
             .iter()
             .map(|e| (e.id.clone(), Arc::new(entry_to_proto(e))))

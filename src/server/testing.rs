@@ -37,6 +37,7 @@ pub(crate) async fn state(dir: &std::path::Path) -> Arc<State> {
         config,
         store,
         root,
+        server_id: "s1".into(),
         x509pop: None,
         snapshots,
         shutdown,

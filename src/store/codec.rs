@@ -3,8 +3,8 @@
 //! schema-version check.
 
 use super::{
-    BundleRoot, EntryActivity, EntryRecord, EventRecord, NodeActivity, NodeRecord, NodeStatus,
-    StoreError, StoredEvent, SvidRecord, canonical,
+    BundleRoot, CrlRecord, EntryActivity, EntryRecord, EventRecord, NodeActivity, NodeCaRecord,
+    NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredEvent, SvidRecord, canonical,
 };
 
 /// Stores a list of strings as a JSON array: unambiguous for any string content, and readable
@@ -160,6 +160,55 @@ pub(crate) fn root_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<BundleRoot, 
         server_id: row.column("server_id")?,
         der: row.column("der")?,
         not_after: row.column("not_after")?,
+    })
+}
+
+/// The columns of `node_cas`, in the order the insert binds them.
+pub(crate) const NODE_CA_COLUMNS: &str = "serial, node_id, server_id, der, not_after";
+
+/// A node CA from its row.
+pub(crate) fn node_ca_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<NodeCaRecord, StoreError> {
+    Ok(NodeCaRecord {
+        serial: row.column("serial")?,
+        node_id: row.column("node_id")?,
+        server_id: row.column("server_id")?,
+        der: row.column("der")?,
+        not_after: row.column("not_after")?,
+    })
+}
+
+/// The columns of `revocations`, in the order the insert binds them.
+pub(crate) const REVOCATION_COLUMNS: &str =
+    "serial, node_id, root_server_id, not_after, reason, detail, revoked_ms";
+
+/// A revocation from its row.
+pub(crate) fn revocation_from_row<R: ReadRow + ?Sized>(
+    row: &R,
+) -> Result<RevocationRecord, StoreError> {
+    Ok(RevocationRecord {
+        serial: row.column("serial")?,
+        node_id: row.column("node_id")?,
+        root_server_id: row.column("root_server_id")?,
+        not_after: row.column("not_after")?,
+        reason: row.column("reason")?,
+        detail: row.column("detail")?,
+        revoked_ms: row.column("revoked_ms")?,
+    })
+}
+
+/// The columns of `crls`, in the order the insert binds them.
+pub(crate) const CRL_COLUMNS: &str = "issuer, publisher, number, next_update, until, revoked, der";
+
+/// A CRL from its row.
+pub(crate) fn crl_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<CrlRecord, StoreError> {
+    Ok(CrlRecord {
+        issuer: row.column("issuer")?,
+        publisher: row.column("publisher")?,
+        number: row.column("number")?,
+        next_update: row.column("next_update")?,
+        until: row.column("until")?,
+        revoked: row.column("revoked")?,
+        der: row.column("der")?,
     })
 }
 

@@ -233,6 +233,63 @@ pub struct BundleRoot {
     pub not_after: i64,
 }
 
+/// A node intermediate CA a root granted, kept until it expires: eviction revokes it in that
+/// root's CRL, and the CRLs the node publishes are checked against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCaRecord {
+    /// Lowercase hex serial.
+    pub serial: String,
+    /// The node it was granted to.
+    pub node_id: String,
+    /// The replica whose root signed it.
+    pub server_id: String,
+    /// DER of the certificate.
+    pub der: Vec<u8>,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// A certificate the trust domain revoked, until it expires: an order to the issuer that must
+/// list it in its CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// Lowercase hex serial: the key (revoking again changes nothing).
+    pub serial: String,
+    /// The node concerned: whose CA issued the SVID, or whose CA this is.
+    pub node_id: String,
+    /// For a node CA, the replica whose root lists it; `None` for an SVID, which the node's own
+    /// CA lists.
+    pub root_server_id: Option<String>,
+    /// The certificate's not-after, Unix seconds; the record is not served after it.
+    pub not_after: i64,
+    /// The reason's name (the event model's).
+    pub reason: String,
+    /// Why, in the words of whoever revoked it.
+    pub detail: String,
+    /// When, Unix milliseconds.
+    pub revoked_ms: i64,
+}
+
+/// The latest CRL of one issuer, as the server passes it on to every agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlRecord {
+    /// Lowercase hex of the issuer's name (DER): the key.
+    pub issuer: String,
+    /// Who published it: a node id, or `server:<id>` for a replica's root.
+    pub publisher: String,
+    /// Its cRLNumber; a CRL replaces the stored one only with a higher number.
+    pub number: i64,
+    /// Its nextUpdate, Unix seconds.
+    pub next_update: i64,
+    /// The issuing CA's not-after, Unix seconds: no certificate it signed outlives it, so
+    /// neither does the CRL's record.
+    pub until: i64,
+    /// How many certificates it lists.
+    pub revoked: i64,
+    /// The CRL, DER.
+    pub der: Vec<u8>,
+}
+
 /// The kinds of [`EventRecord`], as stored: the event model's names (those of
 /// `tessera.v1.EventKind` without their prefix, in lowercase).
 pub mod event_kind {
@@ -557,6 +614,35 @@ pub trait Datastore: Send + Sync + 'static {
     /// sharing the database (and after a reconnection, when some may have been missed): tailing
     /// readers ask for what follows the last `seq` they saw.
     fn events_appended(&self) -> watch::Receiver<u64>;
+
+    /// The SVID with lowercase hex serial `serial` in the inventory, if any event named it.
+    async fn svid(&self, serial: &str) -> Result<Option<SvidRecord>, StoreError>;
+
+    /// Records a node CA granted by a root; recording it again changes nothing.
+    async fn record_node_ca(&self, ca: NodeCaRecord) -> Result<(), StoreError>;
+
+    /// The node CAs not expired at `now` (Unix seconds), of one node when given, ordered by
+    /// node id then not-after.
+    async fn node_cas(
+        &self,
+        node_id: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<NodeCaRecord>, StoreError>;
+
+    /// Records revocations in one transaction; a serial already revoked keeps its first record.
+    /// Returns the serials this call revoked; when there are any, [`Datastore::changes`] moves
+    /// on.
+    async fn revoke(&self, records: Vec<RevocationRecord>) -> Result<Vec<String>, StoreError>;
+
+    /// The revocations of certificates not expired at `now` (Unix seconds), ordered by serial.
+    async fn revocations(&self, now: i64) -> Result<Vec<RevocationRecord>, StoreError>;
+
+    /// Stores `crl` when no CRL of its issuer is stored or the stored one has a lower number;
+    /// returns whether it was stored (then [`Datastore::changes`] moves on).
+    async fn put_crl(&self, crl: CrlRecord) -> Result<bool, StoreError>;
+
+    /// The CRLs of issuers not expired at `now` (Unix seconds), ordered by issuer.
+    async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError>;
 }
 
 /// Sorts and de-duplicates selectors, the canonical form stored and compared for uniqueness.

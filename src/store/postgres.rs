@@ -37,9 +37,9 @@ use super::codec::{
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::pg_tls::{ConnectionString, PgTls};
 use super::{
-    BundleRoot, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord, JoinTokenRecord,
-    NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, StoredCount,
-    StoredEvent, SvidRecord, TokenRefusal, unix_now,
+    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord,
+    JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus,
+    RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal, unix_now,
 };
 
 /// Connections for operations; a few let slow operations not hold up the others.
@@ -172,6 +172,37 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE TABLE node_activity (
         node_id TEXT COLLATE "C" PRIMARY KEY,
         last_event_ms BIGINT NOT NULL
+    );"#,
+    ),
+    // Revocation: the node CAs each root granted, the certificates revoked (orders to their
+    // issuers), and the latest CRL of every issuer.
+    (
+        3,
+        r#"CREATE TABLE node_cas (
+        serial TEXT COLLATE "C" PRIMARY KEY,
+        node_id TEXT COLLATE "C" NOT NULL,
+        server_id TEXT COLLATE "C" NOT NULL,
+        der BYTEA NOT NULL,
+        not_after BIGINT NOT NULL
+    );
+    CREATE INDEX node_cas_by_node ON node_cas (node_id);
+    CREATE TABLE revocations (
+        serial TEXT COLLATE "C" PRIMARY KEY,
+        node_id TEXT COLLATE "C" NOT NULL,
+        root_server_id TEXT COLLATE "C",
+        not_after BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        revoked_ms BIGINT NOT NULL
+    );
+    CREATE TABLE crls (
+        issuer TEXT COLLATE "C" PRIMARY KEY,
+        publisher TEXT COLLATE "C" NOT NULL,
+        number BIGINT NOT NULL,
+        next_update BIGINT NOT NULL,
+        until BIGINT NOT NULL,
+        revoked BIGINT NOT NULL,
+        der BYTEA NOT NULL
     );"#,
     ),
 ];
@@ -1420,6 +1451,195 @@ impl Datastore for PostgresStore {
     fn events_appended(&self) -> watch::Receiver<u64> {
         self.events.subscribe()
     }
+
+    async fn svid(&self, serial: &str) -> Result<Option<SvidRecord>, StoreError> {
+        let serial = serial.to_owned();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!("SELECT {SVID_COLUMNS} FROM svids WHERE serial = $1");
+                    let found = decode_all(&c.query(&sql, &[&serial]).await?, svid_from_row)?;
+                    Ok(found.into_iter().next())
+                })
+            })
+            .await
+    }
+
+    async fn record_node_ca(&self, ca: NodeCaRecord) -> Result<(), StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    c.execute(
+                        &format!(
+                            "INSERT INTO node_cas ({}) VALUES ($1, $2, $3, $4, $5) \
+                             ON CONFLICT (serial) DO NOTHING",
+                            codec::NODE_CA_COLUMNS
+                        ),
+                        &[
+                            &ca.serial,
+                            &ca.node_id,
+                            &ca.server_id,
+                            &ca.der,
+                            &ca.not_after,
+                        ],
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn node_cas(
+        &self,
+        node_id: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<NodeCaRecord>, StoreError> {
+        let node_id = node_id.map(str::to_owned);
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!(
+                        "SELECT {} FROM node_cas WHERE not_after > $1 \
+                         AND ($2::TEXT IS NULL OR node_id = $2) ORDER BY node_id, not_after, serial",
+                        codec::NODE_CA_COLUMNS
+                    );
+                    decode_all(
+                        &c.query(&sql, &[&now, &node_id]).await?,
+                        node_ca_from_row,
+                    )
+                })
+            })
+            .await
+    }
+
+    async fn revoke(&self, records: Vec<RevocationRecord>) -> Result<Vec<String>, StoreError> {
+        let revoked = self
+            .pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await?;
+                    let stmt = tx
+                        .prepare(&format!(
+                            "INSERT INTO revocations ({}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                             ON CONFLICT (serial) DO NOTHING",
+                            codec::REVOCATION_COLUMNS
+                        ))
+                        .await?;
+                    let mut revoked = Vec::new();
+                    for r in &records {
+                        let inserted = tx
+                            .execute(
+                                &stmt,
+                                &[
+                                    &r.serial,
+                                    &r.node_id,
+                                    &r.root_server_id,
+                                    &r.not_after,
+                                    &r.reason,
+                                    &r.detail,
+                                    &r.revoked_ms,
+                                ],
+                            )
+                            .await?;
+                        if inserted > 0 {
+                            revoked.push(r.serial.clone());
+                        }
+                    }
+                    if !revoked.is_empty() {
+                        notify(&tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(revoked)
+                })
+            })
+            .await?;
+        if !revoked.is_empty() {
+            self.bump();
+        }
+        Ok(revoked)
+    }
+
+    async fn revocations(&self, now: i64) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!(
+                        "SELECT {} FROM revocations WHERE not_after > $1 ORDER BY serial",
+                        codec::REVOCATION_COLUMNS
+                    );
+                    decode_all(&c.query(&sql, &[&now]).await?, revocation_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn put_crl(&self, crl: CrlRecord) -> Result<bool, StoreError> {
+        let stored = self
+            .pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await?;
+                    let changed = tx
+                        .execute(
+                            &format!(
+                                "INSERT INTO crls ({}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                                 ON CONFLICT (issuer) DO UPDATE SET publisher = EXCLUDED.publisher, \
+                                 number = EXCLUDED.number, next_update = EXCLUDED.next_update, \
+                                 until = EXCLUDED.until, revoked = EXCLUDED.revoked, der = EXCLUDED.der \
+                                 WHERE EXCLUDED.number > crls.number",
+                                codec::CRL_COLUMNS
+                            ),
+                            &[
+                                &crl.issuer,
+                                &crl.publisher,
+                                &crl.number,
+                                &crl.next_update,
+                                &crl.until,
+                                &crl.revoked,
+                                &crl.der,
+                            ],
+                        )
+                        .await?;
+                    if changed > 0 {
+                        notify(&tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(changed > 0)
+                })
+            })
+            .await?;
+        if stored {
+            self.bump();
+        }
+        Ok(stored)
+    }
+
+    async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!(
+                        "SELECT {} FROM crls WHERE until > $1 ORDER BY issuer",
+                        codec::CRL_COLUMNS
+                    );
+                    decode_all(&c.query(&sql, &[&now]).await?, crl_from_row)
+                })
+            })
+            .await
+    }
+}
+
+fn node_ca_from_row(row: &Row) -> Result<NodeCaRecord, StoreError> {
+    codec::node_ca_from_row(row)
+}
+
+fn revocation_from_row(row: &Row) -> Result<RevocationRecord, StoreError> {
+    codec::revocation_from_row(row)
+}
+
+fn crl_from_row(row: &Row) -> Result<CrlRecord, StoreError> {
+    codec::crl_from_row(row)
 }
 
 /// Keeps a notification connection up for as long as the store lives, waiting longer (with

@@ -26,9 +26,9 @@ use tokio::sync::watch;
 use super::codec;
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::{
-    BundleRoot, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord, JoinTokenRecord,
-    NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, StoredCount,
-    StoredEvent, SvidRecord, TokenRefusal, unix_now,
+    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord,
+    JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus,
+    RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal, unix_now,
 };
 
 /// How long a statement waits for a lock held by another connection (a backup tool, the
@@ -144,6 +144,37 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE TABLE node_activity (
         node_id TEXT PRIMARY KEY,
         last_event_ms INTEGER NOT NULL
+    ) STRICT;",
+    ),
+    // Revocation: the node CAs each root granted, the certificates revoked (orders to their
+    // issuers), and the latest CRL of every issuer.
+    (
+        3,
+        "CREATE TABLE node_cas (
+        serial TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        server_id TEXT NOT NULL,
+        der BLOB NOT NULL,
+        not_after INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX node_cas_by_node ON node_cas (node_id);
+    CREATE TABLE revocations (
+        serial TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        root_server_id TEXT,
+        not_after INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        revoked_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE crls (
+        issuer TEXT PRIMARY KEY,
+        publisher TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        next_update INTEGER NOT NULL,
+        until INTEGER NOT NULL,
+        revoked INTEGER NOT NULL,
+        der BLOB NOT NULL
     ) STRICT;",
     ),
 ];
@@ -1170,4 +1201,172 @@ impl Datastore for SqliteStore {
     fn events_appended(&self) -> watch::Receiver<u64> {
         self.events.subscribe()
     }
+
+    async fn svid(&self, serial: &str) -> Result<Option<SvidRecord>, StoreError> {
+        let serial = serial.to_owned();
+        self.run(move |conn| {
+            let found = query_all(
+                conn,
+                &format!("SELECT {SVID_COLUMNS} FROM svids WHERE serial = ?1"),
+                [serial],
+                svid_from_row,
+            )?;
+            Ok(found.into_iter().next())
+        })
+        .await
+    }
+
+    async fn record_node_ca(&self, ca: NodeCaRecord) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO node_cas ({}) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (serial) DO NOTHING",
+                    codec::NODE_CA_COLUMNS
+                ),
+                (
+                    &ca.serial,
+                    &ca.node_id,
+                    &ca.server_id,
+                    &ca.der,
+                    ca.not_after,
+                ),
+            )
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn node_cas(
+        &self,
+        node_id: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<NodeCaRecord>, StoreError> {
+        let node_id = node_id.map(str::to_owned);
+        self.run(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {} FROM node_cas WHERE not_after > ?1 \
+                     AND (?2 IS NULL OR node_id = ?2) ORDER BY node_id, not_after, serial",
+                    codec::NODE_CA_COLUMNS
+                ),
+                (now, node_id),
+                node_ca_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn revoke(&self, records: Vec<RevocationRecord>) -> Result<Vec<String>, StoreError> {
+        let revoked = self
+            .write(move |tx| {
+                let mut stmt = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO revocations ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                         ON CONFLICT (serial) DO NOTHING",
+                        codec::REVOCATION_COLUMNS
+                    ))
+                    .map_err(db_error)?;
+                let mut revoked = Vec::new();
+                for r in &records {
+                    let inserted = stmt
+                        .execute((
+                            &r.serial,
+                            &r.node_id,
+                            &r.root_server_id,
+                            r.not_after,
+                            &r.reason,
+                            &r.detail,
+                            r.revoked_ms,
+                        ))
+                        .map_err(db_error)?;
+                    if inserted > 0 {
+                        revoked.push(r.serial.clone());
+                    }
+                }
+                Ok(revoked)
+            })
+            .await?;
+        if !revoked.is_empty() {
+            self.bump();
+        }
+        Ok(revoked)
+    }
+
+    async fn revocations(&self, now: i64) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.run(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {} FROM revocations WHERE not_after > ?1 ORDER BY serial",
+                    codec::REVOCATION_COLUMNS
+                ),
+                [now],
+                revocation_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn put_crl(&self, crl: CrlRecord) -> Result<bool, StoreError> {
+        let stored = self
+            .write(move |tx| {
+                let changed = tx
+                    .execute(
+                        &format!(
+                            "INSERT INTO crls ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                             ON CONFLICT (issuer) DO UPDATE SET publisher = excluded.publisher, \
+                             number = excluded.number, next_update = excluded.next_update, \
+                             until = excluded.until, revoked = excluded.revoked, der = excluded.der \
+                             WHERE excluded.number > crls.number",
+                            codec::CRL_COLUMNS
+                        ),
+                        (
+                            &crl.issuer,
+                            &crl.publisher,
+                            crl.number,
+                            crl.next_update,
+                            crl.until,
+                            crl.revoked,
+                            &crl.der,
+                        ),
+                    )
+                    .map_err(db_error)?;
+                Ok(changed > 0)
+            })
+            .await?;
+        if stored {
+            self.bump();
+        }
+        Ok(stored)
+    }
+
+    async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError> {
+        self.run(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {} FROM crls WHERE until > ?1 ORDER BY issuer",
+                    codec::CRL_COLUMNS
+                ),
+                [now],
+                crl_from_row,
+            )
+        })
+        .await
+    }
+}
+
+fn node_ca_from_row(row: &Row<'_>) -> Result<NodeCaRecord, StoreError> {
+    codec::node_ca_from_row(row)
+}
+
+fn revocation_from_row(row: &Row<'_>) -> Result<RevocationRecord, StoreError> {
+    codec::revocation_from_row(row)
+}
+
+fn crl_from_row(row: &Row<'_>) -> Result<CrlRecord, StoreError> {
+    codec::crl_from_row(row)
 }

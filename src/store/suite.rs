@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    BundleRoot, CallerRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventOrder,
-    EventRecord, JoinTokenRecord, NodeActivity, NodeCredentialsRecord, NodeRecord, NodeStatus,
-    StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal, event_kind,
+    BundleRoot, CallerRecord, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter,
+    EventOrder, EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord,
+    NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord,
+    TokenRefusal, event_kind,
 };
 
 /// The clock of the suite: stores take `now` from their callers.
@@ -1503,7 +1504,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
         .await;
 
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 2);
+    assert_eq!(harness.query_i64(version).await, 3);
     let old = store.get_entry("old").await.unwrap().unwrap();
     assert_eq!(old.spiffe_id, "spiffe://example.org/old");
     let batch = vec![
@@ -1515,7 +1516,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
 
     // Opening again migrates nothing and finds the events.
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 2);
+    assert_eq!(harness.query_i64(version).await, 3);
     assert_eq!(ids(&all_events(&*store).await), ["i", "u"]);
     assert_eq!(store.svids(None, None).await.unwrap()[0].uses, 2);
 }
@@ -1583,6 +1584,157 @@ async fn ingest_rate(store: &dyn Datastore, backend: &str, size: usize, batches:
 
 /// One generated test per case, for the backend whose module invokes it. Each module provides
 /// `harness()`, `None` when the backend is not available.
+/// Node CAs are kept until they expire, per node; recording one again changes nothing.
+async fn node_cas_kept_until_expiry(store: &dyn Datastore) {
+    let ca = |serial: &str, node: &str, not_after: i64| NodeCaRecord {
+        serial: serial.into(),
+        node_id: node.into(),
+        server_id: "s1".into(),
+        der: vec![1, 2, 3],
+        not_after,
+    };
+    store
+        .record_node_ca(ca("0a", "n1", NOW + 100))
+        .await
+        .unwrap();
+    store
+        .record_node_ca(ca("0a", "n1", NOW + 999))
+        .await
+        .unwrap();
+    store
+        .record_node_ca(ca("0b", "n1", NOW + 200))
+        .await
+        .unwrap();
+    store
+        .record_node_ca(ca("0c", "n2", NOW + 50))
+        .await
+        .unwrap();
+    let serials = |cas: Vec<NodeCaRecord>| cas.into_iter().map(|c| c.serial).collect::<Vec<_>>();
+    assert_eq!(
+        serials(store.node_cas(Some("n1"), NOW).await.unwrap()),
+        ["0a", "0b"]
+    );
+    assert_eq!(
+        store.node_cas(Some("n1"), NOW).await.unwrap()[0].not_after,
+        NOW + 100
+    );
+    assert_eq!(
+        serials(store.node_cas(None, NOW + 60).await.unwrap()),
+        ["0a", "0b"]
+    );
+    assert_eq!(
+        serials(store.node_cas(None, NOW).await.unwrap()),
+        ["0a", "0b", "0c"]
+    );
+    assert!(
+        store
+            .node_cas(Some("nobody"), NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A revocation is recorded once; the first record wins; expired ones are not served; a
+/// revocation moves `changes()`, revoking nothing new does not.
+async fn revocations_recorded_once(store: &dyn Datastore) {
+    let revocation =
+        |serial: &str, root: Option<&str>, not_after: i64, detail: &str| RevocationRecord {
+            serial: serial.into(),
+            node_id: "n1".into(),
+            root_server_id: root.map(str::to_owned),
+            not_after,
+            reason: "operator".into(),
+            detail: detail.into(),
+            revoked_ms: NOW_MS,
+        };
+    let mut changes = store.changes();
+    changes.borrow_and_update();
+    let first = store
+        .revoke(vec![
+            revocation("01", None, NOW + 100, "first"),
+            revocation("02", Some("s1"), NOW + 10, "node CA"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(first, ["01", "02"]);
+    assert!(changes.has_changed().unwrap());
+    changes.borrow_and_update();
+    let again = store
+        .revoke(vec![revocation("01", None, NOW + 100, "second")])
+        .await
+        .unwrap();
+    assert!(again.is_empty());
+    assert!(!changes.has_changed().unwrap());
+    let listed = store.revocations(NOW).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].detail, "first");
+    assert_eq!(listed[1].root_server_id.as_deref(), Some("s1"));
+    let later = store.revocations(NOW + 50).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].serial, "01");
+}
+
+/// A CRL replaces its issuer's stored one only with a higher number; CRLs of expired issuers
+/// are not served.
+async fn crls_replaced_by_higher_numbers(store: &dyn Datastore) {
+    let crl = |issuer: &str, number: i64, until: i64, der: &[u8]| CrlRecord {
+        issuer: issuer.into(),
+        publisher: "n1".into(),
+        number,
+        next_update: NOW + 3600,
+        until,
+        revoked: 1,
+        der: der.to_vec(),
+    };
+    assert!(
+        store
+            .put_crl(crl("aa", 5, NOW + 100, b"five"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_crl(crl("aa", 4, NOW + 100, b"four"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_crl(crl("aa", 5, NOW + 100, b"five again"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .put_crl(crl("aa", 6, NOW + 100, b"six"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .put_crl(crl("bb", 1, NOW + 10, b"other"))
+            .await
+            .unwrap()
+    );
+    let stored = store.crls(NOW).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0].der, b"six");
+    assert_eq!(stored[0].number, 6);
+    assert_eq!(store.crls(NOW + 50).await.unwrap().len(), 1);
+}
+
+/// The SVID of one serial, as the inventory holds it.
+async fn svid_by_serial(store: &dyn Datastore) {
+    store
+        .store_events(vec![event("i", event_kind::SVID_ISSUED, "0a0b", NOW_MS)])
+        .await
+        .unwrap();
+    let svid = store.svid("0a0b").await.unwrap().unwrap();
+    assert_eq!(svid.serial, "0a0b");
+    assert!(store.svid("0c0d").await.unwrap().is_none());
+}
+
 macro_rules! suite_tests {
     (stores: $($case:ident),* ; harnesses: $($special:ident),* $(,)?) => {
         $(
@@ -1661,7 +1813,8 @@ mod sqlite_suite {
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
-            prune_works_in_chunks;
+            prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
+            crls_replaced_by_higher_numbers, svid_by_serial;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
@@ -1777,7 +1930,8 @@ mod postgres_suite {
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
-            prune_works_in_chunks;
+            prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
+            crls_replaced_by_higher_numbers, svid_by_serial;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );

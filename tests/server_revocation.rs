@@ -1,0 +1,290 @@
+//! Revocation in server mode, end to end with real processes: an operator revokes an SVID one
+//! node issued, or evicts that node, and a relying party on another node stops accepting the
+//! credential (`tessera svid verify` on that node's Workload API, and OpenSSL with the files
+//! `svid fetch --out` writes there).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::*;
+
+/// A server and two join-token agents, `a` and `b`, both serving `/svc` to this test's uid.
+struct Cluster {
+    dir: tempfile::TempDir,
+    server: ServerProcess,
+    a: AgentProcess,
+    b: AgentProcess,
+}
+
+fn cluster(extra_server_config: &str) -> Cluster {
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", extra_server_config);
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let join = |name: &str| {
+        AgentProcess::start(
+            dir.path(),
+            name,
+            &server.address,
+            &bundle,
+            &format!("join_token = \"{}\"", server.join_token()),
+        )
+    };
+    let (a, b) = (join("agent-a"), join("agent-b"));
+    server.create_entry("/svc", &[]);
+    Cluster { dir, server, a, b }
+}
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `svid fetch --out` on `agent` into a new directory; the directory and the leaf's serial.
+fn fetch(agent: &AgentProcess, root: &Path, name: &str) -> (PathBuf, String) {
+    let out_dir = root.join(name);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = tessera(&[
+            "svid",
+            "fetch",
+            "--socket",
+            &agent.uri(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--output",
+            "json",
+        ]);
+        if out.status.success() {
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let serial = json["svids"][0]["serial"].as_str().unwrap().to_owned();
+            return (out_dir, serial);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SVID on {}: {out:?}\n{}",
+            agent.uri(),
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn verify_on(agent: &AgentProcess, cert: &Path) -> Output {
+    tessera(&[
+        "svid",
+        "verify",
+        "--socket",
+        &agent.uri(),
+        "--cert",
+        cert.to_str().unwrap(),
+    ])
+}
+
+/// Polls `svid verify` on `agent` until it refuses `cert` (exit 1), for at most 10 s; the
+/// refusal's message.
+fn refused_on(agent: &AgentProcess, cert: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = verify_on(agent, cert);
+        if out.status.code() == Some(1) {
+            return String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        assert!(
+            out.status.success(),
+            "verify failed otherwise: {out:?}\n{}",
+            agent.logs()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "still accepted after 10 s\n{}",
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `openssl verify -crl_check_all` of the chain in `svid` against the bundle and CRLs in
+/// `files`.
+fn openssl_verify(files: &Path, svid: &Path) -> String {
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-crl_check_all")
+        .arg("-CAfile")
+        .arg(files.join("bundle.pem"))
+        .arg("-CRLfile")
+        .arg(files.join("crl.pem"))
+        .arg("-untrusted")
+        .arg(svid)
+        .arg(svid)
+        .output()
+        .expect("openssl is installed by scripts/test.sh");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `tessera svid revoke` until the server knows the serial (its issuance event arrives
+/// from the node within a moment of the fetch).
+fn revoke_serial(server: &ServerProcess, serial: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = server.admin(&[
+            "svid",
+            "revoke",
+            serial,
+            "--reason",
+            "key leaked in CI logs",
+            "--output",
+            "json",
+        ]);
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("no SVID with serial") && Instant::now() < deadline,
+            "{out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_operator_revocation_reaches_a_relying_party_on_another_node() {
+    let c = cluster("");
+    let (issued, serial) = fetch(&c.a, c.dir.path(), "a-before");
+    let cert = issued.join("svid.pem");
+    let accepted = verify_on(&c.b, &cert);
+    assert!(accepted.status.success(), "{accepted:?}");
+
+    let revoked = revoke_serial(&c.server, &serial);
+    assert_eq!(revoked["revoked"][0]["serial"], serial, "{revoked}");
+
+    // Node b's Workload API soon carries node a's CRL with the serial.
+    let refusal = refused_on(&c.b, &cert);
+    assert!(
+        refusal.contains(&format!("revoked: serial {serial}")),
+        "{refusal}"
+    );
+    // The holder on node a got a fresh SVID at once, which b accepts.
+    let (fresh, fresh_serial) = fetch(&c.a, c.dir.path(), "a-after");
+    assert_ne!(fresh_serial, serial);
+    let ok = verify_on(&c.b, &fresh.join("svid.pem"));
+    assert!(ok.status.success(), "{ok:?}");
+
+    // OpenSSL with node b's files: the revoked chain refused, the fresh one accepted.
+    let (files, _) = fetch(&c.b, c.dir.path(), "b-files");
+    let refused = openssl_verify(&files, &cert);
+    assert!(refused.contains("certificate revoked"), "{refused}");
+    let fine = openssl_verify(&files, &fresh.join("svid.pem"));
+    assert!(fine.contains(": OK"), "{fine}");
+
+    // Again: a no-op. An unknown serial: exit 2, naming it.
+    let again = revoke_serial(&c.server, &serial);
+    assert_eq!(again["already_revoked"][0], serial, "{again}");
+    let unknown = c
+        .server
+        .admin(&["svid", "revoke", "0badc0de", "--reason", "test"]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("0badc0de"));
+
+    // The audit trail has the operator's reason.
+    let events = c
+        .server
+        .admin_json(&["events", "list", "--kind", "svid_revoked"]);
+    let text = events.to_string();
+    assert!(
+        text.contains(&serial) && text.contains("key leaked in CI logs"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_evicted_nodes_credentials_are_refused_on_the_other_node() {
+    let c = cluster("");
+    let (issued, serial) = fetch(&c.a, c.dir.path(), "a");
+    let cert = issued.join("svid.pem");
+    assert!(verify_on(&c.b, &cert).status.success());
+    // The issuance is on record before the node goes.
+    revoke_wait_for_inventory(&c.server, &serial);
+
+    let node_a = std::fs::read_to_string(c.a.state_dir.join("upstream/node_id")).unwrap();
+    let evicted = c.server.admin_json(&["node", "evict", node_a.trim()]);
+    assert_eq!(evicted["status"], "evicted", "{evicted}");
+
+    // The root's CRL now lists node a's intermediate: its whole chain is refused on b.
+    let refusal = refused_on(&c.b, &cert);
+    assert!(refusal.contains("revoked: serial"), "{refusal}");
+    assert!(
+        !refusal.contains(&serial),
+        "the CA is revoked, not the leaf: {refusal}"
+    );
+    let (files, _) = fetch(&c.b, c.dir.path(), "b-files");
+    let refused = openssl_verify(&files, &cert);
+    assert!(refused.contains("certificate revoked"), "{refused}");
+
+    // And the inventory shows the node's SVID revoked for the eviction.
+    let inventory = c.server.admin_json(&["inventory"]);
+    let revoked = &inventory["identities"][0]["revoked_svids"][0];
+    assert_eq!(revoked["serial"], serial, "{inventory}");
+    assert_eq!(revoked["reason"], "node_evicted", "{inventory}");
+}
+
+/// Waits until the server's inventory knows `serial`.
+fn revoke_wait_for_inventory(server: &ServerProcess, serial: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .admin_json(&["inventory"])
+        .to_string()
+        .contains(serial)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{serial} never reached the inventory"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn revoking_an_entry_rotates_its_holders_on_every_node() {
+    let c = cluster("");
+    let (on_a, serial_a) = fetch(&c.a, c.dir.path(), "a");
+    let (on_b, serial_b) = fetch(&c.b, c.dir.path(), "b");
+    revoke_wait_for_inventory(&c.server, &serial_a);
+    revoke_wait_for_inventory(&c.server, &serial_b);
+    let entries = c.server.admin_json(&["entry", "list"]);
+    let id = entries[0]["id"].as_str().unwrap().to_owned();
+    let out = c
+        .server
+        .admin_json(&["entry", "revoke", &id, "--reason", "rotate after incident"]);
+    let revoked: Vec<&str> = out["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["serial"].as_str().unwrap())
+        .collect();
+    assert!(
+        revoked.contains(&serial_a.as_str()) && revoked.contains(&serial_b.as_str()),
+        "{out}"
+    );
+    // Each node's SVID is refused on the other node; both got fresh ones.
+    refused_on(&c.b, &on_a.join("svid.pem"));
+    refused_on(&c.a, &on_b.join("svid.pem"));
+    let (_, fresh_a) = fetch(&c.a, c.dir.path(), "a2");
+    assert_ne!(fresh_a, serial_a);
+    let unknown = c
+        .server
+        .admin(&["entry", "revoke", "no-such-entry", "--reason", "x"]);
+    assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no-such-entry"));
+}
