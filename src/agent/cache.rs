@@ -354,6 +354,7 @@ impl IdentityCache {
         let mut withdrawn = Vec::new();
         let mut revoked_entries = Vec::new();
         let mut replaced = Vec::new();
+        let mut newly_superseded = Vec::new();
         for (id, cached) in state.svids.drain() {
             let reason = match entries.get(&id) {
                 None => RevocationReason::EntryRemoved,
@@ -366,6 +367,9 @@ impl IdentityCache {
             };
             if revokes(reason) {
                 revoked_entries.push((id, reason));
+            } else if cached.svid.not_after > SystemTime::now() {
+                // Replaced, not revoked: its holder may use it until it expires.
+                newly_superseded.push(cached.clone());
             }
             withdrawn.push(Withdrawn {
                 cached,
@@ -374,6 +378,7 @@ impl IdentityCache {
             });
         }
         state.svids.extend(replaced);
+        state.superseded.extend(newly_superseded);
         // Earlier SVIDs of a revoked entry go with it; an entry that was removed or changed
         // while nothing was cached for it still has its superseded ones revoked.
         for (id, previous) in superseded_entries(&state) {
@@ -1034,6 +1039,62 @@ mod tests {
             );
             cache.lock().svids.clear();
         }
+    }
+
+    #[test]
+    fn revocations_reach_the_crl_and_superseded_svids_go_with_their_entry() {
+        let cache = setup(Duration::from_secs(100));
+        let revocations = cache.revocations().clone();
+        let entries = cache.entries();
+        let mut lease = cache.lease();
+        let first = cache
+            .acquire(&entries, &entries.entries, &mut lease, None)
+            .unwrap()
+            .unwrap();
+        let (first_a, first_b) = (
+            first.svids[0].1.serial_hex.clone(),
+            first.svids[1].1.serial_hex.clone(),
+        );
+
+        // A longer lifetime only supersedes: the old certificate stays valid, not revoked.
+        let mut longer_a = (*entries.entries[0]).clone();
+        longer_a.x509_ttl = Duration::from_secs(200);
+        let b = (*entries.entries[1]).clone();
+        cache.set_entries(Arc::new(EntrySet::new(vec![longer_a.clone(), b.clone()])));
+        assert!(!revocations.is_revoked(&first_a));
+        let entries = cache.entries();
+        let second = cache
+            .acquire(&entries, &entries.entries, &mut lease, None)
+            .unwrap()
+            .unwrap();
+        let second_a = second.svids[0].1.serial_hex.clone();
+        assert_ne!(second_a, first_a);
+
+        // New selectors change who may hold it: both of a's certificates are revoked.
+        let mut moved_a = longer_a.clone();
+        moved_a.selectors = crate::entry::tests::entry("x", "spiffe://td/a", &["unix:uid:2"])
+            .selectors
+            .clone();
+        cache.set_entries(Arc::new(EntrySet::new(vec![moved_a, b])));
+        assert!(revocations.is_revoked(&first_a), "the superseded one too");
+        assert!(revocations.is_revoked(&second_a));
+        assert!(!revocations.is_revoked(&first_b));
+
+        // An operator's revocation of b replaces it at once for its holders.
+        assert_eq!(cache.revoke_entry("b", RevocationReason::Operator), 1);
+        assert!(revocations.is_revoked(&first_b));
+        let entries = cache.entries();
+        let b_only: Vec<_> = entries.entries.iter().filter(|e| e.id == "b").cloned().collect();
+        let fresh = cache
+            .acquire(&entries, &b_only, &mut lease, None)
+            .unwrap()
+            .unwrap();
+        assert_ne!(fresh.svids[0].1.serial_hex, first_b);
+        // A server order for a serial it no longer serves is a no-op the second time.
+        let not_after = SystemTime::now() + Duration::from_secs(60);
+        assert!(!cache.revoke_serial(&first_b, not_after, RevocationReason::Operator));
+        assert!(cache.revoke_serial(&fresh.svids[0].1.serial_hex, not_after, RevocationReason::Operator));
+        assert_eq!(cache.cached_svids(), 0, "the revoked SVID is no longer served");
     }
 
     #[test]
