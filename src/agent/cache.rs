@@ -1084,7 +1084,12 @@ mod tests {
         assert_eq!(cache.revoke_entry("b", RevocationReason::Operator), 1);
         assert!(revocations.is_revoked(&first_b));
         let entries = cache.entries();
-        let b_only: Vec<_> = entries.entries.iter().filter(|e| e.id == "b").cloned().collect();
+        let b_only: Vec<_> = entries
+            .entries
+            .iter()
+            .filter(|e| e.id == "b")
+            .cloned()
+            .collect();
         let fresh = cache
             .acquire(&entries, &b_only, &mut lease, None)
             .unwrap()
@@ -1093,8 +1098,16 @@ mod tests {
         // A server order for a serial it no longer serves is a no-op the second time.
         let not_after = SystemTime::now() + Duration::from_secs(60);
         assert!(!cache.revoke_serial(&first_b, not_after, RevocationReason::Operator));
-        assert!(cache.revoke_serial(&fresh.svids[0].1.serial_hex, not_after, RevocationReason::Operator));
-        assert_eq!(cache.cached_svids(), 0, "the revoked SVID is no longer served");
+        assert!(cache.revoke_serial(
+            &fresh.svids[0].1.serial_hex,
+            not_after,
+            RevocationReason::Operator
+        ));
+        assert_eq!(
+            cache.cached_svids(),
+            0,
+            "the revoked SVID is no longer served"
+        );
     }
 
     #[test]

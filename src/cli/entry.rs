@@ -45,6 +45,9 @@ enum EntryCommand {
     /// Revoke every live X.509-SVID of an entry; holders that still match get fresh ones at
     /// once (a forced rotation).
     Revoke(RevokeArgs),
+    /// Wake an entry its inactivity timeout made dormant: it is issued again, and its
+    /// inactivity is counted from now.
+    Activate(IdArg),
 }
 
 #[derive(Args, Debug)]
@@ -534,6 +537,23 @@ pub(super) async fn run(args: EntryArgs, output: Output) -> Result<(), Failure> 
             let changes = update.changes(SystemTime::now())?;
             let admin = Admin::connect(&args.admin).await?;
             print_entry(output, &update_entry(admin, &update.id, changes).await?)
+        }
+        EntryCommand::Activate(IdArg { id }) => {
+            require_id("entry", &id)?;
+            let mut admin = Admin::connect(&args.admin).await?;
+            let entry = admin
+                .client
+                .activate_entry(EntryRequest { id: id.clone() })
+                .await
+                .map_err(|s| admin.lookup_failure(s, "entry", &id))?
+                .into_inner();
+            match output {
+                Output::Json => print_json(&EntryView::from(&entry)),
+                Output::Text => print_text(&format!(
+                    "activated entry {} ({}); its inactivity is counted from now\n",
+                    entry.id, entry.spiffe_id
+                )),
+            }
         }
         EntryCommand::Revoke(RevokeArgs { id, reason }) => {
             require_id("entry", &id)?;

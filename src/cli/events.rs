@@ -317,6 +317,7 @@ fn inventory_json(inventory: &Inventory) -> serde_json::Value {
                 "inactivity_timeout_seconds": entry.inactivity_timeout_seconds,
                 "registration_expired": i.registration_expired,
                 "unused_past_timeout": i.unused_past_timeout,
+                "dormant": i.dormant,
                 "live_svids": live_svids,
                 "revoked_svids": revoked_svids,
             });
@@ -361,6 +362,9 @@ fn inventory_text(inventory: &Inventory) -> String {
         let mut flags = Vec::new();
         if i.registration_expired {
             flags.push("EXPIRED".to_owned());
+        }
+        if i.dormant {
+            flags.push("DORMANT".to_owned());
         }
         if i.unused_past_timeout {
             flags.push(format!(

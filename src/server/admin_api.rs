@@ -426,6 +426,40 @@ impl Admin for AdminService {
         self.revoke(live, reason).await
     }
 
+    async fn activate_entry(
+        &self,
+        request: Request<EntryRequest>,
+    ) -> Result<Response<Entry>, Status> {
+        let id = request.into_inner().id;
+        let entry = self
+            .state
+            .store
+            .get_entry(&id)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| {
+                status(AdminApiError::NotFound {
+                    kind: "entry",
+                    id: id.clone(),
+                })
+            })?;
+        let was_dormant = self
+            .state
+            .store
+            .activate_entry(&id, crate::events::model::now_ms())
+            .await
+            .map_err(status)?;
+        audit(
+            if was_dormant {
+                "entry activated"
+            } else {
+                "entry activity clock reset"
+            },
+            &id,
+        );
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
     async fn delete_entry(
         &self,
         request: Request<EntryRequest>,
@@ -687,6 +721,14 @@ impl Admin for AdminService {
             .iter()
             .filter(|s| s.revoked_ms.is_some() && s.not_after.is_some_and(|t| t > now))
             .collect();
+        let dormant: std::collections::HashSet<String> = store
+            .entry_standings()
+            .await
+            .map_err(status)?
+            .into_iter()
+            .filter(|s| s.dormant_since_ms.is_some())
+            .map(|s| s.entry_id)
+            .collect();
         let identities = entries
             .iter()
             .map(|entry| {
@@ -712,6 +754,7 @@ impl Admin for AdminService {
                     last_used_ms,
                     registration_expired: entry.expires_at.is_some_and(|at| at <= now),
                     unused_past_timeout,
+                    dormant: dormant.contains(&entry.id),
                 }
             })
             .collect();

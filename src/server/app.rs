@@ -344,6 +344,10 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     });
     tasks.spawn_until_shutdown("event pruning", prune_events(state.clone()));
     tasks.spawn_until_shutdown(
+        "inactivity sweep",
+        super::revocation::run_inactivity(state.clone(), shutdown.signalled()),
+    );
+    tasks.spawn_until_shutdown(
         "root CRL signing",
         super::revocation::run_root_crl(state.clone(), shutdown.signalled()),
     );

@@ -322,6 +322,95 @@ impl State {
     }
 }
 
+impl State {
+    /// Makes dormant every entry unused for longer than its inactivity timeout at `now_ms`
+    /// (counted from its last use, its activation or its creation, whichever is latest),
+    /// revoking its live SVIDs first, for reason `inactive`. Returns the entries made dormant.
+    pub async fn sweep_inactive(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        let entries = self.store.list_entries().await?;
+        if entries
+            .iter()
+            .all(|e| e.inactivity_timeout_seconds.is_none())
+        {
+            return Ok(Vec::new());
+        }
+        let activity: HashMap<String, Option<i64>> = self
+            .store
+            .entry_activity()
+            .await?
+            .into_iter()
+            .map(|a| (a.entry_id, a.last_used_ms))
+            .collect();
+        let standings: HashMap<String, crate::store::EntryStanding> = self
+            .store
+            .entry_standings()
+            .await?
+            .into_iter()
+            .map(|s| (s.entry_id.clone(), s))
+            .collect();
+        let mut dormant = Vec::new();
+        for entry in &entries {
+            let Some(timeout) = entry.inactivity_timeout_seconds else {
+                continue;
+            };
+            let standing = standings.get(&entry.id);
+            if standing.is_some_and(|s| s.dormant_since_ms.is_some()) {
+                continue;
+            }
+            let since = [
+                activity.get(&entry.id).copied().flatten(),
+                standing.and_then(|s| s.activated_ms),
+                Some(entry.created_at.saturating_mul(1000)),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0);
+            if now_ms.saturating_sub(since) <= timeout.saturating_mul(1000) {
+                continue;
+            }
+            let live: Vec<SvidRecord> = self
+                .store
+                .svids(Some(&entry.id), None)
+                .await?
+                .into_iter()
+                .filter(|s| {
+                    s.revoked_ms.is_none() && s.not_after.is_none_or(|at| at > now_ms / 1000)
+                })
+                .collect();
+            let detail = format!(
+                "unused for longer than its inactivity timeout of {}",
+                humantime::format_duration(Duration::from_secs(timeout.max(0) as u64))
+            );
+            // Revoked before the entry leaves the nodes, so they list the SVIDs for this reason.
+            self.revoke_svids(&live, RevocationReason::Inactive, &detail)
+                .await?;
+            if self.store.set_entry_dormant(&entry.id, now_ms).await? {
+                tracing::info!(target: "tessera::audit", entry = %entry.id, revoked = live.len(), "entry dormant after its inactivity timeout");
+                dormant.push(entry.id.clone());
+            }
+        }
+        Ok(dormant)
+    }
+}
+
+/// How often entries are checked against their inactivity timeouts (at least 60 s each).
+const INACTIVITY_SWEEP: Duration = Duration::from_secs(5);
+
+/// Sweeps entries for inactivity every few seconds until `stop`.
+pub async fn run_inactivity(state: Arc<State>, stop: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        if let Err(e) = state.sweep_inactive(now_ms()).await {
+            tracing::warn!(error = %e, "cannot check entries for inactivity; retrying");
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(INACTIVITY_SWEEP) => {}
+        }
+    }
+}
+
 /// Why the root CRL could not be signed.
 #[derive(Debug, thiserror::Error)]
 pub enum RootCrlError {
@@ -360,5 +449,150 @@ pub async fn run_root_crl(state: Arc<State>, stop: impl std::future::Future<Outp
             changed = changes.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::tessera::EventKind;
+    use crate::server::sync::load_snapshot;
+    use crate::server::testing;
+    use crate::store::{EntryRecord, EventRecord};
+
+    fn entry(timeout: Option<i64>) -> EntryRecord {
+        EntryRecord {
+            id: "e1".into(),
+            spiffe_id: "spiffe://example.org/idle".into(),
+            selectors: vec!["unix:uid:1".into()],
+            x509_ttl_seconds: 3600,
+            owner: "tests".into(),
+            purpose: "inactivity".into(),
+            inactivity_timeout_seconds: timeout,
+            node_selectors: Vec::new(),
+            expires_at: None,
+            hint: None,
+            dns_names: Vec::new(),
+            revision: 0,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn issued(serial: &str, now_ms: i64) -> EventRecord {
+        let event = Event {
+            id: crate::events::model::new_event_id(),
+            kind: EventKind::SvidIssued as i32,
+            time_ms: now_ms,
+            trust_domain: "example.org".into(),
+            node_id: "n1".into(),
+            entry_id: "e1".into(),
+            spiffe_id: "spiffe://example.org/idle".into(),
+            serial: serial.into(),
+            not_after: now_ms / 1000 + 3600,
+            ..Default::default()
+        };
+        to_record(&event, EventKind::SvidIssued, "n1", now_ms)
+    }
+
+    #[tokio::test]
+    async fn an_unused_entry_goes_dormant_with_its_svids_revoked_until_activated() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let created = state
+            .store
+            .create_entry(entry(Some(60)), unix_now())
+            .await
+            .unwrap();
+        let start = created.created_at * 1000;
+        state
+            .store
+            .store_events(vec![issued("0a01", start)])
+            .await
+            .unwrap();
+
+        assert!(
+            state
+                .sweep_inactive(start + 59_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(state.sweep_inactive(start + 61_000).await.unwrap(), ["e1"]);
+        let orders = state.store.revocations(unix_now()).await.unwrap();
+        assert_eq!(orders.len(), 1);
+        assert_eq!(
+            (orders[0].serial.as_str(), orders[0].reason.as_str()),
+            ("0a01", "inactive")
+        );
+        let snapshot = load_snapshot(state.store.as_ref()).await.unwrap();
+        assert!(snapshot.dormant.contains("e1"));
+        // Dormant once: a later sweep changes nothing.
+        assert!(
+            state
+                .sweep_inactive(start + 120_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // Activated, it is served again and idle time counts from then.
+        assert!(
+            state
+                .store
+                .activate_entry("e1", start + 130_000)
+                .await
+                .unwrap()
+        );
+        let snapshot = load_snapshot(state.store.as_ref()).await.unwrap();
+        assert!(!snapshot.dormant.contains("e1"));
+        assert!(
+            state
+                .sweep_inactive(start + 180_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(state.sweep_inactive(start + 191_000).await.unwrap(), ["e1"]);
+    }
+
+    #[tokio::test]
+    async fn entries_without_a_timeout_never_go_dormant() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        state
+            .store
+            .create_entry(entry(None), unix_now())
+            .await
+            .unwrap();
+        let far = now_ms() + 365 * 24 * 3600 * 1000;
+        assert!(state.sweep_inactive(far).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn empty_node_crls_are_sent_only_while_few() {
+        let crl = |publisher: &str, revoked: i64, next_update: i64| CrlRecord {
+            issuer: format!("{publisher}-{revoked}"),
+            publisher: publisher.into(),
+            number: 1,
+            next_update,
+            until: i64::MAX,
+            revoked,
+            der: publisher.as_bytes().to_vec(),
+        };
+        let now = 1_000;
+        let mut crls = vec![
+            crl("server:s1", 0, now + 10),
+            crl("n-listing", 3, now - 10),
+            crl("n-stale-empty", 0, now - 10),
+        ];
+        crls.extend((0..EMPTY_NODE_CRLS_SENT_UP_TO).map(|i| crl(&format!("n{i}"), 0, now + 10)));
+        assert_eq!(
+            distributed(&crls, now).len(),
+            2 + EMPTY_NODE_CRLS_SENT_UP_TO
+        );
+        crls.push(crl("one-too-many", 0, now + 10));
+        let sent = distributed(&crls, now);
+        assert_eq!(sent, [b"server:s1".to_vec(), b"n-listing".to_vec()]);
     }
 }

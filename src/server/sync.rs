@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub crls: Vec<Vec<u8>>,
     /// The SVID revocations each node must sign into its CAs' CRLs, by node id.
     pub orders: HashMap<String, Vec<RevocationOrder>>,
+    /// Entries dormant after their inactivity timeout: no node is sent them.
+    pub dormant: std::collections::HashSet<String>,
 }
 
 /// Replaced versions of entries, by entry id, each with when it was replaced (Unix ms).
@@ -79,6 +81,7 @@ impl Snapshot {
         };
         self.entries
             .iter()
+            .filter(|(id, _)| !self.dormant.contains(*id))
             .filter(|(_, e)| e.node_selectors.iter().all(|s| node.selectors.contains(s)))
             .map(|(id, e)| (id.clone(), e.clone()))
             .collect()
@@ -202,7 +205,13 @@ pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError
     let bundle = store.bundle(unix_now()).await?;
     let crls = store.crls(unix_now()).await?;
     let revocations = store.revocations(unix_now()).await?;
+    let standings = store.entry_standings().await?;
     Ok(Snapshot {
+        dormant: standings
+            .into_iter()
+            .filter(|s| s.dormant_since_ms.is_some())
+            .map(|s| s.entry_id)
+            .collect(),
         crls: super::revocation::distributed(&crls, unix_now()),
         orders: super::revocation::orders_by_node(&revocations),
         entries: entries

@@ -3,8 +3,9 @@
 //! schema-version check.
 
 use super::{
-    BundleRoot, CrlRecord, EntryActivity, EntryRecord, EventRecord, NodeActivity, NodeCaRecord,
-    NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredEvent, SvidRecord, canonical,
+    BundleRoot, CrlRecord, EntryActivity, EntryRecord, EntryStanding, EventRecord, NodeActivity,
+    NodeCaRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredEvent, SvidRecord,
+    canonical,
 };
 
 /// Stores a list of strings as a JSON array: unambiguous for any string content, and readable
@@ -210,6 +211,39 @@ pub(crate) fn crl_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<CrlRecord, St
         revoked: row.column("revoked")?,
         der: row.column("der")?,
     })
+}
+
+/// An entry's standing from its row.
+pub(crate) fn entry_standing_from_row<R: ReadRow + ?Sized>(
+    row: &R,
+) -> Result<EntryStanding, StoreError> {
+    Ok(EntryStanding {
+        entry_id: row.column("entry_id")?,
+        dormant_since_ms: row.column("dormant_since_ms")?,
+        activated_ms: row.column("activated_ms")?,
+    })
+}
+
+/// Makes an entry dormant unless it is: `?1`/`$1` the entry, `?2`/`$2` since when.
+pub(crate) fn dormant_sql(p: impl Fn(usize) -> String) -> String {
+    format!(
+        "INSERT INTO entry_standing (entry_id, dormant_since_ms, activated_ms) VALUES ({}, {}, NULL)
+         ON CONFLICT (entry_id) DO UPDATE SET dormant_since_ms = excluded.dormant_since_ms
+         WHERE entry_standing.dormant_since_ms IS NULL",
+        p(1),
+        p(2)
+    )
+}
+
+/// Wakes an entry: `?1`/`$1` the entry, `?2`/`$2` now; returns the previous dormancy.
+pub(crate) fn activate_sql(p: impl Fn(usize) -> String) -> String {
+    format!(
+        "INSERT INTO entry_standing (entry_id, dormant_since_ms, activated_ms) VALUES ({}, NULL, {})
+         ON CONFLICT (entry_id) DO UPDATE SET dormant_since_ms = NULL,
+             activated_ms = excluded.activated_ms",
+        p(1),
+        p(2)
+    )
 }
 
 /// A stored event from its row (`seq` and the event columns).

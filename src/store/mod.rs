@@ -270,6 +270,19 @@ pub struct RevocationRecord {
     pub revoked_ms: i64,
 }
 
+/// Whether an entry is dormant (nothing issued) after its inactivity timeout passed, and when
+/// an operator last activated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryStanding {
+    /// The entry.
+    pub entry_id: String,
+    /// Since when it is dormant, Unix milliseconds; `None` while active.
+    pub dormant_since_ms: Option<i64>,
+    /// When `tessera entry activate` last woke it, Unix milliseconds: its inactivity is
+    /// counted from then at the earliest.
+    pub activated_ms: Option<i64>,
+}
+
 /// The latest CRL of one issuer, as the server passes it on to every agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrlRecord {
@@ -643,6 +656,17 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// The CRLs of issuers not expired at `now` (Unix seconds), ordered by issuer.
     async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError>;
+
+    /// Makes entry `entry_id` dormant since `since_ms` unless it already is; returns whether
+    /// it became dormant now (then [`Datastore::changes`] moves on).
+    async fn set_entry_dormant(&self, entry_id: &str, since_ms: i64) -> Result<bool, StoreError>;
+
+    /// Wakes entry `entry_id` at `now_ms`: no longer dormant, its inactivity counted from now.
+    /// Returns whether it was dormant; [`Datastore::changes`] moves on either way.
+    async fn activate_entry(&self, entry_id: &str, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// The standing of every entry that was ever dormant or activated, ordered by entry id.
+    async fn entry_standings(&self) -> Result<Vec<EntryStanding>, StoreError>;
 }
 
 /// Sorts and de-duplicates selectors, the canonical form stored and compared for uniqueness.

@@ -37,9 +37,10 @@ use super::codec::{
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::pg_tls::{ConnectionString, PgTls};
 use super::{
-    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord,
-    JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus,
-    RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal, unix_now,
+    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
+    EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
+    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal,
+    unix_now,
 };
 
 /// Connections for operations; a few let slow operations not hold up the others.
@@ -203,6 +204,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
         until BIGINT NOT NULL,
         revoked BIGINT NOT NULL,
         der BYTEA NOT NULL
+    );
+    CREATE TABLE entry_standing (
+        entry_id TEXT COLLATE "C" PRIMARY KEY,
+        dormant_since_ms BIGINT,
+        activated_ms BIGINT
     );"#,
     ),
 ];
@@ -1615,6 +1621,73 @@ impl Datastore for PostgresStore {
         Ok(stored)
     }
 
+    async fn set_entry_dormant(&self, entry_id: &str, since_ms: i64) -> Result<bool, StoreError> {
+        let entry_id = entry_id.to_owned();
+        let changed = self
+            .pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await?;
+                    let sql = codec::dormant_sql(|i| format!("${i}"));
+                    let changed = tx.execute(&sql, &[&entry_id, &since_ms]).await? > 0;
+                    if changed {
+                        notify(&tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(changed)
+                })
+            })
+            .await?;
+        if changed {
+            self.bump();
+        }
+        Ok(changed)
+    }
+
+    async fn activate_entry(&self, entry_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let entry_id = entry_id.to_owned();
+        let was_dormant = self
+            .pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await?;
+                    let was = tx
+                        .query_opt(
+                            "SELECT dormant_since_ms FROM entry_standing WHERE entry_id = $1 FOR UPDATE",
+                            &[&entry_id],
+                        )
+                        .await?
+                        .map(|row| row.try_get::<_, Option<i64>>(0))
+                        .transpose()?
+                        .flatten();
+                    let sql = codec::activate_sql(|i| format!("${i}"));
+                    tx.execute(&sql, &[&entry_id, &now_ms]).await?;
+                    notify(&tx).await?;
+                    tx.commit().await?;
+                    Ok(was.is_some())
+                })
+            })
+            .await?;
+        self.bump();
+        Ok(was_dormant)
+    }
+
+    async fn entry_standings(&self) -> Result<Vec<EntryStanding>, StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT entry_id, dormant_since_ms, activated_ms FROM entry_standing ORDER BY entry_id",
+                            &[],
+                        )
+                        .await?;
+                    decode_all(&rows, entry_standing_from_row)
+                })
+            })
+            .await
+    }
+
     async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError> {
         self.pool
             .run(move |c| {
@@ -1628,6 +1701,10 @@ impl Datastore for PostgresStore {
             })
             .await
     }
+}
+
+fn entry_standing_from_row(row: &Row) -> Result<EntryStanding, StoreError> {
+    codec::entry_standing_from_row(row)
 }
 
 fn node_ca_from_row(row: &Row) -> Result<NodeCaRecord, StoreError> {

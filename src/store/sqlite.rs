@@ -26,9 +26,10 @@ use tokio::sync::watch;
 use super::codec;
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::{
-    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter, EventRecord,
-    JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus,
-    RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal, unix_now,
+    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
+    EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
+    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal,
+    unix_now,
 };
 
 /// How long a statement waits for a lock held by another connection (a backup tool, the
@@ -175,6 +176,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
         until INTEGER NOT NULL,
         revoked INTEGER NOT NULL,
         der BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE entry_standing (
+        entry_id TEXT PRIMARY KEY,
+        dormant_since_ms INTEGER,
+        activated_ms INTEGER
     ) STRICT;",
     ),
 ];
@@ -1343,6 +1349,53 @@ impl Datastore for SqliteStore {
         Ok(stored)
     }
 
+    async fn set_entry_dormant(&self, entry_id: &str, since_ms: i64) -> Result<bool, StoreError> {
+        let entry_id = entry_id.to_owned();
+        let changed = self
+            .write(move |tx| {
+                let sql = codec::dormant_sql(|i| format!("?{i}"));
+                Ok(tx.execute(&sql, (&entry_id, since_ms)).map_err(db_error)? > 0)
+            })
+            .await?;
+        if changed {
+            self.bump();
+        }
+        Ok(changed)
+    }
+
+    async fn activate_entry(&self, entry_id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let entry_id = entry_id.to_owned();
+        let was_dormant = self
+            .write(move |tx| {
+                let was: Option<Option<i64>> = tx
+                    .query_row(
+                        "SELECT dormant_since_ms FROM entry_standing WHERE entry_id = ?1",
+                        [&entry_id],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(db_error)?;
+                let sql = codec::activate_sql(|i| format!("?{i}"));
+                tx.execute(&sql, (&entry_id, now_ms)).map_err(db_error)?;
+                Ok(was.flatten().is_some())
+            })
+            .await?;
+        self.bump();
+        Ok(was_dormant)
+    }
+
+    async fn entry_standings(&self) -> Result<Vec<EntryStanding>, StoreError> {
+        self.run(move |conn| {
+            query_all(
+                conn,
+                "SELECT entry_id, dormant_since_ms, activated_ms FROM entry_standing ORDER BY entry_id",
+                [],
+                entry_standing_from_row,
+            )
+        })
+        .await
+    }
+
     async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError> {
         self.run(move |conn| {
             query_all(
@@ -1357,6 +1410,10 @@ impl Datastore for SqliteStore {
         })
         .await
     }
+}
+
+fn entry_standing_from_row(row: &Row<'_>) -> Result<EntryStanding, StoreError> {
+    codec::entry_standing_from_row(row)
 }
 
 fn node_ca_from_row(row: &Row<'_>) -> Result<NodeCaRecord, StoreError> {

@@ -1724,6 +1724,21 @@ async fn crls_replaced_by_higher_numbers(store: &dyn Datastore) {
     assert_eq!(store.crls(NOW + 50).await.unwrap().len(), 1);
 }
 
+/// An entry goes dormant once, wakes on activation, and can go dormant again.
+async fn entries_go_dormant_and_wake(store: &dyn Datastore) {
+    assert!(store.set_entry_dormant("e1", NOW_MS).await.unwrap());
+    assert!(!store.set_entry_dormant("e1", NOW_MS + 5).await.unwrap());
+    let standing = store.entry_standings().await.unwrap();
+    assert_eq!(standing[0].dormant_since_ms, Some(NOW_MS));
+    assert!(store.activate_entry("e1", NOW_MS + 10).await.unwrap());
+    assert!(!store.activate_entry("e2", NOW_MS + 10).await.unwrap());
+    let standing = store.entry_standings().await.unwrap();
+    assert_eq!(standing.len(), 2);
+    assert_eq!(standing[0].dormant_since_ms, None);
+    assert_eq!(standing[0].activated_ms, Some(NOW_MS + 10));
+    assert!(store.set_entry_dormant("e1", NOW_MS + 20).await.unwrap());
+}
+
 /// The SVID of one serial, as the inventory holds it.
 async fn svid_by_serial(store: &dyn Datastore) {
     store
@@ -1814,7 +1829,7 @@ mod sqlite_suite {
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
-            crls_replaced_by_higher_numbers, svid_by_serial;
+            crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
@@ -1931,7 +1946,7 @@ mod postgres_suite {
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
-            crls_replaced_by_higher_numbers, svid_by_serial;
+            crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
