@@ -122,7 +122,9 @@ pub async fn open_store(config: &DatastoreConfig) -> Result<Arc<dyn Datastore>, 
             let store =
                 tokio::task::spawn_blocking(move || crate::store::sqlite::SqliteStore::open(&path))
                     .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                    .map_err(|e| {
+                        StoreError::unavailable_from("the task opening SQLite failed", e)
+                    })??;
             Ok(Arc::new(store))
         }
         DatastoreConfig::Postgres { connection } => Ok(Arc::new(

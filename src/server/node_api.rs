@@ -115,7 +115,7 @@ impl NodeApiError {
             Self::NotAuthenticated(m) => Status::unauthenticated(m),
             Self::Forbidden(m) => Status::permission_denied(m),
             Self::NotEnabled(m) => Status::failed_precondition(m),
-            Self::Store(StoreError::Unavailable(e)) => {
+            Self::Store(e @ StoreError::Unavailable { .. }) => {
                 tracing::warn!(error = %e, "node API call failed: datastore unavailable");
                 Status::unavailable("datastore unavailable; retry later")
             }
@@ -128,7 +128,7 @@ impl NodeApiError {
             Self::Store(StoreError::NotFound { id, .. }) => {
                 Status::permission_denied(format!("node {id} is not attested"))
             }
-            Self::Store(e @ StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+            Self::Store(e @ StoreError::Invalid { .. }) => Status::invalid_argument(e.to_string()),
             Self::Store(e) => {
                 tracing::error!(error = %e, "node API call failed");
                 Status::internal("internal error")
@@ -460,7 +460,9 @@ impl State {
                 duplicates: count.duplicates,
                 error: String::new(),
             }),
-            Err(StoreError::Invalid(e)) => Ok(refused(format!("batch {}: {e}", batch.sequence))),
+            Err(StoreError::Invalid { reason, .. }) => {
+                Ok(refused(format!("batch {}: {reason}", batch.sequence)))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -896,11 +898,11 @@ mod tests {
 
     #[test]
     fn internal_failures_are_logged_not_shown() {
-        let corrupt = NodeApiError::Store(StoreError::Corrupt("row 7: secret detail".into()));
+        let corrupt = NodeApiError::Store(StoreError::corrupt("row 7: secret detail"));
         let status = corrupt.into_status();
         assert_eq!(status.code(), tonic::Code::Internal);
         assert_eq!(status.message(), "internal error");
-        let down = NodeApiError::Store(StoreError::Unavailable("host db:5432 refused".into()));
+        let down = NodeApiError::Store(StoreError::unavailable("host db:5432 refused"));
         let status = down.into_status();
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(!status.message().contains("db:5432"));

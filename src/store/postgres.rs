@@ -202,8 +202,8 @@ impl PostgresStore {
     /// string is unusable; `Corrupt` when a newer server has migrated the database.
     pub async fn connect(conninfo: &str) -> Result<Self, StoreError> {
         // The string itself may hold a password: only what is wrong with it is shown.
-        let ConnectionString { mut config, tls } = ConnectionString::parse(conninfo)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let ConnectionString { mut config, tls } =
+            ConnectionString::parse(conninfo).map_err(unusable_settings)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -232,8 +232,8 @@ impl PostgresStore {
     /// of that version left it.
     #[cfg(test)]
     pub(super) async fn create_at_version(conninfo: &str, version: i64) -> Result<(), StoreError> {
-        let ConnectionString { config, tls } = ConnectionString::parse(conninfo)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let ConnectionString { config, tls } =
+            ConnectionString::parse(conninfo).map_err(unusable_settings)?;
         Pool::new(config, tls)
             .run(|client| Box::pin(migrate(client, Some(version))))
             .await
@@ -244,6 +244,10 @@ impl PostgresStore {
     fn bump(&self) {
         bump(&self.changes);
     }
+}
+
+fn unusable_settings(e: super::pg_tls::TlsSettingError) -> StoreError {
+    StoreError::unavailable_from("the PostgreSQL connection settings cannot be used", e)
 }
 
 fn bump(changes: &watch::Sender<u64>) {
@@ -320,8 +324,8 @@ impl Pool {
         F: for<'c> FnOnce(&'c mut Client) -> Op<'c, T> + Send,
     {
         // The semaphore is never closed.
-        let _permit = self.permits.acquire().await.map_err(|_| {
-            StoreError::Unavailable("the PostgreSQL connection pool is closed".to_owned())
+        let _permit = self.permits.acquire().await.map_err(|e| {
+            StoreError::unavailable_from("the PostgreSQL connection pool is closed", e)
         })?;
         // Out of the pool while in use: if the caller gives up half-way, the connection, in no
         // known state, is dropped with the operation.
@@ -334,7 +338,7 @@ impl Pool {
         match outcome {
             Err(_) => {
                 tracing::warn!("PostgreSQL did not answer in time; dropping the connection");
-                Err(StoreError::Unavailable(format!(
+                Err(StoreError::unavailable(format!(
                     "PostgreSQL did not answer within {} s; the connection was dropped and is \
                      re-established on the next operation",
                     OPERATION_TIMEOUT.as_secs()
@@ -349,16 +353,15 @@ impl Pool {
                 Err(e)
             }
             Ok(Err(Failure::Db(e))) if connection_lost(&e) || client.is_closed() => {
-                let reason = describe(&e);
-                tracing::warn!(%reason, "lost a PostgreSQL connection");
-                Err(StoreError::Unavailable(format!(
-                    "lost the connection to PostgreSQL ({reason}); it is re-established on the \
-                     next operation"
-                )))
+                tracing::warn!(reason = %describe(&e), "lost a PostgreSQL connection");
+                Err(StoreError::unavailable_from(
+                    "lost the connection to PostgreSQL (re-established on the next operation)",
+                    e,
+                ))
             }
             Ok(Err(Failure::Db(e))) => {
                 self.idle().push(client);
-                Err(refusal(&e))
+                Err(refusal(e))
             }
         }
     }
@@ -369,14 +372,12 @@ async fn connect(config: &Config, tls: &PgTls) -> Result<Client, StoreError> {
     let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.clone()))
         .await
         .map_err(|_| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "cannot connect to PostgreSQL: no answer within {} s",
                 CONNECT_TIMEOUT.as_secs()
             ))
         })?
-        .map_err(|e| {
-            StoreError::Unavailable(format!("cannot connect to PostgreSQL: {}", describe(&e)))
-        })?;
+        .map_err(|e| StoreError::unavailable_from("cannot connect to PostgreSQL", e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %describe(&e), "PostgreSQL connection ended");
@@ -398,31 +399,31 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
 }
 
 /// What a server error that leaves the connection usable means to the caller.
-fn refusal(e: &tokio_postgres::Error) -> StoreError {
+fn refusal(e: tokio_postgres::Error) -> StoreError {
     let code = e.code();
     if code == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
         || code == Some(&SqlState::T_R_DEADLOCK_DETECTED)
     {
-        StoreError::Unavailable(format!(
-            "PostgreSQL aborted the transaction in favour of a concurrent one ({}); retry",
-            describe(e)
-        ))
+        StoreError::unavailable_from(
+            "PostgreSQL aborted the transaction in favour of a concurrent one; retry",
+            e,
+        )
     } else if code == Some(&SqlState::UNIQUE_VIOLATION) {
         StoreError::AlreadyExists(format!(
             "the record clashes with a stored one ({})",
-            describe(e)
+            describe(&e)
         ))
     } else if code.is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")) {
         // Class 22 (data exception) and 23 (integrity constraint violation): the values are at
         // fault, and sending them again would fail again.
-        StoreError::Invalid(format!("PostgreSQL refused the values: {}", describe(e)))
+        StoreError::invalid_from("PostgreSQL refused the values", e)
     } else {
-        StoreError::Unavailable(format!("PostgreSQL refused the operation: {}", describe(e)))
+        StoreError::unavailable_from("PostgreSQL refused the operation", e)
     }
 }
 
 /// One line about a driver error: the server's message and code, or the cause.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} [{}]", db.message(), db.code().code());
     }
@@ -484,7 +485,7 @@ async fn notify_events(tx: &Transaction<'_>) -> Result<(), Failure> {
 
 fn col<'r, T: FromSql<'r>>(row: &'r Row, name: &str) -> Result<T, StoreError> {
     row.try_get(name)
-        .map_err(|e| StoreError::Corrupt(format!("column {name}: {}", describe(&e))))
+        .map_err(|e| StoreError::corrupt_from(format!("column {name}"), e))
 }
 
 impl codec::ReadRow for Row {
@@ -1514,9 +1515,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(&err, StoreError::Unavailable(m) if m.contains("cannot connect")),
+            matches!(&err, StoreError::Unavailable { context, source: Some(_) } if context.contains("cannot connect")),
             "{err}"
         );
+        let source = std::error::Error::source(&err).expect("no source");
+        assert!(source.is::<tokio_postgres::Error>(), "{source:?}");
     }
 
     #[tokio::test]
@@ -1526,7 +1529,8 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(&err, StoreError::Unavailable(m) if m.contains("connection string")),
+            matches!(&err, StoreError::Unavailable { .. })
+                && err.to_string().contains("connection string"),
             "{err}"
         );
     }
