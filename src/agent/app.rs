@@ -18,7 +18,7 @@ use crate::attest::{Attestor, PinMode};
 use crate::ca::{
     CaError, LocalCaSource, SigningCa, load_or_create_local_ca, next_renewal_step, renew_local_ca,
 };
-use crate::events::recorder::{AuditLog, Recorder};
+use crate::events::recorder::{AuditLog, LogError, Recorder};
 use crate::events::spool::Spool;
 use crate::events::{SpoolLog, open_spool};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -37,14 +37,20 @@ fn open_recorder(
     let trust_domain = config.trust_domain.name();
     match node_id {
         Some(node_id) => {
-            let spool = open_spool(&config.state_dir.join("spool")).map_err(AgentError::Events)?;
+            let spool = open_spool(&config.state_dir.join("spool"))
+                .map_err(|e| AgentError::Events(LogError::Spool(e)))?;
             let log = Box::new(SpoolLog(spool.clone()));
             Ok((Recorder::new(trust_domain, node_id, log), Some(spool)))
         }
         None => {
             let path = config.state_dir.join("audit.jsonl");
-            let log = AuditLog::open_with(&path, config.audit_limits)
-                .map_err(|e| AgentError::Events(format!("audit log {}: {e}", path.display())))?;
+            let log = AuditLog::open_with(&path, config.audit_limits).map_err(|source| {
+                AgentError::Events(LogError::Audit {
+                    op: "open",
+                    path: path.clone(),
+                    source,
+                })
+            })?;
             let host = nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default();
@@ -76,7 +82,16 @@ pub enum AgentError {
     Upstream(#[from] UpstreamError),
     /// The event log could not be opened.
     #[error("events: {0}")]
-    Events(String),
+    Events(#[source] LogError),
+    /// The metrics endpoint could not be bound.
+    #[error("metrics_address {address}: {source}")]
+    Metrics {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// The error from the system.
+        #[source]
+        source: std::io::Error,
+    },
     /// Reflection descriptors could not be loaded (a build defect).
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -304,10 +319,10 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     if let Some(address) = config.metrics_address {
         let listener = super::metrics::bind(address)
             .await
-            .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+            .map_err(|source| AgentError::Metrics { address, source })?;
         let bound = listener
             .local_addr()
-            .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+            .map_err(|source| AgentError::Metrics { address, source })?;
         // The real port when configured with port 0, for whoever scrapes.
         tracing::info!("metrics endpoint listening on {bound}");
         metrics_address = Some(bound);
