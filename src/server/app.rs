@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::State;
 use super::admin_api::AdminService;
 use super::config::{DatastoreConfig, ServerConfig};
-use super::node_api::{NodeService, x509pop_verifier};
+use super::node_api::{NodeService, X509PopBundleError, x509pop_verifier};
 use super::root::{load_or_create_root, load_or_create_server_id};
 use super::sync::{Snapshot, load_snapshot, run_hub};
 use crate::ca::node::sign_server_svid;
@@ -56,7 +56,7 @@ pub enum ServerError {
     Store(#[from] StoreError),
     /// The x509pop CA bundle could not be loaded.
     #[error("x509pop.ca_bundle_file: {0}")]
-    X509Pop(String),
+    X509Pop(#[from] X509PopBundleError),
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -284,7 +284,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         &server_id,
     )?;
     let x509pop = match &config.x509pop_ca_bundle {
-        Some(path) => Some(x509pop_verifier(path).map_err(ServerError::X509Pop)?),
+        Some(path) => Some(x509pop_verifier(path)?),
         None => None,
     };
     let store = open_store(&config.datastore).await?;

@@ -808,16 +808,40 @@ async fn stream_updates(
     }
 }
 
+/// Why the x509pop verifier cannot be built from its CA bundle file. Not a call's error: the
+/// server refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum X509PopBundleError {
+    /// The file cannot be read or holds no PEM certificate (the error names the file).
+    #[error(transparent)]
+    Read(#[from] crate::ca::CaError),
+    /// The file's certificates give rustls no usable trust anchor or verifier.
+    #[error("{}: {source}", path.display())]
+    Roots {
+        /// The bundle file.
+        path: std::path::PathBuf,
+        /// What rustls refused.
+        #[source]
+        source: crate::tls::TlsError,
+    },
+}
+
 /// Builds the x509pop verifier from the configured CA bundle file.
-pub fn x509pop_verifier(path: &std::path::Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    let roots = crate::ca::load_pem_certs(path).map_err(|e| e.to_string())?;
-    let store = crate::tls::root_store(&roots).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn x509pop_verifier(
+    path: &std::path::Path,
+) -> Result<Arc<dyn ClientCertVerifier>, X509PopBundleError> {
+    let roots = crate::ca::load_pem_certs(path)?;
+    let roots_error = |source| X509PopBundleError::Roots {
+        path: path.to_path_buf(),
+        source,
+    };
+    let store = crate::tls::root_store(&roots).map_err(roots_error)?;
     rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(store),
         crate::tls::provider(),
     )
     .build()
-    .map_err(|e| format!("{}: {e}", path.display()))
+    .map_err(|e| roots_error(crate::tls::TlsError::Verifier(e)))
 }
 
 #[cfg(test)]
@@ -894,6 +918,35 @@ mod tests {
             .into_status();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         state.attest_join_token("secret-2", &csrs()).await.unwrap();
+    }
+
+    #[test]
+    fn an_unusable_x509pop_bundle_says_which_file_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = x509pop_verifier(&missing).err().unwrap();
+        assert!(matches!(err, X509PopBundleError::Read(_)), "{err}");
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+
+        // A CERTIFICATE block that is not DER: PEM reads it, rustls keeps nothing of it.
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = x509pop_verifier(&junk).err().unwrap();
+        assert!(
+            matches!(
+                &err,
+                X509PopBundleError::Roots {
+                    source: crate::tls::TlsError::NoRoots,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("junk.pem"), "{err}");
     }
 
     #[test]
