@@ -78,9 +78,69 @@ pub enum UpstreamError {
         /// The node state directory.
         dir: PathBuf,
         /// What does not fit.
-        problem: String,
+        #[source]
+        problem: StateProblem,
         /// The files to remove before joining again.
         files: Vec<PathBuf>,
+    },
+}
+
+/// What is wrong with the node credentials on disk; file names are relative to the node state
+/// directory, which the message around this one names.
+#[derive(Debug, thiserror::Error)]
+pub enum StateProblem {
+    /// Some credential files are there, these are not.
+    #[error("{} missing", .0.join(", "))]
+    Missing(Vec<&'static str>),
+    /// A file cannot be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: &'static str,
+        /// The error from the system.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate file is not PEM.
+    #[error("{file} is not PEM: {source}")]
+    Pem {
+        /// The file.
+        file: &'static str,
+        /// What the PEM reader refused.
+        #[source]
+        source: pem::PemError,
+    },
+    /// A certificate file (or the bundle) holds no CERTIFICATE block.
+    #[error("{file} holds no PEM certificate")]
+    NoCertificate {
+        /// The file.
+        file: &'static str,
+    },
+    /// A key file is not a PEM PKCS#8 private key.
+    #[error("{file} is not a PEM PKCS#8 private key ({source})")]
+    Key {
+        /// The file.
+        file: &'static str,
+        /// What the key reader refused.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A certificate file holds something that is not an X.509 certificate.
+    #[error("{file} is not an X.509 certificate ({source})")]
+    Certificate {
+        /// The file.
+        file: &'static str,
+        /// What the certificate parser refused.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// A key is not the one its certificate certifies (a crash between two renames).
+    #[error("{key} does not match the public key in {certificate}")]
+    Mismatch {
+        /// The key file.
+        key: &'static str,
+        /// The certificate file.
+        certificate: &'static str,
     },
 }
 
@@ -275,7 +335,7 @@ impl DiskState {
     /// Loads saved credentials: `None` when there are none, an error saying what does not fit
     /// when some files are missing, unreadable, or a key does not match its certificate (what a
     /// crash between two of the renames in [`DiskState::save_credentials`] leaves).
-    pub fn load_credentials(&self) -> Result<Option<Credentials>, String> {
+    pub fn load_credentials(&self) -> Result<Option<Credentials>, StateProblem> {
         let present: Vec<&str> = CREDENTIAL_FILES
             .iter()
             .copied()
@@ -285,21 +345,30 @@ impl DiskState {
             return Ok(None);
         }
         if present.len() < CREDENTIAL_FILES.len() {
-            let missing: Vec<&str> = CREDENTIAL_FILES
+            let missing = CREDENTIAL_FILES
                 .iter()
                 .copied()
                 .filter(|name| !present.contains(name))
                 .collect();
-            return Err(format!("{} missing", missing.join(", ")));
+            return Err(StateProblem::Missing(missing));
         }
-        let read = |name: &str| {
-            std::fs::read_to_string(self.path(name)).map_err(|e| format!("{name}: {e}"))
+        let read = |file: &'static str| {
+            std::fs::read_to_string(self.path(file))
+                .map_err(|source| StateProblem::Read { file, source })
         };
-        let cert = |name: &str| {
-            certificates_from_pem(read(name)?)
-                .ok()
-                .and_then(|certs| certs.into_iter().next())
-                .ok_or_else(|| format!("{name} holds no PEM certificate"))
+        let certs = |file: &'static str| {
+            let certs = certificates_from_pem(read(file)?)
+                .map_err(|source| StateProblem::Pem { file, source })?;
+            if certs.is_empty() {
+                return Err(StateProblem::NoCertificate { file });
+            }
+            Ok(certs)
+        };
+        let cert = |file: &'static str| {
+            certs(file)?
+                .into_iter()
+                .next()
+                .ok_or(StateProblem::NoCertificate { file })
         };
         let credentials = Credentials {
             node_id: read(NODE_ID_FILE)?.trim().to_owned(),
@@ -307,9 +376,7 @@ impl DiskState {
             svid_key_pem: Zeroizing::new(read(NODE_SVID_KEY_FILE)?),
             ca_der: cert(NODE_CA_FILE)?,
             ca_key_pem: Zeroizing::new(read(NODE_CA_KEY_FILE)?),
-            bundle: self
-                .load_bundle()
-                .ok_or_else(|| format!("{BUNDLE_FILE} holds no certificate"))?,
+            bundle: certs(BUNDLE_FILE)?,
         };
         check_key_matches(
             &credentials.svid_key_pem,
@@ -364,19 +431,25 @@ impl DiskState {
 /// `cert_name`) certifies.
 fn check_key_matches(
     key_pem: &str,
-    key_name: &str,
+    key_name: &'static str,
     cert_der: &[u8],
-    cert_name: &str,
-) -> Result<(), String> {
+    cert_name: &'static str,
+) -> Result<(), StateProblem> {
     use x509_parser::prelude::*;
-    let key = KeyPair::from_pem(key_pem)
-        .map_err(|e| format!("{key_name} is not a PEM PKCS#8 private key ({e})"))?;
-    let (_, cert) = X509Certificate::from_der(cert_der)
-        .map_err(|e| format!("{cert_name} is not an X.509 certificate ({e})"))?;
+    let key = KeyPair::from_pem(key_pem).map_err(|source| StateProblem::Key {
+        file: key_name,
+        source,
+    })?;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|source| StateProblem::Certificate {
+            file: cert_name,
+            source,
+        })?;
     if cert.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
-        return Err(format!(
-            "{key_name} does not match the public key in {cert_name}"
-        ));
+        return Err(StateProblem::Mismatch {
+            key: key_name,
+            certificate: cert_name,
+        });
     }
     Ok(())
 }
@@ -1095,7 +1168,13 @@ mod tests {
         .unwrap();
         match link.load_saved() {
             Err(UpstreamError::UnusableState { problem, .. }) => assert!(
-                problem.contains("does not match the public key in node_svid.pem"),
+                matches!(
+                    problem,
+                    StateProblem::Mismatch {
+                        certificate: "node_svid.pem",
+                        ..
+                    }
+                ),
                 "{problem}"
             ),
             other => panic!(
@@ -1103,6 +1182,65 @@ mod tests {
                 other.map(|c| c.is_some())
             ),
         }
+    }
+
+    #[tokio::test]
+    async fn each_unusable_credential_file_is_named_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = upstream(dir.path());
+        let credentials = granted(
+            SystemTime::now(),
+            Duration::from_secs(600),
+            Duration::from_secs(600),
+        );
+        link.disk.save_credentials(&credentials).unwrap();
+        let file = |name: &str| dir.path().join("upstream").join(name);
+
+        std::fs::write(
+            file(NODE_CA_FILE),
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(
+                &problem,
+                StateProblem::Pem {
+                    file: NODE_CA_FILE,
+                    ..
+                }
+            ),
+            "{problem}"
+        );
+        assert!(std::error::Error::source(&problem).is_some_and(|s| s.is::<pem::PemError>()));
+
+        std::fs::write(file(NODE_CA_FILE), "no PEM here").unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(&problem, StateProblem::NoCertificate { file: NODE_CA_FILE }),
+            "{problem}"
+        );
+
+        std::fs::remove_file(file(NODE_CA_FILE)).unwrap();
+        std::fs::create_dir(file(NODE_CA_FILE)).unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(
+                &problem,
+                StateProblem::Read {
+                    file: NODE_CA_FILE,
+                    ..
+                }
+            ),
+            "{problem}"
+        );
+
+        std::fs::remove_dir(file(NODE_CA_FILE)).unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(&problem, StateProblem::Missing(files) if files == &[NODE_CA_FILE]),
+            "{problem}"
+        );
     }
 
     /// The link runs whole against this: a node API that grants what it
