@@ -474,6 +474,11 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
         .map_err(|e| crate::ca::io_error(dir, e))
 }
 
+/// A source of wall-clock time. Renewal follows the credentials' validity, which is wall-clock
+/// time, so the link reads this rather than `SystemTime::now` itself: a test can then move it
+/// with tokio's paused clock and watch the schedule without waiting for it.
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
 /// The link to the server, with what the agent has learned so far.
 pub struct Upstream {
     config: UpstreamConfig,
@@ -481,6 +486,8 @@ pub struct Upstream {
     disk: DiskState,
     /// Synced entries, sorted by creation then id (the order workloads see).
     entries: Vec<StoredEntry>,
+    /// What "now" is for expiry and renewal.
+    clock: WallClock,
 }
 
 impl Upstream {
@@ -493,7 +500,18 @@ impl Upstream {
             trust_domain,
             disk,
             entries,
+            clock: Arc::new(SystemTime::now),
         }
+    }
+
+    /// The same link, reading the time from `clock` instead of the system's.
+    pub fn with_clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> SystemTime {
+        (self.clock)()
     }
 
     /// The entry set as last synced (from disk at start).
@@ -531,7 +549,7 @@ impl Upstream {
                 });
             }
         };
-        let ca_valid = not_after_of(&credentials.ca_der).is_some_and(|t| t > SystemTime::now());
+        let ca_valid = not_after_of(&credentials.ca_der).is_some_and(|t| t > self.now());
         Ok(ca_valid.then_some(credentials))
     }
 
@@ -804,7 +822,7 @@ pub async fn run(
     let mut refused = Backoff::new(REFUSED_PAUSE, REFUSED_PAUSE);
     loop {
         let current = match credentials.take() {
-            Some(c) if svid_expired(&c, SystemTime::now()) => {
+            Some(c) if svid_expired(&c, upstream.now()) => {
                 if matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
                     tracing::warn!(
                         "the node SVID expired while the server was away; attesting again"
@@ -905,7 +923,8 @@ async fn session(
     shutdown: &Shutdown,
     backoff: &mut Backoff,
 ) -> (Outcome, Option<Credentials>) {
-    if SystemTime::now() >= credentials.renew_at(SystemTime::now())
+    let clock = upstream.clock.clone();
+    if clock() >= credentials.renew_at(clock())
         && let Err(e) = renew_into(upstream, &mut credentials, seams).await
     {
         return outcome_of(e, credentials);
@@ -927,9 +946,9 @@ async fn session(
     loop {
         // Renewal is due by the wall clock, looked at every few seconds: a suspended machine
         // renews as soon as it wakes, not after its monotonic timer runs out.
-        let renew_at = credentials.renew_at(SystemTime::now());
+        let renew_at = credentials.renew_at(clock());
         tokio::select! {
-            due = wait_until_wall_time(renew_at, SystemTime::now, shutdown) => {
+            due = wait_until_wall_time(renew_at, &*clock, shutdown) => {
                 if !due {
                     return (Outcome::Stop, Some(credentials));
                 }
@@ -1280,6 +1299,8 @@ mod tests {
         struct FakeNode {
             root: SigningCa,
             svid_ttl: Duration,
+            /// The time grants start at: the client's clock, so that both agree.
+            clock: WallClock,
             calls: Arc<Calls>,
             syncs: Mutex<VecDeque<SyncScript>>,
         }
@@ -1288,7 +1309,7 @@ mod tests {
             fn grant(&self, csrs: Option<Csrs>) -> Result<NodeCredentials, Status> {
                 let csrs = csrs.ok_or_else(|| Status::invalid_argument("csrs are required"))?;
                 let td = trust_domain();
-                let now = SystemTime::now();
+                let now = (self.clock)();
                 let refused = |e: &dyn std::fmt::Display| Status::invalid_argument(e.to_string());
                 let node = node_spiffe_id(&td, "n1").map_err(|e| refused(&e))?;
                 let svid = sign_node_svid(&self.root, &node, &csrs.node_svid, self.svid_ttl, now)
@@ -1390,6 +1411,7 @@ mod tests {
             svid_ttl: Duration,
             scripts: Vec<SyncScript>,
             shutdown: &Shutdown,
+            clock: WallClock,
         ) -> (SocketAddr, Arc<Calls>, Vec<Vec<u8>>) {
             let td = trust_domain();
             let now = SystemTime::now();
@@ -1405,6 +1427,7 @@ mod tests {
             let node = FakeNode {
                 root,
                 svid_ttl,
+                clock,
                 calls: calls.clone(),
                 syncs: Mutex::new(scripts.into()),
             };
@@ -1433,7 +1456,12 @@ mod tests {
             task: tokio::task::JoinHandle<()>,
         }
 
-        fn start_link(state_dir: &Path, address: SocketAddr, roots: &[Vec<u8>]) -> Link {
+        fn start_link(
+            state_dir: &Path,
+            address: SocketAddr,
+            roots: &[Vec<u8>],
+            clock: WallClock,
+        ) -> Link {
             let td = trust_domain();
             let bootstrap = state_dir.join("bootstrap.pem");
             std::fs::write(&bootstrap, to_pem("CERTIFICATE", roots)).unwrap();
@@ -1472,7 +1500,7 @@ mod tests {
             };
             let shutdown = Shutdown::new();
             let task = tokio::spawn(run(
-                Upstream::new(config, td, state_dir),
+                Upstream::new(config, td, state_dir).with_clock(clock),
                 None,
                 seams,
                 shutdown.clone(),
@@ -1535,8 +1563,9 @@ mod tests {
                     hold: true,
                 },
             ];
-            let (address, calls, roots) = serve(Duration::from_secs(600), scripts, &server).await;
-            let mut link = start_link(dir.path(), address, &roots);
+            let (address, calls, roots) =
+                serve(Duration::from_secs(600), scripts, &server, system_clock()).await;
+            let mut link = start_link(dir.path(), address, &roots, system_clock());
 
             entries_become(&mut link, &["a", "b"]).await;
             assert_eq!(calls.attest.load(Ordering::SeqCst), 1);
@@ -1558,14 +1587,25 @@ mod tests {
             server.trigger();
         }
 
-        #[tokio::test]
+        fn system_clock() -> WallClock {
+            Arc::new(SystemTime::now)
+        }
+
+        /// A wall clock that starts at the system's time and then moves only with tokio's
+        /// clock, which a paused test advances as far as it likes at no cost.
+        fn paused_wall_clock() -> WallClock {
+            let (wall, start) = (SystemTime::now(), tokio::time::Instant::now());
+            Arc::new(move || wall + start.elapsed())
+        }
+
+        #[tokio::test(start_paused = true)]
         async fn credentials_are_renewed_at_half_life_and_the_new_ca_published() {
             let dir = tempfile::tempdir().unwrap();
             let server = Shutdown::new();
-            // Fourteen seconds, back-dated by ten: half of the life is over two seconds after
-            // the grant.
-            let (address, calls, roots) = serve(Duration::from_secs(14), Vec::new(), &server).await;
-            let mut link = start_link(dir.path(), address, &roots);
+            let clock = paused_wall_clock();
+            let (address, calls, roots) =
+                serve(Duration::from_secs(600), Vec::new(), &server, clock.clone()).await;
+            let mut link = start_link(dir.path(), address, &roots, clock.clone());
             let granted = tokio::time::timeout(
                 Duration::from_secs(20),
                 link.ca.wait_for(|ca| ca.bundle == roots),
@@ -1575,6 +1615,20 @@ mod tests {
             .unwrap()
             .intermediates
             .clone();
+            let saved = DiskState::new(dir.path())
+                .load_credentials()
+                .unwrap()
+                .unwrap();
+            let due = saved.renew_at(clock());
+            // Ten minutes, back-dated: half of the life is over a little under five minutes
+            // after the grant.
+            let ahead = due.duration_since(clock()).unwrap();
+            assert!(ahead > Duration::from_secs(240), "due in {ahead:?}");
+
+            tokio::time::sleep(ahead - Duration::from_secs(1)).await;
+            assert_eq!(calls.renew.load(Ordering::SeqCst), 0, "renewed early");
+            assert_eq!(link.ca.borrow().intermediates, granted);
+
             let renewed = matches!(
                 tokio::time::timeout(
                     Duration::from_secs(30),
@@ -1585,7 +1639,12 @@ mod tests {
                 Ok(Ok(_))
             );
             assert!(renewed, "no renewal published");
-            assert!(calls.renew.load(Ordering::SeqCst) >= 1);
+            let late = clock().duration_since(due).unwrap_or_default();
+            assert!(
+                late < Duration::from_secs(1),
+                "renewed {late:?} after it was due"
+            );
+            assert_eq!(calls.renew.load(Ordering::SeqCst), 1);
             assert_eq!(
                 calls.attest.load(Ordering::SeqCst),
                 1,
@@ -1606,8 +1665,9 @@ mod tests {
                 ],
                 hold: false,
             }];
-            let (address, calls, roots) = serve(Duration::from_secs(600), scripts, &server).await;
-            let link = start_link(dir.path(), address, &roots);
+            let (address, calls, roots) =
+                serve(Duration::from_secs(600), scripts, &server, system_clock()).await;
+            let link = start_link(dir.path(), address, &roots, system_clock());
             let node_id = dir.path().join("upstream").join(NODE_ID_FILE);
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             // The node id is written before the first sync and removed only by an eviction,
