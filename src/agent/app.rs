@@ -94,10 +94,13 @@ pub enum AgentError {
     },
     /// Reflection descriptors could not be loaded (a build defect).
     #[error("gRPC reflection: {0}")]
-    Reflection(String),
+    Reflection(#[source] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("Workload API server: {0}")]
-    Serve(String),
+    Serve(#[source] tonic::transport::Error),
+    /// The gRPC server ended on its own, before shutdown.
+    #[error("Workload API server: it stopped accepting connections")]
+    Stopped,
     /// A background task died, which stopped the agent.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -394,7 +397,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::WORKLOAD_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| AgentError::Reflection(e.to_string()))?;
+        .map_err(AgentError::Reflection)?;
 
     let listener = endpoint::bind(&config.socket_path)?;
     let socket_path = config.socket_path.clone();
@@ -430,10 +433,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             tokio::pin!(serve);
             let result = tokio::select! {
                 result = &mut serve => match result {
-                    Err(e) => Err(AgentError::Serve(e.to_string())),
-                    Ok(()) if !shutdown.is_triggered() => Err(AgentError::Serve(
-                        "the Workload API stopped accepting connections".into(),
-                    )),
+                    Err(e) => Err(AgentError::Serve(e)),
+                    Ok(()) if !shutdown.is_triggered() => Err(AgentError::Stopped),
                     Ok(()) => Ok(()),
                 },
                 _ = async {

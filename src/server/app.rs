@@ -72,8 +72,11 @@ pub enum ServerError {
     #[error("admin socket: {0}")]
     Admin(#[from] BindError),
     /// A gRPC server failed.
-    #[error("{0}")]
-    Serve(String),
+    #[error("node or admin API server: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    /// The gRPC servers ended on their own, before shutdown.
+    #[error("the node and admin APIs stopped accepting connections")]
+    Stopped,
     /// A background task died, which stopped the server.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -378,10 +381,8 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             tokio::pin!(both);
             let result = tokio::select! {
                 result = &mut both => match result {
-                    Err(e) => Err(ServerError::Serve(e.to_string())),
-                    Ok(()) if !shutdown.is_triggered() => Err(ServerError::Serve(
-                        "the node and admin APIs stopped accepting connections".into(),
-                    )),
+                    Err(e) => Err(ServerError::Serve(e)),
+                    Ok(()) if !shutdown.is_triggered() => Err(ServerError::Stopped),
                     Ok(()) => Ok(()),
                 },
                 _ = async {
