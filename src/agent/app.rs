@@ -253,15 +253,13 @@ async fn attest_at_start(
     loop {
         match upstream.attest().await {
             Ok(credentials) => return Ok(credentials),
-            Err(UpstreamError::Unavailable(e)) => {
+            Err(e) if e.is_unavailable() => {
                 tracing::warn!(error = %e, "server unreachable for node attestation; retrying");
             }
             Err(e) => return Err(AgentError::Upstream(e)),
         }
         if !backoff.pause(shutdown).await {
-            return Err(AgentError::Upstream(UpstreamError::Unavailable(
-                "stopped before the node was attested".into(),
-            )));
+            return Err(AgentError::Upstream(UpstreamError::Stopped));
         }
     }
 }

@@ -56,17 +56,41 @@ const REFUSED_PAUSE: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The server refused the node for good (bad token, untrusted certificate, banned...).
-    #[error("server refused the node: {0}")]
-    Refused(String),
+    #[error("server refused the node: {}", status_text(.0))]
+    Refused(#[source] tonic::Status),
     /// The server could not be reached or failed; worth retrying.
+    #[error("server unavailable: {}", status_text(.0))]
+    Unavailable(#[source] tonic::Status),
+    /// The server answered outside the protocol (what it did, in words); worth retrying.
     #[error("server unavailable: {0}")]
-    Unavailable(String),
+    Protocol(&'static str),
+    /// The server asked for a proof the configured attestation method cannot give.
+    #[error("server refused the node: it sent an x509pop challenge to a join-token attestation")]
+    UnexpectedChallenge,
     /// The node was evicted or banned.
-    #[error("node no longer admitted: {0}")]
-    Evicted(String),
-    /// A local file or key could not be used.
+    #[error("node no longer admitted: {}", status_text(.0))]
+    Evicted(#[source] tonic::Status),
+    /// The agent was stopped before the node was attested.
+    #[error("stopped before the node was attested")]
+    Stopped,
+    /// A configured file or the server address could not be used.
+    #[error("{setting}: {source}")]
+    Setting {
+        /// The configuration key, with the file where there is one.
+        setting: String,
+        /// What was wrong with it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Keys, certificates or the node state on disk could not be made or written.
     #[error("{0}")]
-    Local(String),
+    Local(#[from] CaError),
+    /// The node state could not be used to open a connection (its key or TLS settings).
+    #[error("node SVID for TLS: {0}")]
+    ClientTls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The blocking-pool task writing the node state panicked or was cancelled.
+    #[error("writing the node state failed: {0}")]
+    StateTask(#[source] tokio::task::JoinError),
     /// The node credentials on disk do not fit together (a crash between writing a key and its
     /// certificate, or files removed by hand), and a join token cannot attest the node again.
     #[error(
@@ -144,25 +168,37 @@ pub enum StateProblem {
     },
 }
 
-impl From<CaError> for UpstreamError {
-    fn from(e: CaError) -> Self {
-        Self::Local(e.to_string())
+impl UpstreamError {
+    /// A configured file or address that could not be used.
+    fn setting(
+        setting: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Setting {
+            setting: setting.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether the server is worth trying again soon (not a refusal, nothing wrong locally).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Protocol(_))
     }
 }
 
 fn status_error(status: tonic::Status) -> UpstreamError {
-    let message = format!("{}: {}", code_name(status.code()), status.message());
     match status.code() {
-        Code::PermissionDenied => UpstreamError::Evicted(message),
+        Code::PermissionDenied => UpstreamError::Evicted(status),
         Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition => {
-            UpstreamError::Refused(message)
+            UpstreamError::Refused(status)
         }
-        _ => UpstreamError::Unavailable(message),
+        _ => UpstreamError::Unavailable(status),
     }
 }
 
-fn code_name(code: Code) -> String {
-    format!("{code:?}")
+/// A status as one line: its code and message (tonic's own form adds details and metadata).
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// A node's granted credentials, with the keys they certify.
@@ -461,9 +497,7 @@ async fn on_blocking_pool<T: Send + 'static>(
 ) -> Result<T, UpstreamError> {
     match tokio::task::spawn_blocking(write).await {
         Ok(result) => Ok(result?),
-        Err(e) => Err(UpstreamError::Local(format!(
-            "writing the node state failed: {e}"
-        ))),
+        Err(e) => Err(UpstreamError::StateTask(e)),
     }
 }
 
@@ -564,7 +598,7 @@ impl Upstream {
             return Ok(bundle);
         }
         load_pem_certs(&self.config.trust_bundle_file)
-            .map_err(|e| UpstreamError::Local(format!("server.trust_bundle_file: {e}")))
+            .map_err(|e| UpstreamError::setting("server.trust_bundle_file", e))
     }
 
     fn client(
@@ -585,7 +619,7 @@ impl Upstream {
         let client_auth = match credentials {
             Some(c) => {
                 let key = KeyPair::from_pem(&c.svid_key_pem)
-                    .map_err(|e| UpstreamError::Local(format!("node SVID key: {e}")))?;
+                    .map_err(|e| UpstreamError::ClientTls(e.into()))?;
                 key_der = Zeroizing::new(key.serialize_der());
                 chain = vec![c.svid_der.clone()];
                 Some((chain.as_slice(), key_der.as_slice()))
@@ -594,9 +628,9 @@ impl Upstream {
         };
         let tls =
             crate::tls::client_config(&roots, &server_spiffe_id(&self.trust_domain), client_auth)
-                .map_err(|e| UpstreamError::Local(e.to_string()))?;
+                .map_err(|e| UpstreamError::ClientTls(e.into()))?;
         crate::tls::channel(&self.config.address, tls)
-            .map_err(|e| UpstreamError::Local(format!("server.address: {e}")))
+            .map_err(|e| UpstreamError::setting("server.address", e))
     }
 
     /// Attests the node with the configured method and saves the credentials.
@@ -617,7 +651,7 @@ impl Upstream {
             }
             NodeAttestation::X509Pop { cert_file, .. } => {
                 let chain = load_pem_certs(cert_file)
-                    .map_err(|e| UpstreamError::Local(format!("server.x509pop.cert_file: {e}")))?;
+                    .map_err(|e| UpstreamError::setting("server.x509pop.cert_file", e))?;
                 attest_request::Step::X509pop(X509PopAttestation { cert_chain: chain })
             }
         };
@@ -632,57 +666,46 @@ impl Upstream {
             .await
             .map_err(status_error)?
             .into_inner();
-        let granted = loop {
-            let message = responses
-                .message()
-                .await
-                .map_err(status_error)?
-                .ok_or_else(|| {
-                    UpstreamError::Unavailable("attestation stream ended without an answer".into())
-                })?;
-            match message.step {
-                Some(attest_response::Step::Challenge(challenge)) => {
-                    let NodeAttestation::X509Pop { key_file, .. } = &self.config.attestation else {
-                        return Err(UpstreamError::Refused(
-                            "server sent an x509pop challenge to a join-token attestation".into(),
-                        ));
-                    };
-                    let key_pem =
-                        Zeroizing::new(std::fs::read_to_string(key_file).map_err(|e| {
-                            UpstreamError::Local(format!(
-                                "server.x509pop.key_file: {}: {e}",
-                                key_file.display()
+        let granted =
+            loop {
+                let message = responses.message().await.map_err(status_error)?.ok_or(
+                    UpstreamError::Protocol("the attestation stream ended without an answer"),
+                )?;
+                match message.step {
+                    Some(attest_response::Step::Challenge(challenge)) => {
+                        let NodeAttestation::X509Pop { key_file, .. } = &self.config.attestation
+                        else {
+                            return Err(UpstreamError::UnexpectedChallenge);
+                        };
+                        let key_setting =
+                            || format!("server.x509pop.key_file {}", key_file.display());
+                        let key_pem = Zeroizing::new(
+                            std::fs::read_to_string(key_file)
+                                .map_err(|e| UpstreamError::setting(key_setting(), e))?,
+                        );
+                        let key = KeyPair::from_pem(&key_pem)
+                            .map_err(|e| UpstreamError::setting(key_setting(), e))?;
+                        let signature = key
+                            .sign(&x509pop_message(
+                                &challenge.nonce,
+                                &csrs.node_svid,
+                                &csrs.ca,
                             ))
-                        })?);
-                    let key = KeyPair::from_pem(&key_pem).map_err(|e| {
-                        UpstreamError::Local(format!(
-                            "server.x509pop.key_file: {}: {e}",
-                            key_file.display()
-                        ))
-                    })?;
-                    let signature = key
-                        .sign(&x509pop_message(
-                            &challenge.nonce,
-                            &csrs.node_svid,
-                            &csrs.ca,
-                        ))
-                        .map_err(|e| UpstreamError::Local(format!("x509pop signature: {e}")))?;
-                    let proof = AttestRequest {
-                        step: Some(attest_request::Step::X509popProof(X509PopProof {
-                            signature,
-                        })),
-                        csrs: None,
-                    };
-                    let _ = tx.send(proof).await;
+                            .map_err(|e| UpstreamError::setting(key_setting(), e))?;
+                        let proof = AttestRequest {
+                            step: Some(attest_request::Step::X509popProof(X509PopProof {
+                                signature,
+                            })),
+                            csrs: None,
+                        };
+                        let _ = tx.send(proof).await;
+                    }
+                    Some(attest_response::Step::Credentials(granted)) => break granted,
+                    None => {
+                        return Err(UpstreamError::Protocol("the attestation answer was empty"));
+                    }
                 }
-                Some(attest_response::Step::Credentials(granted)) => break granted,
-                None => {
-                    return Err(UpstreamError::Unavailable(
-                        "empty attestation answer".into(),
-                    ));
-                }
-            }
-        };
+            };
         let credentials = self.accept(granted, svid_key, ca_key).await?;
         tracing::info!(node = %credentials.node_id, server = %self.config.address, "node attested");
         Ok(credentials)
@@ -716,9 +739,7 @@ impl Upstream {
     ) -> Result<Credentials, UpstreamError> {
         let bundle = granted.bundle.map(|b| b.roots).unwrap_or_default();
         if bundle.is_empty() {
-            return Err(UpstreamError::Unavailable(
-                "server sent no trust bundle".into(),
-            ));
+            return Err(UpstreamError::Protocol("the server sent no trust bundle"));
         }
         let credentials = Credentials {
             node_id: granted.node_id,
@@ -802,8 +823,8 @@ fn publish_ca(seams: &Seams, credentials: &Credentials) {
 enum Outcome {
     /// Reconnect after a pause.
     Retry(UpstreamError),
-    /// The node was evicted.
-    Evicted(String),
+    /// The node was evicted; the server's status says why.
+    Evicted(tonic::Status),
     /// Shutting down.
     Stop,
 }
@@ -845,7 +866,7 @@ pub async fn run(
                 Err(e) => {
                     tracing::warn!(error = %e, "node attestation failed; retrying");
                     let pause = match e {
-                        UpstreamError::Unavailable(_) => &mut backoff,
+                        e if e.is_unavailable() => &mut backoff,
                         _ => &mut refused,
                     };
                     if !pause.pause(&shutdown).await {
@@ -867,7 +888,7 @@ pub async fn run(
                 }
             }
             Outcome::Evicted(why) => {
-                tracing::error!(reason = %why, "this node is no longer admitted by the server; it stops serving identities");
+                tracing::error!(reason = %status_text(&why), "this node is no longer admitted by the server; it stops serving identities");
                 seams
                     .cache
                     .revoke_all(crate::proto::tessera::RevocationReason::NodeEvicted);
@@ -968,7 +989,7 @@ async fn session(
                     tracing::info!(entries = entries.entries.len(), full, "entries synced from the server");
                     seams.entries.send_replace(Arc::new(entries));
                 }
-                Ok(None) => return (Outcome::Retry(UpstreamError::Unavailable("sync stream ended".into())), Some(credentials)),
+                Ok(None) => return (Outcome::Retry(UpstreamError::Protocol("the sync stream ended")), Some(credentials)),
                 Err(status) => return outcome_of(status_error(status), credentials),
             }
         }
