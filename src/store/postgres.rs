@@ -1447,18 +1447,24 @@ async fn listen(
 }
 
 /// One notification connection, until it fails. `Ok(why it ended)` once it was established,
-/// `Err(why not)` when it could not be.
+/// `Err(why not)` when it could not be; both `Unavailable`, with the driver's error when there
+/// is one.
 async fn listen_once(
     config: &Config,
     tls: &PgTls,
     changes: &watch::Sender<u64>,
     events: &watch::Sender<u64>,
-) -> Result<String, String> {
+) -> Result<StoreError, StoreError> {
     let (client, mut connection) =
         tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.clone()))
             .await
-            .map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| describe(&e))?;
+            .map_err(|_| {
+                StoreError::unavailable(format!(
+                    "cannot connect to PostgreSQL: no answer within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| StoreError::unavailable_from("cannot connect to PostgreSQL", e))?;
     // The connection is driven here rather than on a task of its own: notifications arrive
     // through it, and so do the answers to the requests below.
     let messages = async {
@@ -1469,8 +1475,10 @@ async fn listen_once(
                 }
                 Some(Ok(AsyncMessage::Notification(_))) => bump(changes),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return describe(&e),
-                None => return "the server closed the connection".to_owned(),
+                Some(Err(e)) => {
+                    return StoreError::unavailable_from("the notification connection failed", e);
+                }
+                None => return StoreError::unavailable("the server closed the connection"),
             }
         }
     };
@@ -1479,7 +1487,7 @@ async fn listen_once(
             .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS_CHANNEL}"))
             .await
         {
-            return format!("LISTEN failed: {}", describe(&e));
+            return StoreError::unavailable_from("LISTEN failed", e);
         }
         tracing::debug!("listening for PostgreSQL change notifications");
         // Only now is every later change announced; those before may have been missed.
@@ -1489,8 +1497,8 @@ async fn listen_once(
             tokio::time::sleep(LISTEN_PROBE_INTERVAL).await;
             match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return describe(&e),
-                Err(_) => return "the server stopped answering".to_owned(),
+                Ok(Err(e)) => return StoreError::unavailable_from("the liveness probe failed", e),
+                Err(_) => return StoreError::unavailable("the server stopped answering"),
             }
         }
     };
