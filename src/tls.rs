@@ -47,7 +47,7 @@ pub enum TlsError {
     NoRoots,
     /// The client verifier could not be built.
     #[error("client certificate verifier: {0}")]
-    Verifier(String),
+    Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 
 /// What any peer of the node API can hold. Together the handshakes and the connections stay
@@ -128,7 +128,7 @@ pub fn server_config(
     )
     .allow_unauthenticated()
     .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    .map_err(TlsError::Verifier)?;
     let chain = chain
         .iter()
         .map(|d| CertificateDer::from(d.clone()))

@@ -66,6 +66,8 @@ impl Cfssl {
     /// Starts `program serve` with the CA in `ca_cert`/`ca_key` (PEM) and waits until it
     /// answers a first certificate request, which is checked to carry a certificate.
     pub async fn start(program: &Path, ca_cert: &Path, ca_key: &Path) -> Result<Self, BenchError> {
+        // Unlike the servers of tessera, cfssl cannot be left to pick its port: given port 0 it
+        // binds one but logs "Now listening on 127.0.0.1:0", so the port is chosen here.
         let address = tessera_harness::free_loopback_address()?;
         let mut command = tessera_harness::command(program);
         command

@@ -1,12 +1,13 @@
 //! A server and agents in server mode as child processes, for the scenarios that need them.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use tonic::transport::Channel;
 
 use tessera_harness::Process;
 
-use super::{BenchError, io_err, start_tessera};
+use super::{BenchError, io_err, logged_address, start_tessera, start_tessera_logged};
 use tessera::proto::tessera::admin_client::AdminClient;
 use tessera::proto::tessera::{CreateJoinTokenRequest, GetBundleRequest};
 
@@ -31,23 +32,30 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `tessera server run` in `dir` with `datastore` TOML (empty: SQLite).
+    /// Starts `tessera server run` in `dir` with `datastore` TOML (empty: SQLite). The server
+    /// binds a port the kernel picks and logs it (in `dir/server.log`); no other process can
+    /// take it between choosing and binding.
     pub async fn start(dir: &Path, datastore: &str) -> Result<Self, BenchError> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let port = tessera_harness::free_loopback_address()?.port();
         let admin_socket = dir.join("admin.sock");
         let config = dir.join("server.toml");
         std::fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n{datastore}\n",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nbind_address = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\nstate_dir = \"{}\"\n{datastore}\n",
                 admin_socket.display(),
                 dir.join("server").display()
             ),
         )
         .map_err(io_err("writing the server configuration"))?;
         let config = config.display().to_string();
-        let process = start_tessera(&["server", "run", "--config", &config], &admin_socket)?;
+        let mut process = start_tessera_logged(
+            &["server", "run", "--config", &config],
+            &admin_socket,
+            &dir.join("server.log"),
+            "warn,tessera::server::app=info",
+        )?;
+        let port = logged_address(&mut process, "node API listening on ")?.port();
         let channel = tessera::cli::client::channel(&admin_socket)
             .await
             .map_err(|f| BenchError::Failed(f.message))?;
@@ -121,5 +129,21 @@ impl AgentFiles {
     /// Starts `tessera agent run` with this configuration and waits for its socket.
     pub fn start(&self) -> Result<Process, BenchError> {
         start_tessera(&["agent", "run", "--config", &self.config], &self.socket)
+    }
+
+    /// Starts the agent as [`AgentFiles::start`] does, configured with `metrics_address` on
+    /// port 0, and returns it with the metrics address it bound, as it logged it (in
+    /// `<state>.log`).
+    pub fn start_with_metrics(&self) -> Result<(Process, SocketAddr), BenchError> {
+        let mut log = self.state.clone().into_os_string();
+        log.push(".log");
+        let mut process = start_tessera_logged(
+            &["agent", "run", "--config", &self.config],
+            &self.socket,
+            Path::new(&log),
+            "warn,tessera::agent::app=info",
+        )?;
+        let metrics = logged_address(&mut process, "metrics endpoint listening on ")?;
+        Ok((process, metrics))
     }
 }

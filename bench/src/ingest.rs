@@ -28,9 +28,8 @@ async fn ingest_once(
     datastore: &str,
 ) -> Result<(f64, Duration), BenchError> {
     let mut server = Server::start(dir, datastore).await?;
-    let metrics = tessera_harness::free_loopback_address()?;
     let agent = server
-        .agent_config(dir, "agent", &format!("metrics_address = \"{metrics}\"\n"))
+        .agent_config(dir, "agent", "metrics_address = \"127.0.0.1:0\"\n")
         .await?;
     // Attest once, then stop, so that the spool can be filled while nothing drains it.
     drop(agent.start()?);
@@ -39,7 +38,8 @@ async fn ingest_once(
     let produced = fill_spool(&agent.state.join("spool"), &node_id, events)?;
 
     let started = Instant::now();
-    let _agent = agent.start()?;
+    // The address is read from the log while the agent already drains; the clock keeps running.
+    let (_agent, metrics) = agent.start_with_metrics()?;
     let deadline = started + Duration::from_secs(600);
     loop {
         match pending_records(metrics).await {

@@ -26,6 +26,7 @@ mod scenarios;
 use report::{Report, ScenarioResult};
 use scenarios::{floor_server, probe, run_all};
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::OnceLock;
@@ -269,6 +270,34 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError 
 /// Starts `tessera <args>` and waits until `socket` accepts connections.
 fn start_tessera(args: &[&str], socket: &Path) -> Result<Process, BenchError> {
     start_serving(tessera_binary(), args, socket)
+}
+
+/// Starts `tessera <args>` with its output appended to `log`, filtered by `filter` (warnings,
+/// plus the info line a caller waits for), and waits until `socket` accepts connections. For
+/// processes that bind port 0 and say in their log which port they got.
+fn start_tessera_logged(
+    args: &[&str],
+    socket: &Path,
+    log: &Path,
+    filter: &str,
+) -> Result<Process, BenchError> {
+    let program = tessera_binary();
+    let mut command = tessera_harness::command(program);
+    command.args(args).env("TESSERA_LOG", filter);
+    let name = format!("{} {}", program.display(), args.join(" "));
+    let mut process = Process::spawn_logged(&mut command, name, log)?;
+    process.wait_for_socket(socket, Duration::from_secs(30))?;
+    Ok(process)
+}
+
+/// Waits until `process` logs `marker` followed by a socket address: the address it bound.
+fn logged_address(process: &mut Process, marker: &str) -> Result<SocketAddr, BenchError> {
+    let word = process.wait_for_logged(marker, Duration::from_secs(30))?;
+    word.parse().map_err(|e| {
+        BenchError::Failed(format!(
+            "{marker}{word:?} in the log does not end in an address: {e}"
+        ))
+    })
 }
 
 /// Starts this binary with `args` (the floor server) and waits until `socket` accepts

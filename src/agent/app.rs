@@ -19,7 +19,7 @@ use crate::attest::{Attestor, PinMode};
 use crate::ca::{
     CaError, LocalCaSource, SigningCa, load_or_create_local_ca, next_renewal_step, renew_local_ca,
 };
-use crate::events::recorder::{AuditLog, Recorder};
+use crate::events::recorder::{AuditLog, LogError, Recorder};
 use crate::events::spool::Spool;
 use crate::events::{SpoolLog, open_spool};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -38,14 +38,20 @@ fn open_recorder(
     let trust_domain = config.trust_domain.name();
     match node_id {
         Some(node_id) => {
-            let spool = open_spool(&config.state_dir.join("spool")).map_err(AgentError::Events)?;
+            let spool = open_spool(&config.state_dir.join("spool"))
+                .map_err(|e| AgentError::Events(LogError::Spool(e)))?;
             let log = Box::new(SpoolLog(spool.clone()));
             Ok((Recorder::new(trust_domain, node_id, log), Some(spool)))
         }
         None => {
             let path = config.state_dir.join("audit.jsonl");
-            let log = AuditLog::open_with(&path, config.audit_limits)
-                .map_err(|e| AgentError::Events(format!("audit log {}: {e}", path.display())))?;
+            let log = AuditLog::open_with(&path, config.audit_limits).map_err(|source| {
+                AgentError::Events(LogError::Audit {
+                    op: "open",
+                    path: path.clone(),
+                    source,
+                })
+            })?;
             let host = nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default();
@@ -80,13 +86,25 @@ pub enum AgentError {
     Revocations(#[from] RevocationError),
     /// The event log could not be opened.
     #[error("events: {0}")]
-    Events(String),
+    Events(#[source] LogError),
+    /// The metrics endpoint could not be bound.
+    #[error("metrics_address {address}: {source}")]
+    Metrics {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// The error from the system.
+        #[source]
+        source: std::io::Error,
+    },
     /// Reflection descriptors could not be loaded (a build defect).
     #[error("gRPC reflection: {0}")]
-    Reflection(String),
+    Reflection(#[source] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("Workload API server: {0}")]
-    Serve(String),
+    Serve(#[source] tonic::transport::Error),
+    /// The gRPC server ended on its own, before shutdown.
+    #[error("Workload API server: it stopped accepting connections")]
+    Stopped,
     /// A background task died, which stopped the agent.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -239,15 +257,13 @@ async fn attest_at_start(
     loop {
         match upstream.attest().await {
             Ok(credentials) => return Ok(credentials),
-            Err(UpstreamError::Unavailable(e)) => {
+            Err(e) if e.is_unavailable() => {
                 tracing::warn!(error = %e, "server unreachable for node attestation; retrying");
             }
             Err(e) => return Err(AgentError::Upstream(e)),
         }
         if !backoff.pause(shutdown).await {
-            return Err(AgentError::Upstream(UpstreamError::Unavailable(
-                "stopped before the node was attested".into(),
-            )));
+            return Err(AgentError::Upstream(UpstreamError::Stopped));
         }
     }
 }
@@ -308,10 +324,10 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     if let Some(address) = config.metrics_address {
         let listener = super::metrics::bind(address)
             .await
-            .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+            .map_err(|source| AgentError::Metrics { address, source })?;
         let bound = listener
             .local_addr()
-            .map_err(|e| AgentError::Events(format!("metrics_address {address}: {e}")))?;
+            .map_err(|source| AgentError::Metrics { address, source })?;
         // The real port when configured with port 0, for whoever scrapes.
         tracing::info!("metrics endpoint listening on {bound}");
         metrics_address = Some(bound);
@@ -385,7 +401,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::WORKLOAD_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| AgentError::Reflection(e.to_string()))?;
+        .map_err(AgentError::Reflection)?;
 
     let listener = endpoint::bind(&config.socket_path)?;
     let socket_path = config.socket_path.clone();
@@ -421,10 +437,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             tokio::pin!(serve);
             let result = tokio::select! {
                 result = &mut serve => match result {
-                    Err(e) => Err(AgentError::Serve(e.to_string())),
-                    Ok(()) if !shutdown.is_triggered() => Err(AgentError::Serve(
-                        "the Workload API stopped accepting connections".into(),
-                    )),
+                    Err(e) => Err(AgentError::Serve(e)),
+                    Ok(()) if !shutdown.is_triggered() => Err(AgentError::Stopped),
                     Ok(()) => Ok(()),
                 },
                 _ = async {

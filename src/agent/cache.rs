@@ -948,14 +948,18 @@ mod tests {
     }
 
     impl crate::events::recorder::EventLog for Arc<GatedLog> {
-        fn append(&self, critical: bool, _: &crate::proto::tessera::Event) -> Result<(), String> {
+        fn append(
+            &self,
+            critical: bool,
+            _: &crate::proto::tessera::Event,
+        ) -> Result<(), crate::events::recorder::LogError> {
             if critical && !self.first.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 let _ = self.entered.send(());
                 let _ = self.release.lock().unwrap().recv();
             }
             Ok(())
         }
-        fn sync(&self) -> Result<(), String> {
+        fn sync(&self) -> Result<(), crate::events::recorder::LogError> {
             Ok(())
         }
     }

@@ -58,15 +58,15 @@ pub struct ConnectionTimeouts {
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     /// The captured credentials, or why they could not be captured.
-    credentials: Arc<Result<PeerCredentials, AttestError>>,
+    credentials: Result<Arc<PeerCredentials>, Arc<AttestError>>,
     /// What the connection is doing, for its idle timeout.
     activity: Arc<Activity>,
 }
 
 impl PeerInfo {
     /// The captured credentials, or why they could not be captured.
-    pub fn credentials(&self) -> Result<&PeerCredentials, &AttestError> {
-        self.credentials.as_ref().as_ref()
+    pub fn credentials(&self) -> Result<&PeerCredentials, &Arc<AttestError>> {
+        self.credentials.as_deref()
     }
 
     /// Notes a request starting on the connection (its idle time starts again).
@@ -436,7 +436,7 @@ fn admit(
     Some(PeerConnection {
         io: AuthorityFix::new(stream),
         peer: PeerInfo {
-            credentials: Arc::new(peer),
+            credentials: peer.map(Arc::new).map_err(Arc::new),
             activity: Arc::new(Activity::new()),
         },
         timeouts,

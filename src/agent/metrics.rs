@@ -190,10 +190,14 @@ mod tests {
     struct Discard;
 
     impl EventLog for Discard {
-        fn append(&self, _critical: bool, _event: &Event) -> Result<(), String> {
+        fn append(
+            &self,
+            _critical: bool,
+            _event: &Event,
+        ) -> Result<(), crate::events::recorder::LogError> {
             Ok(())
         }
-        fn sync(&self) -> Result<(), String> {
+        fn sync(&self) -> Result<(), crate::events::recorder::LogError> {
             Ok(())
         }
     }

@@ -36,12 +36,29 @@ const IN_FLIGHT: usize = 8;
 /// Why an upload run ended.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    /// The stream to the server failed; retry later.
+    /// The server refused or ended the stream with a status; retry later.
     #[error("event stream: {0}")]
-    Stream(String),
+    Status(#[source] tonic::Status),
+    /// The upload ended without an error of its own (what ended, in words).
+    #[error("event upload: {0}")]
+    Ended(&'static str),
+    /// The server acknowledged a batch when none was in flight.
+    #[error("event stream: ack {0} for no batch in flight")]
+    UnexpectedAck(u64),
+    /// The server acknowledged a batch other than the oldest one in flight.
+    #[error("event stream: ack {got} where {due} was due")]
+    OutOfOrder {
+        /// The batch acknowledged.
+        got: u64,
+        /// The oldest batch in flight.
+        due: u64,
+    },
     /// The spool could not be read or acknowledged.
     #[error("spool: {0}")]
-    Spool(String),
+    Spool(#[source] crate::events::SpoolError),
+    /// The blocking-pool task reading or acknowledging the spool panicked or was cancelled.
+    #[error("spool task: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// Uploads until the stream fails. Returns the error; the caller retries with backoff.
@@ -50,7 +67,7 @@ pub async fn upload(spool: Arc<Spool>, channel: Channel) -> UploadError {
     let (tx, rx) = mpsc::channel::<EventBatch>(IN_FLIGHT);
     let mut acks = match client.report_events(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return UploadError::Stream(status.to_string()),
+        Err(status) => return UploadError::Status(status),
     };
     let mut appended = spool.subscribe();
     // Batches in flight: (batch sequence, last spool sequence in it).
@@ -69,8 +86,8 @@ pub async fn upload(spool: Arc<Spool>, channel: Channel) -> UploadError {
             };
             let records = match read {
                 Ok(Ok(records)) => records,
-                Ok(Err(e)) => return UploadError::Spool(e.to_string()),
-                Err(e) => return UploadError::Spool(e.to_string()),
+                Ok(Err(e)) => return UploadError::Spool(e),
+                Err(e) => return UploadError::Task(e),
             };
             if let Some(last) = records.last().map(|(seq, _, _)| *seq) {
                 let events: Vec<Event> = records
@@ -88,7 +105,7 @@ pub async fn upload(spool: Arc<Spool>, channel: Channel) -> UploadError {
                     events,
                 };
                 if tx.send(batch).await.is_err() {
-                    return UploadError::Stream("request stream closed".into());
+                    return UploadError::Ended("the request stream was closed");
                 }
                 in_flight.push_back((next_batch, last));
                 next_batch += 1;
@@ -100,14 +117,14 @@ pub async fn upload(spool: Arc<Spool>, channel: Channel) -> UploadError {
             ack = acks.message() => {
                 let ack = match ack {
                     Ok(Some(ack)) => ack,
-                    Ok(None) => return UploadError::Stream("server ended the event stream".into()),
-                    Err(status) => return UploadError::Stream(status.to_string()),
+                    Ok(None) => return UploadError::Ended("the server ended the event stream"),
+                    Err(status) => return UploadError::Status(status),
                 };
                 let Some((sequence, last)) = in_flight.pop_front() else {
-                    return UploadError::Stream(format!("ack {} for no batch in flight", ack.sequence));
+                    return UploadError::UnexpectedAck(ack.sequence);
                 };
                 if ack.sequence != sequence {
-                    return UploadError::Stream(format!("ack {} where {sequence} was due", ack.sequence));
+                    return UploadError::OutOfOrder { got: ack.sequence, due: sequence };
                 }
                 if !ack.error.is_empty() {
                     // The server will never take this batch; keeping it would stop every later
@@ -120,13 +137,13 @@ pub async fn upload(spool: Arc<Spool>, channel: Channel) -> UploadError {
                 };
                 match acked {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => return UploadError::Spool(e.to_string()),
-                    Err(e) => return UploadError::Spool(e.to_string()),
+                    Ok(Err(e)) => return UploadError::Spool(e),
+                    Err(e) => return UploadError::Task(e),
                 }
             }
             changed = appended.changed(), if in_flight.len() < IN_FLIGHT => {
                 if changed.is_err() {
-                    return UploadError::Spool("spool closed".into());
+                    return UploadError::Ended("the spool was closed");
                 }
             }
         }
@@ -181,7 +198,7 @@ mod tests {
                     if attempt == 6 {
                         tokio::time::sleep(Duration::from_secs(60)).await;
                     }
-                    UploadError::Stream("connection refused".into())
+                    UploadError::Ended("connection refused")
                 }
             })
         });

@@ -57,17 +57,41 @@ const REFUSED_PAUSE: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The server refused the node for good (bad token, untrusted certificate, banned...).
-    #[error("server refused the node: {0}")]
-    Refused(String),
+    #[error("server refused the node: {}", status_text(.0))]
+    Refused(#[source] tonic::Status),
     /// The server could not be reached or failed; worth retrying.
+    #[error("server unavailable: {}", status_text(.0))]
+    Unavailable(#[source] tonic::Status),
+    /// The server answered outside the protocol (what it did, in words); worth retrying.
     #[error("server unavailable: {0}")]
-    Unavailable(String),
+    Protocol(&'static str),
+    /// The server asked for a proof the configured attestation method cannot give.
+    #[error("server refused the node: it sent an x509pop challenge to a join-token attestation")]
+    UnexpectedChallenge,
     /// The node was evicted or banned.
-    #[error("node no longer admitted: {0}")]
-    Evicted(String),
-    /// A local file or key could not be used.
+    #[error("node no longer admitted: {}", status_text(.0))]
+    Evicted(#[source] tonic::Status),
+    /// The agent was stopped before the node was attested.
+    #[error("stopped before the node was attested")]
+    Stopped,
+    /// A configured file or the server address could not be used.
+    #[error("{setting}: {source}")]
+    Setting {
+        /// The configuration key, with the file where there is one.
+        setting: String,
+        /// What was wrong with it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Keys, certificates or the node state on disk could not be made or written.
     #[error("{0}")]
-    Local(String),
+    Local(#[from] CaError),
+    /// The node state could not be used to open a connection (its key or TLS settings).
+    #[error("node SVID for TLS: {0}")]
+    ClientTls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The blocking-pool task writing the node state panicked or was cancelled.
+    #[error("writing the node state failed: {0}")]
+    StateTask(#[source] tokio::task::JoinError),
     /// The node credentials on disk do not fit together (a crash between writing a key and its
     /// certificate, or files removed by hand), and a join token cannot attest the node again.
     #[error(
@@ -79,31 +103,103 @@ pub enum UpstreamError {
         /// The node state directory.
         dir: PathBuf,
         /// What does not fit.
-        problem: String,
+        #[source]
+        problem: StateProblem,
         /// The files to remove before joining again.
         files: Vec<PathBuf>,
     },
 }
 
-impl From<CaError> for UpstreamError {
-    fn from(e: CaError) -> Self {
-        Self::Local(e.to_string())
+/// What is wrong with the node credentials on disk; file names are relative to the node state
+/// directory, which the message around this one names.
+#[derive(Debug, thiserror::Error)]
+pub enum StateProblem {
+    /// Some credential files are there, these are not.
+    #[error("{} missing", .0.join(", "))]
+    Missing(Vec<&'static str>),
+    /// A file cannot be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: &'static str,
+        /// The error from the system.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate file is not PEM.
+    #[error("{file} is not PEM: {source}")]
+    Pem {
+        /// The file.
+        file: &'static str,
+        /// What the PEM reader refused.
+        #[source]
+        source: pem::PemError,
+    },
+    /// A certificate file (or the bundle) holds no CERTIFICATE block.
+    #[error("{file} holds no PEM certificate")]
+    NoCertificate {
+        /// The file.
+        file: &'static str,
+    },
+    /// A key file is not a PEM PKCS#8 private key.
+    #[error("{file} is not a PEM PKCS#8 private key ({source})")]
+    Key {
+        /// The file.
+        file: &'static str,
+        /// What the key reader refused.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A certificate file holds something that is not an X.509 certificate.
+    #[error("{file} is not an X.509 certificate ({source})")]
+    Certificate {
+        /// The file.
+        file: &'static str,
+        /// What the certificate parser refused.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// A key is not the one its certificate certifies (a crash between two renames).
+    #[error("{key} does not match the public key in {certificate}")]
+    Mismatch {
+        /// The key file.
+        key: &'static str,
+        /// The certificate file.
+        certificate: &'static str,
+    },
+}
+
+impl UpstreamError {
+    /// A configured file or address that could not be used.
+    fn setting(
+        setting: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Setting {
+            setting: setting.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether the server is worth trying again soon (not a refusal, nothing wrong locally).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Protocol(_))
     }
 }
 
 fn status_error(status: tonic::Status) -> UpstreamError {
-    let message = format!("{}: {}", code_name(status.code()), status.message());
     match status.code() {
-        Code::PermissionDenied => UpstreamError::Evicted(message),
+        Code::PermissionDenied => UpstreamError::Evicted(status),
         Code::Unauthenticated | Code::InvalidArgument | Code::FailedPrecondition => {
-            UpstreamError::Refused(message)
+            UpstreamError::Refused(status)
         }
-        _ => UpstreamError::Unavailable(message),
+        _ => UpstreamError::Unavailable(status),
     }
 }
 
-fn code_name(code: Code) -> String {
-    format!("{code:?}")
+/// A status as one line: its code and message (tonic's own form adds details and metadata).
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// A node's granted credentials, with the keys they certify.
@@ -276,7 +372,7 @@ impl DiskState {
     /// Loads saved credentials: `None` when there are none, an error saying what does not fit
     /// when some files are missing, unreadable, or a key does not match its certificate (what a
     /// crash between two of the renames in [`DiskState::save_credentials`] leaves).
-    pub fn load_credentials(&self) -> Result<Option<Credentials>, String> {
+    pub fn load_credentials(&self) -> Result<Option<Credentials>, StateProblem> {
         let present: Vec<&str> = CREDENTIAL_FILES
             .iter()
             .copied()
@@ -286,21 +382,30 @@ impl DiskState {
             return Ok(None);
         }
         if present.len() < CREDENTIAL_FILES.len() {
-            let missing: Vec<&str> = CREDENTIAL_FILES
+            let missing = CREDENTIAL_FILES
                 .iter()
                 .copied()
                 .filter(|name| !present.contains(name))
                 .collect();
-            return Err(format!("{} missing", missing.join(", ")));
+            return Err(StateProblem::Missing(missing));
         }
-        let read = |name: &str| {
-            std::fs::read_to_string(self.path(name)).map_err(|e| format!("{name}: {e}"))
+        let read = |file: &'static str| {
+            std::fs::read_to_string(self.path(file))
+                .map_err(|source| StateProblem::Read { file, source })
         };
-        let cert = |name: &str| {
-            certificates_from_pem(read(name)?)
-                .ok()
-                .and_then(|certs| certs.into_iter().next())
-                .ok_or_else(|| format!("{name} holds no PEM certificate"))
+        let certs = |file: &'static str| {
+            let certs = certificates_from_pem(read(file)?)
+                .map_err(|source| StateProblem::Pem { file, source })?;
+            if certs.is_empty() {
+                return Err(StateProblem::NoCertificate { file });
+            }
+            Ok(certs)
+        };
+        let cert = |file: &'static str| {
+            certs(file)?
+                .into_iter()
+                .next()
+                .ok_or(StateProblem::NoCertificate { file })
         };
         let credentials = Credentials {
             node_id: read(NODE_ID_FILE)?.trim().to_owned(),
@@ -308,9 +413,7 @@ impl DiskState {
             svid_key_pem: Zeroizing::new(read(NODE_SVID_KEY_FILE)?),
             ca_der: cert(NODE_CA_FILE)?,
             ca_key_pem: Zeroizing::new(read(NODE_CA_KEY_FILE)?),
-            bundle: self
-                .load_bundle()
-                .ok_or_else(|| format!("{BUNDLE_FILE} holds no certificate"))?,
+            bundle: certs(BUNDLE_FILE)?,
         };
         check_key_matches(
             &credentials.svid_key_pem,
@@ -365,19 +468,25 @@ impl DiskState {
 /// `cert_name`) certifies.
 fn check_key_matches(
     key_pem: &str,
-    key_name: &str,
+    key_name: &'static str,
     cert_der: &[u8],
-    cert_name: &str,
-) -> Result<(), String> {
+    cert_name: &'static str,
+) -> Result<(), StateProblem> {
     use x509_parser::prelude::*;
-    let key = KeyPair::from_pem(key_pem)
-        .map_err(|e| format!("{key_name} is not a PEM PKCS#8 private key ({e})"))?;
-    let (_, cert) = X509Certificate::from_der(cert_der)
-        .map_err(|e| format!("{cert_name} is not an X.509 certificate ({e})"))?;
+    let key = KeyPair::from_pem(key_pem).map_err(|source| StateProblem::Key {
+        file: key_name,
+        source,
+    })?;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|source| StateProblem::Certificate {
+            file: cert_name,
+            source,
+        })?;
     if cert.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
-        return Err(format!(
-            "{key_name} does not match the public key in {cert_name}"
-        ));
+        return Err(StateProblem::Mismatch {
+            key: key_name,
+            certificate: cert_name,
+        });
     }
     Ok(())
 }
@@ -389,9 +498,7 @@ async fn on_blocking_pool<T: Send + 'static>(
 ) -> Result<T, UpstreamError> {
     match tokio::task::spawn_blocking(write).await {
         Ok(result) => Ok(result?),
-        Err(e) => Err(UpstreamError::Local(format!(
-            "writing the node state failed: {e}"
-        ))),
+        Err(e) => Err(UpstreamError::StateTask(e)),
     }
 }
 
@@ -402,6 +509,11 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
         .map_err(|e| crate::ca::io_error(dir, e))
 }
 
+/// A source of wall-clock time. Renewal follows the credentials' validity, which is wall-clock
+/// time, so the link reads this rather than `SystemTime::now` itself: a test can then move it
+/// with tokio's paused clock and watch the schedule without waiting for it.
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
 /// The link to the server, with what the agent has learned so far.
 pub struct Upstream {
     config: UpstreamConfig,
@@ -409,6 +521,8 @@ pub struct Upstream {
     disk: DiskState,
     /// Synced entries, sorted by creation then id (the order workloads see).
     entries: Vec<StoredEntry>,
+    /// What "now" is for expiry and renewal.
+    clock: WallClock,
 }
 
 impl Upstream {
@@ -421,7 +535,18 @@ impl Upstream {
             trust_domain,
             disk,
             entries,
+            clock: Arc::new(SystemTime::now),
         }
+    }
+
+    /// The same link, reading the time from `clock` instead of the system's.
+    pub fn with_clock(mut self, clock: WallClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> SystemTime {
+        (self.clock)()
     }
 
     /// The entry set as last synced (from disk at start).
@@ -459,7 +584,7 @@ impl Upstream {
                 });
             }
         };
-        let ca_valid = not_after_of(&credentials.ca_der).is_some_and(|t| t > SystemTime::now());
+        let ca_valid = not_after_of(&credentials.ca_der).is_some_and(|t| t > self.now());
         Ok(ca_valid.then_some(credentials))
     }
 
@@ -474,7 +599,7 @@ impl Upstream {
             return Ok(bundle);
         }
         load_pem_certs(&self.config.trust_bundle_file)
-            .map_err(|e| UpstreamError::Local(format!("server.trust_bundle_file: {e}")))
+            .map_err(|e| UpstreamError::setting("server.trust_bundle_file", e))
     }
 
     fn client(
@@ -495,7 +620,7 @@ impl Upstream {
         let client_auth = match credentials {
             Some(c) => {
                 let key = KeyPair::from_pem(&c.svid_key_pem)
-                    .map_err(|e| UpstreamError::Local(format!("node SVID key: {e}")))?;
+                    .map_err(|e| UpstreamError::ClientTls(e.into()))?;
                 key_der = Zeroizing::new(key.serialize_der());
                 chain = vec![c.svid_der.clone()];
                 Some((chain.as_slice(), key_der.as_slice()))
@@ -504,9 +629,9 @@ impl Upstream {
         };
         let tls =
             crate::tls::client_config(&roots, &server_spiffe_id(&self.trust_domain), client_auth)
-                .map_err(|e| UpstreamError::Local(e.to_string()))?;
+                .map_err(|e| UpstreamError::ClientTls(e.into()))?;
         crate::tls::channel(&self.config.address, tls)
-            .map_err(|e| UpstreamError::Local(format!("server.address: {e}")))
+            .map_err(|e| UpstreamError::setting("server.address", e))
     }
 
     /// Attests the node with the configured method and saves the credentials.
@@ -527,7 +652,7 @@ impl Upstream {
             }
             NodeAttestation::X509Pop { cert_file, .. } => {
                 let chain = load_pem_certs(cert_file)
-                    .map_err(|e| UpstreamError::Local(format!("server.x509pop.cert_file: {e}")))?;
+                    .map_err(|e| UpstreamError::setting("server.x509pop.cert_file", e))?;
                 attest_request::Step::X509pop(X509PopAttestation { cert_chain: chain })
             }
         };
@@ -542,57 +667,46 @@ impl Upstream {
             .await
             .map_err(status_error)?
             .into_inner();
-        let granted = loop {
-            let message = responses
-                .message()
-                .await
-                .map_err(status_error)?
-                .ok_or_else(|| {
-                    UpstreamError::Unavailable("attestation stream ended without an answer".into())
-                })?;
-            match message.step {
-                Some(attest_response::Step::Challenge(challenge)) => {
-                    let NodeAttestation::X509Pop { key_file, .. } = &self.config.attestation else {
-                        return Err(UpstreamError::Refused(
-                            "server sent an x509pop challenge to a join-token attestation".into(),
-                        ));
-                    };
-                    let key_pem =
-                        Zeroizing::new(std::fs::read_to_string(key_file).map_err(|e| {
-                            UpstreamError::Local(format!(
-                                "server.x509pop.key_file: {}: {e}",
-                                key_file.display()
+        let granted =
+            loop {
+                let message = responses.message().await.map_err(status_error)?.ok_or(
+                    UpstreamError::Protocol("the attestation stream ended without an answer"),
+                )?;
+                match message.step {
+                    Some(attest_response::Step::Challenge(challenge)) => {
+                        let NodeAttestation::X509Pop { key_file, .. } = &self.config.attestation
+                        else {
+                            return Err(UpstreamError::UnexpectedChallenge);
+                        };
+                        let key_setting =
+                            || format!("server.x509pop.key_file {}", key_file.display());
+                        let key_pem = Zeroizing::new(
+                            std::fs::read_to_string(key_file)
+                                .map_err(|e| UpstreamError::setting(key_setting(), e))?,
+                        );
+                        let key = KeyPair::from_pem(&key_pem)
+                            .map_err(|e| UpstreamError::setting(key_setting(), e))?;
+                        let signature = key
+                            .sign(&x509pop_message(
+                                &challenge.nonce,
+                                &csrs.node_svid,
+                                &csrs.ca,
                             ))
-                        })?);
-                    let key = KeyPair::from_pem(&key_pem).map_err(|e| {
-                        UpstreamError::Local(format!(
-                            "server.x509pop.key_file: {}: {e}",
-                            key_file.display()
-                        ))
-                    })?;
-                    let signature = key
-                        .sign(&x509pop_message(
-                            &challenge.nonce,
-                            &csrs.node_svid,
-                            &csrs.ca,
-                        ))
-                        .map_err(|e| UpstreamError::Local(format!("x509pop signature: {e}")))?;
-                    let proof = AttestRequest {
-                        step: Some(attest_request::Step::X509popProof(X509PopProof {
-                            signature,
-                        })),
-                        csrs: None,
-                    };
-                    let _ = tx.send(proof).await;
+                            .map_err(|e| UpstreamError::setting(key_setting(), e))?;
+                        let proof = AttestRequest {
+                            step: Some(attest_request::Step::X509popProof(X509PopProof {
+                                signature,
+                            })),
+                            csrs: None,
+                        };
+                        let _ = tx.send(proof).await;
+                    }
+                    Some(attest_response::Step::Credentials(granted)) => break granted,
+                    None => {
+                        return Err(UpstreamError::Protocol("the attestation answer was empty"));
+                    }
                 }
-                Some(attest_response::Step::Credentials(granted)) => break granted,
-                None => {
-                    return Err(UpstreamError::Unavailable(
-                        "empty attestation answer".into(),
-                    ));
-                }
-            }
-        };
+            };
         let credentials = self.accept(granted, svid_key, ca_key).await?;
         tracing::info!(node = %credentials.node_id, server = %self.config.address, "node attested");
         Ok(credentials)
@@ -626,9 +740,7 @@ impl Upstream {
     ) -> Result<Credentials, UpstreamError> {
         let bundle = granted.bundle.map(|b| b.roots).unwrap_or_default();
         if bundle.is_empty() {
-            return Err(UpstreamError::Unavailable(
-                "server sent no trust bundle".into(),
-            ));
+            return Err(UpstreamError::Protocol("the server sent no trust bundle"));
         }
         let credentials = Credentials {
             node_id: granted.node_id,
@@ -712,8 +824,8 @@ fn publish_ca(seams: &Seams, credentials: &Credentials) {
 enum Outcome {
     /// Reconnect after a pause.
     Retry(UpstreamError),
-    /// The node was evicted.
-    Evicted(String),
+    /// The node was evicted; the server's status says why.
+    Evicted(tonic::Status),
     /// Shutting down.
     Stop,
 }
@@ -732,7 +844,7 @@ pub async fn run(
     let mut refused = Backoff::new(REFUSED_PAUSE, REFUSED_PAUSE);
     loop {
         let current = match credentials.take() {
-            Some(c) if svid_expired(&c, SystemTime::now()) => {
+            Some(c) if svid_expired(&c, upstream.now()) => {
                 if matches!(upstream.config.attestation, NodeAttestation::X509Pop { .. }) {
                     tracing::warn!(
                         "the node SVID expired while the server was away; attesting again"
@@ -755,7 +867,7 @@ pub async fn run(
                 Err(e) => {
                     tracing::warn!(error = %e, "node attestation failed; retrying");
                     let pause = match e {
-                        UpstreamError::Unavailable(_) => &mut backoff,
+                        e if e.is_unavailable() => &mut backoff,
                         _ => &mut refused,
                     };
                     if !pause.pause(&shutdown).await {
@@ -777,7 +889,7 @@ pub async fn run(
                 }
             }
             Outcome::Evicted(why) => {
-                tracing::error!(reason = %why, "this node is no longer admitted by the server; it stops serving identities");
+                tracing::error!(reason = %status_text(&why), "this node is no longer admitted by the server; it stops serving identities");
                 seams
                     .cache
                     .revoke_all(crate::proto::tessera::RevocationReason::NodeEvicted);
@@ -848,7 +960,8 @@ async fn session(
     shutdown: &Shutdown,
     backoff: &mut Backoff,
 ) -> (Outcome, Option<Credentials>) {
-    if SystemTime::now() >= credentials.renew_at(SystemTime::now())
+    let clock = upstream.clock.clone();
+    if clock() >= credentials.renew_at(clock())
         && let Err(e) = renew_into(upstream, &mut credentials, seams).await
     {
         return outcome_of(e, credentials);
@@ -875,9 +988,9 @@ async fn session(
     loop {
         // Renewal is due by the wall clock, looked at every few seconds: a suspended machine
         // renews as soon as it wakes, not after its monotonic timer runs out.
-        let renew_at = credentials.renew_at(SystemTime::now());
+        let renew_at = credentials.renew_at(clock());
         tokio::select! {
-            due = wait_until_wall_time(renew_at, SystemTime::now, shutdown) => {
+            due = wait_until_wall_time(renew_at, &*clock, shutdown) => {
                 if !due {
                     return (Outcome::Stop, Some(credentials));
                 }
@@ -898,7 +1011,7 @@ async fn session(
                     tracing::info!(entries = entries.entries.len(), full, "entries synced from the server");
                     seams.entries.send_replace(Arc::new(entries));
                 }
-                Ok(None) => return (Outcome::Retry(UpstreamError::Unavailable("sync stream ended".into())), Some(credentials)),
+                Ok(None) => return (Outcome::Retry(UpstreamError::Protocol("the sync stream ended")), Some(credentials)),
                 Err(status) => return outcome_of(status_error(status), credentials),
             }
         }
@@ -1119,7 +1232,13 @@ mod tests {
         .unwrap();
         match link.load_saved() {
             Err(UpstreamError::UnusableState { problem, .. }) => assert!(
-                problem.contains("does not match the public key in node_svid.pem"),
+                matches!(
+                    problem,
+                    StateProblem::Mismatch {
+                        certificate: "node_svid.pem",
+                        ..
+                    }
+                ),
                 "{problem}"
             ),
             other => panic!(
@@ -1127,6 +1246,65 @@ mod tests {
                 other.map(|c| c.is_some())
             ),
         }
+    }
+
+    #[tokio::test]
+    async fn each_unusable_credential_file_is_named_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = upstream(dir.path());
+        let credentials = granted(
+            SystemTime::now(),
+            Duration::from_secs(600),
+            Duration::from_secs(600),
+        );
+        link.disk.save_credentials(&credentials).unwrap();
+        let file = |name: &str| dir.path().join("upstream").join(name);
+
+        std::fs::write(
+            file(NODE_CA_FILE),
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(
+                &problem,
+                StateProblem::Pem {
+                    file: NODE_CA_FILE,
+                    ..
+                }
+            ),
+            "{problem}"
+        );
+        assert!(std::error::Error::source(&problem).is_some_and(|s| s.is::<pem::PemError>()));
+
+        std::fs::write(file(NODE_CA_FILE), "no PEM here").unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(&problem, StateProblem::NoCertificate { file: NODE_CA_FILE }),
+            "{problem}"
+        );
+
+        std::fs::remove_file(file(NODE_CA_FILE)).unwrap();
+        std::fs::create_dir(file(NODE_CA_FILE)).unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(
+                &problem,
+                StateProblem::Read {
+                    file: NODE_CA_FILE,
+                    ..
+                }
+            ),
+            "{problem}"
+        );
+
+        std::fs::remove_dir(file(NODE_CA_FILE)).unwrap();
+        let problem = link.disk.load_credentials().err().unwrap();
+        assert!(
+            matches!(&problem, StateProblem::Missing(files) if files == &[NODE_CA_FILE]),
+            "{problem}"
+        );
     }
 
     /// The link runs whole against this: a node API that grants what it
@@ -1166,6 +1344,8 @@ mod tests {
         struct FakeNode {
             root: SigningCa,
             svid_ttl: Duration,
+            /// The time grants start at: the client's clock, so that both agree.
+            clock: WallClock,
             calls: Arc<Calls>,
             syncs: Mutex<VecDeque<SyncScript>>,
         }
@@ -1174,7 +1354,7 @@ mod tests {
             fn grant(&self, csrs: Option<Csrs>) -> Result<NodeCredentials, Status> {
                 let csrs = csrs.ok_or_else(|| Status::invalid_argument("csrs are required"))?;
                 let td = trust_domain();
-                let now = SystemTime::now();
+                let now = (self.clock)();
                 let refused = |e: &dyn std::fmt::Display| Status::invalid_argument(e.to_string());
                 let node = node_spiffe_id(&td, "n1").map_err(|e| refused(&e))?;
                 let svid = sign_node_svid(&self.root, &node, &csrs.node_svid, self.svid_ttl, now)
@@ -1283,6 +1463,7 @@ mod tests {
             svid_ttl: Duration,
             scripts: Vec<SyncScript>,
             shutdown: &Shutdown,
+            clock: WallClock,
         ) -> (SocketAddr, Arc<Calls>, Vec<Vec<u8>>) {
             let td = trust_domain();
             let now = SystemTime::now();
@@ -1298,6 +1479,7 @@ mod tests {
             let node = FakeNode {
                 root,
                 svid_ttl,
+                clock,
                 calls: calls.clone(),
                 syncs: Mutex::new(scripts.into()),
             };
@@ -1326,7 +1508,12 @@ mod tests {
             task: tokio::task::JoinHandle<()>,
         }
 
-        fn start_link(state_dir: &Path, address: SocketAddr, roots: &[Vec<u8>]) -> Link {
+        fn start_link(
+            state_dir: &Path,
+            address: SocketAddr,
+            roots: &[Vec<u8>],
+            clock: WallClock,
+        ) -> Link {
             let td = trust_domain();
             let bootstrap = state_dir.join("bootstrap.pem");
             std::fs::write(&bootstrap, to_pem("CERTIFICATE", roots)).unwrap();
@@ -1366,7 +1553,7 @@ mod tests {
             };
             let shutdown = Shutdown::new();
             let task = tokio::spawn(run(
-                Upstream::new(config, td, state_dir),
+                Upstream::new(config, td, state_dir).with_clock(clock),
                 None,
                 seams,
                 shutdown.clone(),
@@ -1429,8 +1616,9 @@ mod tests {
                     hold: true,
                 },
             ];
-            let (address, calls, roots) = serve(Duration::from_secs(600), scripts, &server).await;
-            let mut link = start_link(dir.path(), address, &roots);
+            let (address, calls, roots) =
+                serve(Duration::from_secs(600), scripts, &server, system_clock()).await;
+            let mut link = start_link(dir.path(), address, &roots, system_clock());
 
             entries_become(&mut link, &["a", "b"]).await;
             assert_eq!(calls.attest.load(Ordering::SeqCst), 1);
@@ -1452,14 +1640,25 @@ mod tests {
             server.trigger();
         }
 
-        #[tokio::test]
+        fn system_clock() -> WallClock {
+            Arc::new(SystemTime::now)
+        }
+
+        /// A wall clock that starts at the system's time and then moves only with tokio's
+        /// clock, which a paused test advances as far as it likes at no cost.
+        fn paused_wall_clock() -> WallClock {
+            let (wall, start) = (SystemTime::now(), tokio::time::Instant::now());
+            Arc::new(move || wall + start.elapsed())
+        }
+
+        #[tokio::test(start_paused = true)]
         async fn credentials_are_renewed_at_half_life_and_the_new_ca_published() {
             let dir = tempfile::tempdir().unwrap();
             let server = Shutdown::new();
-            // Fourteen seconds, back-dated by ten: half of the life is over two seconds after
-            // the grant.
-            let (address, calls, roots) = serve(Duration::from_secs(14), Vec::new(), &server).await;
-            let mut link = start_link(dir.path(), address, &roots);
+            let clock = paused_wall_clock();
+            let (address, calls, roots) =
+                serve(Duration::from_secs(600), Vec::new(), &server, clock.clone()).await;
+            let mut link = start_link(dir.path(), address, &roots, clock.clone());
             let granted = tokio::time::timeout(
                 Duration::from_secs(20),
                 link.ca.wait_for(|ca| ca.bundle == roots),
@@ -1469,6 +1668,20 @@ mod tests {
             .unwrap()
             .intermediates
             .clone();
+            let saved = DiskState::new(dir.path())
+                .load_credentials()
+                .unwrap()
+                .unwrap();
+            let due = saved.renew_at(clock());
+            // Ten minutes, back-dated: half of the life is over a little under five minutes
+            // after the grant.
+            let ahead = due.duration_since(clock()).unwrap();
+            assert!(ahead > Duration::from_secs(240), "due in {ahead:?}");
+
+            tokio::time::sleep(ahead - Duration::from_secs(1)).await;
+            assert_eq!(calls.renew.load(Ordering::SeqCst), 0, "renewed early");
+            assert_eq!(link.ca.borrow().intermediates, granted);
+
             let renewed = matches!(
                 tokio::time::timeout(
                     Duration::from_secs(30),
@@ -1479,7 +1692,12 @@ mod tests {
                 Ok(Ok(_))
             );
             assert!(renewed, "no renewal published");
-            assert!(calls.renew.load(Ordering::SeqCst) >= 1);
+            let late = clock().duration_since(due).unwrap_or_default();
+            assert!(
+                late < Duration::from_secs(1),
+                "renewed {late:?} after it was due"
+            );
+            assert_eq!(calls.renew.load(Ordering::SeqCst), 1);
             assert_eq!(
                 calls.attest.load(Ordering::SeqCst),
                 1,
@@ -1500,8 +1718,9 @@ mod tests {
                 ],
                 hold: false,
             }];
-            let (address, calls, roots) = serve(Duration::from_secs(600), scripts, &server).await;
-            let link = start_link(dir.path(), address, &roots);
+            let (address, calls, roots) =
+                serve(Duration::from_secs(600), scripts, &server, system_clock()).await;
+            let link = start_link(dir.path(), address, &roots, system_clock());
             let node_id = dir.path().join("upstream").join(NODE_ID_FILE);
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             // The node id is written before the first sync and removed only by an eviction,

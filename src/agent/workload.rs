@@ -42,9 +42,12 @@ pub enum ServeError {
     /// The caller could not be attested.
     #[error("workload attestation failed: {0}")]
     Attestation(#[from] AttestError),
-    /// Peer credentials were not captured for the connection.
+    /// The connection did not come through the agent's accept loop, so nothing was captured.
+    #[error("no peer credentials for the connection: it was not accepted by the agent")]
+    NotAccepted,
+    /// Peer credentials could not be captured when the connection was accepted.
     #[error("no peer credentials for the connection: {0}")]
-    NoPeer(String),
+    NoPeer(#[source] Arc<AttestError>),
     /// The caller matches no registration entry.
     #[error("no identity issued")]
     NoIdentity,
@@ -58,9 +61,12 @@ pub enum ServeError {
     /// reconnect to be attested afresh.
     #[error("registration entries now need facts gathered at connect time; reconnect")]
     StaleAttestation,
-    /// A background task failed.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// The blocking-pool task that attests a caller panicked or was cancelled.
+    #[error("internal error: attestation task: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// The limit on attestations in the blocking pool was closed.
+    #[error("internal error: attestation permits: {0}")]
+    Permits(#[source] tokio::sync::AcquireError),
 }
 
 impl ServeError {
@@ -72,7 +78,7 @@ impl ServeError {
             Self::StaleAttestation => Status::unavailable(
                 "registration entries changed what a caller is attested by; reconnect",
             ),
-            Self::Attestation(_) | Self::NoPeer(_) => {
+            Self::Attestation(_) | Self::NotAccepted | Self::NoPeer(_) => {
                 tracing::warn!(error = %self, "refused a Workload API call");
                 Status::unavailable("workload attestation failed")
             }
@@ -80,7 +86,7 @@ impl ServeError {
                 tracing::error!(error = %self, "refused a Workload API call");
                 Status::unavailable("could not issue an X.509-SVID; retry later")
             }
-            Self::Internal(_) => {
+            Self::Task(_) | Self::Permits(_) => {
                 tracing::error!(error = %self, "Workload API call failed");
                 Status::internal("internal error")
             }
@@ -140,12 +146,12 @@ impl WorkloadService {
             .extensions()
             .get::<PeerInfo>()
             .cloned()
-            .ok_or_else(|| ServeError::NoPeer("connection was not accepted by the agent".into()))?;
+            .ok_or(ServeError::NotAccepted)?;
         let needs = self.cache.entries().fact_needs();
         // Fast path, on this worker: /proc reads and cache hits only, which never wait on I/O.
         // Hashing an executable or an NSS lookup goes to the blocking pool below.
         match peer.credentials() {
-            Err(e) => return Err(ServeError::NoPeer(e.to_string())),
+            Err(e) => return Err(ServeError::NoPeer(e.clone())),
             Ok(credentials) => match self.attestor.attest(credentials, needs, false) {
                 Err(AttestError::WouldBlock) => {}
                 done => return done.map_err(ServeError::from),
@@ -159,18 +165,18 @@ impl WorkloadService {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|e| ServeError::Internal(e.to_string()))?;
+            .map_err(ServeError::Permits)?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             match peer.credentials() {
                 Ok(credentials) => attestor
                     .attest(credentials, needs, true)
                     .map_err(ServeError::from),
-                Err(e) => Err(ServeError::NoPeer(e.to_string())),
+                Err(e) => Err(ServeError::NoPeer(e.clone())),
             }
         })
         .await
-        .map_err(|e| ServeError::Internal(e.to_string()))?
+        .map_err(ServeError::Task)?
     }
 
     /// The caller's current identities, or `NoIdentity`.
@@ -195,7 +201,10 @@ impl WorkloadService {
     fn refused(&self, facts: Option<&CallerFacts>, error: ServeError) -> Status {
         if matches!(
             error,
-            ServeError::NoIdentity | ServeError::Attestation(_) | ServeError::NoPeer(_)
+            ServeError::NoIdentity
+                | ServeError::Attestation(_)
+                | ServeError::NotAccepted
+                | ServeError::NoPeer(_)
         ) {
             self.cache.recorder().denied(facts, &error.to_string());
         }

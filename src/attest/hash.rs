@@ -39,8 +39,9 @@ pub enum HashError {
     Io(#[from] std::io::Error),
 }
 
-/// A hash being computed; every caller that wants the same file waits for the one result.
-type InFlight = Arc<OnceLock<Result<String, String>>>;
+/// A hash being computed; every caller that wants the same file waits for the one result, its
+/// error included (shared, since an `io::Error` cannot be cloned).
+type InFlight = Arc<OnceLock<Result<String, Arc<std::io::Error>>>>;
 
 /// Executable digests, shared by every attestation.
 #[derive(Debug)]
@@ -97,7 +98,7 @@ impl ExeHashCache {
             .clone();
         // One caller hashes; the others block here until its result is in.
         let result = cell
-            .get_or_init(|| hash_file(exe).map_err(|e| e.to_string()))
+            .get_or_init(|| hash_file(exe).map_err(Arc::new))
             .clone();
         // Cache the digest before retiring the in-flight marker, so that no caller arriving in
         // between finds neither and hashes the file again.
@@ -112,7 +113,9 @@ impl ExeHashCache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
-        result.map_err(|e| HashError::Io(std::io::Error::other(e)))
+        // The kind stays what the read said (a denied read is still PermissionDenied), and the
+        // error itself stays reachable underneath.
+        result.map_err(|e| HashError::Io(std::io::Error::new(e.kind(), e)))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, String>> {
@@ -181,6 +184,23 @@ mod tests {
         assert!(digests.windows(2).all(|w| w[0] == w[1]));
         assert_eq!(cache.lock().len(), 1);
         assert!(cache.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_read_keeps_its_kind_and_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory opens, but reading it fails with EISDIR.
+        let cache = ExeHashCache::new(u64::MAX);
+        match cache.digest(File::open(dir.path()).unwrap()) {
+            Err(HashError::Io(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::IsADirectory);
+                let inner = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<Arc<std::io::Error>>());
+                assert_eq!(inner.and_then(|i| i.raw_os_error()), Some(libc::EISDIR));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

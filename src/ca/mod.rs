@@ -43,8 +43,14 @@ pub enum CaError {
         source: std::io::Error,
     },
     /// A name to be certified is not a valid SPIFFE ID.
-    #[error("invalid name: {0}")]
-    InvalidName(String),
+    #[error("invalid name: {name}: {source}")]
+    InvalidName {
+        /// The name as built.
+        name: String,
+        /// What the SPIFFE ID parser refused.
+        #[source]
+        source: crate::spiffe::IdError,
+    },
     /// A CA certificate or key file does not hold what it should.
     #[error("{path}: {reason}")]
     BadFile {

@@ -85,7 +85,7 @@ pub struct Granted {
 /// The SPIFFE ID of node `node_id` in `trust_domain`: `spiffe://<td>/tessera/node/<id>`.
 pub fn node_spiffe_id(trust_domain: &TrustDomain, node_id: &str) -> Result<SpiffeId, CaError> {
     let text = format!("{}/tessera/node/{node_id}", trust_domain.id_string());
-    SpiffeId::parse(&text).map_err(|e| CaError::InvalidName(format!("{text}: {e}")))
+    SpiffeId::parse(&text).map_err(|source| CaError::InvalidName { name: text, source })
 }
 
 /// The SPIFFE ID every server replica of `trust_domain` presents to agents.

@@ -49,22 +49,22 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, prost::DecodeError> {
 pub struct SpoolLog(pub std::sync::Arc<Spool>);
 
 impl recorder::EventLog for SpoolLog {
-    fn append(&self, _critical: bool, event: &Event) -> Result<(), String> {
+    fn append(&self, _critical: bool, event: &Event) -> Result<(), recorder::LogError> {
         append_event(&self.0, event)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(recorder::LogError::Spool)
     }
 
-    fn sync(&self) -> Result<(), String> {
-        self.0.sync().map_err(|e| e.to_string())
+    fn sync(&self) -> Result<(), recorder::LogError> {
+        self.0.sync().map_err(recorder::LogError::Spool)
     }
 }
 
 /// Opens the agent's spool in `dir`, saying in the log what a crash or damage cost, if
 /// anything: how many records were lost and, where their damaged headers still tell, of which
 /// kinds.
-pub fn open_spool(dir: &std::path::Path) -> Result<std::sync::Arc<Spool>, String> {
-    let (spool, recovery) = Spool::open(dir, SpoolConfig::default()).map_err(|e| e.to_string())?;
+pub fn open_spool(dir: &std::path::Path) -> Result<std::sync::Arc<Spool>, SpoolError> {
+    let (spool, recovery) = Spool::open(dir, SpoolConfig::default())?;
     if !recovery.is_clean() {
         tracing::warn!(
             spool = %dir.display(),

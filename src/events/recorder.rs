@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use super::model::{caller_of, kind_name, new_event_id, now_ms};
+use super::spool::SpoolError;
 use crate::attest::CallerFacts;
 use crate::ca::X509Svid;
 use crate::clock::unix_seconds;
@@ -28,22 +29,42 @@ use crate::entry::RegistrationEntry;
 use crate::proto::tessera::{Event, EventKind, RevocationReason};
 
 /// An event could not be recorded.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("cannot record the {kind} event: {reason}")]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot record the {kind} event: {source}")]
 pub struct RecordError {
     /// The event's kind.
     pub kind: &'static str,
     /// Why (full spool, disk error...).
-    pub reason: String,
+    #[source]
+    pub source: LogError,
+}
+
+/// Why an [`EventLog`] could not take or keep events.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The spool refused the event (full, too large) or a file operation on it failed.
+    #[error("{0}")]
+    Spool(#[source] SpoolError),
+    /// The standalone audit log could not be opened, written or synced.
+    #[error("audit log {}: cannot {op}: {source}", path.display())]
+    Audit {
+        /// What was being done: `open`, `write`, `fsync`.
+        op: &'static str,
+        /// The log file.
+        path: PathBuf,
+        /// The error from the system.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Somewhere events are kept durably.
 pub trait EventLog: Send + Sync {
     /// Writes one event. `critical` events (issuance, revocation) must never be dropped; others
     /// may be refused when space runs short.
-    fn append(&self, critical: bool, event: &Event) -> Result<(), String>;
+    fn append(&self, critical: bool, event: &Event) -> Result<(), LogError>;
     /// Makes everything appended so far durable.
-    fn sync(&self) -> Result<(), String>;
+    fn sync(&self) -> Result<(), LogError>;
     /// Whether an issuance must be refused when its event cannot be written (the spool, which
     /// the server's inventory depends on); the standalone audit log says no.
     fn required(&self) -> bool {
@@ -182,7 +203,7 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 }
 
 impl EventLog for AuditLog {
-    fn append(&self, _critical: bool, event: &Event) -> Result<(), String> {
+    fn append(&self, _critical: bool, event: &Event) -> Result<(), LogError> {
         let mut line = super::model::to_json(event, None, None).to_string();
         line.push('\n');
         match self.write_line(line.as_bytes()) {
@@ -199,20 +220,27 @@ impl EventLog for AuditLog {
                     tracing::error!(file = %self.path.display(), error = %e,
                         "cannot write the audit log; events go unrecorded (counted in tessera_events_not_recorded_total) until it can be written again, identities are still issued");
                 }
-                Err(format!("{}: {e}", self.path.display()))
+                Err(LogError::Audit {
+                    op: "write",
+                    path: self.path.clone(),
+                    source: e,
+                })
             }
         }
     }
 
-    fn sync(&self) -> Result<(), String> {
+    fn sync(&self) -> Result<(), LogError> {
         // An fsync can take milliseconds; appends (on the issuance path) must not wait for it.
         let file = self
             .sync_handle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        file.sync_data()
-            .map_err(|e| format!("{}: {e}", self.path.display()))
+        file.sync_data().map_err(|source| LogError::Audit {
+            op: "fsync",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn required(&self) -> bool {
@@ -302,7 +330,7 @@ impl Recorder {
     }
 
     /// Writes `event`, counting the outcome.
-    fn write(&self, critical: bool, event: &Event) -> Result<(), String> {
+    fn write(&self, critical: bool, event: &Event) -> Result<(), LogError> {
         let kind = (event.kind.max(0) as usize).min(KINDS - 1);
         let result = self.log.append(critical, event);
         let counter = if result.is_ok() {
@@ -387,9 +415,9 @@ impl Recorder {
             Ok(()) => Ok(()),
             // Logged and counted by the log and in `failed`; the issuance goes on.
             Err(_) if !self.log.required() => Ok(()),
-            Err(reason) => Err(RecordError {
+            Err(source) => Err(RecordError {
                 kind: kind_name(EventKind::SvidIssued),
-                reason,
+                source,
             }),
         }
     }
@@ -571,14 +599,19 @@ pub(crate) mod tests {
     }
 
     impl EventLog for Arc<MemoryLog> {
-        fn append(&self, critical: bool, event: &Event) -> Result<(), String> {
+        fn append(&self, critical: bool, event: &Event) -> Result<(), LogError> {
             if self.full.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err("full".into());
+                return Err(LogError::Spool(SpoolError::Full {
+                    dropped_class: crate::events::Class::Critical,
+                    dir: PathBuf::from("memory"),
+                    used: 0,
+                    limit: 0,
+                }));
             }
             self.events.lock().unwrap().push((critical, event.clone()));
             Ok(())
         }
-        fn sync(&self) -> Result<(), String> {
+        fn sync(&self) -> Result<(), LogError> {
             Ok(())
         }
     }
@@ -688,6 +721,8 @@ pub(crate) mod tests {
         log.full.store(true, std::sync::atomic::Ordering::Relaxed);
         let err = recorder.issued(&entry, &svid, None).unwrap_err();
         assert!(err.to_string().contains("svid_issued"), "{err}");
+        let source = std::error::Error::source(&err).expect("no source");
+        assert!(source.is::<LogError>(), "{source:?}");
     }
 
     #[test]
@@ -809,6 +844,17 @@ pub(crate) mod tests {
     fn a_full_disk_is_counted_and_never_refuses_an_issuance() {
         // /dev/full answers every write with ENOSPC, as a full file system does.
         let log = AuditLog::open(Path::new("/dev/full")).unwrap();
+        let line = Event::default();
+        match log.append(true, &line) {
+            Err(LogError::Audit {
+                op: "write",
+                source,
+                ..
+            }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+            }
+            other => panic!("{other:?}"),
+        }
         let recorder = Recorder::new("td", "standalone", Box::new(log));
         let (entry, svid) = svid();
         for pid in 0..3 {

@@ -70,7 +70,7 @@ impl AdminApiError {
             e @ (Self::NotFound { .. } | Self::UnknownSerial(_)) => {
                 Status::not_found(e.to_string())
             }
-            Self::Store(StoreError::Unavailable(e)) => {
+            Self::Store(e @ StoreError::Unavailable { .. }) => {
                 tracing::warn!(error = %e, "admin call failed: datastore unavailable");
                 Status::unavailable("datastore unavailable; retry once it is back")
             }
@@ -82,8 +82,8 @@ impl AdminApiError {
             Self::Store(e @ (StoreError::NodeNotActive { .. } | StoreError::TokenRefused(_))) => {
                 Status::failed_precondition(e.to_string())
             }
-            Self::Store(e @ StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
-            e @ (Self::Store(StoreError::Corrupt(_)) | Self::Randomness(_)) => {
+            Self::Store(e @ StoreError::Invalid { .. }) => Status::invalid_argument(e.to_string()),
+            e @ (Self::Store(StoreError::Corrupt { .. }) | Self::Randomness(_)) => {
                 tracing::error!(error = %e, "admin call failed");
                 Status::internal("internal error")
             }
@@ -896,13 +896,13 @@ mod tests {
         let twice = create(&service, entry()).await.unwrap_err();
         assert_eq!(twice.code(), tonic::Code::AlreadyExists);
 
-        let corrupt = AdminApiError::from(StoreError::Corrupt("row 3: key material".into()));
+        let corrupt = AdminApiError::from(StoreError::corrupt("row 3: key material"));
         let status = corrupt.into_status();
         assert_eq!(
             (status.code(), status.message()),
             (tonic::Code::Internal, "internal error")
         );
-        let down = status_of(StoreError::Unavailable("db.internal refused".into()));
+        let down = status_of(StoreError::unavailable("db.internal refused"));
         assert_eq!(down.code(), tonic::Code::Unavailable);
         assert!(!down.message().contains("db.internal"));
     }

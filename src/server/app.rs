@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::State;
 use super::admin_api::AdminService;
 use super::config::{DatastoreConfig, ServerConfig};
-use super::node_api::{NodeService, x509pop_verifier};
+use super::node_api::{NodeService, X509PopBundleError, x509pop_verifier};
 use super::root::{load_or_create_root, load_or_create_server_id};
 use super::sync::{Snapshot, load_snapshot, run_hub};
 use crate::ca::node::sign_server_svid;
@@ -56,7 +56,7 @@ pub enum ServerError {
     Store(#[from] StoreError),
     /// The x509pop CA bundle could not be loaded.
     #[error("x509pop.ca_bundle_file: {0}")]
-    X509Pop(String),
+    X509Pop(#[from] X509PopBundleError),
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -72,8 +72,11 @@ pub enum ServerError {
     #[error("admin socket: {0}")]
     Admin(#[from] BindError),
     /// A gRPC server failed.
-    #[error("{0}")]
-    Serve(String),
+    #[error("node or admin API server: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    /// The gRPC servers ended on their own, before shutdown.
+    #[error("the node and admin APIs stopped accepting connections")]
+    Stopped,
     /// A background task died, which stopped the server.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -122,7 +125,9 @@ pub async fn open_store(config: &DatastoreConfig) -> Result<Arc<dyn Datastore>, 
             let store =
                 tokio::task::spawn_blocking(move || crate::store::sqlite::SqliteStore::open(&path))
                     .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                    .map_err(|e| {
+                        StoreError::unavailable_from("the task opening SQLite failed", e)
+                    })??;
             Ok(Arc::new(store))
         }
         DatastoreConfig::Postgres { connection } => Ok(Arc::new(
@@ -282,7 +287,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         &server_id,
     )?;
     let x509pop = match &config.x509pop_ca_bundle {
-        Some(path) => Some(x509pop_verifier(path).map_err(ServerError::X509Pop)?),
+        Some(path) => Some(x509pop_verifier(path)?),
         None => None,
     };
     let store = open_store(&config.datastore).await?;
@@ -385,10 +390,8 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
             tokio::pin!(both);
             let result = tokio::select! {
                 result = &mut both => match result {
-                    Err(e) => Err(ServerError::Serve(e.to_string())),
-                    Ok(()) if !shutdown.is_triggered() => Err(ServerError::Serve(
-                        "the node and admin APIs stopped accepting connections".into(),
-                    )),
+                    Err(e) => Err(ServerError::Serve(e)),
+                    Ok(()) if !shutdown.is_triggered() => Err(ServerError::Stopped),
                     Ok(()) => Ok(()),
                 },
                 _ = async {

@@ -119,7 +119,7 @@ impl NodeApiError {
             Self::NotAuthenticated(m) => Status::unauthenticated(m),
             Self::Forbidden(m) => Status::permission_denied(m),
             Self::NotEnabled(m) => Status::failed_precondition(m),
-            Self::Store(StoreError::Unavailable(e)) => {
+            Self::Store(e @ StoreError::Unavailable { .. }) => {
                 tracing::warn!(error = %e, "node API call failed: datastore unavailable");
                 Status::unavailable("datastore unavailable; retry later")
             }
@@ -132,7 +132,7 @@ impl NodeApiError {
             Self::Store(StoreError::NotFound { id, .. }) => {
                 Status::permission_denied(format!("node {id} is not attested"))
             }
-            Self::Store(e @ StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+            Self::Store(e @ StoreError::Invalid { .. }) => Status::invalid_argument(e.to_string()),
             Self::Store(e) => {
                 tracing::error!(error = %e, "node API call failed");
                 Status::internal("internal error")
@@ -476,7 +476,9 @@ impl State {
                 duplicates: count.duplicates,
                 error: String::new(),
             }),
-            Err(StoreError::Invalid(e)) => Ok(refused(format!("batch {}: {e}", batch.sequence))),
+            Err(StoreError::Invalid { reason, .. }) => {
+                Ok(refused(format!("batch {}: {reason}", batch.sequence)))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -859,16 +861,40 @@ async fn stream_updates(
     }
 }
 
+/// Why the x509pop verifier cannot be built from its CA bundle file. Not a call's error: the
+/// server refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum X509PopBundleError {
+    /// The file cannot be read or holds no PEM certificate (the error names the file).
+    #[error(transparent)]
+    Read(#[from] crate::ca::CaError),
+    /// The file's certificates give rustls no usable trust anchor or verifier.
+    #[error("{}: {source}", path.display())]
+    Roots {
+        /// The bundle file.
+        path: std::path::PathBuf,
+        /// What rustls refused.
+        #[source]
+        source: crate::tls::TlsError,
+    },
+}
+
 /// Builds the x509pop verifier from the configured CA bundle file.
-pub fn x509pop_verifier(path: &std::path::Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    let roots = crate::ca::load_pem_certs(path).map_err(|e| e.to_string())?;
-    let store = crate::tls::root_store(&roots).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn x509pop_verifier(
+    path: &std::path::Path,
+) -> Result<Arc<dyn ClientCertVerifier>, X509PopBundleError> {
+    let roots = crate::ca::load_pem_certs(path)?;
+    let roots_error = |source| X509PopBundleError::Roots {
+        path: path.to_path_buf(),
+        source,
+    };
+    let store = crate::tls::root_store(&roots).map_err(roots_error)?;
     rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(store),
         crate::tls::provider(),
     )
     .build()
-    .map_err(|e| format!("{}: {e}", path.display()))
+    .map_err(|e| roots_error(crate::tls::TlsError::Verifier(e)))
 }
 
 #[cfg(test)]
@@ -948,12 +974,41 @@ mod tests {
     }
 
     #[test]
+    fn an_unusable_x509pop_bundle_says_which_file_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = x509pop_verifier(&missing).err().unwrap();
+        assert!(matches!(err, X509PopBundleError::Read(_)), "{err}");
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+
+        // A CERTIFICATE block that is not DER: PEM reads it, rustls keeps nothing of it.
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = x509pop_verifier(&junk).err().unwrap();
+        assert!(
+            matches!(
+                &err,
+                X509PopBundleError::Roots {
+                    source: crate::tls::TlsError::NoRoots,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("junk.pem"), "{err}");
+    }
+
+    #[test]
     fn internal_failures_are_logged_not_shown() {
-        let corrupt = NodeApiError::Store(StoreError::Corrupt("row 7: secret detail".into()));
+        let corrupt = NodeApiError::Store(StoreError::corrupt("row 7: secret detail"));
         let status = corrupt.into_status();
         assert_eq!(status.code(), tonic::Code::Internal);
         assert_eq!(status.message(), "internal error");
-        let down = NodeApiError::Store(StoreError::Unavailable("host db:5432 refused".into()));
+        let down = NodeApiError::Store(StoreError::unavailable("host db:5432 refused"));
         let status = down.into_status();
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(!status.message().contains("db:5432"));

@@ -17,13 +17,13 @@ pub(crate) fn encode_list(items: &[String]) -> String {
 /// Reads a list stored by [`encode_list`]; `what` names the column in the error.
 pub(crate) fn decode_list(text: &str, what: &str) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(text)
-        .map_err(|e| StoreError::Corrupt(format!("{what} is not a JSON list of strings: {e}")))
+        .map_err(|e| StoreError::corrupt_from(format!("{what} is not a JSON list of strings"), e))
 }
 
 /// Reads a stored node status.
 pub(crate) fn decode_status(text: &str) -> Result<NodeStatus, StoreError> {
     NodeStatus::parse(text)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown node status {text:?}")))
+        .ok_or_else(|| StoreError::corrupt(format!("unknown node status {text:?}")))
 }
 
 /// Lowercase hex SHA-256.
@@ -91,7 +91,7 @@ pub(crate) fn join_token_taken() -> StoreError {
 /// this code does not know.
 pub(crate) fn check_schema_version(found: i64, known: i64) -> Result<(), StoreError> {
     if found > known {
-        return Err(StoreError::Corrupt(format!(
+        return Err(StoreError::corrupt(format!(
             "the database schema is at version {found}, but this server knows versions up to \
              {known}: the server is older than the database; upgrade the server"
         )));
@@ -329,7 +329,7 @@ mod tests {
     fn unreadable_list_is_corrupt() {
         assert!(matches!(
             decode_list("not json", "selectors"),
-            Err(StoreError::Corrupt(m)) if m.contains("selectors")
+            Err(e @ StoreError::Corrupt { .. }) if e.to_string().contains("selectors")
         ));
     }
 

@@ -67,8 +67,8 @@ pub(crate) fn caller_from_columns(
                 unit,
             }))
         }
-        _ => Err(StoreError::Corrupt(
-            "an event's caller columns are only partly set".to_owned(),
+        _ => Err(StoreError::corrupt(
+            "an event's caller columns are only partly set",
         )),
     }
 }
@@ -77,7 +77,7 @@ pub(crate) fn caller_from_columns(
 pub(crate) fn check_batch(events: &[EventRecord]) -> Result<(), StoreError> {
     for (index, event) in events.iter().enumerate() {
         let refuse = |why: String| {
-            Err(StoreError::Invalid(format!(
+            Err(StoreError::invalid(format!(
                 "event {index} (id {:?}) {why}; nothing in the batch was stored",
                 event.id
             )))
@@ -143,7 +143,7 @@ pub(crate) fn check_serial_issuers(
             && !issuer.is_empty()
             && *issuer != event.node_id
         {
-            return Err(StoreError::Invalid(format!(
+            return Err(StoreError::invalid(format!(
                 "event {index} (id {:?}) is about serial {}, which node {issuer:?} issued, not \
                  {:?}; nothing in the batch was stored",
                 event.id, event.serial, event.node_id
@@ -156,7 +156,7 @@ pub(crate) fn check_serial_issuers(
 /// Refuses a filter naming an unknown kind: it could only ever match nothing.
 pub(crate) fn check_filter(filter: &EventFilter) -> Result<(), StoreError> {
     match filter.kinds.iter().find(|k| !event_kind::is_known(k)) {
-        Some(kind) => Err(StoreError::Invalid(format!(
+        Some(kind) => Err(StoreError::invalid(format!(
             "no events have the kind {kind:?}; the kinds are {}",
             KIND_NAMES.join(", ")
         ))),
@@ -446,7 +446,7 @@ mod tests {
         for (bad, why) in cases {
             let err = check_batch(&[good.clone(), bad]).unwrap_err();
             assert!(
-                matches!(&err, StoreError::Invalid(m) if m.contains("event 1") && m.contains(why)),
+                matches!(&err, StoreError::Invalid { reason, .. } if reason.contains("event 1") && reason.contains(why)),
                 "{err}"
             );
         }

@@ -34,11 +34,17 @@ mod suite;
 pub mod wire;
 
 /// Why a datastore operation failed.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or failed mid-operation; nothing was changed. Retry later.
-    #[error("datastore unavailable: {0}")]
-    Unavailable(String),
+    #[error("datastore unavailable: {context}{}", cause_suffix(.source))]
+    Unavailable {
+        /// What failed.
+        context: String,
+        /// The driver's, file system's or runtime's error, when there is one.
+        #[source]
+        source: Option<Cause>,
+    },
     /// No record with this id.
     #[error("no {kind} with id {id:?}")]
     NotFound {
@@ -72,11 +78,119 @@ pub enum StoreError {
         status: NodeStatus,
     },
     /// A stored row could not be decoded (written by a newer or broken version).
-    #[error("datastore holds an unreadable record: {0}")]
-    Corrupt(String),
+    #[error("datastore holds an unreadable record: {context}{}", cause_suffix(.source))]
+    Corrupt {
+        /// What could not be read.
+        context: String,
+        /// The decoder's or driver's error, when there is one.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The request holds a value the datastore cannot store (or look for); nothing was written.
-    #[error("invalid request: {0}")]
-    Invalid(String),
+    #[error("invalid request: {reason}{}", cause_suffix(.source))]
+    Invalid {
+        /// What is wrong, naming the value.
+        reason: String,
+        /// The database's refusal, when it was the database that refused.
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+// The tests compare errors whole; causes have no equality of their own, so two errors are
+// equal when they are of one kind and say the same.
+#[cfg(test)]
+impl PartialEq for StoreError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+/// The error underneath a datastore failure: the driver's, the file system's or the runtime's.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl StoreError {
+    /// `Unavailable` with no underlying error (a timeout, a closed pool).
+    pub fn unavailable(context: impl Into<String>) -> Self {
+        Self::Unavailable {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// `Unavailable` because of `source`.
+    pub fn unavailable_from(context: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::Unavailable {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// `Corrupt` found by this code's own checks.
+    pub fn corrupt(context: impl Into<String>) -> Self {
+        Self::Corrupt {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// `Corrupt` because a decoder refused the stored value.
+    pub fn corrupt_from(context: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::Corrupt {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// `Invalid` found by this code's own checks.
+    pub fn invalid(reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// `Invalid` because the database refused the values.
+    pub fn invalid_from(reason: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::Invalid {
+            reason: reason.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// The same error with `place` (a file, a column) in front of what failed; other kinds
+    /// already name what they are about and are returned unchanged.
+    pub(crate) fn within(self, place: impl std::fmt::Display) -> Self {
+        match self {
+            Self::Unavailable { context, source } => Self::Unavailable {
+                context: format!("{place}: {context}"),
+                source,
+            },
+            Self::Corrupt { context, source } => Self::Corrupt {
+                context: format!("{place}: {context}"),
+                source,
+            },
+            Self::Invalid { reason, source } => Self::Invalid {
+                reason: format!("{place}: {reason}"),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// `": <the cause>"`, or nothing: the message names the underlying error as well as keeping it
+/// as the source, since most readers (logs, the CLI) see only the message.
+fn cause_suffix(source: &Option<Cause>) -> String {
+    let Some(source) = source else {
+        return String::new();
+    };
+    // The driver's own message is only "db error"; the server's message and code say more.
+    match source.downcast_ref::<tokio_postgres::Error>() {
+        Some(e) => format!(": {}", postgres::describe(e)),
+        None => format!(": {source}"),
+    }
 }
 
 /// Why a join token was refused.

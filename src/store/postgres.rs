@@ -239,8 +239,8 @@ impl PostgresStore {
     /// string is unusable; `Corrupt` when a newer server has migrated the database.
     pub async fn connect(conninfo: &str) -> Result<Self, StoreError> {
         // The string itself may hold a password: only what is wrong with it is shown.
-        let ConnectionString { mut config, tls } = ConnectionString::parse(conninfo)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let ConnectionString { mut config, tls } =
+            ConnectionString::parse(conninfo).map_err(unusable_settings)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -269,8 +269,8 @@ impl PostgresStore {
     /// of that version left it.
     #[cfg(test)]
     pub(super) async fn create_at_version(conninfo: &str, version: i64) -> Result<(), StoreError> {
-        let ConnectionString { config, tls } = ConnectionString::parse(conninfo)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let ConnectionString { config, tls } =
+            ConnectionString::parse(conninfo).map_err(unusable_settings)?;
         Pool::new(config, tls)
             .run(|client| Box::pin(migrate(client, Some(version))))
             .await
@@ -281,6 +281,10 @@ impl PostgresStore {
     fn bump(&self) {
         bump(&self.changes);
     }
+}
+
+fn unusable_settings(e: super::pg_tls::TlsSettingError) -> StoreError {
+    StoreError::unavailable_from("the PostgreSQL connection settings cannot be used", e)
 }
 
 fn bump(changes: &watch::Sender<u64>) {
@@ -357,8 +361,8 @@ impl Pool {
         F: for<'c> FnOnce(&'c mut Client) -> Op<'c, T> + Send,
     {
         // The semaphore is never closed.
-        let _permit = self.permits.acquire().await.map_err(|_| {
-            StoreError::Unavailable("the PostgreSQL connection pool is closed".to_owned())
+        let _permit = self.permits.acquire().await.map_err(|e| {
+            StoreError::unavailable_from("the PostgreSQL connection pool is closed", e)
         })?;
         // Out of the pool while in use: if the caller gives up half-way, the connection, in no
         // known state, is dropped with the operation.
@@ -371,7 +375,7 @@ impl Pool {
         match outcome {
             Err(_) => {
                 tracing::warn!("PostgreSQL did not answer in time; dropping the connection");
-                Err(StoreError::Unavailable(format!(
+                Err(StoreError::unavailable(format!(
                     "PostgreSQL did not answer within {} s; the connection was dropped and is \
                      re-established on the next operation",
                     OPERATION_TIMEOUT.as_secs()
@@ -386,16 +390,15 @@ impl Pool {
                 Err(e)
             }
             Ok(Err(Failure::Db(e))) if connection_lost(&e) || client.is_closed() => {
-                let reason = describe(&e);
-                tracing::warn!(%reason, "lost a PostgreSQL connection");
-                Err(StoreError::Unavailable(format!(
-                    "lost the connection to PostgreSQL ({reason}); it is re-established on the \
-                     next operation"
-                )))
+                tracing::warn!(reason = %describe(&e), "lost a PostgreSQL connection");
+                Err(StoreError::unavailable_from(
+                    "lost the connection to PostgreSQL (re-established on the next operation)",
+                    e,
+                ))
             }
             Ok(Err(Failure::Db(e))) => {
                 self.idle().push(client);
-                Err(refusal(&e))
+                Err(refusal(e))
             }
         }
     }
@@ -406,14 +409,12 @@ async fn connect(config: &Config, tls: &PgTls) -> Result<Client, StoreError> {
     let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.clone()))
         .await
         .map_err(|_| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "cannot connect to PostgreSQL: no answer within {} s",
                 CONNECT_TIMEOUT.as_secs()
             ))
         })?
-        .map_err(|e| {
-            StoreError::Unavailable(format!("cannot connect to PostgreSQL: {}", describe(&e)))
-        })?;
+        .map_err(|e| StoreError::unavailable_from("cannot connect to PostgreSQL", e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %describe(&e), "PostgreSQL connection ended");
@@ -435,31 +436,31 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
 }
 
 /// What a server error that leaves the connection usable means to the caller.
-fn refusal(e: &tokio_postgres::Error) -> StoreError {
+fn refusal(e: tokio_postgres::Error) -> StoreError {
     let code = e.code();
     if code == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
         || code == Some(&SqlState::T_R_DEADLOCK_DETECTED)
     {
-        StoreError::Unavailable(format!(
-            "PostgreSQL aborted the transaction in favour of a concurrent one ({}); retry",
-            describe(e)
-        ))
+        StoreError::unavailable_from(
+            "PostgreSQL aborted the transaction in favour of a concurrent one; retry",
+            e,
+        )
     } else if code == Some(&SqlState::UNIQUE_VIOLATION) {
         StoreError::AlreadyExists(format!(
             "the record clashes with a stored one ({})",
-            describe(e)
+            describe(&e)
         ))
     } else if code.is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")) {
         // Class 22 (data exception) and 23 (integrity constraint violation): the values are at
         // fault, and sending them again would fail again.
-        StoreError::Invalid(format!("PostgreSQL refused the values: {}", describe(e)))
+        StoreError::invalid_from("PostgreSQL refused the values", e)
     } else {
-        StoreError::Unavailable(format!("PostgreSQL refused the operation: {}", describe(e)))
+        StoreError::unavailable_from("PostgreSQL refused the operation", e)
     }
 }
 
 /// One line about a driver error: the server's message and code, or the cause.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} [{}]", db.message(), db.code().code());
     }
@@ -521,7 +522,7 @@ async fn notify_events(tx: &Transaction<'_>) -> Result<(), Failure> {
 
 fn col<'r, T: FromSql<'r>>(row: &'r Row, name: &str) -> Result<T, StoreError> {
     row.try_get(name)
-        .map_err(|e| StoreError::Corrupt(format!("column {name}: {}", describe(&e))))
+        .map_err(|e| StoreError::corrupt_from(format!("column {name}"), e))
 }
 
 impl codec::ReadRow for Row {
@@ -1743,18 +1744,24 @@ async fn listen(
 }
 
 /// One notification connection, until it fails. `Ok(why it ended)` once it was established,
-/// `Err(why not)` when it could not be.
+/// `Err(why not)` when it could not be; both `Unavailable`, with the driver's error when there
+/// is one.
 async fn listen_once(
     config: &Config,
     tls: &PgTls,
     changes: &watch::Sender<u64>,
     events: &watch::Sender<u64>,
-) -> Result<String, String> {
+) -> Result<StoreError, StoreError> {
     let (client, mut connection) =
         tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tls.clone()))
             .await
-            .map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| describe(&e))?;
+            .map_err(|_| {
+                StoreError::unavailable(format!(
+                    "cannot connect to PostgreSQL: no answer within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| StoreError::unavailable_from("cannot connect to PostgreSQL", e))?;
     // The connection is driven here rather than on a task of its own: notifications arrive
     // through it, and so do the answers to the requests below.
     let messages = async {
@@ -1765,8 +1772,10 @@ async fn listen_once(
                 }
                 Some(Ok(AsyncMessage::Notification(_))) => bump(changes),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return describe(&e),
-                None => return "the server closed the connection".to_owned(),
+                Some(Err(e)) => {
+                    return StoreError::unavailable_from("the notification connection failed", e);
+                }
+                None => return StoreError::unavailable("the server closed the connection"),
             }
         }
     };
@@ -1775,7 +1784,7 @@ async fn listen_once(
             .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {EVENTS_CHANNEL}"))
             .await
         {
-            return format!("LISTEN failed: {}", describe(&e));
+            return StoreError::unavailable_from("LISTEN failed", e);
         }
         tracing::debug!("listening for PostgreSQL change notifications");
         // Only now is every later change announced; those before may have been missed.
@@ -1785,8 +1794,8 @@ async fn listen_once(
             tokio::time::sleep(LISTEN_PROBE_INTERVAL).await;
             match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return describe(&e),
-                Err(_) => return "the server stopped answering".to_owned(),
+                Ok(Err(e)) => return StoreError::unavailable_from("the liveness probe failed", e),
+                Err(_) => return StoreError::unavailable("the server stopped answering"),
             }
         }
     };
@@ -1811,9 +1820,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(&err, StoreError::Unavailable(m) if m.contains("cannot connect")),
+            matches!(&err, StoreError::Unavailable { context, source: Some(_) } if context.contains("cannot connect")),
             "{err}"
         );
+        let source = std::error::Error::source(&err).expect("no source");
+        assert!(source.is::<tokio_postgres::Error>(), "{source:?}");
     }
 
     #[tokio::test]
@@ -1823,7 +1834,8 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(&err, StoreError::Unavailable(m) if m.contains("connection string")),
+            matches!(&err, StoreError::Unavailable { .. })
+                && err.to_string().contains("connection string"),
             "{err}"
         );
     }

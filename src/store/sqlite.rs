@@ -242,7 +242,7 @@ impl SqliteStore {
             work(&mut conn)
         })
         .await
-        .map_err(|e| StoreError::Unavailable(format!("SQLite task failed: {e}")))?
+        .map_err(|e| StoreError::unavailable_from("the SQLite task failed", e))?
     }
 
     /// Runs `work` in one `IMMEDIATE` transaction, committed when it succeeds.
@@ -284,20 +284,19 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(StoreError::Unavailable(format!(
-            "cannot create the database file {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(StoreError::unavailable_from(
+            format!("cannot create the database file {}", path.display()),
+            e,
+        )),
     }
 }
 
 fn opening_error(path: &Path, e: rusqlite::Error) -> StoreError {
     match db_error(e) {
-        StoreError::Corrupt(m) => StoreError::Corrupt(format!("{}: {m}", path.display())),
-        StoreError::Unavailable(m) => {
-            StoreError::Unavailable(format!("cannot open {}: {m}", path.display()))
+        e @ StoreError::Unavailable { .. } => {
+            e.within(format_args!("cannot open {}", path.display()))
         }
-        other => other,
+        e => e.within(path.display()),
     }
 }
 
@@ -364,18 +363,19 @@ fn db_error(e: rusqlite::Error) -> StoreError {
     match &e {
         E::SqliteFailure(failure, _) => match failure.code {
             ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
-                StoreError::Corrupt(e.to_string())
+                StoreError::corrupt_from("the SQLite file is damaged", e)
             }
-            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Unavailable(
-                format!("the SQLite database is locked by another connection: {e}"),
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::unavailable_from(
+                "the SQLite database is locked by another connection",
+                e,
             ),
-            _ => StoreError::Unavailable(format!("SQLite: {e}")),
+            _ => StoreError::unavailable_from("SQLite failed", e),
         },
         E::FromSqlConversionFailure(..)
         | E::IntegralValueOutOfRange(..)
         | E::Utf8Error(..)
-        | E::InvalidColumnType(..) => StoreError::Corrupt(e.to_string()),
-        _ => StoreError::Unavailable(format!("SQLite: {e}")),
+        | E::InvalidColumnType(..) => StoreError::corrupt_from("SQLite cannot read the value", e),
+        _ => StoreError::unavailable_from("SQLite failed", e),
     }
 }
 
@@ -389,7 +389,7 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 impl codec::ReadRow for Row<'_> {
     fn column<T: codec::Value>(&self, name: &str) -> Result<T, StoreError> {
         self.get(name).map_err(|e| match db_error(e) {
-            StoreError::Corrupt(m) => StoreError::Corrupt(format!("column {name}: {m}")),
+            e @ StoreError::Corrupt { .. } => e.within(format_args!("column {name}")),
             other => other,
         })
     }

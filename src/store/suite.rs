@@ -431,24 +431,18 @@ async fn banned_node_stays_banned(store: &dyn Datastore) {
         .unwrap();
     assert_eq!(banned.status, NodeStatus::Banned);
 
-    let refusal = StoreError::NodeNotActive {
+    let refusal = || StoreError::NodeNotActive {
         id: "bad".to_owned(),
         status: NodeStatus::Banned,
     };
-    assert_eq!(
-        store.attest_node(node("bad", "02")).await,
-        Err(refusal.clone())
-    );
+    assert_eq!(store.attest_node(node("bad", "02")).await, Err(refusal()));
     assert_eq!(store.get_node("bad").await.unwrap(), Some(banned.clone()));
     for status in [NodeStatus::Evicted, NodeStatus::Active] {
-        assert_eq!(
-            store.set_node_status("bad", status).await,
-            Err(refusal.clone())
-        );
+        assert_eq!(store.set_node_status("bad", status).await, Err(refusal()));
     }
     assert_eq!(
         store.renew_node("bad", credentials("03"), NOW).await,
-        Err(refusal)
+        Err(refusal())
     );
     // Banning again is harmless.
     assert_eq!(
@@ -517,18 +511,18 @@ async fn node_renewal_and_contact(store: &dyn Datastore) {
         }
     );
 
-    let unknown = StoreError::NotFound {
+    let unknown = || StoreError::NotFound {
         kind: "node",
         id: "ghost".to_owned(),
     };
     assert_eq!(
         store.renew_node("ghost", credentials("03"), NOW).await,
-        Err(unknown.clone())
+        Err(unknown())
     );
-    assert_eq!(store.touch_node("ghost", NOW).await, Err(unknown.clone()));
+    assert_eq!(store.touch_node("ghost", NOW).await, Err(unknown()));
     assert_eq!(
         store.set_node_status("ghost", NodeStatus::Evicted).await,
-        Err(unknown)
+        Err(unknown())
     );
 }
 
@@ -792,7 +786,7 @@ async fn invalid_batch_refused(store: &dyn Datastore) {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, StoreError::Invalid(m) if m.contains("svid_misplaced") && m.contains("\"x\"")),
+        matches!(&err, StoreError::Invalid { reason: m, .. } if m.contains("svid_misplaced") && m.contains("\"x\"")),
         "{err}"
     );
     let no_serial = event("s", event_kind::SVID_USED, "", NOW_MS);
@@ -802,7 +796,7 @@ async fn invalid_batch_refused(store: &dyn Datastore) {
             .store_events(vec![good.clone(), bad])
             .await
             .unwrap_err();
-        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+        assert!(matches!(err, StoreError::Invalid { .. }), "{err}");
     }
     // Nothing of the refused batches was stored, not even the good event.
     assert!(all_events(store).await.is_empty());
@@ -816,7 +810,7 @@ async fn invalid_batch_refused(store: &dyn Datastore) {
     };
     let err = store.list_events(filter).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Invalid(m) if m.contains("svid_lost")),
+        matches!(&err, StoreError::Invalid { reason: m, .. } if m.contains("svid_lost")),
         "{err}"
     );
 }
@@ -908,7 +902,7 @@ async fn foreign_serials_refused(store: &dyn Datastore) {
     own.node_id = "n2".to_owned();
     let err = store.store_events(vec![own, revocation]).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Invalid(m) if m.contains("serial aa") && m.contains("\"n1\"")),
+        matches!(&err, StoreError::Invalid { reason: m, .. } if m.contains("serial aa") && m.contains("\"n1\"")),
         "{err}"
     );
     let svids = store.svids(None, None).await.unwrap();
@@ -928,7 +922,7 @@ async fn unstorable_values_are_invalid(store: &dyn Datastore) {
     event.detail = "a\0b".to_owned();
     let err = store.store_events(vec![event]).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Invalid(m) if m.contains("NUL")),
+        matches!(&err, StoreError::Invalid { reason: m, .. } if m.contains("NUL")),
         "{err}"
     );
 }
@@ -1452,7 +1446,7 @@ async fn newer_schema_refused(harness: &dyn Harness) {
         .await;
     let err = harness.open().await.err().unwrap();
     assert!(
-        matches!(&err, StoreError::Corrupt(m) if m.contains("version 999") && m.contains("older than the database")),
+        matches!(&err, StoreError::Corrupt { context: m, .. } if m.contains("version 999") && m.contains("older than the database")),
         "{err}"
     );
 }
@@ -1478,8 +1472,11 @@ async fn corrupt_rows_reported(harness: &dyn Harness) {
         )
         .await;
     fn corrupt<T>(result: Result<T, StoreError>) -> bool {
-        matches!(result, Err(StoreError::Corrupt(_)))
+        matches!(result, Err(StoreError::Corrupt { .. }))
     }
+    let err = store.get_entry("bad").await.unwrap_err();
+    let source = std::error::Error::source(&err).expect("no source");
+    assert!(source.is::<serde_json::Error>(), "{err}: {source:?}");
     assert!(corrupt(store.get_entry("bad").await));
     assert!(corrupt(store.list_entries().await));
     assert!(corrupt(store.get_node("bad").await));
@@ -1533,7 +1530,7 @@ async fn corrupt_events_reported(harness: &dyn Harness) {
         .await;
     let err = store.list_events(EventFilter::default()).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Corrupt(m) if m.contains("caller")),
+        matches!(&err, StoreError::Corrupt { context: m, .. } if m.contains("caller")),
         "{err}"
     );
 }
@@ -1867,7 +1864,15 @@ mod sqlite_suite {
         let harness = harness().await.unwrap();
         std::fs::write(harness.path(), vec![0x5a; 8192]).unwrap();
         let err = harness.open().await.err().unwrap();
-        assert!(matches!(&err, StoreError::Corrupt(_)), "{err}");
+        assert!(matches!(&err, StoreError::Corrupt { .. }), "{err}");
+        // The driver's error stays reachable, not only its words.
+        let source = std::error::Error::source(&err).expect("no source");
+        assert!(source.is::<rusqlite::Error>(), "{source:?}");
+        assert!(
+            err.to_string()
+                .contains(&harness.path().display().to_string()),
+            "{err}"
+        );
     }
 }
 
@@ -2140,8 +2145,8 @@ mod postgres_suite {
         for _ in 0..50 {
             match op().await {
                 Ok(value) => return value,
-                Err(StoreError::Unavailable(reason)) => {
-                    eprintln!("{what}: unavailable ({reason}); retrying");
+                Err(e @ StoreError::Unavailable { .. }) => {
+                    eprintln!("{what}: {e}; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("{what}: {e}"),
@@ -2168,7 +2173,7 @@ mod postgres_suite {
 
         // The first operation may find its connection gone; the next ones reconnect.
         match a.list_entries().await {
-            Ok(_) | Err(StoreError::Unavailable(_)) => {}
+            Ok(_) | Err(StoreError::Unavailable { .. }) => {}
             Err(e) => panic!("unexpected error after the outage: {e}"),
         }
         recovers("list_entries", || a.list_entries()).await;
@@ -2237,7 +2242,7 @@ mod postgres_suite {
         .await
         .expect("the held-up operation was not cut off");
         assert!(
-            matches!(&result, Err(StoreError::Unavailable(m)) if m.contains("lost the connection")),
+            matches!(&result, Err(StoreError::Unavailable { context, source: Some(_) }) if context.contains("lost the connection")),
             "{result:?}"
         );
         lock.rollback().await.unwrap();
