@@ -94,6 +94,19 @@ pub struct ServerConfig {
     pub x509pop_ca_bundle: Option<PathBuf>,
     /// Events older than this are pruned, once the SVID they concern has expired.
     pub events_retention: Duration,
+    /// What an issuance anomaly (an SVID a node may not have issued) sets off.
+    pub on_anomaly: OnAnomaly,
+}
+
+/// What the server does when a node reports issuing an identity no entry it may serve grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnAnomaly {
+    /// Revoke the anomalous SVID (the default).
+    Revoke,
+    /// Revoke it and evict the node, revoking its intermediate CAs in the root's CRL.
+    Evict,
+    /// Only record the anomaly.
+    Record,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +119,7 @@ struct RawConfig {
     max_x509_ttl: Option<String>,
     node_ca_ttl: Option<String>,
     node_svid_ttl: Option<String>,
+    on_anomaly: Option<String>,
     #[serde(default)]
     ca: RawCa,
     #[serde(default)]
@@ -328,7 +342,20 @@ impl ServerConfig {
                 "must be at least 1h".into(),
             ));
         }
+        let on_anomaly = match raw.on_anomaly.as_deref() {
+            None | Some("revoke") => OnAnomaly::Revoke,
+            Some("evict") => OnAnomaly::Evict,
+            Some("record") => OnAnomaly::Record,
+            Some(other) => {
+                return Err(invalid(
+                    "on_anomaly",
+                    other,
+                    "must be \"revoke\" (the default: revoke the SVID), \"evict\" (revoke it and evict the node) or \"record\" (only record it)".into(),
+                ));
+            }
+        };
         Ok(Self {
+            on_anomaly,
             trust_domain,
             bind_address,
             admin_socket,

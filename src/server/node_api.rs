@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use x509_parser::prelude::*;
 
 use super::State;
+use super::config::OnAnomaly;
 use super::revocation::PublishError;
 use super::sync::{Snapshot, bundle_message, delta, full};
 use crate::ca::BACKDATE;
@@ -23,6 +24,7 @@ use crate::ca::node::{
     CsrError, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid, x509pop_message,
 };
 use crate::events::model::{MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms};
+use crate::proto::tessera::RevocationReason;
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
     AttestRequest, AttestResponse, Bundle, CrlSet, Csrs, Event, EventAck, EventBatch, EventKind,
@@ -31,8 +33,8 @@ use crate::proto::tessera::{
 };
 use crate::store::wire::to_record;
 use crate::store::{
-    NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, TokenRefusal,
-    canonical, unix_now, unix_seconds,
+    NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, SvidRecord,
+    TokenRefusal, canonical, unix_now, unix_seconds,
 };
 use crate::tls::TlsPeer;
 
@@ -433,6 +435,7 @@ impl State {
         let received = now_ms();
         let snapshot = self.snapshots.borrow().clone();
         let mut records = Vec::with_capacity(batch.events.len());
+        let mut anomalous = Vec::new();
         for (index, event) in batch.events.iter().enumerate() {
             let kind = match check_event(index, event) {
                 Ok(kind) => kind,
@@ -467,9 +470,25 @@ impl State {
                     node_id,
                     received,
                 ));
+                anomalous.push(SvidRecord {
+                    serial: event.serial.clone(),
+                    entry_id: event.entry_id.clone(),
+                    spiffe_id: event.spiffe_id.clone(),
+                    node_id: node_id.to_owned(),
+                    issued_ms: Some(event.time_ms),
+                    not_after: Some(event.not_after),
+                    revoked_ms: None,
+                    reason: None,
+                    last_used_ms: None,
+                    uses: 0,
+                });
             }
         }
-        match self.store.store_events(records).await {
+        let stored = self.store.store_events(records).await;
+        if stored.is_ok() && !anomalous.is_empty() {
+            self.answer_anomalies(node_id, &anomalous).await?;
+        }
+        match stored {
             Ok(count) => Ok(EventAck {
                 sequence: batch.sequence,
                 stored: count.stored,
@@ -481,6 +500,46 @@ impl State {
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+impl State {
+    /// Does what `on_anomaly` says about SVIDs node `node_id` should not have issued.
+    async fn answer_anomalies(
+        &self,
+        node_id: &str,
+        anomalous: &[SvidRecord],
+    ) -> Result<(), NodeApiError> {
+        let detail = "issuance anomaly: no entry the node may serve grants this identity";
+        match self.config.on_anomaly {
+            OnAnomaly::Record => {}
+            OnAnomaly::Revoke => {
+                self.revoke_svids(anomalous, RevocationReason::Anomaly, detail)
+                    .await?;
+            }
+            OnAnomaly::Evict => {
+                self.revoke_svids(anomalous, RevocationReason::Anomaly, detail)
+                    .await?;
+                match self
+                    .store
+                    .set_node_status(node_id, NodeStatus::Evicted)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::NodeNotActive { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.revoke_node(node_id, RevocationReason::NodeEvicted, detail)
+                    .await?;
+                tracing::warn!(target: "tessera::audit", node = node_id, "node evicted for an issuance anomaly");
+                self.record(self.server_event(
+                    EventKind::NodeEvicted,
+                    node_id,
+                    "evicted for an issuance anomaly".into(),
+                ))
+                .await;
+            }
+        }
+        Ok(())
     }
 }
 

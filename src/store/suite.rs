@@ -1656,13 +1656,13 @@ async fn revocations_recorded_once(store: &dyn Datastore) {
         .unwrap();
     assert_eq!(first, ["01", "02"]);
     assert!(changes.has_changed().unwrap());
-    changes.borrow_and_update();
     let again = store
         .revoke(vec![revocation("01", None, NOW + 100, "second")])
         .await
         .unwrap();
+    // (Whether `changes()` moves now is not asserted: PostgreSQL's notification of the first
+    // revocation may arrive at any time.)
     assert!(again.is_empty());
-    assert!(!changes.has_changed().unwrap());
     let listed = store.revocations(NOW).await.unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].detail, "first");
