@@ -11,12 +11,16 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{Args, Workload, read_line, server_config};
 use tessera::verify::Usage;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+
+/// How long a client has to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() {
@@ -59,10 +63,15 @@ async fn serve(
     tcp: TcpStream,
     from: std::net::SocketAddr,
 ) {
-    let tls = match acceptor.accept(tcp).await {
-        Ok(tls) => tls,
-        Err(e) => {
+    // A peer that stops mid-handshake would otherwise hold its task forever.
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
             eprintln!("refused handshake from {from}: {e}");
+            return;
+        }
+        Err(_) => {
+            eprintln!("handshake from {from} not finished within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };

@@ -301,4 +301,26 @@ async fn a_revoked_client_is_cut_off_and_refused_and_its_fresh_svid_connects() {
     })
     .await;
     assert!(fresh.exited().is_none(), "{}", fresh.describe());
+
+    // A client that refuses the server's SVID exits 1 and says why.
+    let mut picky = Running::start(
+        &client_exe,
+        &[
+            "--socket",
+            &socket,
+            "--connect",
+            &address,
+            "--expect-peer",
+            "spiffe://example.org/other",
+        ],
+    );
+    let status = eventually(Duration::from_secs(20), || picky.exited()).await;
+    assert_eq!(status.code(), Some(1), "{}", picky.describe());
+    assert!(
+        picky.stderr().contains(
+            "refused peer certificate: peer is spiffe://example.org/server, expected spiffe://example.org/other"
+        ) && picky.stderr().contains("handshake refused"),
+        "{}",
+        picky.describe()
+    );
 }
