@@ -1089,6 +1089,95 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_anomalous_issuance_is_revoked_and_with_evict_its_node_is_evicted() {
+        for (setting, evicted) in [("", false), ("on_anomaly = \"evict\"", true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let state = testing::state_with(dir.path(), setting).await;
+            let now = unix_now();
+            state
+                .store
+                .attest_node(NodeRecord {
+                    id: "node-a".into(),
+                    attestation: "join_token".into(),
+                    selectors: Vec::new(),
+                    status: NodeStatus::Active,
+                    attested_at: now,
+                    last_seen: now,
+                    svid_serial: "01".into(),
+                    svid_not_after: now + 3600,
+                    ca_serial: "0c0a".into(),
+                    ca_not_after: now + 3600,
+                })
+                .await
+                .unwrap();
+            state
+                .store
+                .record_node_ca(NodeCaRecord {
+                    serial: "0c0a".into(),
+                    node_id: "node-a".into(),
+                    server_id: "s1".into(),
+                    der: Vec::new(),
+                    not_after: now + 3600,
+                })
+                .await
+                .unwrap();
+            let ack = state
+                .ingest(
+                    "node-a",
+                    EventBatch {
+                        sequence: 1,
+                        events: vec![issued("0a0b")],
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(ack.error.is_empty(), "{ack:?}");
+            let orders = state.store.revocations(unix_now()).await.unwrap();
+            let leaf = orders.iter().find(|o| o.serial == "0a0b").unwrap();
+            assert_eq!(leaf.reason, "anomaly", "{setting}");
+            let svid = state.store.svid("0a0b").await.unwrap().unwrap();
+            assert_eq!(svid.reason.as_deref(), Some("anomaly"));
+            let node = state.store.get_node("node-a").await.unwrap().unwrap();
+            let ca_revoked = orders.iter().any(|o| o.serial == "0c0a");
+            assert_eq!(
+                (node.status == NodeStatus::Evicted, ca_revoked),
+                (evicted, evicted),
+                "{setting}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state_with(dir.path(), "on_anomaly = \"record\"").await;
+        state
+            .ingest(
+                "node-a",
+                EventBatch {
+                    sequence: 1,
+                    events: vec![issued("0a0b")],
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            state
+                .store
+                .revocations(unix_now())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let bad = crate::server::config::ServerConfig::parse(
+            "server.toml",
+            "trust_domain = \"example.org\"\non_anomaly = \"panic\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("on_anomaly") && bad.contains("\"panic\"") && bad.contains("evict"),
+            "{bad}"
+        );
+    }
+
+    #[tokio::test]
     async fn batches_the_store_refuses_are_acknowledged_with_the_error() {
         let dir = tempfile::tempdir().unwrap();
         let state = testing::state(dir.path()).await;

@@ -569,6 +569,77 @@ mod tests {
         assert!(state.sweep_inactive(far).await.unwrap().is_empty());
     }
 
+    #[tokio::test]
+    async fn a_node_crl_is_stored_only_when_its_ca_was_granted_to_that_node_and_it_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = testing::state(dir.path()).await;
+        let td = crate::spiffe::TrustDomain::new("example.org").unwrap();
+        let make_ca = |name: &str| {
+            crate::ca::generate_root(&td, Duration::from_secs(3600), SystemTime::now(), 0, name)
+                .unwrap()
+                .0
+        };
+        let (granted, forger) = (make_ca("node CA"), make_ca("forger"));
+        state
+            .store
+            .record_node_ca(crate::store::NodeCaRecord {
+                serial: "0c".into(),
+                node_id: "n1".into(),
+                server_id: "s1".into(),
+                der: granted.certificate.clone(),
+                not_after: unix_seconds(granted.not_after),
+            })
+            .await
+            .unwrap();
+        let now = SystemTime::now();
+        let good = sign_crl(&granted, 7, now, &[]).unwrap();
+        assert_eq!(
+            state
+                .publish_node_crls("n1", vec![good.clone()])
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            state
+                .publish_node_crls("n1", vec![good.clone()])
+                .await
+                .unwrap(),
+            0,
+            "not newer"
+        );
+        let refusal = |e: PublishError| e.to_string();
+        let other_node = refusal(state.publish_node_crls("n2", vec![good]).await.unwrap_err());
+        assert!(
+            other_node.contains("not a CA granted to node n2"),
+            "{other_node}"
+        );
+        let forged = sign_crl(&forger, 8, now, &[]).unwrap();
+        let forged = refusal(
+            state
+                .publish_node_crls("n1", vec![forged])
+                .await
+                .unwrap_err(),
+        );
+        assert!(forged.starts_with("CRL 0:"), "{forged}");
+        let garbage = refusal(
+            state
+                .publish_node_crls("n1", vec![b"not a CRL".to_vec()])
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            garbage.contains("not a DER certificate revocation list"),
+            "{garbage}"
+        );
+        let many = vec![Vec::new(); MAX_CRLS_PER_PUBLISH + 1];
+        assert!(matches!(
+            state.publish_node_crls("n1", many).await,
+            Err(PublishError::TooMany(_))
+        ));
+        assert_eq!(state.store.crls(unix_now()).await.unwrap()[0].number, 7);
+    }
+
     #[test]
     fn empty_node_crls_are_sent_only_while_few() {
         let crl = |publisher: &str, revoked: i64, next_update: i64| CrlRecord {

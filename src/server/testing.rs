@@ -14,9 +14,14 @@ use crate::store::{BundleRoot, Datastore, unix_seconds};
 
 /// The state of a server of `example.org` keeping everything under `dir`.
 pub(crate) async fn state(dir: &std::path::Path) -> Arc<State> {
+    state_with(dir, "").await
+}
+
+/// Like [`state`], with `top` lines of configuration before the tables.
+pub(crate) async fn state_with(dir: &std::path::Path, top: &str) -> Arc<State> {
     let text = format!(
         "trust_domain = \"example.org\"\nadmin_socket = \"{0}/admin.sock\"\n\
-         state_dir = \"{0}\"\n[datastore]\nkind = \"sqlite\"\npath = \"{0}/tessera.db\"\n",
+         state_dir = \"{0}\"\n{top}\n[datastore]\nkind = \"sqlite\"\npath = \"{0}/tessera.db\"\n",
         dir.display()
     );
     let config = ServerConfig::parse("server.toml", &text).unwrap();
