@@ -232,7 +232,25 @@ fn an_evicted_nodes_credentials_are_refused_on_the_other_node() {
     let refused = openssl_verify(&files, &cert);
     assert!(refused.contains("certificate revoked"), "{refused}");
 
-    // And the inventory shows the node's SVID revoked for the eviction.
+    // The node reported what it recorded up to its eviction before forgetting its credentials.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c
+        .a
+        .logs()
+        .contains("reported every event recorded before the eviction")
+    {
+        assert!(Instant::now() < deadline, "{}", c.a.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And the inventory shows the node's SVID revoked for the eviction, once.
+    let revocations = c
+        .server
+        .admin_json(&["events", "list", "--kind", "svid_revoked"]);
+    assert_eq!(
+        revocations.as_array().unwrap().len(),
+        1,
+        "the server's record and the node's are one: {revocations}"
+    );
     let inventory = c.server.admin_json(&["inventory"]);
     let revoked = &inventory["identities"][0]["revoked_svids"][0];
     assert_eq!(revoked["serial"], serial, "{inventory}");
@@ -287,4 +305,33 @@ fn revoking_an_entry_rotates_its_holders_on_every_node() {
         .admin(&["entry", "revoke", "no-such-entry", "--reason", "x"]);
     assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no-such-entry"));
+}
+
+#[test]
+fn a_revocation_reaches_an_absent_agent_when_it_returns_and_outlives_a_restart_without_server() {
+    let mut c = cluster("");
+    let (issued, serial) = fetch(&c.a, c.dir.path(), "a");
+    let cert = issued.join("svid.pem");
+    revoke_wait_for_inventory(&c.server, &serial);
+
+    // Node a is away when the operator revokes: only its CA can list the serial, so the order
+    // waits at the server.
+    c.a.kill();
+    revoke_serial(&c.server, &serial);
+    c.a.spawn_again();
+    c.a.wait_ready();
+    let refusal = refused_on(&c.b, &cert);
+    assert!(refusal.contains(&serial), "{refusal}");
+
+    // With the server gone, node b restarts from its own state and still refuses it.
+    c.server.kill();
+    c.b.kill();
+    c.b.spawn_again();
+    c.b.wait_ready();
+    let out = verify_on(&c.b, &cert);
+    assert_eq!(out.status.code(), Some(1), "{out:?}\n{}", c.b.logs());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&serial),
+        "{out:?}"
+    );
 }

@@ -17,6 +17,7 @@ use super::revocation::{CrlSet, Revocations};
 use crate::attest::CallerFacts;
 use crate::ca::{CaError, LeafRequest, SigningCa, X509Svid, mint_x509_svid};
 use crate::entry::{EntrySet, RegistrationEntry};
+use crate::events::model::takes_out_of_use as revokes;
 use crate::events::recorder::{RecordError, Recorder};
 use crate::proto::tessera::RevocationReason;
 
@@ -105,15 +106,6 @@ struct Withdrawn {
     reason: RevocationReason,
     /// False when whoever ordered it has recorded the event already (the server).
     record: bool,
-}
-
-/// Whether a reason takes a certificate out of use (a CRL entry), rather than replacing it
-/// with a newer one that its holder may keep alongside until it expires.
-fn revokes(reason: RevocationReason) -> bool {
-    !matches!(
-        reason,
-        RevocationReason::Superseded | RevocationReason::CaRotated
-    )
 }
 
 /// Shared identity state of one agent.

@@ -893,6 +893,9 @@ pub async fn run(
                 seams
                     .cache
                     .revoke_all(crate::proto::tessera::RevocationReason::NodeEvicted);
+                if let Some(old) = credentials.take() {
+                    report_before_leaving(&upstream, &old, &seams.spool).await;
+                }
                 upstream.entries.clear();
                 let disk = upstream.disk.clone();
                 if let Err(e) = tokio::task::spawn_blocking(move || disk.remove_credentials()).await
@@ -931,6 +934,46 @@ fn apply_revocations(seams: &Seams, crls: Option<CrlSet>, orders: Option<Revocat
     }
 }
 
+/// How long an evicted node may take to report what it recorded before it forgets its
+/// credentials.
+const LAST_REPORT_LIMIT: Duration = Duration::from_secs(5);
+
+/// Uploads what the spool holds (the eviction's revocations included) with the credentials of
+/// the node just evicted: the server takes event reports from an evicted node, so the audit
+/// trail keeps what the node did up to the end. Bounded by [`LAST_REPORT_LIMIT`].
+async fn report_before_leaving(
+    upstream: &Upstream,
+    credentials: &Credentials,
+    spool: &Arc<crate::events::spool::Spool>,
+) {
+    let Ok(channel) = upstream.channel(Some(credentials)) else {
+        return;
+    };
+    let target = spool.stats().last_seq;
+    let uploaded = async {
+        while spool.acked() < target {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let outcome = tokio::time::timeout(LAST_REPORT_LIMIT, async {
+        tokio::select! {
+            _ = super::uploader::upload(spool.clone(), channel) => {}
+            _ = uploaded => {}
+        }
+    })
+    .await;
+    let left = target.saturating_sub(spool.acked());
+    match outcome {
+        Ok(()) if left == 0 => {
+            tracing::info!("reported every event recorded before the eviction")
+        }
+        _ => tracing::warn!(
+            left,
+            "could not report every event recorded before the eviction; they stay in the spool"
+        ),
+    }
+}
+
 /// Renews the node's credentials and publishes the new CA.
 async fn renew_into(
     upstream: &Upstream,
@@ -946,13 +989,14 @@ async fn renew_into(
 /// retries with them.
 fn outcome_of(error: UpstreamError, credentials: Credentials) -> (Outcome, Option<Credentials>) {
     match error {
-        UpstreamError::Evicted(why) => (Outcome::Evicted(why), None),
+        // Kept for one last report of what the node recorded; then forgotten.
+        UpstreamError::Evicted(why) => (Outcome::Evicted(why), Some(credentials)),
         e => (Outcome::Retry(e), Some(credentials)),
     }
 }
 
 /// One connected stretch: renewals and the sync stream, until an error or `shutdown`. Returns the
-/// credentials to go on with (none after an eviction).
+/// credentials to go on with (after an eviction, only for the last report).
 async fn session(
     upstream: &mut Upstream,
     mut credentials: Credentials,

@@ -19,6 +19,28 @@ pub fn new_event_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Whether `reason` takes a certificate out of use (it is listed in a CRL), rather than
+/// replacing it with a newer one its holder may keep using until it expires.
+pub fn takes_out_of_use(reason: RevocationReason) -> bool {
+    !matches!(
+        reason,
+        RevocationReason::Superseded | RevocationReason::CaRotated | RevocationReason::Unspecified
+    )
+}
+
+/// The id of the event recording that the certificate with `serial` was taken out of use:
+/// derived from the serial (a UUIDv8), so that whoever records it (the agent that revoked it,
+/// the server that ordered it, a retry) records it once.
+pub fn revocation_event_id(serial: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("svid-revoked:{serial}").as_bytes(),
+    );
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    uuid::Uuid::new_v8(bytes).to_string()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use super::model::{caller_of, kind_name, new_event_id, now_ms};
+use super::model::{
+    caller_of, kind_name, new_event_id, now_ms, revocation_event_id, takes_out_of_use,
+};
 use super::spool::SpoolError;
 use crate::attest::CallerFacts;
 use crate::ca::X509Svid;
@@ -427,6 +429,9 @@ impl Recorder {
     pub fn revoked(&self, entry: &RegistrationEntry, svid: &X509Svid, reason: RevocationReason) {
         let mut event = self.svid_event(EventKind::SvidRevoked, entry, svid);
         event.set_reason(reason);
+        if takes_out_of_use(reason) {
+            event.id = revocation_event_id(&svid.serial_hex);
+        }
         if let Err(e) = self.write(true, &event) {
             tracing::error!(serial = %svid.serial_hex, error = %e, "cannot record a revocation event");
         }

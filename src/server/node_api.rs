@@ -617,6 +617,24 @@ impl State {
     /// The node behind a verified client certificate, if it is an active node whose SVID was
     /// issued since its last attestation.
     async fn authenticated_node(&self, leaf: Option<Vec<u8>>) -> Result<NodeRecord, NodeApiError> {
+        self.authenticated(leaf, false).await
+    }
+
+    /// Like [`authenticated_node`](Self::authenticated_node), but an evicted node (not a
+    /// banned one) passes too: what it recorded before it was evicted, the revocations of its
+    /// eviction included, still belongs in the audit trail.
+    async fn authenticated_reporter(
+        &self,
+        leaf: Option<Vec<u8>>,
+    ) -> Result<NodeRecord, NodeApiError> {
+        self.authenticated(leaf, true).await
+    }
+
+    async fn authenticated(
+        &self,
+        leaf: Option<Vec<u8>>,
+        evicted_may_report: bool,
+    ) -> Result<NodeRecord, NodeApiError> {
         let leaf = leaf.ok_or_else(|| {
             NodeApiError::NotAuthenticated(
                 "a node SVID is required as TLS client certificate".into(),
@@ -634,7 +652,8 @@ impl State {
             self.store.get_node(&node_id).await?.ok_or_else(|| {
                 NodeApiError::Forbidden(format!("node {node_id} is not attested"))
             })?;
-        if node.status != NodeStatus::Active {
+        let may_report = evicted_may_report && node.status == NodeStatus::Evicted;
+        if node.status != NodeStatus::Active && !may_report {
             return Err(NodeApiError::Forbidden(format!(
                 "node {node_id} is {}",
                 node.status
@@ -682,7 +701,7 @@ impl Node for NodeService {
         let (peer, leaf) = peer_of(&request);
         let node = self
             .state
-            .authenticated_node(leaf)
+            .authenticated_reporter(leaf)
             .await
             .map_err(|e| refuse("ReportEvents", &peer, e))?;
         let mut batches = request.into_inner();

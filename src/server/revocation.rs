@@ -11,7 +11,7 @@ use crate::ca::crl::{
     CRL_LIFETIME, CrlError, Revoked, check_crl, parse_crl, sign_crl, subject_der,
 };
 use crate::entry::MAX_X509_TTL;
-use crate::events::model::{now_ms, reason_from_name, reason_name};
+use crate::events::model::{now_ms, reason_from_name, reason_name, revocation_event_id};
 use crate::proto::tessera::{Event, EventKind, RevocationOrder, RevocationReason};
 use crate::store::wire::to_record;
 use crate::store::{CrlRecord, RevocationRecord, StoreError, SvidRecord, unix_now, unix_seconds};
@@ -82,18 +82,6 @@ pub fn orders_by_node(records: &[RevocationRecord]) -> HashMap<String, Vec<Revoc
     orders
 }
 
-/// The id of the event that records the revocation of `serial`: derived from it, so that
-/// recording it again (a retried call, a second operator) stores nothing new.
-fn revocation_event_id(serial: &str) -> String {
-    let digest = aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        format!("svid-revoked:{serial}").as_bytes(),
-    );
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest.as_ref()[..16]);
-    uuid::Uuid::new_v8(bytes).to_string()
-}
-
 /// The hex key a CRL of the CA `ca_der` is stored under: its subject name.
 fn issuer_key(ca_der: &[u8]) -> Option<String> {
     subject_der(ca_der).map(hex::encode)
@@ -125,9 +113,14 @@ impl State {
             })
             .collect();
         let revoked = self.store.revoke(records).await?;
+        // An SVID only superseded (a rotation) is still in use: this takes it out of use.
+        let out_of_use = |svid: &SvidRecord| {
+            svid.revoked_ms.is_some()
+                && !matches!(svid.reason.as_deref(), Some("superseded" | "ca_rotated"))
+        };
         let events = svids
             .iter()
-            .filter(|svid| svid.revoked_ms.is_none())
+            .filter(|svid| !out_of_use(svid))
             .map(|svid| {
                 let event = Event {
                     id: revocation_event_id(&svid.serial),
