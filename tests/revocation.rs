@@ -174,3 +174,106 @@ async fn verify_explains_bad_input_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no PEM CERTIFICATE"));
 }
+
+#[tokio::test]
+async fn an_operator_revokes_on_a_standalone_agents_admin_socket() {
+    let uid = my_uid_selector();
+    let dir = world_dir();
+    let admin_socket = dir.path().join("admin.sock");
+    let agent = start_agent_with(
+        &[
+            entry("/one", &[&uid], "5m", ""),
+            entry("/two", &[&uid], "5m", ""),
+        ]
+        .concat(),
+        &format!("admin_socket = \"{}\"", admin_socket.display()),
+        Default::default(),
+    )
+    .await;
+    let admin = admin_socket.to_str().unwrap().to_owned();
+    let files = tempfile::tempdir().unwrap();
+    fetch_to(&agent, files.path()).await;
+    let cert = files.path().join("svid.pem");
+    let serial = {
+        let out = tessera(&[
+            "svid",
+            "fetch",
+            "--socket",
+            &agent.uri(),
+            "--output",
+            "json",
+        ])
+        .await;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["svids"][0]["serial"].as_str().unwrap().to_owned()
+    };
+    let revoke = |serial: String| {
+        let admin = admin.clone();
+        async move {
+            tessera(&[
+                "svid",
+                "revoke",
+                &serial,
+                "--reason",
+                "laptop stolen",
+                "--admin-socket",
+                &admin,
+                "--output",
+                "json",
+            ])
+            .await
+        }
+    };
+    let out = revoke(serial.clone()).await;
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["revoked"][0]["serial"], serial.as_str(), "{json}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = verify(&agent, &cert).await;
+        if out.status.code() == Some(1) {
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains(&serial),
+                "{out:?}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{out:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = revoke(serial.clone()).await;
+    let json: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(json["already_revoked"][0], serial.as_str(), "{json}");
+    let unknown = revoke("0badc0de".into()).await;
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("0badc0de"));
+
+    // An entry's revocation; the server's other calls are refused, saying whose they are.
+    let entry_id = agent.handle.cache.entries().entries[1].id.clone();
+    let out = tessera(&[
+        "entry",
+        "revoke",
+        &entry_id,
+        "--reason",
+        "rotate",
+        "--admin-socket",
+        &admin,
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let list = tessera(&["entry", "list", "--admin-socket", &admin]).await;
+    assert_eq!(list.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&list.stderr).contains("server's"),
+        "{list:?}"
+    );
+
+    // The audit log has the operator's words.
+    let log = std::fs::read_to_string(agent.dir.path().join("state/audit.jsonl")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("svid_revoked") && l.contains("laptop stolen")),
+        "{log}"
+    );
+}

@@ -22,6 +22,7 @@ use crate::ca::{
 use crate::events::recorder::{AuditLog, LogError, Recorder};
 use crate::events::spool::Spool;
 use crate::events::{SpoolLog, open_spool};
+use crate::proto::tessera::admin_server::AdminServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::runtime::{Backoff, Shutdown, TaskError, Tasks, wait_until_wall_time};
 use crate::spiffe::TrustDomain;
@@ -64,6 +65,35 @@ fn open_recorder(
     }
 }
 
+/// Serves the standalone admin socket at `path` (0600, root and this agent's user) until
+/// shutdown, removing it after.
+fn serve_admin(
+    path: &std::path::Path,
+    cache: Arc<IdentityCache>,
+    tasks: &Tasks,
+    shutdown: &Shutdown,
+) -> Result<(), AgentError> {
+    let listener = crate::runtime::socket::bind_private(path).map_err(AgentError::AdminSocket)?;
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let server = tonic::transport::Server::builder()
+        .add_service(AdminServer::with_interceptor(
+            super::admin::AgentAdmin::new(cache),
+            move |request| crate::runtime::admin::admit_administrator(request, own_uid, "agent"),
+        ))
+        .serve_with_incoming_shutdown(
+            crate::runtime::admin::incoming(listener, shutdown.signalled()),
+            shutdown.signalled(),
+        );
+    let path = path.to_owned();
+    tracing::info!(admin_socket = %path.display(), "admin socket serving (svid revoke, entry revoke)");
+    tasks.spawn("admin socket", async move {
+        let result = server.await;
+        let _ = std::fs::remove_file(&path);
+        result.map_err(AgentError::Serve)
+    });
+    Ok(())
+}
+
 /// How long a freshly attested node waits for its first entries before serving.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(5);
 /// How long open connections get to finish after shutdown before they are cut.
@@ -81,6 +111,9 @@ pub enum AgentError {
     /// Server mode: the node could not be attested.
     #[error("node attestation: {0}")]
     Upstream(#[from] UpstreamError),
+    /// The admin socket could not be bound.
+    #[error("admin_socket: {0}")]
+    AdminSocket(#[source] crate::runtime::socket::BindError),
     /// The revocation lists could not be restored.
     #[error("revocation lists: {0}")]
     Revocations(#[from] RevocationError),
@@ -457,6 +490,10 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             result
         }
     });
+
+    if let Some(path) = &config.admin_socket {
+        serve_admin(path, cache.clone(), &tasks, &shutdown)?;
+    }
 
     tracing::info!(
         socket = %socket_path.display(),

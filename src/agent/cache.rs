@@ -106,6 +106,43 @@ struct Withdrawn {
     reason: RevocationReason,
     /// False when whoever ordered it has recorded the event already (the server).
     record: bool,
+    /// Why, in the words of whoever asked (an operator); empty otherwise.
+    detail: String,
+}
+
+/// An SVID an operator's revocation took out of use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedSvid {
+    /// Lowercase hex serial.
+    pub serial: String,
+    /// Its entry.
+    pub entry_id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// Its not-after.
+    pub not_after: SystemTime,
+}
+
+impl RevokedSvid {
+    fn of(cached: &Cached) -> Self {
+        Self {
+            serial: cached.svid.serial_hex.clone(),
+            entry_id: cached.entry.id.clone(),
+            spiffe_id: cached.svid.spiffe_id.to_string(),
+            not_after: cached.svid.not_after,
+        }
+    }
+}
+
+/// What an operator's revocation of one serial found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialRevocation {
+    /// Revoked now.
+    Revoked(RevokedSvid),
+    /// It was revoked before.
+    AlreadyRevoked,
+    /// This agent has not served it since it started (or it has expired).
+    Unknown,
 }
 
 /// Shared identity state of one agent.
@@ -367,6 +404,7 @@ impl IdentityCache {
                 cached,
                 reason,
                 record: true,
+                detail: String::new(),
             });
         }
         state.svids.extend(replaced);
@@ -395,6 +433,7 @@ impl IdentityCache {
                     cached,
                     reason: *reason,
                     record: true,
+                    detail: String::new(),
                 }),
                 None => state.superseded.push(cached),
             }
@@ -406,9 +445,14 @@ impl IdentityCache {
     }
 
     /// Revokes every live SVID of entry `entry_id` this agent minted (the one served and any
-    /// it replaced) for `reason`; a holder that still matches gets a fresh one at once. Returns
-    /// how many were revoked.
-    pub fn revoke_entry(&self, entry_id: &str, reason: RevocationReason) -> usize {
+    /// it replaced) for `reason`, with the operator's `detail`; a holder that still matches
+    /// gets a fresh one at once. Returns those revoked.
+    pub fn revoke_entry(
+        &self,
+        entry_id: &str,
+        reason: RevocationReason,
+        detail: &str,
+    ) -> Vec<RevokedSvid> {
         let mut state = self.lock();
         let mut withdrawn: Vec<Withdrawn> = state
             .svids
@@ -418,6 +462,7 @@ impl IdentityCache {
                 cached,
                 reason,
                 record: true,
+                detail: String::new(),
             })
             .collect();
         let (gone, kept) = std::mem::take(&mut state.superseded)
@@ -428,12 +473,60 @@ impl IdentityCache {
             cached,
             reason,
             record: true,
+            detail: String::new(),
         }));
         drop(state);
-        let count = withdrawn.len();
+        let now = SystemTime::now();
+        withdrawn.retain(|w| w.cached.svid.not_after > now);
+        for w in &mut withdrawn {
+            w.detail = detail.to_owned();
+        }
+        let revoked = withdrawn
+            .iter()
+            .map(|w| RevokedSvid::of(&w.cached))
+            .collect();
         self.record_revocations(withdrawn);
         self.bump();
-        count
+        revoked
+    }
+
+    /// An operator's revocation of the SVID with serial `serial_hex` on a standalone agent:
+    /// found among those served or replaced since the agent started, revoked with `detail`,
+    /// and replaced at once for its holders.
+    pub fn revoke_known_serial(&self, serial_hex: &str, detail: &str) -> SerialRevocation {
+        if self.revocations.is_revoked(serial_hex) {
+            return SerialRevocation::AlreadyRevoked;
+        }
+        let now = SystemTime::now();
+        let mut state = self.lock();
+        let served = state
+            .svids
+            .iter()
+            .find(|(_, c)| c.svid.serial_hex == serial_hex)
+            .map(|(id, _)| id.clone());
+        let cached = match served {
+            Some(id) => state.svids.remove(&id),
+            None => state
+                .superseded
+                .iter()
+                .position(|c| c.svid.serial_hex == serial_hex)
+                .map(|at| state.superseded.swap_remove(at)),
+        };
+        drop(state);
+        match cached.filter(|c| c.svid.not_after > now) {
+            Some(cached) => {
+                let revoked = RevokedSvid::of(&cached);
+                self.record_revocations(vec![Withdrawn {
+                    cached,
+                    reason: RevocationReason::Operator,
+                    record: true,
+                    detail: detail.to_owned(),
+                }]);
+                self.bump();
+                SerialRevocation::Revoked(revoked)
+            }
+            None => SerialRevocation::Unknown,
+        }
     }
 
     /// Revokes the SVID with serial `serial_hex` for `reason`, an order from the server (which
@@ -470,6 +563,7 @@ impl IdentityCache {
                     cached,
                     reason,
                     record: false,
+                    detail: String::new(),
                 }]);
                 self.bump();
                 true
@@ -509,6 +603,7 @@ impl IdentityCache {
                     cached,
                     reason: RevocationReason::CaRotated,
                     record: true,
+                    detail: String::new(),
                 })
                 .collect()
         };
@@ -543,6 +638,7 @@ impl IdentityCache {
                 cached,
                 reason,
                 record: true,
+                detail: String::new(),
             })
             .collect();
         drop(state);
@@ -667,6 +763,7 @@ impl IdentityCache {
             cached,
             reason,
             record,
+            detail,
         } in withdrawn
         {
             let svid = &cached.svid;
@@ -675,7 +772,8 @@ impl IdentityCache {
                     .revoke(&cached.ca, &svid.serial_hex, svid.not_after, reason);
             }
             if record {
-                self.recorder.revoked(&cached.entry, svid, reason);
+                self.recorder
+                    .revoked_for(&cached.entry, svid, reason, &detail);
             }
         }
     }
@@ -1077,7 +1175,9 @@ mod tests {
         assert!(!revocations.is_revoked(&first_b));
 
         // An operator's revocation of b replaces it at once for its holders.
-        assert_eq!(cache.revoke_entry("b", RevocationReason::Operator), 1);
+        let revoked = cache.revoke_entry("b", RevocationReason::Operator, "test");
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(revoked[0].serial, first_b);
         assert!(revocations.is_revoked(&first_b));
         let entries = cache.entries();
         let b_only: Vec<_> = entries

@@ -60,6 +60,9 @@ pub struct AgentConfig {
     pub audit_limits: AuditLimits,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: not served.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Standalone only: a root-only socket where `tessera svid revoke` and `tessera entry
+    /// revoke` reach this agent (`--admin-socket`).
+    pub admin_socket: Option<PathBuf>,
     /// A Workload API connection with no stream open for this long is closed.
     pub idle_timeout: Duration,
     /// A Workload API connection whose client takes longer than this over one request's
@@ -118,6 +121,7 @@ struct RawConfig {
     #[serde(default)]
     allow_unauthenticated_verifiers: bool,
     metrics_address: Option<String>,
+    admin_socket: Option<PathBuf>,
     #[serde(default)]
     attestation: RawAttestation,
     #[serde(default)]
@@ -367,7 +371,15 @@ impl AgentConfig {
                 )
             })?),
         };
+        if let (Some(path), Some(_)) = (&raw.admin_socket, &server) {
+            return Err(invalid(
+                "admin_socket",
+                &path.display().to_string(),
+                "applies to a standalone agent; with a [server], revoke on the server's admin socket".into(),
+            ));
+        }
         Ok(Self {
+            admin_socket: raw.admin_socket,
             file: None,
             trust_domain,
             socket_path,

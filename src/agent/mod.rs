@@ -1,5 +1,6 @@
 //! The node agent: serves the SPIFFE Workload API to local workloads.
 
+pub mod admin;
 pub mod app;
 pub mod authority;
 pub mod cache;

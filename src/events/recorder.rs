@@ -427,8 +427,20 @@ impl Recorder {
     /// Records that `svid` of `entry` is no longer served, for `reason`. A failure is logged:
     /// the revocation itself has already happened.
     pub fn revoked(&self, entry: &RegistrationEntry, svid: &X509Svid, reason: RevocationReason) {
+        self.revoked_for(entry, svid, reason, "");
+    }
+
+    /// Records a revocation with `detail`, whoever asked for it in their words.
+    pub fn revoked_for(
+        &self,
+        entry: &RegistrationEntry,
+        svid: &X509Svid,
+        reason: RevocationReason,
+        detail: &str,
+    ) {
         let mut event = self.svid_event(EventKind::SvidRevoked, entry, svid);
         event.set_reason(reason);
+        event.detail = detail.to_owned();
         if takes_out_of_use(reason) {
             event.id = revocation_event_id(&svid.serial_hex);
         }

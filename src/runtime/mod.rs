@@ -8,6 +8,7 @@
 //! importing each other.
 
 pub mod accept;
+pub mod admin;
 pub mod sdnotify;
 pub mod socket;
 

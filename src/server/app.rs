@@ -8,9 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::State;
 use super::admin_api::AdminService;
@@ -219,56 +217,6 @@ async fn prune_events(state: Arc<State>) {
     }
 }
 
-/// Accepts admin connections; who may call is decided per call by [`admit_administrator`],
-/// which can answer a refused caller instead of dropping its connection.
-fn admin_incoming(
-    listener: UnixListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> ReceiverStream<Result<UnixStream, std::io::Error>> {
-    crate::runtime::accept::incoming(
-        listener,
-        "admin",
-        shutdown,
-        move |stream: UnixStream, _, handoff| async move {
-            let _ = handoff.send(Ok(stream)).await;
-        },
-    )
-}
-
-/// Lets a call through when its caller (the peer credentials of its connection) is root or
-/// `own_uid`; refuses it with PermissionDenied naming the rule otherwise, and audits that.
-fn admit_administrator(
-    request: tonic::Request<()>,
-    own_uid: u32,
-) -> Result<tonic::Request<()>, tonic::Status> {
-    let peer = request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-        .and_then(|info| info.peer_cred);
-    match peer {
-        Some(cred) if cred.uid() == 0 || cred.uid() == own_uid => Ok(request),
-        Some(cred) => {
-            tracing::warn!(
-                target: "tessera::audit",
-                uid = cred.uid(),
-                pid = cred.pid().unwrap_or(0),
-                "admin call refused: only root or the server's user may administer"
-            );
-            Err(tonic::Status::permission_denied(format!(
-                "the admin API is for root and the server's user (uid {own_uid}); this caller \
-                 runs as uid {}",
-                cred.uid()
-            )))
-        }
-        None => {
-            tracing::warn!("admin call without peer credentials refused");
-            Err(tonic::Status::permission_denied(
-                "the admin API is for root and the server's user; this caller's uid is unknown",
-            ))
-        }
-    }
-}
-
 /// Builds and starts a server replica. Returns once both APIs accept connections.
 pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     std::fs::create_dir_all(&config.state_dir)
@@ -375,10 +323,10 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let admin_server = tonic::transport::Server::builder()
         .add_service(AdminServer::with_interceptor(
             AdminService::new(state.clone()),
-            move |request| admit_administrator(request, own_uid),
+            move |request| crate::runtime::admin::admit_administrator(request, own_uid, "server"),
         ))
         .serve_with_incoming_shutdown(
-            admin_incoming(admin_listener, shutdown.signalled()),
+            crate::runtime::admin::incoming(admin_listener, shutdown.signalled()),
             shutdown.signalled(),
         );
 

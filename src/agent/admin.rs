@@ -1,0 +1,210 @@
+//! A standalone agent's admin socket: the operator's revocations (`tessera svid revoke` and
+//! `tessera entry revoke --admin-socket <this socket>`) on the same `tessera.v1.Admin` service
+//! the server serves, so one CLI reaches both. Every other call is the server's and answers
+//! `Unimplemented`, saying so.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::cache::{IdentityCache, RevokedSvid, SerialRevocation};
+use crate::proto::tessera::admin_server::Admin;
+use crate::proto::tessera::{
+    Bundle, CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, EventFilter,
+    GetBundleRequest, GetInventoryRequest, Inventory, JoinToken, ListEntriesRequest,
+    ListEntriesResponse, ListEventsResponse, ListNodesRequest, ListNodesResponse, NodeInfo,
+    NodeRequest, RevocationReason, RevokeEntryRequest, RevokeResponse, RevokeSvidRequest,
+    StoredEvent, SvidInfo, UpdateEntryRequest,
+};
+
+/// Longest reason an operator may give, in bytes (as on the server).
+const MAX_REASON_LEN: usize = 1024;
+
+/// The admin service of a standalone agent.
+pub struct AgentAdmin {
+    /// The identity cache whose SVIDs are revoked.
+    cache: Arc<IdentityCache>,
+}
+
+impl AgentAdmin {
+    /// Revokes through `cache`.
+    pub fn new(cache: Arc<IdentityCache>) -> Self {
+        Self { cache }
+    }
+}
+
+/// The answer to every call only a server serves.
+fn servers_only(call: &str) -> Status {
+    Status::unimplemented(format!(
+        "{call} is the server's; a standalone agent's admin socket takes `tessera svid revoke` \
+         and `tessera entry revoke` (entries are in its configuration file)"
+    ))
+}
+
+fn checked_reason(reason: &str) -> Result<&str, Status> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > MAX_REASON_LEN || reason.contains(['\n', '\0']) {
+        return Err(Status::invalid_argument(format!(
+            "reason = {reason:?}: say why, in one line of at most {MAX_REASON_LEN} bytes"
+        )));
+    }
+    Ok(reason)
+}
+
+fn svid_info(revoked: &RevokedSvid) -> SvidInfo {
+    SvidInfo {
+        serial: revoked.serial.clone(),
+        entry_id: revoked.entry_id.clone(),
+        spiffe_id: revoked.spiffe_id.clone(),
+        not_after: crate::clock::unix_seconds(revoked.not_after),
+        revoked_ms: Some(crate::events::model::now_ms()),
+        reason: "operator".into(),
+        ..Default::default()
+    }
+}
+
+fn audit(action: &'static str, subject: &str) {
+    tracing::info!(target: "tessera::audit", action, subject, "admin change");
+}
+
+type TailStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<StoredEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Admin for AgentAdmin {
+    async fn revoke_svid(
+        &self,
+        request: Request<RevokeSvidRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let request = request.into_inner();
+        let reason = checked_reason(&request.reason)?;
+        let serial = request.serial.trim().to_ascii_lowercase();
+        match self.cache.revoke_known_serial(&serial, reason) {
+            SerialRevocation::Revoked(revoked) => {
+                audit("SVID revoked", &serial);
+                Ok(Response::new(RevokeResponse {
+                    revoked: vec![svid_info(&revoked)],
+                    already_revoked: Vec::new(),
+                }))
+            }
+            SerialRevocation::AlreadyRevoked => Ok(Response::new(RevokeResponse {
+                revoked: Vec::new(),
+                already_revoked: vec![serial],
+            })),
+            SerialRevocation::Unknown => Err(Status::not_found(format!(
+                "no live SVID with serial {serial:?} was served by this agent since it started \
+                 (serials are lowercase hex, as `tessera svid fetch` shows them)"
+            ))),
+        }
+    }
+
+    async fn revoke_entry(
+        &self,
+        request: Request<RevokeEntryRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let request = request.into_inner();
+        let reason = checked_reason(&request.reason)?;
+        if self.cache.entries().get(&request.id).is_none() {
+            return Err(Status::not_found(format!(
+                "no entry with id {:?}",
+                request.id
+            )));
+        }
+        let revoked = self
+            .cache
+            .revoke_entry(&request.id, RevocationReason::Operator, reason);
+        for svid in &revoked {
+            audit("SVID revoked", &svid.serial);
+        }
+        Ok(Response::new(RevokeResponse {
+            revoked: revoked.iter().map(svid_info).collect(),
+            already_revoked: Vec::new(),
+        }))
+    }
+
+    async fn create_entry(
+        &self,
+        _: Request<CreateEntryRequest>,
+    ) -> Result<Response<Entry>, Status> {
+        Err(servers_only("entry create"))
+    }
+
+    async fn update_entry(
+        &self,
+        _: Request<UpdateEntryRequest>,
+    ) -> Result<Response<Entry>, Status> {
+        Err(servers_only("entry update"))
+    }
+
+    async fn delete_entry(&self, _: Request<EntryRequest>) -> Result<Response<Entry>, Status> {
+        Err(servers_only("entry delete"))
+    }
+
+    async fn get_entry(&self, _: Request<EntryRequest>) -> Result<Response<Entry>, Status> {
+        Err(servers_only("entry show"))
+    }
+
+    async fn list_entries(
+        &self,
+        _: Request<ListEntriesRequest>,
+    ) -> Result<Response<ListEntriesResponse>, Status> {
+        Err(servers_only("entry list"))
+    }
+
+    async fn activate_entry(&self, _: Request<EntryRequest>) -> Result<Response<Entry>, Status> {
+        Err(servers_only("entry activate"))
+    }
+
+    async fn create_join_token(
+        &self,
+        _: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<JoinToken>, Status> {
+        Err(servers_only("token create"))
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        Err(servers_only("node list"))
+    }
+
+    async fn get_node(&self, _: Request<NodeRequest>) -> Result<Response<NodeInfo>, Status> {
+        Err(servers_only("node show"))
+    }
+
+    async fn evict_node(&self, _: Request<NodeRequest>) -> Result<Response<NodeInfo>, Status> {
+        Err(servers_only("node evict"))
+    }
+
+    async fn ban_node(&self, _: Request<NodeRequest>) -> Result<Response<NodeInfo>, Status> {
+        Err(servers_only("node ban"))
+    }
+
+    async fn get_bundle(&self, _: Request<GetBundleRequest>) -> Result<Response<Bundle>, Status> {
+        Err(servers_only("bundle show"))
+    }
+
+    async fn list_events(
+        &self,
+        _: Request<EventFilter>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        Err(servers_only("events list"))
+    }
+
+    type TailEventsStream = TailStream;
+
+    async fn tail_events(
+        &self,
+        _: Request<EventFilter>,
+    ) -> Result<Response<Self::TailEventsStream>, Status> {
+        Err(servers_only("events tail"))
+    }
+
+    async fn get_inventory(
+        &self,
+        _: Request<GetInventoryRequest>,
+    ) -> Result<Response<Inventory>, Status> {
+        Err(servers_only("inventory"))
+    }
+}
