@@ -49,25 +49,6 @@ async fn verify(agent: &TestAgent, cert: &Path) -> Output {
     .await
 }
 
-/// `openssl verify -crl_check_all` of `cert` against the bundle and CRLs in `files`.
-fn openssl_verify(files: &Path, cert: &Path) -> String {
-    let out = Command::new("openssl")
-        .arg("verify")
-        .arg("-crl_check_all")
-        .arg("-CAfile")
-        .arg(files.join("bundle.pem"))
-        .arg("-CRLfile")
-        .arg(files.join("crl.pem"))
-        .arg(cert)
-        .output()
-        .expect("openssl is installed by scripts/test.sh");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[tokio::test]
 async fn a_removed_entry_is_revoked_for_every_relying_party() {
     let uid = my_uid_selector();

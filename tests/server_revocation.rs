@@ -110,28 +110,6 @@ fn refused_on(agent: &AgentProcess, cert: &Path) -> String {
     }
 }
 
-/// `openssl verify -crl_check_all` of the chain in `svid` against the bundle and CRLs in
-/// `files`.
-fn openssl_verify(files: &Path, svid: &Path) -> String {
-    let out = Command::new("openssl")
-        .arg("verify")
-        .arg("-crl_check_all")
-        .arg("-CAfile")
-        .arg(files.join("bundle.pem"))
-        .arg("-CRLfile")
-        .arg(files.join("crl.pem"))
-        .arg("-untrusted")
-        .arg(svid)
-        .arg(svid)
-        .output()
-        .expect("openssl is installed by scripts/test.sh");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Runs `tessera svid revoke` until the server knows the serial (its issuance event arrives
 /// from the node within a moment of the fetch).
 fn revoke_serial(server: &ServerProcess, serial: &str) -> serde_json::Value {

@@ -498,21 +498,7 @@ impl IdentityCache {
             return SerialRevocation::AlreadyRevoked;
         }
         let now = SystemTime::now();
-        let mut state = self.lock();
-        let served = state
-            .svids
-            .iter()
-            .find(|(_, c)| c.svid.serial_hex == serial_hex)
-            .map(|(id, _)| id.clone());
-        let cached = match served {
-            Some(id) => state.svids.remove(&id),
-            None => state
-                .superseded
-                .iter()
-                .position(|c| c.svid.serial_hex == serial_hex)
-                .map(|at| state.superseded.swap_remove(at)),
-        };
-        drop(state);
+        let cached = take_serial(&mut self.lock(), serial_hex);
         match cached.filter(|c| c.svid.not_after > now) {
             Some(cached) => {
                 let revoked = RevokedSvid::of(&cached);
@@ -542,21 +528,7 @@ impl IdentityCache {
         if self.revocations.is_revoked(serial_hex) {
             return false;
         }
-        let mut state = self.lock();
-        let served = state
-            .svids
-            .iter()
-            .find(|(_, c)| c.svid.serial_hex == serial_hex)
-            .map(|(id, _)| id.clone());
-        let cached = match served {
-            Some(id) => state.svids.remove(&id),
-            None => state
-                .superseded
-                .iter()
-                .position(|c| c.svid.serial_hex == serial_hex)
-                .map(|at| state.superseded.swap_remove(at)),
-        };
-        drop(state);
+        let cached = take_serial(&mut self.lock(), serial_hex);
         match cached {
             Some(cached) => {
                 self.record_revocations(vec![Withdrawn {
@@ -857,6 +829,23 @@ impl IdentityCache {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state stays consistent across a panic in a caller: keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Takes the SVID with serial `serial_hex` out of the cache, served or superseded.
+fn take_serial(state: &mut State, serial_hex: &str) -> Option<Cached> {
+    let served = state
+        .svids
+        .iter()
+        .find(|(_, c)| c.svid.serial_hex == serial_hex)
+        .map(|(id, _)| id.clone());
+    match served {
+        Some(id) => state.svids.remove(&id),
+        None => state
+            .superseded
+            .iter()
+            .position(|c| c.svid.serial_hex == serial_hex)
+            .map(|at| state.superseded.swap_remove(at)),
     }
 }
 

@@ -88,6 +88,31 @@ fn issuer_key(ca_der: &[u8]) -> Option<String> {
 }
 
 impl State {
+    /// The `svid_revoked` event of `svid`, at `now_ms`, with its id derived from the serial.
+    fn revocation_record(
+        &self,
+        svid: &SvidRecord,
+        reason: RevocationReason,
+        detail: &str,
+        now_ms: i64,
+    ) -> crate::store::EventRecord {
+        let event = Event {
+            id: revocation_event_id(&svid.serial),
+            kind: EventKind::SvidRevoked as i32,
+            time_ms: now_ms,
+            trust_domain: self.config.trust_domain.name().to_owned(),
+            node_id: svid.node_id.clone(),
+            entry_id: svid.entry_id.clone(),
+            spiffe_id: svid.spiffe_id.clone(),
+            serial: svid.serial.clone(),
+            not_after: svid.not_after.unwrap_or_default(),
+            reason: reason as i32,
+            detail: detail.to_owned(),
+            ..Default::default()
+        };
+        to_record(&event, EventKind::SvidRevoked, &svid.node_id, now_ms)
+    }
+
     /// Revokes `svids` for `reason`: an order to each node whose CA signed one, and an
     /// `svid_revoked` event for each, both idempotent. Returns the serials this call revoked
     /// and those revoked before.
@@ -121,23 +146,7 @@ impl State {
         let events = svids
             .iter()
             .filter(|svid| !out_of_use(svid))
-            .map(|svid| {
-                let event = Event {
-                    id: revocation_event_id(&svid.serial),
-                    kind: EventKind::SvidRevoked as i32,
-                    time_ms: now,
-                    trust_domain: self.config.trust_domain.name().to_owned(),
-                    node_id: svid.node_id.clone(),
-                    entry_id: svid.entry_id.clone(),
-                    spiffe_id: svid.spiffe_id.clone(),
-                    serial: svid.serial.clone(),
-                    not_after: svid.not_after.unwrap_or_default(),
-                    reason: reason as i32,
-                    detail: detail.to_owned(),
-                    ..Default::default()
-                };
-                to_record(&event, EventKind::SvidRevoked, &svid.node_id, now)
-            })
+            .map(|svid| self.revocation_record(svid, reason, detail, now))
             .collect::<Vec<_>>();
         if !events.is_empty() {
             self.store.store_events(events).await?;
@@ -184,23 +193,7 @@ impl State {
         // Their CA is revoked: no order to the node (it is gone), only the record.
         let events: Vec<_> = live
             .iter()
-            .map(|svid| {
-                let event = Event {
-                    id: revocation_event_id(&svid.serial),
-                    kind: EventKind::SvidRevoked as i32,
-                    time_ms: now,
-                    trust_domain: self.config.trust_domain.name().to_owned(),
-                    node_id: svid.node_id.clone(),
-                    entry_id: svid.entry_id.clone(),
-                    spiffe_id: svid.spiffe_id.clone(),
-                    serial: svid.serial.clone(),
-                    not_after: svid.not_after.unwrap_or_default(),
-                    reason: reason as i32,
-                    detail: detail.to_owned(),
-                    ..Default::default()
-                };
-                to_record(&event, EventKind::SvidRevoked, node_id, now)
-            })
+            .map(|svid| self.revocation_record(svid, reason, detail, now))
             .collect();
         if !events.is_empty() {
             self.store.store_events(events).await?;

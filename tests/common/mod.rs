@@ -259,3 +259,26 @@ pub async fn svid_stream(
         .unwrap()
         .into_inner()
 }
+
+/// `openssl verify -crl_check_all` of the leaf of `chain` (a PEM file, leaf first, its other
+/// certificates offered as intermediates) against `bundle.pem` and `crl.pem` in `files` (as
+/// `tessera svid fetch --out` writes them); stdout and stderr together.
+pub fn openssl_verify(files: &Path, chain: &Path) -> String {
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-crl_check_all")
+        .arg("-CAfile")
+        .arg(files.join("bundle.pem"))
+        .arg("-CRLfile")
+        .arg(files.join("crl.pem"))
+        .arg("-untrusted")
+        .arg(chain)
+        .arg(chain)
+        .output()
+        .expect("openssl is installed by scripts/test.sh");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
