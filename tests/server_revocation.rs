@@ -313,3 +313,47 @@ fn a_revocation_reaches_an_absent_agent_when_it_returns_and_outlives_a_restart_w
         "{out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_on_postgresql_pass_revocations_between_their_nodes() {
+    let Some(connection) = tessera_harness::postgres::scratch_database_from_env().await else {
+        return;
+    };
+    let dir = world_dir();
+    let datastore = format!("[datastore]\nkind = \"postgres\"\nconnection = \"{connection}\"\n");
+    let replica_a = ServerProcess::start(dir.path(), "replica-a", &datastore);
+    let replica_b = ServerProcess::start(dir.path(), "replica-b", &datastore);
+    let bundle = dir.path().join("bundle.pem");
+    replica_b.write_bundle(&bundle);
+    let a = AgentProcess::start(
+        dir.path(),
+        "agent-a",
+        &replica_a.address,
+        &bundle,
+        &format!("join_token = \"{}\"", replica_a.join_token()),
+    );
+    let b = AgentProcess::start(
+        dir.path(),
+        "agent-b",
+        &replica_b.address,
+        &bundle,
+        &format!("join_token = \"{}\"", replica_b.join_token()),
+    );
+    replica_a.create_entry("/svc", &[]);
+
+    // An SVID node a issued, revoked on the other replica, refused on node b.
+    let (issued, serial) = fetch(&a, dir.path(), "a");
+    revoke_serial(&replica_b, &serial);
+    let refusal = refused_on(&b, &issued.join("svid.pem"));
+    assert!(refusal.contains(&serial), "{refusal}");
+
+    // Node a evicted on replica b: replica a's root, which granted node a's intermediate,
+    // lists it, and node b refuses node a's fresh SVID too.
+    let (fresh, _) = fetch(&a, dir.path(), "a-fresh");
+    let node_a = std::fs::read_to_string(a.state_dir.join("upstream/node_id")).unwrap();
+    replica_b.admin_json(&["node", "evict", node_a.trim()]);
+    let refusal = refused_on(&b, &fresh.join("svid.pem"));
+    assert!(refusal.contains("revoked: serial"), "{refusal}");
+    drop((a, b, replica_a, replica_b));
+    tessera_harness::postgres::drop_scratch_database(&connection).await;
+}
