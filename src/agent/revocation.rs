@@ -433,7 +433,12 @@ pub async fn publish_upstream(revocations: Arc<Revocations>, channel: tonic::tra
         if !own.is_empty() && published.as_ref() != Some(&own) {
             let request = PublishCrlsRequest { crls: own.clone() };
             match client.publish_crls(request).await {
-                Ok(_) => {
+                Ok(response) => {
+                    // Refused ones stay refused (a CA from before a new attestation, say):
+                    // said once, not retried until the set changes.
+                    for reason in &response.get_ref().refused {
+                        tracing::warn!(%reason, "the server refused one of this node's CRLs");
+                    }
                     published = Some(own);
                     backoff.reset();
                 }

@@ -796,8 +796,14 @@ impl Node for NodeService {
         let result = async {
             let node = self.state.authenticated_node(leaf).await?;
             let crls = request.into_inner().crls;
-            let stored = self.state.publish_node_crls(&node.id, crls).await?;
-            Ok::<_, NodeApiError>(PublishCrlsResponse { stored })
+            let (stored, refused) = self.state.publish_node_crls(&node.id, crls).await?;
+            for reason in &refused {
+                tracing::warn!(target: "tessera::audit", node = %node.id, %reason, "node CRL refused");
+            }
+            Ok::<_, NodeApiError>(PublishCrlsResponse {
+                stored,
+                refused: refused.iter().map(ToString::to_string).collect(),
+            })
         }
         .await;
         result

@@ -82,6 +82,37 @@ pub fn orders_by_node(records: &[RevocationRecord]) -> HashMap<String, Vec<Revoc
     orders
 }
 
+/// The record of a CRL node `node_id` published, if it names one of the node's `cas` and
+/// verifies with its key; otherwise why not.
+fn checked_crl(
+    node_id: &str,
+    cas: &[crate::store::NodeCaRecord],
+    der: Vec<u8>,
+) -> Result<CrlRecord, String> {
+    let info = parse_crl(&der).map_err(|e| e.to_string())?;
+    let ca = cas
+        .iter()
+        .find(|ca| subject_der(&ca.der).is_some_and(|s| s == info.issuer_der))
+        .ok_or_else(|| {
+            format!(
+                "its issuer {} is not a CA granted to node {node_id}, or that CA has expired",
+                info.issuer
+            )
+        })?;
+    check_crl(&der, &ca.der).map_err(|e: CrlError| e.to_string())?;
+    let number = i64::try_from(info.number)
+        .map_err(|_| "its CRL number is larger than tessera issues".to_owned())?;
+    Ok(CrlRecord {
+        issuer: hex::encode(&info.issuer_der),
+        publisher: node_id.to_owned(),
+        number,
+        next_update: unix_seconds(info.next_update),
+        until: ca.not_after,
+        revoked: info.revoked.len() as i64,
+        der,
+    })
+}
+
 /// The hex key a CRL of the CA `ca_der` is stored under: its subject name.
 fn issuer_key(ca_der: &[u8]) -> Option<String> {
     subject_der(ca_der).map(hex::encode)
@@ -202,46 +233,33 @@ impl State {
     }
 
     /// Checks the CRLs node `node_id` published against the CAs the server granted it, and
-    /// stores those newer than what is stored. Returns how many were stored.
+    /// stores those newer than what is stored. Returns how many were stored and why each
+    /// refused one was: one bad CRL (say, of a CA from the node's earlier life) does not keep
+    /// the others out.
     pub async fn publish_node_crls(
         &self,
         node_id: &str,
         ders: Vec<Vec<u8>>,
-    ) -> Result<u32, PublishError> {
+    ) -> Result<(u32, Vec<PublishError>), PublishError> {
         if ders.len() > MAX_CRLS_PER_PUBLISH {
             return Err(PublishError::TooMany(ders.len()));
         }
         let cas = self.store.node_cas(Some(node_id), unix_now()).await?;
         let mut stored = 0;
+        let mut refused = Vec::new();
         for (index, der) in ders.into_iter().enumerate() {
-            let refused = |reason: String| PublishError::Refused { index, reason };
-            let info = parse_crl(&der).map_err(|e| refused(e.to_string()))?;
-            let ca = cas
-                .iter()
-                .find(|ca| subject_der(&ca.der).is_some_and(|s| s == info.issuer_der))
-                .ok_or_else(|| {
-                    refused(format!(
-                        "its issuer {} is not a CA granted to node {node_id}, or that CA has expired",
-                        info.issuer
-                    ))
-                })?;
-            check_crl(&der, &ca.der).map_err(|e: CrlError| refused(e.to_string()))?;
-            let number = i64::try_from(info.number)
-                .map_err(|_| refused("its CRL number is larger than tessera issues".to_owned()))?;
-            let record = CrlRecord {
-                issuer: hex::encode(&info.issuer_der),
-                publisher: node_id.to_owned(),
-                number,
-                next_update: unix_seconds(info.next_update),
-                until: ca.not_after,
-                revoked: info.revoked.len() as i64,
-                der,
+            let record = match checked_crl(node_id, &cas, der) {
+                Ok(record) => record,
+                Err(reason) => {
+                    refused.push(PublishError::Refused { index, reason });
+                    continue;
+                }
             };
             if self.store.put_crl(record).await? {
                 stored += 1;
             }
         }
-        Ok(stored)
+        Ok((stored, refused))
     }
 
     /// Signs this replica's root CRL (the node CAs it granted that were revoked) when what it
@@ -579,51 +597,42 @@ mod tests {
             .unwrap();
         let now = SystemTime::now();
         let good = sign_crl(&granted, 7, now, &[]).unwrap();
+        let publish = |node: &'static str, ders: Vec<Vec<u8>>| {
+            let state = state.clone();
+            async move {
+                let (stored, refused) = state.publish_node_crls(node, ders).await.unwrap();
+                let refused: Vec<String> = refused.iter().map(|e| e.to_string()).collect();
+                (stored, refused)
+            }
+        };
+        assert_eq!(publish("n1", vec![good.clone()]).await, (1, vec![]));
         assert_eq!(
-            state
-                .publish_node_crls("n1", vec![good.clone()])
-                .await
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            state
-                .publish_node_crls("n1", vec![good.clone()])
-                .await
-                .unwrap(),
-            0,
+            publish("n1", vec![good.clone()]).await,
+            (0, vec![]),
             "not newer"
         );
-        let refusal = |e: PublishError| e.to_string();
-        let other_node = refusal(state.publish_node_crls("n2", vec![good]).await.unwrap_err());
+        let (_, other_node) = publish("n2", vec![good]).await;
         assert!(
-            other_node.contains("not a CA granted to node n2"),
-            "{other_node}"
+            other_node[0].contains("not a CA granted to node n2"),
+            "{other_node:?}"
         );
+        // A forged CRL and garbage are refused one by one; a good one beside them is taken.
         let forged = sign_crl(&forger, 8, now, &[]).unwrap();
-        let forged = refusal(
-            state
-                .publish_node_crls("n1", vec![forged])
-                .await
-                .unwrap_err(),
-        );
-        assert!(forged.starts_with("CRL 0:"), "{forged}");
-        let garbage = refusal(
-            state
-                .publish_node_crls("n1", vec![b"not a CRL".to_vec()])
-                .await
-                .unwrap_err(),
-        );
+        let newer = sign_crl(&granted, 9, now, &[]).unwrap();
+        let (stored, refused) = publish("n1", vec![forged, b"not a CRL".to_vec(), newer]).await;
+        assert_eq!(stored, 1);
+        assert!(refused[0].starts_with("CRL 0:"), "{refused:?}");
         assert!(
-            garbage.contains("not a DER certificate revocation list"),
-            "{garbage}"
+            refused[1].starts_with("CRL 1:")
+                && refused[1].contains("not a DER certificate revocation list"),
+            "{refused:?}"
         );
         let many = vec![Vec::new(); MAX_CRLS_PER_PUBLISH + 1];
         assert!(matches!(
             state.publish_node_crls("n1", many).await,
             Err(PublishError::TooMany(_))
         ));
-        assert_eq!(state.store.crls(unix_now()).await.unwrap()[0].number, 7);
+        assert_eq!(state.store.crls(unix_now()).await.unwrap()[0].number, 9);
     }
 
     #[test]
