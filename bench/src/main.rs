@@ -5,8 +5,10 @@
 //! Scenarios: fetch latency against a bare tonic round trip; first fetch by a new process
 //! (attestation + mint), executable hash cached and not; mint throughput against a raw
 //! rcgen + aws-lc-rs loop and cfssl; concurrent streams at scale with RSS, CPU and late
-//! rotations; revocation propagation through a server to three agents; event ingest from an
-//! agent's spool to the server's datastore. Charts (PNG) are drawn beside the report.
+//! rotations; revocation propagation through a server to three agents; an operator's SVID
+//! revocation to relying parties on other nodes (CRLs on their Workload API streams); event
+//! ingest from an agent's spool to the server's datastore; CRL sizes under the server's
+//! distribution rule. Charts (PNG) are drawn beside the report.
 //!
 //! A workspace member of its own, so that the `tessera` binary every node runs carries none of
 //! the plotting and PNG crates. The agents and servers measured are `tessera` processes: the
@@ -17,8 +19,10 @@
 mod cfssl;
 mod chart;
 mod cluster;
+mod crl_size;
 mod ingest;
 mod plot;
+mod relying_party;
 mod report;
 mod revocation;
 mod scenarios;
@@ -173,19 +177,25 @@ pub enum Scenario {
     StreamsAtScale,
     /// Entry deletion at the server to three agents' workload streams.
     RevocationPropagation,
+    /// An operator's SVID revocation to CRLs on two other agents' workload streams.
+    RevocationToRelyingParty,
     /// Events from an agent's spool to the server's datastore.
     EventIngest,
+    /// CRL bytes per Workload API message by number of node CAs; a long CRL's sign and parse.
+    CrlSize,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
         Scenario::StreamsAtScale,
         Scenario::RevocationPropagation,
+        Scenario::RevocationToRelyingParty,
         Scenario::EventIngest,
+        Scenario::CrlSize,
     ];
 
     /// The name in reports and on the command line.
@@ -196,7 +206,9 @@ impl Scenario {
             Scenario::MintThroughput => "mint_throughput",
             Scenario::StreamsAtScale => "streams_at_scale",
             Scenario::RevocationPropagation => "revocation_propagation",
+            Scenario::RevocationToRelyingParty => "revocation_to_relying_party",
             Scenario::EventIngest => "event_ingest",
+            Scenario::CrlSize => "crl_size",
         }
     }
 }
@@ -218,6 +230,14 @@ pub struct Plan {
     pub ingest_events: usize,
     /// Entries deleted in the revocation scenario.
     pub revocation_rounds: usize,
+    /// SVIDs revoked in the relying-party scenario.
+    pub relying_party_rounds: usize,
+    /// Node CAs whose CRLs are sized.
+    pub crl_node_cas: usize,
+    /// Serials in the long CRL.
+    pub crl_serials: usize,
+    /// Times the long CRL is signed and parsed (the median is reported).
+    pub crl_repeats: usize,
 }
 
 impl Plan {
@@ -230,6 +250,10 @@ impl Plan {
         stream_ttl: Duration::from_secs(4),
         ingest_events: 2_000,
         revocation_rounds: 5,
+        relying_party_rounds: 10,
+        crl_node_cas: 100,
+        crl_serials: 1_000,
+        crl_repeats: 3,
     };
     /// The full run behind the committed report (a few minutes).
     pub const FULL: Plan = Plan {
@@ -240,6 +264,10 @@ impl Plan {
         stream_ttl: Duration::from_secs(30),
         ingest_events: 100_000,
         revocation_rounds: 200,
+        relying_party_rounds: 200,
+        crl_node_cas: 1_000,
+        crl_serials: 10_000,
+        crl_repeats: 7,
     };
 }
 

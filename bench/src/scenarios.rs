@@ -99,7 +99,11 @@ pub async fn run_all(
             Scenario::RevocationPropagation => {
                 super::revocation::revocation_propagation(plan, &dir).await
             }
+            Scenario::RevocationToRelyingParty => {
+                super::relying_party::revocation_to_relying_party(plan, &dir).await
+            }
             Scenario::EventIngest => super::ingest::event_ingest(plan, &dir).await,
+            Scenario::CrlSize => super::crl_size::crl_size(plan).await,
         }
         .map_err(|e| BenchError::Failed(format!("{}: {e}", scenario.name())))?;
         result.seconds = started.elapsed().as_secs_f64();

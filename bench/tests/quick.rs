@@ -59,7 +59,9 @@ fn quick_benchmark_writes_a_complete_report() {
             "mint_throughput",
             "streams_at_scale",
             "revocation_propagation",
-            "event_ingest"
+            "revocation_to_relying_party",
+            "event_ingest",
+            "crl_size"
         ]
     );
     for scenario in report["scenarios"].as_array().unwrap() {
@@ -108,7 +110,9 @@ fn quick_benchmark_writes_a_complete_report() {
                     "fetch_latency.png",
                     "first_fetch.png",
                     "streams_rss.png",
-                    "revocation_propagation.png"
+                    "revocation_propagation.png",
+                    "revocation_to_relying_party.png",
+                    "crl_size.png"
                 ]
             );
             for file in charts {

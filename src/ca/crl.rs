@@ -16,6 +16,44 @@ use crate::proto::tessera::RevocationReason;
 /// the issuer runs.
 pub const CRL_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// Node CRLs that list nothing are sent to every agent only while there are at most this many
+/// of them: a strict verifier (OpenSSL `-crl_check_all`, Envoy once any CRL is configured)
+/// needs a CRL for every CA of a chain, but beyond this the Workload API message would grow
+/// with the number of nodes. Root CRLs and CRLs that list something are always sent.
+pub const EMPTY_NODE_CRLS_SENT_UP_TO: usize = 64;
+
+/// What the distribution rule ([`distributed`]) looks at in a CRL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlStanding {
+    /// Signed by a root of the trust domain rather than by a node's CA.
+    pub root: bool,
+    /// Lists at least one certificate.
+    pub lists_any: bool,
+    /// Before its nextUpdate.
+    pub current: bool,
+}
+
+/// The CRLs of `crls` every agent is given, in their order: every root's, every node CRL that
+/// lists something, and the current node CRLs that list nothing while there are at most
+/// [`EMPTY_NODE_CRLS_SENT_UP_TO`] of them. An empty CRL past its nextUpdate is left out (it
+/// revokes nothing, and a strict verifier would refuse the whole chain for it); one that lists
+/// something is kept, stale or not. Public so that what the server sends and what the
+/// benchmark sizes are one rule.
+pub fn distributed<T>(crls: &[T], standing: impl Fn(&T) -> CrlStanding) -> Vec<&T> {
+    let standings: Vec<CrlStanding> = crls.iter().map(standing).collect();
+    let empty_nodes = standings
+        .iter()
+        .filter(|s| !s.root && !s.lists_any && s.current)
+        .count();
+    crls.iter()
+        .zip(&standings)
+        .filter(|(_, s)| {
+            s.root || s.lists_any || (s.current && empty_nodes <= EMPTY_NODE_CRLS_SENT_UP_TO)
+        })
+        .map(|(crl, _)| crl)
+        .collect()
+}
+
 /// Why a CRL was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CrlError {

@@ -8,19 +8,13 @@ use std::time::{Duration, SystemTime};
 
 use super::State;
 use crate::ca::crl::{
-    CRL_LIFETIME, CrlError, Revoked, check_crl, parse_crl, sign_crl, subject_der,
+    self, CRL_LIFETIME, CrlError, CrlStanding, Revoked, check_crl, parse_crl, sign_crl, subject_der,
 };
 use crate::entry::MAX_X509_TTL;
 use crate::events::model::{now_ms, reason_from_name, reason_name, revocation_event_id};
 use crate::proto::tessera::{Event, EventKind, RevocationOrder, RevocationReason};
 use crate::store::wire::to_record;
 use crate::store::{CrlRecord, RevocationRecord, StoreError, SvidRecord, unix_now, unix_seconds};
-
-/// Node CRLs that list nothing are sent to every agent only while there are at most this many
-/// of them: a strict verifier (OpenSSL `-crl_check_all`, Envoy once any CRL is configured)
-/// needs a CRL for every CA of a chain, but beyond this the Workload API message would grow
-/// with the number of nodes. Root CRLs and CRLs that list something are always sent.
-pub const EMPTY_NODE_CRLS_SENT_UP_TO: usize = 64;
 
 /// How many CRLs one PublishCrls call may carry (a node holds two or three CAs at a time).
 pub const MAX_CRLS_PER_PUBLISH: usize = 16;
@@ -44,24 +38,17 @@ pub enum PublishError {
     Store(#[from] StoreError),
 }
 
-/// The CRLs every agent is given: every root's, every node CRL that lists something, and the
-/// node CRLs that list nothing while there are at most [`EMPTY_NODE_CRLS_SENT_UP_TO`] of them.
-/// An empty CRL past its nextUpdate is left out (it revokes nothing, and a strict verifier
-/// would refuse the whole chain for it); one that lists something is kept, stale or not.
+/// The CRLs every agent is given, by the rule of [`crate::ca::crl::distributed`]: a CRL is a
+/// root's when a replica published it.
 pub fn distributed(crls: &[CrlRecord], now: i64) -> Vec<Vec<u8>> {
-    let is_root = |c: &CrlRecord| c.publisher.starts_with("server:");
-    let empty_nodes = crls
-        .iter()
-        .filter(|c| !is_root(c) && c.revoked == 0 && c.next_update > now)
-        .count();
-    crls.iter()
-        .filter(|c| {
-            is_root(c)
-                || c.revoked > 0
-                || (c.next_update > now && empty_nodes <= EMPTY_NODE_CRLS_SENT_UP_TO)
-        })
-        .map(|c| c.der.clone())
-        .collect()
+    crl::distributed(crls, |c| CrlStanding {
+        root: c.publisher.starts_with("server:"),
+        lists_any: c.revoked > 0,
+        current: c.next_update > now,
+    })
+    .into_iter()
+    .map(|c| c.der.clone())
+    .collect()
 }
 
 /// The SVID revocations each node must sign, by node id.
@@ -459,6 +446,7 @@ pub async fn run_root_crl(state: Arc<State>, stop: impl std::future::Future<Outp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::crl::EMPTY_NODE_CRLS_SENT_UP_TO;
     use crate::proto::tessera::EventKind;
     use crate::server::sync::load_snapshot;
     use crate::server::testing;
