@@ -717,9 +717,14 @@ impl Admin for AdminService {
             .iter()
             .filter(|s| s.revoked_ms.is_none() && s.not_after.is_some_and(|t| t > now))
             .collect();
+        // Taken out of use, not merely replaced by a rotation (whose SVID its holder may use).
         let revoked: Vec<&SvidRecord> = svids
             .iter()
-            .filter(|s| s.revoked_ms.is_some() && s.not_after.is_some_and(|t| t > now))
+            .filter(|s| {
+                s.revoked_ms.is_some()
+                    && !matches!(s.reason.as_deref(), Some("superseded" | "ca_rotated"))
+                    && s.not_after.is_some_and(|t| t > now)
+            })
             .collect();
         let dormant: std::collections::HashSet<String> = store
             .entry_standings()
