@@ -163,6 +163,9 @@ fi
 # The whole workspace: the tessera package, the benchmark harness (bench/), whose quick run
 # measures the tessera binary this build leaves beside it, and the process harness (harness/).
 echo "==> running the test suite"
+# The mTLS example pair runs as real processes in tests/mtls_example.rs: build it as the
+# programs it is (a test build of an example is its test harness, not the program).
+cargo build --examples
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-targets --no-fail-fast
 else

@@ -16,37 +16,24 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-/// An example binary, built beside this test by `cargo nextest run --all-targets` (which
-/// names it `NAME-<hash>`) or by `cargo build --examples` (plain `NAME`): the newest of those.
+/// An example program, as `cargo build --examples` leaves it (scripts/test.sh builds them
+/// first: the `NAME-<hash>` file a test build leaves is the example's test harness, not the
+/// program).
 fn example(name: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/mtls_example-HASH -> target/<profile>/examples/
-    let dir = exe
+    // target/<profile>/deps/mtls_example-HASH -> target/<profile>/examples/NAME
+    let path = exe
         .parent()
         .and_then(Path::parent)
         .unwrap()
-        .join("examples");
-    let hashed = format!("{name}-");
-    let newest = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|entry| {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            (file == name || (file.starts_with(&hashed) && !file.contains('.')))
-                && entry
-                    .metadata()
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .max_by_key(|entry| entry.metadata().and_then(|m| m.modified()).ok());
-    let Some(found) = newest else {
-        panic!(
-            "no {name} example binary in {}: build the examples too (cargo nextest run --all-targets, or cargo build --examples)",
-            dir.display()
-        );
-    };
-    found.path().canonicalize().unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the examples first (cargo build --examples; scripts/test.sh does)",
+        path.display()
+    );
+    path.canonicalize().unwrap()
 }
 
 /// A child process whose output is collected as it comes, killed when dropped.
