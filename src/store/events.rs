@@ -281,6 +281,7 @@ fn svid_change(event: &EventRecord) -> Option<SvidRecord> {
 
 /// `stored` with `change` merged in, as [`SVID_MERGE`] does it.
 fn merge_svid(stored: &mut SvidRecord, change: SvidRecord) {
+    let replaces = revocation_replaces(&change, stored);
     for (kept, new) in [
         (&mut stored.entry_id, change.entry_id),
         (&mut stored.spiffe_id, change.spiffe_id),
@@ -292,7 +293,7 @@ fn merge_svid(stored: &mut SvidRecord, change: SvidRecord) {
     }
     stored.issued_ms = earliest(stored.issued_ms, change.issued_ms);
     stored.not_after = stored.not_after.or(change.not_after);
-    if earlier(change.revoked_ms, stored.revoked_ms) {
+    if replaces {
         stored.revoked_ms = change.revoked_ms;
         stored.reason = change.reason;
     }
@@ -304,6 +305,23 @@ fn merge_svid(stored: &mut SvidRecord, change: SvidRecord) {
 fn merge_entry_activity(stored: &mut EntryActivity, change: EntryActivity) {
     stored.last_issued_ms = latest(stored.last_issued_ms, change.last_issued_ms);
     stored.last_used_ms = latest(stored.last_used_ms, change.last_used_ms);
+}
+
+/// Whether the revocation `change` reports replaces the one `stored` has: the earliest counts,
+/// but one that took the SVID out of use always wins over a rotation's (`superseded`,
+/// `ca_rotated`), after which its holder could still use it. As [`SVID_MERGE`] decides.
+fn revocation_replaces(change: &SvidRecord, stored: &SvidRecord) -> bool {
+    let replaced_only =
+        |reason: &Option<String>| matches!(reason.as_deref(), Some("superseded" | "ca_rotated"));
+    match (change.revoked_ms, stored.revoked_ms) {
+        (_, None) => change.revoked_ms.is_some(),
+        (None, Some(_)) => false,
+        (Some(new), Some(kept)) => {
+            let (new_replaced, kept_replaced) =
+                (replaced_only(&change.reason), replaced_only(&stored.reason));
+            (kept_replaced && !new_replaced) || (new < kept && new_replaced == kept_replaced)
+        }
+    }
 }
 
 /// True when `new` is known and before `kept` (or `kept` is not known).
@@ -358,9 +376,21 @@ pub(crate) const SVID_MERGE: &str = "
     issued_ms = CASE WHEN svids.issued_ms IS NULL OR excluded.issued_ms < svids.issued_ms
         THEN excluded.issued_ms ELSE svids.issued_ms END,
     not_after = COALESCE(svids.not_after, excluded.not_after),
-    revoked_ms = CASE WHEN svids.revoked_ms IS NULL OR excluded.revoked_ms < svids.revoked_ms
+    revoked_ms = CASE WHEN svids.revoked_ms IS NULL
+            OR (excluded.revoked_ms IS NOT NULL
+                AND ((COALESCE(svids.reason, '') IN ('superseded', 'ca_rotated')
+                        AND COALESCE(excluded.reason, '') NOT IN ('superseded', 'ca_rotated'))
+                    OR (excluded.revoked_ms < svids.revoked_ms
+                        AND (COALESCE(svids.reason, '') IN ('superseded', 'ca_rotated'))
+                            = (COALESCE(excluded.reason, '') IN ('superseded', 'ca_rotated')))))
         THEN excluded.revoked_ms ELSE svids.revoked_ms END,
-    reason = CASE WHEN svids.revoked_ms IS NULL OR excluded.revoked_ms < svids.revoked_ms
+    reason = CASE WHEN svids.revoked_ms IS NULL
+            OR (excluded.revoked_ms IS NOT NULL
+                AND ((COALESCE(svids.reason, '') IN ('superseded', 'ca_rotated')
+                        AND COALESCE(excluded.reason, '') NOT IN ('superseded', 'ca_rotated'))
+                    OR (excluded.revoked_ms < svids.revoked_ms
+                        AND (COALESCE(svids.reason, '') IN ('superseded', 'ca_rotated'))
+                            = (COALESCE(excluded.reason, '') IN ('superseded', 'ca_rotated')))))
         THEN excluded.reason ELSE svids.reason END,
     last_used_ms = CASE WHEN svids.last_used_ms IS NULL
             OR excluded.last_used_ms > svids.last_used_ms

@@ -1736,6 +1736,44 @@ async fn entries_go_dormant_and_wake(store: &dyn Datastore) {
     assert!(store.set_entry_dormant("e1", NOW_MS + 20).await.unwrap());
 }
 
+/// A revocation that took an SVID out of use is what the inventory keeps, even after a
+/// rotation's earlier `superseded` record of it, in either arrival order.
+async fn out_of_use_revocation_wins_over_a_rotation(store: &dyn Datastore) {
+    store
+        .store_events(vec![revoked("s1", "0a01", NOW_MS, "superseded")])
+        .await
+        .unwrap();
+    store
+        .store_events(vec![revoked("o1", "0a01", NOW_MS + 5, "operator")])
+        .await
+        .unwrap();
+    let svid = store.svid("0a01").await.unwrap().unwrap();
+    assert_eq!(
+        (svid.reason.as_deref(), svid.revoked_ms),
+        (Some("operator"), Some(NOW_MS + 5))
+    );
+    store
+        .store_events(vec![
+            revoked("o2", "0a02", NOW_MS + 5, "entry_removed"),
+            revoked("s2", "0a02", NOW_MS, "superseded"),
+        ])
+        .await
+        .unwrap();
+    let svid = store.svid("0a02").await.unwrap().unwrap();
+    assert_eq!(svid.reason.as_deref(), Some("entry_removed"));
+    // Between two of one kind, the earliest.
+    store
+        .store_events(vec![revoked("o3", "0a03", NOW_MS + 9, "operator")])
+        .await
+        .unwrap();
+    store
+        .store_events(vec![revoked("o4", "0a03", NOW_MS + 1, "entry_removed")])
+        .await
+        .unwrap();
+    let svid = store.svid("0a03").await.unwrap().unwrap();
+    assert_eq!(svid.reason.as_deref(), Some("entry_removed"));
+}
+
 /// The SVID of one serial, as the inventory holds it.
 async fn svid_by_serial(store: &dyn Datastore) {
     store
@@ -1826,7 +1864,8 @@ mod sqlite_suite {
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
-            crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake;
+            crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
+            out_of_use_revocation_wins_over_a_rotation;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
@@ -1951,7 +1990,8 @@ mod postgres_suite {
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
-            crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake;
+            crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
+            out_of_use_revocation_wins_over_a_rotation;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
