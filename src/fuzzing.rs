@@ -431,3 +431,93 @@ pub fn spool_recovery(data: &[u8]) {
     }
     assert_eq!(after, expected, "a second open finds what the first left");
 }
+
+/// What a CRL from elsewhere meets: `ca::crl::parse_crl`, the check against the CA it names
+/// (`check_crl`), and a relying party's verification of a live SVID with it
+/// (`verify::verify_svid`). A CRL that the fixture CA did not sign never verifies as its own,
+/// and no CRL, however made, can make the verifier panic.
+///
+/// Input: one flag byte, then the CRL. With the flag's low bit set the bytes are taken as the
+/// entries to revoke (serials of up to 20 bytes, split at zero bytes) and signed by the fixture
+/// CA first, so that the checks past the signature see varied lists.
+pub fn crl(data: &[u8]) {
+    use crate::ca::crl::{Revoked, check_crl, parse_crl, sign_crl};
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let fixture = &*CRL_FIXTURE;
+    let der = if flags & 1 != 0 {
+        let entries: Vec<Revoked> = rest
+            .split(|b| *b == 0)
+            .filter(|serial| !serial.is_empty() && serial.len() <= 20)
+            .map(|serial| Revoked {
+                serial: serial.to_vec(),
+                revoked_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+                reason: crate::proto::tessera::RevocationReason::Operator,
+            })
+            .collect();
+        match sign_crl(&fixture.ca, 1, SystemTime::now(), &entries) {
+            Ok(der) => der,
+            Err(_) => return,
+        }
+    } else {
+        rest.to_vec()
+    };
+    let parsed = parse_crl(&der);
+    let checked = check_crl(&der, &fixture.ca.certificate);
+    if flags & 1 != 0 {
+        let info = checked
+            .as_ref()
+            .expect("a CRL the fixture CA signed checks against it");
+        assert!(parsed.is_ok());
+        assert!(info.revoked.iter().all(|r| !r.serial_hex.is_empty()));
+    }
+    let verdict = crate::verify::verify_svid(
+        &fixture.chain,
+        &fixture.ca.bundle,
+        std::slice::from_ref(&der),
+        crate::verify::Usage::Client,
+        SystemTime::now(),
+    );
+    // A CRL that is not the fixture CA's own can revoke nothing of its chain.
+    if checked.is_err() {
+        assert!(
+            !matches!(verdict, Err(crate::verify::Rejection::Revoked { .. })),
+            "a CRL that does not check revoked: {verdict:?}"
+        );
+    }
+}
+
+/// A standalone CA and one SVID it minted, for [`crl`].
+struct CrlFixture {
+    ca: SigningCa,
+    chain: Vec<Vec<u8>>,
+}
+
+static CRL_FIXTURE: LazyLock<CrlFixture> = LazyLock::new(|| {
+    let td = TrustDomain::new("example.org").expect("a valid trust domain");
+    let (ca, _, _) = crate::ca::generate_root(
+        &td,
+        Duration::from_secs(3600),
+        SystemTime::now(),
+        0,
+        "fuzz CA",
+    )
+    .expect("a CA");
+    let id = SpiffeId::parse_workload("spiffe://example.org/fuzz").expect("a valid ID");
+    let svid = crate::ca::mint_x509_svid(
+        &ca,
+        &crate::ca::LeafRequest {
+            spiffe_id: &id,
+            ttl: Duration::from_secs(600),
+            dns_names: &[],
+            not_after_cap: None,
+        },
+        SystemTime::now(),
+    )
+    .expect("an SVID");
+    CrlFixture {
+        chain: svid.chain_der.clone(),
+        ca,
+    }
+});

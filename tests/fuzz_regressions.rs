@@ -54,4 +54,5 @@ replays!(
     node_csr,
     event_batch,
     spool_recovery,
+    crl,
 );
