@@ -419,10 +419,7 @@ impl Admin for AdminService {
             }));
         }
         let now = unix_now();
-        let live = svids
-            .into_iter()
-            .filter(|s| s.revoked_ms.is_none() && s.not_after.is_none_or(|at| at > now))
-            .collect();
+        let live = svids.into_iter().filter(|s| s.may_be_live(now)).collect();
         self.revoke(live, reason).await
     }
 

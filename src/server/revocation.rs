@@ -187,7 +187,8 @@ impl State {
         detail: &str,
     ) -> Result<usize, StoreError> {
         let now = now_ms();
-        let cas = self.store.node_cas(Some(node_id), unix_now()).await?;
+        let now_s = unix_now();
+        let cas = self.store.node_cas(Some(node_id), now_s).await?;
         let records = cas
             .iter()
             .map(|ca| RevocationRecord {
@@ -206,7 +207,7 @@ impl State {
             .svids(None, Some(node_id))
             .await?
             .into_iter()
-            .filter(|s| s.revoked_ms.is_none() && s.not_after.is_none_or(|at| at > unix_now()))
+            .filter(|s| s.may_be_live(now_s))
             .collect();
         // Their CA is revoked: no order to the node (it is gone), only the record.
         let events: Vec<_> = live
@@ -365,9 +366,7 @@ impl State {
                 .svids(Some(&entry.id), None)
                 .await?
                 .into_iter()
-                .filter(|s| {
-                    s.revoked_ms.is_none() && s.not_after.is_none_or(|at| at > now_ms / 1000)
-                })
+                .filter(|s| s.may_be_live(now_ms / 1000))
                 .collect();
             let detail = format!(
                 "unused for longer than its inactivity timeout of {}",

@@ -597,6 +597,14 @@ pub struct SvidRecord {
     pub uses: i64,
 }
 
+impl SvidRecord {
+    /// Not revoked, and not known to have expired at `now` (Unix seconds): what a revocation
+    /// must still reach.
+    pub fn may_be_live(&self, now: i64) -> bool {
+        self.revoked_ms.is_none() && self.not_after.is_none_or(|at| at > now)
+    }
+}
+
 /// The last issuance and use of an entry's SVIDs, kept when the SVIDs and events are pruned.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EntryActivity {
