@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 PathBuf::from("proto/tessera/v1/node.proto"),
                 PathBuf::from("proto/tessera/v1/admin.proto"),
                 PathBuf::from("proto/tessera/v1/events.proto"),
+                PathBuf::from("proto/tessera/v1/tasks.proto"),
             ],
             &includes,
         )?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::attest::{FactNeeds, Selector, SelectorKind, SelectorSet};
+use crate::ca::task::TaskClaims;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The shortest X.509-SVID lifetime an entry may ask for.
@@ -18,6 +19,40 @@ pub const MAX_OWNER_LEN: usize = 256;
 pub const MAX_PURPOSE_LEN: usize = 1024;
 /// Longest hint, in bytes.
 pub const MAX_HINT_LEN: usize = 1024;
+/// Most entries one entry's tasks may delegate to.
+pub const MAX_DELEGATES: usize = 64;
+/// Most labels on one entry.
+pub const MAX_LABELS: usize = 64;
+
+/// When an entry issues anything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Activation {
+    /// Whoever matches the selectors holds the identity for as long as the entry exists.
+    #[default]
+    Standing,
+    /// Nothing is issued outside a task: a permitted workload starts a task for one process,
+    /// and that process tree gets a per-task identity.
+    Task,
+}
+
+impl Activation {
+    /// The name in files, the admin API and listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Standing => "standing",
+            Self::Task => "task",
+        }
+    }
+
+    /// Parses a name as written by an operator; `None` names neither mode.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "standing" => Some(Self::Standing),
+            "task" => Some(Self::Task),
+            _ => None,
+        }
+    }
+}
 
 /// One registration entry, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,12 +75,29 @@ pub struct RegistrationEntry {
     pub hint: Option<String>,
     /// Optional DNS SANs.
     pub dns_names: Vec<String>,
+    /// Standing, or issued only inside tasks.
+    pub activation: Activation,
+    /// Ids of the task entries this entry's tasks may start child tasks under (delegation).
+    pub delegates_to: Vec<String>,
+    /// `key:value` labels for policies and listings.
+    pub labels: Vec<String>,
+    /// Set only on the per-task entries an agent derives from a task entry for one live task:
+    /// the task its SVIDs name. Never set on a registration.
+    pub task: Option<Arc<TaskClaims>>,
 }
 
 impl RegistrationEntry {
-    /// True when a caller with `facts` may have this identity at `now`.
+    /// True when a caller with `facts` may have this identity at `now` by its selectors alone:
+    /// a standing entry, unexpired, whose selectors the caller shows. Task entries never match
+    /// here; their identities go to the processes of a task.
     pub fn matches(&self, facts: &SelectorSet, now: SystemTime) -> bool {
-        !self.is_expired(now) && self.selectors.is_subset(facts)
+        self.activation == Activation::Standing && self.may_be_started_by(facts, now)
+    }
+
+    /// True when a caller with `facts` shows this entry's selectors at `now`, whatever its
+    /// activation: who may start a task of a task entry.
+    pub fn may_be_started_by(&self, facts: &SelectorSet, now: SystemTime) -> bool {
+        self.task.is_none() && !self.is_expired(now) && self.selectors.is_subset(facts)
     }
 
     /// True once the registration's own expiry has passed.
@@ -66,6 +118,7 @@ impl RegistrationEntry {
             || self.selectors != previous.selectors
             || self.dns_names != previous.dns_names
             || self.x509_ttl < previous.x509_ttl
+            || self.activation != previous.activation
             || expiry_cut
     }
 
@@ -100,6 +153,12 @@ pub struct EntryFields {
     pub hint: Option<String>,
     /// Optional DNS SANs.
     pub dns_names: Vec<String>,
+    /// `standing` (the default when empty) or `task`.
+    pub activation: Option<String>,
+    /// Entry ids this entry's tasks may delegate to.
+    pub delegates_to: Vec<String>,
+    /// `key:value` labels.
+    pub labels: Vec<String>,
 }
 
 /// One field of an entry that cannot be accepted.
@@ -195,6 +254,21 @@ impl EntryFields {
                 ));
             }
         }
+        let activation = match self.activation.as_deref() {
+            None | Some("") => Activation::Standing,
+            Some(name) => Activation::from_name(name).ok_or_else(|| {
+                FieldError::new("activation", name, "must be \"standing\" or \"task\"")
+            })?,
+        };
+        let delegates_to = check_delegates(&self.delegates_to)?;
+        if !delegates_to.is_empty() && activation != Activation::Task {
+            return Err(FieldError::new(
+                "delegates_to",
+                delegates_to.join(","),
+                "only a task entry's tasks can delegate; set activation = \"task\" or leave it empty",
+            ));
+        }
+        let labels = check_labels(&self.labels)?;
         let id = match self.id {
             Some(id) => check_entry_id(&id).map(|()| id)?,
             None => derived_entry_id(&spiffe_id, &selectors),
@@ -209,8 +283,78 @@ impl EntryFields {
             expires_at: self.expires_at,
             hint: self.hint,
             dns_names: self.dns_names,
+            activation,
+            delegates_to,
+            labels,
+            task: None,
         })
     }
+}
+
+/// Checks the entry ids tasks may delegate to: each a valid id, none twice.
+pub fn check_delegates(ids: &[String]) -> Result<Vec<String>, FieldError> {
+    if ids.len() > MAX_DELEGATES {
+        return Err(FieldError::new(
+            "delegates_to",
+            format!("{} ids", ids.len()),
+            format!("at most {MAX_DELEGATES} entries"),
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        check_entry_id(id)
+            .map_err(|e| FieldError::new(format!("delegates_to[{i}]"), id, e.reason))?;
+        if out.contains(id) {
+            return Err(FieldError::new(
+                format!("delegates_to[{i}]"),
+                id,
+                "is listed twice",
+            ));
+        }
+        out.push(id.clone());
+    }
+    Ok(out)
+}
+
+/// Checks `key:value` labels: a key of lowercase letters, digits, '.', '-', '_' (1 to 63),
+/// a colon, and a value of 0 to 255 bytes of plain text; sorted, none twice.
+pub fn check_labels(labels: &[String]) -> Result<Vec<String>, FieldError> {
+    if labels.len() > MAX_LABELS {
+        return Err(FieldError::new(
+            "labels",
+            format!("{} labels", labels.len()),
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    let mut out = Vec::with_capacity(labels.len());
+    for (i, label) in labels.iter().enumerate() {
+        let field = format!("labels[{i}]");
+        let Some((key, value)) = label.split_once(':') else {
+            return Err(FieldError::new(
+                field,
+                label,
+                "must be key:value, e.g. team:payments",
+            ));
+        };
+        let key_ok = (1..=63).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        if !key_ok {
+            return Err(FieldError::new(
+                field,
+                label,
+                "the key must be 1 to 63 of lowercase letters, digits, '.', '-', '_'",
+            ));
+        }
+        check_free_text(&field, value, 255)?;
+        out.push(label.clone());
+    }
+    out.sort();
+    if let Some(pair) = out.windows(2).find(|w| w[0] == w[1]) {
+        return Err(FieldError::new("labels", &pair[0], "is listed twice"));
+    }
+    Ok(out)
 }
 
 /// Parses workload selectors; at least one is required.
@@ -373,16 +517,19 @@ pub struct EntrySet {
 impl EntrySet {
     /// Builds a set from validated entries.
     pub fn new(entries: Vec<RegistrationEntry>) -> Self {
+        Self::from_shared(entries.into_iter().map(Arc::new).collect())
+    }
+
+    /// Builds a set from entries already shared (a set derived from another keeps its entries).
+    pub fn from_shared(entries: Vec<Arc<RegistrationEntry>>) -> Self {
         let needs = FactNeeds {
             exe_sha256: entries
                 .iter()
                 .flat_map(|e| &e.selectors)
                 .any(|s| s.kind == SelectorKind::Sha256),
+            lineage: entries.iter().any(|e| e.task.is_some()),
         };
-        Self {
-            entries: entries.into_iter().map(Arc::new).collect(),
-            needs,
-        }
+        Self { entries, needs }
     }
 
     /// Entries a caller with `facts` matches at `now`, in order, hints made unique (a later
@@ -439,6 +586,10 @@ pub(crate) mod tests {
             expires_at: None,
             hint: None,
             dns_names: vec![],
+            activation: Activation::Standing,
+            delegates_to: vec![],
+            labels: vec![],
+            task: None,
         }
     }
 

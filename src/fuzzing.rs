@@ -512,6 +512,7 @@ static CRL_FIXTURE: LazyLock<CrlFixture> = LazyLock::new(|| {
             ttl: Duration::from_secs(600),
             dns_names: &[],
             not_after_cap: None,
+            task: None,
         },
         SystemTime::now(),
     )

@@ -843,6 +843,7 @@ async fn a_node_ca_cannot_mint_its_way_into_another_node() {
             ttl: Duration::from_secs(300),
             dns_names: &[],
             not_after_cap: None,
+            task: None,
         },
         std::time::SystemTime::now(),
     )

@@ -433,6 +433,7 @@ fn signing_block(ca: &SigningCa, count: usize) -> Result<(Duration, Duration), B
         ttl: Duration::from_secs(300),
         dns_names: &[],
         not_after_cap: None,
+        task: None,
     };
     let raw_err = |e: rcgen::Error| BenchError::Failed(e.to_string());
     let start = Instant::now();

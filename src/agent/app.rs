@@ -13,6 +13,8 @@ use super::config::AgentConfig;
 use super::endpoint::{self, EndpointError};
 use super::entries::{ReloadCounts, watch_config_file};
 use super::revocation::{RevocationError, Revocations};
+use super::tasks::TaskRegistry;
+use super::tasks::service::TasksService;
 use super::upstream::{Credentials, Seams, Upstream, UpstreamError};
 use super::workload::{WorkloadService, check_security_header};
 use crate::attest::{Attestor, PinMode};
@@ -23,6 +25,7 @@ use crate::events::recorder::{AuditLog, LogError, Recorder};
 use crate::events::spool::Spool;
 use crate::events::{SpoolLog, open_spool};
 use crate::proto::tessera::admin_server::AdminServer;
+use crate::proto::tessera::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::runtime::{Backoff, Shutdown, TaskError, Tasks, wait_until_wall_time};
 use crate::spiffe::TrustDomain;
@@ -164,6 +167,8 @@ pub struct AgentHandle {
     pub socket_path: PathBuf,
     /// The identity cache, for inspection.
     pub cache: Arc<IdentityCache>,
+    /// The live tasks, for inspection.
+    pub task_registry: Arc<TaskRegistry>,
     /// What the standalone entry file watcher has refused, for inspection.
     pub entry_reloads: Arc<ReloadCounts>,
     /// The bound metrics address (the real port when configured with port 0).
@@ -379,10 +384,18 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     let entry_reloads = Arc::new(ReloadCounts::default());
     tasks.spawn_until_shutdown(
         "SVID rotation",
-        cache
-            .clone()
-            .run_rotation(entries_rx, ca_rx, shutdown.signalled()),
+        cache.clone().run_rotation(ca_rx, shutdown.signalled()),
     );
+    // The only writer of the cache's entries: the source's, plus one per live task.
+    let task_registry = TaskRegistry::new(cache.clone(), config.tasks, &config.state_dir);
+    tasks.spawn_until_shutdown(
+        "task registry",
+        task_registry.clone().run(entries_rx, shutdown.signalled()),
+    );
+    let node_id = upstream
+        .as_ref()
+        .map(|(_, credentials)| credentials.node_id.clone())
+        .unwrap_or_default();
     if let (Some((upstream, credentials)), Some(spool)) = (upstream, spool) {
         let mut first_sync = entries_tx.subscribe();
         let seams = Seams {
@@ -425,7 +438,9 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         config.trust_domain.clone(),
         config.allow_unauthenticated_verifiers,
         shutdown.clone(),
+        task_registry.clone(),
     );
+    let tasks_service = TasksService::new(service.clone(), task_registry.clone(), node_id);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -457,6 +472,10 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         ))
         .add_service(SpiffeWorkloadApiServer::with_interceptor(
             service,
+            check_security_header,
+        ))
+        .add_service(TasksServer::with_interceptor(
+            tasks_service,
             check_security_header,
         ))
         .add_service(health_service)
@@ -505,6 +524,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     Ok(AgentHandle {
         socket_path,
         cache,
+        task_registry,
         entry_reloads,
         metrics_address,
         shutdown,

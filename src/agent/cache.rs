@@ -217,6 +217,26 @@ impl IdentityCache {
         self.lock().svids.len()
     }
 
+    /// Whether some stream currently serves entry `entry_id`'s SVID.
+    pub fn in_demand(&self, entry_id: &str) -> bool {
+        self.lock().demand.get(entry_id).is_some_and(|n| *n > 0)
+    }
+
+    /// Serials and not-afters of the unexpired SVIDs minted for entry `entry_id`, served or
+    /// replaced.
+    pub fn svids_of(&self, entry_id: &str) -> Vec<(String, SystemTime)> {
+        let now = SystemTime::now();
+        let state = self.lock();
+        state
+            .svids
+            .get(entry_id)
+            .into_iter()
+            .chain(state.superseded.iter().filter(|c| c.entry.id == entry_id))
+            .filter(|c| c.svid.not_after > now)
+            .map(|c| (c.svid.serial_hex.clone(), c.svid.not_after))
+            .collect()
+    }
+
     /// The current entries.
     pub fn entries(&self) -> Arc<EntrySet> {
         self.lock().entries.clone()
@@ -380,6 +400,9 @@ impl IdentityCache {
     /// and every stream recomputes.
     pub fn set_entries(&self, entries: Arc<EntrySet>) {
         let mut state = self.lock();
+        if Arc::ptr_eq(&state.entries, &entries) {
+            return;
+        }
         let mut withdrawn = Vec::new();
         let mut revoked_entries = Vec::new();
         let mut replaced = Vec::new();
@@ -441,6 +464,8 @@ impl IdentityCache {
         state.entries = entries;
         drop(state);
         self.record_revocations(withdrawn);
+        // The rotation task looks again: the set may bring a nearer registration expiry.
+        self.schedule_changed.notify_one();
         self.bump();
     }
 
@@ -762,7 +787,6 @@ impl IdentityCache {
     /// clock step cannot leave expired SVIDs on open streams for long.
     pub async fn run_rotation(
         self: Arc<Self>,
-        mut entries: watch::Receiver<Arc<EntrySet>>,
         mut ca: watch::Receiver<Arc<SigningCa>>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
@@ -792,11 +816,6 @@ impl IdentityCache {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep_until(Instant::now() + sleep_for) => {}
                 _ = self.schedule_changed.notified() => {}
-                changed = entries.changed() => {
-                    if changed.is_err() { return; }
-                    let set = entries.borrow_and_update().clone();
-                    self.set_entries(set);
-                }
                 changed = ca.changed() => {
                     if changed.is_err() { return; }
                     let current = ca.borrow_and_update().clone();
@@ -883,6 +902,7 @@ fn mint(ca: &SigningCa, entry: &RegistrationEntry, now: SystemTime) -> Result<X5
             ttl: entry.x509_ttl,
             dns_names: &entry.dns_names,
             not_after_cap: entry.expires_at,
+            task: entry.task.as_deref(),
         },
         now,
     )

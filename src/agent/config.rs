@@ -28,6 +28,35 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// How tasks are bounded (`[tasks]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// A task's lifetime when its starter names none.
+    pub default_ttl: Duration,
+    /// The longest lifetime a task may ask for.
+    pub max_ttl: Duration,
+    /// A task ends after this long without any of its processes using its identity, unless
+    /// its starter asked for less.
+    pub idle_timeout: Duration,
+    /// How deep delegation may go: a root task has depth 1.
+    pub max_depth: u32,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+            idle_timeout: Duration::from_secs(15 * 60),
+            max_depth: 4,
+        }
+    }
+}
+
+/// The deepest delegation `tasks.max_depth` may allow: every level adds a link to each
+/// certificate of the chain below it.
+const MAX_TASK_DEPTH: u32 = 16;
+
 pub use crate::config::ConfigError;
 use crate::config::{parse_duration, parse_rfc3339};
 
@@ -68,6 +97,8 @@ pub struct AgentConfig {
     /// A Workload API connection whose client takes longer than this over one request's
     /// headers is closed.
     pub header_timeout: Duration,
+    /// Limits of task lifetimes and delegation (`[tasks]`).
+    pub tasks: TaskLimits,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -133,6 +164,17 @@ struct RawConfig {
     events: RawEvents,
     #[serde(default)]
     connections: RawConnections,
+    #[serde(default)]
+    tasks: RawTasks,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTasks {
+    default_ttl: Option<String>,
+    max_ttl: Option<String>,
+    idle_timeout: Option<String>,
+    max_depth: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +245,14 @@ pub struct RawEntry {
     /// Optional DNS SANs.
     #[serde(default)]
     pub dns_names: Vec<String>,
+    /// `standing` (the default) or `task`.
+    pub activation: Option<String>,
+    /// Entry ids this entry's tasks may delegate to.
+    #[serde(default)]
+    pub delegates_to: Vec<String>,
+    /// `key:value` labels.
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 impl AgentConfig {
@@ -361,6 +411,7 @@ impl AgentConfig {
             raw.connections.header_timeout.as_deref(),
             DEFAULT_HEADER_TIMEOUT,
         )?;
+        let tasks = check_tasks(file, &raw.tasks)?;
         let metrics_address = match raw.metrics_address.as_deref() {
             None => None,
             Some(text) => Some(text.parse().map_err(|_| {
@@ -397,8 +448,66 @@ impl AgentConfig {
             metrics_address,
             idle_timeout,
             header_timeout,
+            tasks,
         })
     }
+}
+
+fn check_tasks(file: &str, raw: &RawTasks) -> Result<TaskLimits, ConfigError> {
+    let defaults = TaskLimits::default();
+    let duration = |key: &str, text: Option<&str>, default: Duration| match text {
+        None => Ok(default),
+        Some(text) => {
+            let value = parse_duration(text)
+                .map_err(|reason| ConfigError::invalid(file, key, text, reason))?;
+            if !(Duration::from_secs(1)..=Duration::from_secs(30 * 24 * 3600)).contains(&value) {
+                return Err(ConfigError::invalid(
+                    file,
+                    key,
+                    text,
+                    "must be between 1s and 30d",
+                ));
+            }
+            Ok(value)
+        }
+    };
+    let max_ttl = duration("tasks.max_ttl", raw.max_ttl.as_deref(), defaults.max_ttl)?;
+    let default_ttl = duration(
+        "tasks.default_ttl",
+        raw.default_ttl.as_deref(),
+        defaults.default_ttl.min(max_ttl),
+    )?;
+    if default_ttl > max_ttl {
+        return Err(ConfigError::invalid(
+            file,
+            "tasks.default_ttl",
+            raw.default_ttl.as_deref().unwrap_or_default(),
+            format!(
+                "is longer than tasks.max_ttl ({}); a default must be a lifetime tasks may have",
+                humantime::format_duration(max_ttl)
+            ),
+        ));
+    }
+    let idle_timeout = duration(
+        "tasks.idle_timeout",
+        raw.idle_timeout.as_deref(),
+        defaults.idle_timeout,
+    )?;
+    let max_depth = raw.max_depth.unwrap_or(defaults.max_depth);
+    if !(1..=MAX_TASK_DEPTH).contains(&max_depth) {
+        return Err(ConfigError::invalid(
+            file,
+            "tasks.max_depth",
+            &max_depth.to_string(),
+            format!("must be between 1 (no delegation) and {MAX_TASK_DEPTH}"),
+        ));
+    }
+    Ok(TaskLimits {
+        default_ttl,
+        max_ttl,
+        idle_timeout,
+        max_depth,
+    })
 }
 
 /// Smallest audit log size before rotation: a few events. Anything smaller would rotate on
@@ -575,6 +684,9 @@ fn check_entry(
         expires_at,
         hint: raw.hint,
         dns_names: raw.dns_names,
+        activation: raw.activation,
+        delegates_to: raw.delegates_to,
+        labels: raw.labels,
     };
     fields
         .check(trust_domain, MAX_X509_TTL)

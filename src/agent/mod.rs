@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod entries;
 pub mod metrics;
 pub mod revocation;
+pub mod tasks;
 pub mod uploader;
 pub mod upstream;
 pub mod workload;

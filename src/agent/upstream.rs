@@ -262,6 +262,13 @@ struct StoredEntry {
     dns_names: Vec<String>,
     revision: i64,
     created_at: i64,
+    // Absent from files written before tasks existed.
+    #[serde(default)]
+    activation: String,
+    #[serde(default)]
+    delegates_to: Vec<String>,
+    #[serde(default)]
+    labels: Vec<String>,
 }
 
 impl From<&Entry> for StoredEntry {
@@ -278,6 +285,9 @@ impl From<&Entry> for StoredEntry {
             dns_names: e.dns_names.clone(),
             revision: e.revision,
             created_at: e.created_at,
+            activation: e.activation.clone(),
+            delegates_to: e.delegates_to.clone(),
+            labels: e.labels.clone(),
         }
     }
 }
@@ -296,6 +306,9 @@ impl StoredEntry {
                 .map(|at| SystemTime::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64)),
             hint: Some(self.hint.clone()).filter(|h| !h.is_empty()),
             dns_names: self.dns_names.clone(),
+            activation: Some(self.activation.clone()),
+            delegates_to: self.delegates_to.clone(),
+            labels: self.labels.clone(),
         };
         match fields.check(trust_domain, MAX_X509_TTL) {
             Ok(entry) => Some(entry),

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::cache::{Identities, IdentityCache, IssueError, Lease};
 use super::endpoint::PeerInfo;
+use super::tasks::TaskRegistry;
 use crate::attest::{AttestError, Attestor, CallerFacts};
 use crate::entry::{EntrySet, RegistrationEntry};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -120,6 +121,8 @@ pub struct WorkloadService {
     allow_unauthenticated_verifiers: bool,
     /// Triggered when the agent drains; every stream then ends.
     shutdown: Shutdown,
+    /// Live tasks: a caller inside one gets its identity first.
+    tasks: Arc<TaskRegistry>,
 }
 
 impl WorkloadService {
@@ -130,6 +133,7 @@ impl WorkloadService {
         trust_domain: TrustDomain,
         allow_unauthenticated_verifiers: bool,
         shutdown: Shutdown,
+        tasks: Arc<TaskRegistry>,
     ) -> Self {
         Self {
             cache,
@@ -138,16 +142,36 @@ impl WorkloadService {
             trust_domain,
             allow_unauthenticated_verifiers,
             shutdown,
+            tasks,
         }
     }
 
+    /// Attests the caller of `request` with its ancestry, whatever the entries need: for the
+    /// Tasks service, which must know the task a caller runs in.
+    pub(crate) async fn attest_with_lineage<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<CallerFacts, ServeError> {
+        let mut needs = self.cache.entries().fact_needs();
+        needs.lineage = true;
+        self.attest_for(request, needs).await
+    }
+
     async fn attest<T>(&self, request: &Request<T>) -> Result<CallerFacts, ServeError> {
+        self.attest_for(request, self.cache.entries().fact_needs())
+            .await
+    }
+
+    async fn attest_for<T>(
+        &self,
+        request: &Request<T>,
+        needs: crate::attest::FactNeeds,
+    ) -> Result<CallerFacts, ServeError> {
         let peer = request
             .extensions()
             .get::<PeerInfo>()
             .cloned()
             .ok_or(ServeError::NotAccepted)?;
-        let needs = self.cache.entries().fact_needs();
         // Fast path, on this worker: /proc reads and cache hits only, which never wait on I/O.
         // Hashing an executable or an NSS lookup goes to the blocking pool below.
         match peer.credentials() {
@@ -183,7 +207,14 @@ impl WorkloadService {
     fn identities(&self, facts: &CallerFacts, lease: &mut Lease) -> Result<Identities, ServeError> {
         loop {
             let entries = self.cache.entries();
-            let matching = matching_entries(&entries, facts)?;
+            let mut matching = Vec::new();
+            // The task the caller runs in comes first: its default identity.
+            if let Some(task) = self.tasks.task_of(&facts.lineage)
+                && let Some(entry) = entries.get(&task.id)
+            {
+                matching.push(entry.clone());
+            }
+            matching.extend(matching_entries(&entries, facts)?);
             if matching.is_empty() {
                 return Err(ServeError::NoIdentity);
             }
@@ -221,6 +252,7 @@ impl WorkloadService {
 
     fn entitled_to_bundles(&self, facts: &CallerFacts) -> Result<bool, ServeError> {
         Ok(self.allow_unauthenticated_verifiers
+            || self.tasks.task_of(&facts.lineage).is_some()
             || !matching_entries(&self.cache.entries(), facts)?.is_empty())
     }
 

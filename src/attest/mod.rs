@@ -15,6 +15,7 @@ mod selector;
 
 pub use hash::ExeHashCache;
 pub use peer::{PeerCredentials, PinMode, kernel_has_peer_pidfd};
+pub use process::{ancestry_of, read_stamp};
 pub use selector::{Selector, SelectorError, SelectorKind, SelectorSet};
 
 /// Which costly facts attestation must gather because some entry uses them (the entry set
@@ -23,6 +24,18 @@ pub use selector::{Selector, SelectorError, SelectorKind, SelectorSet};
 pub struct FactNeeds {
     /// Some entry has a `unix:sha256` selector: hash the executable.
     pub exe_sha256: bool,
+    /// Some task is live: read the caller's ancestry, to find the task it runs in.
+    pub lineage: bool,
+}
+
+/// A process as /proc names it for good: its pid and its start time in clock ticks since boot
+/// (a pid is reused only by a process that starts later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ProcessStamp {
+    /// Process id.
+    pub pid: i32,
+    /// Field 22 of `/proc/<pid>/stat`.
+    pub start_ticks: u64,
 }
 
 /// Why a caller could not be attested. Reported to the caller only as "attestation failed";
@@ -130,6 +143,10 @@ pub struct CallerFacts {
     pub systemd_unit: Option<String>,
     /// Every fact as a selector.
     pub selectors: SelectorSet,
+    /// The caller's stamp, then (when [`FactNeeds::lineage`] asked for them) its parent's, and
+    /// so on up to the first process that is not provably an ancestor (pid 1, an unreadable
+    /// entry, or a parent that started after its child, i.e. a reused pid).
+    pub lineage: Vec<ProcessStamp>,
 }
 
 /// Attests callers. One per agent; shared by every connection.

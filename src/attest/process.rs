@@ -7,7 +7,9 @@ use nix::fcntl::readlinkat;
 use super::hash::{ExeHashCache, HashError};
 use super::names::NameCache;
 use super::peer::{PeerCredentials, exe_identity, open_entry};
-use super::{AttestError, CallerFacts, FactNeeds, Selector, SelectorKind, SelectorSet};
+use super::{
+    AttestError, CallerFacts, FactNeeds, ProcessStamp, Selector, SelectorKind, SelectorSet,
+};
 
 /// Supplementary groups beyond this many get a `unix:supplementary_gid` selector but no name.
 const MAX_NAMED_GROUPS: usize = 64;
@@ -82,6 +84,21 @@ pub(super) fn read_facts(
         None
     };
     let systemd_unit = systemd_unit_of(&read_entry(pid, dir, "cgroup")?);
+    // The caller's own stamp always (a task's own process is known by it); its ancestors only
+    // while some task is live.
+    let stat = read_entry(pid, dir, "stat")?;
+    let (own, parent) = parse_stat(&stat).ok_or_else(|| AttestError::ProcFormat {
+        pid,
+        entry: "stat",
+        detail: "no parent pid or start time".into(),
+    })?;
+    let mut lineage = vec![ProcessStamp {
+        pid,
+        start_ticks: own,
+    }];
+    if needs.lineage {
+        lineage.extend(ancestry_of(parent, own));
+    }
 
     // Everything above was read through a directory proven to be the caller's; a final check
     // makes sure the process did not exit while we read (reads would fail, but be explicit).
@@ -133,7 +150,55 @@ pub(super) fn read_facts(
         exe_sha256,
         systemd_unit,
         selectors,
+        lineage,
     })
+}
+
+/// Longest ancestry read: deeper trees are cut here (their deeper members are simply not
+/// recognised as a task's).
+const MAX_LINEAGE: usize = 64;
+
+/// The ancestors of a process started at `child_start` whose parent is `parent`, nearest first.
+/// Each step reads `/proc/<pid>/stat` without pinning, so a pid may have been reused meanwhile:
+/// a parent always starts no later than its child, so an entry that started later is not the
+/// parent and ends the walk (as does pid 1, or 0 for a process whose parent is outside its PID
+/// namespace).
+pub fn ancestry_of(mut parent: i32, mut child_start: u64) -> Vec<ProcessStamp> {
+    let mut out = Vec::new();
+    while parent > 1 && out.len() < MAX_LINEAGE {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{parent}/stat")) else {
+            break;
+        };
+        let Some((start, grandparent)) = parse_stat(&stat) else {
+            break;
+        };
+        if start > child_start {
+            break;
+        }
+        out.push(ProcessStamp {
+            pid: parent,
+            start_ticks: start,
+        });
+        child_start = start;
+        parent = grandparent;
+    }
+    out
+}
+
+/// The stamp of process `pid` and its parent's pid, read now (unpinned).
+pub fn read_stamp(pid: i32) -> Option<(ProcessStamp, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (start_ticks, parent) = parse_stat(&stat)?;
+    Some((ProcessStamp { pid, start_ticks }, parent))
+}
+
+/// Start time (field 22) and parent pid (field 4) of a `/proc/<pid>/stat` line.
+fn parse_stat(stat: &str) -> Option<(u64, i32)> {
+    // The command name (field 2) may hold spaces and parentheses; fields resume after the last ')'.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let parent = fields.nth(1)?.parse().ok()?;
+    let start = fields.nth(17)?.parse().ok()?;
+    Some((start, parent))
 }
 
 fn read_entry(pid: i32, dir: BorrowedFd<'_>, entry: &'static str) -> Result<String, AttestError> {
@@ -211,6 +276,30 @@ mod tests {
     }
 
     #[test]
+    fn stat_lines_give_start_time_and_parent() {
+        let stat = "4242 (evil) 1 2 3 (x)) S 77 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1234 56";
+        assert_eq!(parse_stat(stat), Some((987654, 77)));
+        assert_eq!(parse_stat("4242 (x) S"), None);
+    }
+
+    #[test]
+    fn this_process_ancestry_ends_at_init_and_starts_no_later_than_it() {
+        let (own, parent) = read_stamp(std::process::id() as i32).unwrap();
+        let ancestry = ancestry_of(parent, own.start_ticks);
+        assert_eq!(
+            ancestry.first().map(|p| p.pid),
+            (parent > 1).then_some(parent)
+        );
+        let mut later = own.start_ticks;
+        for stamp in &ancestry {
+            assert!(stamp.start_ticks <= later, "{ancestry:?}");
+            later = stamp.start_ticks;
+        }
+        // A parent said to start before the child's start cannot be this process's parent.
+        assert!(ancestry_of(parent, 0).is_empty() || own.start_ticks == 0);
+    }
+
+    #[test]
     fn finds_the_systemd_unit() {
         assert_eq!(
             systemd_unit_of("0::/system.slice/coder.service\n").as_deref(),
@@ -239,7 +328,14 @@ mod tests {
     #[test]
     fn attests_this_very_process_in_both_pin_modes() {
         for mode in [PinMode::Pidfd, PinMode::ProcStartTime] {
-            let facts = attest_self(mode, FactNeeds { exe_sha256: true }).unwrap();
+            let facts = attest_self(
+                mode,
+                FactNeeds {
+                    exe_sha256: true,
+                    lineage: true,
+                },
+            )
+            .unwrap();
             assert_eq!(facts.pid, std::process::id() as i32);
             assert_eq!(facts.uid, nix::unistd::geteuid().as_raw());
             let exe = std::env::current_exe().unwrap();
@@ -275,7 +371,10 @@ mod tests {
         let slow = attestor.attest(&peer, plain, true).unwrap();
         let fast = attestor.attest(&peer, plain, false).unwrap();
         assert_eq!(fast, slow, "served from the name cache");
-        let hashed = FactNeeds { exe_sha256: true };
+        let hashed = FactNeeds {
+            exe_sha256: true,
+            lineage: true,
+        };
         let deferred = attestor.attest(&peer, hashed, false);
         assert!(
             matches!(deferred, Err(AttestError::WouldBlock)),
@@ -296,7 +395,14 @@ mod tests {
         let attestor = Attestor::new(16, PinMode::Pidfd);
         let peer = attestor.capture_peer(a.as_fd()).unwrap();
         let err = attestor
-            .attest(&peer, FactNeeds { exe_sha256: true }, true)
+            .attest(
+                &peer,
+                FactNeeds {
+                    exe_sha256: true,
+                    lineage: true,
+                },
+                true,
+            )
             .unwrap_err();
         assert!(
             matches!(err, AttestError::ExeTooLarge { limit: 16, .. }),

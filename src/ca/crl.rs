@@ -97,9 +97,9 @@ pub struct Revoked {
 pub fn crl_reason(reason: RevocationReason) -> rcgen::RevocationReason {
     use rcgen::RevocationReason as Code;
     match reason {
-        RevocationReason::EntryRemoved | RevocationReason::RegistrationExpired => {
-            Code::CessationOfOperation
-        }
+        RevocationReason::EntryRemoved
+        | RevocationReason::RegistrationExpired
+        | RevocationReason::TaskEnded => Code::CessationOfOperation,
         RevocationReason::EntryChanged => Code::AffiliationChanged,
         RevocationReason::NodeEvicted | RevocationReason::Inactive | RevocationReason::Anomaly => {
             Code::PrivilegeWithdrawn

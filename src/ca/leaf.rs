@@ -8,6 +8,7 @@ use rcgen::{
 };
 use zeroize::Zeroizing;
 
+use super::task::{TASK_EXTENSION_OID, TaskClaims};
 use super::{BACKDATE, CaError, SigningCa, random_serial, whole_seconds};
 use crate::spiffe::SpiffeId;
 
@@ -22,6 +23,8 @@ pub struct LeafRequest<'a> {
     pub dns_names: &'a [String],
     /// An extra upper bound on not-after (e.g. the registration's own expiry).
     pub not_after_cap: Option<SystemTime>,
+    /// For a task SVID: the task it names, carried in the task extension.
+    pub task: Option<&'a TaskClaims>,
 }
 
 /// A minted X509-SVID. The private key is zeroized on drop and never printed.
@@ -122,6 +125,17 @@ pub fn mint_x509_svid(
             .push(SanType::DnsName(dns.as_str().try_into()?));
     }
 
+    if let Some(task) = request.task {
+        // Non-critical (rcgen's default): a relying party that does not know it still accepts
+        // the certificate on its SPIFFE ID.
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                TASK_EXTENSION_OID,
+                task.to_extension_value(),
+            ));
+    }
+
     let leaf = params.signed_by(&key, &ca.issuer)?;
     let mut chain_der = Vec::with_capacity(1 + ca.intermediates.len());
     chain_der.push(leaf.der().to_vec());
@@ -163,6 +177,7 @@ mod tests {
                 ttl: Duration::from_secs(300),
                 dns_names: &[],
                 not_after_cap: None,
+                task: None,
             },
             SystemTime::now(),
         )
@@ -229,6 +244,7 @@ mod tests {
                 ttl: Duration::from_secs(10 * 3600),
                 dns_names: &[],
                 not_after_cap: None,
+                task: None,
             },
             now,
         )
@@ -243,6 +259,7 @@ mod tests {
                 ttl: Duration::from_secs(300),
                 dns_names: &["web.internal".into()],
                 not_after_cap: Some(cap),
+                task: None,
             },
             now,
         )
@@ -256,6 +273,7 @@ mod tests {
                 ttl: Duration::from_secs(300),
                 dns_names: &[],
                 not_after_cap: Some(now - Duration::from_secs(1)),
+                task: None,
             },
             now,
         );

@@ -5,6 +5,7 @@ pub mod crl;
 mod leaf;
 mod local;
 pub mod node;
+pub mod task;
 
 pub use leaf::{LeafRequest, X509Svid, mint_x509_svid};
 pub(crate) use local::{Expired, generate_root, io_error, load_ca_files, write_atomically};

@@ -396,6 +396,7 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 dns_names: &[],
                 not_after_cap: None,
+                task: None,
             },
             now,
         )

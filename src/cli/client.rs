@@ -47,7 +47,8 @@ pub fn socket_path(address: &str) -> Result<PathBuf, Failure> {
     Ok(PathBuf::from(path))
 }
 
-fn add_security_header(
+/// Adds the Workload API's security header (the Tasks service asks for it too).
+pub(super) fn add_security_header(
     mut request: tonic::Request<()>,
 ) -> Result<tonic::Request<()>, tonic::Status> {
     request.metadata_mut().insert(

@@ -134,6 +134,12 @@ struct UpdateArgs {
     /// Remove all extra DNS names.
     #[arg(long, conflicts_with = "dns_names")]
     clear_dns_names: bool,
+    /// Remove every delegation target.
+    #[arg(long, conflicts_with = "delegates_to")]
+    clear_delegates: bool,
+    /// Remove every label.
+    #[arg(long, conflicts_with = "labels")]
+    clear_labels: bool,
 }
 
 /// Optional flags of both create and update.
@@ -152,6 +158,17 @@ struct SharedFlags {
     /// An extra DNS name in the SVIDs; repeat for several (on update: replaces them all).
     #[arg(long = "dns-name", value_name = "NAME")]
     dns_names: Vec<String>,
+    /// `standing` (whoever matches holds the identity; the default) or `task` (issued only
+    /// inside tasks: `tessera task run`).
+    #[arg(long, value_name = "MODE", value_parser = ["standing", "task"])]
+    activation: Option<String>,
+    /// An entry id this entry's tasks may start child tasks under; repeat for several (on
+    /// update: replaces them all).
+    #[arg(long = "delegate-to", value_name = "ENTRY_ID")]
+    delegates_to: Vec<String>,
+    /// A key:value label, e.g. team:payments; repeat for several (on update: replaces them all).
+    #[arg(long = "label", value_name = "KEY:VALUE")]
+    labels: Vec<String>,
 }
 
 /// Which nodes serve the entry.
@@ -196,6 +213,9 @@ struct Changes {
     /// `Some("")` removes the hint.
     hint: Option<String>,
     dns_names: Option<Vec<String>>,
+    activation: Option<String>,
+    delegates_to: Option<Vec<String>>,
+    labels: Option<Vec<String>>,
 }
 
 impl Changes {
@@ -216,6 +236,9 @@ impl Changes {
             inactivity_timeout_seconds,
             hint,
             dns_names,
+            activation,
+            delegates_to,
+            labels,
         } = self;
         set(&mut entry.spiffe_id, spiffe_id);
         set(&mut entry.selectors, selectors);
@@ -230,6 +253,9 @@ impl Changes {
         );
         set(&mut entry.hint, hint);
         set(&mut entry.dns_names, dns_names);
+        set(&mut entry.activation, activation);
+        set(&mut entry.delegates_to, delegates_to);
+        set(&mut entry.labels, labels);
     }
 }
 
@@ -253,6 +279,13 @@ impl SharedFlags {
                 .map(Some),
             hint: self.hint.as_deref().map(hint).transpose()?,
             dns_names: dns_names(&self.dns_names)?,
+            activation: self.activation.clone(),
+            delegates_to: listed("--delegate-to", &self.delegates_to, |ids| {
+                crate::entry::check_delegates(ids)
+            })?,
+            labels: listed("--label", &self.labels, |labels| {
+                crate::entry::check_labels(labels)
+            })?,
             ..Changes::default()
         })
     }
@@ -432,6 +465,12 @@ impl UpdateArgs {
         if self.clear_dns_names {
             changes.dns_names = Some(Vec::new());
         }
+        if self.clear_delegates {
+            changes.delegates_to = Some(Vec::new());
+        }
+        if self.clear_labels {
+            changes.labels = Some(Vec::new());
+        }
     }
 }
 
@@ -488,6 +527,20 @@ fn hint(value: &str) -> Result<String, Failure> {
         ));
     }
     Ok(value.to_owned())
+}
+
+/// A repeated flag's values checked as a list: `None` when the flag was not given.
+fn listed(
+    flag: &str,
+    values: &[String],
+    check: impl Fn(&[String]) -> Result<Vec<String>, crate::entry::FieldError>,
+) -> Result<Option<Vec<String>>, Failure> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    check(values)
+        .map(Some)
+        .map_err(|e| bad_flag(flag, &e.value, &e.reason))
 }
 
 fn dns_names(values: &[String]) -> Result<Option<Vec<String>>, Failure> {
@@ -642,6 +695,9 @@ struct EntryView {
     inactivity_timeout_seconds: Option<i64>,
     hint: Option<String>,
     dns_names: Vec<String>,
+    activation: String,
+    delegates_to: Vec<String>,
+    labels: Vec<String>,
     revision: i64,
     #[serde(flatten)]
     created_at: JsonTime,
@@ -663,10 +719,22 @@ impl From<&Entry> for EntryView {
             inactivity_timeout_seconds: entry.inactivity_timeout_seconds,
             hint: Some(entry.hint.clone()).filter(|h| !h.is_empty()),
             dns_names: entry.dns_names.clone(),
+            activation: activation_name(entry).to_owned(),
+            delegates_to: entry.delegates_to.clone(),
+            labels: entry.labels.clone(),
             revision: entry.revision,
             created_at: JsonTime::from_seconds("created_at", entry.created_at),
             updated_at: JsonTime::from_seconds("updated_at", entry.updated_at),
         }
+    }
+}
+
+/// An entry's activation as shown: the server stores `standing` for entries made before tasks.
+fn activation_name(entry: &Entry) -> &str {
+    if entry.activation.is_empty() {
+        "standing"
+    } else {
+        &entry.activation
     }
 }
 
@@ -727,6 +795,9 @@ fn entry_block(entry: &Entry) -> String {
         ),
         ("hint", or_none(&hint, "(none)")),
         ("dns names", or_none(&entry.dns_names, "(none)")),
+        ("activation", one(activation_name(entry).to_owned())),
+        ("delegates to", or_none(&entry.delegates_to, "(none)")),
+        ("labels", or_none(&entry.labels, "(none)")),
         ("revision", one(entry.revision.to_string())),
         ("created at", one(time_or(entry.created_at, "(unknown)"))),
         ("updated at", one(time_or(entry.updated_at, "(unknown)"))),
@@ -832,6 +903,9 @@ mod tests {
             revision: 7,
             created_at: 1_800_000_000,
             updated_at: 1_800_000_060,
+            activation: "standing".into(),
+            delegates_to: vec![],
+            labels: vec![],
         }
     }
 
@@ -894,6 +968,7 @@ mod tests {
                 revision: 0,
                 created_at: 0,
                 updated_at: 0,
+                ..Entry::default()
             }
         );
     }
@@ -1179,6 +1254,9 @@ mod tests {
                 "inactivity_timeout_seconds": 86_400,
                 "hint": "coder",
                 "dns_names": ["coder.internal"],
+                "activation": "standing",
+                "delegates_to": [],
+                "labels": [],
                 "revision": 7,
                 "created_at": "2027-01-15T08:00:00.000Z",
                 "created_at_ms": 1_800_000_000_000_i64,
@@ -1218,7 +1296,8 @@ mod tests {
             block.contains("expires at:          2027-01-31T18:00:00Z\n"),
             "{block}"
         );
-        assert_eq!(block.lines().count(), 14, "{block}");
+        assert!(block.contains("activation:          standing\n"), "{block}");
+        assert_eq!(block.lines().count(), 17, "{block}");
 
         let table = entry_table(&[
             stored(),

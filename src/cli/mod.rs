@@ -29,6 +29,7 @@ mod revoke;
 mod server;
 mod svid;
 mod table;
+mod task;
 mod token;
 
 use std::process::ExitCode;
@@ -94,6 +95,8 @@ enum Command {
     /// Per identity: owner, purpose, expiry, live SVIDs, last issuance and use; per node:
     /// last contact and SVIDs held.
     Inventory(events::InventoryArgs),
+    /// Task credentials from the agent: run a command as a task, start, end and list tasks.
+    Task(task::TaskArgs),
 }
 
 /// A failure with the exit code it deserves.
@@ -121,10 +124,22 @@ impl Failure {
             message: message.into(),
         }
     }
+
+    /// Exit with `code` and say nothing: a command run for the user has already said it
+    /// (`task run` passes its command's exit status through).
+    pub fn exit(code: u8) -> Self {
+        Self {
+            code,
+            message: String::new(),
+        }
+    }
 }
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
+    if let Some(code) = task::gate_if_asked() {
+        return code;
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.log_level.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -149,12 +164,15 @@ pub fn main() -> ExitCode {
             Command::Bundle(args) => bundle::run(args, cli.output).await,
             Command::Events(args) => events::run(args, cli.output).await,
             Command::Inventory(args) => events::inventory(args, cli.output).await,
+            Command::Task(args) => task::run(args, cli.output).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("tessera: {}", failure.message);
+            if !failure.message.is_empty() {
+                eprintln!("tessera: {}", failure.message);
+            }
             ExitCode::from(failure.code)
         }
     }

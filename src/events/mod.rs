@@ -31,7 +31,9 @@ pub fn class_of(kind: EventKind) -> Class {
         | EventKind::SvidRevoked
         | EventKind::NodeAttested
         | EventKind::NodeEvicted
-        | EventKind::IssuanceAnomaly => Class::Critical,
+        | EventKind::IssuanceAnomaly
+        | EventKind::TaskStarted
+        | EventKind::TaskEnded => Class::Critical,
     }
 }
 

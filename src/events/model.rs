@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::attest::CallerFacts;
-use crate::proto::tessera::{Caller, Event, EventKind, RevocationReason};
+use crate::proto::tessera::{Caller, Event, EventKind, RevocationReason, TaskEndReason};
 
 /// Most events one batch may carry.
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -96,6 +96,25 @@ pub fn kind_from_name(name: &str) -> Option<EventKind> {
         .iter()
         .find(|(k, n)| *k != EventKind::Unspecified && n == name)
         .map(|(k, _)| *k)
+}
+
+static TASK_END_REASONS: LazyLock<Vec<(TaskEndReason, String)>> =
+    LazyLock::new(|| names_of("TASK_END_REASON_", TaskEndReason::as_str_name));
+
+/// The stored and displayed name of why a task ended (`process_exited`, `parent_ended`, ...).
+pub fn task_end_reason_name(reason: TaskEndReason) -> &'static str {
+    TASK_END_REASONS
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or("unspecified", |(_, name)| name.as_str())
+}
+
+/// Parses a task end reason's name; `Unspecified` for a name this code does not know.
+pub fn task_end_reason_from_name(name: &str) -> TaskEndReason {
+    TASK_END_REASONS
+        .iter()
+        .find(|(_, n)| n == name)
+        .map_or(TaskEndReason::Unspecified, |(r, _)| *r)
 }
 
 /// The stored and displayed name of a revocation reason.
@@ -586,6 +605,8 @@ mod tests {
                 "node_attested",
                 "node_evicted",
                 "issuance_anomaly",
+                "task_started",
+                "task_ended",
             ]
         );
         for name in KIND_NAMES.iter() {

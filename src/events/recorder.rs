@@ -26,9 +26,10 @@ use super::model::{
 use super::spool::SpoolError;
 use crate::attest::CallerFacts;
 use crate::ca::X509Svid;
+use crate::ca::task::TaskClaims;
 use crate::clock::unix_seconds;
 use crate::entry::RegistrationEntry;
-use crate::proto::tessera::{Event, EventKind, RevocationReason};
+use crate::proto::tessera::{Event, EventKind, RevocationReason, TaskEndReason, TaskLink};
 
 /// An event could not be recorded.
 #[derive(Debug, thiserror::Error)]
@@ -395,11 +396,60 @@ impl Recorder {
     }
 
     fn svid_event(&self, kind: EventKind, entry: &RegistrationEntry, svid: &X509Svid) -> Event {
-        Event {
+        let mut event = Event {
             entry_id: entry.id.clone(),
             spiffe_id: svid.spiffe_id.to_string(),
             serial: svid.serial_hex.clone(),
             not_after: unix_seconds(svid.not_after),
+            ..self.event(kind)
+        };
+        // A task SVID is accounted to its task entry and its task.
+        if let Some(task) = &entry.task {
+            event.entry_id = task.entry_id.clone();
+            event.task_id = task.task_id.clone();
+            event.chain = chain_of(task);
+        }
+        event
+    }
+
+    /// Records the start of a task; the task must not begin when this fails.
+    pub fn task_started(
+        &self,
+        task: &TaskEvent<'_>,
+        starter: &CallerFacts,
+    ) -> Result<(), RecordError> {
+        let mut event = self.task_event(EventKind::TaskStarted, task);
+        event.caller = Some(caller_of(starter));
+        match self.write(true, &event) {
+            Ok(()) => Ok(()),
+            Err(_) if !self.log.required() => Ok(()),
+            Err(source) => Err(RecordError {
+                kind: kind_name(EventKind::TaskStarted),
+                source,
+            }),
+        }
+    }
+
+    /// Records the end of a task for `reason`. A failure is logged: the task has ended anyway.
+    pub fn task_ended(&self, task: &TaskEvent<'_>, reason: TaskEndReason, detail: &str) {
+        let mut event = self.task_event(EventKind::TaskEnded, task);
+        event.set_task_end_reason(reason);
+        event.detail = detail.to_owned();
+        if let Err(e) = self.write(true, &event) {
+            tracing::error!(task = %task.claims.task_id, error = %e, "cannot record a task's end");
+        }
+    }
+
+    fn task_event(&self, kind: EventKind, task: &TaskEvent<'_>) -> Event {
+        Event {
+            entry_id: task.claims.entry_id.clone(),
+            spiffe_id: task.spiffe_id.to_owned(),
+            not_after: task.deadline,
+            task_id: task.claims.task_id.clone(),
+            chain: chain_of(task.claims),
+            purpose: task.claims.purpose.clone(),
+            owner: task.claims.owner.clone(),
+            task_pid: task.pid,
             ..self.event(kind)
         }
     }
@@ -594,6 +644,29 @@ impl Recorder {
     }
 }
 
+/// A task as its start and end events describe it.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskEvent<'a> {
+    /// The task's claims, as its SVIDs carry them.
+    pub claims: &'a TaskClaims,
+    /// The task's SPIFFE ID.
+    pub spiffe_id: &'a str,
+    /// Its deadline, Unix seconds.
+    pub deadline: i64,
+    /// Its process.
+    pub pid: i32,
+}
+
+fn chain_of(task: &TaskClaims) -> Vec<TaskLink> {
+    task.chain
+        .iter()
+        .map(|link| TaskLink {
+            task_id: link.task_id.clone(),
+            spiffe_id: link.spiffe_id.clone(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -651,6 +724,7 @@ pub(crate) mod tests {
                 ttl: Duration::from_secs(60),
                 dns_names: &[],
                 not_after_cap: None,
+                task: None,
             },
             std::time::SystemTime::now(),
         )
@@ -667,6 +741,7 @@ pub(crate) mod tests {
             exe_sha256: None,
             systemd_unit: Some("w.service".into()),
             selectors: Default::default(),
+            lineage: Vec::new(),
         }
     }
 

@@ -159,6 +159,9 @@ impl AdminService {
             expires_at,
             hint: Some(entry.hint).filter(|h| !h.is_empty()),
             dns_names: entry.dns_names,
+            activation: Some(entry.activation),
+            delegates_to: entry.delegates_to,
+            labels: entry.labels,
         };
         let checked = fields
             .check(&config.trust_domain, config.max_x509_ttl)
@@ -186,6 +189,9 @@ impl AdminService {
             revision: entry.revision,
             created_at: 0,
             updated_at: 0,
+            activation: checked.activation.name().to_owned(),
+            delegates_to: checked.delegates_to,
+            labels: checked.labels,
         })
     }
 }

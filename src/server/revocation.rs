@@ -467,6 +467,9 @@ mod tests {
             revision: 0,
             created_at: 0,
             updated_at: 0,
+            activation: "standing".into(),
+            delegates_to: Vec::new(),
+            labels: Vec::new(),
         }
     }
 

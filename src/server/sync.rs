@@ -154,6 +154,9 @@ pub fn entry_to_proto(record: &EntryRecord) -> Entry {
         revision: record.revision,
         created_at: record.created_at,
         updated_at: record.updated_at,
+        activation: record.activation.clone(),
+        delegates_to: record.delegates_to.clone(),
+        labels: record.labels.clone(),
     }
 }
 

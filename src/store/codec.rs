@@ -136,6 +136,9 @@ pub(crate) fn entry_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<EntryRecord
         revision: row.column("revision")?,
         created_at: row.column("created_at")?,
         updated_at: row.column("updated_at")?,
+        activation: row.column("activation")?,
+        delegates_to: decode_list(&row.column::<String>("delegates_to")?, "entry delegates_to")?,
+        labels: decode_list(&row.column::<String>("labels")?, "entry labels")?,
     })
 }
 

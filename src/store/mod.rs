@@ -245,6 +245,12 @@ pub struct EntryRecord {
     pub created_at: i64,
     /// Unix seconds.
     pub updated_at: i64,
+    /// `standing` or `task`.
+    pub activation: String,
+    /// Entry ids this entry's tasks may delegate to.
+    pub delegates_to: Vec<String>,
+    /// `key:value` labels, sorted.
+    pub labels: Vec<String>,
 }
 
 /// A node's standing with the server.

@@ -211,11 +211,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
         activated_ms BIGINT
     );"#,
     ),
+    (
+        4,
+        "ALTER TABLE entries ADD COLUMN activation TEXT NOT NULL DEFAULT 'standing';
+    ALTER TABLE entries ADD COLUMN delegates_to TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE entries ADD COLUMN labels TEXT NOT NULL DEFAULT '[]';",
+    ),
 ];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, selectors, node_selectors, x509_ttl_seconds, owner, \
     purpose, expires_at, inactivity_timeout_seconds, hint, dns_names, revision, created_at, \
-    updated_at";
+    updated_at, activation, delegates_to, labels";
 
 const NODE_COLUMNS: &str = "id, attestation, selectors, status, attested_at, last_seen, \
     svid_serial, svid_not_after, ca_serial, ca_not_after";
@@ -545,8 +551,9 @@ async fn insert_entry(client: &mut Client, entry: &EntryRecord) -> Result<(), Fa
         .execute(
             "INSERT INTO entries (id, spiffe_id, selectors, selectors_sha256, node_selectors,
                 x509_ttl_seconds, owner, purpose, expires_at, inactivity_timeout_seconds, hint,
-                dns_names, revision, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                dns_names, revision, created_at, updated_at, activation, delegates_to, labels)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                $16, $17, $18)
              ON CONFLICT DO NOTHING",
             &[
                 &entry.id,
@@ -564,6 +571,9 @@ async fn insert_entry(client: &mut Client, entry: &EntryRecord) -> Result<(), Fa
                 &entry.revision,
                 &entry.created_at,
                 &entry.updated_at,
+                &entry.activation,
+                &codec::encode_list(&entry.delegates_to),
+                &codec::encode_list(&entry.labels),
             ],
         )
         .await?;
@@ -597,7 +607,8 @@ async fn update_entry(
                 "UPDATE entries SET spiffe_id = $3, selectors = $4, selectors_sha256 = $5,
                     node_selectors = $6, x509_ttl_seconds = $7, owner = $8, purpose = $9,
                     expires_at = $10, inactivity_timeout_seconds = $11, hint = $12,
-                    dns_names = $13, revision = revision + 1, updated_at = $14
+                    dns_names = $13, revision = revision + 1, updated_at = $14,
+                    activation = $15, delegates_to = $16, labels = $17
                  WHERE id = $1 AND revision = $2
                  RETURNING {ENTRY_COLUMNS}"
             ),
@@ -616,6 +627,9 @@ async fn update_entry(
                 &entry.hint,
                 &codec::encode_list(&entry.dns_names),
                 &entry.updated_at,
+                &entry.activation,
+                &codec::encode_list(&entry.delegates_to),
+                &codec::encode_list(&entry.labels),
             ],
         )
         .await;

@@ -59,6 +59,9 @@ fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> EntryRecord {
         revision: 0,
         created_at: 0,
         updated_at: 0,
+        activation: "standing".to_owned(),
+        delegates_to: vec![],
+        labels: vec![],
     }
 }
 
@@ -1501,9 +1504,12 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
         .await;
 
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 3);
+    assert_eq!(harness.query_i64(version).await, 4);
     let old = store.get_entry("old").await.unwrap().unwrap();
     assert_eq!(old.spiffe_id, "spiffe://example.org/old");
+    // Entries from before tasks are standing, with no delegation and no labels.
+    assert_eq!(old.activation, "standing");
+    assert!(old.delegates_to.is_empty() && old.labels.is_empty());
     let batch = vec![
         event("i", event_kind::SVID_ISSUED, "01", NOW_MS),
         used("u", "01", NOW_MS, NOW_MS, 2),
@@ -1513,7 +1519,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
 
     // Opening again migrates nothing and finds the events.
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 3);
+    assert_eq!(harness.query_i64(version).await, 4);
     assert_eq!(ids(&all_events(&*store).await), ["i", "u"]);
     assert_eq!(store.svids(None, None).await.unwrap()[0].uses, 2);
 }

@@ -60,6 +60,7 @@ pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
         last_ms: record.last_ms.unwrap_or(0),
         count: record.count.unwrap_or(0).max(0) as u64,
         detail: record.detail.clone(),
+        ..Event::default()
     };
     if let Some(reason) = &record.reason {
         event.set_reason(reason_from_name(reason));
