@@ -613,7 +613,7 @@ async fn a_restarted_agent_keeps_live_tasks_and_revokes_those_that_ended_meanwhi
         .into_iter()
         .map(|t| t.claims.task_id)
         .collect();
-    assert_eq!(live, [survivor.task_id.clone()]);
+    assert_eq!(live, std::slice::from_ref(&survivor.task_id));
     // The casualty's certificate, minted before the restart, is in the CRL now.
     until_revoked(&tessera, &agent, &dirs[1].join("svid.pem")).await;
     assert_eq!(
