@@ -1,20 +1,22 @@
 //! A standalone agent's admin socket: the operator's revocations (`tessera svid revoke` and
-//! `tessera entry revoke --admin-socket <this socket>`) on the same `tessera.v1.Admin` service
-//! the server serves, so one CLI reaches both. Every other call is the server's and answers
-//! `Unimplemented`, saying so.
+//! `tessera entry revoke --admin-socket <this socket>`) and task ends (`tessera task end
+//! --admin-socket`) on the same `tessera.v1.Admin` service the server serves, so one CLI
+//! reaches both. Every other call is the server's and answers `Unimplemented`, saying so.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::cache::{IdentityCache, RevokedSvid, SerialRevocation};
+use super::tasks::TaskRegistry;
+use super::tasks::service::to_proto;
 use crate::proto::tessera::admin_server::Admin;
 use crate::proto::tessera::{
-    Bundle, CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, EventFilter,
-    GetBundleRequest, GetInventoryRequest, Inventory, JoinToken, ListEntriesRequest,
-    ListEntriesResponse, ListEventsResponse, ListNodesRequest, ListNodesResponse, NodeInfo,
-    NodeRequest, RevocationReason, RevokeEntryRequest, RevokeResponse, RevokeSvidRequest,
-    StoredEvent, SvidInfo, UpdateEntryRequest,
+    Bundle, CreateEntryRequest, CreateJoinTokenRequest, EndTaskOrderRequest, Entry, EntryRequest,
+    EventFilter, GetBundleRequest, GetInventoryRequest, Inventory, JoinToken, ListEntriesRequest,
+    ListEntriesResponse, ListEventsResponse, ListNodesRequest, ListNodesResponse, ListTasksRequest,
+    ListTasksResponse, NodeInfo, NodeRequest, RevocationReason, RevokeEntryRequest, RevokeResponse,
+    RevokeSvidRequest, StoredEvent, SvidInfo, TaskEndReason, UpdateEntryRequest,
 };
 
 /// Longest reason an operator may give, in bytes (as on the server).
@@ -24,12 +26,14 @@ const MAX_REASON_LEN: usize = 1024;
 pub struct AgentAdmin {
     /// The identity cache whose SVIDs are revoked.
     cache: Arc<IdentityCache>,
+    /// The agent's tasks, which an operator may end.
+    tasks: Arc<TaskRegistry>,
 }
 
 impl AgentAdmin {
-    /// Revokes through `cache`.
-    pub fn new(cache: Arc<IdentityCache>) -> Self {
-        Self { cache }
+    /// Revokes through `cache`, ends tasks through `tasks`.
+    pub fn new(cache: Arc<IdentityCache>, tasks: Arc<TaskRegistry>) -> Self {
+        Self { cache, tasks }
     }
 }
 
@@ -72,6 +76,35 @@ type TailStream =
 
 #[tonic::async_trait]
 impl Admin for AgentAdmin {
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let tasks = self
+            .tasks
+            .list_all(request.into_inner().include_ended)
+            .iter()
+            .map(|t| to_proto(t, ""))
+            .collect();
+        Ok(Response::new(ListTasksResponse { tasks }))
+    }
+
+    async fn end_task(
+        &self,
+        request: Request<EndTaskOrderRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let request = request.into_inner();
+        let reason = checked_reason(&request.reason)?;
+        let ended = self
+            .tasks
+            .end(&request.task_id, TaskEndReason::Operator, reason)
+            .ok_or_else(|| Status::not_found(format!("no live task {:?}", request.task_id)))?;
+        audit("task end", &request.task_id);
+        Ok(Response::new(ListTasksResponse {
+            tasks: vec![to_proto(&ended, "")],
+        }))
+    }
+
     async fn revoke_svid(
         &self,
         request: Request<RevokeSvidRequest>,

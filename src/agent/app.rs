@@ -73,6 +73,7 @@ fn open_recorder(
 fn serve_admin(
     path: &std::path::Path,
     cache: Arc<IdentityCache>,
+    task_registry: Arc<TaskRegistry>,
     tasks: &Tasks,
     shutdown: &Shutdown,
 ) -> Result<(), AgentError> {
@@ -80,7 +81,7 @@ fn serve_admin(
     let own_uid = nix::unistd::geteuid().as_raw();
     let server = tonic::transport::Server::builder()
         .add_service(AdminServer::with_interceptor(
-            super::admin::AgentAdmin::new(cache),
+            super::admin::AgentAdmin::new(cache, task_registry),
             move |request| crate::runtime::admin::admit_administrator(request, own_uid, "agent"),
         ))
         .serve_with_incoming_shutdown(
@@ -88,7 +89,7 @@ fn serve_admin(
             shutdown.signalled(),
         );
     let path = path.to_owned();
-    tracing::info!(admin_socket = %path.display(), "admin socket serving (svid revoke, entry revoke)");
+    tracing::info!(admin_socket = %path.display(), "admin socket serving (svid revoke, entry revoke, task list and end)");
     tasks.spawn("admin socket", async move {
         let result = server.await;
         let _ = std::fs::remove_file(&path);
@@ -403,6 +404,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             ca: ca_tx,
             cache: cache.clone(),
             spool,
+            tasks: task_registry.clone(),
         };
         tasks.spawn_until_shutdown(
             "server link",
@@ -511,7 +513,13 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     });
 
     if let Some(path) = &config.admin_socket {
-        serve_admin(path, cache.clone(), &tasks, &shutdown)?;
+        serve_admin(
+            path,
+            cache.clone(),
+            task_registry.clone(),
+            &tasks,
+            &shutdown,
+        )?;
     }
 
     tracing::info!(

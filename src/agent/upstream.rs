@@ -25,8 +25,8 @@ use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
 use crate::proto::tessera::node_client::NodeClient;
 use crate::proto::tessera::{
     AttestRequest, CrlSet, Csrs, Entry, JoinTokenAttestation, NodeCredentials, RenewRequest,
-    RevocationOrders, RevocationReason, SyncRequest, SyncUpdate, X509PopAttestation, X509PopProof,
-    attest_request, attest_response,
+    RevocationOrders, RevocationReason, SyncRequest, SyncUpdate, TaskEndOrders, TaskEndReason,
+    X509PopAttestation, X509PopProof, attest_request, attest_response,
 };
 use crate::runtime::{Backoff, Shutdown, wait_until_wall_time};
 use crate::spiffe::TrustDomain;
@@ -814,6 +814,8 @@ pub struct Seams {
     pub cache: Arc<super::cache::IdentityCache>,
     /// The event spool the uploader drains.
     pub spool: Arc<crate::events::spool::Spool>,
+    /// The node's tasks: the server's end orders go there, and eviction ends them all.
+    pub tasks: Arc<super::tasks::TaskRegistry>,
 }
 
 /// Aborts a task when dropped, so that a session's helpers end with it.
@@ -903,6 +905,7 @@ pub async fn run(
             }
             Outcome::Evicted(why) => {
                 tracing::error!(reason = %status_text(&why), "this node is no longer admitted by the server; it stops serving identities");
+                seams.tasks.end_all(TaskEndReason::NodeEvicted);
                 seams
                     .cache
                     .revoke_all(crate::proto::tessera::RevocationReason::NodeEvicted);
@@ -943,6 +946,21 @@ fn apply_revocations(seams: &Seams, crls: Option<CrlSet>, orders: Option<Revocat
         let reason = RevocationReason::try_from(order.reason).unwrap_or(RevocationReason::Operator);
         if seams.cache.revoke_serial(&order.serial, not_after, reason) {
             tracing::info!(serial = %order.serial, detail = %order.detail, "SVID revoked by the server");
+        }
+    }
+}
+
+/// Ends the tasks the server ordered ended (each with its descendants); tasks this agent does
+/// not run (ended already, or before a restart) are skipped.
+fn apply_task_ends(seams: &Seams, orders: Option<TaskEndOrders>) {
+    for order in orders.map(|o| o.orders).unwrap_or_default() {
+        let reason = TaskEndReason::try_from(order.reason).unwrap_or(TaskEndReason::Operator);
+        if seams
+            .tasks
+            .end(&order.task_id, reason, &order.detail)
+            .is_some()
+        {
+            tracing::info!(task = %order.task_id, detail = %order.detail, "task ended by the server");
         }
     }
 }
@@ -1060,6 +1078,7 @@ async fn session(
                     backoff.reset();
                     let full = update.full;
                     apply_revocations(seams, update.crls.take(), update.revocations.take());
+                    apply_task_ends(seams, update.task_ends.take());
                     let bundle_changed = upstream.apply(update, &mut credentials).await;
                     if bundle_changed {
                         publish_ca(seams, &credentials);
@@ -1602,11 +1621,17 @@ mod tests {
             );
             let (entries_tx, entries) = watch::channel(Arc::new(EntrySet::default()));
             let (ca_tx, ca) = watch::channel(placeholder);
+            let tasks = crate::agent::tasks::TaskRegistry::new(
+                cache.clone(),
+                crate::agent::config::TaskLimits::default(),
+                state_dir,
+            );
             let seams = Seams {
                 entries: entries_tx,
                 ca: ca_tx,
                 cache,
                 spool,
+                tasks,
             };
             let shutdown = Shutdown::new();
             let task = tokio::spawn(run(

@@ -343,7 +343,12 @@ fn inventory_json(inventory: &Inventory) -> serde_json::Value {
             node_json
         })
         .collect();
-    serde_json::json!({ "identities": identities, "nodes": nodes })
+    let tasks: Vec<serde_json::Value> = inventory
+        .tasks
+        .iter()
+        .map(|t| serde_json::to_value(super::task::view(t)).unwrap_or_default())
+        .collect();
+    serde_json::json!({ "identities": identities, "nodes": nodes, "tasks": tasks })
 }
 
 fn inventory_text(inventory: &Inventory) -> String {
@@ -402,9 +407,10 @@ fn inventory_text(inventory: &Inventory) -> String {
         ]);
     }
     format!(
-        "IDENTITIES\n{}\nNODES\n{}",
+        "IDENTITIES\n{}\nNODES\n{}\nTASKS\n{}",
         identities.render(),
-        nodes.render()
+        nodes.render(),
+        super::task::task_table(&inventory.tasks)
     )
 }
 
@@ -439,6 +445,7 @@ mod tests {
                 last_contact_ms: 0,
                 ..Default::default()
             }],
+            tasks: vec![],
         };
         let json = inventory_json(&inventory);
         let identity = &json["identities"][0];

@@ -21,7 +21,9 @@ use super::table::{Table, fields, time_or};
 use super::{Failure, Output};
 use crate::events::model::{JsonTime, task_end_reason_name};
 use crate::proto::tessera::tasks_client::TasksClient;
-use crate::proto::tessera::{EndTaskRequest, ListTasksRequest, StartTaskRequest, Task};
+use crate::proto::tessera::{
+    EndTaskOrderRequest, EndTaskRequest, ListTasksRequest, StartTaskRequest, Task,
+};
 
 /// The variable naming the gate's descriptor; removed before the command runs.
 const GATE_FD_VAR: &str = "TESSERA_TASK_GATE_FD";
@@ -113,15 +115,30 @@ struct EndArgs {
     /// The task's id.
     #[arg(value_name = "TASK_ID")]
     task_id: String,
+    /// Order the end through the admin socket (the server's, or a standalone agent's) instead
+    /// of asking the local agent as a workload.
+    #[arg(long)]
+    server: bool,
+    /// Why (with --server; recorded with the order).
+    #[arg(long, requires = "server")]
+    reason: Option<String>,
+    #[command(flatten)]
+    admin: super::admin::AdminArgs,
 }
 
 #[derive(Args, Debug)]
 struct ListArgs {
     #[command(flatten)]
     socket: SocketArgs,
-    /// Include the latest ended tasks.
+    /// Include ended tasks.
     #[arg(long)]
     all: bool,
+    /// List every node's tasks from the admin socket (the server's, or a standalone agent's)
+    /// instead of the local agent's tasks you may end.
+    #[arg(long)]
+    server: bool,
+    #[command(flatten)]
+    admin: super::admin::AdminArgs,
 }
 
 /// Runs the task command.
@@ -133,6 +150,42 @@ pub(super) async fn run(args: TaskArgs, output: Output) -> Result<(), Failure> {
             let request = start_request(&args.task, args.pid.unwrap_or(0))?;
             let task = start(&mut client, request).await?;
             print_task(output, &task)
+        }
+        TaskCommand::End(args) if args.server => {
+            let reason = args.reason.clone().ok_or_else(|| {
+                Failure::usage("--server needs --reason: say why the task is ended")
+            })?;
+            let mut admin = super::admin::Admin::connect(&args.admin).await?;
+            let ended = admin
+                .client
+                .end_task(EndTaskOrderRequest {
+                    task_id: args.task_id.clone(),
+                    reason,
+                })
+                .await
+                .map_err(|s| admin.lookup_failure(s, "task", &args.task_id))?
+                .into_inner()
+                .tasks;
+            if ended.is_empty() {
+                eprintln!(
+                    "task {} has ended already, or its end was ordered before",
+                    args.task_id
+                );
+            }
+            print_tasks(output, &ended)
+        }
+        TaskCommand::List(args) if args.server => {
+            let mut admin = super::admin::Admin::connect(&args.admin).await?;
+            let tasks = admin
+                .client
+                .list_tasks(ListTasksRequest {
+                    include_ended: args.all,
+                })
+                .await
+                .map_err(|s| admin.failure(s))?
+                .into_inner()
+                .tasks;
+            print_tasks(output, &tasks)
         }
         TaskCommand::End(args) => {
             let mut client = connect(&args.socket).await?;
@@ -408,8 +461,9 @@ fn owned_fd(fd: i32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// A task's JSON form.
 #[derive(Serialize)]
-struct TaskView<'a> {
+pub(super) struct TaskView<'a> {
     task_id: &'a str,
     entry_id: &'a str,
     spiffe_id: &'a str,
@@ -429,7 +483,8 @@ struct TaskView<'a> {
     starter_uid: u32,
 }
 
-fn view(task: &Task) -> TaskView<'_> {
+/// A task as JSON shows it.
+pub(super) fn view(task: &Task) -> TaskView<'_> {
     TaskView {
         task_id: &task.task_id,
         entry_id: &task.entry_id,
@@ -484,39 +539,41 @@ pub(super) fn print_tasks(output: Output, tasks: &[Task]) -> Result<(), Failure>
             eprintln!("no tasks");
             Ok(())
         }
-        Output::Text => {
-            let mut table = Table::new(&[
-                "TASK",
-                "SPIFFE ID",
-                "DEPTH",
-                "PID",
-                "NODE",
-                "PURPOSE",
-                "DEADLINE",
-                "ENDED",
-            ]);
-            for task in tasks {
-                table.row(vec![
-                    task.task_id.clone(),
-                    task.spiffe_id.clone(),
-                    task.chain.len().to_string(),
-                    task.pid.to_string(),
-                    Some(task.node_id.clone())
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or_else(|| "-".into()),
-                    task.purpose.clone(),
-                    time_or(task.deadline, "-"),
-                    if task.ended_ms == 0 {
-                        "live".into()
-                    } else {
-                        task_end_reason_name(task.end_reason()).into()
-                    },
-                ]);
-            }
-            let _ = std::io::stdout()
-                .lock()
-                .write_all(table.render().as_bytes());
-            Ok(())
-        }
+        Output::Text => super::admin::print_text(&task_table(tasks)),
     }
+}
+
+/// Tasks as a table: id, SPIFFE ID, depth, process and node, owner, purpose, deadline, state.
+pub(super) fn task_table(tasks: &[Task]) -> String {
+    let mut table = Table::new(&[
+        "TASK",
+        "SPIFFE ID",
+        "DEPTH",
+        "PID",
+        "NODE",
+        "OWNER",
+        "PURPOSE",
+        "DEADLINE",
+        "ENDED",
+    ]);
+    for task in tasks {
+        table.row(vec![
+            task.task_id.clone(),
+            task.spiffe_id.clone(),
+            task.chain.len().to_string(),
+            task.pid.to_string(),
+            Some(task.node_id.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "-".into()),
+            task.owner.clone(),
+            task.purpose.clone(),
+            time_or(task.deadline, "-"),
+            if task.ended_ms == 0 {
+                "live".into()
+            } else {
+                task_end_reason_name(task.end_reason()).into()
+            },
+        ]);
+    }
+    table.render()
 }

@@ -248,7 +248,60 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
             event.not_after
         )));
     }
+    check_task(kind, event).map_err(invalid)?;
     Ok(kind)
+}
+
+/// Longest delegation chain an event may carry.
+const MAX_CHAIN: usize = 32;
+
+/// The task fields: required on task events, optional on SVID events (a task SVID's), absent
+/// elsewhere; a task id is a UUID, and the chain ends with the task itself.
+fn check_task(kind: EventKind, event: &Event) -> Result<(), String> {
+    let task_kind = matches!(kind, EventKind::TaskStarted | EventKind::TaskEnded);
+    if event.task_id.is_empty() {
+        if task_kind {
+            return Err(format!("{} needs task_id", kind_name(kind)));
+        }
+        return Ok(());
+    }
+    if !task_kind
+        && !matches!(
+            kind,
+            EventKind::SvidIssued | EventKind::SvidUsed | EventKind::SvidRevoked
+        )
+    {
+        return Err(format!("{} carries no task", kind_name(kind)));
+    }
+    if !is_uuid(&event.task_id) {
+        return Err("task_id must be a lowercase UUID".into());
+    }
+    if event.chain.is_empty() || event.chain.len() > MAX_CHAIN {
+        return Err(format!("a task's chain has 1 to {MAX_CHAIN} links"));
+    }
+    if event.chain.last().map(|l| l.task_id.as_str()) != Some(event.task_id.as_str()) {
+        return Err("a task's chain must end with the task itself".into());
+    }
+    for link in &event.chain {
+        if !is_uuid(&link.task_id)
+            || link.spiffe_id.len() > MAX_FIELD_LEN
+            || link.spiffe_id.contains('\0')
+        {
+            return Err("a chain link needs a UUID task_id and a SPIFFE ID".into());
+        }
+    }
+    if [&event.purpose, &event.owner]
+        .iter()
+        .any(|t| t.len() > MAX_FIELD_LEN || t.contains('\0'))
+    {
+        return Err(format!(
+            "purpose and owner are text of at most {MAX_FIELD_LEN} bytes"
+        ));
+    }
+    if task_kind && (event.entry_id.is_empty() || event.spiffe_id.is_empty()) {
+        return Err(format!("{} needs entry_id and spiffe_id", kind_name(kind)));
+    }
+    Ok(())
 }
 
 /// Events from before this (2020-01-01, before tessera existed) are refused.

@@ -12,11 +12,12 @@ use super::sync::entry_to_proto;
 use crate::entry::{EntryFields, FieldError, check_node_selector};
 use crate::proto::tessera::admin_server::Admin;
 use crate::proto::tessera::{
-    Bundle, CreateEntryRequest, CreateJoinTokenRequest, Entry, EntryRequest, EventFilter,
-    GetBundleRequest, GetInventoryRequest, IdentityInventory, Inventory, JoinToken,
+    Bundle, CreateEntryRequest, CreateJoinTokenRequest, EndTaskOrderRequest, Entry, EntryRequest,
+    EventFilter, GetBundleRequest, GetInventoryRequest, IdentityInventory, Inventory, JoinToken,
     ListEntriesRequest, ListEntriesResponse, ListEventsResponse, ListNodesRequest,
-    ListNodesResponse, NodeInfo, NodeInventory, NodeRequest, RevocationReason, RevokeEntryRequest,
-    RevokeResponse, RevokeSvidRequest, StoredEvent, SvidInfo, UpdateEntryRequest,
+    ListNodesResponse, ListTasksRequest, ListTasksResponse, NodeInfo, NodeInventory, NodeRequest,
+    RevocationReason, RevokeEntryRequest, RevokeResponse, RevokeSvidRequest, StoredEvent, SvidInfo,
+    Task, TaskEndReason, TaskLink, UpdateEntryRequest,
 };
 use crate::store::{
     EntryRecord, EventOrder, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, SvidRecord,
@@ -194,6 +195,39 @@ impl AdminService {
             labels: checked.labels,
         })
     }
+}
+
+/// A task of the inventory as the wire carries it.
+fn task_to_proto(task: &crate::store::TaskRecord) -> Task {
+    let mut out = Task {
+        task_id: task.task_id.clone(),
+        entry_id: task.entry_id.clone(),
+        spiffe_id: task.spiffe_id.clone(),
+        purpose: task.purpose.clone(),
+        owner: task.owner.clone(),
+        chain: task
+            .chain
+            .iter()
+            .map(|(task_id, spiffe_id)| TaskLink {
+                task_id: task_id.clone(),
+                spiffe_id: spiffe_id.clone(),
+            })
+            .collect(),
+        pid: i32::try_from(task.pid).unwrap_or_default(),
+        started_ms: task.started_ms.unwrap_or(0),
+        deadline: task.deadline,
+        ended_ms: task.ended_ms.unwrap_or(0),
+        node_id: task.node_id.clone(),
+        starter_uid: task
+            .starter_uid
+            .and_then(|uid| u32::try_from(uid).ok())
+            .unwrap_or_default(),
+        ..Task::default()
+    };
+    if let Some(reason) = &task.end_reason {
+        out.set_end_reason(crate::events::model::task_end_reason_from_name(reason));
+    }
+    out
 }
 
 fn at_time(unix: i64) -> SystemTime {
@@ -791,7 +825,53 @@ impl Admin for AdminService {
                 }
             })
             .collect();
-        Ok(Response::new(Inventory { identities, nodes }))
+        let day_ago_ms = now_ms.saturating_sub(24 * 3600 * 1000);
+        let tasks = store
+            .tasks(false)
+            .await
+            .map_err(status)?
+            .iter()
+            .filter(|t| t.ended_ms.is_none_or(|ended| ended >= day_ago_ms))
+            .map(task_to_proto)
+            .collect();
+        Ok(Response::new(Inventory {
+            identities,
+            nodes,
+            tasks,
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let live_only = !request.into_inner().include_ended;
+        let tasks = self
+            .state
+            .store
+            .tasks(live_only)
+            .await
+            .map_err(status)?
+            .iter()
+            .map(task_to_proto)
+            .collect();
+        Ok(Response::new(ListTasksResponse { tasks }))
+    }
+
+    async fn end_task(
+        &self,
+        request: Request<EndTaskOrderRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let request = request.into_inner();
+        let reason = check_revocation_reason(&request.reason).map_err(status)?;
+        let ordered = self
+            .state
+            .order_task_end(&request.task_id, TaskEndReason::Operator, &reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListTasksResponse {
+            tasks: ordered.iter().map(task_to_proto).collect(),
+        }))
     }
 
     async fn get_bundle(

@@ -96,7 +96,13 @@ pub struct ServerConfig {
     pub events_retention: Duration,
     /// What an issuance anomaly (an SVID a node may not have issued) sets off.
     pub on_anomaly: OnAnomaly,
+    /// The deepest delegation chain the server accepts from a node's events; a deeper task is
+    /// an anomaly.
+    pub max_task_depth: u32,
 }
+
+/// The default of `max_task_depth`, as agents' `tasks.max_depth`.
+pub const DEFAULT_MAX_TASK_DEPTH: u32 = 4;
 
 /// What the server does when a node reports issuing an identity no entry it may serve grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +126,7 @@ struct RawConfig {
     node_ca_ttl: Option<String>,
     node_svid_ttl: Option<String>,
     on_anomaly: Option<String>,
+    max_task_depth: Option<u32>,
     #[serde(default)]
     ca: RawCa,
     #[serde(default)]
@@ -354,8 +361,17 @@ impl ServerConfig {
                 ));
             }
         };
+        let max_task_depth = raw.max_task_depth.unwrap_or(DEFAULT_MAX_TASK_DEPTH);
+        if !(1..=16).contains(&max_task_depth) {
+            return Err(invalid(
+                "max_task_depth",
+                &max_task_depth.to_string(),
+                "must be between 1 (no delegation) and 16".into(),
+            ));
+        }
         Ok(Self {
             on_anomaly,
+            max_task_depth,
             trust_domain,
             bind_address,
             admin_socket,

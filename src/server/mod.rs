@@ -8,6 +8,7 @@ pub mod node_api;
 pub mod revocation;
 pub mod root;
 pub mod sync;
+pub mod tasks;
 #[cfg(test)]
 mod testing;
 

@@ -19,18 +19,19 @@ use super::State;
 use super::config::OnAnomaly;
 use super::revocation::PublishError;
 use super::sync::{Snapshot, bundle_message, delta, full};
+use super::tasks::{KnownTask, task_start_problem};
 use crate::ca::BACKDATE;
 use crate::ca::node::{
     CsrError, node_id_of, node_spiffe_id, sign_node_ca, sign_node_svid, x509pop_message,
 };
 use crate::events::model::{MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms};
-use crate::proto::tessera::RevocationReason;
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
     AttestRequest, AttestResponse, Bundle, CrlSet, Csrs, Event, EventAck, EventBatch, EventKind,
     NodeCredentials, PublishCrlsRequest, PublishCrlsResponse, RenewRequest, RevocationOrder,
     RevocationOrders, SyncRequest, SyncUpdate, X509PopChallenge, attest_request, attest_response,
 };
+use crate::proto::tessera::{RevocationReason, TaskEndReason};
 use crate::store::wire::to_record;
 use crate::store::{
     NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, StoreError, SvidRecord,
@@ -436,12 +437,64 @@ impl State {
         let snapshot = self.snapshots.borrow().clone();
         let mut records = Vec::with_capacity(batch.events.len());
         let mut anomalous = Vec::new();
+        let mut anomalous_tasks: Vec<(String, String)> = Vec::new();
+        let mut batch_tasks: HashMap<String, KnownTask> = HashMap::new();
         for (index, event) in batch.events.iter().enumerate() {
             let kind = match check_event(index, event) {
                 Ok(kind) => kind,
                 Err(e) => return Ok(refused(format!("batch {}: {e}", batch.sequence))),
             };
             records.push(to_record(event, kind, node_id, received));
+            if kind == EventKind::TaskStarted {
+                let parent = match event.chain.len().checked_sub(2) {
+                    None => None,
+                    Some(at) => {
+                        let parent_id = &event.chain[at].task_id;
+                        match batch_tasks.get(parent_id) {
+                            Some(known) => Some(known.clone()),
+                            None => self
+                                .store
+                                .task(parent_id)
+                                .await?
+                                .as_ref()
+                                .map(KnownTask::from),
+                        }
+                    }
+                };
+                batch_tasks.insert(
+                    event.task_id.clone(),
+                    KnownTask {
+                        entry_id: event.entry_id.clone(),
+                        deadline: event.not_after,
+                        ended_ms: None,
+                    },
+                );
+                if let Some(problem) = task_start_problem(
+                    &snapshot,
+                    node_id,
+                    event,
+                    parent.as_ref(),
+                    self.config.max_task_depth,
+                ) {
+                    tracing::warn!(target: "tessera::audit", node = node_id, task = %event.task_id, %problem, "task anomaly");
+                    let mut anomaly = self.server_event(
+                        EventKind::IssuanceAnomaly,
+                        node_id,
+                        format!("task anomaly: {problem}"),
+                    );
+                    anomaly.id = anomaly_id(&event.id);
+                    anomaly.spiffe_id = event.spiffe_id.clone();
+                    anomaly.entry_id = event.entry_id.clone();
+                    anomaly.time_ms = received;
+                    records.push(to_record(
+                        &anomaly,
+                        EventKind::IssuanceAnomaly,
+                        node_id,
+                        received,
+                    ));
+                    anomalous_tasks.push((event.task_id.clone(), problem));
+                }
+            }
             // Judged against what the node could serve when it issued (entries replaced since
             // are remembered), so an issuance reported late after an outage is not an anomaly.
             if kind == EventKind::SvidIssued
@@ -449,6 +502,7 @@ impl State {
                     node_id,
                     &event.entry_id,
                     &event.spiffe_id,
+                    &event.task_id,
                     event.time_ms,
                 )
             {
@@ -488,6 +542,10 @@ impl State {
         if stored.is_ok() && !anomalous.is_empty() {
             self.answer_anomalies(node_id, &anomalous).await?;
         }
+        if stored.is_ok() && !anomalous_tasks.is_empty() {
+            self.answer_task_anomalies(node_id, &anomalous_tasks)
+                .await?;
+        }
         match stored {
             Ok(count) => Ok(EventAck {
                 sequence: batch.sequence,
@@ -504,6 +562,27 @@ impl State {
 }
 
 impl State {
+    /// Does what `on_anomaly` says about tasks node `node_id` should not have started: with
+    /// `revoke` or `evict` they are ordered ended (their SVIDs revoked by the node), and with
+    /// `evict` the node is evicted as for an issuance anomaly.
+    async fn answer_task_anomalies(
+        &self,
+        node_id: &str,
+        tasks: &[(String, String)],
+    ) -> Result<(), NodeApiError> {
+        if self.config.on_anomaly == OnAnomaly::Record {
+            return Ok(());
+        }
+        for (task_id, problem) in tasks {
+            self.order_task_end(task_id, TaskEndReason::Anomaly, problem)
+                .await?;
+        }
+        if self.config.on_anomaly == OnAnomaly::Evict {
+            self.answer_anomalies(node_id, &[]).await?;
+        }
+        Ok(())
+    }
+
     /// Does what `on_anomaly` says about SVIDs node `node_id` should not have issued.
     async fn answer_anomalies(
         &self,
@@ -847,6 +926,7 @@ async fn stream_updates(
     let mut sent_bundle: Option<Vec<Vec<u8>>> = None;
     let mut sent_crls: Option<Vec<Vec<u8>>> = None;
     let mut sent_orders: Option<Vec<RevocationOrder>> = None;
+    let mut sent_task_ends: Option<Vec<crate::proto::tessera::TaskEndOrder>> = None;
     let shutdown = state.shutdown.clone();
     // An open stream is contact too, however long nothing changes.
     let mut contact = tokio::time::interval_at(
@@ -911,8 +991,15 @@ async fn stream_updates(
         let orders = snapshot.orders.get(&node_id).cloned().unwrap_or_default();
         let crls_changed = sent_crls.as_ref() != Some(&snapshot.crls);
         let orders_changed = sent_orders.as_ref() != Some(&orders);
+        let task_ends = snapshot
+            .task_ends
+            .get(&node_id)
+            .cloned()
+            .unwrap_or_default();
+        let task_ends_changed = sent_task_ends.as_ref() != Some(&task_ends);
         let update = update.or_else(|| {
-            (sent_bundle.is_some() && (crls_changed || orders_changed)).then(SyncUpdate::default)
+            (sent_bundle.is_some() && (crls_changed || orders_changed || task_ends_changed))
+                .then(SyncUpdate::default)
         });
         if let Some(mut update) = update {
             if update.full || crls_changed {
@@ -925,6 +1012,11 @@ async fn stream_updates(
                     orders: orders.clone(),
                 });
             }
+            if update.full || task_ends_changed {
+                update.task_ends = Some(crate::proto::tessera::TaskEndOrders {
+                    orders: task_ends.clone(),
+                });
+            }
             if tx.send(Ok(update)).await.is_err() {
                 return;
             }
@@ -932,6 +1024,7 @@ async fn stream_updates(
             sent_bundle = Some(snapshot.bundle.clone());
             sent_crls = Some(snapshot.crls.clone());
             sent_orders = Some(orders);
+            sent_task_ends = Some(task_ends);
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::proto::tessera::{Bundle, Entry, RevocationOrder, SyncUpdate};
+use crate::proto::tessera::{Bundle, Entry, RevocationOrder, SyncUpdate, TaskEndOrder};
 use crate::spiffe::TrustDomain;
 use crate::store::{Datastore, EntryRecord, NodeRecord, NodeStatus, StoreError, unix_now};
 
@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub orders: HashMap<String, Vec<RevocationOrder>>,
     /// Entries dormant after their inactivity timeout: no node is sent them.
     pub dormant: std::collections::HashSet<String>,
+    /// The tasks each node must end, by node id.
+    pub task_ends: HashMap<String, Vec<TaskEndOrder>>,
 }
 
 /// Replaced versions of entries, by entry id, each with when it was replaced (Unix ms).
@@ -53,18 +55,31 @@ pub const HISTORY_KEEP: Duration = Duration::from_secs(24 * 3600);
 impl Snapshot {
     /// Whether node `node_id` may have issued `spiffe_id` for `entry_id`: the entry, now or in
     /// a version replaced since `since_ms`, grants that ID to nodes the node is one of.
+    /// A task SVID (`task_id` not empty) is granted by a task entry as its SPIFFE ID with
+    /// `/task/<task_id>` appended; a task entry grants nothing outside a task.
     pub fn may_have_issued(
         &self,
         node_id: &str,
         entry_id: &str,
         spiffe_id: &str,
+        task_id: &str,
         since_ms: i64,
     ) -> bool {
         let Some(node) = self.nodes.get(node_id) else {
             return false;
         };
         let grants = |e: &Entry| {
-            e.spiffe_id == spiffe_id && e.node_selectors.iter().all(|s| node.selectors.contains(s))
+            let is_task = e.activation == "task";
+            let granted = if task_id.is_empty() {
+                !is_task && e.spiffe_id == spiffe_id
+            } else {
+                is_task
+                    && spiffe_id
+                        .strip_prefix(e.spiffe_id.as_str())
+                        .and_then(|rest| rest.strip_prefix("/task/"))
+                        == Some(task_id)
+            };
+            granted && e.node_selectors.iter().all(|s| node.selectors.contains(s))
         };
         self.entries.get(entry_id).is_some_and(|e| grants(e))
             || self.history.get(entry_id).is_some_and(|versions| {
@@ -120,6 +135,7 @@ pub fn delta(
         bundle: bundle_changed.cloned(),
         crls: None,
         revocations: None,
+        task_ends: None,
     })
 }
 
@@ -134,6 +150,7 @@ pub fn full(now: &HashMap<String, Arc<Entry>>, bundle: Bundle) -> SyncUpdate {
         bundle: Some(bundle),
         crls: None,
         revocations: None,
+        task_ends: None,
     }
 }
 
@@ -209,7 +226,9 @@ pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError
     let crls = store.crls(unix_now()).await?;
     let revocations = store.revocations(unix_now()).await?;
     let standings = store.entry_standings().await?;
+    let tasks = store.tasks(true).await?;
     Ok(Snapshot {
+        task_ends: super::tasks::orders_by_node(&tasks),
         dormant: standings
             .into_iter()
             .filter(|s| s.dormant_since_ms.is_some())
@@ -341,13 +360,15 @@ mod tests {
         after.history = Arc::new(remember_replaced(&before, &after));
         let recent = crate::events::model::now_ms() - 1000;
         // Deleted and re-pinned since: judged against the versions the node had.
-        assert!(after.may_have_issued("n1", "a", "spiffe://td/a", recent));
-        assert!(after.may_have_issued("n1", "b", "spiffe://td/b", recent));
+        assert!(after.may_have_issued("n1", "a", "spiffe://td/a", "", recent));
+        assert!(after.may_have_issued("n1", "b", "spiffe://td/b", "", recent));
         // Never granted, or granted under another entry, or before the window.
-        assert!(!after.may_have_issued("n1", "a", "spiffe://td/admin", recent));
-        assert!(!after.may_have_issued("n1", "b", "spiffe://td/a", recent));
-        assert!(!after.may_have_issued("n1", "a", "spiffe://td/a", i64::MAX));
-        assert!(!after.may_have_issued("n2", "b", "spiffe://td/b", recent));
+        assert!(!after.may_have_issued("n1", "a", "spiffe://td/admin", "", recent));
+        assert!(!after.may_have_issued("n1", "b", "spiffe://td/a", "", recent));
+        assert!(!after.may_have_issued("n1", "a", "spiffe://td/a", "", i64::MAX));
+        assert!(!after.may_have_issued("n2", "b", "spiffe://td/b", "", recent));
+        // A standing entry grants no task SVID.
+        assert!(!after.may_have_issued("n1", "b", "spiffe://td/b/task/t1", "t1", recent));
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! schema-version check.
 
 use super::{
-    BundleRoot, CrlRecord, EntryActivity, EntryRecord, EntryStanding, EventRecord, NodeActivity,
-    NodeCaRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredEvent, SvidRecord,
-    canonical,
+    BundleRoot, CrlRecord, EntryActivity, EntryRecord, EntryStanding, EventRecord, EventTask,
+    NodeActivity, NodeCaRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredEvent,
+    SvidRecord, TaskRecord, canonical,
 };
 
 /// Stores a list of strings as a JSON array: unambiguous for any string content, and readable
@@ -276,8 +276,72 @@ pub(crate) fn event_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<StoredEvent
             count: row.column("count")?,
             detail: row.column("detail")?,
             received_ms: row.column("received_ms")?,
+            task: row
+                .column::<Option<String>>("task")?
+                .map(|text| decode_event_task(&text))
+                .transpose()?,
         },
     })
+}
+
+/// An event's task as stored (JSON).
+pub(crate) fn encode_event_task(task: Option<&EventTask>) -> Option<String> {
+    // A struct of strings and numbers always serialises.
+    task.and_then(|t| serde_json::to_string(t).ok())
+}
+
+fn decode_event_task(text: &str) -> Result<EventTask, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::corrupt_from("an event's task is not the JSON stored", e))
+}
+
+/// A delegation chain as stored: a JSON list of `[task id, SPIFFE ID]` pairs.
+pub(crate) fn encode_chain(chain: &[(String, String)]) -> String {
+    serde_json::to_string(chain).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// A task from its row.
+pub(crate) fn task_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<TaskRecord, StoreError> {
+    Ok(TaskRecord {
+        task_id: row.column("task_id")?,
+        node_id: row.column("node_id")?,
+        entry_id: row.column("entry_id")?,
+        spiffe_id: row.column("spiffe_id")?,
+        parent_id: row.column("parent_id")?,
+        chain: serde_json::from_str(&row.column::<String>("chain")?)
+            .map_err(|e| StoreError::corrupt_from("a task's chain is not the JSON stored", e))?,
+        purpose: row.column("purpose")?,
+        owner: row.column("owner")?,
+        pid: row.column("pid")?,
+        starter_uid: row.column("starter_uid")?,
+        started_ms: row.column("started_ms")?,
+        deadline: row.column("deadline")?,
+        ended_ms: row.column("ended_ms")?,
+        end_reason: row.column("end_reason")?,
+        end_ordered_ms: row.column("end_ordered_ms")?,
+        end_order_reason: row.column("end_order_reason")?,
+        end_order_detail: row.column("end_order_detail")?,
+    })
+}
+
+/// Live tasks whose chain passes through `task_id` (the task itself included), from `live`.
+pub(crate) fn task_and_descendants(live: Vec<TaskRecord>, task_id: &str) -> Vec<TaskRecord> {
+    live.into_iter()
+        .filter(|t| t.chain.iter().any(|(id, _)| id == task_id) || t.task_id == task_id)
+        .collect()
+}
+
+/// Orders one live task ended unless it already is: `1` the task, `2` when, `3` the reason,
+/// `4` the detail.
+pub(crate) fn order_task_sql(p: impl Fn(usize) -> String) -> String {
+    format!(
+        "UPDATE tasks SET end_ordered_ms = {}, end_order_reason = {}, end_order_detail = {}
+         WHERE task_id = {} AND end_ordered_ms IS NULL AND ended_ms IS NULL",
+        p(2),
+        p(3),
+        p(4),
+        p(1)
+    )
 }
 
 /// An SVID of the inventory from its row.

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{
     CallerRecord, EntryActivity, EventFilter, EventRecord, MAX_EVENTS_LISTED, NodeActivity,
-    StoreError, SvidRecord, event_kind,
+    StoreError, SvidRecord, TaskRecord, event_kind,
 };
 use crate::events::model::{KIND_NAMES, kind_from_name};
 use crate::proto::tessera::EventKind;
@@ -20,7 +20,20 @@ use crate::proto::tessera::EventKind;
 /// The stored columns of an event, in the order both backends bind and read them.
 pub(crate) const EVENT_COLUMNS: &str = "id, kind, time_ms, node_id, entry_id, spiffe_id, serial, \
     not_after, reason, caller_pid, caller_uid, caller_gid, caller_exe_path, caller_exe_sha256, \
-    caller_unit, first_ms, last_ms, count, detail, received_ms";
+    caller_unit, first_ms, last_ms, count, detail, received_ms, task";
+
+/// The stored columns of a task, likewise.
+pub(crate) const TASK_COLUMNS: &str = "task_id, node_id, entry_id, spiffe_id, parent_id, chain, \
+    purpose, owner, pid, starter_uid, started_ms, deadline, ended_ms, end_reason, end_ordered_ms, \
+    end_order_reason, end_order_detail";
+
+/// How a task folded from new events merges into the stored row (`ON CONFLICT (task_id) DO
+/// UPDATE SET` in both backends): its start and end are each the first one stored; the facts
+/// every task event repeats are kept as first stored.
+pub(crate) const TASK_MERGE: &str = "started_ms = COALESCE(tasks.started_ms, excluded.started_ms), \
+    starter_uid = COALESCE(tasks.starter_uid, excluded.starter_uid), \
+    ended_ms = COALESCE(tasks.ended_ms, excluded.ended_ms), \
+    end_reason = COALESCE(tasks.end_reason, excluded.end_reason)";
 
 /// The stored columns of an SVID, likewise.
 pub(crate) const SVID_COLUMNS: &str = "serial, entry_id, spiffe_id, node_id, issued_ms, \
@@ -203,6 +216,8 @@ pub(crate) struct InventoryChanges {
     pub entries: Vec<EntryActivity>,
     /// Merged into the stored activity by [`NODE_ACTIVITY_MERGE`].
     pub nodes: Vec<NodeActivity>,
+    /// Merged into the stored task by [`TASK_MERGE`].
+    pub tasks: Vec<TaskRecord>,
 }
 
 impl InventoryChanges {
@@ -211,7 +226,16 @@ impl InventoryChanges {
         let mut svids: BTreeMap<&str, SvidRecord> = BTreeMap::new();
         let mut entries: BTreeMap<&str, EntryActivity> = BTreeMap::new();
         let mut nodes: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut tasks: BTreeMap<&str, TaskRecord> = BTreeMap::new();
         for event in events {
+            if let (Some(task), Some(change)) = (&event.task, task_change(event)) {
+                match tasks.get_mut(task.task_id.as_str()) {
+                    Some(stored) => merge_task(stored, change),
+                    None => {
+                        tasks.insert(&task.task_id, change);
+                    }
+                }
+            }
             if !event.node_id.is_empty() {
                 let last = nodes.entry(&event.node_id).or_insert(event.time_ms);
                 *last = (*last).max(event.time_ms);
@@ -250,7 +274,58 @@ impl InventoryChanges {
                     last_event_ms,
                 })
                 .collect(),
+            tasks: tasks.into_values().collect(),
         }
+    }
+}
+
+/// What a task event says about its task; `None` for other events.
+fn task_change(event: &EventRecord) -> Option<TaskRecord> {
+    let started = event.kind == event_kind::TASK_STARTED;
+    if !started && event.kind != event_kind::TASK_ENDED {
+        return None;
+    }
+    let task = event.task.as_ref()?;
+    let parent_id = task
+        .chain
+        .len()
+        .checked_sub(2)
+        .and_then(|i| task.chain.get(i))
+        .map(|(id, _)| id.clone());
+    Some(TaskRecord {
+        task_id: task.task_id.clone(),
+        node_id: event.node_id.clone(),
+        entry_id: event.entry_id.clone(),
+        spiffe_id: event.spiffe_id.clone(),
+        parent_id,
+        chain: task.chain.clone(),
+        purpose: task.purpose.clone(),
+        owner: task.owner.clone(),
+        pid: task.pid,
+        starter_uid: if started {
+            event.caller.as_ref().map(|c| c.uid)
+        } else {
+            None
+        },
+        started_ms: started.then_some(event.time_ms),
+        deadline: event.not_after.unwrap_or(0),
+        ended_ms: (!started).then_some(event.time_ms),
+        end_reason: if started {
+            None
+        } else {
+            task.end_reason.clone()
+        },
+        ..TaskRecord::default()
+    })
+}
+
+/// [`TASK_MERGE`] in memory.
+fn merge_task(stored: &mut TaskRecord, change: TaskRecord) {
+    stored.started_ms = stored.started_ms.or(change.started_ms);
+    stored.starter_uid = stored.starter_uid.or(change.starter_uid);
+    if stored.ended_ms.is_none() {
+        stored.ended_ms = change.ended_ms;
+        stored.end_reason = change.end_reason;
     }
 }
 

@@ -443,6 +443,11 @@ pub mod event_kind {
         )
     }
 
+    /// A task began; the task inventory is kept from these and [`TASK_ENDED`].
+    pub const TASK_STARTED: &str = "task_started";
+    /// A task ended.
+    pub const TASK_ENDED: &str = "task_ended";
+
     /// Kind names for the tests' records.
     #[cfg(test)]
     pub(crate) const SVID_ISSUED: &str = "svid_issued";
@@ -491,6 +496,72 @@ pub struct EventRecord {
     pub detail: String,
     /// When the server received it, Unix milliseconds; set by the server at ingest.
     pub received_ms: i64,
+    /// Task events, and issuance and revocation of task SVIDs: the task.
+    pub task: Option<EventTask>,
+}
+
+/// What a task event (or an event about a task SVID) says about its task; stored as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct EventTask {
+    /// The task.
+    pub task_id: String,
+    /// From the root task down to this one: (task id, SPIFFE ID).
+    pub chain: Vec<(String, String)>,
+    /// What the task is for (`task_started`, `task_ended`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub purpose: String,
+    /// Its entry's owner (`task_started`, `task_ended`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
+    /// Its process (`task_started`, `task_ended`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pid: i64,
+    /// Why it ended (`task_ended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// A task as the server knows it from its nodes' events, and the end it ordered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TaskRecord {
+    /// The key.
+    pub task_id: String,
+    /// The node whose agent runs it.
+    pub node_id: String,
+    /// Its task entry.
+    pub entry_id: String,
+    /// Its own SPIFFE ID.
+    pub spiffe_id: String,
+    /// The task it was delegated from, if any.
+    pub parent_id: Option<String>,
+    /// From the root task down to this one: (task id, SPIFFE ID).
+    pub chain: Vec<(String, String)>,
+    /// What it is for.
+    pub purpose: String,
+    /// Its entry's owner.
+    pub owner: String,
+    /// Its process on the node.
+    pub pid: i64,
+    /// Effective uid of the process that started it, when the start event was stored.
+    pub starter_uid: Option<i64>,
+    /// Unix milliseconds, when the start event was stored.
+    pub started_ms: Option<i64>,
+    /// Unix seconds.
+    pub deadline: i64,
+    /// Unix milliseconds, once ended.
+    pub ended_ms: Option<i64>,
+    /// Why it ended (a task end reason name).
+    pub end_reason: Option<String>,
+    /// Unix milliseconds, once the server ordered it ended.
+    pub end_ordered_ms: Option<i64>,
+    /// The reason of that order.
+    pub end_order_reason: Option<String>,
+    /// The operator's words for it.
+    pub end_order_detail: String,
 }
 
 /// What the kernel and `/proc` said about a calling process.
@@ -795,6 +866,25 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// The standing of every entry that was ever dormant or activated, ordered by entry id.
     async fn entry_standings(&self) -> Result<Vec<EntryStanding>, StoreError>;
+
+    /// Tasks, live ones only when `live_only` (not ended, whatever was ordered), ordered by
+    /// start (tasks whose start is not known last), then id.
+    async fn tasks(&self, live_only: bool) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// One task.
+    async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Orders task `task_id` and every live task delegated from it ended, for `reason` with
+    /// the operator's `detail`, at `now_ms`; a task already ordered keeps its first order.
+    /// Returns the tasks newly ordered; `NotFound` when no such task is known. Then
+    /// [`Datastore::changes`] moves on.
+    async fn order_task_end(
+        &self,
+        task_id: &str,
+        reason: &str,
+        detail: &str,
+        now_ms: i64,
+    ) -> Result<Vec<TaskRecord>, StoreError>;
 }
 
 /// Sorts and de-duplicates selectors, the canonical form stored and compared for uniqueness.

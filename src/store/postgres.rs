@@ -39,8 +39,8 @@ use super::pg_tls::{ConnectionString, PgTls};
 use super::{
     BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
     EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal,
-    unix_now,
+    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TaskRecord,
+    TokenRefusal, unix_now,
 };
 
 /// Connections for operations; a few let slow operations not hold up the others.
@@ -216,6 +216,31 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE entries ADD COLUMN activation TEXT NOT NULL DEFAULT 'standing';
     ALTER TABLE entries ADD COLUMN delegates_to TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE entries ADD COLUMN labels TEXT NOT NULL DEFAULT '[]';",
+    ),
+    (
+        5,
+        r#"ALTER TABLE events ADD COLUMN task TEXT;
+    CREATE TABLE tasks (
+        task_id TEXT COLLATE "C" PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT COLLATE "C",
+        chain TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        pid BIGINT NOT NULL,
+        starter_uid BIGINT,
+        started_ms BIGINT,
+        deadline BIGINT NOT NULL,
+        ended_ms BIGINT,
+        end_reason TEXT,
+        end_ordered_ms BIGINT,
+        end_order_reason TEXT,
+        end_order_detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX tasks_by_parent ON tasks (parent_id);
+    CREATE INDEX tasks_by_end ON tasks (ended_ms);"#,
     ),
 ];
 
@@ -937,7 +962,8 @@ async fn insert_events(
                  SELECT {EVENT_COLUMNS} FROM unnest($1::text[], $2::text[], $3::int8[],
                     $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::text[],
                     $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], $15::text[],
-                    $16::int8[], $17::int8[], $18::int8[], $19::text[], $20::int8[])
+                    $16::int8[], $17::int8[], $18::int8[], $19::text[], $20::int8[],
+                    $21::text[])
                     WITH ORDINALITY AS batch ({EVENT_COLUMNS}, position)
                  ORDER BY position
                  ON CONFLICT (id) DO NOTHING
@@ -964,6 +990,7 @@ async fn insert_events(
                 &column(batch, |e| e.count),
                 &column(batch, |e| e.detail.as_str()),
                 &column(batch, |e| e.received_ms),
+                &column(batch, |e| codec::encode_event_task(e.task.as_ref())),
             ],
         )
         .await?;
@@ -1047,7 +1074,64 @@ async fn apply_inventory_changes(
         )
         .await?;
     }
+    // Few tasks per batch: one statement each.
+    let sql = format!(
+        "INSERT INTO tasks ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+            $14, NULL, NULL, '')
+         ON CONFLICT (task_id) DO UPDATE SET {}",
+        events::TASK_COLUMNS,
+        events::TASK_MERGE
+    );
+    for t in &changes.tasks {
+        tx.execute(
+            &sql,
+            &[
+                &t.task_id,
+                &t.node_id,
+                &t.entry_id,
+                &t.spiffe_id,
+                &t.parent_id,
+                &codec::encode_chain(&t.chain),
+                &t.purpose,
+                &t.owner,
+                &t.pid,
+                &t.starter_uid,
+                &t.started_ms,
+                &t.deadline,
+                &t.ended_ms,
+                &t.end_reason,
+            ],
+        )
+        .await?;
+    }
     Ok(())
+}
+
+/// Tasks, live ones only when `live_only`, ordered by start (unknown starts last), then id.
+async fn select_tasks(
+    client: &impl tokio_postgres::GenericClient,
+    live_only: bool,
+) -> Result<Vec<TaskRecord>, Failure> {
+    let filter = if live_only {
+        "WHERE ended_ms IS NULL"
+    } else {
+        ""
+    };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {} FROM tasks {filter}
+                 ORDER BY started_ms IS NULL, started_ms, task_id",
+                events::TASK_COLUMNS
+            ),
+            &[],
+        )
+        .await?;
+    decode_all(&rows, task_from_row)
+}
+
+fn task_from_row(row: &Row) -> Result<TaskRecord, StoreError> {
+    codec::task_from_row(row)
 }
 
 /// The events matching `filter`: its conditions become a `WHERE` clause with one parameter
@@ -1701,6 +1785,80 @@ impl Datastore for PostgresStore {
                 })
             })
             .await
+    }
+
+    async fn tasks(&self, live_only: bool) -> Result<Vec<TaskRecord>, StoreError> {
+        self.pool
+            .run(move |c| Box::pin(async move { select_tasks(c, live_only).await }))
+            .await
+    }
+
+    async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let task_id = task_id.to_owned();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!(
+                        "SELECT {} FROM tasks WHERE task_id = $1",
+                        events::TASK_COLUMNS
+                    );
+                    let rows = c.query(&sql, &[&task_id]).await?;
+                    Ok(decode_all(&rows, task_from_row)?.pop())
+                })
+            })
+            .await
+    }
+
+    async fn order_task_end(
+        &self,
+        task_id: &str,
+        reason: &str,
+        detail: &str,
+        now_ms: i64,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let (task_id, reason, detail) = (task_id.to_owned(), reason.to_owned(), detail.to_owned());
+        let ordered = self
+            .pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await?;
+                    if tx
+                        .query_opt("SELECT 1 FROM tasks WHERE task_id = $1", &[&task_id])
+                        .await?
+                        .is_none()
+                    {
+                        return Err(Failure::Store(StoreError::NotFound {
+                            kind: "task",
+                            id: task_id,
+                        }));
+                    }
+                    let sql = codec::order_task_sql(|i| format!("${i}"));
+                    let mut ordered = Vec::new();
+                    let live = select_tasks(&tx, true).await?;
+                    for mut task in codec::task_and_descendants(live, &task_id) {
+                        if tx
+                            .execute(&sql, &[&task.task_id, &now_ms, &reason, &detail])
+                            .await?
+                            > 0
+                        {
+                            task.end_ordered_ms = Some(now_ms);
+                            task.end_order_reason = Some(reason.clone());
+                            task.end_order_detail = detail.clone();
+                            ordered.push(task);
+                        }
+                    }
+                    if !ordered.is_empty() {
+                        notify(&tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(ordered)
+                })
+            })
+            .await?;
+        if !ordered.is_empty() {
+            self.bump();
+        }
+        Ok(ordered)
     }
 
     async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError> {

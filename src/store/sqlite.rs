@@ -28,8 +28,8 @@ use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::{
     BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
     EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal,
-    unix_now,
+    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TaskRecord,
+    TokenRefusal, unix_now,
 };
 
 /// How long a statement waits for a lock held by another connection (a backup tool, the
@@ -188,6 +188,31 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE entries ADD COLUMN activation TEXT NOT NULL DEFAULT 'standing';
     ALTER TABLE entries ADD COLUMN delegates_to TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE entries ADD COLUMN labels TEXT NOT NULL DEFAULT '[]';",
+    ),
+    (
+        5,
+        "ALTER TABLE events ADD COLUMN task TEXT;
+    CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT,
+        chain TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        starter_uid INTEGER,
+        started_ms INTEGER,
+        deadline INTEGER NOT NULL,
+        ended_ms INTEGER,
+        end_reason TEXT,
+        end_ordered_ms INTEGER,
+        end_order_reason TEXT,
+        end_order_detail TEXT NOT NULL DEFAULT ''
+    ) STRICT;
+    CREATE INDEX tasks_by_parent ON tasks (parent_id);
+    CREATE INDEX tasks_by_end ON tasks (ended_ms);",
     ),
 ];
 
@@ -721,6 +746,29 @@ fn upsert_root(tx: &Transaction<'_>, root: &BundleRoot) -> Result<bool, StoreErr
     Ok(changed.is_some())
 }
 
+fn task_from_row(row: &Row<'_>) -> Result<TaskRecord, StoreError> {
+    codec::task_from_row(row)
+}
+
+/// Tasks, live ones only when `live_only`, ordered by start (unknown starts last), then id.
+fn select_tasks(conn: &Connection, live_only: bool) -> Result<Vec<TaskRecord>, StoreError> {
+    let filter = if live_only {
+        "WHERE ended_ms IS NULL"
+    } else {
+        ""
+    };
+    query_all(
+        conn,
+        &format!(
+            "SELECT {} FROM tasks {filter}
+             ORDER BY started_ms IS NULL, started_ms, task_id",
+            events::TASK_COLUMNS
+        ),
+        [],
+        task_from_row,
+    )
+}
+
 fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
     codec::event_from_row(row)
 }
@@ -758,7 +806,7 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, S
         .prepare_cached(&format!(
             "INSERT INTO events ({EVENT_COLUMNS})
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                ?17, ?18, ?19, ?20)
+                ?17, ?18, ?19, ?20, ?21)
              ON CONFLICT (id) DO NOTHING"
         ))
         .map_err(db_error)?;
@@ -788,6 +836,7 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, S
                 event.count,
                 event.detail,
                 event.received_ms,
+                codec::encode_event_task(event.task.as_ref()),
             ])
             .map_err(db_error)?;
         if inserted == 1 {
@@ -847,6 +896,34 @@ fn apply_inventory_changes(
     for n in &changes.nodes {
         node.execute((&n.node_id, n.last_event_ms))
             .map_err(db_error)?;
+    }
+    let mut task = tx
+        .prepare_cached(&format!(
+            "INSERT INTO tasks ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
+                ?13, ?14, NULL, NULL, '')
+             ON CONFLICT (task_id) DO UPDATE SET {}",
+            events::TASK_COLUMNS,
+            events::TASK_MERGE
+        ))
+        .map_err(db_error)?;
+    for t in &changes.tasks {
+        task.execute(rusqlite::params![
+            t.task_id,
+            t.node_id,
+            t.entry_id,
+            t.spiffe_id,
+            t.parent_id,
+            codec::encode_chain(&t.chain),
+            t.purpose,
+            t.owner,
+            t.pid,
+            t.starter_uid,
+            t.started_ms,
+            t.deadline,
+            t.ended_ms,
+            t.end_reason,
+        ])
+        .map_err(db_error)?;
     }
     Ok(())
 }
@@ -1408,6 +1485,72 @@ impl Datastore for SqliteStore {
             )
         })
         .await
+    }
+
+    async fn tasks(&self, live_only: bool) -> Result<Vec<TaskRecord>, StoreError> {
+        self.run(move |conn| select_tasks(conn, live_only)).await
+    }
+
+    async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let task_id = task_id.to_owned();
+        self.run(move |conn| {
+            let mut found = query_all(
+                conn,
+                &format!(
+                    "SELECT {} FROM tasks WHERE task_id = ?1",
+                    events::TASK_COLUMNS
+                ),
+                [&task_id],
+                task_from_row,
+            )?;
+            Ok(found.pop())
+        })
+        .await
+    }
+
+    async fn order_task_end(
+        &self,
+        task_id: &str,
+        reason: &str,
+        detail: &str,
+        now_ms: i64,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let (task_id, reason, detail) = (task_id.to_owned(), reason.to_owned(), detail.to_owned());
+        let ordered = self
+            .write(move |tx| {
+                let known: Option<i64> = tx
+                    .query_row("SELECT 1 FROM tasks WHERE task_id = ?1", [&task_id], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                    .map_err(db_error)?;
+                if known.is_none() {
+                    return Err(StoreError::NotFound {
+                        kind: "task",
+                        id: task_id,
+                    });
+                }
+                let sql = codec::order_task_sql(|i| format!("?{i}"));
+                let mut ordered = Vec::new();
+                for mut task in codec::task_and_descendants(select_tasks(tx, true)?, &task_id) {
+                    if tx
+                        .execute(&sql, (&task.task_id, now_ms, &reason, &detail))
+                        .map_err(db_error)?
+                        > 0
+                    {
+                        task.end_ordered_ms = Some(now_ms);
+                        task.end_order_reason = Some(reason.clone());
+                        task.end_order_detail = detail.clone();
+                        ordered.push(task);
+                    }
+                }
+                Ok(ordered)
+            })
+            .await?;
+        if !ordered.is_empty() {
+            self.bump();
+        }
+        Ok(ordered)
     }
 
     async fn crls(&self, now: i64) -> Result<Vec<CrlRecord>, StoreError> {

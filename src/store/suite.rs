@@ -18,9 +18,9 @@ use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
     BundleRoot, CallerRecord, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter,
-    EventOrder, EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord,
-    NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord,
-    TokenRefusal, event_kind,
+    EventOrder, EventRecord, EventTask, JoinTokenRecord, NodeActivity, NodeCaRecord,
+    NodeCredentialsRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredCount,
+    StoredEvent, SvidRecord, TokenRefusal, event_kind,
 };
 
 /// The clock of the suite: stores take `now` from their callers.
@@ -1504,7 +1504,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
         .await;
 
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 4);
+    assert_eq!(harness.query_i64(version).await, 5);
     let old = store.get_entry("old").await.unwrap().unwrap();
     assert_eq!(old.spiffe_id, "spiffe://example.org/old");
     // Entries from before tasks are standing, with no delegation and no labels.
@@ -1519,9 +1519,144 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
 
     // Opening again migrates nothing and finds the events.
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 4);
+    assert_eq!(harness.query_i64(version).await, 5);
     assert_eq!(ids(&all_events(&*store).await), ["i", "u"]);
     assert_eq!(store.svids(None, None).await.unwrap()[0].uses, 2);
+}
+
+/// A task event on node `n1` about task `task` with `chain` (task ids; the last is `task`).
+fn task_event(id: &str, kind: &str, chain: &[&str], time_ms: i64) -> EventRecord {
+    let task = chain.last().copied().unwrap_or_default();
+    EventRecord {
+        id: id.to_owned(),
+        kind: kind.to_owned(),
+        time_ms,
+        node_id: "n1".to_owned(),
+        entry_id: format!("entry-{}", chain.len()),
+        spiffe_id: format!("spiffe://example.org/agent/task/{task}"),
+        not_after: Some(NOW + 600),
+        received_ms: time_ms + 5,
+        caller: (kind == event_kind::TASK_STARTED).then(caller),
+        task: Some(EventTask {
+            task_id: task.to_owned(),
+            chain: chain
+                .iter()
+                .map(|t| {
+                    (
+                        (*t).to_owned(),
+                        format!("spiffe://example.org/agent/task/{t}"),
+                    )
+                })
+                .collect(),
+            purpose: "fix it".to_owned(),
+            owner: "team-a".to_owned(),
+            pid: 77,
+            end_reason: (kind == event_kind::TASK_ENDED).then(|| "ended".to_owned()),
+        }),
+        ..EventRecord::default()
+    }
+}
+
+/// Task events keep the task inventory (an end arriving first is merged with its start), the
+/// task travels through the stored event, and an order to end a task reaches its live
+/// descendants once.
+async fn tasks_follow_their_events_and_orders(store: &dyn Datastore) {
+    let ms = NOW * 1000;
+    let batch = vec![
+        task_event("t1", event_kind::TASK_STARTED, &["a"], ms),
+        task_event("t2", event_kind::TASK_STARTED, &["a", "b"], ms + 1),
+        task_event("t3", event_kind::TASK_STARTED, &["a", "b", "c"], ms + 2),
+        // An end stored before its start (another batch's order) is merged with it.
+        task_event("t4", event_kind::TASK_ENDED, &["x"], ms + 9),
+    ];
+    assert_eq!(store.store_events(batch).await.unwrap(), stored(4, 0));
+    store
+        .store_events(vec![task_event(
+            "t5",
+            event_kind::TASK_STARTED,
+            &["x"],
+            ms + 3,
+        )])
+        .await
+        .unwrap();
+    let x = store.task("x").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            x.started_ms,
+            x.ended_ms,
+            x.end_reason.as_deref(),
+            x.starter_uid
+        ),
+        (Some(ms + 3), Some(ms + 9), Some("ended"), Some(1000))
+    );
+    let c = store.task("c").await.unwrap().unwrap();
+    assert_eq!(c.parent_id.as_deref(), Some("b"));
+    assert_eq!(c.chain.len(), 3);
+    assert_eq!(
+        (c.purpose.as_str(), c.owner.as_str(), c.pid),
+        ("fix it", "team-a", 77)
+    );
+    assert_eq!(c.deadline, NOW + 600);
+    let live: Vec<String> = store
+        .tasks(true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(live, ["a", "b", "c"]);
+    assert_eq!(store.tasks(false).await.unwrap().len(), 4);
+    let listed = store
+        .list_events(EventFilter {
+            kinds: vec![event_kind::TASK_STARTED.to_owned()],
+            ..EventFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.last().unwrap().event.task,
+        task_event("t5", event_kind::TASK_STARTED, &["x"], 0).task
+    );
+
+    // Ordering "b" ended reaches "b" and "c", not "a"; a second order adds nothing.
+    let mut changes = store.changes();
+    changes.borrow_and_update();
+    let ordered = store
+        .order_task_end("b", "operator", "stop the review", ms + 20)
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = ordered.iter().map(|t| t.task_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["b", "c"]);
+    assert!(changes.has_changed().unwrap());
+    let b = store.task("b").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            b.end_ordered_ms,
+            b.end_order_reason.as_deref(),
+            b.end_order_detail.as_str()
+        ),
+        (Some(ms + 20), Some("operator"), "stop the review")
+    );
+    assert!(
+        store
+            .order_task_end("b", "operator", "again", ms + 30)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // An ended task takes no order.
+    assert!(
+        store
+            .order_task_end("x", "operator", "", ms)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store.order_task_end("nosuch", "operator", "", ms).await,
+        Err(StoreError::NotFound { kind: "task", .. })
+    ));
 }
 
 /// An event row that does not decode is reported as `Corrupt`.
@@ -1871,7 +2006,7 @@ mod sqlite_suite {
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
-            out_of_use_revocation_wins_over_a_rotation;
+            out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
@@ -1997,7 +2132,7 @@ mod postgres_suite {
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
-            out_of_use_revocation_wins_over_a_rotation;
+            out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );

@@ -2,9 +2,12 @@
 //! server ingests it, and back as the admin API serves it. Kinds and reasons are stored by
 //! their names in the event model.
 
-use super::{CallerRecord, EventRecord};
-use crate::events::model::{kind_from_name, kind_name, reason_from_name, reason_name};
-use crate::proto::tessera::{Caller, Event, EventKind};
+use super::{CallerRecord, EventRecord, EventTask};
+use crate::events::model::{
+    kind_from_name, kind_name, reason_from_name, reason_name, task_end_reason_from_name,
+    task_end_reason_name,
+};
+use crate::proto::tessera::{Caller, Event, EventKind, TaskLink};
 
 /// An event as stored, reported by `node_id` and received at `received_ms`.
 pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64) -> EventRecord {
@@ -32,6 +35,19 @@ pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64
         count: svid_used.then_some(event.count.min(i64::MAX as u64) as i64),
         detail: event.detail.clone(),
         received_ms,
+        task: (!event.task_id.is_empty()).then(|| EventTask {
+            task_id: event.task_id.clone(),
+            chain: event
+                .chain
+                .iter()
+                .map(|l| (l.task_id.clone(), l.spiffe_id.clone()))
+                .collect(),
+            purpose: event.purpose.clone(),
+            owner: event.owner.clone(),
+            pid: i64::from(event.task_pid),
+            end_reason: (kind == EventKind::TaskEnded)
+                .then(|| task_end_reason_name(event.task_end_reason()).to_owned()),
+        }),
     }
 }
 
@@ -62,6 +78,23 @@ pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
         detail: record.detail.clone(),
         ..Event::default()
     };
+    if let Some(task) = &record.task {
+        event.task_id = task.task_id.clone();
+        event.chain = task
+            .chain
+            .iter()
+            .map(|(task_id, spiffe_id)| TaskLink {
+                task_id: task_id.clone(),
+                spiffe_id: spiffe_id.clone(),
+            })
+            .collect();
+        event.purpose = task.purpose.clone();
+        event.owner = task.owner.clone();
+        event.task_pid = task.pid as i32;
+        if let Some(reason) = &task.end_reason {
+            event.set_task_end_reason(task_end_reason_from_name(reason));
+        }
+    }
     if let Some(reason) = &record.reason {
         event.set_reason(reason_from_name(reason));
     }

@@ -414,6 +414,19 @@ impl TaskRegistry {
         ended.into_iter().find(|t| t.claims.task_id == task_id)
     }
 
+    /// Ends every live task for `reason` (the node was evicted).
+    pub fn end_all(&self, reason: TaskEndReason) {
+        let mut state = self.lock();
+        let all: Vec<(String, TaskEndReason)> =
+            state.live.keys().map(|id| (id.clone(), reason)).collect();
+        let ended = self.end_locked(&mut state, &all, "");
+        self.publish(&state);
+        drop(state);
+        if !ended.is_empty() {
+            self.changed();
+        }
+    }
+
     /// The tasks `caller` may manage: started by its user, or run by it or by a task it runs
     /// in; all of them for root. Live ones first, then (with `include_ended`) the latest ended.
     pub fn list_for(&self, caller: &CallerFacts, include_ended: bool) -> Vec<TaskInfo> {
@@ -433,6 +446,15 @@ impl TaskRegistry {
                     .filter(|t| caller.uid == 0 || t.starter_uid == caller.uid)
                     .cloned(),
             );
+        }
+        out
+    }
+
+    /// Every live task, and with `include_ended` the latest ended ones (for the operator).
+    pub fn list_all(&self, include_ended: bool) -> Vec<TaskInfo> {
+        let mut out = self.live();
+        if include_ended {
+            out.extend(self.lock().ended.iter().cloned());
         }
         out
     }
