@@ -771,4 +771,103 @@ pub(crate) mod tests {
         );
         assert!(check_node_selector("rack:row:7").is_err());
     }
+
+    #[test]
+    fn activation_delegation_and_labels_are_checked() {
+        let td = TrustDomain::new("td").unwrap();
+        let task = EntryFields {
+            activation: Some("task".into()),
+            delegates_to: vec!["reviewer".into()],
+            labels: vec!["team:payments".into(), "env:prod".into()],
+            ..fields()
+        }
+        .check(&td, MAX_X509_TTL)
+        .unwrap();
+        assert_eq!(task.activation, Activation::Task);
+        assert_eq!(task.delegates_to, ["reviewer"]);
+        assert_eq!(task.labels, ["env:prod", "team:payments"], "sorted");
+        let standing = fields().check(&td, MAX_X509_TTL).unwrap();
+        assert_eq!(standing.activation, Activation::Standing);
+        for (fields, field, reason) in [
+            (
+                EntryFields {
+                    activation: Some("sometimes".into()),
+                    ..fields()
+                },
+                "activation",
+                "\"standing\" or \"task\"",
+            ),
+            (
+                EntryFields {
+                    delegates_to: vec!["reviewer".into()],
+                    ..fields()
+                },
+                "delegates_to",
+                "only a task entry",
+            ),
+            (
+                EntryFields {
+                    activation: Some("task".into()),
+                    delegates_to: vec!["a".into(), "a".into()],
+                    ..fields()
+                },
+                "delegates_to[1]",
+                "twice",
+            ),
+            (
+                EntryFields {
+                    activation: Some("task".into()),
+                    delegates_to: vec!["no spaces".into()],
+                    ..fields()
+                },
+                "delegates_to[0]",
+                "letters, digits",
+            ),
+            (
+                EntryFields {
+                    labels: vec!["nocolon".into()],
+                    ..fields()
+                },
+                "labels[0]",
+                "key:value",
+            ),
+            (
+                EntryFields {
+                    labels: vec!["Team:x".into()],
+                    ..fields()
+                },
+                "labels[0]",
+                "lowercase",
+            ),
+            (
+                EntryFields {
+                    labels: vec!["a:1".into(), "a:1".into()],
+                    ..fields()
+                },
+                "labels",
+                "twice",
+            ),
+        ] {
+            let err = fields.check(&td, MAX_X509_TTL).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.reason.contains(reason), "{err}");
+        }
+    }
+
+    #[test]
+    fn task_entries_match_no_caller_by_selectors_but_say_who_may_start_them() {
+        let now = SystemTime::now();
+        let mut coder = entry("coder", "spiffe://td/coder", &["unix:uid:1001"]);
+        coder.activation = Activation::Task;
+        let caller = facts(&["unix:uid:1001"]);
+        assert!(!coder.matches(&caller, now));
+        assert!(coder.may_be_started_by(&caller, now));
+        assert!(!coder.may_be_started_by(&facts(&["unix:uid:1002"]), now));
+        let set = EntrySet::new(vec![coder.clone()]);
+        assert!(set.matching(&caller, now).is_empty());
+        // Making a standing entry a task entry takes its SVIDs from their holders.
+        let mut standing = coder.clone();
+        standing.activation = Activation::Standing;
+        assert!(coder.revokes_holders_of(&standing));
+    }
 }

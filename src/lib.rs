@@ -22,8 +22,9 @@
 //! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
 //!   durable spool.
 //! - [`agent`]: the node agent: configuration, entry source (file or server), identity cache and
-//!   rotation, the Workload API service, the socket endpoint, the server link and event uploader,
-//!   and `app::build`, the composition root.
+//!   rotation, task credentials (the task registry and the Tasks service), the Workload API
+//!   service, the socket endpoint, the server link and event uploader, and `app::build`, the
+//!   composition root.
 //! - `server` (crate-private): the trust domain's server: root CA, node API (attestation, renewal,
 //!   sync, events), admin API, snapshot fan-out, and `app::build`.
 //! - `runtime` (crate-private): what both roles are built from: the shutdown signal, the task
@@ -34,7 +35,7 @@
 //! - [`verify`]: what a relying party checks before accepting an X.509-SVID: chain, SPIFFE ID,
 //!   validity and revocation in the CRLs given.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
-//!   `events`, `inventory`, `svid`, `dev`.
+//!   `events`, `inventory`, `svid`, `task`, `dev`.
 //! - [`proto`]: code generated from `proto/`.
 //!
 //! ARCHITECTURE.md's "Layering" says which of these may use which (a unit test holds the code to
