@@ -4,8 +4,8 @@
 
 use super::{
     BundleRoot, CrlRecord, EntryActivity, EntryRecord, EntryStanding, EventRecord, EventTask,
-    NodeActivity, NodeCaRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredEvent,
-    SvidRecord, TaskRecord, canonical,
+    NodeActivity, NodeCaRecord, NodeRecord, NodeStatus, PolicyRecord, RevocationRecord, StoreError,
+    StoredEvent, SvidRecord, TaskRecord, canonical,
 };
 
 /// Stores a list of strings as a JSON array: unambiguous for any string content, and readable
@@ -298,6 +298,19 @@ fn decode_event_task(text: &str) -> Result<EventTask, StoreError> {
 /// A delegation chain as stored: a JSON list of `[task id, SPIFFE ID]` pairs.
 pub(crate) fn encode_chain(chain: &[(String, String)]) -> String {
     serde_json::to_string(chain).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The stored columns of a policy version.
+pub(crate) const POLICY_COLUMNS: &str = "version, text, sha256, set_ms";
+
+/// A policy version from its row.
+pub(crate) fn policy_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<PolicyRecord, StoreError> {
+    Ok(PolicyRecord {
+        version: row.column("version")?,
+        text: row.column("text")?,
+        sha256: row.column("sha256")?,
+        set_ms: row.column("set_ms")?,
+    })
 }
 
 /// A task from its row.

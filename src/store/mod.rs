@@ -525,6 +525,19 @@ fn is_zero(n: &i64) -> bool {
     *n == 0
 }
 
+/// One version of the trust domain's authorisation policy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyRecord {
+    /// 1 for the first policy set, one more for each change.
+    pub version: i64,
+    /// The Cedar text; empty for a version that cleared the policy (entries alone decide).
+    pub text: String,
+    /// Lowercase hex SHA-256 of the text.
+    pub sha256: String,
+    /// Unix milliseconds.
+    pub set_ms: i64,
+}
+
 /// A task as the server knows it from its nodes' events, and the end it ordered.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TaskRecord {
@@ -866,6 +879,18 @@ pub trait Datastore: Send + Sync + 'static {
 
     /// The standing of every entry that was ever dormant or activated, ordered by entry id.
     async fn entry_standings(&self) -> Result<Vec<EntryStanding>, StoreError>;
+
+    /// Stores `text` as the next version of the policy (empty: the policy is cleared) at
+    /// `now_ms`, unless it equals the current version's text; returns the current version.
+    /// Then [`Datastore::changes`] moves on. Two replicas setting at once: one of them gets
+    /// `RevisionConflict` and may try again.
+    async fn set_policy(&self, text: &str, now_ms: i64) -> Result<PolicyRecord, StoreError>;
+
+    /// The current policy version; `None` before any was set.
+    async fn policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
+
+    /// Every policy version, oldest first.
+    async fn policy_history(&self) -> Result<Vec<PolicyRecord>, StoreError>;
 
     /// Tasks, live ones only when `live_only` (not ended, whatever was ordered), ordered by
     /// start (tasks whose start is not known last), then id.

@@ -39,8 +39,8 @@ use super::pg_tls::{ConnectionString, PgTls};
 use super::{
     BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
     EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TaskRecord,
-    TokenRefusal, unix_now,
+    NodeStatus, PolicyRecord, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord,
+    TaskRecord, TokenRefusal, unix_now,
 };
 
 /// Connections for operations; a few let slow operations not hold up the others.
@@ -241,6 +241,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
     );
     CREATE INDEX tasks_by_parent ON tasks (parent_id);
     CREATE INDEX tasks_by_end ON tasks (ended_ms);"#,
+    ),
+    (
+        6,
+        "CREATE TABLE policies (
+        version BIGINT PRIMARY KEY,
+        text TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        set_ms BIGINT NOT NULL
+    );",
     ),
 ];
 
@@ -1134,6 +1143,22 @@ fn task_from_row(row: &Row) -> Result<TaskRecord, StoreError> {
     codec::task_from_row(row)
 }
 
+fn policy_from_row(row: &Row) -> Result<PolicyRecord, StoreError> {
+    codec::policy_from_row(row)
+}
+
+/// The current policy version.
+async fn select_policy(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<PolicyRecord>, Failure> {
+    let sql = format!(
+        "SELECT {} FROM policies ORDER BY version DESC LIMIT 1",
+        codec::POLICY_COLUMNS
+    );
+    let rows = client.query(&sql, &[]).await?;
+    Ok(decode_all(&rows, policy_from_row)?.pop())
+}
+
 /// The events matching `filter`: its conditions become a `WHERE` clause with one parameter
 /// each.
 async fn list_events(
@@ -1782,6 +1807,78 @@ impl Datastore for PostgresStore {
                         )
                         .await?;
                     decode_all(&rows, entry_standing_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn set_policy(&self, text: &str, now_ms: i64) -> Result<PolicyRecord, StoreError> {
+        let text = text.to_owned();
+        let (record, changed) = self
+            .pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await?;
+                    let current = select_policy(&tx).await?;
+                    if current.as_ref().is_some_and(|c| c.text == text)
+                        || (current.is_none() && text.is_empty())
+                    {
+                        return Ok((current.unwrap_or_default(), false));
+                    }
+                    let record = PolicyRecord {
+                        version: current.map_or(1, |c| c.version + 1),
+                        sha256: codec::sha256_hex(text.as_bytes()),
+                        text,
+                        set_ms: now_ms,
+                    };
+                    let inserted = tx
+                        .execute(
+                            "INSERT INTO policies (version, text, sha256, set_ms)
+                             VALUES ($1, $2, $3, $4) ON CONFLICT (version) DO NOTHING",
+                            &[
+                                &record.version,
+                                &record.text,
+                                &record.sha256,
+                                &record.set_ms,
+                            ],
+                        )
+                        .await?;
+                    if inserted == 0 {
+                        // Another replica stored this version meanwhile.
+                        return Err(Failure::Store(StoreError::RevisionConflict {
+                            id: "policy".to_owned(),
+                            expected: record.version - 1,
+                            actual: record.version,
+                        }));
+                    }
+                    notify(&tx).await?;
+                    tx.commit().await?;
+                    Ok((record, true))
+                })
+            })
+            .await?;
+        if changed {
+            self.bump();
+        }
+        Ok(record)
+    }
+
+    async fn policy(&self) -> Result<Option<PolicyRecord>, StoreError> {
+        self.pool
+            .run(|c| Box::pin(async move { select_policy(c).await }))
+            .await
+    }
+
+    async fn policy_history(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.pool
+            .run(|c| {
+                Box::pin(async move {
+                    let sql = format!(
+                        "SELECT {} FROM policies ORDER BY version",
+                        codec::POLICY_COLUMNS
+                    );
+                    let rows = c.query(&sql, &[]).await?;
+                    decode_all(&rows, policy_from_row)
                 })
             })
             .await

@@ -28,8 +28,8 @@ use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
 use super::{
     BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
     EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TaskRecord,
-    TokenRefusal, unix_now,
+    NodeStatus, PolicyRecord, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord,
+    TaskRecord, TokenRefusal, unix_now,
 };
 
 /// How long a statement waits for a lock held by another connection (a backup tool, the
@@ -213,6 +213,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ) STRICT;
     CREATE INDEX tasks_by_parent ON tasks (parent_id);
     CREATE INDEX tasks_by_end ON tasks (ended_ms);",
+    ),
+    (
+        6,
+        "CREATE TABLE policies (
+        version INTEGER PRIMARY KEY,
+        text TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        set_ms INTEGER NOT NULL
+    ) STRICT;",
     ),
 ];
 
@@ -744,6 +753,24 @@ fn upsert_root(tx: &Transaction<'_>, root: &BundleRoot) -> Result<bool, StoreErr
         .optional()
         .map_err(db_error)?;
     Ok(changed.is_some())
+}
+
+fn policy_from_row(row: &Row<'_>) -> Result<PolicyRecord, StoreError> {
+    codec::policy_from_row(row)
+}
+
+/// The current policy version.
+fn select_policy(conn: &Connection) -> Result<Option<PolicyRecord>, StoreError> {
+    Ok(query_all(
+        conn,
+        &format!(
+            "SELECT {} FROM policies ORDER BY version DESC LIMIT 1",
+            codec::POLICY_COLUMNS
+        ),
+        [],
+        policy_from_row,
+    )?
+    .pop())
 }
 
 fn task_from_row(row: &Row<'_>) -> Result<TaskRecord, StoreError> {
@@ -1482,6 +1509,55 @@ impl Datastore for SqliteStore {
                 "SELECT entry_id, dormant_since_ms, activated_ms FROM entry_standing ORDER BY entry_id",
                 [],
                 entry_standing_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn set_policy(&self, text: &str, now_ms: i64) -> Result<PolicyRecord, StoreError> {
+        let text = text.to_owned();
+        let (record, changed) = self
+            .write(move |tx| {
+                let current = select_policy(tx)?;
+                if current.as_ref().is_some_and(|c| c.text == text)
+                    || (current.is_none() && text.is_empty())
+                {
+                    return Ok((current.unwrap_or_default(), false));
+                }
+                let record = PolicyRecord {
+                    version: current.map_or(1, |c| c.version + 1),
+                    sha256: codec::sha256_hex(text.as_bytes()),
+                    text,
+                    set_ms: now_ms,
+                };
+                tx.execute(
+                    "INSERT INTO policies (version, text, sha256, set_ms) VALUES (?1, ?2, ?3, ?4)",
+                    (record.version, &record.text, &record.sha256, record.set_ms),
+                )
+                .map_err(db_error)?;
+                Ok((record, true))
+            })
+            .await?;
+        if changed {
+            self.bump();
+        }
+        Ok(record)
+    }
+
+    async fn policy(&self) -> Result<Option<PolicyRecord>, StoreError> {
+        self.run(|conn| select_policy(conn)).await
+    }
+
+    async fn policy_history(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.run(|conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {} FROM policies ORDER BY version",
+                    codec::POLICY_COLUMNS
+                ),
+                [],
+                policy_from_row,
             )
         })
         .await

@@ -1504,7 +1504,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
         .await;
 
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 5);
+    assert_eq!(harness.query_i64(version).await, 6);
     let old = store.get_entry("old").await.unwrap().unwrap();
     assert_eq!(old.spiffe_id, "spiffe://example.org/old");
     // Entries from before tasks are standing, with no delegation and no labels.
@@ -1519,7 +1519,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
 
     // Opening again migrates nothing and finds the events.
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 5);
+    assert_eq!(harness.query_i64(version).await, 6);
     assert_eq!(ids(&all_events(&*store).await), ["i", "u"]);
     assert_eq!(store.svids(None, None).await.unwrap()[0].uses, 2);
 }
@@ -1657,6 +1657,43 @@ async fn tasks_follow_their_events_and_orders(store: &dyn Datastore) {
         store.order_task_end("nosuch", "operator", "", ms).await,
         Err(StoreError::NotFound { kind: "task", .. })
     ));
+}
+
+/// Policy versions: each change a new version, the same text again none, clearing one too.
+async fn policy_versions(store: &dyn Datastore) {
+    assert_eq!(store.policy().await.unwrap(), None);
+    // Clearing a policy that was never set stores nothing.
+    assert_eq!(store.set_policy("", 1).await.unwrap().version, 0);
+    let mut changes = store.changes();
+    changes.borrow_and_update();
+    let first = store
+        .set_policy("permit(principal, action, resource);", 10)
+        .await
+        .unwrap();
+    assert_eq!((first.version, first.set_ms), (1, 10));
+    assert_eq!(first.sha256.len(), 64);
+    assert!(changes.has_changed().unwrap());
+    let same = store
+        .set_policy("permit(principal, action, resource);", 20)
+        .await
+        .unwrap();
+    assert_eq!(same, first, "the same text is no new version");
+    let second = store
+        .set_policy("forbid(principal, action, resource);", 30)
+        .await
+        .unwrap();
+    assert_eq!(second.version, 2);
+    let cleared = store.set_policy("", 40).await.unwrap();
+    assert_eq!((cleared.version, cleared.text.as_str()), (3, ""));
+    assert_eq!(store.policy().await.unwrap(), Some(cleared));
+    let versions: Vec<i64> = store
+        .policy_history()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.version)
+        .collect();
+    assert_eq!(versions, [1, 2, 3]);
 }
 
 /// An event row that does not decode is reported as `Corrupt`.
@@ -2006,7 +2043,8 @@ mod sqlite_suite {
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
-            out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders;
+            out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders,
+            policy_versions;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
@@ -2132,7 +2170,8 @@ mod postgres_suite {
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
-            out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders;
+            out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders,
+            policy_versions;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
