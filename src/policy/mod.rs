@@ -16,12 +16,14 @@
 //! `forbid`, rather than being skipped. An authorisation check that cannot be completed fails
 //! closed.
 
+mod guard;
 mod schema;
 mod text;
 
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -29,12 +31,13 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use cedar_policy::{
-    Authorizer, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    ActionConstraint, Authorizer, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
     RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 
 use crate::spiffe::SpiffeId;
+use guard::Guard;
 
 pub use schema::SCHEMA;
 
@@ -178,10 +181,10 @@ pub struct Decision {
     pub allowed: bool,
     /// The version of the policy set that decided.
     pub version: u64,
-    /// Ids of the policies that decided: the permits that allowed, or the forbids that denied.
-    /// Empty when nothing matched (default deny) or when an error denied.
+    /// Ids of the policies that decided, sorted: the permits that allowed, or the forbids that
+    /// denied. Empty when nothing matched (default deny) or when an error denied.
     pub determining: Vec<String>,
-    /// Evaluation errors, each naming its policy. Any error denies.
+    /// Evaluation errors, each naming its policy, sorted. Any error denies.
     pub errors: Vec<String>,
 }
 
@@ -293,10 +296,41 @@ static FIXED: LazyLock<Fixed> = LazyLock::new(|| {
     }
 });
 
+/// The policies whose scope admits one action.
+#[derive(Debug, Clone, Default)]
+struct ForAction {
+    /// All of them, for requests that pass every guard.
+    all: cedar_policy::PolicySet,
+    /// Each with its guard, if it has one.
+    guarded: Vec<(cedar_policy::Policy, Option<Guard>)>,
+}
+
+impl ForAction {
+    /// The policies that `request` may satisfy, or the reason they cannot be gathered.
+    fn for_request(
+        &self,
+        request: &Request<'_>,
+    ) -> Result<Cow<'_, cedar_policy::PolicySet>, String> {
+        let holds = |guard: &Option<Guard>| guard.as_ref().is_none_or(|g| g.holds(request));
+        if self.guarded.iter().all(|(_, guard)| holds(guard)) {
+            return Ok(Cow::Borrowed(&self.all));
+        }
+        let mut set = cedar_policy::PolicySet::new();
+        for (policy, guard) in &self.guarded {
+            if holds(guard) {
+                set.add(policy.clone())
+                    .map_err(|e| format!("gathering policy {}: {e}", policy.id()))?;
+            }
+        }
+        Ok(Cow::Owned(set))
+    }
+}
+
 /// A validated set of Cedar policies, ready to decide.
 #[derive(Debug, Clone)]
 pub struct PolicySet {
-    policies: cedar_policy::PolicySet,
+    /// The policies that may apply to each action, in `Action::ALL` order.
+    by_action: [ForAction; 3],
     ids: Vec<String>,
     version: u64,
     text: String,
@@ -396,8 +430,34 @@ impl PolicySet {
             });
         }
 
+        // Cedar weighs every policy it is given; one whose scope names another action can only
+        // be "not applicable", so each action gets the policies that may apply to it. The schema
+        // has no action groups, so `action in [...]` is membership of the list.
+        let mut by_action = Action::ALL.map(|_| ForAction::default());
+        for policy in renamed.policies() {
+            let guard = Guard::of(policy);
+            for (for_action, uid) in by_action.iter_mut().zip(&FIXED.actions) {
+                let applies = match policy.action_constraint() {
+                    ActionConstraint::Any => true,
+                    ActionConstraint::Eq(action) => action == *uid,
+                    ActionConstraint::In(actions) => actions.contains(uid),
+                };
+                if !applies {
+                    continue;
+                }
+                if for_action.all.add(policy.clone()).is_err() {
+                    return Err(PolicyError::DuplicateId {
+                        id: policy.id().to_string(),
+                        at: locate(None),
+                        other: "another policy".to_owned(),
+                    });
+                }
+                for_action.guarded.push((policy.clone(), guard.clone()));
+            }
+        }
+
         Ok(Self {
-            policies: renamed,
+            by_action,
             ids,
             version,
             text: text.to_owned(),
@@ -428,36 +488,49 @@ impl PolicySet {
     /// Decides `request`. Never fails: a request that cannot be put to Cedar, or whose
     /// evaluation errs, is denied with the reason in [`Decision::errors`].
     pub fn decide(&self, request: &Request<'_>) -> Decision {
+        match self.by_action[request.action.index()].for_request(request) {
+            Ok(policies) => self.decide_among(request, &policies),
+            Err(error) => self.refused(error),
+        }
+    }
+
+    /// Decides `request` by the given policies only.
+    fn decide_among(&self, request: &Request<'_>, policies: &cedar_policy::PolicySet) -> Decision {
         let fixed = &*FIXED;
         let (cedar_request, entities) = match to_cedar(fixed, request) {
             Ok(built) => built,
-            Err(error) => {
-                return Decision {
-                    allowed: false,
-                    version: self.version,
-                    determining: Vec::new(),
-                    errors: vec![error],
-                };
-            }
+            Err(error) => return self.refused(error),
         };
         let response = fixed
             .authorizer
-            .is_authorized(&cedar_request, &self.policies, &entities);
+            .is_authorized(&cedar_request, policies, &entities);
         let diagnostics = response.diagnostics();
-        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        // Cedar gathers both in hash sets; sorted, equal decisions compare equal.
+        let mut errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        errors.sort();
         let cedar_allows = response.decision() == cedar_policy::Decision::Allow;
         let allowed = cedar_allows && errors.is_empty();
         // Permits that would have allowed did not decide when an error denied instead.
-        let determining = if cedar_allows && !allowed {
+        let mut determining: Vec<String> = if cedar_allows && !allowed {
             Vec::new()
         } else {
             diagnostics.reason().map(ToString::to_string).collect()
         };
+        determining.sort();
         Decision {
             allowed,
             version: self.version,
             determining,
             errors,
+        }
+    }
+
+    fn refused(&self, error: String) -> Decision {
+        Decision {
+            allowed: false,
+            version: self.version,
+            determining: Vec::new(),
+            errors: vec![error],
         }
     }
 }
