@@ -371,38 +371,41 @@ impl PolicySet {
         in_order.sort_by_key(|(index, _)| *index);
         let annotations = text::id_annotations(text);
         let mut next_annotation = annotations.iter();
-        let mut first_at: HashMap<String, String> = HashMap::new();
+        // Each id seen so far: where its @id is (none for a default id), and how to name it.
+        let mut seen: HashMap<String, (Option<Location>, String)> = HashMap::new();
         let mut renamed = cedar_policy::PolicySet::new();
         let mut ids = Vec::with_capacity(in_order.len());
         for (index, policy) in in_order {
-            let (id, here) = match policy.annotation("id") {
+            let (id, at) = match policy.annotation("id") {
                 Some(id) => {
                     let at = locate(next_annotation.next().copied());
                     if id.is_empty() {
                         return Err(PolicyError::EmptyId { at });
                     }
-                    let position = at
-                        .position
-                        .map(|(l, c)| format!("the policy at {l}:{c}"))
-                        .unwrap_or_else(|| format!("the policy {index} of the text (from 0)"));
-                    (id.to_owned(), Some((at, position)))
+                    (id.to_owned(), Some(at))
                 }
                 None => (policy.id().to_string(), None),
             };
-            let described = here.as_ref().map_or_else(
-                || format!("the policy {index} of the text (from 0), which has no @id"),
-                |(_, position)| position.clone(),
-            );
-            if let Some(other) = first_at.get(&id) {
-                // The one reported "at" must carry an @id: a default id cannot clash with an
-                // earlier default id, so if this one has none the earlier one is annotated.
-                let (at, other) = match here {
-                    Some((at, _)) => (at, other.clone()),
-                    None => (locate(None), other.clone()),
+            let described = match &at {
+                Some(Location {
+                    position: Some((line, column)),
+                    ..
+                }) => format!("the policy at {line}:{column}"),
+                _ => format!(
+                    "policy #{} of the text (no @id, so Cedar's default id)",
+                    index.saturating_add(1)
+                ),
+            };
+            if let Some((first_at, first_described)) = seen.remove(&id) {
+                // Report at an @id. Two default ids never clash, so when this policy has none,
+                // the earlier one has.
+                let (at, other) = match at {
+                    Some(at) => (at, first_described),
+                    None => (first_at.unwrap_or_else(|| locate(None)), described),
                 };
                 return Err(PolicyError::DuplicateId { id, at, other });
             }
-            first_at.insert(id.clone(), described);
+            seen.insert(id.clone(), (at, described));
             if renamed
                 .add(policy.new_id(PolicyId::new(id.clone())))
                 .is_err()

@@ -285,9 +285,17 @@ fn an_id_may_not_take_another_policys_default_id() {
     let error = refusal(
         "permit(principal, action, resource);\n@id(\"policy0\") forbid(principal, action, resource);",
     );
-    assert!(
-        matches!(&error, PolicyError::DuplicateId { id, at, .. } if id == "policy0" && at.position == Some((2, 1))),
-        "{error}"
+    assert_eq!(
+        error.to_string(),
+        r#"policy.cedar:2:1: @id("policy0") is already the id of policy #1 of the text (no @id, so Cedar's default id)"#
+    );
+    // The other way round, the error is still reported at the @id.
+    let error = refusal(
+        "@id(\"policy1\") permit(principal, action, resource);\nforbid(principal, action, resource);",
+    );
+    assert_eq!(
+        error.to_string(),
+        r#"policy.cedar:1:1: @id("policy1") is already the id of policy #2 of the text (no @id, so Cedar's default id)"#
     );
 }
 
