@@ -220,13 +220,13 @@ pub enum PolicyError {
         more: usize,
     },
     /// A policy is Cedar but does not hold to tessera's schema.
-    #[error("{at}: policy {policy}: {message}{}", and_more(*.more))]
+    #[error("{at}: {message}{}", and_more(*.more))]
     Invalid {
         /// Where the first error is.
         at: Location,
         /// The id of the policy at fault.
         policy: String,
-        /// Cedar's message, with its hint if it gave one.
+        /// Cedar's message (which names the policy), with its hint if it gave one.
         message: String,
         /// How many further errors the validator found.
         more: usize,
