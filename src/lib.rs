@@ -19,6 +19,8 @@
 //! - `config` (crate-private): what the agent's and the server's configuration files share.
 //! - `durable` (crate-private): replacing a state file atomically and durably (rename, then
 //!   directory fsync).
+//! - `policy` (crate-private): Cedar authorisation policies (issue, start a task, delegate):
+//!   tessera's schema, loading and validating a policy set, and deciding one request.
 //! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
 //!   durable spool.
 //! - [`agent`]: the node agent: configuration, entry source (file or server), identity cache and
@@ -55,6 +57,9 @@ pub mod events;
 pub mod fuzzing;
 #[cfg(test)]
 mod layering;
+// Nothing calls it yet: the agent's task and delegation checks will.
+#[allow(dead_code)]
+pub(crate) mod policy;
 pub(crate) mod runtime;
 pub(crate) mod server;
 pub mod spiffe;
