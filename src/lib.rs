@@ -57,8 +57,6 @@ pub mod events;
 pub mod fuzzing;
 #[cfg(test)]
 mod layering;
-// Nothing calls it yet: the agent's task and delegation checks will.
-#[allow(dead_code)]
 pub(crate) mod policy;
 pub(crate) mod runtime;
 pub(crate) mod server;

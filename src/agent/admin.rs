@@ -18,6 +18,10 @@ use crate::proto::tessera::{
     ListTasksResponse, NodeInfo, NodeRequest, RevocationReason, RevokeEntryRequest, RevokeResponse,
     RevokeSvidRequest, StoredEvent, SvidInfo, TaskEndReason, UpdateEntryRequest,
 };
+use crate::proto::tessera::{
+    GetPolicyRequest, ListPolicyVersionsRequest, ListPolicyVersionsResponse, Policy,
+    SetPolicyRequest, TestPolicyRequest, TestPolicyResponse,
+};
 
 /// Longest reason an operator may give, in bytes (as on the server).
 const MAX_REASON_LEN: usize = 1024;
@@ -35,6 +39,14 @@ impl AgentAdmin {
     pub fn new(cache: Arc<IdentityCache>, tasks: Arc<TaskRegistry>) -> Self {
         Self { cache, tasks }
     }
+}
+
+/// The answer to the policy calls: a standalone agent's policy is its `policy_file`.
+fn standalone_policy() -> Status {
+    Status::unimplemented(
+        "a standalone agent's policy is its policy_file (reloaded like its entries); policy \
+         versions and tests are the server's",
+    )
 }
 
 /// The answer to every call only a server serves.
@@ -76,6 +88,34 @@ type TailStream =
 
 #[tonic::async_trait]
 impl Admin for AgentAdmin {
+    async fn set_policy(
+        &self,
+        _request: Request<SetPolicyRequest>,
+    ) -> Result<Response<Policy>, Status> {
+        Err(standalone_policy())
+    }
+
+    async fn get_policy(
+        &self,
+        _request: Request<GetPolicyRequest>,
+    ) -> Result<Response<Policy>, Status> {
+        Err(standalone_policy())
+    }
+
+    async fn list_policy_versions(
+        &self,
+        _request: Request<ListPolicyVersionsRequest>,
+    ) -> Result<Response<ListPolicyVersionsResponse>, Status> {
+        Err(standalone_policy())
+    }
+
+    async fn test_policy(
+        &self,
+        _request: Request<TestPolicyRequest>,
+    ) -> Result<Response<TestPolicyResponse>, Status> {
+        Err(standalone_policy())
+    }
+
     async fn list_tasks(
         &self,
         request: Request<ListTasksRequest>,

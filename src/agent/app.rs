@@ -12,6 +12,7 @@ use super::cache::IdentityCache;
 use super::config::AgentConfig;
 use super::endpoint::{self, EndpointError};
 use super::entries::{ReloadCounts, watch_config_file};
+use super::policy::{PolicyGate, PolicySource};
 use super::revocation::{RevocationError, Revocations};
 use super::tasks::TaskRegistry;
 use super::tasks::service::TasksService;
@@ -265,6 +266,7 @@ async fn renew_ca_when_due(
 fn spawn_entry_source(
     config: &AgentConfig,
     entries_tx: watch::Sender<Arc<crate::entry::EntrySet>>,
+    policy_tx: PolicySource,
     counts: Arc<ReloadCounts>,
     tasks: &Tasks,
 ) {
@@ -273,15 +275,59 @@ fn spawn_entry_source(
         Some(file) => {
             tasks.spawn_until_shutdown(
                 "entry file watcher",
-                watch_config_file(file, config.trust_domain.clone(), entries_tx, counts, stop),
+                watch_config_file(
+                    file,
+                    config.trust_domain.clone(),
+                    entries_tx,
+                    policy_tx,
+                    counts,
+                    stop,
+                ),
             );
         }
         None => {
-            // No file to watch: keep the sender alive for the agent's lifetime.
+            // No file to watch: keep the senders alive for the agent's lifetime.
             tasks.spawn_until_shutdown("entry source", async move {
                 stop.await;
                 drop(entries_tx);
+                drop(policy_tx);
             });
+        }
+    }
+}
+
+/// Follows policy changes: new issuances and task starts carry the new version, every stream
+/// decides again (revoking what the policy no longer permits its caller), and so does every
+/// live task.
+async fn follow_policy(
+    gate: PolicyGate,
+    cache: Arc<IdentityCache>,
+    registry: Arc<TaskRegistry>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut changes = gate.subscribe();
+    loop {
+        let version = changes
+            .borrow_and_update()
+            .as_ref()
+            .map_or(0, |p| p.version());
+        cache.recorder().set_policy_version(version);
+        registry.recheck_policy();
+        // An SVID the new policy refuses to one of its holders is revoked; holders still
+        // permitted get a fresh one at once.
+        for (entry_id, version) in gate.refused_holders(&cache.entries()) {
+            let revoked = cache.revoke_entry(
+                &entry_id,
+                crate::proto::tessera::RevocationReason::PolicyChanged,
+                &format!("policy version {version}"),
+            );
+            tracing::info!(entry = %entry_id, version, revoked = revoked.len(), "the policy no longer permits a holder; SVIDs revoked");
+        }
+        cache.bump();
+        tokio::select! {
+            _ = &mut shutdown => return,
+            changed = changes.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -387,16 +433,34 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         "SVID rotation",
         cache.clone().run_rotation(ca_rx, shutdown.signalled()),
     );
-    // The only writer of the cache's entries: the source's, plus one per live task.
-    let task_registry = TaskRegistry::new(cache.clone(), config.tasks, &config.state_dir);
-    tasks.spawn_until_shutdown(
-        "task registry",
-        task_registry.clone().run(entries_rx, shutdown.signalled()),
-    );
     let node_id = upstream
         .as_ref()
         .map(|(_, credentials)| credentials.node_id.clone())
         .unwrap_or_default();
+    // The policy seam: the configured policy file, or the server's policy (the last one saved
+    // until the sync stream brings the current one).
+    let initial_policy = match &upstream {
+        Some((upstream, _)) => upstream.saved_policy(),
+        None => config.policy.clone(),
+    };
+    let (policy_tx, _) = watch::channel(initial_policy);
+    let gate = PolicyGate::new(&policy_tx, &node_id);
+    // The only writer of the cache's entries: the source's, plus one per live task.
+    let task_registry =
+        TaskRegistry::new(cache.clone(), config.tasks, &config.state_dir, gate.clone());
+    tasks.spawn_until_shutdown(
+        "policy follower",
+        follow_policy(
+            gate.clone(),
+            cache.clone(),
+            task_registry.clone(),
+            shutdown.signalled(),
+        ),
+    );
+    tasks.spawn_until_shutdown(
+        "task registry",
+        task_registry.clone().run(entries_rx, shutdown.signalled()),
+    );
     if let (Some((upstream, credentials)), Some(spool)) = (upstream, spool) {
         let mut first_sync = entries_tx.subscribe();
         let seams = Seams {
@@ -405,6 +469,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             cache: cache.clone(),
             spool,
             tasks: task_registry.clone(),
+            policy: policy_tx,
+            gate: gate.clone(),
         };
         tasks.spawn_until_shutdown(
             "server link",
@@ -430,7 +496,13 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
                 shutdown.clone(),
             ),
         );
-        spawn_entry_source(&config, entries_tx, entry_reloads.clone(), &tasks);
+        spawn_entry_source(
+            &config,
+            entries_tx,
+            policy_tx,
+            entry_reloads.clone(),
+            &tasks,
+        );
     }
 
     let attestor = Arc::new(Attestor::new(config.exe_hash_size_limit, options.pin_mode));
@@ -441,6 +513,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         config.allow_unauthenticated_verifiers,
         shutdown.clone(),
         task_registry.clone(),
+        gate.clone(),
     );
     let tasks_service = TasksService::new(service.clone(), task_registry.clone(), node_id);
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
@@ -10,6 +11,7 @@ use serde::Deserialize;
 use crate::ca::LocalCaSource;
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
 pub use crate::events::recorder::AuditLimits;
+use crate::policy::PolicySet;
 use crate::spiffe::TrustDomain;
 
 /// Default Workload API socket.
@@ -92,6 +94,11 @@ pub struct AgentConfig {
     /// Standalone only: a root-only socket where `tessera svid revoke` and `tessera entry
     /// revoke` reach this agent (`--admin-socket`).
     pub admin_socket: Option<PathBuf>,
+    /// Standalone only: the Cedar policy file, reloaded with the entries.
+    pub policy_file: Option<PathBuf>,
+    /// The policy read from `policy_file` by [`AgentConfig::load`] (never by `parse`, which
+    /// reads no other file); `None` without one.
+    pub policy: Option<Arc<PolicySet>>,
     /// A Workload API connection with no stream open for this long is closed.
     pub idle_timeout: Duration,
     /// A Workload API connection whose client takes longer than this over one request's
@@ -153,6 +160,7 @@ struct RawConfig {
     allow_unauthenticated_verifiers: bool,
     metrics_address: Option<String>,
     admin_socket: Option<PathBuf>,
+    policy_file: Option<PathBuf>,
     #[serde(default)]
     attestation: RawAttestation,
     #[serde(default)]
@@ -265,6 +273,10 @@ impl AgentConfig {
         })?;
         let mut config = Self::parse(&file, &text)?;
         config.file = Some(path.to_path_buf());
+        config.policy = match &config.policy_file {
+            None => None,
+            Some(policy_file) => Some(Arc::new(load_policy(&file, policy_file, 1)?)),
+        };
         Ok(config)
     }
 
@@ -429,8 +441,26 @@ impl AgentConfig {
                 "applies to a standalone agent; with a [server], revoke on the server's admin socket".into(),
             ));
         }
+        if let Some(path) = &raw.policy_file {
+            if server.is_some() {
+                return Err(invalid(
+                    "policy_file",
+                    &path.display().to_string(),
+                    "applies to a standalone agent; with a [server], set the policy there (tessera policy set)".into(),
+                ));
+            }
+            if !path.is_absolute() {
+                return Err(invalid(
+                    "policy_file",
+                    &path.display().to_string(),
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
         Ok(Self {
             admin_socket: raw.admin_socket,
+            policy_file: raw.policy_file,
+            policy: None,
             file: None,
             trust_domain,
             socket_path,
@@ -507,6 +537,18 @@ fn check_tasks(file: &str, raw: &RawTasks) -> Result<TaskLimits, ConfigError> {
         max_ttl,
         idle_timeout,
         max_depth,
+    })
+}
+
+/// Reads and checks the Cedar policy at `path` for configuration `file`, as `version`.
+pub fn load_policy(file: &str, path: &Path, version: u64) -> Result<PolicySet, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    PolicySet::parse(&text, version, &path.display().to_string()).map_err(|e| ConfigError::Syntax {
+        file: file.to_owned(),
+        message: format!("policy_file: {e}"),
     })
 }
 

@@ -1,6 +1,7 @@
 //! The standalone entry source: entries come from the agent's configuration file and are
-//! reloaded on SIGHUP and whenever the file changes, without a restart. A file that no longer
-//! parses is reported and the last good entries stay in force.
+//! reloaded on SIGHUP and whenever the file changes, without a restart; so is the policy of its
+//! `policy_file`. A file that no longer parses is reported and the last good entries (and
+//! policy) stay in force.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +11,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::config::AgentConfig;
+use super::policy::PolicySource;
 use crate::entry::EntrySet;
+use crate::policy::PolicySet;
 use crate::spiffe::TrustDomain;
 
 /// How often the file's metadata is checked for a change.
@@ -48,11 +51,13 @@ impl ReloadCounts {
     }
 }
 
-/// Watches `file` and publishes its entries on `entries` until `shutdown` resolves.
+/// Watches `file` (and the policy file it names) and publishes its entries on `entries` and
+/// its policy on `policy` until `shutdown` resolves.
 pub async fn watch_config_file(
     file: PathBuf,
     trust_domain: TrustDomain,
     entries: watch::Sender<Arc<EntrySet>>,
+    policy: PolicySource,
     counts: Arc<ReloadCounts>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -64,25 +69,36 @@ pub async fn watch_config_file(
             None
         }
     };
-    let mut last = stamp(&file);
+    let policy_file = || {
+        AgentConfig::parse(
+            &file.display().to_string(),
+            &std::fs::read_to_string(&file).unwrap_or_default(),
+        )
+        .ok()
+        .and_then(|c| c.policy_file)
+    };
+    let stamps =
+        |policy_path: &Option<PathBuf>| (stamp(&file), policy_path.as_deref().and_then(stamp));
+    let mut policy_path = policy_file();
+    let mut last = stamps(&policy_path);
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     loop {
         let reason = tokio::select! {
             _ = &mut shutdown => return,
             _ = async { match hangup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => "SIGHUP",
             _ = ticker.tick() => {
-                let now = stamp(&file);
-                if now == last {
+                if stamps(&policy_path) == last {
                     tracing::debug!(file = %file.display(), "entry file unchanged");
                     continue;
                 }
-                last = now;
                 "file change"
             }
         };
-        if !reload(&file, &trust_domain, &entries, reason) {
+        if !reload(&file, &trust_domain, &entries, &policy, reason) {
             counts.refused.fetch_add(1, Ordering::AcqRel);
         }
+        policy_path = policy_file();
+        last = stamps(&policy_path);
     }
 }
 
@@ -90,6 +106,7 @@ fn reload(
     file: &Path,
     trust_domain: &TrustDomain,
     entries: &watch::Sender<Arc<EntrySet>>,
+    policy: &PolicySource,
     reason: &str,
 ) -> bool {
     match AgentConfig::load(file) {
@@ -112,11 +129,39 @@ fn reload(
                 true
             });
             tracing::info!(file = %file.display(), reason, entries = count, changed, "reloaded registration entries");
+            publish_policy(policy, config.policy);
             true
         }
         Err(e) => {
-            tracing::error!(reason, error = %e, "cannot reload entries; keeping the last good ones");
+            tracing::error!(reason, error = %e, "cannot reload entries and policy; keeping the last good ones");
             false
         }
     }
+}
+
+/// Publishes `loaded` (read as version 1) as the next version when its text differs from the
+/// policy in force; `None` removes the policy (entries alone decide).
+fn publish_policy(policy: &PolicySource, loaded: Option<Arc<PolicySet>>) {
+    let current = policy.borrow().clone();
+    let next = match (loaded, current) {
+        (None, None) => return,
+        (Some(new), Some(old)) if new.text() == old.text() => return,
+        (None, Some(_)) => None,
+        (Some(new), old) => {
+            let version = old.map_or(0, |o| o.version()) + 1;
+            match PolicySet::parse(new.text(), version, "policy_file") {
+                Ok(set) => Some(Arc::new(set)),
+                // It parsed a moment ago as version 1; the version does not change what parses.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load the policy; keeping the last good one");
+                    return;
+                }
+            }
+        }
+    };
+    tracing::info!(
+        version = next.as_ref().map_or(0, |p| p.version()),
+        "policy reloaded"
+    );
+    policy.send_replace(next);
 }

@@ -22,6 +22,7 @@ use crate::ca::{
     CaError, SigningCa, certificates_from_pem, load_pem_certs, to_pem, write_atomically,
 };
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
+use crate::policy::PolicySet;
 use crate::proto::tessera::node_client::NodeClient;
 use crate::proto::tessera::{
     AttestRequest, CrlSet, Csrs, Entry, JoinTokenAttestation, NodeCredentials, RenewRequest,
@@ -37,6 +38,15 @@ const NODE_CA_FILE: &str = "node_ca.pem";
 const NODE_CA_KEY_FILE: &str = "node_ca_key.pem";
 const BUNDLE_FILE: &str = "bundle.pem";
 const ENTRIES_FILE: &str = "entries.json";
+/// The server's policy as last synced: `{"version": N, "text": "..."}`.
+const POLICY_FILE: &str = "policy.json";
+
+/// The policy as kept on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredPolicy {
+    version: u64,
+    text: String,
+}
 const NODE_ID_FILE: &str = "node_id";
 /// What a node's credentials are kept in; all or none of them make a usable state.
 const CREDENTIAL_FILES: [&str; 5] = [
@@ -465,6 +475,42 @@ impl DiskState {
         write_atomically(&self.path(ENTRIES_FILE), &json, 0o600)
     }
 
+    fn save_policy(&self, policy: &StoredPolicy) -> Result<(), CaError> {
+        create_private_dir(&self.dir)?;
+        let json = serde_json::to_vec_pretty(policy).map_err(|e| CaError::BadFile {
+            path: self.path(POLICY_FILE).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomically(&self.path(POLICY_FILE), &json, 0o600)
+    }
+
+    /// The policy last synced, parsed; `None` when none was, or it cannot be read (logged).
+    fn load_policy(&self) -> Option<Arc<PolicySet>> {
+        let path = self.path(POLICY_FILE);
+        let bytes = std::fs::read(&path).ok()?;
+        let stored: StoredPolicy = match serde_json::from_slice(&bytes) {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "saved policy unreadable; serving without one until the server sends it");
+                return None;
+            }
+        };
+        if stored.text.is_empty() {
+            return None;
+        }
+        match PolicySet::parse(
+            &stored.text,
+            stored.version,
+            &format!("policy version {}", stored.version),
+        ) {
+            Ok(set) => Some(Arc::new(set)),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "saved policy does not load; serving without one until the server sends it");
+                None
+            }
+        }
+    }
+
     fn load_entries(&self) -> Vec<StoredEntry> {
         let path = self.path(ENTRIES_FILE);
         match std::fs::read(&path) {
@@ -560,6 +606,11 @@ impl Upstream {
 
     fn now(&self) -> SystemTime {
         (self.clock)()
+    }
+
+    /// The policy as last synced (from disk): what the agent enforces while the server is away.
+    pub fn saved_policy(&self) -> Option<Arc<PolicySet>> {
+        self.disk.load_policy()
     }
 
     /// The entry set as last synced (from disk at start).
@@ -816,6 +867,10 @@ pub struct Seams {
     pub spool: Arc<crate::events::spool::Spool>,
     /// The node's tasks: the server's end orders go there, and eviction ends them all.
     pub tasks: Arc<super::tasks::TaskRegistry>,
+    /// The policy seam: the server's policy goes there.
+    pub policy: super::policy::PolicySource,
+    /// Where the node's labels go, for policies.
+    pub gate: super::policy::PolicyGate,
 }
 
 /// Aborts a task when dropped, so that a session's helpers end with it.
@@ -950,6 +1005,42 @@ fn apply_revocations(seams: &Seams, crls: Option<CrlSet>, orders: Option<Revocat
     }
 }
 
+/// Installs the server's policy (keeping it on disk for outages); a policy this agent cannot
+/// load keeps the last good one in force, and says so.
+async fn apply_policy(upstream: &Upstream, seams: &Seams, policy: crate::proto::tessera::Policy) {
+    let version = u64::try_from(policy.version).unwrap_or(0);
+    let current = seams.policy.borrow().clone();
+    if current.as_ref().map_or(0, |p| p.version()) == version && version != 0 {
+        return;
+    }
+    let next = if policy.text.is_empty() {
+        None
+    } else {
+        match PolicySet::parse(&policy.text, version, &format!("policy version {version}")) {
+            Ok(set) => Some(Arc::new(set)),
+            Err(e) => {
+                tracing::error!(version, error = %e, "the server's policy does not load here; keeping the last good one");
+                return;
+            }
+        }
+    };
+    if current.is_none() && next.is_none() {
+        return;
+    }
+    let stored = StoredPolicy {
+        version,
+        text: policy.text,
+    };
+    let disk = upstream.disk.clone();
+    match tokio::task::spawn_blocking(move || disk.save_policy(&stored)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot keep the policy on disk"),
+        Err(e) => tracing::error!(error = %e, "cannot keep the policy on disk"),
+    }
+    tracing::info!(version, "policy synced from the server");
+    seams.policy.send_replace(next);
+}
+
 /// Ends the tasks the server ordered ended (each with its descendants); tasks this agent does
 /// not run (ended already, or before a restart) are skipped.
 fn apply_task_ends(seams: &Seams, orders: Option<TaskEndOrders>) {
@@ -1079,6 +1170,12 @@ async fn session(
                     let full = update.full;
                     apply_revocations(seams, update.crls.take(), update.revocations.take());
                     apply_task_ends(seams, update.task_ends.take());
+                    if update.full {
+                        seams.gate.set_node_labels(std::mem::take(&mut update.node_labels));
+                    }
+                    if let Some(policy) = update.policy.take() {
+                        apply_policy(upstream, seams, policy).await;
+                    }
                     let bundle_changed = upstream.apply(update, &mut credentials).await;
                     if bundle_changed {
                         publish_ca(seams, &credentials);
@@ -1621,10 +1718,12 @@ mod tests {
             );
             let (entries_tx, entries) = watch::channel(Arc::new(EntrySet::default()));
             let (ca_tx, ca) = watch::channel(placeholder);
+            let (policy, _) = watch::channel(None);
             let tasks = crate::agent::tasks::TaskRegistry::new(
                 cache.clone(),
                 crate::agent::config::TaskLimits::default(),
                 state_dir,
+                crate::agent::policy::PolicyGate::new(&policy, ""),
             );
             let seams = Seams {
                 entries: entries_tx,
@@ -1632,6 +1731,8 @@ mod tests {
                 cache,
                 spool,
                 tasks,
+                gate: crate::agent::policy::PolicyGate::new(&policy, ""),
+                policy,
             };
             let shutdown = Shutdown::new();
             let task = tokio::spawn(run(

@@ -13,9 +13,11 @@ use tonic::{Request, Response, Status};
 
 use super::cache::{Identities, IdentityCache, IssueError, Lease};
 use super::endpoint::PeerInfo;
+use super::policy::{Asked, PolicyGate, Verdict};
 use super::tasks::TaskRegistry;
 use crate::attest::{AttestError, Attestor, CallerFacts};
 use crate::entry::{EntrySet, RegistrationEntry};
+use crate::policy::Action;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
@@ -123,6 +125,8 @@ pub struct WorkloadService {
     shutdown: Shutdown,
     /// Live tasks: a caller inside one gets its identity first.
     tasks: Arc<TaskRegistry>,
+    /// The authorisation policy, asked before anything is issued.
+    gate: PolicyGate,
 }
 
 impl WorkloadService {
@@ -134,6 +138,7 @@ impl WorkloadService {
         allow_unauthenticated_verifiers: bool,
         shutdown: Shutdown,
         tasks: Arc<TaskRegistry>,
+        gate: PolicyGate,
     ) -> Self {
         Self {
             cache,
@@ -143,6 +148,7 @@ impl WorkloadService {
             allow_unauthenticated_verifiers,
             shutdown,
             tasks,
+            gate,
         }
     }
 
@@ -203,9 +209,16 @@ impl WorkloadService {
         .map_err(ServeError::Task)?
     }
 
-    /// The caller's current identities, or `NoIdentity`.
-    fn identities(&self, facts: &CallerFacts, lease: &mut Lease) -> Result<Identities, ServeError> {
+    /// The caller's current identities, or `NoIdentity`; with a policy set, only the entries
+    /// it permits, the others returned in `refused` (entry id and the decision).
+    fn identities(
+        &self,
+        facts: &CallerFacts,
+        lease: &mut Lease,
+        refused: &mut Vec<(String, crate::policy::Decision)>,
+    ) -> Result<Identities, ServeError> {
         loop {
+            refused.clear();
             let entries = self.cache.entries();
             let mut matching = Vec::new();
             // The task the caller runs in comes first: its default identity.
@@ -215,6 +228,22 @@ impl WorkloadService {
                 matching.push(entry.clone());
             }
             matching.extend(matching_entries(&entries, facts)?);
+            matching.retain(|entry| {
+                let task = entry.task.as_deref();
+                let asked = Asked {
+                    task,
+                    ttl: Some(entry.x509_ttl),
+                    purpose: task.map(|t| t.purpose.as_str()),
+                    depth: task.map_or(0, |t| t.chain.len().saturating_sub(1) as u32),
+                };
+                match self.gate.decide(Action::Issue, facts, entry, asked) {
+                    Verdict::Denied(decision) => {
+                        refused.push((entry.id.clone(), decision));
+                        false
+                    }
+                    _ => true,
+                }
+            });
             if matching.is_empty() {
                 return Err(ServeError::NoIdentity);
             }
@@ -247,6 +276,20 @@ impl WorkloadService {
         let recorder = self.cache.recorder();
         for (entry, svid) in &identities.svids {
             recorder.used(entry, svid, facts);
+            self.gate.note_holder(&entry.id, facts);
+        }
+    }
+
+    /// Records the policy's refusals of `refused` entries to `facts`' caller.
+    fn record_refusals(&self, facts: &CallerFacts, refused: &[(String, crate::policy::Decision)]) {
+        for (entry_id, decision) in refused {
+            self.cache.recorder().policy_denied(
+                facts,
+                Action::Issue.name(),
+                entry_id,
+                decision.version,
+                &decision.determining,
+            );
         }
     }
 
@@ -435,17 +478,31 @@ impl SpiffeWorkloadApi for WorkloadService {
             .map_err(|e| self.refused(None, e))?;
         let generation = self.cache.subscribe();
         let mut lease = self.cache.lease();
-        let first = self
-            .identities(&facts, &mut lease)
-            .map_err(|e| self.refused(Some(&facts), e))?;
+        let mut refused = Vec::new();
+        let first = self.identities(&facts, &mut lease, &mut refused);
+        self.record_refusals(&facts, &refused);
+        let first = first.map_err(|e| self.refused(Some(&facts), e))?;
         tracing::debug!(pid = facts.pid, uid = facts.uid, exe = %facts.exe_path, svids = first.svids.len(), "serving X.509-SVIDs");
         let mut last = fingerprint(&first);
+        let mut reported: Vec<String> = refused.iter().map(|(id, _)| id.clone()).collect();
         let message = svid_response(&first);
         self.record_uses(&first, &facts);
         let service = self.clone();
         let peer = peer_of(&request);
         let stream = self.spawn_stream(peer, generation, message, move || {
-            let ids = service.identities(&facts, &mut lease)?;
+            let ids = service.identities(&facts, &mut lease, &mut refused);
+            // A refusal is recorded once per stream, when it first happens.
+            let now_refused: Vec<String> = refused.iter().map(|(id, _)| id.clone()).collect();
+            if now_refused != reported {
+                let new: Vec<_> = refused
+                    .iter()
+                    .filter(|(id, _)| !reported.contains(id))
+                    .cloned()
+                    .collect();
+                service.record_refusals(&facts, &new);
+                reported = now_refused;
+            }
+            let ids = ids?;
             let now = fingerprint(&ids);
             if now == last {
                 return Ok(None);

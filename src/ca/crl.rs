@@ -101,9 +101,10 @@ pub fn crl_reason(reason: RevocationReason) -> rcgen::RevocationReason {
         | RevocationReason::RegistrationExpired
         | RevocationReason::TaskEnded => Code::CessationOfOperation,
         RevocationReason::EntryChanged => Code::AffiliationChanged,
-        RevocationReason::NodeEvicted | RevocationReason::Inactive | RevocationReason::Anomaly => {
-            Code::PrivilegeWithdrawn
-        }
+        RevocationReason::NodeEvicted
+        | RevocationReason::Inactive
+        | RevocationReason::Anomaly
+        | RevocationReason::PolicyChanged => Code::PrivilegeWithdrawn,
         RevocationReason::Superseded | RevocationReason::CaRotated => Code::Superseded,
         RevocationReason::Operator | RevocationReason::Unspecified => Code::Unspecified,
     }

@@ -25,6 +25,7 @@ mod dev;
 mod entry;
 mod events;
 mod node;
+mod policy;
 mod revoke;
 mod server;
 mod svid;
@@ -97,6 +98,8 @@ enum Command {
     Inventory(events::InventoryArgs),
     /// Task credentials from the agent: run a command as a task, start, end and list tasks.
     Task(task::TaskArgs),
+    /// The authorisation policy (Cedar) on the server: set, clear, show, history, test.
+    Policy(policy::PolicyArgs),
 }
 
 /// A failure with the exit code it deserves.
@@ -165,6 +168,7 @@ pub fn main() -> ExitCode {
             Command::Events(args) => events::run(args, cli.output).await,
             Command::Inventory(args) => events::inventory(args, cli.output).await,
             Command::Task(args) => task::run(args, cli.output).await,
+            Command::Policy(args) => policy::run(args, cli.output).await,
         }
     });
     match result {
@@ -216,6 +220,12 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn every_command_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn output_is_accepted_anywhere_on_the_line() {

@@ -25,7 +25,9 @@ pub use spool::{Class, Spool, SpoolConfig, SpoolError};
 /// know (an unknown number decodes as `Unspecified`) is kept, as critical.
 pub fn class_of(kind: EventKind) -> Class {
     match kind {
-        EventKind::SvidUsed | EventKind::AttestationDenied => Class::Droppable,
+        EventKind::SvidUsed | EventKind::AttestationDenied | EventKind::PolicyDenied => {
+            Class::Droppable
+        }
         EventKind::Unspecified
         | EventKind::SvidIssued
         | EventKind::SvidRevoked

@@ -249,8 +249,22 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
         )));
     }
     check_task(kind, event).map_err(invalid)?;
+    if event.policies.len() > MAX_POLICY_IDS
+        || event
+            .policies
+            .iter()
+            .any(|p| p.is_empty() || p.len() > MAX_FIELD_LEN || p.contains('\0'))
+        || event.policy_version < 0
+    {
+        return Err(invalid(format!(
+            "policies: at most {MAX_POLICY_IDS} ids of 1 to {MAX_FIELD_LEN} bytes, and a policy_version of 0 or more"
+        )));
+    }
     Ok(kind)
 }
+
+/// Most policy ids one event may name.
+const MAX_POLICY_IDS: usize = 64;
 
 /// Longest delegation chain an event may carry.
 const MAX_CHAIN: usize = 32;
@@ -420,6 +434,32 @@ pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> ser
         JsonTime::from_ms("first", set(event.first_ms)).put(&mut value);
         JsonTime::from_ms("last", set(event.last_ms)).put(&mut value);
         value["count"] = event.count.into();
+    }
+    if !event.task_id.is_empty() {
+        value["task_id"] = event.task_id.clone().into();
+        value["chain"] = event
+            .chain
+            .iter()
+            .map(|l| serde_json::json!({ "task_id": l.task_id, "spiffe_id": l.spiffe_id }))
+            .collect::<Vec<_>>()
+            .into();
+    }
+    if matches!(kind, EventKind::TaskStarted | EventKind::TaskEnded) {
+        value["purpose"] = event.purpose.clone().into();
+        value["owner"] = event.owner.clone().into();
+        value["task_pid"] = event.task_pid.into();
+    }
+    if kind == EventKind::TaskEnded {
+        value["task_end_reason"] = task_end_reason_name(event.task_end_reason()).into();
+    }
+    if matches!(
+        kind,
+        EventKind::SvidIssued | EventKind::TaskStarted | EventKind::PolicyDenied
+    ) {
+        value["policy_version"] = event.policy_version.into();
+    }
+    if kind == EventKind::PolicyDenied {
+        value["policies"] = event.policies.clone().into();
     }
     if let Some(seq) = seq {
         value["seq"] = seq.into();
@@ -660,6 +700,7 @@ mod tests {
                 "issuance_anomaly",
                 "task_started",
                 "task_ended",
+                "policy_denied",
             ]
         );
         for name in KIND_NAMES.iter() {

@@ -304,10 +304,12 @@ pub struct Recorder {
     recorded: [AtomicU64; KINDS],
     /// Events that could not be written, by kind number.
     failed: [AtomicU64; KINDS],
+    /// The version of the policy in force (0: none), carried by issuance and task events.
+    policy_version: AtomicU64,
 }
 
-/// Kind numbers run from 0 (unspecified) to 7.
-const KINDS: usize = 8;
+/// Kind numbers run from 0 (unspecified) to 10 (`policy_denied`).
+const KINDS: usize = 11;
 
 /// What the recorder has counted, for metrics.
 pub struct Counters {
@@ -329,6 +331,7 @@ impl Recorder {
             denials: None,
             recorded: Default::default(),
             failed: Default::default(),
+            policy_version: AtomicU64::new(0),
         }
     }
 
@@ -420,6 +423,7 @@ impl Recorder {
     ) -> Result<(), RecordError> {
         let mut event = self.task_event(EventKind::TaskStarted, task);
         event.caller = Some(caller_of(starter));
+        event.policy_version = self.policy_version();
         match self.write(true, &event) {
             Ok(()) => Ok(()),
             Err(_) if !self.log.required() => Ok(()),
@@ -454,6 +458,36 @@ impl Recorder {
         }
     }
 
+    /// Sets the policy version issuances and task starts are recorded with.
+    pub fn set_policy_version(&self, version: u64) {
+        self.policy_version.store(version, Ordering::Release);
+    }
+
+    fn policy_version(&self) -> i64 {
+        i64::try_from(self.policy_version.load(Ordering::Acquire)).unwrap_or(i64::MAX)
+    }
+
+    /// Records a policy refusal of `action` on `entry_id` for `caller` (droppable, like other
+    /// refusals: any local process can cause them).
+    pub fn policy_denied(
+        &self,
+        caller: &CallerFacts,
+        action: &str,
+        entry_id: &str,
+        version: u64,
+        determining: &[String],
+    ) {
+        let mut event = self.event(EventKind::PolicyDenied);
+        event.caller = Some(caller_of(caller));
+        event.entry_id = entry_id.to_owned();
+        event.detail = format!("{action} refused by policy version {version}");
+        event.policy_version = i64::try_from(version).unwrap_or(i64::MAX);
+        event.policies = determining.to_vec();
+        if let Err(e) = self.write(false, &event) {
+            tracing::debug!(error = %e, "policy-denied event dropped");
+        }
+    }
+
     /// Records an issuance; the SVID must not be handed out when this fails.
     pub fn issued(
         &self,
@@ -463,6 +497,7 @@ impl Recorder {
     ) -> Result<(), RecordError> {
         let mut event = self.svid_event(EventKind::SvidIssued, entry, svid);
         event.caller = caller.map(caller_of);
+        event.policy_version = self.policy_version();
         match self.write(true, &event) {
             Ok(()) => Ok(()),
             // Logged and counted by the log and in `failed`; the issuance goes on.

@@ -9,16 +9,23 @@ use tonic::{Request, Response, Status};
 
 use super::State;
 use super::sync::entry_to_proto;
+use super::sync::policy_to_proto;
 use crate::entry::{EntryFields, FieldError, check_node_selector};
+use crate::policy::PolicySet;
 use crate::proto::tessera::admin_server::Admin;
 use crate::proto::tessera::{
     Bundle, CreateEntryRequest, CreateJoinTokenRequest, EndTaskOrderRequest, Entry, EntryRequest,
-    EventFilter, GetBundleRequest, GetInventoryRequest, IdentityInventory, Inventory, JoinToken,
-    ListEntriesRequest, ListEntriesResponse, ListEventsResponse, ListNodesRequest,
-    ListNodesResponse, ListTasksRequest, ListTasksResponse, NodeInfo, NodeInventory, NodeRequest,
-    RevocationReason, RevokeEntryRequest, RevokeResponse, RevokeSvidRequest, StoredEvent, SvidInfo,
-    Task, TaskEndReason, TaskLink, UpdateEntryRequest,
+    EventFilter, GetBundleRequest, GetInventoryRequest, GetPolicyRequest, IdentityInventory,
+    Inventory, JoinToken, ListEntriesRequest, ListEntriesResponse, ListEventsResponse,
+    ListNodesRequest, ListNodesResponse, ListPolicyVersionsRequest, ListPolicyVersionsResponse,
+    ListTasksRequest, ListTasksResponse, NodeInfo, NodeInventory, NodeRequest, Policy,
+    RevocationReason, RevokeEntryRequest, RevokeResponse, RevokeSvidRequest, SetPolicyRequest,
+    StoredEvent, SvidInfo, Task, TaskEndReason, TaskLink, TestPolicyRequest, TestPolicyResponse,
+    UpdateEntryRequest,
 };
+
+/// The longest policy text accepted, in bytes.
+const MAX_POLICY_BYTES: usize = 1 << 20;
 use crate::store::{
     EntryRecord, EventOrder, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, SvidRecord,
     canonical, unix_now,
@@ -838,6 +845,122 @@ impl Admin for AdminService {
             identities,
             nodes,
             tasks,
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<SetPolicyRequest>,
+    ) -> Result<Response<Policy>, Status> {
+        let text = request.into_inner().text;
+        let current = self.state.store.policy().await.map_err(status)?;
+        let next_version = current.map_or(1, |c| c.version + 1);
+        if !text.trim().is_empty() {
+            if text.len() > MAX_POLICY_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the policy is {} bytes; at most {MAX_POLICY_BYTES} are accepted",
+                    text.len()
+                )));
+            }
+            // Refused as a whole, with where: the version in force stays.
+            PolicySet::parse(&text, next_version as u64, "policy")
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let text = if text.trim().is_empty() {
+            String::new()
+        } else {
+            text
+        };
+        let stored = self
+            .state
+            .store
+            .set_policy(&text, crate::events::model::now_ms())
+            .await
+            .map_err(status)?;
+        audit("policy set", &stored.version.to_string());
+        Ok(Response::new(policy_to_proto(&stored)))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<Policy>, Status> {
+        let version = request.into_inner().version;
+        let found = if version == 0 {
+            self.state.store.policy().await.map_err(status)?
+        } else {
+            self.state
+                .store
+                .policy_history()
+                .await
+                .map_err(status)?
+                .into_iter()
+                .find(|p| p.version == version)
+        };
+        match found {
+            Some(policy) => Ok(Response::new(policy_to_proto(&policy))),
+            None if version == 0 => Ok(Response::new(Policy::default())),
+            None => Err(Status::not_found(format!("no policy version {version}"))),
+        }
+    }
+
+    async fn list_policy_versions(
+        &self,
+        _request: Request<ListPolicyVersionsRequest>,
+    ) -> Result<Response<ListPolicyVersionsResponse>, Status> {
+        let versions = self
+            .state
+            .store
+            .policy_history()
+            .await
+            .map_err(status)?
+            .iter()
+            .map(policy_to_proto)
+            .collect();
+        Ok(Response::new(ListPolicyVersionsResponse { versions }))
+    }
+
+    async fn test_policy(
+        &self,
+        request: Request<TestPolicyRequest>,
+    ) -> Result<Response<TestPolicyResponse>, Status> {
+        let request = request.into_inner();
+        let policy = match &request.text {
+            Some(text) => PolicySet::parse(text, 0, "policy")
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            None => {
+                let current = self.state.store.policy().await.map_err(status)?;
+                match current.filter(|p| !p.text.is_empty()) {
+                    Some(p) => PolicySet::parse(&p.text, p.version as u64, "policy")
+                        .map_err(|e| Status::internal(format!("the stored policy: {e}")))?,
+                    None => {
+                        return Err(Status::failed_precondition(
+                            "no policy is set (entries alone decide); give one with --file",
+                        ));
+                    }
+                }
+            }
+        };
+        let entry = self
+            .state
+            .store
+            .get_entry(&request.resource)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| Status::not_found(format!("no entry with id {:?}", request.resource)))?;
+        let decision = super::policy::decide_from_pairs(
+            &policy,
+            &request.principal,
+            &request.action,
+            &entry,
+            &request.context,
+        )
+        .map_err(Status::invalid_argument)?;
+        Ok(Response::new(TestPolicyResponse {
+            allowed: decision.allowed,
+            version: decision.version as i64,
+            determining: decision.determining,
+            errors: decision.errors,
         }))
     }
 

@@ -5,6 +5,7 @@ pub mod admin_api;
 pub mod app;
 pub mod config;
 pub mod node_api;
+pub mod policy;
 pub mod revocation;
 pub mod root;
 pub mod sync;

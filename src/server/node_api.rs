@@ -927,6 +927,7 @@ async fn stream_updates(
     let mut sent_crls: Option<Vec<Vec<u8>>> = None;
     let mut sent_orders: Option<Vec<RevocationOrder>> = None;
     let mut sent_task_ends: Option<Vec<crate::proto::tessera::TaskEndOrder>> = None;
+    let mut sent_policy: Option<i64> = None;
     let shutdown = state.shutdown.clone();
     // An open stream is contact too, however long nothing changes.
     let mut contact = tokio::time::interval_at(
@@ -997,8 +998,10 @@ async fn stream_updates(
             .cloned()
             .unwrap_or_default();
         let task_ends_changed = sent_task_ends.as_ref() != Some(&task_ends);
+        let policy_changed = sent_policy != Some(snapshot.policy.version);
         let update = update.or_else(|| {
-            (sent_bundle.is_some() && (crls_changed || orders_changed || task_ends_changed))
+            (sent_bundle.is_some()
+                && (crls_changed || orders_changed || task_ends_changed || policy_changed))
                 .then(SyncUpdate::default)
         });
         if let Some(mut update) = update {
@@ -1011,6 +1014,22 @@ async fn stream_updates(
                 update.revocations = Some(RevocationOrders {
                     orders: orders.clone(),
                 });
+            }
+            if update.full {
+                update.node_labels = snapshot
+                    .nodes
+                    .get(&node_id)
+                    .map(|n| {
+                        n.selectors
+                            .iter()
+                            .filter_map(|s| s.strip_prefix("node:label:"))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+            if update.full || policy_changed {
+                update.policy = Some(snapshot.policy.clone());
             }
             if update.full || task_ends_changed {
                 update.task_ends = Some(crate::proto::tessera::TaskEndOrders {
@@ -1025,6 +1044,7 @@ async fn stream_updates(
             sent_crls = Some(snapshot.crls.clone());
             sent_orders = Some(orders);
             sent_task_ends = Some(task_ends);
+            sent_policy = Some(snapshot.policy.version);
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::proto::tessera::{Bundle, Entry, RevocationOrder, SyncUpdate, TaskEndOrder};
+use crate::proto::tessera::{Bundle, Entry, Policy, RevocationOrder, SyncUpdate, TaskEndOrder};
 use crate::spiffe::TrustDomain;
 use crate::store::{Datastore, EntryRecord, NodeRecord, NodeStatus, StoreError, unix_now};
 
@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub dormant: std::collections::HashSet<String>,
     /// The tasks each node must end, by node id.
     pub task_ends: HashMap<String, Vec<TaskEndOrder>>,
+    /// The authorisation policy (version 0, empty, before any was set).
+    pub policy: Policy,
 }
 
 /// Replaced versions of entries, by entry id, each with when it was replaced (Unix ms).
@@ -136,6 +138,8 @@ pub fn delta(
         crls: None,
         revocations: None,
         task_ends: None,
+        policy: None,
+        node_labels: Vec::new(),
     })
 }
 
@@ -151,6 +155,8 @@ pub fn full(now: &HashMap<String, Arc<Entry>>, bundle: Bundle) -> SyncUpdate {
         crls: None,
         revocations: None,
         task_ends: None,
+        policy: None,
+        node_labels: Vec::new(),
     }
 }
 
@@ -227,7 +233,9 @@ pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError
     let revocations = store.revocations(unix_now()).await?;
     let standings = store.entry_standings().await?;
     let tasks = store.tasks(true).await?;
+    let policy = store.policy().await?;
     Ok(Snapshot {
+        policy: policy.as_ref().map(policy_to_proto).unwrap_or_default(),
         task_ends: super::tasks::orders_by_node(&tasks),
         dormant: standings
             .into_iter()
@@ -244,6 +252,16 @@ pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError
         nodes: nodes.iter().map(|n| (n.id.clone(), node_view(n))).collect(),
         history: Arc::default(),
     })
+}
+
+/// A policy version as the wire carries it.
+pub fn policy_to_proto(record: &crate::store::PolicyRecord) -> Policy {
+    Policy {
+        version: record.version,
+        text: record.text.clone(),
+        sha256: record.sha256.clone(),
+        set_ms: record.set_ms,
+    }
 }
 
 /// The bundle message of a snapshot.

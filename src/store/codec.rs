@@ -280,8 +280,19 @@ pub(crate) fn event_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<StoredEvent
                 .column::<Option<String>>("task")?
                 .map(|text| decode_event_task(&text))
                 .transpose()?,
+            policy_version: row.column("policy_version")?,
+            policies: row
+                .column::<Option<String>>("policies")?
+                .map(|text| decode_list(&text, "an event's policies"))
+                .transpose()?
+                .unwrap_or_default(),
         },
     })
+}
+
+/// An event's determining policies as stored: `NULL` for none.
+pub(crate) fn encode_policies(policies: &[String]) -> Option<String> {
+    (!policies.is_empty()).then(|| encode_list(policies))
 }
 
 /// An event's task as stored (JSON).

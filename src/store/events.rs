@@ -20,7 +20,7 @@ use crate::proto::tessera::EventKind;
 /// The stored columns of an event, in the order both backends bind and read them.
 pub(crate) const EVENT_COLUMNS: &str = "id, kind, time_ms, node_id, entry_id, spiffe_id, serial, \
     not_after, reason, caller_pid, caller_uid, caller_gid, caller_exe_path, caller_exe_sha256, \
-    caller_unit, first_ms, last_ms, count, detail, received_ms, task";
+    caller_unit, first_ms, last_ms, count, detail, received_ms, task, policy_version, policies";
 
 /// The stored columns of a task, likewise.
 pub(crate) const TASK_COLUMNS: &str = "task_id, node_id, entry_id, spiffe_id, parent_id, chain, \

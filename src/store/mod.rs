@@ -215,7 +215,7 @@ impl std::fmt::Display for TokenRefusal {
 }
 
 /// A registration entry as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EntryRecord {
     /// Stable id, unique.
     pub id: String,
@@ -498,6 +498,10 @@ pub struct EventRecord {
     pub received_ms: i64,
     /// Task events, and issuance and revocation of task SVIDs: the task.
     pub task: Option<EventTask>,
+    /// Issuances, task starts and policy refusals: the policy version that decided (0: none set).
+    pub policy_version: Option<i64>,
+    /// Policy refusals: the ids of the determining policies.
+    pub policies: Vec<String>,
 }
 
 /// What a task event (or an event about a task SVID) says about its task; stored as JSON.

@@ -249,7 +249,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         text TEXT NOT NULL,
         sha256 TEXT NOT NULL,
         set_ms BIGINT NOT NULL
-    );",
+    );
+    ALTER TABLE events ADD COLUMN policy_version BIGINT;
+    ALTER TABLE events ADD COLUMN policies TEXT;",
     ),
 ];
 
@@ -972,7 +974,7 @@ async fn insert_events(
                     $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::text[],
                     $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], $15::text[],
                     $16::int8[], $17::int8[], $18::int8[], $19::text[], $20::int8[],
-                    $21::text[])
+                    $21::text[], $22::int8[], $23::text[])
                     WITH ORDINALITY AS batch ({EVENT_COLUMNS}, position)
                  ORDER BY position
                  ON CONFLICT (id) DO NOTHING
@@ -1000,6 +1002,8 @@ async fn insert_events(
                 &column(batch, |e| e.detail.as_str()),
                 &column(batch, |e| e.received_ms),
                 &column(batch, |e| codec::encode_event_task(e.task.as_ref())),
+                &column(batch, |e| e.policy_version),
+                &column(batch, |e| codec::encode_policies(&e.policies)),
             ],
         )
         .await?;

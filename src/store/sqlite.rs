@@ -221,7 +221,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         text TEXT NOT NULL,
         sha256 TEXT NOT NULL,
         set_ms INTEGER NOT NULL
-    ) STRICT;",
+    ) STRICT;
+    ALTER TABLE events ADD COLUMN policy_version INTEGER;
+    ALTER TABLE events ADD COLUMN policies TEXT;",
     ),
 ];
 
@@ -833,7 +835,7 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, S
         .prepare_cached(&format!(
             "INSERT INTO events ({EVENT_COLUMNS})
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                ?17, ?18, ?19, ?20, ?21)
+                ?17, ?18, ?19, ?20, ?21, ?22, ?23)
              ON CONFLICT (id) DO NOTHING"
         ))
         .map_err(db_error)?;
@@ -864,6 +866,8 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, S
                 event.detail,
                 event.received_ms,
                 codec::encode_event_task(event.task.as_ref()),
+                event.policy_version,
+                codec::encode_policies(&event.policies),
             ])
             .map_err(db_error)?;
         if inserted == 1 {

@@ -48,6 +48,12 @@ pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64
             end_reason: (kind == EventKind::TaskEnded)
                 .then(|| task_end_reason_name(event.task_end_reason()).to_owned()),
         }),
+        policy_version: matches!(
+            kind,
+            EventKind::SvidIssued | EventKind::TaskStarted | EventKind::PolicyDenied
+        )
+        .then_some(event.policy_version),
+        policies: event.policies.clone(),
     }
 }
 
@@ -78,6 +84,8 @@ pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
         detail: record.detail.clone(),
         ..Event::default()
     };
+    event.policy_version = record.policy_version.unwrap_or(0);
+    event.policies = record.policies.clone();
     if let Some(task) = &record.task {
         event.task_id = task.task_id.clone();
         event.chain = task

@@ -34,11 +34,13 @@ use saved::SavedTask;
 
 use super::cache::IdentityCache;
 use super::config::TaskLimits;
+use super::policy::{Asked, PolicyGate, Verdict};
 use crate::attest::{CallerFacts, ProcessStamp};
 use crate::ca::task::{TaskClaims, TaskLink};
 use crate::clock::unix_seconds;
 use crate::entry::{Activation, EntrySet, FieldError, MAX_PURPOSE_LEN, RegistrationEntry};
 use crate::events::recorder::{RecordError, TaskEvent};
+use crate::policy::Action;
 use crate::proto::tessera::{RevocationReason, TaskEndReason};
 use crate::spiffe::SpiffeId;
 
@@ -120,6 +122,29 @@ pub enum TaskError {
     /// The task's start could not be recorded, so it does not begin.
     #[error("cannot record the task's start: {0}")]
     Record(#[from] RecordError),
+    /// The authorisation policy refused.
+    #[error(
+        "{action} under entry {entry} refused by policy version {version}{}",
+        refusal_detail(determining)
+    )]
+    PolicyDenied {
+        /// `StartTask` or `Delegate`.
+        action: &'static str,
+        /// The entry asked for.
+        entry: String,
+        /// The policy version that decided.
+        version: u64,
+        /// The forbids that matched (none: no permit applied).
+        determining: Vec<String>,
+    },
+}
+
+fn refusal_detail(determining: &[String]) -> String {
+    if determining.is_empty() {
+        " (no permit applies)".to_owned()
+    } else {
+        format!(" (forbidden by {})", determining.join(", "))
+    }
 }
 
 /// A request to start a task, as the Tasks service received it.
@@ -197,6 +222,9 @@ struct Live {
     last_used: Instant,
     /// SVID serials from before a restart, which the cache does not know.
     earlier_serials: Vec<(String, SystemTime)>,
+    /// Who started it and, for a delegation, the parent's claims: what a policy change is
+    /// checked against again. Unknown for a task restored after a restart.
+    started_by: Option<(CallerFacts, Option<TaskClaims>)>,
 }
 
 struct State {
@@ -227,6 +255,8 @@ pub struct TaskRegistry {
     dirty: Notify,
     /// Counts changes to the live set, for tests and the saver.
     changes: watch::Sender<u64>,
+    /// The authorisation policy.
+    gate: PolicyGate,
 }
 
 impl TaskRegistry {
@@ -237,6 +267,7 @@ impl TaskRegistry {
         cache: Arc<IdentityCache>,
         limits: TaskLimits,
         state_dir: &std::path::Path,
+        gate: PolicyGate,
     ) -> Arc<Self> {
         let (exits, exits_rx) = mpsc::unbounded_channel();
         let registry = Arc::new(Self {
@@ -254,6 +285,7 @@ impl TaskRegistry {
             wake: Notify::new(),
             dirty: Notify::new(),
             changes: watch::channel(0).0,
+            gate,
         });
         registry.restore();
         registry
@@ -296,6 +328,31 @@ impl TaskRegistry {
             return Err(TaskError::EntryExpired(entry.id.clone()));
         }
         let parent = member_task(&state, &caller.lineage).and_then(|id| state.live.get(id));
+        let parent_claims = parent.map(|p| p.info.claims.clone());
+        let verdict = self.policy_verdict(caller, &entry, parent_claims.as_ref(), &request);
+        if let Verdict::Denied(decision) = &verdict {
+            let action = if parent.is_some() {
+                Action::Delegate
+            } else {
+                Action::StartTask
+            };
+            self.cache.recorder().policy_denied(
+                caller,
+                action.name(),
+                &entry.id,
+                decision.version,
+                &decision.determining,
+            );
+            return Err(TaskError::PolicyDenied {
+                action: action.name(),
+                entry: entry.id.clone(),
+                version: decision.version,
+                determining: decision.determining.clone(),
+            });
+        }
+        // With a policy set, the policy decides who may start and delegate; without one, the
+        // entries' own rules do.
+        let by_entries = verdict == Verdict::NoPolicy;
         let (chain, depth, parent_deadline) = match parent {
             Some(parent) => {
                 let parent_entry = state
@@ -303,7 +360,7 @@ impl TaskRegistry {
                     .get(&parent.info.claims.entry_id)
                     .cloned()
                     .unwrap_or_else(|| parent.entry.clone());
-                if !parent_entry.delegates_to.contains(&entry.id) {
+                if by_entries && !parent_entry.delegates_to.contains(&entry.id) {
                     return Err(TaskError::DelegationRefused {
                         parent: parent.info.claims.task_id.clone(),
                         parent_entry: parent_entry.id.clone(),
@@ -318,7 +375,7 @@ impl TaskRegistry {
                 )
             }
             None => {
-                if !entry.may_be_started_by(&caller.selectors, now) {
+                if by_entries && !entry.may_be_started_by(&caller.selectors, now) {
                     return Err(TaskError::NotPermitted(entry.id.clone()));
                 }
                 (Vec::new(), 1, None)
@@ -367,7 +424,7 @@ impl TaskRegistry {
         // No event, no task.
         self.cache.recorder().task_started(&info.event(), caller)?;
         tracing::info!(task = %task_id, entry = %entry.id, spiffe_id = %spiffe_id, pid = target.stamp.pid, depth, deadline = %humantime::format_rfc3339(deadline), "task started");
-        let live = self
+        let mut live = self
             .make_live(
                 info.clone(),
                 entry,
@@ -376,6 +433,7 @@ impl TaskRegistry {
                 Vec::new(),
             )
             .ok_or_else(|| FieldError::new("spiffe_id", &info.spiffe_id, "not a SPIFFE ID"))?;
+        live.started_by = Some((caller.clone(), parent_claims));
         state.roots.insert(target.stamp, task_id.clone());
         state.live.insert(task_id, live);
         self.publish(&state);
@@ -702,7 +760,66 @@ impl TaskRegistry {
             watcher,
             last_used: Instant::now(),
             earlier_serials,
+            started_by: None,
         })
+    }
+
+    /// The policy's word on starting `request` under `entry` for `caller`, inside
+    /// `parent` (a delegation) or not.
+    fn policy_verdict(
+        &self,
+        caller: &CallerFacts,
+        entry: &RegistrationEntry,
+        parent: Option<&TaskClaims>,
+        request: &StartRequest,
+    ) -> Verdict {
+        let (action, depth) = match parent {
+            Some(parent) => (Action::Delegate, parent.chain.len() as u32),
+            None => (Action::StartTask, 0),
+        };
+        self.gate.decide(
+            action,
+            caller,
+            entry,
+            Asked {
+                task: parent,
+                ttl: request.ttl,
+                purpose: Some(&request.purpose),
+                depth,
+            },
+        )
+    }
+
+    /// Ends the tasks the policy in force no longer permits (reason `policy_changed`), each
+    /// checked again as it was started: the starter's facts, the entry, the parent.
+    pub fn recheck_policy(&self) {
+        let refused: Vec<String> = {
+            let state = self.lock();
+            state
+                .live
+                .values()
+                .filter_map(|live| {
+                    let (caller, parent) = live.started_by.as_ref()?;
+                    let request = StartRequest {
+                        entry: live.entry.id.clone(),
+                        purpose: live.info.claims.purpose.clone(),
+                        ttl: None,
+                        pid: None,
+                        idle_timeout: None,
+                    };
+                    let verdict =
+                        self.policy_verdict(caller, &live.entry, parent.as_ref(), &request);
+                    matches!(verdict, Verdict::Denied(_)).then(|| live.info.claims.task_id.clone())
+                })
+                .collect()
+        };
+        for task_id in refused {
+            self.end(
+                &task_id,
+                TaskEndReason::PolicyChanged,
+                "the policy no longer permits it",
+            );
+        }
     }
 
     /// Sends `task_id` on the exit channel when the process behind `pidfd` exits.

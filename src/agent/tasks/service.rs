@@ -81,6 +81,7 @@ fn into_status(error: TaskError) -> Status {
         | TaskError::TtlTooLong { .. } => Status::failed_precondition(error.to_string()),
         TaskError::NotPermitted(_)
         | TaskError::DelegationRefused { .. }
+        | TaskError::PolicyDenied { .. }
         | TaskError::NotYours(_) => Status::permission_denied(error.to_string()),
         TaskError::Field(_)
         | TaskError::Target { .. }
