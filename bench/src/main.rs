@@ -8,13 +8,15 @@
 //! rotations; revocation propagation through a server to three agents; an operator's SVID
 //! revocation to relying parties on other nodes (CRLs on their Workload API streams); event
 //! ingest from an agent's spool to the server's datastore; CRL sizes under the server's
-//! distribution rule. Charts (PNG) are drawn beside the report.
+//! distribution rule; a task started for a new process until it holds its task SVID, and
+//! `tessera task run` around it; an operator's end of a chain of three delegated tasks to CRLs
+//! on two other agents. Charts (PNG) are drawn beside the report.
 //!
 //! A workspace member of its own, so that the `tessera` binary every node runs carries none of
 //! the plotting and PNG crates. The agents and servers measured are `tessera` processes: the
 //! binary named by `--tessera` (or `TESSERA_BIN`), by default the `tessera` beside this one (as
-//! `cargo build --workspace` leaves them). The transport floor and the first-fetch probes are
-//! this binary's own hidden `floor` and `probe` commands.
+//! `cargo build --workspace` leaves them). The transport floor, the first-fetch probes and the
+//! task probes are this binary's own hidden `floor`, `probe` and `task-probe` commands.
 
 mod cfssl;
 mod chart;
@@ -26,6 +28,7 @@ mod relying_party;
 mod report;
 mod revocation;
 mod scenarios;
+mod tasks;
 
 use report::{Report, ScenarioResult};
 use scenarios::{floor_server, probe, run_all};
@@ -57,6 +60,10 @@ enum BenchCommand {
     /// (internal) A bare tonic server on a Unix socket: the transport floor.
     #[command(hide = true)]
     Floor(SocketArg),
+    /// (internal) FetchX509SVID from a fresh process, optionally after a go byte on standard
+    /// input; prints the SPIFFE ID held and CLOCK_MONOTONIC nanoseconds when it was held.
+    #[command(hide = true)]
+    TaskProbe(TaskProbeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -73,6 +80,15 @@ struct RunArgs {
     /// The `tessera` binary to measure (default: the one beside this binary).
     #[arg(long, value_name = "PATH", env = "TESSERA_BIN")]
     tessera: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct TaskProbeArgs {
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Read one byte from standard input before connecting.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -110,6 +126,11 @@ async fn run(command: BenchCommand) -> Result<(), BenchError> {
             Ok(())
         }
         BenchCommand::Floor(SocketArg { socket }) => floor_server(&socket).await,
+        BenchCommand::TaskProbe(TaskProbeArgs { socket, wait }) => {
+            let (spiffe_id, held) = tasks::task_probe(&socket, wait).await?;
+            println!("{spiffe_id} {held}");
+            Ok(())
+        }
         BenchCommand::Run(args) => {
             let tessera = match args.tessera {
                 Some(path) => path,
@@ -183,11 +204,15 @@ pub enum Scenario {
     EventIngest,
     /// CRL bytes per Workload API message by number of node CAs; a long CRL's sign and parse.
     CrlSize,
+    /// StartTask for a process just started until it holds the task's SVID; `tessera task run`.
+    TaskStart,
+    /// An operator's end of a three-task chain to CRLs on two other agents' workload streams.
+    TaskCascade,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
@@ -196,6 +221,8 @@ impl Scenario {
         Scenario::RevocationToRelyingParty,
         Scenario::EventIngest,
         Scenario::CrlSize,
+        Scenario::TaskStart,
+        Scenario::TaskCascade,
     ];
 
     /// The name in reports and on the command line.
@@ -209,6 +236,8 @@ impl Scenario {
             Scenario::RevocationToRelyingParty => "revocation_to_relying_party",
             Scenario::EventIngest => "event_ingest",
             Scenario::CrlSize => "crl_size",
+            Scenario::TaskStart => "task_start",
+            Scenario::TaskCascade => "task_cascade",
         }
     }
 }
@@ -238,6 +267,12 @@ pub struct Plan {
     pub crl_serials: usize,
     /// Times the long CRL is signed and parsed (the median is reported).
     pub crl_repeats: usize,
+    /// Tasks started for a waiting probe in the task-start scenario.
+    pub task_starts: usize,
+    /// `tessera task run` commands timed in the task-start scenario.
+    pub task_runs: usize,
+    /// Task chains ended in the cascade scenario.
+    pub cascade_rounds: usize,
 }
 
 impl Plan {
@@ -254,6 +289,9 @@ impl Plan {
         crl_node_cas: 100,
         crl_serials: 1_000,
         crl_repeats: 3,
+        task_starts: 5,
+        task_runs: 3,
+        cascade_rounds: 3,
     };
     /// The full run behind the committed report (a few minutes).
     pub const FULL: Plan = Plan {
@@ -268,6 +306,9 @@ impl Plan {
         crl_node_cas: 1_000,
         crl_serials: 10_000,
         crl_repeats: 7,
+        task_starts: 200,
+        task_runs: 50,
+        cascade_rounds: 50,
     };
 }
 

@@ -17,7 +17,8 @@ use tessera::cli::client::{WorkloadClient, channel, connect};
 use tessera::proto::workload::X509svidRequest;
 use tessera::spiffe::{SpiffeId, TrustDomain};
 
-const TRUST_DOMAIN: &str = "bench.local";
+/// The trust domain of the standalone agents.
+pub const TRUST_DOMAIN: &str = "bench.local";
 /// The streams target, 200 MB (10^6 bytes), in the MiB that /proc's KiB convert to.
 const RSS_LIMIT_MIB: f64 = 200e6 / (1024.0 * 1024.0);
 /// Streams per connection in the scale scenario (below the agent's per-connection limit).
@@ -31,7 +32,8 @@ fn status_failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
     move |s| BenchError::Failed(format!("{what}: {:?} {}", s.code(), s.message()))
 }
 
-fn uid_selector() -> String {
+/// The selector of this process's effective uid.
+pub fn uid_selector() -> String {
     format!("unix:uid:{}", nix::unistd::geteuid())
 }
 
@@ -40,6 +42,19 @@ fn agent_config(
     dir: &Path,
     entries: &[(String, Vec<String>, String)],
 ) -> Result<(PathBuf, PathBuf), BenchError> {
+    let entries: Vec<_> = entries
+        .iter()
+        .map(|(path, selectors, ttl)| (path.clone(), selectors.clone(), ttl.clone(), String::new()))
+        .collect();
+    agent_config_with(dir, &entries)
+}
+
+/// Writes an agent configuration serving `entries` (path, selectors, TTL, and further lines of
+/// the entry's TOML table).
+pub fn agent_config_with(
+    dir: &Path,
+    entries: &[(String, Vec<String>, String, String)],
+) -> Result<(PathBuf, PathBuf), BenchError> {
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let socket = dir.join("agent.sock");
     let mut text = format!(
@@ -47,10 +62,10 @@ fn agent_config(
         socket.display(),
         dir.join("state").display()
     );
-    for (path, selectors, ttl) in entries {
+    for (path, selectors, ttl, extra) in entries {
         let selectors: Vec<String> = selectors.iter().map(|s| format!("{s:?}")).collect();
         text += &format!(
-            "\n[[entry]]\nspiffe_id = \"spiffe://{TRUST_DOMAIN}{path}\"\nselectors = [{}]\nx509_ttl = \"{ttl}\"\nowner = \"bench\"\npurpose = \"benchmark\"\n",
+            "\n[[entry]]\nspiffe_id = \"spiffe://{TRUST_DOMAIN}{path}\"\nselectors = [{}]\nx509_ttl = \"{ttl}\"\nowner = \"bench\"\npurpose = \"benchmark\"\n{extra}",
             selectors.join(", ")
         );
     }
@@ -59,12 +74,14 @@ fn agent_config(
     Ok((config, socket))
 }
 
-fn start_agent(config: &Path, socket: &Path) -> Result<Process, BenchError> {
+/// Starts a standalone agent and waits for its socket.
+pub fn start_agent(config: &Path, socket: &Path) -> Result<Process, BenchError> {
     let config = config.display().to_string();
     start_tessera(&["agent", "run", "--config", &config], socket)
 }
 
-async fn first_message(
+/// The first message of a FetchX509SVID stream.
+pub async fn first_message(
     client: &mut WorkloadClient,
 ) -> Result<tessera::proto::workload::X509svidResponse, BenchError> {
     let mut stream = client
@@ -104,6 +121,8 @@ pub async fn run_all(
             }
             Scenario::EventIngest => super::ingest::event_ingest(plan, &dir).await,
             Scenario::CrlSize => super::crl_size::crl_size(plan).await,
+            Scenario::TaskStart => super::tasks::task_start(plan, &dir).await,
+            Scenario::TaskCascade => super::tasks::task_cascade(plan, &dir).await,
         }
         .map_err(|e| BenchError::Failed(format!("{}: {e}", scenario.name())))?;
         result.seconds = started.elapsed().as_secs_f64();

@@ -61,7 +61,9 @@ fn quick_benchmark_writes_a_complete_report() {
             "revocation_propagation",
             "revocation_to_relying_party",
             "event_ingest",
-            "crl_size"
+            "crl_size",
+            "task_start",
+            "task_cascade"
         ]
     );
     for scenario in report["scenarios"].as_array().unwrap() {
@@ -112,7 +114,9 @@ fn quick_benchmark_writes_a_complete_report() {
                     "streams_rss.png",
                     "revocation_propagation.png",
                     "revocation_to_relying_party.png",
-                    "crl_size.png"
+                    "crl_size.png",
+                    "task_start.png",
+                    "task_cascade.png"
                 ]
             );
             for file in charts {

@@ -1,0 +1,598 @@
+//! Task credentials with real processes. `task_start`: a standalone agent, a task started for a
+//! process the harness has just started, until that process holds the task's SVID; and the
+//! whole `tessera task run` command around such a process. `task_cascade`: a server and three
+//! agents in server mode, a chain of three delegated tasks on agent 0 ended by an operator
+//! through the server, until relying parties on agents 1 and 2 hold CRLs listing all three
+//! task SVIDs.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::chart::{Chart, Distribution};
+use super::cluster::{Server, TRUST_DOMAIN as CLUSTER_DOMAIN, failed};
+use super::scenarios::{TRUST_DOMAIN, agent_config_with, start_agent, uid_selector};
+use super::{BenchError, Plan, ScenarioResult, io_err, tessera_binary};
+use tessera::ca::crl::parse_crl;
+use tessera::proto::tessera::tasks_client::TasksClient;
+use tessera::proto::tessera::{
+    CreateEntryRequest, EndTaskOrderRequest, Entry, ListTasksRequest, StartTaskRequest,
+};
+use tessera::proto::workload::X509svidRequest;
+
+/// The longest any one step may take before a scenario gives up.
+const STEP: Duration = Duration::from_secs(30);
+/// The task entry of `task_start`.
+const WORKER: &str = "worker";
+/// The target of `task_start`, in microseconds.
+const START_TARGET_US: f64 = 2_000.0;
+/// The target of `task_cascade`, in microseconds.
+const CASCADE_TARGET_US: f64 = 1_000_000.0;
+
+type TasksApi = TasksClient<
+    InterceptedService<
+        Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+>;
+
+/// The Workload API's header, which the Tasks service asks for too.
+fn workload_header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Ok(request)
+}
+
+async fn tasks_client(socket: &Path) -> Result<TasksApi, BenchError> {
+    let channel = tessera::cli::client::channel(socket)
+        .await
+        .map_err(|f| BenchError::Failed(format!("connecting to the agent: {}", f.message)))?;
+    Ok(TasksClient::with_interceptor(
+        channel,
+        workload_header as fn(_) -> _,
+    ))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the machine.
+pub fn monotonic_ns() -> Result<u64, BenchError> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_err(|e| BenchError::Failed(format!("clock_gettime(CLOCK_MONOTONIC): {e}")))?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+}
+
+/// The hidden `task-probe` command: with `wait`, first reads one byte from standard input (the
+/// go), then connects to the agent at `socket`, takes its first FetchX509SVID message and
+/// returns the SPIFFE ID it holds and the CLOCK_MONOTONIC nanoseconds at which it held it.
+pub async fn task_probe(socket: &Path, wait: bool) -> Result<(String, u64), BenchError> {
+    if wait {
+        let mut go = [0u8; 1];
+        std::io::stdin()
+            .read_exact(&mut go)
+            .map_err(io_err("waiting for the go byte on standard input"))?;
+    }
+    let mut client = tessera::cli::client::connect(&format!("unix://{}", socket.display()))
+        .await
+        .map_err(|f| BenchError::Failed(format!("connecting: {}", f.message)))?;
+    let message = super::scenarios::first_message(&mut client).await?;
+    let held = monotonic_ns()?;
+    let spiffe_id = message
+        .svids
+        .first()
+        .map(|svid| svid.spiffe_id.clone())
+        .ok_or_else(|| BenchError::Failed("the first message holds no SVID".into()))?;
+    Ok((spiffe_id, held))
+}
+
+/// A probe's line: `<SPIFFE ID> <monotonic ns>`.
+fn parse_probe(stdout: &[u8], stderr: &[u8]) -> Result<(String, u64), BenchError> {
+    let text = String::from_utf8_lossy(stdout);
+    let mut words = text.split_whitespace();
+    match (words.next(), words.next().and_then(|w| w.parse().ok())) {
+        (Some(id), Some(ns)) => Ok((id.to_owned(), ns)),
+        _ => Err(BenchError::Failed(format!(
+            "the probe said {:?}: {}",
+            text.trim(),
+            String::from_utf8_lossy(stderr).trim()
+        ))),
+    }
+}
+
+/// Waits for `child` to exit, for at most `limit` (then kills it); its exit status, standard
+/// output and error, and the moment it was reaped.
+async fn finish(
+    child: Child,
+    limit: Duration,
+) -> Result<(std::process::Output, Instant), BenchError> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let waiter = tokio::task::spawn_blocking(move || {
+        let output = child.wait_with_output();
+        (output, Instant::now())
+    });
+    match tokio::time::timeout(limit, waiter).await {
+        Ok(Ok((output, at))) => Ok((output.map_err(io_err("waiting for a process"))?, at)),
+        Ok(Err(e)) => Err(BenchError::Failed(format!("waiting for a process: {e}"))),
+        Err(_) => {
+            // Not reaped yet, so the pid is still this child's.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            Err(BenchError::Failed(format!(
+                "a process did not exit within {limit:?}"
+            )))
+        }
+    }
+}
+
+/// Scenario 9: a task started for a process the harness just started, until the process holds
+/// its SVID; and `tessera task run` around such a process, spawn to exit.
+pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
+    let (config, socket) = agent_config_with(
+        dir,
+        &[(
+            format!("/{WORKER}"),
+            vec![uid_selector()],
+            "1h".into(),
+            format!("id = \"{WORKER}\"\nactivation = \"task\"\n"),
+        )],
+    )?;
+    let _agent = start_agent(&config, &socket)?;
+    let exe = std::env::current_exe().map_err(io_err("locating tessera-bench"))?;
+    let socket_arg = socket.display().to_string();
+    let mut tasks = tasks_client(&socket).await?;
+    let entry_id = format!("spiffe://{TRUST_DOMAIN}/{WORKER}/task/");
+
+    // A few unmeasured rounds first, as the other latency scenarios warm up.
+    let warm_up = 3;
+    let (mut started, mut calls) = (Vec::new(), Vec::new());
+    for round in 0..plan.task_starts + warm_up {
+        let mut probe = tessera_harness::command(&exe)
+            .args(["task-probe", "--socket", &socket_arg, "--wait"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err("starting a probe"))?;
+        let pid = probe.id() as i32;
+        let mut go = probe
+            .stdin
+            .take()
+            .ok_or_else(|| BenchError::Failed("the probe has no standard input".into()))?;
+        let t0 = monotonic_ns()?;
+        let task = tasks
+            .start_task(StartTaskRequest {
+                entry: WORKER.into(),
+                purpose: "task start benchmark".into(),
+                pid,
+                ..Default::default()
+            })
+            .await;
+        let task = match task {
+            Ok(response) => response.into_inner().task,
+            Err(status) => {
+                drop(go);
+                let _ = probe.kill();
+                let _ = probe.wait();
+                return Err(failed("StartTask")(status));
+            }
+        }
+        .ok_or_else(|| BenchError::Failed("StartTask described no task".into()))?;
+        let call = Duration::from_nanos(monotonic_ns()?.saturating_sub(t0));
+        go.write_all(b"g")
+            .map_err(io_err("writing the go byte to the probe"))?;
+        drop(go);
+        let (output, _) = finish(probe, STEP).await?;
+        let (spiffe_id, held) = parse_probe(&output.stdout, &output.stderr)?;
+        if spiffe_id != task.spiffe_id {
+            return Err(BenchError::Failed(format!(
+                "the probe held {spiffe_id}, not its task's {}",
+                task.spiffe_id
+            )));
+        }
+        if round >= warm_up {
+            started.push(Duration::from_nanos(held.saturating_sub(t0)));
+            calls.push(call);
+        }
+    }
+
+    let tessera = tessera_binary();
+    let mut runs = Vec::new();
+    for round in 0..plan.task_runs + 1 {
+        let mut command = tessera_harness::command(tessera);
+        command
+            .args(["task", "run", "--socket"])
+            .arg(format!("unix://{socket_arg}"))
+            .args(["--entry", WORKER, "--purpose", "task run benchmark", "--"])
+            .arg(&exe)
+            .args(["task-probe", "--socket", &socket_arg])
+            .env("TESSERA_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawned = Instant::now();
+        let child = command
+            .spawn()
+            .map_err(io_err("starting tessera task run"))?;
+        let (output, exited) = finish(child, STEP).await?;
+        if !output.status.success() {
+            return Err(BenchError::Failed(format!(
+                "tessera task run failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        let (spiffe_id, _) = parse_probe(&output.stdout, &output.stderr)?;
+        if !spiffe_id.starts_with(&entry_id) {
+            return Err(BenchError::Failed(format!(
+                "the command of tessera task run held {spiffe_id}, not a task SVID of {WORKER}"
+            )));
+        }
+        // The first run pays for loading the binaries.
+        if round > 0 {
+            runs.push(exited.saturating_duration_since(spawned));
+        }
+    }
+
+    let started = Distribution::of("StartTask to SVID held", &mut started);
+    let runs = Distribution::of("tessera task run, spawn to exit", &mut runs);
+    let calls = Distribution::of("StartTask call", &mut calls);
+    let p50 = started.at(0.5);
+    Ok(ScenarioResult {
+        name: "task_start".into(),
+        description: format!(
+            "A standalone agent with a task entry for this uid. {} rounds: the harness starts a probe process that waits on its standard input, takes CLOCK_MONOTONIC, calls StartTask for the probe's pid (as its parent, on a connection already open), writes the go byte; the probe connects, calls FetchX509SVID and reads CLOCK_MONOTONIC once it holds the SVID, whose SPIFFE ID is checked to be the task's. Then {} runs of `tessera task run --entry {WORKER} -- <probe>` timed from spawn to exit.",
+            started.samples, runs.samples
+        ),
+        target: "tessera task run to the task process holding its SVID: p50 under 2 ms (StartTask to SVID held)".into(),
+        met: p50 < START_TARGET_US,
+        figures: vec![
+            ("StartTask to SVID held p50 (µs)".into(), p50),
+            ("StartTask to SVID held p90 (µs)".into(), started.at(0.9)),
+            ("StartTask to SVID held p99 (µs)".into(), started.at(0.99)),
+            ("of which the StartTask call p50 (µs)".into(), calls.at(0.5)),
+            ("task run spawn to exit p50 (µs)".into(), runs.at(0.5)),
+            ("task run spawn to exit p90 (µs)".into(), runs.at(0.9)),
+            ("task run spawn to exit p99 (µs)".into(), runs.at(0.99)),
+        ],
+        note: "The target is judged on the first series, StartTask to SVID held: the agent pinning the process and starting the task, the go byte, the probe's connection, attestation (task membership through the process's ancestry) and the mint of the task SVID; the StartTask call alone (t0 to its answer) is given beside it. The second series is the whole CLI command and adds what the target leaves out: starting `tessera`, its connection, the gate process it starts and executes into the probe (a second exec), the probe process's own start-up and exit, the task's end (EndTask) and the CLI's exit.".into(),
+        seconds: 0.0,
+        charts: vec![Chart::Cdf {
+            file: "task_start.png".into(),
+            title: "StartTask to the task process holding its SVID; tessera task run".into(),
+            series: vec![started, runs],
+        }],
+    })
+}
+
+/// One stream message from a relying party on agent 1 or 2.
+struct Update {
+    agent: usize,
+    at: Instant,
+    crls: Vec<Vec<u8>>,
+}
+
+/// Whether `crls` list every one of `serials`.
+fn list_all(crls: &[Vec<u8>], serials: &[String]) -> bool {
+    let parsed: Vec<_> = crls.iter().filter_map(|der| parse_crl(der).ok()).collect();
+    serials
+        .iter()
+        .all(|serial| parsed.iter().any(|info| info.find(serial).is_some()))
+}
+
+/// The serial (lowercase hex) and the task id of the leaf in `dir/svid.pem`, once it has been
+/// written whole.
+fn written_svid(dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read(dir.join("svid.pem")).ok()?;
+    let leaf = pem::parse_many(&text).ok()?.into_iter().next()?;
+    let (_, cert) = X509Certificate::from_der(leaf.contents()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let task = san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => {
+            uri.rsplit_once("/task/").map(|(_, id)| id.to_owned())
+        }
+        _ => None,
+    })?;
+    Some((hex::encode(cert.raw_serial()), task))
+}
+
+/// The three levels' arguments: `tessera task run ... -- LEVEL DIR` three times, innermost
+/// sleeping.
+fn chain_args(uri: &str, level: &Path, dirs: &[PathBuf]) -> Vec<String> {
+    let tessera = tessera_binary().display().to_string();
+    let mut args = Vec::new();
+    for (n, (entry, out)) in ["coder", "reviewer", "tester"].iter().zip(dirs).enumerate() {
+        if n > 0 {
+            args.push(tessera.clone());
+        }
+        args.extend(
+            [
+                "task",
+                "run",
+                "--socket",
+                uri,
+                "--entry",
+                entry,
+                "--purpose",
+                "task cascade benchmark",
+                "--",
+            ]
+            .map(String::from),
+        );
+        args.push(level.display().to_string());
+        args.push(out.display().to_string());
+    }
+    args.extend(["/bin/sleep".into(), "600".into()]);
+    args
+}
+
+/// Kills a chain's process group and reaps its leader.
+fn kill_chain(chain: &mut Child) {
+    let group = nix::unistd::Pid::from_raw(chain.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = chain.wait();
+}
+
+/// A chain's process group, killed when dropped (on every way out of a round).
+struct Chain(Child);
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        kill_chain(&mut self.0);
+    }
+}
+
+/// Scenario 10: a chain of three delegated tasks on agent 0 ended by an operator through the
+/// server, until relying parties on agents 1 and 2 hold CRLs listing the three task SVIDs.
+pub async fn task_cascade(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
+    let mut server = Server::start(dir, "").await?;
+    let uid = uid_selector();
+    for (id, delegates) in [
+        ("tester", None),
+        ("reviewer", Some("tester")),
+        ("coder", Some("reviewer")),
+    ] {
+        server
+            .admin
+            .create_entry(CreateEntryRequest {
+                entry: Some(Entry {
+                    id: id.into(),
+                    spiffe_id: format!("spiffe://{CLUSTER_DOMAIN}/{id}"),
+                    selectors: vec![uid.clone()],
+                    x509_ttl_seconds: 600,
+                    owner: "bench".into(),
+                    purpose: "task cascade benchmark".into(),
+                    activation: "task".into(),
+                    delegates_to: delegates.map(String::from).into_iter().collect(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(failed("creating a task entry"))?;
+    }
+    server
+        .admin
+        .create_entry(CreateEntryRequest {
+            entry: Some(Entry {
+                spiffe_id: format!("spiffe://{CLUSTER_DOMAIN}/relying-party"),
+                selectors: vec![uid.clone()],
+                x509_ttl_seconds: 600,
+                owner: "bench".into(),
+                purpose: "task cascade benchmark: the relying parties".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(failed("creating the relying parties' entry"))?;
+
+    let mut agents = Vec::new();
+    let mut sockets = Vec::new();
+    let (tx, mut updates) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready) = mpsc::unbounded_channel();
+    for index in 0..3 {
+        let files = server
+            .agent_config(dir, &format!("agent-{index}"), "")
+            .await?;
+        agents.push(files.start()?);
+        let mut client =
+            tessera::cli::client::connect(&format!("unix://{}", files.socket.display()))
+                .await
+                .map_err(|f| BenchError::Failed(f.message))?;
+        sockets.push(files.socket);
+        let mut stream = client
+            .fetch_x509svid(X509svidRequest {})
+            .await
+            .map_err(failed("opening a workload stream"))?
+            .into_inner();
+        let (tx, ready_tx) = (tx.clone(), ready_tx.clone());
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Some(Ok(message)) = stream.next().await {
+                let at = Instant::now();
+                if std::mem::take(&mut first) && ready_tx.send(index).is_err() {
+                    return;
+                }
+                // Agent 0's stream only tells that its agent has the entries.
+                if index > 0
+                    && tx
+                        .send(Update {
+                            agent: index,
+                            at,
+                            crls: message.crl,
+                        })
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    drop((tx, ready_tx));
+    for _ in 0..3 {
+        tokio::time::timeout(STEP, ready.recv())
+            .await
+            .map_err(|_| BenchError::Failed(format!("an agent sent no SVID within {STEP:?}")))?
+            .ok_or_else(|| BenchError::Failed("a workload stream ended".into()))?;
+    }
+
+    let level = dir.join("level.sh");
+    let uri = format!("unix://{}", sockets[0].display());
+    std::fs::write(
+        &level,
+        format!(
+            "#!/bin/sh\nout=$1\nshift\n{} svid fetch --socket {uri} --out \"$out\" >/dev/null || exit 3\nexec \"$@\"\n",
+            tessera_binary().display()
+        ),
+    )
+    .map_err(io_err("writing the level script"))?;
+    std::fs::set_permissions(&level, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(io_err("chmod of the level script"))?;
+
+    let (mut last, mut per_agent) = (Vec::new(), [Vec::new(), Vec::new()]);
+    for round in 0..plan.cascade_rounds {
+        let round_dir = dir.join(format!("round-{round}"));
+        let dirs: Vec<PathBuf> = (1..=3)
+            .map(|n| round_dir.join(format!("level{n}")))
+            .collect();
+        let mut command = tessera_harness::command(tessera_binary());
+        command
+            .args(chain_args(&uri, &level, &dirs))
+            .env("TESSERA_LOG", "warn")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut chain = Chain(command.spawn().map_err(io_err("starting the task chain"))?);
+
+        // Every level has written its SVID, and the server lists the three tasks live.
+        let deadline = Instant::now() + STEP;
+        let held = loop {
+            let held: Vec<_> = dirs.iter().filter_map(|d| written_svid(d)).collect();
+            if held.len() == 3 {
+                break held;
+            }
+            if let Ok(Some(status)) = chain.0.try_wait() {
+                let mut why = String::new();
+                if let Some(mut err) = chain.0.stderr.take() {
+                    let _ = err.read_to_string(&mut why);
+                }
+                return Err(BenchError::Failed(format!(
+                    "the task chain exited ({status}) before its three levels held their SVIDs: {}",
+                    why.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Failed(format!(
+                    "the task chain's three levels did not hold their SVIDs within {STEP:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let serials: Vec<String> = held.iter().map(|(serial, _)| serial.clone()).collect();
+        let root = held[0].1.clone();
+        let deadline = Instant::now() + STEP;
+        loop {
+            let listed = server
+                .admin
+                .list_tasks(ListTasksRequest {
+                    include_ended: false,
+                })
+                .await
+                .map_err(failed("listing the server's tasks"))?
+                .into_inner()
+                .tasks;
+            let live = |id: &str| listed.iter().any(|t| t.task_id == id && t.ended_ms == 0);
+            if held.iter().all(|(_, task)| live(task)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Failed(format!(
+                    "the server did not list the chain's three tasks within {STEP:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let started = Instant::now();
+        let ended = server
+            .admin
+            .end_task(EndTaskOrderRequest {
+                task_id: root.clone(),
+                reason: "benchmark".into(),
+            })
+            .await
+            .map_err(failed("ending the root task"))?
+            .into_inner()
+            .tasks;
+        if ended.len() != 3 {
+            return Err(BenchError::Failed(format!(
+                "EndTask of {root} ended {} tasks, not the chain's three",
+                ended.len()
+            )));
+        }
+        let mut seen: [Option<Instant>; 2] = [None, None];
+        while seen.iter().any(Option::is_none) {
+            let update = tokio::time::timeout(STEP, updates.recv())
+                .await
+                .map_err(|_| {
+                    BenchError::Failed(format!(
+                        "agents 1 and 2 did not list the chain's serials within {STEP:?}"
+                    ))
+                })?
+                .ok_or_else(|| BenchError::Failed("a workload stream ended".into()))?;
+            let slot = &mut seen[update.agent - 1];
+            if slot.is_none() && update.at >= started && list_all(&update.crls, &serials) {
+                *slot = Some(update.at);
+            }
+        }
+        for (samples, at) in per_agent.iter_mut().zip(seen.into_iter().flatten()) {
+            samples.push(at.saturating_duration_since(started));
+        }
+        last.push(
+            seen.into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(started)
+                .saturating_duration_since(started),
+        );
+        drop(chain);
+        let _ = std::fs::remove_dir_all(&round_dir);
+    }
+
+    let last = Distribution::of("last of agents 1 and 2", &mut last);
+    let [mut first, mut second] = per_agent;
+    let agent_1 = Distribution::of("agent 1", &mut first);
+    let agent_2 = Distribution::of("agent 2", &mut second);
+    let p99 = last.at(0.99);
+    Ok(ScenarioResult {
+        name: "task_cascade".into(),
+        description: format!(
+            "A server and three agents in server mode. {} rounds: on agent 0, a chain of three delegated tasks with real processes (`tessera task run --entry coder` of a script that fetches its SVID and runs `tessera task run --entry reviewer`, and so on to `tester`, which sleeps); once the three SVIDs are written and the server lists the three tasks, the root is ended through the admin API's EndTask, until FetchX509SVID streams on agents 1 and 2 have each sent a message whose CRLs list all three serials.",
+            last.samples
+        ),
+        target: "p99 under 1 s".into(),
+        met: p99 < CASCADE_TARGET_US,
+        figures: vec![
+            ("p50 (µs)".into(), last.at(0.5)),
+            ("p90 (µs)".into(), last.at(0.9)),
+            ("p99 (µs)".into(), p99),
+            ("agent 1 p50 (µs)".into(), agent_1.at(0.5)),
+            ("agent 1 p99 (µs)".into(), agent_1.at(0.99)),
+            ("agent 2 p50 (µs)".into(), agent_2.at(0.5)),
+            ("agent 2 p99 (µs)".into(), agent_2.at(0.99)),
+        ],
+        note: "The clock starts just before the admin API's EndTask of the root task and stops at the later of the two relying parties' messages. It includes the order's sync push to agent 0, the end of the task and its two descendants there, the revocation of their three SVIDs in agent 0's CRL, its PublishCrls call, the server's store and the sync push of the CRL set to agents 1 and 2, and their workload stream messages. The chain's processes are killed after each round; agent 0's CRL grows by three entries a round.".into(),
+        seconds: 0.0,
+        charts: vec![Chart::Cdf {
+            file: "task_cascade.png".into(),
+            title: "Operator's EndTask of a three-task chain to CRLs on two other agents".into(),
+            series: vec![last, agent_1, agent_2],
+        }],
+    })
+}
