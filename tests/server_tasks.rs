@@ -281,3 +281,76 @@ fn a_task_whose_command_exits_is_refused_on_another_node() {
     });
     assert_eq!(tasks.len(), 1, "{tasks:?}");
 }
+
+#[test]
+fn a_task_survives_an_agent_restart_while_the_server_is_down() {
+    let Cluster {
+        dir,
+        mut server,
+        mut a,
+        b,
+    } = cluster();
+    let out_dir = dir.path().join("survivor");
+    let bin = env!("CARGO_BIN_EXE_tessera");
+    let uri = a.uri();
+    let script = format!(
+        "{bin} svid fetch --socket {uri} --out {} >/dev/null && exec /bin/sleep 60",
+        out_dir.display()
+    );
+    let mut args = task_run_args(&uri, "coder");
+    args.extend(["/bin/sh", "-c", &script]);
+    use std::os::unix::process::CommandExt;
+    let spawn = |args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Until the first sync has brought the entry, `task run` is refused and exits: run it again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut runner = spawn(&args);
+    while !out_dir.join("svid.pem").exists() {
+        assert!(Instant::now() < deadline, "no task started\n{}", a.logs());
+        if runner.try_wait().unwrap().is_some() {
+            runner = spawn(&args);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tasks = server_tasks_until(&server, |t| t.len() == 1);
+    let task_id = tasks[0]["task_id"].as_str().unwrap().to_owned();
+
+    // The server goes away, then the agent restarts without it.
+    server.kill();
+    a.kill();
+    a.spawn_again();
+    a.wait_ready();
+    let listed = tessera(&["task", "list", "--socket", &a.uri(), "--output", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        listed[0]["task_id"],
+        task_id.as_str(),
+        "{listed}\n{}",
+        a.logs()
+    );
+    assert_eq!(listed[0]["end_reason"], serde_json::Value::Null);
+    verify_until(&a, &out_dir.join("svid.pem"), true);
+
+    // Ended while the server is still away: refused on this node at once, and on the other
+    // node once the server is back and the CRL has travelled.
+    let ended = tessera(&["task", "end", "--socket", &a.uri(), &task_id]);
+    assert!(ended.status.success(), "{ended:?}");
+    verify_until(&a, &out_dir.join("svid.pem"), false);
+    server.restart();
+    verify_until(&b, &out_dir.join("svid.pem"), false);
+    server_tasks_until(&server, |t| {
+        t.first().is_some_and(|t| t["end_reason"] == "ended")
+    });
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(runner.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = runner.wait();
+}
