@@ -62,6 +62,19 @@ pub struct Asked<'a> {
     pub depth: u32,
 }
 
+impl<'a> Asked<'a> {
+    /// What issuing `entry`'s SVID asks: for a task's entry, the task, its purpose and depth.
+    pub fn issue(entry: &'a RegistrationEntry) -> Self {
+        let task = entry.task.as_deref();
+        Self {
+            task,
+            ttl: Some(entry.x509_ttl),
+            purpose: task.map(|t| t.purpose.as_str()),
+            depth: task.map_or(0, |t| t.chain.len().saturating_sub(1) as u32),
+        }
+    }
+}
+
 /// Asks the policy in force. Cheap to clone; one per agent.
 #[derive(Clone)]
 pub struct PolicyGate {
@@ -189,13 +202,7 @@ impl Holders {
             let Some(entry) = entries.get(entry_id) else {
                 continue;
             };
-            let task = entry.task.as_deref();
-            let asked = Asked {
-                task,
-                ttl: Some(entry.x509_ttl),
-                purpose: task.map(|t| t.purpose.as_str()),
-                depth: task.map_or(0, |t| t.chain.len().saturating_sub(1) as u32),
-            };
+            let asked = Asked::issue(entry);
             let mut version = None;
             callers.retain(
                 |caller| match gate.decide(Action::Issue, caller, entry, asked) {

@@ -229,14 +229,10 @@ impl WorkloadService {
             }
             matching.extend(matching_entries(&entries, facts)?);
             matching.retain(|entry| {
-                let task = entry.task.as_deref();
-                let asked = Asked {
-                    task,
-                    ttl: Some(entry.x509_ttl),
-                    purpose: task.map(|t| t.purpose.as_str()),
-                    depth: task.map_or(0, |t| t.chain.len().saturating_sub(1) as u32),
-                };
-                match self.gate.decide(Action::Issue, facts, entry, asked) {
+                match self
+                    .gate
+                    .decide(Action::Issue, facts, entry, Asked::issue(entry))
+                {
                     Verdict::Denied(decision) => {
                         refused.push((entry.id.clone(), decision));
                         false
