@@ -280,6 +280,7 @@ fn spawn_entry_source(
                     config.trust_domain.clone(),
                     entries_tx,
                     policy_tx,
+                    config.policy_file.clone(),
                     counts,
                     stop,
                 ),

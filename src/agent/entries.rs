@@ -58,6 +58,7 @@ pub async fn watch_config_file(
     trust_domain: TrustDomain,
     entries: watch::Sender<Arc<EntrySet>>,
     policy: PolicySource,
+    mut policy_path: Option<PathBuf>,
     counts: Arc<ReloadCounts>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -69,17 +70,8 @@ pub async fn watch_config_file(
             None
         }
     };
-    let policy_file = || {
-        AgentConfig::parse(
-            &file.display().to_string(),
-            &std::fs::read_to_string(&file).unwrap_or_default(),
-        )
-        .ok()
-        .and_then(|c| c.policy_file)
-    };
     let stamps =
         |policy_path: &Option<PathBuf>| (stamp(&file), policy_path.as_deref().and_then(stamp));
-    let mut policy_path = policy_file();
     let mut last = stamps(&policy_path);
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     loop {
@@ -94,10 +86,13 @@ pub async fn watch_config_file(
                 "file change"
             }
         };
-        if !reload(&file, &trust_domain, &entries, &policy, reason) {
-            counts.refused.fetch_add(1, Ordering::AcqRel);
+        // The policy file the configuration now names is watched from here on.
+        match reload(&file, &trust_domain, &entries, &policy, reason) {
+            Some(path) => policy_path = path,
+            None => {
+                counts.refused.fetch_add(1, Ordering::AcqRel);
+            }
         }
-        policy_path = policy_file();
         last = stamps(&policy_path);
     }
 }
@@ -108,7 +103,7 @@ fn reload(
     entries: &watch::Sender<Arc<EntrySet>>,
     policy: &PolicySource,
     reason: &str,
-) -> bool {
+) -> Option<Option<PathBuf>> {
     match AgentConfig::load(file) {
         Ok(config) if config.trust_domain != *trust_domain => {
             tracing::error!(
@@ -117,7 +112,7 @@ fn reload(
                 serving = %trust_domain,
                 "trust_domain changed; restart the agent to change it. Keeping the last good entries"
             );
-            false
+            None
         }
         Ok(config) => {
             let count = config.entries.entries.len();
@@ -130,11 +125,11 @@ fn reload(
             });
             tracing::info!(file = %file.display(), reason, entries = count, changed, "reloaded registration entries");
             publish_policy(policy, config.policy);
-            true
+            Some(config.policy_file)
         }
         Err(e) => {
             tracing::error!(reason, error = %e, "cannot reload entries and policy; keeping the last good ones");
-            false
+            None
         }
     }
 }

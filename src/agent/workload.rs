@@ -221,8 +221,10 @@ impl WorkloadService {
             refused.clear();
             let entries = self.cache.entries();
             let mut matching = Vec::new();
-            // The task the caller runs in comes first: its default identity.
-            if let Some(task) = self.tasks.task_of(&facts.lineage)
+            // The task the caller runs in comes first: its default identity. Only while a task
+            // is live (the set then holds derived entries) is the registry asked at all.
+            if entries.fact_needs().lineage
+                && let Some(task) = self.tasks.task_of(&facts.lineage)
                 && let Some(entry) = entries.get(&task.id)
             {
                 matching.push(entry.clone());
@@ -290,9 +292,10 @@ impl WorkloadService {
     }
 
     fn entitled_to_bundles(&self, facts: &CallerFacts) -> Result<bool, ServeError> {
+        let entries = self.cache.entries();
         Ok(self.allow_unauthenticated_verifiers
-            || self.tasks.task_of(&facts.lineage).is_some()
-            || !matching_entries(&self.cache.entries(), facts)?.is_empty())
+            || (entries.fact_needs().lineage && self.tasks.task_of(&facts.lineage).is_some())
+            || !matching_entries(&entries, facts)?.is_empty())
     }
 
     fn bundles_response(&self) -> X509BundlesResponse {
