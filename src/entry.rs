@@ -528,6 +528,8 @@ impl EntrySet {
                 .flat_map(|e| &e.selectors)
                 .any(|s| s.kind == SelectorKind::Sha256),
             lineage: entries.iter().any(|e| e.task.is_some()),
+            // The task registry knows where the walk may stop; it says so per call.
+            lineage_since: 0,
         };
         Self { entries, needs }
     }

@@ -388,6 +388,20 @@ impl IdentityCache {
         Ok(true)
     }
 
+    /// Mints entry `entry_id`'s SVID now unless one is cached, so that its first caller finds
+    /// it ready: a task's SVID is minted as the task starts, while its process is still on its
+    /// way to ask. A failure is only logged; that caller meets it again and is told.
+    pub fn prepare(self: &Arc<Self>, entry_id: &str) {
+        let snapshot = self.entries();
+        let Some(entry) = snapshot.get(entry_id).cloned() else {
+            return;
+        };
+        let mut lease = self.lease();
+        if let Err(error) = self.acquire(&snapshot, &[entry], &mut lease, None) {
+            tracing::warn!(entry = entry_id, %error, "cannot mint an SVID ahead of its first caller");
+        }
+    }
+
     /// An empty lease, to be filled by [`acquire`](Self::acquire).
     pub fn lease(self: &Arc<Self>) -> Lease {
         Lease {
@@ -993,6 +1007,29 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&before.ca, &after.ca));
         assert_ne!(before.ca_generation, after.ca_generation);
+    }
+
+    #[test]
+    fn prepare_mints_once_and_the_first_caller_is_served_that_svid() {
+        let cache = setup(Duration::from_secs(100));
+        assert!(cache.svids_of("a").is_empty());
+        cache.prepare("a");
+        let minted = cache.svids_of("a");
+        assert_eq!(minted.len(), 1, "{minted:?}");
+        cache.prepare("a");
+        assert_eq!(
+            cache.svids_of("a"),
+            minted,
+            "a second prepare mints nothing"
+        );
+        cache.prepare("no-such-entry");
+        let entries = cache.entries();
+        let mut lease = cache.lease();
+        let served = cache
+            .acquire(&entries, &entries.entries[..1], &mut lease, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(served.svids[0].1.serial_hex, minted[0].0);
     }
 
     #[test]

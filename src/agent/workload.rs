@@ -171,8 +171,11 @@ impl WorkloadService {
     async fn attest_for<T>(
         &self,
         request: &Request<T>,
-        needs: crate::attest::FactNeeds,
+        mut needs: crate::attest::FactNeeds,
     ) -> Result<CallerFacts, ServeError> {
+        if needs.lineage {
+            needs.lineage_since = self.tasks.oldest_root_ticks();
+        }
         let peer = request
             .extensions()
             .get::<PeerInfo>()

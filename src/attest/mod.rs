@@ -14,7 +14,7 @@ mod process;
 mod selector;
 
 pub use hash::ExeHashCache;
-pub use peer::{PeerCredentials, PinMode, kernel_has_peer_pidfd};
+pub use peer::{PeerCredentials, PinMode, kernel_has_peer_pidfd, read_proc_path};
 pub use process::{ancestry_of, read_stamp};
 pub use selector::{Selector, SelectorError, SelectorKind, SelectorSet};
 
@@ -26,6 +26,10 @@ pub struct FactNeeds {
     pub exe_sha256: bool,
     /// Some task is live: read the caller's ancestry, to find the task it runs in.
     pub lineage: bool,
+    /// With `lineage`, the start tick of the oldest process that is a live task's own: the walk
+    /// up the ancestry stops at an ancestor that started earlier, since neither it nor any of
+    /// its own ancestors (each started no later than its child) can be one. 0 walks it all.
+    pub lineage_since: u64,
 }
 
 /// A process as /proc names it for good: its pid and its start time in clock ticks since boot

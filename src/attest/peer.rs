@@ -217,6 +217,21 @@ pub(super) fn exe_identity(pid: i32, dir: BorrowedFd<'_>) -> Result<ExeIdentity,
     })
 }
 
+/// Reads a procfs file whole. Procfs files report size 0, so a reader that sizes its buffer from
+/// metadata starts at a few bytes and doubles, one system call each time (the kernel renders the
+/// file again for each); one page holds `stat`, `status` and `cgroup` in one call plus the one
+/// that sees the end.
+pub fn read_proc_file(mut file: File) -> std::io::Result<String> {
+    let mut text = String::with_capacity(4096);
+    std::io::Read::read_to_string(&mut file, &mut text)?;
+    Ok(text)
+}
+
+/// [`read_proc_file`] of a path such as `/proc/<pid>/stat`.
+pub fn read_proc_path(path: &str) -> std::io::Result<String> {
+    read_proc_file(File::open(path)?)
+}
+
 /// Opens `entry` below a `/proc/<pid>` directory fd.
 pub(super) fn open_entry(
     pid: i32,
@@ -239,13 +254,12 @@ pub(super) fn open_entry(
 
 /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
 fn read_start_time(pid: i32, dir: BorrowedFd<'_>) -> Result<u64, AttestError> {
-    let text = std::io::read_to_string(open_entry(pid, dir, "stat")?).map_err(|source| {
-        AttestError::Proc {
+    let text =
+        read_proc_file(open_entry(pid, dir, "stat")?).map_err(|source| AttestError::Proc {
             pid,
             entry: "stat",
             source,
-        }
-    })?;
+        })?;
     parse_start_time(&text).ok_or_else(|| AttestError::ProcFormat {
         pid,
         entry: "stat",

@@ -6,7 +6,7 @@ use nix::fcntl::readlinkat;
 
 use super::hash::{ExeHashCache, HashError};
 use super::names::NameCache;
-use super::peer::{PeerCredentials, exe_identity, open_entry};
+use super::peer::{PeerCredentials, exe_identity, open_entry, read_proc_file, read_proc_path};
 use super::{
     AttestError, CallerFacts, FactNeeds, ProcessStamp, Selector, SelectorKind, SelectorSet,
 };
@@ -97,7 +97,7 @@ pub(super) fn read_facts(
         start_ticks: own,
     }];
     if needs.lineage {
-        lineage.extend(ancestry_of(parent, own));
+        lineage.extend(ancestry_of(parent, own, needs.lineage_since));
     }
 
     // Everything above was read through a directory proven to be the caller's; a final check
@@ -158,21 +158,22 @@ pub(super) fn read_facts(
 /// recognised as a task's).
 const MAX_LINEAGE: usize = 64;
 
-/// The ancestors of a process started at `child_start` whose parent is `parent`, nearest first.
+/// The ancestors of a process started at `child_start` whose parent is `parent`, nearest first,
+/// down to the first that started before `since` (left out).
 /// Each step reads `/proc/<pid>/stat` without pinning, so a pid may have been reused meanwhile:
 /// a parent always starts no later than its child, so an entry that started later is not the
 /// parent and ends the walk (as does pid 1, or 0 for a process whose parent is outside its PID
 /// namespace).
-pub fn ancestry_of(mut parent: i32, mut child_start: u64) -> Vec<ProcessStamp> {
+pub fn ancestry_of(mut parent: i32, mut child_start: u64, since: u64) -> Vec<ProcessStamp> {
     let mut out = Vec::new();
     while parent > 1 && out.len() < MAX_LINEAGE {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{parent}/stat")) else {
+        let Ok(stat) = read_proc_path(&format!("/proc/{parent}/stat")) else {
             break;
         };
         let Some((start, grandparent)) = parse_stat(&stat) else {
             break;
         };
-        if start > child_start {
+        if start > child_start || start < since {
             break;
         }
         out.push(ProcessStamp {
@@ -187,7 +188,7 @@ pub fn ancestry_of(mut parent: i32, mut child_start: u64) -> Vec<ProcessStamp> {
 
 /// The stamp of process `pid` and its parent's pid, read now (unpinned).
 pub fn read_stamp(pid: i32) -> Option<(ProcessStamp, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_proc_path(&format!("/proc/{pid}/stat")).ok()?;
     let (start_ticks, parent) = parse_stat(&stat)?;
     Some((ProcessStamp { pid, start_ticks }, parent))
 }
@@ -202,7 +203,7 @@ fn parse_stat(stat: &str) -> Option<(u64, i32)> {
 }
 
 fn read_entry(pid: i32, dir: BorrowedFd<'_>, entry: &'static str) -> Result<String, AttestError> {
-    std::io::read_to_string(open_entry(pid, dir, entry)?).map_err(|source| AttestError::Proc {
+    read_proc_file(open_entry(pid, dir, entry)?).map_err(|source| AttestError::Proc {
         pid,
         entry,
         source,
@@ -285,7 +286,7 @@ mod tests {
     #[test]
     fn this_process_ancestry_ends_at_init_and_starts_no_later_than_it() {
         let (own, parent) = read_stamp(std::process::id() as i32).unwrap();
-        let ancestry = ancestry_of(parent, own.start_ticks);
+        let ancestry = ancestry_of(parent, own.start_ticks, 0);
         assert_eq!(
             ancestry.first().map(|p| p.pid),
             (parent > 1).then_some(parent)
@@ -296,7 +297,18 @@ mod tests {
             later = stamp.start_ticks;
         }
         // A parent said to start before the child's start cannot be this process's parent.
-        assert!(ancestry_of(parent, 0).is_empty() || own.start_ticks == 0);
+        assert!(ancestry_of(parent, 0, 0).is_empty() || own.start_ticks == 0);
+        // Cut at the parent's start, the walk keeps the parent and nothing older; cut just
+        // after it, nothing.
+        if let Some(first) = ancestry.first() {
+            let cut = ancestry_of(parent, own.start_ticks, first.start_ticks);
+            assert_eq!(cut.first(), Some(first));
+            assert!(
+                cut.iter().all(|s| s.start_ticks >= first.start_ticks),
+                "{cut:?}"
+            );
+            assert!(ancestry_of(parent, own.start_ticks, first.start_ticks + 1).is_empty());
+        }
     }
 
     #[test]
@@ -333,6 +345,7 @@ mod tests {
                 FactNeeds {
                     exe_sha256: true,
                     lineage: true,
+                    lineage_since: 0,
                 },
             )
             .unwrap();
@@ -374,6 +387,7 @@ mod tests {
         let hashed = FactNeeds {
             exe_sha256: true,
             lineage: true,
+            lineage_since: 0,
         };
         let deferred = attestor.attest(&peer, hashed, false);
         assert!(
@@ -400,6 +414,7 @@ mod tests {
                 FactNeeds {
                     exe_sha256: true,
                     lineage: true,
+                    lineage_since: 0,
                 },
                 true,
             )

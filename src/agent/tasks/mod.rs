@@ -22,6 +22,7 @@ pub mod service;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -255,6 +256,9 @@ pub struct TaskRegistry {
     dirty: Notify,
     /// Counts changes to the live set, for tests and the saver.
     changes: watch::Sender<u64>,
+    /// The start tick of the oldest live task's process (`u64::MAX` with none), set with each
+    /// publish: where attestation may stop walking a caller's ancestry.
+    oldest_root: AtomicU64,
     /// The authorisation policy.
     gate: PolicyGate,
 }
@@ -285,6 +289,7 @@ impl TaskRegistry {
             wake: Notify::new(),
             dirty: Notify::new(),
             changes: watch::channel(0).0,
+            oldest_root: AtomicU64::new(u64::MAX),
             gate,
         });
         registry.restore();
@@ -440,6 +445,24 @@ impl TaskRegistry {
         drop(state);
         self.changed();
         Ok(info)
+    }
+
+    /// The start tick of the oldest live task's own process, `u64::MAX` with no task live: no
+    /// process that started earlier is a task's (see [`FactNeeds::lineage_since`]).
+    ///
+    /// [`FactNeeds::lineage_since`]: crate::attest::FactNeeds::lineage_since
+    pub fn oldest_root_ticks(&self) -> u64 {
+        self.oldest_root.load(Ordering::Acquire)
+    }
+
+    /// Mints the SVID of task `task_id` in the background unless it has one, so that the task's
+    /// process, which asks as soon as it runs, finds it ready. Needs a Tokio runtime.
+    pub fn prepare_svid(&self, task_id: &str) {
+        let cache = self.cache.clone();
+        let entry_id = task_entry_id(task_id);
+        drop(tokio::task::spawn_blocking(move || {
+            cache.prepare(&entry_id)
+        }));
     }
 
     /// Ends task `task_id` for `caller` (explicitly), with every task delegated from it.
@@ -923,6 +946,9 @@ impl TaskRegistry {
             .cloned()
             .chain(derived.into_iter().map(|l| l.derived.clone()))
             .collect();
+        let oldest = state.roots.keys().map(|stamp| stamp.start_ticks).min();
+        self.oldest_root
+            .store(oldest.unwrap_or(u64::MAX), Ordering::Release);
         self.cache
             .set_entries(Arc::new(EntrySet::from_shared(entries)));
     }

@@ -110,7 +110,7 @@ pub async fn exited(pidfd: OwnedFd) {
 }
 
 fn read_uid(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = crate::attest::read_proc_path(&format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix("Uid:"))?
