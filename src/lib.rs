@@ -57,7 +57,7 @@ pub mod events;
 pub mod fuzzing;
 #[cfg(test)]
 mod layering;
-pub(crate) mod policy;
+pub mod policy;
 pub(crate) mod runtime;
 pub(crate) mod server;
 pub mod spiffe;

@@ -24,6 +24,7 @@ mod cluster;
 mod crl_size;
 mod ingest;
 mod plot;
+mod policy;
 mod relying_party;
 mod report;
 mod revocation;
@@ -86,9 +87,13 @@ struct RunArgs {
 struct TaskProbeArgs {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
-    /// Read one byte from standard input before connecting.
+    /// Say it is up (one byte on standard output), then read one byte from standard input,
+    /// before asking for its SVID.
     #[arg(long)]
     wait: bool,
+    /// Connect before saying it is up rather than after the go.
+    #[arg(long)]
+    connect_first: bool,
 }
 
 #[derive(Args, Debug)]
@@ -126,8 +131,12 @@ async fn run(command: BenchCommand) -> Result<(), BenchError> {
             Ok(())
         }
         BenchCommand::Floor(SocketArg { socket }) => floor_server(&socket).await,
-        BenchCommand::TaskProbe(TaskProbeArgs { socket, wait }) => {
-            let (spiffe_id, held) = tasks::task_probe(&socket, wait).await?;
+        BenchCommand::TaskProbe(TaskProbeArgs {
+            socket,
+            wait,
+            connect_first,
+        }) => {
+            let (spiffe_id, held) = tasks::task_probe(&socket, wait, connect_first).await?;
             println!("{spiffe_id} {held}");
             Ok(())
         }
@@ -208,11 +217,13 @@ pub enum Scenario {
     TaskStart,
     /// An operator's end of a three-task chain to CRLs on two other agents' workload streams.
     TaskCascade,
+    /// What a 100-rule Cedar policy adds to a cached FetchX509SVID; the decision alone.
+    PolicyCost,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
@@ -223,6 +234,7 @@ impl Scenario {
         Scenario::CrlSize,
         Scenario::TaskStart,
         Scenario::TaskCascade,
+        Scenario::PolicyCost,
     ];
 
     /// The name in reports and on the command line.
@@ -238,6 +250,7 @@ impl Scenario {
             Scenario::CrlSize => "crl_size",
             Scenario::TaskStart => "task_start",
             Scenario::TaskCascade => "task_cascade",
+            Scenario::PolicyCost => "policy_cost",
         }
     }
 }

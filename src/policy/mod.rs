@@ -3,7 +3,8 @@
 //!
 //! A [`PolicySet`] is parsed and validated once, against tessera's [`SCHEMA`], when it is
 //! loaded; [`PolicySet::decide`] then answers one [`Request`] at a time without parsing
-//! anything. The semantics are Cedar's: a request is allowed only if some `permit` matches and
+//! anything, and remembers its answers for actions whose policies never read `context.time`
+//! (module `memo`). The semantics are Cedar's: a request is allowed only if some `permit` matches and
 //! no `forbid` does, so an empty set (or one of comments only) denies everything. Whether "no
 //! policy set at all" means "entries alone decide" is the caller's choice, not this module's.
 //!
@@ -17,6 +18,7 @@
 //! closed.
 
 mod guard;
+mod memo;
 mod schema;
 mod text;
 
@@ -27,7 +29,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use cedar_policy::{
@@ -331,6 +333,12 @@ impl ForAction {
 pub struct PolicySet {
     /// The policies that may apply to each action, in `Action::ALL` order.
     by_action: [ForAction; 3],
+    /// Per action, whether one of its policies reads `context.time`: its decisions are not
+    /// remembered.
+    reads_time: [bool; 3],
+    /// Decisions made so far, for actions whose policies never read the time; shared by clones,
+    /// which hold the same policies, and dropped with the set.
+    memo: Arc<memo::Memo>,
     ids: Vec<String>,
     version: u64,
     text: String,
@@ -459,8 +467,13 @@ impl PolicySet {
             }
         }
 
+        let reads_time = by_action
+            .each_ref()
+            .map(|for_action| for_action.all.policies().any(memo::reads_time));
         Ok(Self {
             by_action,
+            reads_time,
+            memo: Arc::default(),
             ids,
             version,
             text: text.to_owned(),
@@ -491,10 +504,19 @@ impl PolicySet {
     /// Decides `request`. Never fails: a request that cannot be put to Cedar, or whose
     /// evaluation errs, is denied with the reason in [`Decision::errors`].
     pub fn decide(&self, request: &Request<'_>) -> Decision {
-        match self.by_action[request.action.index()].for_request(request) {
+        let index = request.action.index();
+        let key = (!self.reads_time[index]).then(|| memo::key(request));
+        if let Some(decision) = key.as_deref().and_then(|key| self.memo.get(key)) {
+            return decision;
+        }
+        let decision = match self.by_action[index].for_request(request) {
             Ok(policies) => self.decide_among(request, &policies),
             Err(error) => self.refused(error),
+        };
+        if let Some(key) = key {
+            self.memo.put(key, &decision);
         }
+        decision
     }
 
     /// Decides `request` by the given policies only.
