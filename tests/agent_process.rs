@@ -454,10 +454,14 @@ fn deploy_files_are_valid() {
     );
     let server_unit = std::fs::read_to_string(root.join("deploy/tessera-server.service")).unwrap();
     assert!(server_unit.contains("Type=notify") && server_unit.contains("server run"));
+    let svid_unit = std::fs::read_to_string(root.join("deploy/tessera-svid@.service")).unwrap();
+    assert!(svid_unit.contains("svid watch") && svid_unit.contains("%i"));
     let dir = tempfile::tempdir().unwrap();
     for (name, unit) in [
         ("tessera-agent.service", agent_unit),
         ("tessera-server.service", server_unit),
+        // A template is checked as one of its instances.
+        ("tessera-svid@nginx.service", svid_unit),
     ] {
         let unit_path = dir.path().join(name);
         std::fs::write(&unit_path, unit.replace("/usr/local/bin/tessera", TESSERA)).unwrap();

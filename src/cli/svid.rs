@@ -1,4 +1,5 @@
-//! `tessera svid fetch|watch`: a Workload API client for workloads and for debugging.
+//! `tessera svid fetch|watch|verify|revoke`: a Workload API client for workloads, for servers
+//! that read certificate files (`watch --out`, module `svid_out`), and for debugging.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,9 @@ use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidRespon
 pub(super) enum SvidCommand {
     /// Fetch the current X.509-SVIDs once; optionally write them as PEM files.
     Fetch(FetchArgs),
-    /// Print every update of the X.509-SVIDs until interrupted.
-    Watch(CommonArgs),
+    /// Print every update of the X.509-SVIDs until interrupted; with --out, keep PEM files
+    /// current for servers that read files, and run a command after each write.
+    Watch(WatchArgs),
     /// Revoke one X.509-SVID by serial (server mode, on the server's admin socket): its node's
     /// CA lists it in its CRL until it expires.
     Revoke(super::revoke::RevokeSvidArgs),
@@ -52,6 +54,60 @@ impl CommonArgs {
             )
         })
     }
+}
+
+#[derive(Args, Debug)]
+pub(super) struct WatchArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Keep svid.pem, svid_key.pem, bundle.pem and crl.pem in this directory current: each
+    /// update is written whole, then swapped in at once (symlinks through DIR/..data).
+    #[arg(long, value_name = "DIR", env = "TESSERA_SVID_OUT")]
+    out: Option<PathBuf>,
+    /// Run this shell command after each complete write (updates within half a second run it
+    /// once), e.g. "nginx -s reload"; its exit status is printed.
+    #[arg(long, value_name = "CMD", env = "TESSERA_SVID_EXEC", requires = "out")]
+    exec: Option<String>,
+    /// Write the SVID with this SPIFFE ID rather than the default (first) one.
+    #[arg(
+        long,
+        value_name = "ID",
+        env = "TESSERA_SVID_SPIFFE_ID",
+        requires = "out"
+    )]
+    spiffe_id: Option<String>,
+    /// Mode of svid.pem, bundle.pem and crl.pem.
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "TESSERA_SVID_CERT_MODE",
+        default_value = "0644"
+    )]
+    cert_mode: String,
+    /// Mode of svid_key.pem.
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "TESSERA_SVID_KEY_MODE",
+        default_value = "0600"
+    )]
+    key_mode: String,
+    /// Owner of the files (a user name or uid; changing it needs root).
+    #[arg(
+        long,
+        value_name = "USER",
+        env = "TESSERA_SVID_OWNER",
+        requires = "out"
+    )]
+    owner: Option<String>,
+    /// Group of the files (a group name or gid), e.g. the group a server reads the key as.
+    #[arg(
+        long,
+        value_name = "GROUP",
+        env = "TESSERA_SVID_GROUP",
+        requires = "out"
+    )]
+    group: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -179,16 +235,53 @@ async fn fetch(args: FetchArgs, output: Output) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn watch(args: CommonArgs, output: Output) -> Result<(), Failure> {
-    let mut client = connect(args.socket()?).await?;
+async fn watch(args: WatchArgs, output: Output) -> Result<(), Failure> {
+    if let Some(id) = &args.spiffe_id {
+        crate::spiffe::SpiffeId::parse(id).map_err(|e| {
+            Failure::usage(format!(
+                "--spiffe-id {id}: {e}; give a SPIFFE ID such as spiffe://example.org/web"
+            ))
+        })?;
+    }
+    let mut out = match &args.out {
+        Some(dir) => Some(super::svid_out::OutDir::new(
+            dir.clone(),
+            &args.cert_mode,
+            &args.key_mode,
+            args.owner.as_deref(),
+            args.group.as_deref(),
+        )?),
+        None => None,
+    };
+    let mut client = connect(args.common.socket()?).await?;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
         .await
         .map_err(status_failure)?
         .into_inner();
+    // When the command is next due: a while after the last complete write.
+    let mut hook_due: Option<tokio::time::Instant> = None;
     loop {
+        let hook_wait = async {
+            match hook_due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let message = tokio::select! {
             message = stream.message() => message.map_err(status_failure)?,
+            () = hook_wait => {
+                hook_due = None;
+                if let Some(command) = &args.exec {
+                    let said = super::svid_out::run_hook(command).await;
+                    match output {
+                        Output::Json => println!("{}", serde_json::json!({ "ran": command, "result": said })),
+                        Output::Text => println!("{said}"),
+                    }
+                    let _ = std::io::stdout().flush();
+                }
+                continue;
+            }
             _ = super::termination() => return Ok(()),
         };
         let Some(response) = message else {
@@ -201,6 +294,27 @@ async fn watch(args: CommonArgs, output: Output) -> Result<(), Failure> {
             );
         }
         print(output, &summarize(&response)?);
+        let Some(out) = &mut out else {
+            continue;
+        };
+        let dir = args.out.as_deref().unwrap_or(Path::new("")).display();
+        match out.write(&response, args.spiffe_id.as_deref()) {
+            Ok(spiffe_id) => {
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({ "wrote": dir.to_string(), "spiffe_id": spiffe_id })
+                    ),
+                    Output::Text => println!("wrote {spiffe_id} to {dir}"),
+                }
+                let _ = std::io::stdout().flush();
+                if args.exec.is_some() {
+                    hook_due = Some(tokio::time::Instant::now() + super::svid_out::DEBOUNCE);
+                }
+            }
+            // The previous files stay; the next update tries again.
+            Err(failure) => eprintln!("tessera: {}", failure.message),
+        }
     }
 }
 
@@ -259,7 +373,7 @@ fn summarize(response: &X509svidResponse) -> Result<Vec<SvidSummary>, Failure> {
 }
 
 /// Splits concatenated DER certificates.
-fn split_der(mut bytes: &[u8]) -> Result<Vec<&[u8]>, Failure> {
+pub(super) fn split_der(mut bytes: &[u8]) -> Result<Vec<&[u8]>, Failure> {
     let mut certs = Vec::new();
     while !bytes.is_empty() {
         let (rest, _) = x509_parser::parse_x509_certificate(bytes).map_err(|e| {
