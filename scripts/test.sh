@@ -32,13 +32,14 @@ venv_marker="$venv/.made-by-tessera-test"
 # Debian packages: openssl (certificates are checked with `openssl verify`), systemd (the unit
 # file is checked with `systemd-analyze verify`), cfssl (the peer CA in the benchmark's quick
 # run), strace (state files must be renamed and their directory fsynced), a TrueType font (the
-# benchmark's charts) and a system Python with venv, which other uids can execute (an
-# interpreter under /root cannot be).
+# benchmark's charts), nginx (a real consumer of `svid watch --out`) and a system Python with
+# venv, which other uids can execute (an interpreter under /root cannot be).
 packages=()
 command -v openssl >/dev/null || packages+=(openssl)
 command -v strace >/dev/null || packages+=(strace)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v cfssl >/dev/null || packages+=(golang-cfssl)
+[[ -x /usr/sbin/nginx ]] || packages+=(nginx-light)
 [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || packages+=(fonts-dejavu-core)
 [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
   || packages+=(python3 python3-venv)
@@ -76,7 +77,18 @@ if ((${#packages[@]})); then
   fi
   echo "==> installing ${packages[*]}"
   apt-get update -qq
+  # A package that ships a service (nginx, postgresql) must not start it here: the tests run
+  # their own. Debian asks /usr/sbin/policy-rc.d; one that exits 101 says no.
+  no_service_starts=false
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    no_service_starts=true
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+  if $no_service_starts; then
+    rm -f /usr/sbin/policy-rc.d
+  fi
 fi
 
 if $make_venv; then
