@@ -96,29 +96,32 @@ impl OutDir {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let version = format!("..{millis}-{}", self.written);
-        let result = self.publish(&version, |name| match name {
+        let failed = |e: std::io::Error, left: &str| {
+            Failure::failed(format!(
+                "cannot write the files in {}: {e}; {left}",
+                self.dir.display()
+            ))
+        };
+        let staged = self.stage(&version, |name| match name {
             "svid.pem" => certificate.as_bytes(),
             "svid_key.pem" => key.as_bytes(),
             "bundle.pem" => bundle.as_bytes(),
             _ => crls.as_bytes(),
         });
-        if result.is_err() {
+        if let Err(e) = staged.and_then(|()| self.swap_in(&version)) {
             let _ = fs::remove_dir_all(self.dir.join(&version));
+            return Err(failed(e, "the previous files are left as they were"));
         }
-        result.map_err(|e| {
-            Failure::failed(format!(
-                "cannot write the files in {}: {e}; the previous files are left as they were",
-                self.dir.display()
-            ))
-        })?;
+        // From here the new set is current: a failure leaves it so, and says what is missing.
+        self.link_names()
+            .map_err(|e| failed(e, "the new files are in DIR/..data"))?;
+        self.remove_earlier(&version);
         Ok(svid.spiffe_id.clone())
     }
 
-    fn publish<'a>(
-        &self,
-        version: &str,
-        contents: impl Fn(&str) -> &'a [u8],
-    ) -> std::io::Result<()> {
+    /// Writes the files of one update into `DIR/<version>`, each with its mode and owner, and
+    /// makes them durable.
+    fn stage<'a>(&self, version: &str, contents: impl Fn(&str) -> &'a [u8]) -> std::io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         let staged = self.dir.join(version);
         fs::create_dir(&staged)?;
@@ -142,15 +145,20 @@ impl OutDir {
             }
             file.sync_all()?;
         }
-        crate::durable::sync_dir(&staged)?;
+        crate::durable::sync_dir(&staged)
+    }
 
-        // The swap: one rename replaces the symlink.
+    /// Makes `DIR/<version>` current: one rename replaces the symlink `..data`.
+    fn swap_in(&self, version: &str) -> std::io::Result<()> {
         let next = self.dir.join("..data.next");
         remove_if_present(&next)?;
         symlink(version, &next)?;
-        fs::rename(&next, self.dir.join(CURRENT))?;
-        // The names readers open, each through `..data`; made once (or over the plain files an
-        // earlier `svid fetch --out` wrote), each by a rename too.
+        fs::rename(&next, self.dir.join(CURRENT))
+    }
+
+    /// The names readers open, each a symlink through `..data`: made once (or over the plain
+    /// files an earlier `svid fetch --out` wrote), each by a rename too.
+    fn link_names(&self) -> std::io::Result<()> {
         for (name, _) in FILES {
             let path = self.dir.join(name);
             let through = Path::new(CURRENT).join(name);
@@ -162,17 +170,22 @@ impl OutDir {
             symlink(&through, &link)?;
             fs::rename(&link, &path)?;
         }
-        crate::durable::sync_dir(&self.dir)?;
-        // Earlier updates' directories: no longer named by `..data`.
-        for entry in fs::read_dir(&self.dir)? {
-            let entry = entry?;
+        crate::durable::sync_dir(&self.dir)
+    }
+
+    /// Removes earlier updates' directories, no longer named by `..data`. Best effort: one
+    /// left behind is removed after the next update.
+    fn remove_earlier(&self, current: &str) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if is_version_dir(&name) && name != version {
-                fs::remove_dir_all(entry.path())?;
+            if is_version_dir(&name) && name != current {
+                let _ = fs::remove_dir_all(entry.path());
             }
         }
-        Ok(())
     }
 }
 
