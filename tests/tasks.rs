@@ -629,3 +629,28 @@ async fn a_restarted_agent_keeps_live_tasks_and_revokes_those_that_ended_meanwhi
         let _ = child.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_may_be_started_for_a_process_the_starters_parent_started() {
+    if !require_root("a_task_may_be_started_for_a_process_the_starters_parent_started") {
+        return;
+    }
+    // No task is live, so attestation reads no ancestry beyond the parent: that is enough.
+    let agent = start_agent(&entries()).await;
+    let tessera = agent.tessera_copy("tessera");
+    let script = format!(
+        "/bin/sleep 30 & sibling=$!; {} task start --socket {} --entry coder --purpose tests --pid $sibling; status=$?; kill $sibling; exit $status",
+        tessera.display(),
+        agent.uri()
+    );
+    let out = run(UID_RUNNER, Path::new("/bin/sh"), &["-c", &script]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(10), || {
+        agent.handle.task_registry.live().is_empty().then_some(())
+    })
+    .await;
+}

@@ -434,6 +434,12 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         "SVID rotation",
         cache.clone().run_rotation(ca_rx, shutdown.signalled()),
     );
+    for output in config.outputs.clone() {
+        tasks.spawn_until_shutdown(
+            "certificate files ([[output]])",
+            super::output::keep(cache.clone(), output, shutdown.signalled()),
+        );
+    }
     let node_id = upstream
         .as_ref()
         .map(|(_, credentials)| credentials.node_id.clone())

@@ -389,16 +389,25 @@ impl IdentityCache {
     }
 
     /// Mints entry `entry_id`'s SVID now unless one is cached, so that its first caller finds
-    /// it ready: a task's SVID is minted as the task starts, while its process is still on its
-    /// way to ask. A failure is only logged; that caller meets it again and is told.
-    pub fn prepare(self: &Arc<Self>, entry_id: &str) {
-        let snapshot = self.entries();
-        let Some(entry) = snapshot.get(entry_id).cloned() else {
-            return;
-        };
-        let mut lease = self.lease();
-        if let Err(error) = self.acquire(&snapshot, &[entry], &mut lease, None) {
-            tracing::warn!(entry = entry_id, %error, "cannot mint an SVID ahead of its first caller");
+    /// it ready: a task's SVID is minted as the task starts (recorded with `caller`, the
+    /// starter), while its process is still on its way to ask. A failure is only logged; that
+    /// caller meets it again and is told.
+    pub fn prepare(self: &Arc<Self>, entry_id: &str, caller: Option<&CallerFacts>) {
+        // A set replaced meanwhile (another task started) is looked at again, a few times.
+        for _ in 0..MAX_MINT_ATTEMPTS {
+            let snapshot = self.entries();
+            let Some(entry) = snapshot.get(entry_id).cloned() else {
+                return;
+            };
+            let mut lease = self.lease();
+            match self.acquire(&snapshot, &[entry], &mut lease, caller) {
+                Ok(Some(_)) => return,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(entry = entry_id, %error, "cannot mint an SVID ahead of its first caller");
+                    return;
+                }
+            }
         }
     }
 
@@ -1013,16 +1022,16 @@ mod tests {
     fn prepare_mints_once_and_the_first_caller_is_served_that_svid() {
         let cache = setup(Duration::from_secs(100));
         assert!(cache.svids_of("a").is_empty());
-        cache.prepare("a");
+        cache.prepare("a", None);
         let minted = cache.svids_of("a");
         assert_eq!(minted.len(), 1, "{minted:?}");
-        cache.prepare("a");
+        cache.prepare("a", None);
         assert_eq!(
             cache.svids_of("a"),
             minted,
             "a second prepare mints nothing"
         );
-        cache.prepare("no-such-entry");
+        cache.prepare("no-such-entry", None);
         let entries = cache.entries();
         let mut lease = cache.lease();
         let served = cache

@@ -12,7 +12,7 @@ use crate::ca::LocalCaSource;
 use crate::entry::{EntryFields, EntrySet, MAX_X509_TTL, RegistrationEntry};
 pub use crate::events::recorder::AuditLimits;
 use crate::policy::PolicySet;
-use crate::spiffe::TrustDomain;
+use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/tessera/agent.sock";
@@ -106,6 +106,9 @@ pub struct AgentConfig {
     pub header_timeout: Duration,
     /// Limits of task lifetimes and delegation (`[tasks]`).
     pub tasks: TaskLimits,
+    /// Certificate files the agent keeps current for services that read files (`[[output]]`),
+    /// read at start.
+    pub outputs: Vec<crate::agent::output::Output>,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -174,6 +177,20 @@ struct RawConfig {
     connections: RawConnections,
     #[serde(default)]
     tasks: RawTasks,
+    #[serde(default, rename = "output")]
+    outputs: Vec<RawOutput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    spiffe_id: String,
+    dir: PathBuf,
+    exec: Option<String>,
+    cert_mode: Option<String>,
+    key_mode: Option<String>,
+    owner: Option<String>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -424,6 +441,12 @@ impl AgentConfig {
             DEFAULT_HEADER_TIMEOUT,
         )?;
         let tasks = check_tasks(file, &raw.tasks)?;
+        let outputs = raw
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(index, output)| check_output(file, &trust_domain, index, output))
+            .collect::<Result<Vec<_>, _>>()?;
         let metrics_address = match raw.metrics_address.as_deref() {
             None => None,
             Some(text) => Some(text.parse().map_err(|_| {
@@ -479,8 +502,76 @@ impl AgentConfig {
             idle_timeout,
             header_timeout,
             tasks,
+            outputs,
         })
     }
+}
+
+/// One `[[output]]` block, every value checked and named by its key when wrong.
+fn check_output(
+    file: &str,
+    trust_domain: &TrustDomain,
+    index: usize,
+    raw: &RawOutput,
+) -> Result<crate::agent::output::Output, ConfigError> {
+    use crate::agent::output::{FileOptions, Output, parse_group, parse_mode, parse_owner};
+    let key = |name: &str| format!("output[{index}].{name}");
+    let spiffe_id = SpiffeId::parse(&raw.spiffe_id).map_err(|e| {
+        ConfigError::invalid(file, &key("spiffe_id"), &raw.spiffe_id, e.to_string())
+    })?;
+    if spiffe_id.trust_domain() != *trust_domain {
+        return Err(ConfigError::invalid(
+            file,
+            &key("spiffe_id"),
+            &raw.spiffe_id,
+            format!("must be in this agent's trust domain, {trust_domain}"),
+        ));
+    }
+    let dir = raw.dir.display().to_string();
+    if !raw.dir.is_absolute() {
+        return Err(ConfigError::invalid(
+            file,
+            &key("dir"),
+            &dir,
+            "must be an absolute path",
+        ));
+    }
+    if raw.exec.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        return Err(ConfigError::invalid(
+            file,
+            &key("exec"),
+            "",
+            "is empty; give a shell command such as \"systemctl reload nginx\", or leave it out",
+        ));
+    }
+    let defaults = FileOptions::default();
+    let mode = |name: &str, text: &Option<String>, default: u32| match text {
+        None => Ok(default),
+        Some(text) => parse_mode(text).map_err(|r| ConfigError::invalid(file, &key(name), text, r)),
+    };
+    Ok(Output {
+        spiffe_id,
+        dir: raw.dir.clone(),
+        exec: raw.exec.clone(),
+        files: FileOptions {
+            cert_mode: mode("cert_mode", &raw.cert_mode, defaults.cert_mode)?,
+            key_mode: mode("key_mode", &raw.key_mode, defaults.key_mode)?,
+            owner: match &raw.owner {
+                None => None,
+                Some(text) => Some(
+                    parse_owner(text)
+                        .map_err(|r| ConfigError::invalid(file, &key("owner"), text, r))?,
+                ),
+            },
+            group: match &raw.group {
+                None => None,
+                Some(text) => Some(
+                    parse_group(text)
+                        .map_err(|r| ConfigError::invalid(file, &key("group"), text, r))?,
+                ),
+            },
+        },
+    })
 }
 
 fn check_tasks(file: &str, raw: &RawTasks) -> Result<TaskLimits, ConfigError> {
@@ -846,6 +937,54 @@ purpose = "read replicas"
         let err = with("audit_log_keep = 1000").unwrap_err().to_string();
         assert!(
             err.contains("agent.toml: events.audit_log_keep = \"1000\": must be at most 100"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn output_blocks_are_read_and_each_bad_value_is_named_by_its_key() {
+        let block = |body: &str| {
+            format!("{GOOD}\n[[output]]\nspiffe_id = \"spiffe://example.org/db/reader\"\n{body}\n")
+        };
+        let text = block("dir = \"/etc/tls\"\nexec = \"true\"\nkey_mode = \"0640\"\ngroup = \"0\"");
+        let config = AgentConfig::parse("agent.toml", &text).unwrap();
+        let output = &config.outputs[0];
+        assert_eq!(output.dir, PathBuf::from("/etc/tls"));
+        assert_eq!(output.exec.as_deref(), Some("true"));
+        assert_eq!(
+            (output.files.key_mode, output.files.cert_mode),
+            (0o640, 0o644)
+        );
+        assert_eq!(output.files.group, Some(nix::unistd::Gid::from_raw(0)));
+        for (body, says) in [
+            (
+                "dir = \"tls\"",
+                "output[0].dir = \"tls\": must be an absolute path",
+            ),
+            (
+                "dir = \"/t\"\nkey_mode = \"0999\"",
+                "output[0].key_mode = \"0999\": not a file mode",
+            ),
+            (
+                "dir = \"/t\"\nowner = \"no-such-user-here\"",
+                "output[0].owner = \"no-such-user-here\": no such user",
+            ),
+            ("dir = \"/t\"\nexec = \" \"", "output[0].exec"),
+            ("dir = \"/t\"\nmode = \"0600\"", "unknown field `mode`"),
+        ] {
+            let err = AgentConfig::parse("agent.toml", &block(body))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("agent.toml"), "{err}");
+            assert!(err.contains(says), "{body}: {err}");
+        }
+        let foreign = GOOD.to_owned()
+            + "\n[[output]]\nspiffe_id = \"spiffe://elsewhere.test/x\"\ndir = \"/t\"\n";
+        let err = AgentConfig::parse("agent.toml", &foreign)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("output[0].spiffe_id") && err.contains("example.org"),
             "{err}"
         );
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod endpoint;
 pub mod entries;
 pub mod metrics;
+pub mod output;
 pub mod policy;
 pub mod revocation;
 pub mod tasks;

@@ -437,7 +437,8 @@ fn fingerprint(ids: &Identities) -> SvidFingerprint {
     (svids, ids.ca_generation, ids.crl_generation)
 }
 
-fn svid_response(ids: &Identities) -> X509svidResponse {
+/// The Workload API message for `ids`.
+pub(super) fn svid_response(ids: &Identities) -> X509svidResponse {
     let bundle = ids.ca.bundle_der();
     X509svidResponse {
         svids: ids

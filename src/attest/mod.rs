@@ -26,9 +26,10 @@ pub struct FactNeeds {
     pub exe_sha256: bool,
     /// Some task is live: read the caller's ancestry, to find the task it runs in.
     pub lineage: bool,
-    /// With `lineage`, the start tick of the oldest process that is a live task's own: the walk
-    /// up the ancestry stops at an ancestor that started earlier, since neither it nor any of
-    /// its own ancestors (each started no later than its child) can be one. 0 walks it all.
+    /// With `lineage`, the start tick of the oldest process that is a live task's own: beyond
+    /// the parent (always read), the walk up the ancestry stops at an ancestor that started
+    /// earlier, since neither it nor any of its own ancestors (each started no later than its
+    /// child) can be one. 0 walks it all.
     pub lineage_since: u64,
 }
 

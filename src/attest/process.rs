@@ -158,8 +158,8 @@ pub(super) fn read_facts(
 /// recognised as a task's).
 const MAX_LINEAGE: usize = 64;
 
-/// The ancestors of a process started at `child_start` whose parent is `parent`, nearest first,
-/// down to the first that started before `since` (left out).
+/// The ancestors of a process started at `child_start` whose parent is `parent`, nearest first:
+/// the parent always, then up to the first that started before `since` (left out).
 /// Each step reads `/proc/<pid>/stat` without pinning, so a pid may have been reused meanwhile:
 /// a parent always starts no later than its child, so an entry that started later is not the
 /// parent and ends the walk (as does pid 1, or 0 for a process whose parent is outside its PID
@@ -173,7 +173,7 @@ pub fn ancestry_of(mut parent: i32, mut child_start: u64, since: u64) -> Vec<Pro
         let Some((start, grandparent)) = parse_stat(&stat) else {
             break;
         };
-        if start > child_start || start < since {
+        if start > child_start || (start < since && !out.is_empty()) {
             break;
         }
         out.push(ProcessStamp {
@@ -298,8 +298,8 @@ mod tests {
         }
         // A parent said to start before the child's start cannot be this process's parent.
         assert!(ancestry_of(parent, 0, 0).is_empty() || own.start_ticks == 0);
-        // Cut at the parent's start, the walk keeps the parent and nothing older; cut just
-        // after it, nothing.
+        // Cut at the parent's start, the walk keeps the parent and nothing older; cut after it,
+        // the parent alone (always read: a task may be started for the caller's sibling).
         if let Some(first) = ancestry.first() {
             let cut = ancestry_of(parent, own.start_ticks, first.start_ticks);
             assert_eq!(cut.first(), Some(first));
@@ -307,7 +307,7 @@ mod tests {
                 cut.iter().all(|s| s.start_ticks >= first.start_ticks),
                 "{cut:?}"
             );
-            assert!(ancestry_of(parent, own.start_ticks, first.start_ticks + 1).is_empty());
+            assert_eq!(ancestry_of(parent, own.start_ticks, u64::MAX), vec![*first]);
         }
     }
 

@@ -29,7 +29,6 @@ mod policy;
 mod revoke;
 mod server;
 mod svid;
-mod svid_out;
 mod table;
 mod task;
 mod token;

@@ -1,5 +1,5 @@
 //! `tessera svid fetch|watch|verify|revoke`: a Workload API client for workloads, for servers
-//! that read certificate files (`watch --out`, module `svid_out`), and for debugging.
+//! that read certificate files (`watch --out`, written by `agent::output`), and for debugging.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::client::{connect, status_failure};
 use super::{Failure, Output};
+use crate::agent::output::{self as certificate_files, FileOptions, OutDir};
 use crate::events::model::JsonTime;
 use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
 
@@ -244,13 +245,7 @@ async fn watch(args: WatchArgs, output: Output) -> Result<(), Failure> {
         })?;
     }
     let mut out = match &args.out {
-        Some(dir) => Some(super::svid_out::OutDir::new(
-            dir.clone(),
-            &args.cert_mode,
-            &args.key_mode,
-            args.owner.as_deref(),
-            args.group.as_deref(),
-        )?),
+        Some(dir) => Some(OutDir::new(dir.clone(), file_options(&args)?)),
         None => None,
     };
     let mut client = connect(args.common.socket()?).await?;
@@ -269,23 +264,26 @@ async fn watch(args: WatchArgs, output: Output) -> Result<(), Failure> {
             }
         };
         let message = tokio::select! {
-            message = stream.message() => message.map_err(status_failure)?,
+            message = stream.message() => message,
             () = hook_wait => {
                 hook_due = None;
-                if let Some(command) = &args.exec {
-                    let said = super::svid_out::run_hook(command).await;
-                    match output {
-                        Output::Json => println!("{}", serde_json::json!({ "ran": command, "result": said })),
-                        Output::Text => println!("{said}"),
-                    }
-                    let _ = std::io::stdout().flush();
-                }
+                run_hook(args.exec.as_deref(), output).await;
                 continue;
             }
             _ = super::termination() => return Ok(()),
         };
-        let Some(response) = message else {
-            return Err(Failure::failed("the Workload API closed the stream"));
+        // The stream is over: files written but not yet followed by the command get it now.
+        let response = match message {
+            Ok(Some(response)) => response,
+            ended => {
+                if hook_due.is_some() {
+                    run_hook(args.exec.as_deref(), output).await;
+                }
+                return Err(match ended {
+                    Err(status) => status_failure(status),
+                    _ => Failure::failed("the Workload API closed the stream"),
+                });
+            }
         };
         if output == Output::Text {
             println!(
@@ -309,13 +307,51 @@ async fn watch(args: WatchArgs, output: Output) -> Result<(), Failure> {
                 }
                 let _ = std::io::stdout().flush();
                 if args.exec.is_some() {
-                    hook_due = Some(tokio::time::Instant::now() + super::svid_out::DEBOUNCE);
+                    hook_due = Some(tokio::time::Instant::now() + certificate_files::DEBOUNCE);
                 }
             }
             // The previous files stay; the next update tries again.
-            Err(failure) => eprintln!("tessera: {}", failure.message),
+            Err(error) => eprintln!("tessera: {error}"),
         }
     }
+}
+
+/// Runs `command`, if any, and prints how it ended.
+async fn run_hook(command: Option<&str>, output: Output) {
+    let Some(command) = command else {
+        return;
+    };
+    let said = certificate_files::run_hook(command).await;
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "ran": command, "result": said })),
+        Output::Text => println!("{said}"),
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The files' modes and ownership from the options; a bad value is a usage error naming it.
+fn file_options(args: &WatchArgs) -> Result<FileOptions, Failure> {
+    let bad = |option: &str, value: &str, reason: String| {
+        Failure::usage(format!("{option} {value}: {reason}"))
+    };
+    Ok(FileOptions {
+        cert_mode: certificate_files::parse_mode(&args.cert_mode)
+            .map_err(|r| bad("--cert-mode", &args.cert_mode, r))?,
+        key_mode: certificate_files::parse_mode(&args.key_mode)
+            .map_err(|r| bad("--key-mode", &args.key_mode, r))?,
+        owner: match &args.owner {
+            Some(owner) => {
+                Some(certificate_files::parse_owner(owner).map_err(|r| bad("--owner", owner, r))?)
+            }
+            None => None,
+        },
+        group: match &args.group {
+            Some(group) => {
+                Some(certificate_files::parse_group(group).map_err(|r| bad("--group", group, r))?)
+            }
+            None => None,
+        },
+    })
 }
 
 fn print(output: Output, summaries: &[SvidSummary]) {

@@ -456,12 +456,14 @@ impl TaskRegistry {
     }
 
     /// Mints the SVID of task `task_id` in the background unless it has one, so that the task's
-    /// process, which asks as soon as it runs, finds it ready. Needs a Tokio runtime.
-    pub fn prepare_svid(&self, task_id: &str) {
+    /// process, which asks as soon as it runs, finds it ready; the issuance is recorded with
+    /// `starter` as its caller. Needs a Tokio runtime.
+    pub fn prepare_svid(&self, task_id: &str, starter: &CallerFacts) {
         let cache = self.cache.clone();
         let entry_id = task_entry_id(task_id);
+        let starter = starter.clone();
         drop(tokio::task::spawn_blocking(move || {
-            cache.prepare(&entry_id)
+            cache.prepare(&entry_id, Some(&starter));
         }));
     }
 

@@ -133,7 +133,7 @@ impl Tasks for TasksService {
             idle_timeout: seconds(body.idle_timeout_seconds, "idle_timeout_seconds")?,
         };
         let info = self.registry.start(&facts, start).map_err(into_status)?;
-        self.registry.prepare_svid(&info.claims.task_id);
+        self.registry.prepare_svid(&info.claims.task_id, &facts);
         Ok(Response::new(StartTaskResponse {
             task: Some(self.task(&info)),
         }))
