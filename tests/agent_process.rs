@@ -363,6 +363,8 @@ struct Dev {
     process: Process,
     uri: String,
     admin: String,
+    /// The rest of its standard output, read until it exits.
+    _output: mpsc::Receiver<String>,
 }
 
 impl Dev {
@@ -403,6 +405,7 @@ fn run_dev(dir: &Path, ttl: &str) -> Dev {
         process,
         uri,
         admin,
+        _output: lines,
     }
 }
 

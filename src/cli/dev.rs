@@ -1,6 +1,7 @@
 //! `tessera dev`: a server and an agent in one process, with throwaway state and an identity
 //! for the calling user, so a newcomer sees the whole flow with one command.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -157,36 +158,30 @@ join_token = "{token}"
         .await
         .map_err(|e| Failure::failed(format!("agent: {e}")))?;
     let admin_socket = server.admin_socket.display().to_string();
-    println!("tessera dev: server and agent for trust domain {DEV_TRUST_DOMAIN} are up.");
-    println!();
-    println!("  Workload API:  {}", handle.socket_uri());
-    println!("  admin socket:  {admin_socket}");
-    println!(
-        "  node API:      {} (agent joined with a one-time token)",
-        server.node_address
-    );
-    println!(
-        "  identity for uid {uid} ({user}): {spiffe_id} (entry {})",
-        created.id
-    );
-    println!();
-    println!("In another terminal:");
-    print!(
-        "{}",
+    // One write, whose failure is ignored: a reader that goes away (a closed pipe, a closed
+    // terminal) must not take the server and agent down with it.
+    let mut banner = format!(
+        "tessera dev: server and agent for trust domain {DEV_TRUST_DOMAIN} are up.\n\n  Workload API:  {}\n  admin socket:  {admin_socket}\n  node API:      {} (agent joined with a one-time token)\n  identity for uid {uid} ({user}): {spiffe_id} (entry {})\n\nIn another terminal:\n{}\n",
+        handle.socket_uri(),
+        server.node_address,
+        created.id,
         next_steps(&handle.socket_uri(), &admin_socket, uid.as_raw())
     );
-    println!();
     if kept {
-        println!(
+        banner.push_str(&format!(
             "Ctrl-C stops both. {} keeps the server's root, entries and audit trail (server/) \
              and the agent's node credentials and spool (agent/); `tessera dev --dir {}` again \
-             resumes with them.",
+             resumes with them.\n",
             dir.display(),
             dir.display()
-        );
+        ));
     } else {
-        println!("Ctrl-C stops both and removes their state.");
+        banner.push_str("Ctrl-C stops both and removes their state.\n");
     }
+    let mut stdout = std::io::stdout();
+    let _ = stdout
+        .write_all(banner.as_bytes())
+        .and_then(|()| stdout.flush());
     super::termination().await;
     let agent = handle
         .stop()
