@@ -303,15 +303,8 @@ pub fn parse_group(text: &str) -> Result<Gid, String> {
 }
 
 /// Splits concatenated DER certificates.
-fn split_der(mut bytes: &[u8]) -> Result<Vec<&[u8]>, OutputError> {
-    let mut certs = Vec::new();
-    while !bytes.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(bytes)
-            .map_err(|e| OutputError::Malformed(e.to_string()))?;
-        certs.push(&bytes[..bytes.len() - rest.len()]);
-        bytes = rest;
-    }
-    Ok(certs)
+fn split_der(bytes: &[u8]) -> Result<Vec<&[u8]>, OutputError> {
+    crate::ca::split_der_certificates(bytes).map_err(OutputError::Malformed)
 }
 
 /// Runs `command` with `sh -c`, waits for it (on the blocking pool) and says how it ended.

@@ -126,6 +126,18 @@ pub fn to_pem<D: AsRef<[u8]>>(tag: &str, ders: &[D]) -> String {
         .collect()
 }
 
+/// The certificates of `bytes`, DER certificates one after another (as the Workload API sends
+/// a chain or a bundle), each as its own slice; the parser's message when one does not parse.
+pub fn split_der_certificates(mut bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut certs = Vec::new();
+    while !bytes.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(bytes).map_err(|e| e.to_string())?;
+        certs.push(&bytes[..bytes.len() - rest.len()]);
+        bytes = rest;
+    }
+    Ok(certs)
+}
+
 /// The DER of every CERTIFICATE block of PEM `text`, in order; blocks of other kinds are
 /// skipped. The one PEM reader of certificates: bundles, chains, CA and node files.
 pub fn certificates_from_pem(text: impl AsRef<[u8]>) -> Result<Vec<Vec<u8>>, ::pem::PemError> {

@@ -409,18 +409,12 @@ fn summarize(response: &X509svidResponse) -> Result<Vec<SvidSummary>, Failure> {
 }
 
 /// Splits concatenated DER certificates.
-pub(super) fn split_der(mut bytes: &[u8]) -> Result<Vec<&[u8]>, Failure> {
-    let mut certs = Vec::new();
-    while !bytes.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(bytes).map_err(|e| {
-            Failure::failed(format!(
-                "malformed certificate data from the Workload API: {e}"
-            ))
-        })?;
-        certs.push(&bytes[..bytes.len() - rest.len()]);
-        bytes = rest;
-    }
-    Ok(certs)
+fn split_der(bytes: &[u8]) -> Result<Vec<&[u8]>, Failure> {
+    crate::ca::split_der_certificates(bytes).map_err(|e| {
+        Failure::failed(format!(
+            "malformed certificate data from the Workload API: {e}"
+        ))
+    })
 }
 
 /// Writes the default SVID as svid.pem/svid_key.pem and its bundle as bundle.pem; further
