@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs tessera's whole test suite on a fresh machine: installs what the tests need (Debian
-# packages, a world-readable Python venv with py-spiffe, a running PostgreSQL server), then runs
-# every test. Before it changes anything it prints what it is going to install, create and start.
+# packages, a world-readable Python venv with py-spiffe and Envoy's protos, a running PostgreSQL
+# server), then runs every test. Before it changes anything it prints what it is going to
+# install, create and start.
 #
 # Environment:
 #   TESSERA_TEST_VENV      where the py-spiffe venv lives (default /opt/tessera-test/venv as
@@ -51,8 +52,16 @@ if [[ -z ${TESSERA_TEST_POSTGRES:-} && $(id -u) -eq 0 ]]; then
   { command -v pg_ctlcluster >/dev/null && compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; } \
     || packages+=(postgresql)
 fi
+# The venv is ready when every client the tests run imports (tests/python/requirements.txt).
 make_venv=false
-"$venv/bin/python" -c 'import spiffe' 2>/dev/null || make_venv=true
+update_venv=false
+if ! "$venv/bin/python" -c 'import spiffe, envoy.service.secret.v3.sds_pb2_grpc' 2>/dev/null; then
+  if [[ -f $venv_marker && -x $venv/bin/python ]]; then
+    update_venv=true
+  else
+    make_venv=true
+  fi
+fi
 
 echo "==> scripts/test.sh will:"
 if ((${#packages[@]})); then
@@ -60,6 +69,8 @@ if ((${#packages[@]})); then
 fi
 if $make_venv; then
   echo "    - create a Python venv with py-spiffe at $venv (TESSERA_TEST_VENV), readable by every user"
+elif $update_venv; then
+  echo "    - install tests/python/requirements.txt into the Python venv at $venv (TESSERA_TEST_VENV)"
 else
   echo "    - use the Python venv at $venv (TESSERA_TEST_VENV)"
 fi
@@ -104,6 +115,9 @@ if $make_venv; then
   /usr/bin/python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
   touch "$venv_marker"
+elif $update_venv; then
+  echo "==> installing tests/python/requirements.txt into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi
 # Clients run as other uids in the tests: they must be able to read and run the venv. Only a
 # venv this script made is opened up, and no directory above it is touched.

@@ -25,7 +25,7 @@
 //!   durable spool.
 //! - [`agent`]: the node agent: configuration, entry source (file or server), identity cache and
 //!   rotation, task credentials (the task registry and the Tasks service), the Workload API
-//!   service, the socket endpoint, the server link and event uploader, and `app::build`, the
+//!   service, Envoy's Secret Discovery Service beside it, the socket endpoint, the server link and event uploader, and `app::build`, the
 //!   composition root.
 //! - `server` (crate-private): the trust domain's server: root CA, node API (attestation, renewal,
 //!   sync, events), admin API, snapshot fan-out, and `app::build`.
@@ -38,7 +38,8 @@
 //!   validity and revocation in the CRLs given.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
 //!   `events`, `inventory`, `svid`, `task`, `dev`.
-//! - [`proto`]: code generated from `proto/`.
+//! - [`proto`]: code generated from `proto/`: the Workload API, tessera's services, and the part
+//!   of Envoy's API that SDS uses.
 //!
 //! ARCHITECTURE.md's "Layering" says which of these may use which (a unit test holds the code to
 //! it). The benchmark harness is the workspace member `tessera-bench` (`bench/`), so that this
@@ -95,6 +96,101 @@ pub mod proto {
                     .field("token", &"<redacted>")
                     .finish()
             }
+        }
+    }
+
+    /// Protobuf messages over gRPC, as tonic's own codec, with 1 KiB buffers instead of 8 KiB.
+    ///
+    /// A stream's decode buffer lives as long as the stream and its encode buffer keeps the size
+    /// of its largest message: for thousands of long-lived streams (the Workload API's, SDS's)
+    /// whose messages are a few KiB and whose requests a few hundred bytes, the default sizes are
+    /// a large part of what a stream costs.
+    #[derive(Debug)]
+    pub struct SmallBufferCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+    impl<T, U> Default for SmallBufferCodec<T, U> {
+        fn default() -> Self {
+            Self(std::marker::PhantomData)
+        }
+    }
+
+    impl<T, U> SmallBufferCodec<T, U> {
+        /// 1 KiB to start with; a message is encoded whole before the yield threshold applies.
+        const SETTINGS: (usize, usize) = (1024, 32 * 1024);
+
+        fn settings() -> tonic::codec::BufferSettings {
+            tonic::codec::BufferSettings::new(Self::SETTINGS.0, Self::SETTINGS.1)
+        }
+    }
+
+    impl<T, U> tonic::codec::Codec for SmallBufferCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = tonic_prost::ProstEncoder<T>;
+        type Decoder = tonic_prost::ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            tonic_prost::ProstEncoder::new(Self::settings())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            tonic_prost::ProstDecoder::new(Self::settings())
+        }
+    }
+
+    /// Envoy's Secret Discovery Service: the subset of Envoy's API that SDS uses, in Envoy's
+    /// packages (the generated code refers across them by relative paths).
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod envoy {
+        pub mod config {
+            pub mod core {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.config.core.v3");
+                }
+            }
+        }
+        pub mod service {
+            pub mod discovery {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.discovery.v3");
+                }
+            }
+            pub mod secret {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.secret.v3");
+                }
+            }
+        }
+        pub mod extensions {
+            pub mod transport_sockets {
+                pub mod tls {
+                    pub mod v3 {
+                        tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+
+                        // A certificate's private key never appears in Debug output or logs.
+                        impl std::fmt::Debug for TlsCertificate {
+                            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                                f.debug_struct("TlsCertificate")
+                                    .field("certificate_chain", &self.certificate_chain)
+                                    .field("private_key", &"<redacted>")
+                                    .finish()
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `google.rpc.Status`, which an xDS client attaches to a NACK.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod google {
+        pub mod rpc {
+            tonic::include_proto!("google.rpc");
         }
     }
 

@@ -357,3 +357,58 @@ async fn two_replicas_on_postgresql_pass_revocations_between_their_nodes() {
     drop((a, b, replica_a, replica_b));
     tessera_harness::postgres::drop_scratch_database(&connection).await;
 }
+
+#[test]
+fn an_envoy_on_another_node_refuses_a_revoked_svid_with_the_crls_sds_pushes() {
+    use common::sds::{node, plain_validation, request, secrets, stream_secrets};
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+    let c = cluster("");
+    let (issued, serial) = fetch(&c.a, c.dir.path(), "a");
+    let cert = issued.join("svid.pem");
+    let files = c.dir.path().join("envoy-b");
+    std::fs::create_dir_all(&files).unwrap();
+    // What an Envoy on node b validates peers with: the bundle and every CA's CRL, from SDS.
+    let write = |response: &DiscoveryResponse| {
+        let (roots, crls) = plain_validation(&secrets(response)["ROOTCA"]);
+        std::fs::write(files.join("bundle.pem"), roots).unwrap();
+        std::fs::write(files.join("crl.pem"), crls).unwrap();
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let socket = PathBuf::from(c.b.uri().trim_start_matches("unix://"));
+        let mut envoy = stream_secrets(
+            &socket,
+            DiscoveryRequest {
+                node: Some(node("envoy-on-b", true)),
+                ..request(&["ROOTCA"], "", "")
+            },
+        )
+        .await;
+        let first = envoy.next().await;
+        write(&first);
+        // Node a's chain passes full chain checking on b: its root and its intermediate each
+        // have a CRL in what b's SDS serves.
+        let accepted = openssl_verify(&files, &cert);
+        assert!(accepted.contains(": OK"), "{accepted}");
+        envoy
+            .send(request(&["ROOTCA"], &first.version_info, &first.nonce))
+            .await;
+
+        revoke_serial(&c.server, &serial);
+        let revoked_at = Instant::now();
+        loop {
+            let pushed = envoy.next().await;
+            write(&pushed);
+            let verdict = openssl_verify(&files, &cert);
+            if verdict.contains("certificate revoked") {
+                eprintln!("revoked on node b's SDS after {:?}", revoked_at.elapsed());
+                break;
+            }
+            assert!(verdict.contains(": OK"), "{verdict}");
+            envoy
+                .send(request(&["ROOTCA"], &pushed.version_info, &pushed.nonce))
+                .await;
+        }
+    });
+}

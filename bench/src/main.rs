@@ -5,7 +5,7 @@
 //! Scenarios: fetch latency against a bare tonic round trip; first fetch by a new process
 //! (attestation + mint), executable hash cached and not; mint throughput against a raw
 //! rcgen + aws-lc-rs loop and cfssl; concurrent streams at scale with RSS, CPU and late
-//! rotations; revocation propagation through a server to three agents; an operator's SVID
+//! rotations, through the Workload API and through Envoy's SDS; revocation propagation through a server to three agents; an operator's SVID
 //! revocation to relying parties on other nodes (CRLs on their Workload API streams); event
 //! ingest from an agent's spool to the server's datastore; CRL sizes under the server's
 //! distribution rule; a task started for a new process until it holds its task SVID, and
@@ -29,6 +29,7 @@ mod relying_party;
 mod report;
 mod revocation;
 mod scenarios;
+mod sds;
 mod tasks;
 
 use report::{Report, ScenarioResult};
@@ -205,6 +206,8 @@ pub enum Scenario {
     MintThroughput,
     /// Thousands of concurrent streams through a rotation.
     StreamsAtScale,
+    /// Thousands of concurrent Envoy SDS streams through a rotation.
+    SdsStreams,
     /// Entry deletion at the server to three agents' workload streams.
     RevocationPropagation,
     /// An operator's SVID revocation to CRLs on two other agents' workload streams.
@@ -223,11 +226,12 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
         Scenario::StreamsAtScale,
+        Scenario::SdsStreams,
         Scenario::RevocationPropagation,
         Scenario::RevocationToRelyingParty,
         Scenario::EventIngest,
@@ -244,6 +248,7 @@ impl Scenario {
             Scenario::FirstFetch => "first_fetch",
             Scenario::MintThroughput => "mint_throughput",
             Scenario::StreamsAtScale => "streams_at_scale",
+            Scenario::SdsStreams => "sds_streams",
             Scenario::RevocationPropagation => "revocation_propagation",
             Scenario::RevocationToRelyingParty => "revocation_to_relying_party",
             Scenario::EventIngest => "event_ingest",

@@ -22,7 +22,7 @@ pub const TRUST_DOMAIN: &str = "bench.local";
 /// The streams target, 200 MB (10^6 bytes), in the MiB that /proc's KiB convert to.
 const RSS_LIMIT_MIB: f64 = 200e6 / (1024.0 * 1024.0);
 /// Streams per connection in the scale scenario (below the agent's per-connection limit).
-const STREAMS_PER_CONNECTION: usize = 100;
+pub const STREAMS_PER_CONNECTION: usize = 100;
 
 fn failed(what: &str) -> impl FnOnce(tessera::cli::Failure) -> BenchError + '_ {
     move |f| BenchError::Failed(format!("{what}: {}", f.message))
@@ -113,6 +113,7 @@ pub async fn run_all(
             Scenario::FirstFetch => first_fetch(plan, &dir).await,
             Scenario::MintThroughput => mint_throughput(plan).await,
             Scenario::StreamsAtScale => streams_at_scale(plan, &dir).await,
+            Scenario::SdsStreams => super::sds::sds_streams(plan, &dir).await,
             Scenario::RevocationPropagation => {
                 super::revocation::revocation_propagation(plan, &dir).await
             }
@@ -495,6 +496,55 @@ fn cfssl_version(program: &Path) -> String {
 
 /// 4. Many concurrent FetchX509SVID streams with a short TTL: RSS, CPU, late rotations.
 async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
+    let ttl = plan.stream_ttl.as_secs();
+    let run = StreamsRun {
+        name: "streams_at_scale",
+        description: format!(
+            "Concurrent FetchX509SVID streams on one agent ({STREAMS_PER_CONNECTION} per connection), SVID TTL {ttl}s: every stream must receive the next SVID before the one it holds expires. RSS and CPU are the agent process's own (/proc)."
+        ),
+        chart_file: "streams_rss.png",
+        chart_title: format!("Agent RSS against concurrent FetchX509SVID streams (TTL {ttl}s)"),
+        x_label: "concurrent streams",
+    };
+    streams_through_rotation(plan, dir, run, |_, channel, opened, wait| async move {
+        let mut client = tessera::cli::client::workload_client(channel);
+        watch_one_rotation(&mut client, &opened, wait).await
+    })
+    .await
+}
+
+/// What a stream saw of the rotation: `Some(true)` its next SVID before the one it held
+/// expired, `Some(false)` late, `None` none within TTL + 10 s.
+pub type RotationSeen = Result<Option<bool>, BenchError>;
+
+/// How a streams-through-a-rotation scenario names and pictures itself.
+pub struct StreamsRun {
+    /// The scenario's name.
+    pub name: &'static str,
+    /// What it measures, for the report.
+    pub description: String,
+    /// The RSS chart's file.
+    pub chart_file: &'static str,
+    /// The RSS chart's title.
+    pub chart_title: String,
+    /// What the chart's x axis counts.
+    pub x_label: &'static str,
+}
+
+/// For each of the plan's stream counts: an agent with one entry for this process (TTL the
+/// plan's), that many streams opened by `open_one` (the stream's index, a connection shared by
+/// [`STREAMS_PER_CONNECTION`] streams, a barrier to wait at once open, and how long to wait for
+/// the rotation), then the agent's RSS and CPU and what every stream saw.
+pub async fn streams_through_rotation<F, Fut>(
+    plan: Plan,
+    dir: &Path,
+    run: StreamsRun,
+    open_one: F,
+) -> Result<ScenarioResult, BenchError>
+where
+    F: Fn(usize, tonic::transport::Channel, Arc<Barrier>, Duration) -> Fut,
+    Fut: std::future::Future<Output = RotationSeen> + Send + 'static,
+{
     let ttl = format!("{}s", plan.stream_ttl.as_secs());
     let mut figures = Vec::new();
     let mut met = true;
@@ -508,20 +558,23 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
         let agent = start_agent(&config, &socket)?;
         let (rss_idle, _) = agent.rss_kib();
         let cpu_before = agent.cpu_time();
-        let uri = format!("unix://{}", socket.display());
-        let mut clients = Vec::new();
+        let mut channels = Vec::new();
         for _ in 0..level.div_ceil(STREAMS_PER_CONNECTION) {
-            clients.push(connect(&uri).await.map_err(failed("connecting"))?);
+            channels.push(channel(&socket).await.map_err(failed("connecting"))?);
         }
         let opened = Arc::new(Barrier::new(level + 1));
         let started = Instant::now();
         let mut tasks = Vec::with_capacity(level);
         for i in 0..level {
-            let mut client = clients[i % clients.len()].clone();
+            let stream = open_one(
+                i,
+                channels[i % channels.len()].clone(),
+                opened.clone(),
+                plan.stream_ttl + Duration::from_secs(10),
+            );
             let opened = opened.clone();
-            let wait = plan.stream_ttl + Duration::from_secs(10);
             tasks.push(tokio::spawn(async move {
-                let outcome = watch_one_rotation(&mut client, &opened, wait).await;
+                let outcome = stream.await;
                 if outcome.is_err() {
                     // Never leave the barrier short of a party.
                     opened.wait().await;
@@ -533,17 +586,25 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
         let open_time = started.elapsed();
         let (rss_open, _) = agent.rss_kib();
         let (mut late, mut missed, mut errors) = (0usize, 0usize, 0usize);
+        let mut first_error = None;
         for task in tasks {
             match task.await {
                 Ok(Ok(Some(true))) => {}
                 Ok(Ok(Some(false))) => late += 1,
                 Ok(Ok(None)) => missed += 1,
-                _ => errors += 1,
+                Ok(Err(e)) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
             }
         }
         let (rss_now, rss_peak) = agent.rss_kib();
         let cpu = agent.cpu_time().saturating_sub(cpu_before);
-        drop(clients);
+        drop(channels);
         drop(agent);
         let rss_peak_mib = rss_peak as f64 / 1024.0;
         let level_met =
@@ -551,9 +612,9 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
         rss_open_line.push((level as f64, rss_open as f64 / 1024.0));
         rss_peak_line.push((level as f64, rss_peak_mib));
         met &= level_met;
-        if errors > 0 {
+        if let Some(error) = first_error {
             notes.push(format!(
-                "{level} streams: {errors} streams failed to open or broke"
+                "{level} streams: {errors} streams failed to open or broke (first: {error})"
             ));
         }
         figures.extend([
@@ -583,20 +644,17 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
         ]);
     }
     Ok(ScenarioResult {
-        name: "streams_at_scale".into(),
-        description: format!(
-            "Concurrent FetchX509SVID streams on one agent ({} per connection), SVID TTL {ttl}: every stream must receive the next SVID before the one it holds expires. RSS and CPU are the agent process's own (/proc).",
-            STREAMS_PER_CONNECTION
-        ),
+        name: run.name.into(),
+        description: run.description,
         target: "10,000 streams under 200 MB RSS, zero late or missed rotations".into(),
         met,
         figures,
         note: notes.join("; "),
         seconds: 0.0,
         charts: vec![Chart::Lines {
-            file: "streams_rss.png".into(),
-            title: format!("Agent RSS against concurrent FetchX509SVID streams (TTL {ttl})"),
-            x_label: "concurrent streams".into(),
+            file: run.chart_file.into(),
+            title: run.chart_title,
+            x_label: run.x_label.into(),
             y_label: "agent RSS (MiB)".into(),
             series: vec![
                 ("all streams open".into(), rss_open_line),

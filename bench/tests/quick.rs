@@ -58,6 +58,7 @@ fn quick_benchmark_writes_a_complete_report() {
             "first_fetch",
             "mint_throughput",
             "streams_at_scale",
+            "sds_streams",
             "revocation_propagation",
             "revocation_to_relying_party",
             "event_ingest",
@@ -86,6 +87,7 @@ fn quick_benchmark_writes_a_complete_report() {
     let markdown = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(markdown.contains("| scenario | target | met | seconds |\n|---|---|---|---|\n"));
     assert!(markdown.contains("| streams_at_scale |"));
+    assert!(markdown.contains("| sds_streams |"));
 
     let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     let mint = &report["scenarios"][2];
@@ -116,6 +118,7 @@ fn quick_benchmark_writes_a_complete_report() {
                     "fetch_latency.png",
                     "first_fetch.png",
                     "streams_rss.png",
+                    "sds_streams_rss.png",
                     "revocation_propagation.png",
                     "revocation_to_relying_party.png",
                     "crl_size.png",

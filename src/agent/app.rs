@@ -14,6 +14,7 @@ use super::endpoint::{self, EndpointError};
 use super::entries::{ReloadCounts, watch_config_file};
 use super::policy::{PolicyGate, PolicySource};
 use super::revocation::{RevocationError, Revocations};
+use super::sds::SdsService;
 use super::tasks::TaskRegistry;
 use super::tasks::service::TasksService;
 use super::upstream::{Credentials, Seams, Upstream, UpstreamError};
@@ -25,6 +26,7 @@ use crate::ca::{
 use crate::events::recorder::{AuditLog, LogError, Recorder};
 use crate::events::spool::Spool;
 use crate::events::{SpoolLog, open_spool};
+use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use crate::proto::tessera::admin_server::AdminServer;
 use crate::proto::tessera::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -523,6 +525,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         gate.clone(),
     );
     let tasks_service = TasksService::new(service.clone(), task_registry.clone(), node_id);
+    // Envoy sends no `workload.spiffe.io` header: SDS callers are attested all the same.
+    let sds_service = SdsService::new(service.clone(), config.sds);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -560,6 +564,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             tasks_service,
             check_security_header,
         ))
+        .add_service(SecretDiscoveryServiceServer::new(sds_service))
         .add_service(health_service)
         .add_service(reflection);
 

@@ -109,6 +109,8 @@ pub struct AgentConfig {
     /// Certificate files the agent keeps current for services that read files (`[[output]]`),
     /// read at start.
     pub outputs: Vec<crate::agent::output::Output>,
+    /// How Envoy's Secret Discovery Service is served on the workload socket (`[sds]`).
+    pub sds: crate::agent::sds::SdsOptions,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -179,6 +181,15 @@ struct RawConfig {
     tasks: RawTasks,
     #[serde(default, rename = "output")]
     outputs: Vec<RawOutput>,
+    #[serde(default)]
+    sds: RawSds,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSds {
+    #[serde(default)]
+    disable_spiffe_cert_validation: bool,
 }
 
 #[derive(Deserialize)]
@@ -503,6 +514,9 @@ impl AgentConfig {
             header_timeout,
             tasks,
             outputs,
+            sds: crate::agent::sds::SdsOptions {
+                disable_spiffe_cert_validation: raw.sds.disable_spiffe_cert_validation,
+            },
         })
     }
 }
@@ -939,6 +953,30 @@ purpose = "read replicas"
             err.contains("agent.toml: events.audit_log_keep = \"1000\": must be at most 100"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn sds_validation_form_is_configurable_and_checked() {
+        let config = AgentConfig::parse("agent.toml", GOOD).unwrap();
+        assert!(
+            !config.sds.disable_spiffe_cert_validation,
+            "SPIFFE validator by default"
+        );
+        let with = |sds: &str| {
+            let text = GOOD.replacen("\n[[entry]]", &format!("\n[sds]\n{sds}\n\n[[entry]]"), 1);
+            AgentConfig::parse("agent.toml", &text)
+        };
+        let config = with("disable_spiffe_cert_validation = true").unwrap();
+        assert!(config.sds.disable_spiffe_cert_validation);
+        let err = with("disable_spiffe_cert_validation = \"yes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("agent.toml") && err.contains("disable_spiffe_cert_validation"),
+            "{err}"
+        );
+        let err = with("validator = \"plain\"").unwrap_err().to_string();
+        assert!(err.contains("unknown field `validator`"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod output;
 pub mod policy;
 pub mod revocation;
+pub mod sds;
 pub mod tasks;
 pub mod uploader;
 pub mod upstream;

@@ -152,6 +152,21 @@ impl WorkloadService {
         }
     }
 
+    /// Identities and the signing CA.
+    pub(super) fn cache(&self) -> &Arc<IdentityCache> {
+        &self.cache
+    }
+
+    /// The trust domain served.
+    pub(super) fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Triggered when the agent drains.
+    pub(super) fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
     /// Attests the caller of `request` with its ancestry, whatever the entries need: for the
     /// Tasks service, which must know the task a caller runs in.
     pub(crate) async fn attest_with_lineage<T>(
@@ -163,7 +178,7 @@ impl WorkloadService {
         self.attest_for(request, needs).await
     }
 
-    async fn attest<T>(&self, request: &Request<T>) -> Result<CallerFacts, ServeError> {
+    pub(super) async fn attest<T>(&self, request: &Request<T>) -> Result<CallerFacts, ServeError> {
         self.attest_for(request, self.cache.entries().fact_needs())
             .await
     }
@@ -214,7 +229,7 @@ impl WorkloadService {
 
     /// The caller's current identities, or `NoIdentity`; with a policy set, only the entries
     /// it permits, the others returned in `refused` (entry id and the decision).
-    fn identities(
+    pub(super) fn identities(
         &self,
         facts: &CallerFacts,
         lease: &mut Lease,
@@ -259,7 +274,7 @@ impl WorkloadService {
     }
 
     /// Records a refused caller (no identity, or attestation failed) and converts the error.
-    fn refused(&self, facts: Option<&CallerFacts>, error: ServeError) -> Status {
+    pub(super) fn refused(&self, facts: Option<&CallerFacts>, error: ServeError) -> Status {
         if matches!(
             error,
             ServeError::NoIdentity
@@ -274,15 +289,28 @@ impl WorkloadService {
 
     /// Counts a delivery of each SVID to the caller (aggregated by the recorder).
     fn record_uses(&self, identities: &Identities, facts: &CallerFacts) {
-        let recorder = self.cache.recorder();
         for (entry, svid) in &identities.svids {
-            recorder.used(entry, svid, facts);
-            self.gate.note_holder(&entry.id, facts);
+            self.record_use(entry, svid, facts);
         }
     }
 
+    /// Counts a delivery of `svid` to the caller (aggregated by the recorder).
+    pub(super) fn record_use(
+        &self,
+        entry: &RegistrationEntry,
+        svid: &crate::ca::X509Svid,
+        facts: &CallerFacts,
+    ) {
+        self.cache.recorder().used(entry, svid, facts);
+        self.gate.note_holder(&entry.id, facts);
+    }
+
     /// Records the policy's refusals of `refused` entries to `facts`' caller.
-    fn record_refusals(&self, facts: &CallerFacts, refused: &[(String, crate::policy::Decision)]) {
+    pub(super) fn record_refusals(
+        &self,
+        facts: &CallerFacts,
+        refused: &[(String, crate::policy::Decision)],
+    ) {
         for (entry_id, decision) in refused {
             self.cache.recorder().policy_denied(
                 facts,
@@ -294,7 +322,7 @@ impl WorkloadService {
         }
     }
 
-    fn entitled_to_bundles(&self, facts: &CallerFacts) -> Result<bool, ServeError> {
+    pub(super) fn entitled_to_bundles(&self, facts: &CallerFacts) -> Result<bool, ServeError> {
         let entries = self.cache.entries();
         Ok(self.allow_unauthenticated_verifiers
             || (entries.fact_needs().lineage && self.tasks.task_of(&facts.lineage).is_some())
@@ -404,7 +432,7 @@ impl WorkloadService {
 }
 
 /// The connection a request came on, if it came through the agent's accept loop.
-fn peer_of<T>(request: &Request<T>) -> Option<PeerInfo> {
+pub(super) fn peer_of<T>(request: &Request<T>) -> Option<PeerInfo> {
     request.extensions().get::<PeerInfo>().cloned()
 }
 

@@ -60,11 +60,12 @@ pub(super) fn add_security_header(
 
 /// Connects to the Workload API at `address`.
 pub async fn connect(address: &str) -> Result<WorkloadClient, Failure> {
-    let channel = channel(&socket_path(address)?).await?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel,
-        add_security_header as fn(_) -> _,
-    ))
+    Ok(workload_client(channel(&socket_path(address)?).await?))
+}
+
+/// A Workload API client on `channel`, adding the security header to every call.
+pub fn workload_client(channel: Channel) -> WorkloadClient {
+    SpiffeWorkloadApiClient::with_interceptor(channel, add_security_header as fn(_) -> _)
 }
 
 /// A gRPC channel to the Unix socket at `path` (no Workload API header added).

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod sds;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
