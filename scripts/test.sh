@@ -53,10 +53,13 @@ if [[ -z ${TESSERA_TEST_POSTGRES:-} && $(id -u) -eq 0 ]]; then
     || packages+=(postgresql)
 fi
 # The venv is ready when every client the tests run imports (tests/python/requirements.txt).
+# One this script made, or one with py-spiffe already (a test venv from before a requirement was
+# added), gets the missing requirements installed; anything else at that path is left alone.
 make_venv=false
 update_venv=false
 if ! "$venv/bin/python" -c 'import spiffe, envoy.service.secret.v3.sds_pb2_grpc' 2>/dev/null; then
-  if [[ -f $venv_marker && -x $venv/bin/python ]]; then
+  if [[ -x $venv/bin/python ]] \
+    && { [[ -f $venv_marker ]] || "$venv/bin/python" -c 'import spiffe' 2>/dev/null; }; then
     update_venv=true
   else
     make_venv=true
