@@ -21,6 +21,8 @@
 //!   directory fsync).
 //! - `policy` (crate-private): Cedar authorisation policies (issue, start a task, delegate):
 //!   tessera's schema, loading and validating a policy set, and deciding one request.
+//! - [`jwt`]: JWT-SVIDs: the ES256 signing key and its JWK, JWT bundles (JWK Sets), minting a
+//!   token and validating one per the JWT-SVID standard.
 //! - [`events`]: credential lifecycle events: the shared model, the agent's recorder and its
 //!   durable spool.
 //! - [`agent`]: the node agent: configuration, entry source (file or server), identity cache and
@@ -56,6 +58,7 @@ pub(crate) mod entry;
 pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod jwt;
 #[cfg(test)]
 mod layering;
 pub mod policy;

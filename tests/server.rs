@@ -296,6 +296,18 @@ async fn entries_pinned_to_a_node_are_served_by_that_node_only() {
         ids_of(&next_message(&mut stream_b).await.unwrap()),
         [spiffe_id("/everywhere")]
     );
+
+    // JWT-SVIDs are signed by standalone agents only, for now: a node says so.
+    let mut client = tessera::cli::client::connect(&a.uri()).await.unwrap();
+    let status = client
+        .fetch_jwtsvid(tessera::proto::workload::JwtsvidRequest {
+            audience: vec!["api".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert!(status.message().contains("standalone"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,6 +23,7 @@ mod chart;
 mod cluster;
 mod crl_size;
 mod ingest;
+mod jwt;
 mod plot;
 mod policy;
 mod relying_party;
@@ -222,11 +223,13 @@ pub enum Scenario {
     TaskCascade,
     /// What a 100-rule Cedar policy adds to a cached FetchX509SVID; the decision alone.
     PolicyCost,
+    /// Cached FetchJWTSVID against cached FetchX509SVID; ValidateJWTSVID; a new audience.
+    JwtFetch,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
@@ -239,6 +242,7 @@ impl Scenario {
         Scenario::TaskStart,
         Scenario::TaskCascade,
         Scenario::PolicyCost,
+        Scenario::JwtFetch,
     ];
 
     /// The name in reports and on the command line.
@@ -256,6 +260,7 @@ impl Scenario {
             Scenario::TaskStart => "task_start",
             Scenario::TaskCascade => "task_cascade",
             Scenario::PolicyCost => "policy_cost",
+            Scenario::JwtFetch => "jwt_fetch",
         }
     }
 }

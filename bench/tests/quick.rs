@@ -65,7 +65,8 @@ fn quick_benchmark_writes_a_complete_report() {
             "crl_size",
             "task_start",
             "task_cascade",
-            "policy_cost"
+            "policy_cost",
+            "jwt_fetch"
         ]
     );
     for scenario in report["scenarios"].as_array().unwrap() {
@@ -124,7 +125,8 @@ fn quick_benchmark_writes_a_complete_report() {
                     "crl_size.png",
                     "task_start.png",
                     "task_cascade.png",
-                    "policy_cost.png"
+                    "policy_cost.png",
+                    "jwt_fetch.png"
                 ]
             );
             for file in charts {

@@ -12,6 +12,7 @@ use super::cache::IdentityCache;
 use super::config::AgentConfig;
 use super::endpoint::{self, EndpointError};
 use super::entries::{ReloadCounts, watch_config_file};
+use super::jwt::JwtAuthority;
 use super::policy::{PolicyGate, PolicySource};
 use super::revocation::{RevocationError, Revocations};
 use super::sds::SdsService;
@@ -124,6 +125,9 @@ pub enum AgentError {
     /// The revocation lists could not be restored.
     #[error("revocation lists: {0}")]
     Revocations(#[from] RevocationError),
+    /// The JWT-SVID signing key could not be loaded or made.
+    #[error(transparent)]
+    JwtKey(#[from] super::jwt::JwtKeyError),
     /// The event log could not be opened.
     #[error("events: {0}")]
     Events(#[source] LogError),
@@ -515,6 +519,15 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     }
 
     let attestor = Arc::new(Attestor::new(config.exe_hash_size_limit, options.pin_mode));
+    // A standalone agent is its trust domain's root: it signs JWT-SVIDs too.
+    let jwt = match &config.server {
+        Some(_) => None,
+        None => Some(Arc::new(JwtAuthority::load_or_create(
+            &config.state_dir,
+            config.trust_domain.clone(),
+            config.jwt,
+        )?)),
+    };
     let service = WorkloadService::new(
         cache.clone(),
         attestor.clone(),
@@ -523,7 +536,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         shutdown.clone(),
         task_registry.clone(),
         gate.clone(),
-    );
+    )
+    .with_jwt(jwt);
     let tasks_service = TasksService::new(service.clone(), task_registry.clone(), node_id);
     // Envoy sends no `workload.spiffe.io` header: SDS callers are attested all the same.
     let sds_service = SdsService::new(service.clone(), config.sds);

@@ -111,6 +111,8 @@ pub struct AgentConfig {
     pub outputs: Vec<crate::agent::output::Output>,
     /// How Envoy's Secret Discovery Service is served on the workload socket (`[sds]`).
     pub sds: crate::agent::sds::SdsOptions,
+    /// Lifetime and cache of JWT-SVIDs (`[jwt]`).
+    pub jwt: crate::agent::jwt::JwtOptions,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -183,6 +185,15 @@ struct RawConfig {
     outputs: Vec<RawOutput>,
     #[serde(default)]
     sds: RawSds,
+    #[serde(default)]
+    jwt: RawJwt,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    ttl: Option<String>,
+    cache_size: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -452,6 +463,7 @@ impl AgentConfig {
             DEFAULT_HEADER_TIMEOUT,
         )?;
         let tasks = check_tasks(file, &raw.tasks)?;
+        let jwt = check_jwt(file, &raw.jwt)?;
         let outputs = raw
             .outputs
             .iter()
@@ -517,6 +529,7 @@ impl AgentConfig {
             sds: crate::agent::sds::SdsOptions {
                 disable_spiffe_cert_validation: raw.sds.disable_spiffe_cert_validation,
             },
+            jwt,
         })
     }
 }
@@ -586,6 +599,36 @@ fn check_output(
             },
         },
     })
+}
+
+/// `[jwt]`: a token lifetime of 10 s to 24 h, a cache of 1 to 1,000,000 tokens.
+fn check_jwt(file: &str, raw: &RawJwt) -> Result<crate::agent::jwt::JwtOptions, ConfigError> {
+    let mut options = crate::agent::jwt::JwtOptions::default();
+    if let Some(text) = raw.ttl.as_deref() {
+        let ttl = parse_duration(text)
+            .map_err(|reason| ConfigError::invalid(file, "jwt.ttl", text, reason))?;
+        if !(Duration::from_secs(10)..=Duration::from_secs(24 * 3600)).contains(&ttl) {
+            return Err(ConfigError::invalid(
+                file,
+                "jwt.ttl",
+                text,
+                "must be between 10s and 24h",
+            ));
+        }
+        options.ttl = ttl;
+    }
+    if let Some(size) = raw.cache_size {
+        if !(1..=1_000_000).contains(&size) {
+            return Err(ConfigError::invalid(
+                file,
+                "jwt.cache_size",
+                &size.to_string(),
+                "must be between 1 and 1000000",
+            ));
+        }
+        options.cache_size = size;
+    }
+    Ok(options)
 }
 
 fn check_tasks(file: &str, raw: &RawTasks) -> Result<TaskLimits, ConfigError> {
@@ -953,6 +996,34 @@ purpose = "read replicas"
             err.contains("agent.toml: events.audit_log_keep = \"1000\": must be at most 100"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn jwt_lifetime_and_cache_are_configurable_and_checked() {
+        let config = AgentConfig::parse("agent.toml", GOOD).unwrap();
+        assert_eq!(config.jwt, crate::agent::jwt::JwtOptions::default());
+        let with = |jwt: &str| {
+            let text = GOOD.replacen("\n[[entry]]", &format!("\n[jwt]\n{jwt}\n\n[[entry]]"), 1);
+            AgentConfig::parse("agent.toml", &text)
+        };
+        let config = with("ttl = \"90s\"\ncache_size = 50").unwrap();
+        assert_eq!(config.jwt.ttl, Duration::from_secs(90));
+        assert_eq!(config.jwt.cache_size, 50);
+        for (body, says) in [
+            (
+                "ttl = \"1s\"",
+                "agent.toml: jwt.ttl = \"1s\": must be between 10s and 24h",
+            ),
+            ("ttl = \"soon\"", "agent.toml: jwt.ttl = \"soon\""),
+            (
+                "cache_size = 0",
+                "agent.toml: jwt.cache_size = \"0\": must be between 1",
+            ),
+            ("audience = \"x\"", "unknown field `audience`"),
+        ] {
+            let err = with(body).unwrap_err().to_string();
+            assert!(err.contains(says), "{body}: {err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod endpoint;
 pub mod entries;
+pub mod jwt;
 pub mod metrics;
 pub mod output;
 pub mod policy;

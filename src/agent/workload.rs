@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::cache::{Identities, IdentityCache, IssueError, Lease};
 use super::endpoint::PeerInfo;
+use super::jwt::JwtAuthority;
 use super::policy::{Asked, PolicyGate, Verdict};
 use super::tasks::TaskRegistry;
 use crate::attest::{AttestError, Attestor, CallerFacts};
@@ -20,13 +21,13 @@ use crate::entry::{EntrySet, RegistrationEntry};
 use crate::policy::Action;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
-    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse,
+    WitsvidRequest, WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid,
+    X509svidRequest, X509svidResponse,
 };
 use crate::runtime::Shutdown;
-use crate::spiffe::TrustDomain;
+use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The metadata key every Workload API call must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -64,6 +65,9 @@ pub enum ServeError {
     /// reconnect to be attested afresh.
     #[error("registration entries now need facts gathered at connect time; reconnect")]
     StaleAttestation,
+    /// A JWT-SVID could not be minted.
+    #[error("could not issue a JWT-SVID: {0}")]
+    Jwt(#[source] crate::jwt::JwtError),
     /// The blocking-pool task that attests a caller panicked or was cancelled.
     #[error("internal error: attestation task: {0}")]
     Task(#[source] tokio::task::JoinError),
@@ -88,6 +92,10 @@ impl ServeError {
             Self::Mint(_) => {
                 tracing::error!(error = %self, "refused a Workload API call");
                 Status::unavailable("could not issue an X.509-SVID; retry later")
+            }
+            Self::Jwt(_) => {
+                tracing::error!(error = %self, "refused a Workload API call");
+                Status::unavailable("could not issue a JWT-SVID; retry later")
             }
             Self::Task(_) | Self::Permits(_) => {
                 tracing::error!(error = %self, "Workload API call failed");
@@ -127,6 +135,8 @@ pub struct WorkloadService {
     tasks: Arc<TaskRegistry>,
     /// The authorisation policy, asked before anything is issued.
     gate: PolicyGate,
+    /// Signs and validates JWT-SVIDs; `None` where this agent serves none (server mode).
+    jwt: Option<Arc<JwtAuthority>>,
 }
 
 impl WorkloadService {
@@ -141,6 +151,7 @@ impl WorkloadService {
         gate: PolicyGate,
     ) -> Self {
         Self {
+            jwt: None,
             cache,
             attestor,
             attest_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
@@ -150,6 +161,22 @@ impl WorkloadService {
             tasks,
             gate,
         }
+    }
+
+    /// The service signing and validating JWT-SVIDs with `jwt` (none: their methods answer
+    /// `Unimplemented`).
+    pub fn with_jwt(mut self, jwt: Option<Arc<JwtAuthority>>) -> Self {
+        self.jwt = jwt;
+        self
+    }
+
+    /// The JWT-SVID authority, or `Unimplemented` where this agent has none.
+    fn jwt_authority(&self) -> Result<&Arc<JwtAuthority>, Status> {
+        self.jwt.as_ref().ok_or_else(|| {
+            Status::unimplemented(
+                "JWT-SVIDs are served by standalone agents only; in server mode they are not served yet",
+            )
+        })
     }
 
     /// Identities and the signing CA.
@@ -236,33 +263,8 @@ impl WorkloadService {
         refused: &mut Vec<(String, crate::policy::Decision)>,
     ) -> Result<Identities, ServeError> {
         loop {
-            refused.clear();
             let entries = self.cache.entries();
-            let mut matching = Vec::new();
-            // The task the caller runs in comes first: its default identity. Only while a task
-            // is live (the set then holds derived entries) is the registry asked at all.
-            if entries.fact_needs().lineage
-                && let Some(task) = self.tasks.task_of(&facts.lineage)
-                && let Some(entry) = entries.get(&task.id)
-            {
-                matching.push(entry.clone());
-            }
-            matching.extend(matching_entries(&entries, facts)?);
-            matching.retain(|entry| {
-                match self
-                    .gate
-                    .decide(Action::Issue, facts, entry, Asked::issue(entry))
-                {
-                    Verdict::Denied(decision) => {
-                        refused.push((entry.id.clone(), decision));
-                        false
-                    }
-                    _ => true,
-                }
-            });
-            if matching.is_empty() {
-                return Err(ServeError::NoIdentity);
-            }
+            let matching = self.permitted(&entries, facts, refused)?;
             // `None`: the entries changed under us; match again against the new set.
             if let Some(identities) = self
                 .cache
@@ -271,6 +273,44 @@ impl WorkloadService {
                 return Ok(identities);
             }
         }
+    }
+
+    /// The entries of `entries` whose identities the caller may have now, its task's first; with
+    /// a policy set, only those it permits, the others returned in `refused`. `NoIdentity` when
+    /// none is left.
+    pub(super) fn permitted(
+        &self,
+        entries: &EntrySet,
+        facts: &CallerFacts,
+        refused: &mut Vec<(String, crate::policy::Decision)>,
+    ) -> Result<Vec<Arc<RegistrationEntry>>, ServeError> {
+        refused.clear();
+        let mut matching = Vec::new();
+        // The task the caller runs in comes first: its default identity. Only while a task is
+        // live (the set then holds derived entries) is the registry asked at all.
+        if entries.fact_needs().lineage
+            && let Some(task) = self.tasks.task_of(&facts.lineage)
+            && let Some(entry) = entries.get(&task.id)
+        {
+            matching.push(entry.clone());
+        }
+        matching.extend(matching_entries(entries, facts)?);
+        matching.retain(|entry| {
+            match self
+                .gate
+                .decide(Action::Issue, facts, entry, Asked::issue(entry))
+            {
+                Verdict::Denied(decision) => {
+                    refused.push((entry.id.clone(), decision));
+                    false
+                }
+                _ => true,
+            }
+        });
+        if matching.is_empty() {
+            return Err(ServeError::NoIdentity);
+        }
+        Ok(matching)
     }
 
     /// Records a refused caller (no identity, or attestation failed) and converts the error.
@@ -327,6 +367,29 @@ impl WorkloadService {
         Ok(self.allow_unauthenticated_verifiers
             || (entries.fact_needs().lineage && self.tasks.task_of(&facts.lineage).is_some())
             || !matching_entries(&entries, facts)?.is_empty())
+    }
+
+    /// Attests a caller of a bundle stream and checks that it may have bundles; its facts and
+    /// the cache's generation, subscribed before the first message is made.
+    async fn bundle_caller<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(CallerFacts, watch::Receiver<u64>), Status> {
+        if self.shutdown.is_triggered() {
+            return Err(ServeError::ShuttingDown.into_status());
+        }
+        let facts = self
+            .attest(request)
+            .await
+            .map_err(ServeError::into_status)?;
+        let generation = self.cache.subscribe();
+        if !self
+            .entitled_to_bundles(&facts)
+            .map_err(ServeError::into_status)?
+        {
+            return Err(ServeError::NoIdentity.into_status());
+        }
+        Ok((facts, generation))
     }
 
     fn bundles_response(&self) -> X509BundlesResponse {
@@ -429,6 +492,29 @@ impl WorkloadService {
                 }),
         )
     }
+}
+
+/// A JSON object as a protobuf Struct.
+fn json_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, json_value(v))).collect(),
+    }
+}
+
+fn json_value(value: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(json_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(json_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 /// The connection a request came on, if it came through the agent's accept loop.
@@ -549,20 +635,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        if self.shutdown.is_triggered() {
-            return Err(ServeError::ShuttingDown.into_status());
-        }
-        let facts = self
-            .attest(&request)
-            .await
-            .map_err(ServeError::into_status)?;
-        let generation = self.cache.subscribe();
-        if !self
-            .entitled_to_bundles(&facts)
-            .map_err(ServeError::into_status)?
-        {
-            return Err(ServeError::NoIdentity.into_status());
-        }
+        let (facts, generation) = self.bundle_caller(&request).await?;
         let first = self.bundles_response();
         let mut last = first.clone();
         let service = self.clone();
@@ -583,29 +656,101 @@ impl SpiffeWorkloadApi for WorkloadService {
 
     async fn fetch_jwtsvid(
         &self,
-        _request: Request<JwtsvidRequest>,
+        request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        Err(Status::unimplemented(
-            "JWT-SVIDs are not served by this agent yet",
-        ))
+        let jwt = self.jwt_authority()?;
+        let asked = request.get_ref();
+        if asked.audience.is_empty() || asked.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument(
+                "audience is required: one or more non-empty values",
+            ));
+        }
+        let wanted = match asked.spiffe_id.as_str() {
+            "" => None,
+            text => Some(SpiffeId::parse(text).map_err(|e| {
+                Status::invalid_argument(format!("spiffe_id {text:?} is not a SPIFFE ID: {e}"))
+            })?),
+        };
+        if self.shutdown.is_triggered() {
+            return Err(ServeError::ShuttingDown.into_status());
+        }
+        let facts = self
+            .attest(&request)
+            .await
+            .map_err(|e| self.refused(None, e))?;
+        let entries = self.cache.entries();
+        let mut refused = Vec::new();
+        let permitted = self.permitted(&entries, &facts, &mut refused);
+        self.record_refusals(&facts, &refused);
+        let mut permitted = permitted.map_err(|e| self.refused(Some(&facts), e))?;
+        if let Some(wanted) = &wanted {
+            permitted.retain(|entry| entry.spiffe_id == *wanted);
+            if permitted.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "no identity issued: the caller is not entitled to {wanted}"
+                )));
+            }
+        }
+        let now = SystemTime::now();
+        let mut svids = Vec::with_capacity(permitted.len());
+        for entry in &permitted {
+            let (token, _) = jwt
+                .token(entry, &asked.audience, now)
+                .map_err(|e| ServeError::Jwt(e).into_status())?;
+            svids.push(Jwtsvid {
+                spiffe_id: entry.spiffe_id.to_string(),
+                svid: token.token,
+                hint: entry.hint.clone().unwrap_or_default(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
-        _request: Request<JwtBundlesRequest>,
+        request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(Status::unimplemented(
-            "JWT bundles are not served by this agent yet",
-        ))
+        let jwt = self.jwt_authority()?.clone();
+        let (facts, generation) = self.bundle_caller(&request).await?;
+        let first = JwtBundlesResponse {
+            bundles: HashMap::from([(self.trust_domain.id_string(), jwt.bundle_json().to_vec())]),
+        };
+        let service = self.clone();
+        let peer = peer_of(&request);
+        // The bundle holds the agent's one key for as long as it runs: the stream only watches
+        // that the caller stays entitled to it.
+        let stream = self.spawn_stream(peer, generation, first, move || {
+            if !service.entitled_to_bundles(&facts)? {
+                return Err(ServeError::NoIdentity);
+            }
+            Ok(None)
+        });
+        Ok(Response::new(stream))
     }
 
     async fn validate_jwtsvid(
         &self,
-        _request: Request<ValidateJwtsvidRequest>,
+        request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not served by this agent yet",
-        ))
+        let jwt = self.jwt_authority()?;
+        let asked = request.get_ref();
+        if asked.audience.is_empty() {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        if asked.svid.is_empty() {
+            return Err(Status::invalid_argument("svid is required"));
+        }
+        // Any local process may validate: it is attested for the record, not entitled.
+        self.attest(&request)
+            .await
+            .map_err(|e| self.refused(None, e))?;
+        let valid = jwt
+            .validate(&asked.svid, &asked.audience, SystemTime::now())
+            .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: valid.spiffe_id.to_string(),
+            claims: Some(json_struct(valid.claims)),
+        }))
     }
 
     async fn fetch_witsvid(

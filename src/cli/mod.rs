@@ -1,6 +1,6 @@
 //! The `tessera` command line. Usage errors exit with code 2, failures with 1.
 //!
-//! Workload and agent verbs: `agent`, `svid`, `dev`. Operator verbs talk to the
+//! Workload and agent verbs: `agent`, `svid`, `jwt`, `task`, `dev`. Operator verbs talk to the
 //! server's admin API over its root-only Unix socket (`--admin-socket`, default
 //! `/run/tessera-server/admin.sock`, or `TESSERA_ADMIN_SOCKET`): `entry`, `token`, `node` and
 //! `bundle`.
@@ -24,6 +24,7 @@ pub mod client;
 mod dev;
 mod entry;
 mod events;
+mod jwt;
 mod node;
 mod policy;
 mod revoke;
@@ -81,6 +82,9 @@ enum Command {
     /// Fetch or watch X.509-SVIDs from a Workload API socket.
     #[command(subcommand)]
     Svid(svid::SvidCommand),
+    /// Fetch, validate or print the bundle of JWT-SVIDs from a Workload API socket.
+    #[command(subcommand)]
+    Jwt(jwt::JwtCommand),
     /// Run a server and an agent with throwaway state and an identity for the calling user.
     Dev(dev::DevArgs),
     /// Create, list, show, update or delete registration entries on the server.
@@ -160,6 +164,7 @@ pub fn main() -> ExitCode {
             Command::Agent(command) => agent::run(command).await,
             Command::Server(command) => server::run(command).await,
             Command::Svid(command) => svid::run(command, cli.output).await,
+            Command::Jwt(command) => jwt::run(command, cli.output).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Entry(args) => entry::run(*args, cli.output).await,
             Command::Token(args) => token::run(args, cli.output).await,

@@ -37,6 +37,7 @@ pub(super) struct VerifyArgs {
     cert: PathBuf,
 }
 
+/// Where the Workload API is, for every command that is its client.
 #[derive(Args, Debug)]
 pub(super) struct CommonArgs {
     /// Workload API address (unix:///path); defaults to $SPIFFE_ENDPOINT_SOCKET.
@@ -47,7 +48,7 @@ pub(super) struct CommonArgs {
 impl CommonArgs {
     /// The socket to use: `--socket`, else `SPIFFE_ENDPOINT_SOCKET`, else a usage error that
     /// says both.
-    fn socket(&self) -> Result<&str, Failure> {
+    pub(super) fn socket(&self) -> Result<&str, Failure> {
         self.socket.as_deref().ok_or_else(|| {
             Failure::usage(
                 "no Workload API socket: pass --socket unix:///path/to/agent.sock or set \
