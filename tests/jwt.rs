@@ -216,7 +216,7 @@ async fn py_spiffe_and_pyjwt_as_another_user() {
         run_as(
             UID,
             &python,
-            &["-c", include_str!("python/jwt.py"), &uri, AUDIENCE],
+            &["-c", include_str!("python/jwt_clients.py"), &uri, AUDIENCE],
         )
     })
     .await

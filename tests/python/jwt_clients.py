@@ -1,6 +1,8 @@
 # JWT-SVIDs with py-spiffe, unmodified, and PyJWT: fetches tokens, validates one offline against
 # the JWT bundle (py-spiffe's own check), through the agent (ValidateJWTSVID), and with PyJWT and
 # the JWKS the agent serves; prints what it saw as one JSON object.
+# Named jwt_clients.py, not jwt.py: a script run from this directory would otherwise shadow PyJWT
+# (the `jwt` package py-spiffe imports).
 import json
 import sys
 
