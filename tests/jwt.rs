@@ -337,3 +337,141 @@ async fn the_cli_fetches_validates_and_prints_the_bundle() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
     }
 }
+
+#[tokio::test]
+async fn a_removed_entrys_tokens_are_refused_by_validation() {
+    let me = my_uid_selector();
+    let agent = start_agent(&two_entries(&me)).await;
+    let client = WorkloadApiClient::connect_to(agent.uri()).await.unwrap();
+    let second = SpiffeId::new("spiffe://example.org/second").unwrap();
+    let doomed = client
+        .fetch_jwt_svid([AUDIENCE], Some(&second))
+        .await
+        .unwrap();
+    let kept = client.fetch_jwt_svid([AUDIENCE], None).await.unwrap();
+    assert!(
+        client
+            .validate_jwt_token(AUDIENCE, doomed.token())
+            .await
+            .is_ok()
+    );
+
+    agent.rewrite_entries(&entry("/caller", &[&me], "1h", "hint = \"caller\""));
+    let refusal = refused_within_10s(&agent, doomed.token()).await;
+    assert_eq!(refusal.code(), tonic::Code::InvalidArgument);
+    assert!(refusal.message().contains("revoked"), "{refusal:?}");
+    // The entry still served keeps its token valid.
+    assert!(
+        client
+            .validate_jwt_token(AUDIENCE, kept.token())
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_task_token_carries_its_task_and_dies_with_it() {
+    let me = my_uid_selector();
+    let agent = start_agent(&format!(
+        "{}{}",
+        entry("/caller", &[&me], "1h", ""),
+        entry(
+            "/worker",
+            &[&me],
+            "5m",
+            "id = \"worker\"\nactivation = \"task\""
+        )
+    ))
+    .await;
+    let uri = agent.uri();
+    let tessera = env!("CARGO_BIN_EXE_tessera");
+    let token_file = agent.dir.path().join("task-token");
+    let script = format!(
+        "{tessera} jwt fetch --socket {uri} --audience {AUDIENCE} > {}",
+        token_file.display()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(tessera)
+            .args([
+                "task",
+                "run",
+                "--socket",
+                &uri,
+                "--entry",
+                "worker",
+                "--purpose",
+                "jwt test",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let claims = JwtSvid::parse_insecure(&token).unwrap();
+    assert!(
+        claims
+            .spiffe_id()
+            .to_string()
+            .starts_with("spiffe://example.org/worker/task/"),
+        "{}",
+        claims.spiffe_id()
+    );
+
+    // What the token says of its task (read without checking: the agent checks below).
+    let payload = token.split('.').nth(1).unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .unwrap(),
+    )
+    .unwrap();
+    let task_id = payload["tessera"]["task_id"].as_str().unwrap();
+    assert!(
+        claims.spiffe_id().to_string().ends_with(task_id),
+        "{payload}"
+    );
+    assert_eq!(payload["tessera"]["purpose"], "jwt test", "{payload}");
+    assert_eq!(payload["tessera"]["entry_id"], "worker", "{payload}");
+    assert_eq!(
+        payload["tessera"]["chain"][0]["task_id"], task_id,
+        "{payload}"
+    );
+    assert!(
+        payload.get("act").is_none(),
+        "a root task acts for nobody: {payload}"
+    );
+
+    // The task ended when its command exited: its token is refused.
+    let refusal = refused_within_10s(&agent, &token).await;
+    assert!(refusal.message().contains("revoked"), "{refusal:?}");
+}
+
+/// Polls ValidateJWTSVID on `agent` until it refuses `token`, for at most 10 s; the refusal.
+async fn refused_within_10s(agent: &TestAgent, token: &str) -> tonic::Status {
+    let mut raw = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let asked = ValidateJwtsvidRequest {
+            audience: AUDIENCE.into(),
+            svid: token.into(),
+        };
+        match raw.validate_jwtsvid(asked).await {
+            Err(status) => return status,
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still valid after 10 s"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -303,6 +303,27 @@ fn spawn_entry_source(
     }
 }
 
+/// Revokes the JWT-SVIDs of entries that leave the cache's set (deleted, expired out of the
+/// configuration, or a task that ended), on every change to it.
+async fn revoke_jwts_of_gone_entries(
+    jwt: Arc<JwtAuthority>,
+    cache: Arc<IdentityCache>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut changes = cache.subscribe();
+    loop {
+        let revoked = jwt.revoke_entries_not_in(&cache.entries(), SystemTime::now());
+        if revoked > 0 {
+            tracing::info!(revoked, "JWT-SVIDs of removed entries revoked");
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Follows policy changes: new issuances and task starts carry the new version, every stream
 /// decides again (revoking what the policy no longer permits its caller), and so does every
 /// live task.
@@ -528,6 +549,12 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             config.jwt,
         )?)),
     };
+    if let Some(jwt) = &jwt {
+        tasks.spawn_until_shutdown(
+            "JWT-SVID revocation",
+            revoke_jwts_of_gone_entries(jwt.clone(), cache.clone(), shutdown.signalled()),
+        );
+    }
     let service = WorkloadService::new(
         cache.clone(),
         attestor.clone(),

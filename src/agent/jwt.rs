@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
 
-use crate::entry::RegistrationEntry;
+use crate::entry::{EntrySet, RegistrationEntry};
 use crate::jwt::{JwkSet, JwtError, JwtKey, Validated};
 use crate::spiffe::TrustDomain;
 
@@ -120,6 +120,10 @@ pub struct JwtAuthority {
     /// relying party validating the same bearer token on every request pays for the signature
     /// once. Audience and time are checked on every call.
     verified: Mutex<HashMap<[u8; 32], Arc<Validated>>>,
+    /// Every token minted and not yet expired, by entry id: its `jti` and `exp`.
+    minted: Mutex<HashMap<String, Vec<(String, i64)>>>,
+    /// Tokens revoked before their expiry: `jti` to `exp` (forgotten once expired).
+    revoked: Mutex<HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for JwtAuthority {
@@ -177,6 +181,8 @@ impl JwtAuthority {
             options,
             cache: Mutex::new(TokenCache::default()),
             verified: Mutex::new(HashMap::new()),
+            minted: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(HashMap::new()),
         }
     }
 
@@ -244,8 +250,13 @@ impl JwtAuthority {
         }
         let jti = uuid::Uuid::now_v7().simple().to_string();
         let claims = claims(entry, audience, now, expires_at, &jti);
+        let token = crate::jwt::mint(&self.key, &claims)?;
+        let mut minted = lock(&self.minted);
+        let of_entry = minted.entry(entry.id.clone()).or_default();
+        of_entry.retain(|(_, exp)| *exp > now);
+        of_entry.push((jti.clone(), expires_at));
         Ok(Token {
-            token: crate::jwt::mint(&self.key, &claims)?,
+            token,
             jti,
             issued_at: now,
             expires_at,
@@ -289,8 +300,45 @@ impl JwtAuthority {
             }
         };
         valid.check(audience, now)?;
+        if let Some(jti) = &valid.jti
+            && lock(&self.revoked).contains_key(jti)
+        {
+            return Err(JwtError::Revoked(jti.clone()));
+        }
         Ok((*valid).clone())
     }
+
+    /// Revokes every unexpired token minted for an entry `live` no longer holds (deleted, or
+    /// a task that ended) and forgets the cached ones; the number revoked.
+    pub(crate) fn revoke_entries_not_in(&self, live: &EntrySet, now: SystemTime) -> usize {
+        let now = crate::clock::unix_seconds(now);
+        let gone: Vec<(String, i64)> = {
+            let mut minted = lock(&self.minted);
+            let ids: Vec<String> = minted
+                .keys()
+                .filter(|id| live.get(id).is_none())
+                .cloned()
+                .collect();
+            ids.iter()
+                .filter_map(|id| minted.remove(id))
+                .flatten()
+                .filter(|(_, exp)| *exp > now)
+                .collect()
+        };
+        lock(&self.cache)
+            .tokens
+            .retain(|(entry_id, _), _| live.get(entry_id).is_some());
+        let mut revoked = lock(&self.revoked);
+        revoked.retain(|_, exp| *exp > now);
+        let count = gone.len();
+        revoked.extend(gone);
+        count
+    }
+}
+
+/// A lock, taken even if a thread panicked holding it: the maps stay consistent entry by entry.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn read_key(path: &Path, bytes: &[u8]) -> Result<JwtKey, JwtKeyError> {
@@ -424,6 +472,67 @@ mod tests {
         assert!(
             jwt.validate(&forged, "a", t0 + Duration::from_secs(152))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn tokens_of_an_entry_that_is_gone_are_revoked() {
+        let jwt = authority(10);
+        let now = SystemTime::now();
+        let kept = entry("kept", "spiffe://example.org/kept", &["unix:uid:1"]);
+        let gone = entry("gone", "spiffe://example.org/gone", &["unix:uid:1"]);
+        let (kept_token, _) = jwt.token(&kept, &["a".into()], now).unwrap();
+        let (gone_token, _) = jwt.token(&gone, &["a".into()], now).unwrap();
+        assert!(jwt.validate(&gone_token.token, "a", now).is_ok());
+        let live = EntrySet::new(vec![kept.clone()]);
+        assert_eq!(jwt.revoke_entries_not_in(&live, now), 1);
+        let error = jwt.validate(&gone_token.token, "a", now).unwrap_err();
+        assert!(
+            matches!(error, JwtError::Revoked(ref jti) if *jti == gone_token.jti),
+            "{error}"
+        );
+        assert!(jwt.validate(&kept_token.token, "a", now).is_ok());
+        assert_eq!(
+            jwt.cached_tokens(),
+            1,
+            "the gone entry's token is not handed out again"
+        );
+        assert_eq!(jwt.revoke_entries_not_in(&live, now), 0, "revoked once");
+    }
+
+    #[test]
+    fn a_delegated_tasks_token_names_its_chain_in_nested_act_claims() {
+        use crate::ca::task::{TaskClaims, TaskLink};
+        let link = |n: &str| TaskLink {
+            task_id: format!("t-{n}"),
+            spiffe_id: format!("spiffe://example.org/{n}/task/t-{n}"),
+        };
+        let mut e = entry(
+            "derived",
+            "spiffe://example.org/leaf/task/t-leaf",
+            &["unix:uid:1"],
+        );
+        e.task = Some(Arc::new(TaskClaims {
+            task_id: "t-leaf".into(),
+            entry_id: "leaf".into(),
+            owner: "team".into(),
+            purpose: "review part of it".into(),
+            chain: vec![link("root"), link("mid"), link("leaf")],
+        }));
+        let claims = Value::Object(claims(&e, &["api".into()], 100, 400, "j"));
+        assert_eq!(claims["sub"], "spiffe://example.org/leaf/task/t-leaf");
+        assert_eq!(claims["tessera"]["task_id"], "t-leaf");
+        assert_eq!(claims["tessera"]["entry_id"], "leaf");
+        assert_eq!(claims["tessera"]["purpose"], "review part of it");
+        assert_eq!(claims["tessera"]["chain"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            claims["act"],
+            serde_json::json!({
+                "sub": "spiffe://example.org/mid/task/t-mid",
+                "task_id": "t-mid",
+                "act": {"sub": "spiffe://example.org/root/task/t-root", "task_id": "t-root"},
+            }),
+            "the parent first, the root innermost"
         );
     }
 

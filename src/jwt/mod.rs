@@ -56,6 +56,9 @@ pub enum JwtError {
     /// `nbf` has not come yet.
     #[error("not valid before {0} (Unix seconds)")]
     NotYetValid(i64),
+    /// The token was revoked before its expiry (its `jti`).
+    #[error("revoked: token {0} is no longer valid (its registration entry or task is gone)")]
+    Revoked(String),
     /// A key could not be made, read or used.
     #[error("signing key: {0}")]
     Key(String),
