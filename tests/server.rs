@@ -407,7 +407,13 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         if entry.file_type().unwrap().is_dir() {
             copy_dir(&entry.path(), &target);
         } else {
-            std::fs::copy(entry.path(), target).unwrap();
+            match std::fs::copy(entry.path(), target) {
+                Ok(_) => {}
+                // A temporary file the running agent renamed away meanwhile (its state is
+                // replaced by write-then-rename): not part of the state being copied.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("copying {}: {e}", entry.path().display()),
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 # contents, the SPIFFE validator's configuration), ACKs the first response, NACKs the rotation
 # that follows and listens for a resend, then prints what it saw as one JSON object.
 import json
+import os
 import queue
 import sys
 
@@ -29,8 +30,15 @@ requests = queue.Queue()
 
 
 def outgoing():
+    # Never blocks for long: grpc's thread that consumes this iterator must be free to end
+    # whenever the call does.
     while True:
-        request = requests.get()
+        try:
+            request = requests.get(timeout=0.2)
+        except queue.Empty:
+            if finished:
+                return
+            continue
         if request is None:
             return
         yield request
@@ -82,6 +90,7 @@ def validator(secret):
 
 
 report = {}
+finished = False
 node = base_pb2.Node(id="py-envoy", cluster="tests")
 with grpc.insecure_channel(target) as channel:
     stream = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(outgoing(), timeout=30)
@@ -104,5 +113,9 @@ with grpc.insecure_channel(target) as channel:
     except grpc.RpcError as error:
         report["error"] = error.code().name
     finally:
+        finished = True
         requests.put(None)
-print(json.dumps(report))
+        stream.cancel()
+print(json.dumps(report), flush=True)
+# Leave at once: an interpreter shutdown can wait on grpc's threads of the cancelled call.
+os._exit(0)
