@@ -463,14 +463,7 @@ fn an_unmodified_python_sds_client_run_by_another_user() {
     agent.wait_for_socket(&socket, EXPECT).unwrap();
 
     let uri = format!("unix://{}", socket.display());
-    let out = run_as(UID, &python, &["-c", include_str!("python/sds.py"), &uri]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report.get("error").is_none(), "{report}");
+    let report = python_report(UID, &python, include_str!("python/sds.py"), &[&uri]);
     assert_eq!(report["names"], serde_json::json!(["ROOTCA", "default"]));
     for svid in ["first", "rotated"] {
         assert_eq!(

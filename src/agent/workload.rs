@@ -275,6 +275,40 @@ impl WorkloadService {
         }
     }
 
+    /// Admits the caller of a call that may issue: refused while the agent drains, attested,
+    /// and recorded as refused if attestation fails.
+    pub(super) async fn admit<T>(&self, request: &Request<T>) -> Result<CallerFacts, Status> {
+        if self.shutdown.is_triggered() {
+            return Err(ServeError::ShuttingDown.into_status());
+        }
+        self.attest(request)
+            .await
+            .map_err(|e| self.refused(None, e))
+    }
+
+    /// [`Self::identities`] for a stream: each policy refusal is recorded once per stream, when
+    /// it first happens.
+    pub(super) fn stream_identities(
+        &self,
+        facts: &CallerFacts,
+        lease: &mut Lease,
+        refusals: &mut StreamRefusals,
+    ) -> Result<Identities, ServeError> {
+        let identities = self.identities(facts, lease, &mut refusals.current);
+        let now: Vec<String> = refusals.current.iter().map(|(id, _)| id.clone()).collect();
+        if now != refusals.recorded {
+            let new: Vec<_> = refusals
+                .current
+                .iter()
+                .filter(|(id, _)| !refusals.recorded.contains(id))
+                .cloned()
+                .collect();
+            self.record_refusals(facts, &new);
+            refusals.recorded = now;
+        }
+        identities
+    }
+
     /// The entries of `entries` whose identities the caller may have now, its task's first; with
     /// a policy set, only those it permits, the others returned in `refused`. `NoIdentity` when
     /// none is left.
@@ -517,6 +551,15 @@ fn json_value(value: serde_json::Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
+/// A stream's policy refusals: those of its last resolution, and those already recorded.
+#[derive(Default)]
+pub(super) struct StreamRefusals {
+    /// Entry ids and decisions of the last resolution's refusals.
+    current: Vec<(String, crate::policy::Decision)>,
+    /// Entry ids whose refusal this stream has recorded.
+    recorded: Vec<String>,
+}
+
 /// The connection a request came on, if it came through the agent's accept loop.
 pub(super) fn peer_of<T>(request: &Request<T>) -> Option<PeerInfo> {
     request.extensions().get::<PeerInfo>().cloned()
@@ -586,40 +629,21 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        if self.shutdown.is_triggered() {
-            return Err(ServeError::ShuttingDown.into_status());
-        }
-        let facts = self
-            .attest(&request)
-            .await
-            .map_err(|e| self.refused(None, e))?;
+        let facts = self.admit(&request).await?;
         let generation = self.cache.subscribe();
         let mut lease = self.cache.lease();
-        let mut refused = Vec::new();
-        let first = self.identities(&facts, &mut lease, &mut refused);
-        self.record_refusals(&facts, &refused);
-        let first = first.map_err(|e| self.refused(Some(&facts), e))?;
+        let mut refusals = StreamRefusals::default();
+        let first = self
+            .stream_identities(&facts, &mut lease, &mut refusals)
+            .map_err(|e| self.refused(Some(&facts), e))?;
         tracing::debug!(pid = facts.pid, uid = facts.uid, exe = %facts.exe_path, svids = first.svids.len(), "serving X.509-SVIDs");
         let mut last = fingerprint(&first);
-        let mut reported: Vec<String> = refused.iter().map(|(id, _)| id.clone()).collect();
         let message = svid_response(&first);
         self.record_uses(&first, &facts);
         let service = self.clone();
         let peer = peer_of(&request);
         let stream = self.spawn_stream(peer, generation, message, move || {
-            let ids = service.identities(&facts, &mut lease, &mut refused);
-            // A refusal is recorded once per stream, when it first happens.
-            let now_refused: Vec<String> = refused.iter().map(|(id, _)| id.clone()).collect();
-            if now_refused != reported {
-                let new: Vec<_> = refused
-                    .iter()
-                    .filter(|(id, _)| !reported.contains(id))
-                    .cloned()
-                    .collect();
-                service.record_refusals(&facts, &new);
-                reported = now_refused;
-            }
-            let ids = ids?;
+            let ids = service.stream_identities(&facts, &mut lease, &mut refusals)?;
             let now = fingerprint(&ids);
             if now == last {
                 return Ok(None);
@@ -671,13 +695,7 @@ impl SpiffeWorkloadApi for WorkloadService {
                 Status::invalid_argument(format!("spiffe_id {text:?} is not a SPIFFE ID: {e}"))
             })?),
         };
-        if self.shutdown.is_triggered() {
-            return Err(ServeError::ShuttingDown.into_status());
-        }
-        let facts = self
-            .attest(&request)
-            .await
-            .map_err(|e| self.refused(None, e))?;
+        let facts = self.admit(&request).await?;
         let entries = self.cache.entries();
         let mut refused = Vec::new();
         let permitted = self.permitted(&entries, &facts, &mut refused);

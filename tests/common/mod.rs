@@ -141,6 +141,22 @@ pub fn run_as(uid: u32, program: &Path, args: &[&str]) -> Output {
     command.output().unwrap()
 }
 
+/// Runs the Python `script` as `uid` with `args` and returns the one JSON object it prints,
+/// failing the test if the script fails or reports an `error`.
+pub fn python_report(uid: u32, python: &Path, script: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["-c", script];
+    all.extend_from_slice(args);
+    let out = run_as(uid, python, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report.get("error").is_none(), "{report}");
+    report
+}
+
 /// Splits concatenated DER certificates.
 pub fn split_der(mut bytes: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();

@@ -20,9 +20,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::cache::Lease;
 use super::endpoint::OpenStream;
-use super::workload::{ServeError, WorkloadService, peer_of};
+use super::workload::{ServeError, StreamRefusals, WorkloadService, peer_of};
 use crate::attest::CallerFacts;
-use crate::policy::Decision;
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -99,20 +98,12 @@ impl SdsService {
     /// Attests the caller of `request` and checks that it may have something: an identity, or
     /// bundles.
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        if self.workload.shutdown().is_triggered() {
-            return Err(ServeError::ShuttingDown.into_status());
-        }
-        let facts = self
-            .workload
-            .attest(request)
-            .await
-            .map_err(|e| self.workload.refused(None, e))?;
+        let facts = self.workload.admit(request).await?;
         let mut caller = Caller {
             service: self.clone(),
             lease: self.workload.cache().lease(),
             facts,
-            refused: Vec::new(),
-            reported: Vec::new(),
+            refusals: StreamRefusals::default(),
             plain: self.options.disable_spiffe_cert_validation,
         };
         if let Err(e) = caller.with_available(|_| ()) {
@@ -152,10 +143,8 @@ struct Caller {
     facts: CallerFacts,
     /// Keeps the caller's SVIDs in the cache while the call lasts.
     lease: Lease,
-    /// The policy's refusals at the last resolution (entry id and decision).
-    refused: Vec<(String, Decision)>,
-    /// Entries whose refusal has been recorded for this call, so that each is recorded once.
-    reported: Vec<String>,
+    /// The policy's refusals, each recorded once per call.
+    refusals: StreamRefusals,
     /// Validation contexts as plain `trusted_ca`.
     plain: bool,
 }
@@ -172,18 +161,8 @@ impl Caller {
     /// verifier entitled to bundles only), the bundle and the CRLs.
     fn with_available<R>(&mut self, f: impl FnOnce(&Available<'_>) -> R) -> Result<R, SdsError> {
         let workload = &self.service.workload;
-        let identities = workload.identities(&self.facts, &mut self.lease, &mut self.refused);
-        let now_refused: Vec<String> = self.refused.iter().map(|(id, _)| id.clone()).collect();
-        if now_refused != self.reported {
-            let new: Vec<_> = self
-                .refused
-                .iter()
-                .filter(|(id, _)| !self.reported.contains(id))
-                .cloned()
-                .collect();
-            workload.record_refusals(&self.facts, &new);
-            self.reported = now_refused;
-        }
+        let identities =
+            workload.stream_identities(&self.facts, &mut self.lease, &mut self.refusals);
         let cache = workload.cache();
         let identities = match identities {
             Ok(identities) => Some(identities),
@@ -249,10 +228,8 @@ struct Session {
     node: Option<Node>,
     /// The first request has come.
     started: bool,
-    /// Nonces handed out on this stream.
+    /// Responses sent on this stream; the last one's nonce is this number.
     nonces: u64,
-    /// The nonce of the last response.
-    last_nonce: Option<String>,
 }
 
 impl Session {
@@ -282,7 +259,7 @@ impl Session {
 
     /// Whether a request answers the last response (`nonce` empty: it answers none).
     fn answers_last(&self, nonce: &str) -> bool {
-        self.last_nonce.as_deref() == Some(nonce)
+        self.nonces > 0 && nonce == self.nonces.to_string()
     }
 
     /// Logs the client's rejection of the last response.
@@ -296,12 +273,10 @@ impl Session {
         );
     }
 
-    /// The nonce of a new response, remembered as the last.
+    /// The nonce of a new response, which becomes the last.
     fn next_nonce(&mut self) -> String {
         self.nonces += 1;
-        let nonce = self.nonces.to_string();
-        self.last_nonce = Some(nonce.clone());
-        nonce
+        self.nonces.to_string()
     }
 }
 
