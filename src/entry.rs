@@ -13,6 +13,10 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 pub const MIN_X509_TTL: Duration = Duration::from_secs(2);
 /// The longest X.509-SVID lifetime anything accepts (a server may configure a lower limit).
 pub const MAX_X509_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The shortest JWT-SVID lifetime an entry or an agent may ask for.
+pub const MIN_JWT_TTL: Duration = Duration::from_secs(10);
+/// The longest JWT-SVID lifetime anything accepts (a server may configure a lower limit).
+pub const MAX_JWT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest owner, in bytes: a team, a person or a ticket queue.
 pub const MAX_OWNER_LEN: usize = 256;
 /// Longest purpose, in bytes: a sentence or two.
@@ -65,6 +69,8 @@ pub struct RegistrationEntry {
     pub selectors: SelectorSet,
     /// Lifetime of each X.509-SVID minted for the entry.
     pub x509_ttl: Duration,
+    /// Lifetime of each JWT-SVID; `None`: the agent's `[jwt] ttl`.
+    pub jwt_ttl: Option<Duration>,
     /// Who answers for this identity.
     pub owner: String,
     /// What the identity is for.
@@ -143,6 +149,8 @@ pub struct EntryFields {
     pub selectors: Vec<String>,
     /// SVID lifetime.
     pub x509_ttl: Duration,
+    /// JWT-SVID lifetime, when the entry sets one.
+    pub jwt_ttl: Option<Duration>,
     /// Who answers for the identity.
     pub owner: String,
     /// What it is for.
@@ -222,6 +230,19 @@ impl EntryFields {
                 ),
             ));
         }
+        if let Some(ttl) = self.jwt_ttl
+            && !(MIN_JWT_TTL..=MAX_JWT_TTL).contains(&ttl)
+        {
+            return Err(FieldError::new(
+                "jwt_ttl",
+                humantime::format_duration(ttl).to_string(),
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(MIN_JWT_TTL),
+                    humantime::format_duration(MAX_JWT_TTL)
+                ),
+            ));
+        }
         for (field, value, max) in [
             ("owner", &self.owner, MAX_OWNER_LEN),
             ("purpose", &self.purpose, MAX_PURPOSE_LEN),
@@ -278,6 +299,7 @@ impl EntryFields {
             spiffe_id,
             selectors,
             x509_ttl: self.x509_ttl,
+            jwt_ttl: self.jwt_ttl,
             owner: self.owner,
             purpose: self.purpose,
             expires_at: self.expires_at,
@@ -583,6 +605,7 @@ pub(crate) mod tests {
             spiffe_id: SpiffeId::parse_workload(spiffe_id).unwrap(),
             selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
             x509_ttl: Duration::from_secs(300),
+            jwt_ttl: None,
             owner: "team".into(),
             purpose: "test".into(),
             expires_at: None,

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,26 +15,6 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-
-/// An example program, as `cargo build --examples` leaves it (scripts/test.sh builds them
-/// first: the `NAME-<hash>` file a test build leaves is the example's test harness, not the
-/// program).
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/mtls_example-HASH -> target/<profile>/examples/NAME
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build the examples first (cargo build --examples; scripts/test.sh does)",
-        path.display()
-    );
-    path.canonicalize().unwrap()
-}
 
 /// A child process whose output is collected as it comes, killed when dropped.
 struct Running {

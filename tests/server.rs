@@ -297,17 +297,43 @@ async fn entries_pinned_to_a_node_are_served_by_that_node_only() {
         [spiffe_id("/everywhere")]
     );
 
-    // JWT-SVIDs are signed by standalone agents only, for now: a node says so.
+    // JWT-SVIDs: one per identity of the caller, signed by the server, checked on the other
+    // node; a node never gets one for an identity pinned elsewhere.
     let mut client = tessera::cli::client::connect(&a.uri()).await.unwrap();
-    let status = client
+    let tokens = client
         .fetch_jwtsvid(tessera::proto::workload::JwtsvidRequest {
             audience: vec!["api".into()],
             spiffe_id: String::new(),
         })
         .await
+        .unwrap()
+        .into_inner()
+        .svids;
+    let mut ids: Vec<String> = tokens.iter().map(|t| t.spiffe_id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, [spiffe_id("/everywhere"), spiffe_id("/pinned")]);
+    let pinned = tokens
+        .iter()
+        .find(|t| t.spiffe_id == spiffe_id("/pinned"))
+        .unwrap();
+    let mut on_b = tessera::cli::client::connect(&b.uri()).await.unwrap();
+    let valid = on_b
+        .validate_jwtsvid(tessera::proto::workload::ValidateJwtsvidRequest {
+            audience: "api".into(),
+            svid: pinned.svid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(valid.spiffe_id, spiffe_id("/pinned"));
+    let status = on_b
+        .fetch_jwtsvid(tessera::proto::workload::JwtsvidRequest {
+            audience: vec!["api".into()],
+            spiffe_id: spiffe_id("/pinned"),
+        })
+        .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("standalone"), "{status:?}");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -325,10 +351,29 @@ async fn agents_serve_through_a_server_outage_and_restart_then_resync() {
     );
     create_entry(&server, "/steady", &[]);
     wait_for_identity(&agent, &spiffe_id("/steady")).await;
+    let jwt = |audience: &str| {
+        let uri = agent.uri();
+        let audience = audience.to_owned();
+        async move {
+            let mut client = tessera::cli::client::connect(&uri).await.unwrap();
+            client
+                .fetch_jwtsvid(tessera::proto::workload::JwtsvidRequest {
+                    audience: vec![audience],
+                    spiffe_id: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().svids[0].svid.clone())
+        }
+    };
+    let token = jwt("api").await.unwrap();
 
     // Server down: the agent keeps serving, also across its own restart (from disk).
     server.kill();
     wait_for_identity(&agent, &spiffe_id("/steady")).await;
+    // A token it holds is still handed out; a new audience needs the server.
+    assert_eq!(jwt("api").await.unwrap(), token);
+    let status = jwt("new-audience").await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     agent.kill();
     agent.spawn_again();
     agent.wait_ready();
@@ -343,6 +388,15 @@ async fn agents_serve_through_a_server_outage_and_restart_then_resync() {
         "{}",
         agent.logs()
     );
+    // The server's JWT keys came back from disk too: the token still validates.
+    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    client
+        .validate_jwtsvid(tessera::proto::workload::ValidateJwtsvidRequest {
+            audience: "api".into(),
+            svid: token.clone(),
+        })
+        .await
+        .unwrap();
 
     // Server back: the agent reconnects on its own and learns what changed meanwhile.
     server.restart();
@@ -1121,5 +1175,72 @@ async fn an_orderly_stop_of_agent_and_server_logs_no_warnings() {
         server.logs().contains("server stopped"),
         "{}",
         server.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_mode_wits_are_signed_by_the_server_and_accounted_for() {
+    use tokio_stream::StreamExt;
+    let dir = world_dir();
+    let server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let mut agent = AgentProcess::spawn_with(
+        dir.path(),
+        "agent",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+        "[wit]\nenabled = true",
+    );
+    agent.wait_ready();
+    create_entry(&server, "/witness", &[]);
+    wait_for_identity(&agent, &spiffe_id("/witness")).await;
+
+    let mut client = tessera::cli::client::connect(&agent.uri()).await.unwrap();
+    let wit = client
+        .fetch_witsvid(tessera::proto::workload::WitsvidRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .svids
+        .remove(0);
+    let bundles = client
+        .fetch_wit_bundles(tessera::proto::workload::WitBundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let set: tessera::jwt::JwkSet =
+        serde_json::from_str(bundles.bundles.values().next().unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let valid = tessera::jwt::wit::validate_wit(&wit.wit_svid, now, |_| Some(&set)).unwrap();
+    assert_eq!(valid.spiffe_id.as_str(), spiffe_id("/witness"));
+    // The server signed it (its key is the bundle's) and recorded it before handing it out.
+    let listed = server.admin_json(&["jwt", "list"]);
+    let record = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["jti"] == valid.jti.as_deref().unwrap())
+        .unwrap_or_else(|| panic!("the WIT in the inventory: {listed}"));
+    assert_eq!(record["audience"], serde_json::json!([]), "{record}");
+    let issued = server.admin_json(&["events", "list", "--kind", "jwt_issued"]);
+    assert!(
+        issued.as_array().unwrap().iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("WIT-SVID signed by server")),
+        "{issued}"
     );
 }

@@ -192,6 +192,7 @@ fn an_evicted_nodes_credentials_are_refused_on_the_other_node() {
     let (issued, serial) = fetch(&c.a, c.dir.path(), "a");
     let cert = issued.join("svid.pem");
     assert!(verify_on(&c.b, &cert).status.success());
+    let (token, _) = fetch_jwt(&c.a, "api");
     // The issuance is on record before the node goes.
     revoke_wait_for_inventory(&c.server, &serial);
 
@@ -209,6 +210,8 @@ fn an_evicted_nodes_credentials_are_refused_on_the_other_node() {
     let (files, _) = fetch(&c.b, c.dir.path(), "b-files");
     let refused = openssl_verify(&files, &cert);
     assert!(refused.contains("certificate revoked"), "{refused}");
+    // And the JWT-SVIDs signed for it.
+    jwt_refused_on(&c.b, "api", &token);
 
     // The node reported what it recorded up to its eviction before forgetting its credentials.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -411,4 +414,181 @@ fn an_envoy_on_another_node_refuses_a_revoked_svid_with_the_crls_sds_pushes() {
                 .await;
         }
     });
+}
+
+/// `tessera jwt fetch` on `agent` for `audience`, retried while the node has no entries yet;
+/// the token and its `jti`.
+fn fetch_jwt(agent: &AgentProcess, audience: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = tessera(&[
+            "jwt",
+            "fetch",
+            "--socket",
+            &agent.uri(),
+            "--audience",
+            audience,
+            "--output",
+            "json",
+        ]);
+        if out.status.success() {
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let token = json["token"].as_str().unwrap().to_owned();
+            let jti = jws_part(&token, 1)["jti"].as_str().unwrap().to_owned();
+            return (token, jti);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no JWT-SVID on {}: {out:?}\n{}",
+            agent.uri(),
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `exp - iat` of `token`.
+fn lifetime(token: &str) -> i64 {
+    let claims = jws_part(token, 1);
+    claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap()
+}
+
+/// `tessera jwt validate` on `agent`: its exit code and what it printed.
+fn validate_jwt_on(agent: &AgentProcess, audience: &str, token: &str) -> (Option<i32>, String) {
+    let out = tessera(&[
+        "jwt",
+        "validate",
+        "--socket",
+        &agent.uri(),
+        "--audience",
+        audience,
+        token,
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// Polls validation on `agent` until it refuses `token` as revoked, for at most 10 s; how long
+/// that took.
+fn jwt_refused_on(agent: &AgentProcess, audience: &str, token: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (code, text) = validate_jwt_on(agent, audience, token);
+        if code == Some(1) {
+            assert!(text.contains("revoked"), "{text}");
+            return start.elapsed();
+        }
+        assert_eq!(code, Some(0), "{text}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still valid after 10 s\n{}",
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn server_signed_jwts_are_revoked_by_jti_and_with_their_entry_on_every_node() {
+    let c = cluster("");
+    let (token, jti) = fetch_jwt(&c.a, "api");
+    // Signed by the server: node b knows the key from its own sync stream.
+    assert_eq!(validate_jwt_on(&c.b, "api", &token).0, Some(0));
+    assert_eq!(
+        fetch_jwt(&c.a, "api").1,
+        jti,
+        "a repeat fetch is served from the cache"
+    );
+    let (other, other_jti) = fetch_jwt(&c.a, "db");
+    assert_ne!(other_jti, jti);
+    assert_eq!(
+        lifetime(&token),
+        300,
+        "the agent's [jwt] ttl, under the server's max_ttl"
+    );
+
+    // An entry's own jwt_ttl wins; the server's max_ttl bounds it.
+    let entries = c.server.admin_json(&["entry", "list"]);
+    let entry_id = entries[0]["id"].as_str().unwrap().to_owned();
+    let too_long = c
+        .server
+        .admin(&["entry", "update", &entry_id, "--jwt-ttl", "2h"]);
+    assert_eq!(too_long.status.code(), Some(2), "{too_long:?}");
+    assert!(
+        String::from_utf8_lossy(&too_long.stderr).contains("jwt.max_ttl"),
+        "{too_long:?}"
+    );
+    c.server
+        .admin_json(&["entry", "update", &entry_id, "--jwt-ttl", "90s"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while lifetime(&fetch_jwt(&c.a, &format!("short-{n}")).0) != 90 {
+        assert!(
+            Instant::now() < deadline,
+            "the entry's jwt_ttl never applied"
+        );
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let revoked = c
+        .server
+        .admin_json(&["jwt", "revoke", &jti, "--reason", "leaked in a log"]);
+    assert_eq!(revoked["already_revoked"], false, "{revoked}");
+    let took = jwt_refused_on(&c.b, "api", &token);
+    eprintln!("revocation by jti reached node b's validation in {took:?}");
+    assert_eq!(
+        validate_jwt_on(&c.b, "db", &other).0,
+        Some(0),
+        "only that token is revoked"
+    );
+    let again = c
+        .server
+        .admin_json(&["jwt", "revoke", &jti, "--reason", "twice"]);
+    assert_eq!(again["already_revoked"], true, "{again}");
+    let unknown = c
+        .server
+        .admin(&["jwt", "revoke", "no-such-jti", "--reason", "typo"]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+
+    // Deleting the entry revokes its other tokens everywhere.
+    let deleted = c.server.admin(&["entry", "delete", &entry_id]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    jwt_refused_on(&c.b, "db", &other);
+
+    // Issuance and revocation are on record once each, with the jti.
+    let issued = c
+        .server
+        .admin_json(&["events", "list", "--kind", "jwt_issued"]);
+    let issued = issued.as_array().unwrap();
+    assert_eq!(issued.len(), 3 + n, "one event per token: {issued:?}");
+    assert!(issued.iter().any(|e| e["jti"] == jti.as_str()));
+    let revocations = c
+        .server
+        .admin_json(&["events", "list", "--kind", "jwt_revoked"]);
+    let reasons: Vec<(&str, &str)> = revocations
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["jti"].as_str().unwrap(), e["reason"].as_str().unwrap()))
+        .collect();
+    assert!(reasons.contains(&(jti.as_str(), "operator")), "{reasons:?}");
+    assert!(
+        reasons.contains(&(other_jti.as_str(), "entry_removed")),
+        "{reasons:?}"
+    );
+    let listed = c.server.admin_json(&["jwt", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 3 + n, "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["reason"].is_string()),
+        "{listed}"
+    );
 }

@@ -354,3 +354,73 @@ fn a_task_survives_an_agent_restart_while_the_server_is_down() {
     );
     let _ = runner.wait();
 }
+
+#[test]
+fn a_tasks_jwt_is_refused_on_another_node_once_the_task_ends() {
+    // The directory holds the sockets: it must outlive the test.
+    let Cluster {
+        dir: _dir,
+        server,
+        a,
+        b,
+    } = cluster();
+    let uri = a.uri();
+    let mut args = task_run_args(&uri, "coder");
+    args.extend([
+        env!("CARGO_BIN_EXE_tessera"),
+        "jwt",
+        "fetch",
+        "--socket",
+        &uri,
+        "--audience",
+        "api",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let token = loop {
+        let ran = tessera(&args);
+        if ran.status.success() {
+            break String::from_utf8(ran.stdout).unwrap().trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "{ran:?}\n{}", a.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The command exited, so its task ended: node b refuses the task's token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = tessera(&[
+            "jwt",
+            "validate",
+            "--socket",
+            &b.uri(),
+            "--audience",
+            "api",
+            &token,
+        ]);
+        if out.status.code() == Some(1) {
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(why.contains("revoked"), "{why}");
+            break;
+        }
+        assert!(out.status.success(), "{out:?}");
+        assert!(Instant::now() < deadline, "still valid on b\n{}", b.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed = server.admin_json(&["jwt", "list"]);
+    // The task's token (its process also matches the standing /verifier: a token of its own,
+    // untouched).
+    let token_record = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["task_id"] != "")
+        .expect("the task's token in the inventory");
+    assert_eq!(token_record["reason"], "task_ended", "{listed}");
+    assert!(
+        token_record["spiffe_id"]
+            .as_str()
+            .unwrap()
+            .contains("/coder/task/"),
+        "{listed}"
+    );
+    assert_eq!(token_record["entry_id"], "coder", "{listed}");
+}

@@ -225,11 +225,14 @@ pub enum Scenario {
     PolicyCost,
     /// Cached FetchJWTSVID against cached FetchX509SVID; ValidateJWTSVID; a new audience.
     JwtFetch,
+    /// JWT-SVIDs signed by a server: a new audience, and revocation by `jti` to refusal on
+    /// another node.
+    JwtServer,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
@@ -243,6 +246,7 @@ impl Scenario {
         Scenario::TaskCascade,
         Scenario::PolicyCost,
         Scenario::JwtFetch,
+        Scenario::JwtServer,
     ];
 
     /// The name in reports and on the command line.
@@ -261,6 +265,7 @@ impl Scenario {
             Scenario::TaskCascade => "task_cascade",
             Scenario::PolicyCost => "policy_cost",
             Scenario::JwtFetch => "jwt_fetch",
+            Scenario::JwtServer => "jwt_server",
         }
     }
 }

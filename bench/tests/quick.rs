@@ -66,7 +66,8 @@ fn quick_benchmark_writes_a_complete_report() {
             "task_start",
             "task_cascade",
             "policy_cost",
-            "jwt_fetch"
+            "jwt_fetch",
+            "jwt_server",
         ]
     );
     for scenario in report["scenarios"].as_array().unwrap() {
@@ -126,7 +127,8 @@ fn quick_benchmark_writes_a_complete_report() {
                     "task_start.png",
                     "task_cascade.png",
                     "policy_cost.png",
-                    "jwt_fetch.png"
+                    "jwt_fetch.png",
+                    "jwt_server.png",
                 ]
             );
             for file in charts {

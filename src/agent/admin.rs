@@ -13,10 +13,11 @@ use super::tasks::service::to_proto;
 use crate::proto::tessera::admin_server::Admin;
 use crate::proto::tessera::{
     Bundle, CreateEntryRequest, CreateJoinTokenRequest, EndTaskOrderRequest, Entry, EntryRequest,
-    EventFilter, GetBundleRequest, GetInventoryRequest, Inventory, JoinToken, ListEntriesRequest,
-    ListEntriesResponse, ListEventsResponse, ListNodesRequest, ListNodesResponse, ListTasksRequest,
-    ListTasksResponse, NodeInfo, NodeRequest, RevocationReason, RevokeEntryRequest, RevokeResponse,
-    RevokeSvidRequest, StoredEvent, SvidInfo, TaskEndReason, UpdateEntryRequest,
+    EventFilter, GetBundleRequest, GetInventoryRequest, Inventory, JoinToken, JwtInfo,
+    ListEntriesRequest, ListEntriesResponse, ListEventsResponse, ListJwtsRequest, ListJwtsResponse,
+    ListNodesRequest, ListNodesResponse, ListTasksRequest, ListTasksResponse, NodeInfo,
+    NodeRequest, RevocationReason, RevokeEntryRequest, RevokeJwtRequest, RevokeJwtResponse,
+    RevokeResponse, RevokeSvidRequest, StoredEvent, SvidInfo, TaskEndReason, UpdateEntryRequest,
 };
 use crate::proto::tessera::{
     GetPolicyRequest, ListPolicyVersionsRequest, ListPolicyVersionsResponse, Policy,
@@ -32,12 +33,18 @@ pub struct AgentAdmin {
     cache: Arc<IdentityCache>,
     /// The agent's tasks, which an operator may end.
     tasks: Arc<TaskRegistry>,
+    /// The agent's JWT-SVID signer, whose tokens an operator may revoke.
+    jwt: Arc<super::jwt::JwtAuthority>,
 }
 
 impl AgentAdmin {
-    /// Revokes through `cache`, ends tasks through `tasks`.
-    pub fn new(cache: Arc<IdentityCache>, tasks: Arc<TaskRegistry>) -> Self {
-        Self { cache, tasks }
+    /// Revokes through `cache` and `jwt`, ends tasks through `tasks`.
+    pub fn new(
+        cache: Arc<IdentityCache>,
+        tasks: Arc<TaskRegistry>,
+        jwt: Arc<super::jwt::JwtAuthority>,
+    ) -> Self {
+        Self { cache, tasks, jwt }
     }
 }
 
@@ -88,6 +95,34 @@ type TailStream =
 
 #[tonic::async_trait]
 impl Admin for AgentAdmin {
+    async fn revoke_jwt(
+        &self,
+        request: Request<RevokeJwtRequest>,
+    ) -> Result<Response<RevokeJwtResponse>, Status> {
+        let request = request.into_inner();
+        let reason = checked_reason(&request.reason)?;
+        let revoked = self
+            .jwt
+            .revoke_jti(&request.jti, reason)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        tracing::info!(target: "tessera::audit", jti = %request.jti, %reason, "JWT-SVID revoked by an operator");
+        Ok(Response::new(RevokeJwtResponse {
+            jwt: Some(JwtInfo {
+                jti: request.jti,
+                reason: "operator".into(),
+                ..Default::default()
+            }),
+            already_revoked: !revoked,
+        }))
+    }
+
+    async fn list_jwts(
+        &self,
+        _request: Request<ListJwtsRequest>,
+    ) -> Result<Response<ListJwtsResponse>, Status> {
+        Err(servers_only("ListJwts (the JWT-SVID inventory)"))
+    }
+
     async fn set_policy(
         &self,
         _request: Request<SetPolicyRequest>,

@@ -78,6 +78,7 @@ fn serve_admin(
     path: &std::path::Path,
     cache: Arc<IdentityCache>,
     task_registry: Arc<TaskRegistry>,
+    jwt: Arc<JwtAuthority>,
     tasks: &Tasks,
     shutdown: &Shutdown,
 ) -> Result<(), AgentError> {
@@ -85,7 +86,7 @@ fn serve_admin(
     let own_uid = nix::unistd::geteuid().as_raw();
     let server = tonic::transport::Server::builder()
         .add_service(AdminServer::with_interceptor(
-            super::admin::AgentAdmin::new(cache, task_registry),
+            super::admin::AgentAdmin::new(cache, task_registry, jwt),
             move |request| crate::runtime::admin::admit_administrator(request, own_uid, "agent"),
         ))
         .serve_with_incoming_shutdown(
@@ -127,7 +128,7 @@ pub enum AgentError {
     Revocations(#[from] RevocationError),
     /// The JWT-SVID signing key could not be loaded or made.
     #[error(transparent)]
-    JwtKey(#[from] super::jwt::JwtKeyError),
+    JwtKey(#[from] crate::jwt::KeyFileError),
     /// The event log could not be opened.
     #[error("events: {0}")]
     Events(#[source] LogError),
@@ -495,9 +496,34 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         "task registry",
         task_registry.clone().run(entries_rx, shutdown.signalled()),
     );
+    // Standalone, the agent is its trust domain's root and signs JWT-SVIDs itself; in server
+    // mode the server signs them.
+    let jwt = Arc::new(match &upstream {
+        Some(_) => JwtAuthority::upstream(
+            &config.state_dir,
+            config.trust_domain.clone(),
+            config.jwt,
+            recorder.clone(),
+        ),
+        None => JwtAuthority::load_or_create(
+            &config.state_dir,
+            config.trust_domain.clone(),
+            config.jwt,
+            recorder.clone(),
+        )?,
+    });
+    tasks.spawn_until_shutdown(
+        "JWT-SVID revocation",
+        revoke_jwts_of_gone_entries(jwt.clone(), cache.clone(), shutdown.signalled()),
+    );
+    tasks.spawn_until_shutdown(
+        "JWT-SVID refresh",
+        jwt.clone().run_refresh(shutdown.signalled()),
+    );
     if let (Some((upstream, credentials)), Some(spool)) = (upstream, spool) {
         let mut first_sync = entries_tx.subscribe();
         let seams = Seams {
+            jwt: jwt.clone(),
             entries: entries_tx,
             ca: ca_tx,
             cache: cache.clone(),
@@ -540,21 +566,6 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     }
 
     let attestor = Arc::new(Attestor::new(config.exe_hash_size_limit, options.pin_mode));
-    // A standalone agent is its trust domain's root: it signs JWT-SVIDs too.
-    let jwt = match &config.server {
-        Some(_) => None,
-        None => Some(Arc::new(JwtAuthority::load_or_create(
-            &config.state_dir,
-            config.trust_domain.clone(),
-            config.jwt,
-        )?)),
-    };
-    if let Some(jwt) = &jwt {
-        tasks.spawn_until_shutdown(
-            "JWT-SVID revocation",
-            revoke_jwts_of_gone_entries(jwt.clone(), cache.clone(), shutdown.signalled()),
-        );
-    }
     let service = WorkloadService::new(
         cache.clone(),
         attestor.clone(),
@@ -564,7 +575,8 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
         task_registry.clone(),
         gate.clone(),
     )
-    .with_jwt(jwt);
+    .with_jwt(jwt.clone())
+    .with_wit(config.wit);
     let tasks_service = TasksService::new(service.clone(), task_registry.clone(), node_id);
     // Envoy sends no `workload.spiffe.io` header: SDS callers are attested all the same.
     let sds_service = SdsService::new(service.clone(), config.sds);
@@ -643,6 +655,7 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
             path,
             cache.clone(),
             task_registry.clone(),
+            jwt.clone(),
             &tasks,
             &shutdown,
         )?;

@@ -113,6 +113,9 @@ pub struct AgentConfig {
     pub sds: crate::agent::sds::SdsOptions,
     /// Lifetime and cache of JWT-SVIDs (`[jwt]`).
     pub jwt: crate::agent::jwt::JwtOptions,
+    /// Serve the WIT-SVID profile (`[wit] enabled`; off by default while the profile is
+    /// Incubating).
+    pub wit: bool,
 }
 
 /// How an agent in server mode reaches and attests to its server.
@@ -187,6 +190,14 @@ struct RawConfig {
     sds: RawSds,
     #[serde(default)]
     jwt: RawJwt,
+    #[serde(default)]
+    wit: RawWit,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWit {
+    enabled: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -281,6 +292,8 @@ pub struct RawEntry {
     pub selectors: Vec<String>,
     /// SVID lifetime, e.g. `5m`.
     pub x509_ttl: String,
+    /// JWT-SVID lifetime, e.g. `10m`; absent: `[jwt] ttl`.
+    pub jwt_ttl: Option<String>,
     /// Who answers for the identity.
     pub owner: String,
     /// What it is for.
@@ -530,6 +543,7 @@ impl AgentConfig {
                 disable_spiffe_cert_validation: raw.sds.disable_spiffe_cert_validation,
             },
             jwt,
+            wit: raw.wit.enabled.unwrap_or(false),
         })
     }
 }
@@ -853,6 +867,13 @@ fn check_entry(
     let key = |field: &str| format!("entry[{index}].{field}");
     let x509_ttl = parse_duration(&raw.x509_ttl)
         .map_err(|r| ConfigError::invalid(file, &key("x509_ttl"), &raw.x509_ttl, r))?;
+    let jwt_ttl = match &raw.jwt_ttl {
+        None => None,
+        Some(text) => Some(
+            parse_duration(text)
+                .map_err(|r| ConfigError::invalid(file, &key("jwt_ttl"), text, r))?,
+        ),
+    };
     let expires_at = match &raw.expires_at {
         None => None,
         Some(text) => {
@@ -869,6 +890,7 @@ fn check_entry(
         spiffe_id: raw.spiffe_id,
         selectors: raw.selectors,
         x509_ttl,
+        jwt_ttl,
         owner: raw.owner,
         purpose: raw.purpose,
         expires_at,
@@ -1024,6 +1046,17 @@ purpose = "read replicas"
             let err = with(body).unwrap_err().to_string();
             assert!(err.contains(says), "{body}: {err}");
         }
+        assert!(!config.wit, "the WIT-SVID profile is off unless asked for");
+        let text = GOOD.replacen("\n[[entry]]", "\n[wit]\nenabled = true\n\n[[entry]]", 1);
+        assert!(AgentConfig::parse("agent.toml", &text).unwrap().wit);
+        let text = GOOD.replacen("\n[[entry]]", "\n[wit]\nenabled = \"yes\"\n\n[[entry]]", 1);
+        let err = AgentConfig::parse("agent.toml", &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agent.toml") && err.contains("enabled") && err.contains("boolean"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1138,6 +1171,16 @@ purpose = "read replicas"
                 "x509_ttl = \"5m\"",
                 "x509_ttl = \"1s\"",
                 "must be between 2s and 30days",
+            ),
+            (
+                "x509_ttl = \"5m\"",
+                "x509_ttl = \"5m\"\njwt_ttl = \"5 parsecs\"",
+                "entry[0].jwt_ttl = \"5 parsecs\": not a duration",
+            ),
+            (
+                "x509_ttl = \"5m\"",
+                "x509_ttl = \"5m\"\njwt_ttl = \"2d\"",
+                "entry[0].jwt_ttl = \"2days\": must be between 10s and 1day",
             ),
             ("owner = \"ml-platform\"", "owner = \" \"", "entry[0].owner"),
             (

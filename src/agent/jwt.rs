@@ -1,20 +1,28 @@
-//! JWT-SVIDs on a standalone agent: its signing key (kept in the state directory, so that a
-//! restart never adds a key to the bundle), the tokens it has minted, and the JWT bundle it
-//! serves and validates against.
+//! JWT-SVIDs on the agent: who signs them (the agent itself when standalone, with a key kept in
+//! its state directory; the server otherwise, over the node API), the tokens minted, the JWT
+//! bundle served and validated against, and the revoked tokens refused.
 //!
 //! A token is kept per entry and audience set and handed out again until half its life has
 //! passed; the cache holds at most `jwt.cache_size` of them, dropping the least recently used.
+//! Tokens in use are minted afresh in the background at half-life (`run_refresh`), so a repeat
+//! fetch never waits for the server; when the server cannot be reached, a token past half-life
+//! is still handed out until it expires.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use serde_json::{Map, Value};
+use tokio::sync::watch;
 
 use crate::entry::{EntrySet, RegistrationEntry};
-use crate::jwt::{JwkSet, JwtError, JwtKey, Validated};
+use crate::events::recorder::{JwtFacts, Recorder};
+use crate::jwt::{Jwk, JwkSet, JwtError, JwtKey, SvidClaims, Validated};
+use crate::proto::tessera::node_client::NodeClient;
+use crate::proto::tessera::{MintJwtSvidRequest, RevocationReason, TaskLink};
 use crate::spiffe::TrustDomain;
+
+pub use crate::jwt::KeyFileError as JwtKeyError;
 
 /// A token's lifetime unless `[jwt] ttl` says otherwise.
 pub const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
@@ -22,15 +30,22 @@ pub const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_JWT_CACHE_SIZE: usize = 1000;
 /// How often holders of the bundle should look for a newer one, in seconds.
 const BUNDLE_REFRESH_HINT: u64 = 300;
-/// The key file in the agent's state directory.
+/// The standalone agent's key file in its state directory.
 const KEY_FILE: &str = "jwt_key.pem";
+/// A server-mode agent's copy of the server's JWT keys and revocations, for restarts during
+/// an outage.
+const UPSTREAM_FILE: &str = "jwt_upstream.json";
 /// Verified tokens remembered at most (those expired are dropped first, then all).
 const MAX_VERIFIED: usize = 4096;
+/// How long a signing request to the server may take.
+const MINT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the refresher looks for tokens at half-life.
+const REFRESH_TICK: Duration = Duration::from_secs(1);
 
 /// How tokens are minted and kept (`[jwt]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JwtOptions {
-    /// Lifetime of a token.
+    /// Lifetime of a token (a server may cut it shorter).
     pub ttl: Duration,
     /// Tokens kept at most.
     pub cache_size: usize,
@@ -43,35 +58,6 @@ impl Default for JwtOptions {
             cache_size: DEFAULT_JWT_CACHE_SIZE,
         }
     }
-}
-
-/// Why the signing key could not be loaded or kept.
-#[derive(Debug, thiserror::Error)]
-pub enum JwtKeyError {
-    /// The key file exists but could not be read.
-    #[error("cannot read the JWT signing key {}: {source}", path.display())]
-    Read {
-        /// The key file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The key file does not hold a PKCS#8 P-256 key.
-    #[error("{}: {reason}; move it away to have a new key made", path.display())]
-    Invalid {
-        /// The key file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A new key could not be made or saved.
-    #[error("cannot save a new JWT signing key to {}: {reason}", path.display())]
-    Write {
-        /// The key file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
 }
 
 /// One minted token as the cache keeps it.
@@ -94,108 +80,276 @@ impl Token {
     }
 }
 
+/// A cached token with what it takes to mint its successor.
+struct Cached {
+    token: Token,
+    /// The entry it was minted for.
+    entry: Arc<RegistrationEntry>,
+    /// Use stamp: orders the evictions.
+    used: u64,
+    /// Handed out since it was minted: only such tokens are refreshed in the background.
+    in_use: bool,
+}
+
+/// A cached token's key: the entry id and the sorted audience.
+type TokenKey = (String, Vec<String>);
+
 /// Tokens by entry and sorted audience, least recently used dropped first.
 #[derive(Default)]
 struct TokenCache {
-    tokens: HashMap<(String, Vec<String>), (Token, u64)>,
-    /// Bumped on every use; a token's use stamp orders the evictions.
+    tokens: HashMap<TokenKey, Cached>,
+    /// Bumped on every use.
     clock: u64,
 }
 
-/// The standalone agent's JWT-SVID signer and validator.
+/// Who signs.
+enum Signer {
+    /// The standalone agent, with its own key.
+    Local(JwtKey),
+    /// The server, over the node API channel of the current session (none while away).
+    Server(Mutex<Option<tonic::transport::Channel>>),
+}
+
+/// The JWT bundle as served, with its JSON.
+struct Bundle {
+    set: JwkSet,
+    json: Vec<u8>,
+}
+
+impl Bundle {
+    fn of(keys: Vec<Jwk>, sequence: u64) -> Self {
+        let set = JwkSet {
+            keys,
+            spiffe_sequence: Some(sequence),
+            spiffe_refresh_hint: Some(BUNDLE_REFRESH_HINT),
+        };
+        // A set of public keys always serialises.
+        let json = serde_json::to_vec(&set).unwrap_or_default();
+        Self { set, json }
+    }
+}
+
+/// What a server-mode agent keeps on disk of the server's JWT state.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct UpstreamState {
+    keys: Vec<Jwk>,
+    revoked: HashMap<String, i64>,
+}
+
+/// A token minted for an entry and not yet expired.
+struct Minted {
+    jti: String,
+    spiffe_id: String,
+    expires_at: i64,
+    task: Option<Arc<crate::ca::task::TaskClaims>>,
+}
+
+/// The agent's JWT-SVID signer and validator.
 pub struct JwtAuthority {
-    /// The signing key.
-    key: JwtKey,
+    /// Who signs.
+    signer: Signer,
     /// The trust domain whose tokens these are.
     trust_domain: TrustDomain,
-    /// The bundle: the signing key's public half.
-    bundle: JwkSet,
-    /// The bundle as JSON, as the Workload API sends it.
-    bundle_json: Vec<u8>,
     /// Lifetime and cache size.
     options: JwtOptions,
+    /// Where issuance, use and revocation events go.
+    recorder: Arc<Recorder>,
+    /// The bundle: the standalone key, or the server's keys as last synced.
+    bundle: RwLock<Arc<Bundle>>,
+    /// Moves on every change of the bundle, for FetchJWTBundles streams.
+    bundle_changes: watch::Sender<u64>,
     /// Tokens minted and not yet stale.
     cache: Mutex<TokenCache>,
     /// Tokens whose form and signature have been verified, by the SHA-256 of the token: a
     /// relying party validating the same bearer token on every request pays for the signature
-    /// once. Audience and time are checked on every call.
+    /// once. Audience, time and revocation are checked on every call.
     verified: Mutex<HashMap<[u8; 32], Arc<Validated>>>,
-    /// Every token minted and not yet expired, by entry id: its `jti` and `exp`.
-    minted: Mutex<HashMap<String, Vec<(String, i64)>>>,
-    /// Tokens revoked before their expiry: `jti` to `exp` (forgotten once expired).
+    /// Every token minted for this node and not yet expired, by entry id.
+    minted: Mutex<HashMap<String, Vec<Minted>>>,
+    /// Tokens revoked here: `jti` to `exp` (forgotten once expired).
     revoked: Mutex<HashMap<String, i64>>,
+    /// Tokens the server revoked, anywhere in the trust domain (server mode).
+    remote_revoked: RwLock<Arc<HashMap<String, i64>>>,
+    /// Where the server's state is kept (server mode).
+    upstream_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for JwtAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtAuthority")
-            .field("kid", &self.key.kid())
+            .field("local", &matches!(self.signer, Signer::Local(_)))
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
 
 impl JwtAuthority {
-    /// The authority with the key saved in `state_dir`, made and saved there (0600) first if
-    /// there is none.
+    /// A standalone agent's authority, with the key saved in `state_dir` (made and saved there,
+    /// 0600, first if there is none).
     pub fn load_or_create(
         state_dir: &Path,
         trust_domain: TrustDomain,
         options: JwtOptions,
+        recorder: Arc<Recorder>,
     ) -> Result<Self, JwtKeyError> {
-        let path = state_dir.join(KEY_FILE);
-        let key = match std::fs::read(&path) {
-            Ok(bytes) => read_key(&path, &bytes)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let write = |reason: String| JwtKeyError::Write {
-                    path: path.clone(),
-                    reason,
-                };
-                let key = JwtKey::generate().map_err(|e| write(e.to_string()))?;
-                let pem = zeroize::Zeroizing::new(crate::ca::to_pem("PRIVATE KEY", &[key.pkcs8()]));
-                std::fs::create_dir_all(state_dir).map_err(|e| write(e.to_string()))?;
-                crate::durable::write_atomically(&path, pem.as_bytes(), 0o600)
-                    .map_err(|e| write(e.to_string()))?;
-                tracing::info!(kid = key.kid(), file = %path.display(), "made a JWT signing key");
-                key
-            }
-            Err(source) => return Err(JwtKeyError::Read { path, source }),
-        };
-        Ok(Self::new(key, trust_domain, options))
+        let key = crate::jwt::load_or_create_key(&state_dir.join(KEY_FILE))?;
+        Ok(Self::new(key, trust_domain, options, recorder))
     }
 
-    /// The authority signing with `key`.
-    pub fn new(key: JwtKey, trust_domain: TrustDomain, options: JwtOptions) -> Self {
-        let bundle = JwkSet {
-            keys: vec![key.public_jwk().clone()],
-            spiffe_sequence: Some(1),
-            spiffe_refresh_hint: Some(BUNDLE_REFRESH_HINT),
-        };
-        // A set of one public key always serialises.
-        let bundle_json = serde_json::to_vec(&bundle).unwrap_or_default();
-        Self {
-            key,
-            trust_domain,
+    /// A standalone authority signing with `key`.
+    pub fn new(
+        key: JwtKey,
+        trust_domain: TrustDomain,
+        options: JwtOptions,
+        recorder: Arc<Recorder>,
+    ) -> Self {
+        let bundle = Bundle::of(vec![key.public_jwk().clone()], 1);
+        Self::with(
+            Signer::Local(key),
             bundle,
-            bundle_json,
+            trust_domain,
             options,
+            recorder,
+            None,
+        )
+    }
+
+    /// A server-mode agent's authority: tokens come from the server, the bundle and the
+    /// revocations from the sync stream (and from `state_dir` until it first arrives).
+    pub fn upstream(
+        state_dir: &Path,
+        trust_domain: TrustDomain,
+        options: JwtOptions,
+        recorder: Arc<Recorder>,
+    ) -> Self {
+        let path = state_dir.join(UPSTREAM_FILE);
+        let saved: UpstreamState = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %path.display(), error = %e, "saved JWT bundle unreadable; waiting for the server's");
+                UpstreamState::default()
+            }),
+            Err(_) => UpstreamState::default(),
+        };
+        let bundle = Bundle::of(saved.keys, 1);
+        let authority = Self::with(
+            Signer::Server(Mutex::new(None)),
+            bundle,
+            trust_domain,
+            options,
+            recorder,
+            Some(path),
+        );
+        *write(&authority.remote_revoked) = Arc::new(saved.revoked);
+        authority
+    }
+
+    fn with(
+        signer: Signer,
+        bundle: Bundle,
+        trust_domain: TrustDomain,
+        options: JwtOptions,
+        recorder: Arc<Recorder>,
+        upstream_file: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            signer,
+            trust_domain,
+            options,
+            recorder,
+            bundle: RwLock::new(Arc::new(bundle)),
+            bundle_changes: watch::channel(0).0,
             cache: Mutex::new(TokenCache::default()),
             verified: Mutex::new(HashMap::new()),
             minted: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
+            remote_revoked: RwLock::new(Arc::default()),
+            upstream_file,
         }
     }
 
     /// The JWT bundle as the Workload API sends it (a JWK Set, JSON).
-    pub fn bundle_json(&self) -> &[u8] {
-        &self.bundle_json
+    pub fn bundle_json(&self) -> Vec<u8> {
+        read(&self.bundle).json.clone()
+    }
+
+    /// A receiver that moves on every change of the bundle.
+    pub fn bundle_changes(&self) -> watch::Receiver<u64> {
+        self.bundle_changes.subscribe()
+    }
+
+    /// Uses the node API `channel` to ask the server for tokens (server mode).
+    pub(crate) fn connect(&self, channel: tonic::transport::Channel) {
+        if let Signer::Server(current) = &self.signer {
+            *lock(current) = Some(channel);
+        }
+    }
+
+    /// Takes the server's JWT keys (public JWKs, JSON) and revocations from a sync message,
+    /// keeping them on disk for restarts during an outage.
+    pub(crate) async fn apply_upstream(
+        &self,
+        keys: Option<Vec<String>>,
+        revoked: Option<Vec<(String, i64)>>,
+    ) {
+        if keys.is_none() && revoked.is_none() {
+            return;
+        }
+        if let Some(keys) = keys {
+            let parsed: Vec<Jwk> = keys
+                .iter()
+                .filter_map(|text| match serde_json::from_str::<Jwk>(text) {
+                    Ok(jwk) => Some(jwk),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the server sent a JWT key that does not parse; skipped");
+                        None
+                    }
+                })
+                .collect();
+            let changed = {
+                let mut bundle = write(&self.bundle);
+                let changed = bundle.set.keys != parsed;
+                if changed {
+                    let sequence = bundle.set.spiffe_sequence.unwrap_or(0) + 1;
+                    *bundle = Arc::new(Bundle::of(parsed, sequence));
+                }
+                changed
+            };
+            if changed {
+                // Tokens verified under a key that left the bundle must be checked again.
+                lock(&self.verified).clear();
+                self.bundle_changes.send_modify(|n| *n = n.wrapping_add(1));
+                tracing::info!(
+                    keys = read(&self.bundle).set.keys.len(),
+                    "JWT bundle synced from the server"
+                );
+            }
+        }
+        if let Some(revoked) = revoked {
+            *write(&self.remote_revoked) = Arc::new(revoked.into_iter().collect());
+        }
+        let Some(path) = self.upstream_file.clone() else {
+            return;
+        };
+        let state = UpstreamState {
+            keys: read(&self.bundle).set.keys.clone(),
+            revoked: (**read(&self.remote_revoked)).clone(),
+        };
+        let saved = tokio::task::spawn_blocking(move || {
+            let json = serde_json::to_vec(&state).unwrap_or_default();
+            crate::durable::write_atomically(&path, &json, 0o644)
+        })
+        .await;
+        if !matches!(saved, Ok(Ok(()))) {
+            tracing::warn!("cannot keep the server's JWT bundle on disk");
+        }
     }
 
     /// A token for `entry`'s identity and `audience` at `now`: the cached one unless it is past
-    /// half its life, else a new one. `true` with a token minted now.
-    pub fn token(
+    /// half its life, else a new one. `true` with a token minted now. With the server away, a
+    /// cached token past half-life is handed out until it expires.
+    pub async fn token(
         &self,
-        entry: &RegistrationEntry,
+        entry: &Arc<RegistrationEntry>,
         audience: &[String],
         now: SystemTime,
     ) -> Result<(Token, bool), JwtError> {
@@ -204,66 +358,285 @@ impl JwtAuthority {
         audience.sort();
         audience.dedup();
         let key = (entry.id.clone(), audience);
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = {
+            let mut cache = lock(&self.cache);
+            cache.clock += 1;
+            let stamp = cache.clock;
+            match cache.tokens.get_mut(&key) {
+                Some(cached) => {
+                    cached.used = stamp;
+                    cached.in_use = true;
+                    if !cached.token.stale(now_s) {
+                        return Ok((cached.token.clone(), false));
+                    }
+                    Some(cached.token.clone())
+                }
+                None => None,
+            }
+        };
+        match self.mint(entry, &key.1, now_s).await {
+            Ok(token) => {
+                self.keep(key, entry.clone(), token.clone(), true);
+                Ok((token, true))
+            }
+            Err(JwtError::Unavailable(why)) => match kept {
+                Some(token) if token.expires_at > now_s => {
+                    tracing::warn!(jti = %token.jti, reason = %why, "the server cannot sign now; handing out the cached JWT-SVID until it expires");
+                    Ok((token, false))
+                }
+                _ => Err(JwtError::Unavailable(why)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn keep(&self, key: TokenKey, entry: Arc<RegistrationEntry>, token: Token, in_use: bool) {
+        let mut cache = lock(&self.cache);
         cache.clock += 1;
         let stamp = cache.clock;
-        if let Some((token, used)) = cache.tokens.get_mut(&key)
-            && !token.stale(now_s)
-        {
-            *used = stamp;
-            return Ok((token.clone(), false));
-        }
-        let token = self.mint(entry, &key.1, now_s)?;
         if cache.tokens.len() >= self.options.cache_size && !cache.tokens.contains_key(&key) {
             let oldest = cache
                 .tokens
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, c)| c.used)
                 .map(|(k, _)| k.clone());
             if let Some(oldest) = oldest {
                 cache.tokens.remove(&oldest);
             }
         }
-        cache.tokens.insert(key, (token.clone(), stamp));
-        Ok((token, true))
+        cache.tokens.insert(
+            key,
+            Cached {
+                token,
+                entry,
+                used: stamp,
+                in_use,
+            },
+        );
     }
 
     /// Tokens in the cache now.
     pub fn cached_tokens(&self) -> usize {
-        self.cache.lock().map_or(0, |c| c.tokens.len())
+        lock(&self.cache).tokens.len()
     }
 
-    fn mint(
+    /// Mints a new token for `entry` and `audience` (sorted), signed here or by the server.
+    async fn mint(
         &self,
         entry: &RegistrationEntry,
         audience: &[String],
         now: i64,
     ) -> Result<Token, JwtError> {
-        let mut expires_at = now + self.options.ttl.as_secs() as i64;
-        if let Some(limit) = entry.expires_at {
-            expires_at = expires_at.min(crate::clock::unix_seconds(limit));
-        }
-        if expires_at <= now {
-            return Err(JwtError::Claims(
-                "the entry's registration has expired".into(),
-            ));
-        }
-        let jti = uuid::Uuid::now_v7().simple().to_string();
-        let claims = claims(entry, audience, now, expires_at, &jti);
-        let token = crate::jwt::mint(&self.key, &claims)?;
-        let mut minted = lock(&self.minted);
-        let of_entry = minted.entry(entry.id.clone()).or_default();
-        of_entry.retain(|(_, exp)| *exp > now);
-        of_entry.push((jti.clone(), expires_at));
-        Ok(Token {
-            token,
-            jti,
-            issued_at: now,
-            expires_at,
-        })
+        self.mint_for(entry, audience, None, now).await
     }
 
-    /// Validates `token` for `audience` at `now` against this trust domain's bundle.
+    /// A WIT-SVID for `entry`'s identity at `now`, bound to a key made for it alone: the token
+    /// and the holder's private key as a JWK. Never cached: every stream gets its own.
+    pub async fn wit(
+        &self,
+        entry: &RegistrationEntry,
+        now: SystemTime,
+    ) -> Result<(Token, zeroize::Zeroizing<String>), JwtError> {
+        let holder = JwtKey::generate()?;
+        let token = self
+            .mint_for(entry, &[], Some(&holder), crate::clock::unix_seconds(now))
+            .await?;
+        Ok((token, holder.private_jwk()?))
+    }
+
+    /// The WIT bundle: the JWT signing keys, for use `wit-svid`, as JSON.
+    pub fn wit_bundle_json(&self) -> String {
+        let bundle = read(&self.bundle).clone();
+        let set = JwkSet {
+            keys: bundle
+                .set
+                .keys
+                .iter()
+                .map(|k| k.with_use(crate::jwt::wit::WIT_SVID_USE))
+                .collect(),
+            spiffe_sequence: bundle.set.spiffe_sequence,
+            spiffe_refresh_hint: bundle.set.spiffe_refresh_hint,
+        };
+        // A set of public keys always serialises.
+        serde_json::to_string(&set).unwrap_or_default()
+    }
+
+    /// Mints a JWT-SVID for `audience`, or a WIT-SVID bound to `holder`.
+    async fn mint_for(
+        &self,
+        entry: &RegistrationEntry,
+        audience: &[String],
+        holder: Option<&JwtKey>,
+        now: i64,
+    ) -> Result<Token, JwtError> {
+        let task = entry.task.clone();
+        let chain: Vec<(String, String)> = task
+            .as_ref()
+            .map(|t| {
+                t.chain
+                    .iter()
+                    .map(|l| (l.task_id.clone(), l.spiffe_id.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let entry_id = task
+            .as_ref()
+            .map_or(entry.id.clone(), |t| t.entry_id.clone());
+        let token = match &self.signer {
+            Signer::Local(key) => {
+                let mut expires_at = now + self.ttl_of(entry).as_secs() as i64;
+                if let Some(limit) = entry.expires_at {
+                    expires_at = expires_at.min(crate::clock::unix_seconds(limit));
+                }
+                if expires_at <= now {
+                    return Err(JwtError::Claims(
+                        "the entry's registration has expired".into(),
+                    ));
+                }
+                let claims = SvidClaims {
+                    subject: entry.spiffe_id.to_string(),
+                    audience: audience.to_vec(),
+                    issued_at: now,
+                    expires_at,
+                    jti: crate::jwt::new_jti(),
+                    owner: entry.owner.clone(),
+                    purpose: task
+                        .as_ref()
+                        .map_or(entry.purpose.clone(), |t| t.purpose.clone()),
+                    entry_id: entry_id.clone(),
+                    task: task.as_ref().map(|t| (t.task_id.clone(), chain.clone())),
+                };
+                let token = match holder {
+                    None => crate::jwt::mint(key, &claims.to_json())?,
+                    Some(holder) => {
+                        crate::jwt::wit::mint_wit(key, &claims.to_wit_json(holder.public_jwk()))?
+                    }
+                };
+                let facts = JwtFacts {
+                    jti: &claims.jti,
+                    spiffe_id: &claims.subject,
+                    entry_id: &entry.id,
+                    expires_at,
+                    task: task.as_deref(),
+                };
+                self.recorder
+                    .jwt_issued(&facts, audience, None)
+                    .map_err(|e| JwtError::Key(format!("the issuance cannot be recorded: {e}")))?;
+                Token {
+                    token,
+                    jti: claims.jti,
+                    issued_at: now,
+                    expires_at,
+                }
+            }
+            Signer::Server(channel) => {
+                let channel = lock(channel)
+                    .clone()
+                    .ok_or_else(|| JwtError::Unavailable("not connected to the server".into()))?;
+                let request = MintJwtSvidRequest {
+                    entry_id,
+                    spiffe_id: entry.spiffe_id.to_string(),
+                    audience: audience.to_vec(),
+                    ttl_seconds: self.ttl_of(entry).as_secs() as i64,
+                    holder_jwk: holder
+                        .map(|h| serde_json::to_string(h.public_jwk()).unwrap_or_default())
+                        .unwrap_or_default(),
+                    task_id: task.as_ref().map(|t| t.task_id.clone()).unwrap_or_default(),
+                    chain: chain
+                        .into_iter()
+                        .map(|(task_id, spiffe_id)| TaskLink { task_id, spiffe_id })
+                        .collect(),
+                };
+                let mut client = NodeClient::new(channel);
+                let answer = tokio::time::timeout(MINT_TIMEOUT, client.mint_jwt_svid(request))
+                    .await
+                    .map_err(|_| {
+                        JwtError::Unavailable("the server did not answer in time".into())
+                    })?;
+                let minted = match answer {
+                    Ok(response) => response.into_inner(),
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::DeadlineExceeded
+                                | tonic::Code::Cancelled
+                                | tonic::Code::Unknown
+                        ) =>
+                    {
+                        return Err(JwtError::Unavailable(status.message().to_owned()));
+                    }
+                    Err(status) => {
+                        return Err(JwtError::Refused(format!(
+                            "the server refused to sign: {}",
+                            status.message()
+                        )));
+                    }
+                };
+                Token {
+                    token: minted.token,
+                    jti: minted.jti,
+                    issued_at: minted.issued_at,
+                    expires_at: minted.expires_at,
+                }
+            }
+        };
+        let mut minted = lock(&self.minted);
+        let of_entry = minted.entry(entry.id.clone()).or_default();
+        of_entry.retain(|m| m.expires_at > now);
+        of_entry.push(Minted {
+            jti: token.jti.clone(),
+            spiffe_id: entry.spiffe_id.to_string(),
+            expires_at: token.expires_at,
+            task,
+        });
+        Ok(token)
+    }
+
+    /// The lifetime of `entry`'s tokens: its own, else `[jwt] ttl`.
+    fn ttl_of(&self, entry: &RegistrationEntry) -> Duration {
+        entry.jwt_ttl.unwrap_or(self.options.ttl)
+    }
+
+    /// Counts a token handed to `caller`.
+    pub fn record_fetch(
+        &self,
+        entry: &RegistrationEntry,
+        token: &Token,
+        caller: &crate::attest::CallerFacts,
+    ) {
+        let spiffe_id = entry.spiffe_id.to_string();
+        let facts = JwtFacts {
+            jti: &token.jti,
+            spiffe_id: &spiffe_id,
+            entry_id: &entry.id,
+            expires_at: token.expires_at,
+            task: entry.task.as_deref(),
+        };
+        self.recorder.jwt_used(&facts, caller, "fetched");
+    }
+
+    /// Counts a validation for `caller` of a token that passed.
+    pub fn record_validation(&self, valid: &Validated, caller: &crate::attest::CallerFacts) {
+        let Some(jti) = &valid.jti else {
+            return;
+        };
+        let spiffe_id = valid.spiffe_id.to_string();
+        let entry_id = valid.claims["tessera"]["entry_id"]
+            .as_str()
+            .unwrap_or_default();
+        let facts = JwtFacts {
+            jti,
+            spiffe_id: &spiffe_id,
+            entry_id,
+            expires_at: valid.expires_at,
+            task: None,
+        };
+        self.recorder.jwt_used(&facts, caller, "validated");
+    }
+
+    /// Validates `token` for `audience` at `now` against the trust domain's bundle, refusing
+    /// revoked tokens.
     pub fn validate(
         &self,
         token: &str,
@@ -276,19 +649,15 @@ impl JwtAuthority {
                 .as_ref()
                 .try_into()
                 .unwrap_or_default();
-        let remembered = self
-            .verified
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
-            .cloned();
+        let remembered = lock(&self.verified).get(&digest).cloned();
         let valid = match remembered {
             Some(valid) => valid,
             None => {
+                let bundle = read(&self.bundle).clone();
                 let valid = Arc::new(crate::jwt::verify(token, now, |td| {
-                    (*td == self.trust_domain).then_some(&self.bundle)
+                    (*td == self.trust_domain).then_some(&bundle.set)
                 })?);
-                let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+                let mut verified = lock(&self.verified);
                 if verified.len() >= MAX_VERIFIED {
                     verified.retain(|_, v| v.expires_at > now);
                     if verified.len() >= MAX_VERIFIED {
@@ -301,7 +670,8 @@ impl JwtAuthority {
         };
         valid.check(audience, now)?;
         if let Some(jti) = &valid.jti
-            && lock(&self.revoked).contains_key(jti)
+            && (lock(&self.revoked).contains_key(jti)
+                || read(&self.remote_revoked).contains_key(jti))
         {
             return Err(JwtError::Revoked(jti.clone()));
         }
@@ -309,20 +679,20 @@ impl JwtAuthority {
     }
 
     /// Revokes every unexpired token minted for an entry `live` no longer holds (deleted, or
-    /// a task that ended) and forgets the cached ones; the number revoked.
+    /// a task that ended), records each, and forgets the cached ones; the number revoked.
     pub(crate) fn revoke_entries_not_in(&self, live: &EntrySet, now: SystemTime) -> usize {
         let now = crate::clock::unix_seconds(now);
-        let gone: Vec<(String, i64)> = {
+        let gone: Vec<(String, Minted)> = {
             let mut minted = lock(&self.minted);
             let ids: Vec<String> = minted
                 .keys()
                 .filter(|id| live.get(id).is_none())
                 .cloned()
                 .collect();
-            ids.iter()
-                .filter_map(|id| minted.remove(id))
-                .flatten()
-                .filter(|(_, exp)| *exp > now)
+            ids.into_iter()
+                .filter_map(|id| minted.remove(&id).map(|tokens| (id, tokens)))
+                .flat_map(|(id, tokens)| tokens.into_iter().map(move |t| (id.clone(), t)))
+                .filter(|(_, t)| t.expires_at > now)
                 .collect()
         };
         lock(&self.cache)
@@ -330,9 +700,105 @@ impl JwtAuthority {
             .retain(|(entry_id, _), _| live.get(entry_id).is_some());
         let mut revoked = lock(&self.revoked);
         revoked.retain(|_, exp| *exp > now);
-        let count = gone.len();
-        revoked.extend(gone);
-        count
+        for (entry_id, token) in &gone {
+            revoked.insert(token.jti.clone(), token.expires_at);
+            let reason = if token.task.is_some() {
+                RevocationReason::TaskEnded
+            } else {
+                RevocationReason::EntryRemoved
+            };
+            let facts = JwtFacts {
+                jti: &token.jti,
+                spiffe_id: &token.spiffe_id,
+                entry_id,
+                expires_at: token.expires_at,
+                task: token.task.as_deref(),
+            };
+            self.recorder.jwt_revoked(&facts, reason, "");
+        }
+        gone.len()
+    }
+
+    /// Revokes the token `jti` if this agent signed it (standalone); whether it did.
+    pub fn revoke_jti(&self, jti: &str, detail: &str) -> Result<bool, JwtError> {
+        let now = crate::clock::unix_seconds(SystemTime::now());
+        let found = lock(&self.minted).iter().find_map(|(entry_id, tokens)| {
+            tokens
+                .iter()
+                .find(|t| t.jti == jti && t.expires_at > now)
+                .map(|t| {
+                    (
+                        entry_id.clone(),
+                        t.spiffe_id.clone(),
+                        t.expires_at,
+                        t.task.clone(),
+                    )
+                })
+        });
+        let Some((entry_id, spiffe_id, expires_at, task)) = found else {
+            return Err(JwtError::Claims(format!(
+                "no unexpired JWT-SVID with jti {jti:?} was signed here"
+            )));
+        };
+        if lock(&self.revoked)
+            .insert(jti.to_owned(), expires_at)
+            .is_some()
+        {
+            return Ok(false);
+        }
+        lock(&self.cache)
+            .tokens
+            .retain(|_, cached| cached.token.jti != jti);
+        let facts = JwtFacts {
+            jti,
+            spiffe_id: &spiffe_id,
+            entry_id: &entry_id,
+            expires_at,
+            task: task.as_deref(),
+        };
+        self.recorder
+            .jwt_revoked(&facts, RevocationReason::Operator, detail);
+        Ok(true)
+    }
+
+    /// Mints afresh, at half-life, every cached token handed out since it was minted, until
+    /// `stop`; tokens nobody asked for again are dropped at half-life instead. A refresh that
+    /// fails keeps the old token, handed out until it expires.
+    pub async fn run_refresh(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(REFRESH_TICK) => {}
+            }
+            let now = crate::clock::unix_seconds(SystemTime::now());
+            let due: Vec<(TokenKey, Arc<RegistrationEntry>)> = {
+                let mut cache = lock(&self.cache);
+                cache.tokens.retain(|_, c| c.in_use || !c.token.stale(now));
+                cache
+                    .tokens
+                    .iter()
+                    .filter(|(_, c)| c.in_use && c.token.stale(now))
+                    .map(|(k, c)| (k.clone(), c.entry.clone()))
+                    .collect()
+            };
+            for (key, entry) in due {
+                match self.mint(&entry, &key.1, now).await {
+                    Ok(token) => self.keep(key, entry, token, false),
+                    Err(e) => {
+                        tracing::debug!(entry = %entry.id, error = %e, "JWT-SVID refresh failed; the cached token is kept until it expires");
+                        let mut cache = lock(&self.cache);
+                        if cache
+                            .tokens
+                            .get(&key)
+                            .is_some_and(|c| c.token.expires_at <= now)
+                        {
+                            cache.tokens.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -341,77 +807,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn read_key(path: &Path, bytes: &[u8]) -> Result<JwtKey, JwtKeyError> {
-    let invalid = |reason: String| JwtKeyError::Invalid {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let block = pem::parse(bytes).map_err(|e| invalid(format!("not PEM: {e}")))?;
-    if block.tag() != "PRIVATE KEY" {
-        return Err(invalid(format!(
-            "holds a {:?} block, not a PRIVATE KEY (PKCS#8)",
-            block.tag()
-        )));
-    }
-    JwtKey::from_pkcs8(block.contents()).map_err(|e| invalid(e.to_string()))
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The claims of a token for `entry`: the standard's (`sub`, `aud`, `exp`, `iat`, `jti`),
-/// tessera's own under `tessera` (owner, purpose, entry id; for a task, its id and chain), and
-/// for a delegated task the chain as nested RFC 8693 `act` claims, the parent first.
-fn claims(
-    entry: &RegistrationEntry,
-    audience: &[String],
-    issued_at: i64,
-    expires_at: i64,
-    jti: &str,
-) -> Map<String, Value> {
-    let mut tessera = serde_json::json!({
-        "owner": entry.owner,
-        "purpose": entry.purpose,
-        "entry_id": entry.id,
-    });
-    let mut claims = serde_json::json!({
-        "sub": entry.spiffe_id.as_str(),
-        "aud": audience,
-        "exp": expires_at,
-        "iat": issued_at,
-        "jti": jti,
-    });
-    if let Some(task) = &entry.task {
-        tessera["entry_id"] = task.entry_id.clone().into();
-        tessera["purpose"] = task.purpose.clone().into();
-        tessera["task_id"] = task.task_id.clone().into();
-        tessera["chain"] = task
-            .chain
-            .iter()
-            .map(|link| serde_json::json!({"task_id": link.task_id, "sub": link.spiffe_id}))
-            .collect::<Vec<_>>()
-            .into();
-        // The chain runs from the root down to this task; `act` nests from the parent up.
-        let mut act: Option<Value> = None;
-        for link in task.chain.iter().rev().skip(1).rev() {
-            let mut actor = serde_json::json!({"sub": link.spiffe_id, "task_id": link.task_id});
-            if let Some(outer) = act.take() {
-                actor["act"] = outer;
-            }
-            act = Some(actor);
-        }
-        if let Some(act) = act {
-            claims["act"] = act;
-        }
-    }
-    claims["tessera"] = tessera;
-    match claims {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    }
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entry::tests::entry;
 
     fn authority(cache_size: usize) -> JwtAuthority {
         JwtAuthority::new(
@@ -421,24 +827,31 @@ mod tests {
                 ttl: Duration::from_secs(300),
                 cache_size,
             },
+            crate::events::recorder::tests::memory_recorder().0,
         )
     }
 
-    #[test]
-    fn a_token_is_reused_until_half_its_life_then_minted_afresh() {
+    fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> Arc<RegistrationEntry> {
+        Arc::new(crate::entry::tests::entry(id, spiffe_id, selectors))
+    }
+
+    #[tokio::test]
+    async fn a_token_is_reused_until_half_its_life_then_minted_afresh() {
         let jwt = authority(10);
         let e = entry("e", "spiffe://example.org/agent", &["unix:uid:1"]);
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let aud = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let (first, fresh) = jwt.token(&e, &aud(&["b", "a"]), t0).unwrap();
+        let (first, fresh) = jwt.token(&e, &aud(&["b", "a"]), t0).await.unwrap();
         assert!(fresh);
         let (again, fresh) = jwt
             .token(&e, &aud(&["a", "b", "a"]), t0 + Duration::from_secs(149))
+            .await
             .unwrap();
         assert!(!fresh, "the same audience set, in any order");
         assert_eq!(again.token, first.token);
         let (later, fresh) = jwt
             .token(&e, &aud(&["a", "b"]), t0 + Duration::from_secs(150))
+            .await
             .unwrap();
         assert!(
             fresh && later.jti != first.jti,
@@ -475,16 +888,16 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tokens_of_an_entry_that_is_gone_are_revoked() {
+    #[tokio::test]
+    async fn tokens_of_an_entry_that_is_gone_are_revoked() {
         let jwt = authority(10);
         let now = SystemTime::now();
         let kept = entry("kept", "spiffe://example.org/kept", &["unix:uid:1"]);
         let gone = entry("gone", "spiffe://example.org/gone", &["unix:uid:1"]);
-        let (kept_token, _) = jwt.token(&kept, &["a".into()], now).unwrap();
-        let (gone_token, _) = jwt.token(&gone, &["a".into()], now).unwrap();
+        let (kept_token, _) = jwt.token(&kept, &["a".into()], now).await.unwrap();
+        let (gone_token, _) = jwt.token(&gone, &["a".into()], now).await.unwrap();
         assert!(jwt.validate(&gone_token.token, "a", now).is_ok());
-        let live = EntrySet::new(vec![kept.clone()]);
+        let live = EntrySet::new(vec![(*kept).clone()]);
         assert_eq!(jwt.revoke_entries_not_in(&live, now), 1);
         let error = jwt.validate(&gone_token.token, "a", now).unwrap_err();
         assert!(
@@ -500,14 +913,14 @@ mod tests {
         assert_eq!(jwt.revoke_entries_not_in(&live, now), 0, "revoked once");
     }
 
-    #[test]
-    fn a_delegated_tasks_token_names_its_chain_in_nested_act_claims() {
+    #[tokio::test]
+    async fn a_tasks_token_is_accounted_to_its_task_entry_and_names_its_chain() {
         use crate::ca::task::{TaskClaims, TaskLink};
         let link = |n: &str| TaskLink {
             task_id: format!("t-{n}"),
             spiffe_id: format!("spiffe://example.org/{n}/task/t-{n}"),
         };
-        let mut e = entry(
+        let mut e = crate::entry::tests::entry(
             "derived",
             "spiffe://example.org/leaf/task/t-leaf",
             &["unix:uid:1"],
@@ -519,7 +932,10 @@ mod tests {
             purpose: "review part of it".into(),
             chain: vec![link("root"), link("mid"), link("leaf")],
         }));
-        let claims = Value::Object(claims(&e, &["api".into()], 100, 400, "j"));
+        let jwt = authority(10);
+        let now = SystemTime::now();
+        let (token, _) = jwt.token(&Arc::new(e), &["api".into()], now).await.unwrap();
+        let claims = jwt.validate(&token.token, "api", now).unwrap().claims;
         assert_eq!(claims["sub"], "spiffe://example.org/leaf/task/t-leaf");
         assert_eq!(claims["tessera"]["task_id"], "t-leaf");
         assert_eq!(claims["tessera"]["entry_id"], "leaf");
@@ -536,44 +952,50 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_cache_drops_the_least_recently_used_token() {
+    #[tokio::test]
+    async fn the_cache_drops_the_least_recently_used_token() {
         let jwt = authority(2);
         let e = entry("e", "spiffe://example.org/agent", &["unix:uid:1"]);
         let now = SystemTime::now();
         let aud = |a: &str| vec![a.to_string()];
-        let (a, _) = jwt.token(&e, &aud("a"), now).unwrap();
-        jwt.token(&e, &aud("b"), now).unwrap();
-        jwt.token(&e, &aud("a"), now).unwrap();
-        jwt.token(&e, &aud("c"), now).unwrap();
+        let (a, _) = jwt.token(&e, &aud("a"), now).await.unwrap();
+        jwt.token(&e, &aud("b"), now).await.unwrap();
+        jwt.token(&e, &aud("a"), now).await.unwrap();
+        jwt.token(&e, &aud("c"), now).await.unwrap();
         assert_eq!(jwt.cached_tokens(), 2);
-        let (a_again, fresh) = jwt.token(&e, &aud("a"), now).unwrap();
+        let (a_again, fresh) = jwt.token(&e, &aud("a"), now).await.unwrap();
         assert!(!fresh && a_again.jti == a.jti, "a was used last: b went");
-        let (_, fresh) = jwt.token(&e, &aud("b"), now).unwrap();
+        let (_, fresh) = jwt.token(&e, &aud("b"), now).await.unwrap();
         assert!(fresh);
     }
 
-    #[test]
-    fn a_token_never_outlives_its_registration() {
+    #[tokio::test]
+    async fn a_token_never_outlives_its_registration() {
         let jwt = authority(10);
         let now = SystemTime::now();
-        let mut e = entry("e", "spiffe://example.org/agent", &["unix:uid:1"]);
+        let mut e = crate::entry::tests::entry("e", "spiffe://example.org/agent", &["unix:uid:1"]);
         e.expires_at = Some(now + Duration::from_secs(60));
-        let (token, _) = jwt.token(&e, &["a".into()], now).unwrap();
+        let (token, _) = jwt
+            .token(&Arc::new(e.clone()), &["a".into()], now)
+            .await
+            .unwrap();
         assert!(token.expires_at <= crate::clock::unix_seconds(now) + 60);
         e.expires_at = Some(now - Duration::from_secs(1));
         e.id = "expired".into();
-        assert!(jwt.token(&e, &["a".into()], now).is_err());
+        assert!(jwt.token(&Arc::new(e), &["a".into()], now).await.is_err());
     }
 
     #[test]
     fn the_key_is_kept_across_restarts_and_a_bad_key_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
+        let recorder = || crate::events::recorder::tests::memory_recorder().0;
         let first =
-            JwtAuthority::load_or_create(dir.path(), td.clone(), JwtOptions::default()).unwrap();
+            JwtAuthority::load_or_create(dir.path(), td.clone(), JwtOptions::default(), recorder())
+                .unwrap();
         let again =
-            JwtAuthority::load_or_create(dir.path(), td.clone(), JwtOptions::default()).unwrap();
+            JwtAuthority::load_or_create(dir.path(), td.clone(), JwtOptions::default(), recorder())
+                .unwrap();
         assert_eq!(
             first.bundle_json(),
             again.bundle_json(),
@@ -586,7 +1008,7 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(dir.path().join(KEY_FILE), "garbage").unwrap();
-        let error = JwtAuthority::load_or_create(dir.path(), td, JwtOptions::default())
+        let error = JwtAuthority::load_or_create(dir.path(), td, JwtOptions::default(), recorder())
             .unwrap_err()
             .to_string();
         assert!(

@@ -16,6 +16,7 @@ pub mod sds;
 pub mod tasks;
 pub mod uploader;
 pub mod upstream;
+pub mod wit;
 pub mod workload;
 
 pub use app::{AgentError, AgentHandle, BuildOptions, build};

@@ -279,6 +279,8 @@ struct StoredEntry {
     delegates_to: Vec<String>,
     #[serde(default)]
     labels: Vec<String>,
+    #[serde(default)]
+    jwt_ttl_seconds: Option<i64>,
 }
 
 impl From<&Entry> for StoredEntry {
@@ -298,6 +300,7 @@ impl From<&Entry> for StoredEntry {
             activation: e.activation.clone(),
             delegates_to: e.delegates_to.clone(),
             labels: e.labels.clone(),
+            jwt_ttl_seconds: e.jwt_ttl_seconds,
         }
     }
 }
@@ -309,6 +312,10 @@ impl StoredEntry {
             spiffe_id: self.spiffe_id.clone(),
             selectors: self.selectors.clone(),
             x509_ttl: Duration::from_secs(u64::try_from(self.x509_ttl_seconds).ok()?),
+            jwt_ttl: self
+                .jwt_ttl_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map(Duration::from_secs),
             owner: self.owner.clone(),
             purpose: self.purpose.clone(),
             expires_at: self
@@ -857,6 +864,8 @@ impl Upstream {
 
 /// Where the agent's entries and signing CA are published.
 pub struct Seams {
+    /// JWT-SVIDs: signed over the session's channel; the server's keys and revocations go there.
+    pub jwt: Arc<super::jwt::JwtAuthority>,
     /// The entry set.
     pub entries: watch::Sender<Arc<EntrySet>>,
     /// The signing CA.
@@ -1137,6 +1146,7 @@ async fn session(
         Err(e) => return (Outcome::Retry(e), Some(credentials)),
     };
     let mut client = NodeClient::new(channel.clone());
+    seams.jwt.connect(channel.clone());
     // Events go up the same connection for as long as this session lasts.
     let _uploader = AbortOnDrop(tokio::spawn(super::uploader::run(
         seams.spool.clone(),
@@ -1176,6 +1186,11 @@ async fn session(
                     if let Some(policy) = update.policy.take() {
                         apply_policy(upstream, seams, policy).await;
                     }
+                    let jwt_keys = update.bundle.as_ref().map(|b| b.jwt_keys.clone());
+                    let jwt_revoked = update.jwt_revocations.take().map(|r| {
+                        r.revoked.into_iter().map(|j| (j.jti, j.expires_at)).collect()
+                    });
+                    seams.jwt.apply_upstream(jwt_keys, jwt_revoked).await;
                     let bundle_changed = upstream.apply(update, &mut credentials).await;
                     if bundle_changed {
                         publish_ca(seams, &credentials);
@@ -1620,6 +1635,13 @@ mod tests {
             ) -> Result<Response<crate::proto::tessera::PublishCrlsResponse>, Status> {
                 Ok(Response::new(Default::default()))
             }
+
+            async fn mint_jwt_svid(
+                &self,
+                _: Request<crate::proto::tessera::MintJwtSvidRequest>,
+            ) -> Result<Response<crate::proto::tessera::MintJwtSvidResponse>, Status> {
+                Err(Status::unimplemented("this fake signs no JWT-SVIDs"))
+            }
         }
 
         fn full(entries: &[Entry]) -> SyncUpdate {
@@ -1726,6 +1748,12 @@ mod tests {
                 crate::agent::policy::PolicyGate::new(&policy, ""),
             );
             let seams = Seams {
+                jwt: Arc::new(crate::agent::jwt::JwtAuthority::upstream(
+                    state_dir,
+                    td.clone(),
+                    Default::default(),
+                    cache.recorder().clone(),
+                )),
                 entries: entries_tx,
                 ca: ca_tx,
                 cache,

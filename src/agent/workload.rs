@@ -93,6 +93,13 @@ impl ServeError {
                 tracing::error!(error = %self, "refused a Workload API call");
                 Status::unavailable("could not issue an X.509-SVID; retry later")
             }
+            Self::Jwt(crate::jwt::JwtError::Unavailable(why)) => {
+                tracing::warn!(reason = %why, "could not get a JWT-SVID signed");
+                Status::unavailable(
+                    "could not issue a JWT-SVID: the server cannot be reached; retry later",
+                )
+            }
+            Self::Jwt(crate::jwt::JwtError::Refused(why)) => Status::permission_denied(why),
             Self::Jwt(_) => {
                 tracing::error!(error = %self, "refused a Workload API call");
                 Status::unavailable("could not issue a JWT-SVID; retry later")
@@ -135,8 +142,10 @@ pub struct WorkloadService {
     tasks: Arc<TaskRegistry>,
     /// The authorisation policy, asked before anything is issued.
     gate: PolicyGate,
-    /// Signs and validates JWT-SVIDs; `None` where this agent serves none (server mode).
+    /// Signs and validates JWT-SVIDs; `None` where this service serves none.
     jwt: Option<Arc<JwtAuthority>>,
+    /// Serve the WIT-SVID profile (`[wit] enabled`).
+    wit: bool,
 }
 
 impl WorkloadService {
@@ -152,6 +161,7 @@ impl WorkloadService {
     ) -> Self {
         Self {
             jwt: None,
+            wit: false,
             cache,
             attestor,
             attest_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_ATTESTATIONS)),
@@ -163,19 +173,28 @@ impl WorkloadService {
         }
     }
 
-    /// The service signing and validating JWT-SVIDs with `jwt` (none: their methods answer
+    /// The service serving JWT-SVIDs from `jwt` (without one, their methods answer
     /// `Unimplemented`).
-    pub fn with_jwt(mut self, jwt: Option<Arc<JwtAuthority>>) -> Self {
-        self.jwt = jwt;
+    pub fn with_jwt(mut self, jwt: Arc<JwtAuthority>) -> Self {
+        self.jwt = Some(jwt);
         self
+    }
+
+    /// The service serving the WIT-SVID profile too (with the JWT authority's keys).
+    pub fn with_wit(mut self, enabled: bool) -> Self {
+        self.wit = enabled;
+        self
+    }
+
+    /// The JWT authority and whether WIT-SVIDs are served.
+    pub(super) fn jwt_and_wit(&self) -> (Option<&Arc<JwtAuthority>>, bool) {
+        (self.jwt.as_ref(), self.wit)
     }
 
     /// The JWT-SVID authority, or `Unimplemented` where this agent has none.
     fn jwt_authority(&self) -> Result<&Arc<JwtAuthority>, Status> {
         self.jwt.as_ref().ok_or_else(|| {
-            Status::unimplemented(
-                "JWT-SVIDs are served by standalone agents only; in server mode they are not served yet",
-            )
+            Status::unimplemented("this Workload API service was built without JWT-SVIDs")
         })
     }
 
@@ -405,7 +424,7 @@ impl WorkloadService {
 
     /// Attests a caller of a bundle stream and checks that it may have bundles; its facts and
     /// the cache's generation, subscribed before the first message is made.
-    async fn bundle_caller<T>(
+    pub(super) async fn bundle_caller<T>(
         &self,
         request: &Request<T>,
     ) -> Result<(CallerFacts, watch::Receiver<u64>), Status> {
@@ -441,7 +460,7 @@ impl WorkloadService {
     /// connection only while its client reads (its socket takes bytes); until then it waits here,
     /// replaced by any newer one. A stream whose client leaves [`MAX_UNREAD_UPDATES`] messages in
     /// a row unread is ended. What a client that never reads costs is thus one message per stream.
-    fn spawn_stream<T, F>(
+    pub(super) fn spawn_stream<T, F>(
         &self,
         peer: Option<PeerInfo>,
         mut generation: watch::Receiver<u64>,
@@ -615,7 +634,7 @@ pub(super) fn svid_response(ids: &Identities) -> X509svidResponse {
 }
 
 /// A Workload API response stream: the first message, then every update.
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadService {
@@ -714,7 +733,9 @@ impl SpiffeWorkloadApi for WorkloadService {
         for entry in &permitted {
             let (token, _) = jwt
                 .token(entry, &asked.audience, now)
+                .await
                 .map_err(|e| ServeError::Jwt(e).into_status())?;
+            jwt.record_fetch(entry, &token, &facts);
             svids.push(Jwtsvid {
                 spiffe_id: entry.spiffe_id.to_string(),
                 svid: token.token,
@@ -730,18 +751,26 @@ impl SpiffeWorkloadApi for WorkloadService {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let jwt = self.jwt_authority()?.clone();
         let (facts, generation) = self.bundle_caller(&request).await?;
+        let mut last = jwt.bundle_json();
         let first = JwtBundlesResponse {
-            bundles: HashMap::from([(self.trust_domain.id_string(), jwt.bundle_json().to_vec())]),
+            bundles: HashMap::from([(self.trust_domain.id_string(), last.clone())]),
         };
         let service = self.clone();
         let peer = peer_of(&request);
-        // The bundle holds the agent's one key for as long as it runs: the stream only watches
-        // that the caller stays entitled to it.
-        let stream = self.spawn_stream(peer, generation, first, move || {
+        // Woken by the cache (entitlement) and by the JWT bundle's own changes (server keys).
+        let wake = super::wit::wake_on_cache_or_bundle(generation, &jwt);
+        let stream = self.spawn_stream(peer, wake, first, move || {
             if !service.entitled_to_bundles(&facts)? {
                 return Err(ServeError::NoIdentity);
             }
-            Ok(None)
+            let now = jwt.bundle_json();
+            if now == last {
+                return Ok(None);
+            }
+            last = now.clone();
+            Ok(Some(JwtBundlesResponse {
+                bundles: HashMap::from([(service.trust_domain.id_string(), now)]),
+            }))
         });
         Ok(Response::new(stream))
     }
@@ -759,12 +788,14 @@ impl SpiffeWorkloadApi for WorkloadService {
             return Err(Status::invalid_argument("svid is required"));
         }
         // Any local process may validate: it is attested for the record, not entitled.
-        self.attest(&request)
+        let facts = self
+            .attest(&request)
             .await
             .map_err(|e| self.refused(None, e))?;
         let valid = jwt
             .validate(&asked.svid, &asked.audience, SystemTime::now())
             .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        jwt.record_validation(&valid, &facts);
         Ok(Response::new(ValidateJwtsvidResponse {
             spiffe_id: valid.spiffe_id.to_string(),
             claims: Some(json_struct(valid.claims)),
@@ -773,20 +804,16 @@ impl SpiffeWorkloadApi for WorkloadService {
 
     async fn fetch_witsvid(
         &self,
-        _request: Request<WitsvidRequest>,
+        request: Request<WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
-        Err(Status::unimplemented(
-            "the WIT-SVID profile is not supported",
-        ))
+        self.wit_svids(request).await
     }
 
     async fn fetch_wit_bundles(
         &self,
-        _request: Request<WitBundlesRequest>,
+        request: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
-        Err(Status::unimplemented(
-            "the WIT-SVID profile is not supported",
-        ))
+        self.wit_bundles(request).await
     }
 }
 

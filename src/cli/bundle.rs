@@ -75,6 +75,7 @@ mod tests {
         let bundle = Bundle {
             trust_domain: "example.org".into(),
             roots: vec![vec![1, 2, 3], vec![4, 5, 6]],
+            jwt_keys: Vec::new(),
         };
         assert_eq!(
             serde_json::to_value(BundleView::from(&bundle)).unwrap(),

@@ -140,6 +140,10 @@ trust_domain = "{DEV_TRUST_DOMAIN}"
 socket_path = "{socket}"
 state_dir = "{state}"
 
+# WIT-SVIDs (an Incubating SPIFFE profile) are served in dev mode.
+[wit]
+enabled = true
+
 [server]
 address = "{address}"
 trust_bundle_file = "{bundle}"

@@ -128,6 +128,9 @@ struct UpdateArgs {
     /// Remove the inactivity timeout.
     #[arg(long, conflicts_with = "inactivity_timeout")]
     clear_inactivity_timeout: bool,
+    /// Remove the JWT-SVID lifetime: the agent's [jwt] ttl applies.
+    #[arg(long, conflicts_with = "jwt_ttl")]
+    clear_jwt_ttl: bool,
     /// Remove the hint.
     #[arg(long, conflicts_with = "hint")]
     clear_hint: bool,
@@ -152,6 +155,10 @@ struct SharedFlags {
     /// Flag the identity as unused after this long without use, e.g. 30d.
     #[arg(long, value_name = "DURATION")]
     inactivity_timeout: Option<String>,
+    /// Lifetime of each JWT-SVID, e.g. 5m (at most the server's jwt.max_ttl); default: the
+    /// agent's [jwt] ttl.
+    #[arg(long, value_name = "DURATION")]
+    jwt_ttl: Option<String>,
     /// A hint passed to workloads to tell their identities apart.
     #[arg(long)]
     hint: Option<String>,
@@ -210,6 +217,8 @@ struct Changes {
     expires_at: Option<Option<i64>>,
     /// `Some(None)` removes the timeout.
     inactivity_timeout_seconds: Option<Option<i64>>,
+    /// `Some(None)` removes the JWT-SVID lifetime.
+    jwt_ttl_seconds: Option<Option<i64>>,
     /// `Some("")` removes the hint.
     hint: Option<String>,
     dns_names: Option<Vec<String>>,
@@ -234,6 +243,7 @@ impl Changes {
             purpose,
             expires_at,
             inactivity_timeout_seconds,
+            jwt_ttl_seconds,
             hint,
             dns_names,
             activation,
@@ -251,6 +261,7 @@ impl Changes {
             &mut entry.inactivity_timeout_seconds,
             inactivity_timeout_seconds,
         );
+        set(&mut entry.jwt_ttl_seconds, jwt_ttl_seconds);
         set(&mut entry.hint, hint);
         set(&mut entry.dns_names, dns_names);
         set(&mut entry.activation, activation);
@@ -275,6 +286,12 @@ impl SharedFlags {
                 .inactivity_timeout
                 .as_deref()
                 .map(|v| seconds("--inactivity-timeout", v))
+                .transpose()?
+                .map(Some),
+            jwt_ttl_seconds: self
+                .jwt_ttl
+                .as_deref()
+                .map(|v| seconds("--jwt-ttl", v))
                 .transpose()?
                 .map(Some),
             hint: self.hint.as_deref().map(hint).transpose()?,
@@ -458,6 +475,9 @@ impl UpdateArgs {
         }
         if self.clear_inactivity_timeout {
             changes.inactivity_timeout_seconds = Some(None);
+        }
+        if self.clear_jwt_ttl {
+            changes.jwt_ttl_seconds = Some(None);
         }
         if self.clear_hint {
             changes.hint = Some(String::new());
@@ -693,6 +713,7 @@ struct EntryView {
     #[serde(flatten)]
     expires_at: JsonTime,
     inactivity_timeout_seconds: Option<i64>,
+    jwt_ttl_seconds: Option<i64>,
     hint: Option<String>,
     dns_names: Vec<String>,
     activation: String,
@@ -717,6 +738,7 @@ impl From<&Entry> for EntryView {
             purpose: entry.purpose.clone(),
             expires_at: JsonTime::from_seconds("expires_at", entry.expires_at.unwrap_or(0)),
             inactivity_timeout_seconds: entry.inactivity_timeout_seconds,
+            jwt_ttl_seconds: entry.jwt_ttl_seconds,
             hint: Some(entry.hint.clone()).filter(|h| !h.is_empty()),
             dns_names: entry.dns_names.clone(),
             activation: activation_name(entry).to_owned(),
@@ -779,6 +801,12 @@ fn entry_block(entry: &Entry) -> String {
             or_none(&entry.node_selectors, "(all nodes)"),
         ),
         ("x509 ttl", one(duration(entry.x509_ttl_seconds))),
+        (
+            "jwt ttl",
+            one(entry
+                .jwt_ttl_seconds
+                .map_or("(the agent's [jwt] ttl)".into(), duration)),
+        ),
         ("owner", one(entry.owner.clone())),
         ("purpose", one(entry.purpose.clone())),
         (
@@ -898,6 +926,7 @@ mod tests {
             purpose: "code review".into(),
             expires_at: Some(1_801_418_400),
             inactivity_timeout_seconds: Some(86_400),
+            jwt_ttl_seconds: None,
             hint: "coder".into(),
             dns_names: vec!["coder.internal".into()],
             revision: 7,
@@ -1252,6 +1281,7 @@ mod tests {
                 "expires_at": "2027-01-31T18:00:00.000Z",
                 "expires_at_ms": 1_801_418_400_000_i64,
                 "inactivity_timeout_seconds": 86_400,
+                "jwt_ttl_seconds": null,
                 "hint": "coder",
                 "dns_names": ["coder.internal"],
                 "activation": "standing",
@@ -1297,7 +1327,11 @@ mod tests {
             "{block}"
         );
         assert!(block.contains("activation:          standing\n"), "{block}");
-        assert_eq!(block.lines().count(), 17, "{block}");
+        assert!(
+            block.contains("jwt ttl:             (the agent's [jwt] ttl)\n"),
+            "{block}"
+        );
+        assert_eq!(block.lines().count(), 18, "{block}");
 
         let table = entry_table(&[
             stored(),

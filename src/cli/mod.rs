@@ -33,6 +33,7 @@ mod svid;
 mod table;
 mod task;
 mod token;
+mod wit;
 
 use std::process::ExitCode;
 
@@ -85,6 +86,9 @@ enum Command {
     /// Fetch, validate or print the bundle of JWT-SVIDs from a Workload API socket.
     #[command(subcommand)]
     Jwt(jwt::JwtCommand),
+    /// Fetch WIT-SVIDs (bound to a key, presented with proof of possession) or their bundle.
+    #[command(subcommand)]
+    Wit(wit::WitCommand),
     /// Run a server and an agent with throwaway state and an identity for the calling user.
     Dev(dev::DevArgs),
     /// Create, list, show, update or delete registration entries on the server.
@@ -165,6 +169,7 @@ pub fn main() -> ExitCode {
             Command::Server(command) => server::run(command).await,
             Command::Svid(command) => svid::run(command, cli.output).await,
             Command::Jwt(command) => jwt::run(command, cli.output).await,
+            Command::Wit(command) => wit::run(command, cli.output).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Entry(args) => entry::run(*args, cli.output).await,
             Command::Token(args) => token::run(args, cli.output).await,

@@ -25,9 +25,10 @@ pub use spool::{Class, Spool, SpoolConfig, SpoolError};
 /// know (an unknown number decodes as `Unspecified`) is kept, as critical.
 pub fn class_of(kind: EventKind) -> Class {
     match kind {
-        EventKind::SvidUsed | EventKind::AttestationDenied | EventKind::PolicyDenied => {
-            Class::Droppable
-        }
+        EventKind::SvidUsed
+        | EventKind::JwtUsed
+        | EventKind::AttestationDenied
+        | EventKind::PolicyDenied => Class::Droppable,
         EventKind::Unspecified
         | EventKind::SvidIssued
         | EventKind::SvidRevoked
@@ -35,7 +36,9 @@ pub fn class_of(kind: EventKind) -> Class {
         | EventKind::NodeEvicted
         | EventKind::IssuanceAnomaly
         | EventKind::TaskStarted
-        | EventKind::TaskEnded => Class::Critical,
+        | EventKind::TaskEnded
+        | EventKind::JwtIssued
+        | EventKind::JwtRevoked => Class::Critical,
     }
 }
 

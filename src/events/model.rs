@@ -181,6 +181,7 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
         &event.spiffe_id,
         &event.serial,
         &event.detail,
+        &event.jti,
     ];
     let caller_texts = event
         .caller
@@ -208,6 +209,31 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
     }
     if kind == EventKind::SvidUsed && event.count == 0 {
         return Err(invalid("svid_used needs a count of at least 1".into()));
+    }
+    let about_jwt = matches!(
+        kind,
+        EventKind::JwtIssued | EventKind::JwtUsed | EventKind::JwtRevoked
+    );
+    if about_jwt && (event.jti.is_empty() || event.spiffe_id.is_empty()) {
+        return Err(invalid(format!(
+            "{} needs jti and spiffe_id",
+            kind_name(kind)
+        )));
+    }
+    if kind == EventKind::JwtUsed && event.count == 0 {
+        return Err(invalid("jwt_used needs a count of at least 1".into()));
+    }
+    if (!about_jwt && !event.jti.is_empty())
+        || event.audience.len() > MAX_AUDIENCES
+        || event
+            .audience
+            .iter()
+            .any(|a| a.is_empty() || a.len() > MAX_FIELD_LEN || a.contains('\0'))
+    {
+        return Err(invalid(format!(
+            "jti is for JWT events only, and an audience has at most {MAX_AUDIENCES} values of \
+             1 to {MAX_FIELD_LEN} bytes"
+        )));
     }
     if let Some(text) = texts
         .iter()
@@ -263,6 +289,9 @@ pub fn check_event(index: usize, event: &Event) -> Result<EventKind, InvalidEven
     Ok(kind)
 }
 
+/// Most audience values one event may carry.
+const MAX_AUDIENCES: usize = 32;
+
 /// Most policy ids one event may name.
 const MAX_POLICY_IDS: usize = 64;
 
@@ -282,7 +311,12 @@ fn check_task(kind: EventKind, event: &Event) -> Result<(), String> {
     if !task_kind
         && !matches!(
             kind,
-            EventKind::SvidIssued | EventKind::SvidUsed | EventKind::SvidRevoked
+            EventKind::SvidIssued
+                | EventKind::SvidUsed
+                | EventKind::SvidRevoked
+                | EventKind::JwtIssued
+                | EventKind::JwtUsed
+                | EventKind::JwtRevoked
         )
     {
         return Err(format!("{} carries no task", kind_name(kind)));
@@ -425,11 +459,19 @@ pub fn to_json(event: &Event, seq: Option<i64>, received_ms: Option<i64>) -> ser
     });
     JsonTime::from_ms("time", Some(event.time_ms)).put(&mut value);
     JsonTime::from_seconds("not_after", event.not_after).put(&mut value);
-    if kind == EventKind::SvidRevoked {
+    if matches!(kind, EventKind::SvidRevoked | EventKind::JwtRevoked) {
         value["reason"] = reason_name(event.reason()).into();
     }
+    if !event.jti.is_empty() {
+        value["jti"] = event.jti.clone().into();
+    }
+    if kind == EventKind::JwtIssued {
+        value["audience"] = event.audience.clone().into();
+    }
     // Refusals carry a count when the standalone recorder aggregated them.
-    if kind == EventKind::SvidUsed || (kind == EventKind::AttestationDenied && event.count > 0) {
+    if matches!(kind, EventKind::SvidUsed | EventKind::JwtUsed)
+        || (kind == EventKind::AttestationDenied && event.count > 0)
+    {
         let set = |ms: i64| (ms != 0).then_some(ms);
         JsonTime::from_ms("first", set(event.first_ms)).put(&mut value);
         JsonTime::from_ms("last", set(event.last_ms)).put(&mut value);
@@ -701,6 +743,9 @@ mod tests {
                 "task_started",
                 "task_ended",
                 "policy_denied",
+                "jwt_issued",
+                "jwt_used",
+                "jwt_revoked",
             ]
         );
         for name in KIND_NAMES.iter() {

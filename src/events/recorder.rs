@@ -279,6 +279,21 @@ struct DenialKey {
     detail: String,
 }
 
+/// What the events about one JWT-SVID say about it.
+#[derive(Debug, Clone, Copy)]
+pub struct JwtFacts<'a> {
+    /// Its `jti`.
+    pub jti: &'a str,
+    /// Its `sub`.
+    pub spiffe_id: &'a str,
+    /// The entry it was signed for (a task's derived entry: the task entry, from `task`).
+    pub entry_id: &'a str,
+    /// Its `exp`, Unix seconds.
+    pub expires_at: i64,
+    /// For a task's token, the task.
+    pub task: Option<&'a crate::ca::task::TaskClaims>,
+}
+
 /// Most callers whose refusals are counted apart in one window; beyond it, further callers are
 /// counted together per uid and gid (pid 0, no executable), so that many short-lived processes
 /// cannot grow the table either.
@@ -308,8 +323,8 @@ pub struct Recorder {
     policy_version: AtomicU64,
 }
 
-/// Kind numbers run from 0 (unspecified) to 10 (`policy_denied`).
-const KINDS: usize = 11;
+/// Kind numbers run from 0 (unspecified) to 13 (`jwt_revoked`).
+const KINDS: usize = 14;
 
 /// What the recorder has counted, for metrics.
 pub struct Counters {
@@ -413,6 +428,82 @@ impl Recorder {
             event.chain = chain_of(task);
         }
         event
+    }
+
+    fn jwt_event(&self, kind: EventKind, token: &JwtFacts<'_>) -> Event {
+        let mut event = Event {
+            entry_id: token.entry_id.to_owned(),
+            spiffe_id: token.spiffe_id.to_owned(),
+            jti: token.jti.to_owned(),
+            not_after: token.expires_at,
+            ..self.event(kind)
+        };
+        if let Some(task) = token.task {
+            event.entry_id = task.entry_id.clone();
+            event.task_id = task.task_id.clone();
+            event.chain = chain_of(task);
+        }
+        event
+    }
+
+    /// Records the signing of a JWT-SVID (a standalone agent's; a server records its own); the
+    /// token must not be handed out when this fails.
+    pub fn jwt_issued(
+        &self,
+        token: &JwtFacts<'_>,
+        audience: &[String],
+        caller: Option<&CallerFacts>,
+    ) -> Result<(), RecordError> {
+        let mut event = self.jwt_event(EventKind::JwtIssued, token);
+        event.audience = audience.to_vec();
+        event.caller = caller.map(caller_of);
+        event.policy_version = self.policy_version();
+        match self.write(true, &event) {
+            Ok(()) => Ok(()),
+            Err(_) if !self.log.required() => Ok(()),
+            Err(source) => Err(RecordError {
+                kind: kind_name(EventKind::JwtIssued),
+                source,
+            }),
+        }
+    }
+
+    /// Records that a JWT-SVID is revoked, for `reason`.
+    pub fn jwt_revoked(&self, token: &JwtFacts<'_>, reason: RevocationReason, detail: &str) {
+        let mut event = self.jwt_event(EventKind::JwtRevoked, token);
+        event.set_reason(reason);
+        event.detail = detail.to_owned();
+        if let Err(e) = self.write(true, &event) {
+            tracing::error!(jti = %token.jti, error = %e, "cannot record a JWT revocation event");
+        }
+    }
+
+    /// Counts one use of a JWT-SVID by `caller`: `fetched` (handed to it) or `validated` (for
+    /// it, by ValidateJWTSVID).
+    pub fn jwt_used(&self, token: &JwtFacts<'_>, caller: &CallerFacts, how: &'static str) {
+        let now = now_ms();
+        let key = UseKey {
+            serial: format!("{how} {}", token.jti),
+            pid: caller.pid,
+            uid: caller.uid,
+            gid: caller.gid,
+            exe_path: caller.exe_path.clone(),
+        };
+        let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
+        let counted = uses.entry(key).or_insert_with(|| {
+            let mut event = self.jwt_event(EventKind::JwtUsed, token);
+            event.caller = Some(caller_of(caller));
+            event.detail = how.to_owned();
+            Uses {
+                event,
+                first_ms: now,
+                last_ms: now,
+                count: 0,
+                opened: tokio::time::Instant::now(),
+            }
+        });
+        counted.last_ms = now;
+        counted.count += 1;
     }
 
     /// Records the start of a task; the task must not begin when this fails.

@@ -64,6 +64,68 @@ impl JwtKey {
         &self.public
     }
 
+    /// The key as a private JWK (JSON, with `d`), for handing a holder its key. Zeroized on
+    /// drop; never logged.
+    pub fn private_jwk(&self) -> Result<Zeroizing<String>, JwtError> {
+        use aws_lc_rs::encoding::AsBigEndian;
+        let d = self
+            .pair
+            .private_key()
+            .as_be_bytes()
+            .map_err(|_| JwtError::Key("cannot export the private key".into()))?;
+        let d = Zeroizing::new(B64.encode(d.as_ref()));
+        Ok(Zeroizing::new(format!(
+            r#"{{"kty":"EC","crv":"P-256","x":"{}","y":"{}","d":"{}","kid":"{}"}}"#,
+            self.public.x,
+            self.public.y,
+            d.as_str(),
+            self.public.kid
+        )))
+    }
+
+    /// The key of a private JWK (JSON with `kty` EC, `crv` P-256, `x`, `y`, `d`).
+    pub fn from_private_jwk(json: &str) -> Result<Self, JwtError> {
+        #[derive(Deserialize)]
+        struct Private {
+            kty: String,
+            crv: String,
+            x: String,
+            y: String,
+            d: String,
+        }
+        let private: Private = serde_json::from_str(json)
+            .map_err(|e| JwtError::Key(format!("not a private EC JWK: {e}")))?;
+        if private.kty != "EC" || private.crv != "P-256" {
+            return Err(JwtError::Key(format!(
+                "a {} {} key; only EC P-256 is used",
+                private.kty, private.crv
+            )));
+        }
+        let decode = |name: &str, text: &str| {
+            B64.decode(text)
+                .ok()
+                .filter(|bytes| bytes.len() == 32)
+                .map(Zeroizing::new)
+                .ok_or_else(|| JwtError::Key(format!("{name} is not 32 bytes of base64url")))
+        };
+        let (x, y, d) = (
+            decode("x", &private.x)?,
+            decode("y", &private.y)?,
+            decode("d", &private.d)?,
+        );
+        let point = [&[4u8][..], &x, &y].concat();
+        let pair = EcdsaKeyPair::from_private_key_and_public_key(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &d,
+            &point,
+        )
+        .map_err(|e| JwtError::Key(format!("inconsistent EC key: {e}")))?;
+        let pkcs8 = pair
+            .to_pkcs8v1()
+            .map_err(|_| JwtError::Key("cannot encode the key".into()))?;
+        Self::from_pkcs8(pkcs8.as_ref())
+    }
+
     /// The ES256 signature of `message`, as JWS wants it (r and s, 32 bytes each).
     pub(super) fn sign(&self, message: &[u8]) -> Result<Vec<u8>, JwtError> {
         self.pair
@@ -115,6 +177,14 @@ impl Jwk {
         })
     }
 
+    /// This key for another use (`wit-svid` in WIT bundles).
+    pub fn with_use(&self, key_use: &str) -> Self {
+        Self {
+            key_use: Some(key_use.to_owned()),
+            ..self.clone()
+        }
+    }
+
     /// Whether `signature` over `message` verifies with this key (ES256).
     pub(super) fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
         if self.kty != "EC" || self.crv != "P-256" {
@@ -150,9 +220,14 @@ pub struct JwkSet {
 impl JwkSet {
     /// The key named `kid`, if the set holds it for JWT-SVIDs (or for no stated use).
     pub fn key(&self, kid: &str) -> Option<&Jwk> {
+        self.key_for(kid, JWT_SVID_USE)
+    }
+
+    /// The key named `kid`, if the set holds it for `key_use` (or for no stated use).
+    pub fn key_for(&self, kid: &str, key_use: &str) -> Option<&Jwk> {
         self.keys
             .iter()
-            .find(|key| key.kid == kid && key.key_use.as_deref().is_none_or(|u| u == JWT_SVID_USE))
+            .find(|key| key.kid == kid && key.key_use.as_deref().is_none_or(|u| u == key_use))
     }
 }
 

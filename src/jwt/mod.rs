@@ -7,9 +7,14 @@
 //! the future. tessera signs with ES256 only, so a token in any other algorithm, even one of the
 //! eight others the standard names, is refused as one no key of the bundle can have signed.
 
+mod claims;
+mod file;
 mod key;
 mod token;
+pub mod wit;
 
+pub use claims::{SvidClaims, new_jti};
+pub use file::{KeyFileError, load_key, load_or_create_key, save_key};
 pub use key::{Jwk, JwkSet, JwtKey};
 pub use token::{Validated, mint, validate, verify};
 
@@ -62,4 +67,10 @@ pub enum JwtError {
     /// A key could not be made, read or used.
     #[error("signing key: {0}")]
     Key(String),
+    /// The signer (the server) cannot be reached now.
+    #[error("the server cannot sign now: {0}")]
+    Unavailable(String),
+    /// The signer (the server) refused to sign.
+    #[error("{0}")]
+    Refused(String),
 }

@@ -4,7 +4,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::{Map, Value};
 
-use super::{JwkSet, JwtError, JwtKey};
+use super::{JWT_SVID_USE, JwkSet, JwtError, JwtKey};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The algorithms the JWT-SVID standard allows; any other (`none`, HS*, EdDSA) is malformed.
@@ -19,12 +19,63 @@ pub fn mint(key: &JwtKey, claims: &Map<String, Value>) -> Result<String, JwtErro
             return Err(JwtError::Claims(format!("{required} is required")));
         }
     }
-    let header = serde_json::json!({ "alg": "ES256", "kid": key.kid(), "typ": "JWT" });
+    sign_compact(key, "JWT", claims, true)
+}
+
+/// `claims` as a compact JWS of type `typ`, signed ES256 by `key` (its `kid` in the header
+/// when `with_kid`).
+pub(super) fn sign_compact(
+    key: &JwtKey,
+    typ: &str,
+    claims: &Map<String, Value>,
+    with_kid: bool,
+) -> Result<String, JwtError> {
+    let header = if with_kid {
+        serde_json::json!({ "alg": "ES256", "kid": key.kid(), "typ": typ })
+    } else {
+        serde_json::json!({ "alg": "ES256", "typ": typ })
+    };
     let claims = serde_json::to_vec(claims)
         .map_err(|e| JwtError::Claims(format!("cannot be serialised: {e}")))?;
     let signing_input = format!("{}.{}", B64.encode(header.to_string()), B64.encode(claims));
     let signature = key.sign(signing_input.as_bytes())?;
     Ok(format!("{signing_input}.{}", B64.encode(signature)))
+}
+
+/// A compact JWS, decoded.
+pub(super) struct Compact {
+    /// The protected header.
+    pub header: Map<String, Value>,
+    /// The claims.
+    pub claims: Map<String, Value>,
+    /// The signature.
+    pub signature: Vec<u8>,
+    /// How many leading bytes of the token were signed.
+    pub signed: usize,
+}
+
+/// The three parts of a compact JWS, decoded.
+pub(super) fn split_compact(token: &str) -> Result<Compact, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
+    };
+    let signed = header.len() + 1 + payload.len();
+    let header = json_object(header, "header")?;
+    let claims = json_object(payload, "claims")?;
+    let signature = B64
+        .decode(signature)
+        .map_err(|_| JwtError::Malformed("signature is not base64url".into()))?;
+    Ok(Compact {
+        header,
+        claims,
+        signature,
+        signed,
+    })
 }
 
 /// A token that passed validation.
@@ -65,34 +116,17 @@ pub fn verify<'b>(
     now: i64,
     bundle_of: impl FnOnce(&TrustDomain) -> Option<&'b JwkSet>,
 ) -> Result<Validated, JwtError> {
-    let mut parts = token.split('.');
-    let (Some(header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(JwtError::Malformed(
-            "expected three dot-separated parts".into(),
-        ));
-    };
-    let header = json_object(header, "header")?;
+    let Compact {
+        header,
+        mut claims,
+        signature,
+        signed,
+    } = split_compact(token)?;
     let (alg, kid) = check_header(&header)?;
-    let mut claims = json_object(payload, "claims")?;
-    let signature = B64
-        .decode(signature)
-        .map_err(|_| JwtError::Malformed("signature is not base64url".into()))?;
-
-    let sub = claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .ok_or_else(|| JwtError::Claims("sub is required and must be a string".into()))?;
-    let spiffe_id = SpiffeId::parse_workload(sub)
-        .map_err(|e| JwtError::Claims(format!("sub {sub:?} is not a SPIFFE ID: {e}")))?;
-    let key = bundle_of(&spiffe_id.trust_domain())
-        .and_then(|bundle| bundle.key(&kid))
-        .ok_or_else(|| JwtError::UnknownKey(kid.clone()))?;
+    let (spiffe_id, key) = subject_and_key(&claims, &kid, JWT_SVID_USE, bundle_of)?;
     if alg != "ES256" || key.kty != "EC" || key.crv != "P-256" {
         return Err(JwtError::Algorithm { alg, kid });
     }
-    let signed = token.len() - token.rsplit('.').next().map_or(0, str::len) - 1;
     if !key.verifies(&token.as_bytes()[..signed], &signature) {
         return Err(JwtError::Signature(kid));
     }
@@ -148,6 +182,26 @@ impl Validated {
     }
 }
 
+/// The token's `sub` as a SPIFFE ID, and the key `kid` of its trust domain's bundle for
+/// `key_use`.
+pub(super) fn subject_and_key<'b>(
+    claims: &Map<String, Value>,
+    kid: &str,
+    key_use: &str,
+    bundle_of: impl FnOnce(&TrustDomain) -> Option<&'b JwkSet>,
+) -> Result<(SpiffeId, &'b super::Jwk), JwtError> {
+    let sub = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or_else(|| JwtError::Claims("sub is required and must be a string".into()))?;
+    let spiffe_id = SpiffeId::parse_workload(sub)
+        .map_err(|e| JwtError::Claims(format!("sub {sub:?} is not a SPIFFE ID: {e}")))?;
+    let key = bundle_of(&spiffe_id.trust_domain())
+        .and_then(|bundle| bundle.key_for(kid, key_use))
+        .ok_or_else(|| JwtError::UnknownKey(kid.to_owned()))?;
+    Ok((spiffe_id, key))
+}
+
 /// The JSON object encoded in one base64url part.
 fn json_object(part: &str, what: &str) -> Result<Map<String, Value>, JwtError> {
     let bytes = B64
@@ -195,7 +249,7 @@ fn check_header(header: &Map<String, Value>) -> Result<(String, String), JwtErro
 }
 
 /// A NumericDate claim, whole seconds.
-fn seconds(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, JwtError> {
+pub(super) fn seconds(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, JwtError> {
     match claims.get(name) {
         None => Ok(None),
         Some(value) => value

@@ -16,10 +16,11 @@ use crate::proto::tessera::admin_server::Admin;
 use crate::proto::tessera::{
     Bundle, CreateEntryRequest, CreateJoinTokenRequest, EndTaskOrderRequest, Entry, EntryRequest,
     EventFilter, GetBundleRequest, GetInventoryRequest, GetPolicyRequest, IdentityInventory,
-    Inventory, JoinToken, ListEntriesRequest, ListEntriesResponse, ListEventsResponse,
-    ListNodesRequest, ListNodesResponse, ListPolicyVersionsRequest, ListPolicyVersionsResponse,
-    ListTasksRequest, ListTasksResponse, NodeInfo, NodeInventory, NodeRequest, Policy,
-    RevocationReason, RevokeEntryRequest, RevokeResponse, RevokeSvidRequest, SetPolicyRequest,
+    Inventory, JoinToken, JwtInfo, ListEntriesRequest, ListEntriesResponse, ListEventsResponse,
+    ListJwtsRequest, ListJwtsResponse, ListNodesRequest, ListNodesResponse,
+    ListPolicyVersionsRequest, ListPolicyVersionsResponse, ListTasksRequest, ListTasksResponse,
+    NodeInfo, NodeInventory, NodeRequest, Policy, RevocationReason, RevokeEntryRequest,
+    RevokeJwtRequest, RevokeJwtResponse, RevokeResponse, RevokeSvidRequest, SetPolicyRequest,
     StoredEvent, SvidInfo, Task, TaskEndReason, TaskLink, TestPolicyRequest, TestPolicyResponse,
     UpdateEntryRequest,
 };
@@ -27,8 +28,8 @@ use crate::proto::tessera::{
 /// The longest policy text accepted, in bytes.
 const MAX_POLICY_BYTES: usize = 1 << 20;
 use crate::store::{
-    EntryRecord, EventOrder, JoinTokenRecord, NodeRecord, NodeStatus, StoreError, SvidRecord,
-    canonical, unix_now,
+    EntryRecord, EventOrder, JoinTokenRecord, JwtFilter, NodeRecord, NodeStatus, StoreError,
+    SvidRecord, canonical, unix_now,
 };
 
 /// Longest lifetime of a join token.
@@ -66,6 +67,9 @@ pub enum AdminApiError {
         "no SVID with serial {0:?} was reported by any node (serials are lowercase hex, as `tessera inventory` shows them)"
     )]
     UnknownSerial(String),
+    /// The credential expired: there is nothing left to act on.
+    #[error("{0}")]
+    Expired(String),
 }
 
 impl AdminApiError {
@@ -78,6 +82,7 @@ impl AdminApiError {
             e @ (Self::NotFound { .. } | Self::UnknownSerial(_)) => {
                 Status::not_found(e.to_string())
             }
+            e @ Self::Expired(_) => Status::failed_precondition(e.to_string()),
             Self::Store(e @ StoreError::Unavailable { .. }) => {
                 tracing::warn!(error = %e, "admin call failed: datastore unavailable");
                 Status::unavailable("datastore unavailable; retry once it is back")
@@ -148,6 +153,25 @@ impl AdminService {
                 "must be at least 60 seconds",
             )));
         }
+        let jwt_ttl = match entry.jwt_ttl_seconds {
+            None => None,
+            Some(seconds) => {
+                let ttl = u64::try_from(seconds).map(Duration::from_secs).ok();
+                match ttl.filter(|ttl| *ttl <= config.jwt.max_ttl) {
+                    Some(ttl) => Some(ttl),
+                    None => {
+                        return Err(AdminApiError::EntryField(FieldError::new(
+                            "jwt_ttl_seconds",
+                            seconds.to_string(),
+                            format!(
+                                "must be positive and at most the server's jwt.max_ttl ({})",
+                                humantime::format_duration(config.jwt.max_ttl)
+                            ),
+                        )));
+                    }
+                }
+            }
+        };
         for (i, selector) in entry.node_selectors.iter().enumerate() {
             check_node_selector(selector).map_err(|reason| {
                 AdminApiError::EntryField(FieldError::new(
@@ -162,6 +186,7 @@ impl AdminService {
             spiffe_id: entry.spiffe_id,
             selectors: entry.selectors,
             x509_ttl,
+            jwt_ttl,
             owner: entry.owner,
             purpose: entry.purpose,
             expires_at,
@@ -192,6 +217,7 @@ impl AdminService {
             purpose: checked.purpose,
             expires_at: entry.expires_at,
             inactivity_timeout_seconds: entry.inactivity_timeout_seconds,
+            jwt_ttl_seconds: entry.jwt_ttl_seconds,
             hint: checked.hint,
             dns_names: checked.dns_names,
             revision: entry.revision,
@@ -467,7 +493,102 @@ impl Admin for AdminService {
         }
         let now = unix_now();
         let live = svids.into_iter().filter(|s| s.may_be_live(now)).collect();
+        self.state
+            .revoke_jwts(
+                JwtFilter {
+                    entry_id: Some(request.id.clone()),
+                    ..Default::default()
+                },
+                RevocationReason::Operator,
+                &reason,
+            )
+            .await
+            .map_err(status)?;
         self.revoke(live, reason).await
+    }
+
+    async fn revoke_jwt(
+        &self,
+        request: Request<RevokeJwtRequest>,
+    ) -> Result<Response<RevokeJwtResponse>, Status> {
+        let request = request.into_inner();
+        let reason = check_revocation_reason(&request.reason).map_err(status)?;
+        let jwt = self
+            .state
+            .store
+            .jwt(&request.jti)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| {
+                status(AdminApiError::NotFound {
+                    kind: "JWT-SVID",
+                    id: request.jti.clone(),
+                })
+            })?;
+        if jwt.revoked_ms.is_some() {
+            return Ok(Response::new(RevokeJwtResponse {
+                jwt: Some(jwt_info(&jwt)),
+                already_revoked: true,
+            }));
+        }
+        if !jwt.may_be_live(unix_now()) {
+            return Err(status(AdminApiError::Expired(format!(
+                "JWT-SVID {} expired at {} (Unix seconds); there is nothing to revoke",
+                jwt.jti,
+                jwt.expires_at.unwrap_or(0)
+            ))));
+        }
+        let event = self
+            .state
+            .jwt_revoked_event(&jwt, RevocationReason::Operator, &reason);
+        let received = crate::events::model::now_ms();
+        self.state
+            .store
+            .store_events(vec![crate::store::wire::to_record(
+                &event,
+                crate::proto::tessera::EventKind::JwtRevoked,
+                "",
+                received,
+            )])
+            .await
+            .map_err(status)?;
+        audit("JWT-SVID revoked", &jwt.jti);
+        let revoked = crate::store::JwtRecord {
+            revoked_ms: Some(event.time_ms),
+            reason: Some("operator".into()),
+            ..jwt
+        };
+        Ok(Response::new(RevokeJwtResponse {
+            jwt: Some(jwt_info(&revoked)),
+            already_revoked: false,
+        }))
+    }
+
+    async fn list_jwts(
+        &self,
+        request: Request<ListJwtsRequest>,
+    ) -> Result<Response<ListJwtsResponse>, Status> {
+        let request = request.into_inner();
+        let text = |s: String| (!s.is_empty()).then_some(s);
+        let jwts = self
+            .state
+            .store
+            .jwts(JwtFilter {
+                entry_id: text(request.entry_id),
+                node_id: text(request.node_id),
+                task_id: None,
+                live_at: request.live_only.then(unix_now),
+                limit: if request.limit == 0 {
+                    1000
+                } else {
+                    request.limit as usize
+                },
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListJwtsResponse {
+            jwts: jwts.iter().map(jwt_info).collect(),
+        }))
     }
 
     async fn activate_entry(
@@ -511,6 +632,18 @@ impl Admin for AdminService {
         let id = request.into_inner().id;
         let removed = self.state.store.delete_entry(&id).await.map_err(status)?;
         audit("entry deleted", &removed.id);
+        // X.509-SVIDs go when agents drop the entry; JWT-SVIDs are refused everywhere.
+        self.state
+            .revoke_jwts(
+                JwtFilter {
+                    entry_id: Some(removed.id.clone()),
+                    ..Default::default()
+                },
+                RevocationReason::EntryRemoved,
+                "entry deleted",
+            )
+            .await
+            .map_err(status)?;
         Ok(Response::new(entry_to_proto(&removed)))
     }
 
@@ -1002,10 +1135,35 @@ impl Admin for AdminService {
         _request: Request<GetBundleRequest>,
     ) -> Result<Response<Bundle>, Status> {
         let roots = self.state.store.bundle(unix_now()).await.map_err(status)?;
+        let jwt_keys = self
+            .state
+            .store
+            .jwt_keys(unix_now())
+            .await
+            .map_err(status)?;
         Ok(Response::new(Bundle {
             trust_domain: self.state.config.trust_domain.name().to_owned(),
             roots: roots.into_iter().map(|r| r.der).collect(),
+            jwt_keys: jwt_keys.into_iter().map(|k| k.jwk).collect(),
         }))
+    }
+}
+
+/// A JWT-SVID of the inventory as the admin API shows it.
+fn jwt_info(jwt: &crate::store::JwtRecord) -> JwtInfo {
+    JwtInfo {
+        jti: jwt.jti.clone(),
+        entry_id: jwt.entry_id.clone(),
+        spiffe_id: jwt.spiffe_id.clone(),
+        node_id: jwt.node_id.clone(),
+        task_id: jwt.task_id.clone(),
+        audience: jwt.audience.clone(),
+        issued_ms: jwt.issued_ms.unwrap_or(0),
+        expires_at: jwt.expires_at.unwrap_or(0),
+        revoked_ms: jwt.revoked_ms.unwrap_or(0),
+        reason: jwt.reason.clone().unwrap_or_default(),
+        last_used_ms: jwt.last_used_ms.unwrap_or(0),
+        uses: u64::try_from(jwt.uses).unwrap_or(0),
     }
 }
 

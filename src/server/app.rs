@@ -75,6 +75,9 @@ pub enum ServerError {
     /// The gRPC servers ended on their own, before shutdown.
     #[error("the node and admin APIs stopped accepting connections")]
     Stopped,
+    /// The JWT-SVID signing key could not be loaded, made or published.
+    #[error("JWT signing key: {0}")]
+    Jwt(#[from] super::jwt::JwtSignerError),
     /// A background task died, which stopped the server.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -247,6 +250,11 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         })
         .await?;
 
+    let jwt = Arc::new(
+        super::jwt::JwtSigner::start(&config.state_dir, &server_id, config.jwt, store.as_ref())
+            .await?,
+    );
+
     let shutdown = Shutdown::new();
     let tasks = Tasks::new(shutdown.clone());
     let initial = load_snapshot(store.as_ref()).await?;
@@ -282,7 +290,12 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         snapshots: snapshot_rx,
         shutdown: shutdown.clone(),
         contacts: Default::default(),
+        jwt: jwt.clone(),
     });
+    tasks.spawn_until_shutdown(
+        "JWT signing key rotation",
+        jwt.run_rotation(state.store.clone(), shutdown.signalled()),
+    );
     tasks.spawn_until_shutdown("serving certificate renewal", {
         let state = state.clone();
         refresh_serving_config(

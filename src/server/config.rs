@@ -99,6 +99,32 @@ pub struct ServerConfig {
     /// The deepest delegation chain the server accepts from a node's events; a deeper task is
     /// an anomaly.
     pub max_task_depth: u32,
+    /// JWT-SVID signing (`[jwt]`).
+    pub jwt: JwtSigning,
+}
+
+/// How the server signs JWT-SVIDs (`[jwt]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwtSigning {
+    /// The longest lifetime a token gets (`jwt.max_ttl`), whatever an agent asks for.
+    pub max_ttl: Duration,
+    /// How long the replica signs with one key (`jwt.key_ttl`). Its successor is published in
+    /// the bundle half-way through, and used only once this has passed.
+    pub key_ttl: Duration,
+}
+
+/// The default of `jwt.max_ttl`.
+pub const DEFAULT_MAX_JWT_TTL: Duration = Duration::from_secs(3600);
+/// The default of `jwt.key_ttl`.
+pub const DEFAULT_JWT_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for JwtSigning {
+    fn default() -> Self {
+        Self {
+            max_ttl: DEFAULT_MAX_JWT_TTL,
+            key_ttl: DEFAULT_JWT_KEY_TTL,
+        }
+    }
 }
 
 /// The default of `max_task_depth`, as agents' `tasks.max_depth`.
@@ -135,6 +161,15 @@ struct RawConfig {
     x509pop: RawX509Pop,
     #[serde(default)]
     events: RawEvents,
+    #[serde(default)]
+    jwt: RawJwt,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    max_ttl: Option<String>,
+    key_ttl: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -369,7 +404,35 @@ impl ServerConfig {
                 "must be between 1 (no delegation) and 16".into(),
             ));
         }
+        let max_jwt_ttl = duration(
+            "jwt.max_ttl",
+            raw.jwt.max_ttl.as_deref(),
+            DEFAULT_MAX_JWT_TTL,
+        )?;
+        if !(Duration::from_secs(10)..=Duration::from_secs(24 * 3600)).contains(&max_jwt_ttl) {
+            return Err(invalid(
+                "jwt.max_ttl",
+                raw.jwt.max_ttl.as_deref().unwrap_or_default(),
+                "must be between 10s and 24h".into(),
+            ));
+        }
+        let jwt_key_ttl = duration(
+            "jwt.key_ttl",
+            raw.jwt.key_ttl.as_deref(),
+            DEFAULT_JWT_KEY_TTL,
+        )?;
+        if jwt_key_ttl < Duration::from_secs(60) || jwt_key_ttl > Duration::from_secs(365 * 86400) {
+            return Err(invalid(
+                "jwt.key_ttl",
+                raw.jwt.key_ttl.as_deref().unwrap_or_default(),
+                "must be between 1m and 365days".into(),
+            ));
+        }
         Ok(Self {
+            jwt: JwtSigning {
+                max_ttl: max_jwt_ttl,
+                key_ttl: jwt_key_ttl,
+            },
             on_anomaly,
             max_task_depth,
             trust_domain,

@@ -4,6 +4,7 @@
 pub mod admin_api;
 pub mod app;
 pub mod config;
+pub mod jwt;
 pub mod node_api;
 pub mod policy;
 pub mod revocation;
@@ -44,4 +45,6 @@ pub struct State {
     pub shutdown: crate::runtime::Shutdown,
     /// When each node's contact was last written, so that a busy node costs few writes.
     pub contacts: node_api::Contacts,
+    /// Signs JWT-SVIDs; its keys rotate in a task of their own.
+    pub jwt: Arc<jwt::JwtSigner>,
 }

@@ -28,8 +28,9 @@ use crate::events::model::{MAX_BATCH_EVENTS, check_event, kind_name, new_event_i
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
     AttestRequest, AttestResponse, Bundle, CrlSet, Csrs, Event, EventAck, EventBatch, EventKind,
-    NodeCredentials, PublishCrlsRequest, PublishCrlsResponse, RenewRequest, RevocationOrder,
-    RevocationOrders, SyncRequest, SyncUpdate, X509PopChallenge, attest_request, attest_response,
+    JwtRevocations, MintJwtSvidRequest, MintJwtSvidResponse, NodeCredentials, PublishCrlsRequest,
+    PublishCrlsResponse, RenewRequest, RevocationOrder, RevocationOrders, SyncRequest, SyncUpdate,
+    X509PopChallenge, attest_request, attest_response,
 };
 use crate::proto::tessera::{RevocationReason, TaskEndReason};
 use crate::store::wire::to_record;
@@ -110,6 +111,9 @@ pub enum NodeApiError {
     /// A CRL the node published was refused.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// JWT-SVID signing failed.
+    #[error("{0}")]
+    Jwt(String),
 }
 
 impl NodeApiError {
@@ -151,6 +155,10 @@ impl NodeApiError {
             Self::ShuttingDown => Status::unavailable("server is shutting down"),
             Self::Publish(PublishError::Store(e)) => Self::Store(e).into_status(),
             Self::Publish(e) => Status::invalid_argument(e.to_string()),
+            Self::Jwt(e) => {
+                tracing::error!(error = %e, "node API call failed");
+                Status::internal("internal error")
+            }
         }
     }
 }
@@ -239,9 +247,11 @@ impl State {
 
     async fn bundle(&self) -> Result<Bundle, NodeApiError> {
         let roots = self.store.bundle(unix_now()).await?;
+        let jwt_keys = self.store.jwt_keys(unix_now()).await?;
         Ok(Bundle {
             trust_domain: self.config.trust_domain.name().to_owned(),
             roots: roots.into_iter().map(|r| r.der).collect(),
+            jwt_keys: jwt_keys.into_iter().map(|k| k.jwk).collect(),
         })
     }
 
@@ -538,7 +548,26 @@ impl State {
                 });
             }
         }
+        let ended_tasks: Vec<&str> = batch
+            .events
+            .iter()
+            .filter(|e| e.kind == EventKind::TaskEnded as i32)
+            .map(|e| e.task_id.as_str())
+            .collect();
         let stored = self.store.store_events(records).await;
+        if stored.is_ok() {
+            for task_id in ended_tasks {
+                self.revoke_jwts(
+                    crate::store::JwtFilter {
+                        task_id: Some(task_id.to_owned()),
+                        ..Default::default()
+                    },
+                    RevocationReason::TaskEnded,
+                    "the task ended",
+                )
+                .await?;
+            }
+        }
         if stored.is_ok() && !anomalous.is_empty() {
             self.answer_anomalies(node_id, &anomalous).await?;
         }
@@ -890,6 +919,23 @@ impl Node for NodeService {
             .map_err(|e| refuse("PublishCrls", &peer, e))
     }
 
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<MintJwtSvidRequest>,
+    ) -> Result<Response<MintJwtSvidResponse>, Status> {
+        let (peer, leaf) = peer_of(&request);
+        let node = self
+            .state
+            .authenticated_node(leaf)
+            .await
+            .map_err(|e| refuse("MintJwtSvid", &peer, e))?;
+        self.state
+            .mint_jwt(&node.id, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| refuse("MintJwtSvid", &peer, e))
+    }
+
     async fn sync(
         &self,
         request: Request<SyncRequest>,
@@ -923,7 +969,8 @@ async fn stream_updates(
     tx: mpsc::Sender<Result<SyncUpdate, Status>>,
 ) {
     let mut sent: HashMap<String, Arc<crate::proto::tessera::Entry>> = HashMap::new();
-    let mut sent_bundle: Option<Vec<Vec<u8>>> = None;
+    let mut sent_bundle: Option<(Vec<Vec<u8>>, Vec<String>)> = None;
+    let mut sent_jwt_revocations: Option<Arc<Vec<crate::proto::tessera::JwtRevocation>>> = None;
     let mut sent_crls: Option<Vec<Vec<u8>>> = None;
     let mut sent_orders: Option<Vec<RevocationOrder>> = None;
     let mut sent_task_ends: Option<Vec<crate::proto::tessera::TaskEndOrder>> = None;
@@ -983,8 +1030,8 @@ async fn stream_updates(
                 bundle_message(&state.config.trust_domain, &snapshot),
             )),
             None => None,
-            Some(bundle) => {
-                let changed = (*bundle != snapshot.bundle)
+            Some((roots, jwt_keys)) => {
+                let changed = (*roots != snapshot.bundle || *jwt_keys != snapshot.jwt_keys)
                     .then(|| bundle_message(&state.config.trust_domain, &snapshot));
                 delta(&sent, &now, changed.as_ref())
             }
@@ -999,9 +1046,16 @@ async fn stream_updates(
             .unwrap_or_default();
         let task_ends_changed = sent_task_ends.as_ref() != Some(&task_ends);
         let policy_changed = sent_policy != Some(snapshot.policy.version);
+        let jwt_revocations_changed = sent_jwt_revocations
+            .as_ref()
+            .is_none_or(|sent| **sent != *snapshot.jwt_revocations);
         let update = update.or_else(|| {
             (sent_bundle.is_some()
-                && (crls_changed || orders_changed || task_ends_changed || policy_changed))
+                && (crls_changed
+                    || orders_changed
+                    || task_ends_changed
+                    || policy_changed
+                    || jwt_revocations_changed))
                 .then(SyncUpdate::default)
         });
         if let Some(mut update) = update {
@@ -1031,6 +1085,11 @@ async fn stream_updates(
             if update.full || policy_changed {
                 update.policy = Some(snapshot.policy.clone());
             }
+            if update.full || jwt_revocations_changed {
+                update.jwt_revocations = Some(JwtRevocations {
+                    revoked: (*snapshot.jwt_revocations).clone(),
+                });
+            }
             if update.full || task_ends_changed {
                 update.task_ends = Some(crate::proto::tessera::TaskEndOrders {
                     orders: task_ends.clone(),
@@ -1040,7 +1099,8 @@ async fn stream_updates(
                 return;
             }
             sent = now;
-            sent_bundle = Some(snapshot.bundle.clone());
+            sent_bundle = Some((snapshot.bundle.clone(), snapshot.jwt_keys.clone()));
+            sent_jwt_revocations = Some(snapshot.jwt_revocations.clone());
             sent_crls = Some(snapshot.crls.clone());
             sent_orders = Some(orders);
             sent_task_ends = Some(task_ends);

@@ -217,6 +217,15 @@ impl State {
         if !events.is_empty() {
             self.store.store_events(events).await?;
         }
+        self.revoke_jwts(
+            crate::store::JwtFilter {
+                node_id: Some(node_id.to_owned()),
+                ..Default::default()
+            },
+            reason,
+            detail,
+        )
+        .await?;
         Ok(revoked.len())
     }
 
@@ -460,6 +469,7 @@ mod tests {
             owner: "tests".into(),
             purpose: "inactivity".into(),
             inactivity_timeout_seconds: timeout,
+            jwt_ttl_seconds: None,
             node_selectors: Vec::new(),
             expires_at: None,
             hint: None,

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::proto::tessera::{Bundle, Entry, Policy, RevocationOrder, SyncUpdate, TaskEndOrder};
+use crate::proto::tessera::{
+    Bundle, Entry, JwtRevocation, Policy, RevocationOrder, SyncUpdate, TaskEndOrder,
+};
 use crate::spiffe::TrustDomain;
 use crate::store::{Datastore, EntryRecord, NodeRecord, NodeStatus, StoreError, unix_now};
 
@@ -46,6 +48,10 @@ pub struct Snapshot {
     pub task_ends: HashMap<String, Vec<TaskEndOrder>>,
     /// The authorisation policy (version 0, empty, before any was set).
     pub policy: Policy,
+    /// The JWT-SVID signing keys of every replica, each a public JWK (JSON).
+    pub jwt_keys: Vec<String>,
+    /// Every revoked JWT-SVID not yet expired: sent to every node.
+    pub jwt_revocations: Arc<Vec<JwtRevocation>>,
 }
 
 /// Replaced versions of entries, by entry id, each with when it was replaced (Unix ms).
@@ -140,6 +146,7 @@ pub fn delta(
         task_ends: None,
         policy: None,
         node_labels: Vec::new(),
+        jwt_revocations: None,
     })
 }
 
@@ -157,6 +164,7 @@ pub fn full(now: &HashMap<String, Arc<Entry>>, bundle: Bundle) -> SyncUpdate {
         task_ends: None,
         policy: None,
         node_labels: Vec::new(),
+        jwt_revocations: None,
     }
 }
 
@@ -172,6 +180,7 @@ pub fn entry_to_proto(record: &EntryRecord) -> Entry {
         purpose: record.purpose.clone(),
         expires_at: record.expires_at,
         inactivity_timeout_seconds: record.inactivity_timeout_seconds,
+        jwt_ttl_seconds: record.jwt_ttl_seconds,
         hint: record.hint.clone().unwrap_or_default(),
         dns_names: record.dns_names.clone(),
         revision: record.revision,
@@ -234,7 +243,11 @@ pub async fn load_snapshot(store: &dyn Datastore) -> Result<Snapshot, StoreError
     let standings = store.entry_standings().await?;
     let tasks = store.tasks(true).await?;
     let policy = store.policy().await?;
+    let jwt_keys = store.jwt_keys(unix_now()).await?;
+    let jwt_revocations = store.jwt_revocations(unix_now()).await?;
     Ok(Snapshot {
+        jwt_keys: jwt_keys.into_iter().map(|k| k.jwk).collect(),
+        jwt_revocations: Arc::new(super::jwt::revocations_message(&jwt_revocations)),
         policy: policy.as_ref().map(policy_to_proto).unwrap_or_default(),
         task_ends: super::tasks::orders_by_node(&tasks),
         dormant: standings
@@ -269,6 +282,7 @@ pub fn bundle_message(trust_domain: &TrustDomain, snapshot: &Snapshot) -> Bundle
     Bundle {
         trust_domain: trust_domain.name().to_owned(),
         roots: snapshot.bundle.clone(),
+        jwt_keys: snapshot.jwt_keys.clone(),
     }
 }
 

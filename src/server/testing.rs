@@ -35,6 +35,9 @@ pub(crate) async fn state_with(dir: &std::path::Path, top: &str) -> Arc<State> {
         })
         .await
         .unwrap();
+    let jwt = super::jwt::JwtSigner::start(dir, "s1", config.jwt, store.as_ref())
+        .await
+        .unwrap();
     let snapshot = load_snapshot(store.as_ref()).await.unwrap();
     let (_, snapshots) = watch::channel(Arc::new(snapshot));
     let shutdown = crate::runtime::Shutdown::new();
@@ -47,5 +50,6 @@ pub(crate) async fn state_with(dir: &std::path::Path, top: &str) -> Arc<State> {
         snapshots,
         shutdown,
         contacts: Default::default(),
+        jwt: Arc::new(jwt),
     })
 }

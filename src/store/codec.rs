@@ -4,8 +4,8 @@
 
 use super::{
     BundleRoot, CrlRecord, EntryActivity, EntryRecord, EntryStanding, EventRecord, EventTask,
-    NodeActivity, NodeCaRecord, NodeRecord, NodeStatus, PolicyRecord, RevocationRecord, StoreError,
-    StoredEvent, SvidRecord, TaskRecord, canonical,
+    JwtKeyRecord, JwtRecord, NodeActivity, NodeCaRecord, NodeRecord, NodeStatus, PolicyRecord,
+    RevocationRecord, StoreError, StoredEvent, SvidRecord, TaskRecord, canonical,
 };
 
 /// Stores a list of strings as a JSON array: unambiguous for any string content, and readable
@@ -131,6 +131,7 @@ pub(crate) fn entry_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<EntryRecord
         purpose: row.column("purpose")?,
         expires_at: row.column("expires_at")?,
         inactivity_timeout_seconds: row.column("inactivity_timeout_seconds")?,
+        jwt_ttl_seconds: row.column("jwt_ttl_seconds")?,
         hint: row.column("hint")?,
         dns_names: decode_list(&row.column::<String>("dns_names")?, "entry DNS names")?,
         revision: row.column("revision")?,
@@ -165,6 +166,40 @@ pub(crate) fn root_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<BundleRoot, 
         der: row.column("der")?,
         not_after: row.column("not_after")?,
     })
+}
+
+/// A JWT signing key from its row.
+pub(crate) fn jwt_key_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<JwtKeyRecord, StoreError> {
+    Ok(JwtKeyRecord {
+        server_id: row.column("server_id")?,
+        kid: row.column("kid")?,
+        jwk: row.column("jwk")?,
+        active_from: row.column("active_from")?,
+        not_after: row.column("not_after")?,
+    })
+}
+
+/// A JWT-SVID from its row (the columns of `events::JWT_COLUMNS`).
+pub(crate) fn jwt_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<JwtRecord, StoreError> {
+    Ok(JwtRecord {
+        jti: row.column("jti")?,
+        entry_id: row.column("entry_id")?,
+        spiffe_id: row.column("spiffe_id")?,
+        node_id: row.column("node_id")?,
+        task_id: row.column("task_id")?,
+        audience: decode_list(&row.column::<String>("audience")?, "a JWT-SVID's audience")?,
+        issued_ms: row.column("issued_ms")?,
+        expires_at: row.column("expires_at")?,
+        revoked_ms: row.column("revoked_ms")?,
+        reason: row.column("reason")?,
+        last_used_ms: row.column("last_used_ms")?,
+        uses: row.column("uses")?,
+    })
+}
+
+/// An event's audience as stored: `NULL` for none.
+pub(crate) fn encode_audience(audience: &[String]) -> Option<String> {
+    (!audience.is_empty()).then(|| encode_list(audience))
 }
 
 /// The columns of `node_cas`, in the order the insert binds them.
@@ -284,6 +319,12 @@ pub(crate) fn event_from_row<R: ReadRow + ?Sized>(row: &R) -> Result<StoredEvent
             policies: row
                 .column::<Option<String>>("policies")?
                 .map(|text| decode_list(&text, "an event's policies"))
+                .transpose()?
+                .unwrap_or_default(),
+            jti: row.column::<Option<String>>("jti")?.unwrap_or_default(),
+            audience: row
+                .column::<Option<String>>("audience")?
+                .map(|text| decode_list(&text, "an event's audience"))
                 .transpose()?
                 .unwrap_or_default(),
         },

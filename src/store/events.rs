@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::{
-    CallerRecord, EntryActivity, EventFilter, EventRecord, MAX_EVENTS_LISTED, NodeActivity,
-    StoreError, SvidRecord, TaskRecord, event_kind,
+    CallerRecord, EntryActivity, EventFilter, EventRecord, JwtFilter, JwtRecord, MAX_EVENTS_LISTED,
+    NodeActivity, StoreError, SvidRecord, TaskRecord, event_kind,
 };
 use crate::events::model::{KIND_NAMES, kind_from_name};
 use crate::proto::tessera::EventKind;
@@ -20,7 +20,33 @@ use crate::proto::tessera::EventKind;
 /// The stored columns of an event, in the order both backends bind and read them.
 pub(crate) const EVENT_COLUMNS: &str = "id, kind, time_ms, node_id, entry_id, spiffe_id, serial, \
     not_after, reason, caller_pid, caller_uid, caller_gid, caller_exe_path, caller_exe_sha256, \
-    caller_unit, first_ms, last_ms, count, detail, received_ms, task, policy_version, policies";
+    caller_unit, first_ms, last_ms, count, detail, received_ms, task, policy_version, policies, \
+    jti, audience";
+
+/// The stored columns of a JWT-SVID, likewise.
+pub(crate) const JWT_COLUMNS: &str = "jti, entry_id, spiffe_id, node_id, task_id, audience, \
+    issued_ms, expires_at, revoked_ms, reason, last_used_ms, uses";
+
+/// How a JWT-SVID change merges into the stored row (`ON CONFLICT (jti) DO UPDATE SET`): as
+/// [`merge_jwt`] does it in memory.
+pub(crate) const JWT_MERGE: &str = "
+    entry_id = CASE WHEN jwts.entry_id = '' THEN excluded.entry_id ELSE jwts.entry_id END,
+    spiffe_id = CASE WHEN jwts.spiffe_id = '' THEN excluded.spiffe_id ELSE jwts.spiffe_id END,
+    node_id = CASE WHEN jwts.node_id = '' THEN excluded.node_id ELSE jwts.node_id END,
+    task_id = CASE WHEN jwts.task_id = '' THEN excluded.task_id ELSE jwts.task_id END,
+    audience = CASE WHEN jwts.audience = '[]' THEN excluded.audience ELSE jwts.audience END,
+    issued_ms = CASE WHEN jwts.issued_ms IS NULL OR excluded.issued_ms < jwts.issued_ms
+        THEN excluded.issued_ms ELSE jwts.issued_ms END,
+    expires_at = COALESCE(jwts.expires_at, excluded.expires_at),
+    reason = CASE WHEN jwts.revoked_ms IS NULL OR excluded.revoked_ms < jwts.revoked_ms
+        THEN COALESCE(excluded.reason, jwts.reason) ELSE jwts.reason END,
+    revoked_ms = CASE WHEN jwts.revoked_ms IS NULL OR excluded.revoked_ms < jwts.revoked_ms
+        THEN COALESCE(excluded.revoked_ms, jwts.revoked_ms) ELSE jwts.revoked_ms END,
+    last_used_ms = CASE WHEN jwts.last_used_ms IS NULL
+            OR excluded.last_used_ms > jwts.last_used_ms
+        THEN excluded.last_used_ms ELSE jwts.last_used_ms END,
+    uses = CASE WHEN jwts.uses > 9223372036854775807 - excluded.uses
+        THEN 9223372036854775807 ELSE jwts.uses + excluded.uses END";
 
 /// The stored columns of a task, likewise.
 pub(crate) const TASK_COLUMNS: &str = "task_id, node_id, entry_id, spiffe_id, parent_id, chain, \
@@ -104,6 +130,9 @@ pub(crate) fn check_batch(events: &[EventRecord]) -> Result<(), StoreError> {
         if event_kind::is_svid(&event.kind) && event.serial.is_empty() {
             return refuse(format!("is {} without a serial", event.kind));
         }
+        if event_kind::is_jwt(&event.kind) && event.jti.is_empty() {
+            return refuse(format!("is {} without a jti", event.kind));
+        }
         if event.count.is_some_and(|count| count < 0) {
             return refuse("has a negative count".to_owned());
         }
@@ -119,10 +148,12 @@ pub(crate) fn check_batch(events: &[EventRecord]) -> Result<(), StoreError> {
             &event.spiffe_id,
             &event.serial,
             &event.detail,
+            &event.jti,
         ];
         if texts
             .into_iter()
             .chain(caller_texts)
+            .chain(&event.audience)
             .any(|t| t.contains('\0'))
         {
             return refuse("holds a NUL character in a text field".to_owned());
@@ -139,6 +170,45 @@ pub(crate) fn svid_serials(events: &[EventRecord]) -> Vec<String> {
         .map(|e| e.serial.as_str())
         .collect();
     serials.into_iter().map(str::to_owned).collect()
+}
+
+/// The `jti`s of a batch's events about JWT-SVIDs, to look up whom they were signed for.
+pub(crate) fn jwt_ids(events: &[EventRecord]) -> Vec<String> {
+    let ids: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| event_kind::is_jwt(&e.kind))
+        .map(|e| e.jti.as_str())
+        .collect();
+    ids.into_iter().map(str::to_owned).collect()
+}
+
+/// Refuses a batch from a node with an event about a JWT-SVID signed for another node, other
+/// than a use: a node reports the signing and revocation of its own tokens only. Events the server produced (no
+/// node) may concern any. `holders` maps the batch's stored `jti`s to their node.
+pub(crate) fn check_jwt_holders(
+    events: &[EventRecord],
+    holders: &std::collections::HashMap<String, String>,
+) -> Result<(), StoreError> {
+    for (index, event) in events.iter().enumerate() {
+        // Any node may validate any token: only issuance and revocation are the holder's.
+        if !event_kind::is_jwt(&event.kind)
+            || event.kind == event_kind::JWT_USED
+            || event.node_id.is_empty()
+        {
+            continue;
+        }
+        if let Some(holder) = holders.get(&event.jti)
+            && !holder.is_empty()
+            && *holder != event.node_id
+        {
+            return Err(StoreError::invalid(format!(
+                "event {index} (id {:?}) is about JWT-SVID {}, which was signed for node \
+                 {holder:?}, not {:?}; nothing in the batch was stored",
+                event.id, event.jti, event.node_id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a batch with an event about an SVID that another node issued: a node reports on
@@ -218,6 +288,11 @@ pub(crate) struct InventoryChanges {
     pub nodes: Vec<NodeActivity>,
     /// Merged into the stored task by [`TASK_MERGE`].
     pub tasks: Vec<TaskRecord>,
+    /// Merged into the stored JWT-SVID with the same `jti` by [`JWT_MERGE`]; `uses` is an
+    /// increment.
+    pub jwts: Vec<JwtRecord>,
+    /// Whether a JWT-SVID not revoked before is revoked now (agents must be told).
+    pub jwt_revoked: bool,
 }
 
 impl InventoryChanges {
@@ -227,7 +302,23 @@ impl InventoryChanges {
         let mut entries: BTreeMap<&str, EntryActivity> = BTreeMap::new();
         let mut nodes: BTreeMap<&str, i64> = BTreeMap::new();
         let mut tasks: BTreeMap<&str, TaskRecord> = BTreeMap::new();
+        let mut jwts: BTreeMap<&str, JwtRecord> = BTreeMap::new();
+        let mut jwt_revoked = false;
         for event in events {
+            if let Some(change) = jwt_change(event) {
+                jwt_revoked |= change.revoked_ms.is_some();
+                match jwts.get_mut(event.jti.as_str()) {
+                    Some(stored) => merge_jwt(stored, change),
+                    None => {
+                        jwts.insert(&event.jti, change);
+                    }
+                }
+                if !event.node_id.is_empty() {
+                    let last = nodes.entry(&event.node_id).or_insert(event.time_ms);
+                    *last = (*last).max(event.time_ms);
+                }
+                continue;
+            }
             if let (Some(task), Some(change)) = (&event.task, task_change(event)) {
                 match tasks.get_mut(task.task_id.as_str()) {
                     Some(stored) => merge_task(stored, change),
@@ -275,8 +366,117 @@ impl InventoryChanges {
                 })
                 .collect(),
             tasks: tasks.into_values().collect(),
+            jwts: jwts.into_values().collect(),
+            jwt_revoked,
         }
     }
+}
+
+/// What one event says about its JWT-SVID; `None` for events about none.
+fn jwt_change(event: &EventRecord) -> Option<JwtRecord> {
+    let mut change = JwtRecord {
+        jti: event.jti.clone(),
+        entry_id: event.entry_id.clone(),
+        spiffe_id: event.spiffe_id.clone(),
+        node_id: event.node_id.clone(),
+        task_id: event
+            .task
+            .as_ref()
+            .map(|t| t.task_id.clone())
+            .unwrap_or_default(),
+        audience: event.audience.clone(),
+        expires_at: event.not_after,
+        ..JwtRecord::default()
+    };
+    match kind_from_name(&event.kind)? {
+        EventKind::JwtIssued => change.issued_ms = Some(event.time_ms),
+        EventKind::JwtRevoked => {
+            change.revoked_ms = Some(event.time_ms);
+            change.reason = event.reason.clone();
+        }
+        EventKind::JwtUsed => {
+            change.last_used_ms = Some(event.last_ms.unwrap_or(event.time_ms));
+            change.uses = event.count.unwrap_or(1);
+        }
+        _ => return None,
+    }
+    Some(change)
+}
+
+/// `stored` with `change` merged in, as [`JWT_MERGE`] does it.
+fn merge_jwt(stored: &mut JwtRecord, change: JwtRecord) {
+    for (kept, new) in [
+        (&mut stored.entry_id, change.entry_id),
+        (&mut stored.spiffe_id, change.spiffe_id),
+        (&mut stored.node_id, change.node_id),
+        (&mut stored.task_id, change.task_id),
+    ] {
+        if kept.is_empty() {
+            *kept = new;
+        }
+    }
+    if stored.audience.is_empty() {
+        stored.audience = change.audience;
+    }
+    stored.issued_ms = earliest(stored.issued_ms, change.issued_ms);
+    stored.expires_at = stored.expires_at.or(change.expires_at);
+    if earlier(change.revoked_ms, stored.revoked_ms) {
+        stored.revoked_ms = change.revoked_ms;
+        stored.reason = change.reason;
+    }
+    stored.last_used_ms = latest(stored.last_used_ms, change.last_used_ms);
+    stored.uses = stored.uses.saturating_add(change.uses);
+}
+
+/// The query for [`super::Datastore::jwts`], with its parameters in order, each written by
+/// `placeholder(n)`.
+pub(crate) fn jwts_query(
+    filter: &JwtFilter,
+    placeholder: impl Fn(usize) -> String,
+) -> (String, Vec<QueryValue>) {
+    let mut conditions = Vec::new();
+    let mut values = Vec::new();
+    for (column, value) in [
+        ("entry_id", &filter.entry_id),
+        ("node_id", &filter.node_id),
+        ("task_id", &filter.task_id),
+    ] {
+        if let Some(value) = value {
+            values.push(QueryValue::Text(value.clone()));
+            conditions.push(format!("{column} = {}", placeholder(values.len())));
+        }
+    }
+    if let Some(now) = filter.live_at {
+        values.push(QueryValue::Int(now));
+        conditions.push(format!(
+            "revoked_ms IS NULL AND (expires_at IS NULL OR expires_at > {})",
+            placeholder(values.len())
+        ));
+    }
+    let limit = if filter.limit == 0 || filter.limit > MAX_EVENTS_LISTED {
+        MAX_EVENTS_LISTED
+    } else {
+        filter.limit
+    };
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    (
+        format!(
+            "SELECT {JWT_COLUMNS} FROM jwts {filter}
+             ORDER BY issued_ms IS NULL, issued_ms DESC, jti LIMIT {limit}"
+        ),
+        values,
+    )
+}
+
+/// A parameter of a query built here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum QueryValue {
+    Text(String),
+    Int(i64),
 }
 
 /// What a task event says about its task; `None` for other events.

@@ -235,6 +235,9 @@ pub struct EntryRecord {
     pub expires_at: Option<i64>,
     /// Seconds without use after which the identity counts as unused.
     pub inactivity_timeout_seconds: Option<i64>,
+    /// Lifetime of its JWT-SVIDs, seconds (at most the server's `jwt.max_ttl`); `None`: what the
+    /// agent asks for (`[jwt] ttl`).
+    pub jwt_ttl_seconds: Option<i64>,
     /// Optional hint.
     pub hint: Option<String>,
     /// Extra DNS SANs.
@@ -342,6 +345,72 @@ pub struct JoinTokenRecord {
     pub created_at: i64,
 }
 
+/// One JWT-SVID as the inventory knows it, kept from its events like [`SvidRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JwtRecord {
+    /// Its `jti`: the key.
+    pub jti: String,
+    /// The entry it was signed for (the first non-empty one any event named).
+    pub entry_id: String,
+    /// Its `sub` (likewise).
+    pub spiffe_id: String,
+    /// The node it was signed for (likewise).
+    pub node_id: String,
+    /// For a task's token, the task (likewise).
+    pub task_id: String,
+    /// Its `aud`, from its issuance.
+    pub audience: Vec<String>,
+    /// When it was signed, Unix milliseconds; `None` until its `jwt_issued` event is stored.
+    pub issued_ms: Option<i64>,
+    /// Its `exp`, Unix seconds (the first any event gave).
+    pub expires_at: Option<i64>,
+    /// When it was revoked (the earliest revocation), Unix milliseconds.
+    pub revoked_ms: Option<i64>,
+    /// Why, from the same revocation.
+    pub reason: Option<String>,
+    /// The latest use any `jwt_used` event reported, Unix milliseconds.
+    pub last_used_ms: Option<i64>,
+    /// Uses counted by all its `jwt_used` events.
+    pub uses: i64,
+}
+
+impl JwtRecord {
+    /// Not revoked, and not known to have expired at `now` (Unix seconds).
+    pub fn may_be_live(&self, now: i64) -> bool {
+        self.revoked_ms.is_none() && self.expires_at.is_none_or(|at| at > now)
+    }
+}
+
+/// Which JWT-SVIDs [`Datastore::jwts`] returns: those matching every condition given.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JwtFilter {
+    /// Only tokens of this entry.
+    pub entry_id: Option<String>,
+    /// Only tokens signed for this node.
+    pub node_id: Option<String>,
+    /// Only tokens of this task.
+    pub task_id: Option<String>,
+    /// Only tokens not revoked and not expired at these Unix seconds.
+    pub live_at: Option<i64>,
+    /// At most this many, newest first; 0, or more than [`MAX_EVENTS_LISTED`]: that many.
+    pub limit: usize,
+}
+
+/// One JWT-SVID signing key a server replica published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtKeyRecord {
+    /// The replica that signs with it.
+    pub server_id: String,
+    /// Its `kid`.
+    pub kid: String,
+    /// The public key as a JWK (JSON).
+    pub jwk: String,
+    /// Unix seconds from which the replica signs with it (published ahead of it).
+    pub active_from: i64,
+    /// Unix seconds after which no token it signed can be live: it leaves the bundle then.
+    pub not_after: i64,
+}
+
 /// One trust anchor of the trust domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleRoot {
@@ -443,6 +512,23 @@ pub mod event_kind {
         )
     }
 
+    /// True for the kinds that concern one JWT-SVID, named by its `jti`, and update the JWT
+    /// inventory.
+    pub fn is_jwt(kind: &str) -> bool {
+        matches!(
+            kind_from_name(kind),
+            Some(EventKind::JwtIssued | EventKind::JwtUsed | EventKind::JwtRevoked)
+        )
+    }
+
+    /// A JWT-SVID was handed out or validated: not only by the node it was signed for.
+    pub const JWT_USED: &str = "jwt_used";
+    /// Kind names for the tests' records.
+    #[cfg(test)]
+    pub(crate) const JWT_ISSUED: &str = "jwt_issued";
+    #[cfg(test)]
+    pub(crate) const JWT_REVOKED: &str = "jwt_revoked";
+
     /// A task began; the task inventory is kept from these and [`TASK_ENDED`].
     pub const TASK_STARTED: &str = "task_started";
     /// A task ended.
@@ -502,6 +588,10 @@ pub struct EventRecord {
     pub policy_version: Option<i64>,
     /// Policy refusals: the ids of the determining policies.
     pub policies: Vec<String>,
+    /// The JWT-SVID concerned (`jti`); never empty for the JWT kinds ([`event_kind::is_jwt`]).
+    pub jti: String,
+    /// `jwt_issued`: the token's audience.
+    pub audience: Vec<String>,
 }
 
 /// What a task event (or an event about a task SVID) says about its task; stored as JSON.
@@ -793,8 +883,24 @@ pub trait Datastore: Send + Sync + 'static {
     /// Every root not expired at `now`, ordered by server id then not-after.
     async fn bundle(&self, now: i64) -> Result<Vec<BundleRoot>, StoreError>;
 
-    /// A receiver that changes after every committed change to entries, node status or the
-    /// bundle, by this replica or any other sharing the database. It may also change without a
+    /// Adds a JWT signing key to the bundle; publishing the same server's `kid` again only
+    /// updates its times.
+    async fn publish_jwt_key(&self, key: JwtKeyRecord) -> Result<(), StoreError>;
+
+    /// Every JWT signing key not expired at `now`, ordered by server id then `active_from`.
+    async fn jwt_keys(&self, now: i64) -> Result<Vec<JwtKeyRecord>, StoreError>;
+
+    /// The JWT-SVIDs matching `filter`, newest issuance first.
+    async fn jwts(&self, filter: JwtFilter) -> Result<Vec<JwtRecord>, StoreError>;
+
+    /// One JWT-SVID by `jti`.
+    async fn jwt(&self, jti: &str) -> Result<Option<JwtRecord>, StoreError>;
+
+    /// Every JWT-SVID revoked and not expired at `now` (Unix seconds): `jti` and `exp`.
+    async fn jwt_revocations(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// A receiver that changes after every committed change to entries, node status, the
+    /// bundle or the JWT revocations, by this replica or any other sharing the database. It may also change without a
     /// change (after a reconnection, when changes may have been missed): readers reload.
     fn changes(&self) -> watch::Receiver<u64>;
 

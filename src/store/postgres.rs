@@ -34,13 +34,13 @@ use super::codec::{
     self, entry_activity_from_row, entry_from_row, event_from_row, node_activity_from_row,
     node_from_row, root_from_row, svid_from_row,
 };
-use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
+use super::events::{self, EVENT_COLUMNS, InventoryChanges, JWT_COLUMNS, JWT_MERGE, SVID_COLUMNS};
 use super::pg_tls::{ConnectionString, PgTls};
 use super::{
     BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
-    EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, PolicyRecord, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord,
-    TaskRecord, TokenRefusal, unix_now,
+    EventRecord, JoinTokenRecord, JwtFilter, JwtKeyRecord, JwtRecord, NodeActivity, NodeCaRecord,
+    NodeCredentialsRecord, NodeRecord, NodeStatus, PolicyRecord, RevocationRecord, StoreError,
+    StoredCount, StoredEvent, SvidRecord, TaskRecord, TokenRefusal, unix_now,
 };
 
 /// Connections for operations; a few let slow operations not hold up the others.
@@ -253,11 +253,44 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE events ADD COLUMN policy_version BIGINT;
     ALTER TABLE events ADD COLUMN policies TEXT;",
     ),
+    (
+        7,
+        "ALTER TABLE events ADD COLUMN jti TEXT;
+    ALTER TABLE events ADD COLUMN audience TEXT;
+    CREATE INDEX events_by_jti ON events (jti) WHERE jti IS NOT NULL;
+    CREATE TABLE jwt_keys (
+        server_id TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        jwk TEXT NOT NULL,
+        active_from BIGINT NOT NULL,
+        not_after BIGINT NOT NULL,
+        PRIMARY KEY (server_id, kid)
+    );
+    CREATE TABLE jwts (
+        jti TEXT PRIMARY KEY,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        audience TEXT NOT NULL,
+        issued_ms BIGINT,
+        expires_at BIGINT,
+        revoked_ms BIGINT,
+        reason TEXT,
+        last_used_ms BIGINT,
+        uses BIGINT NOT NULL
+    );
+    CREATE INDEX jwts_by_entry ON jwts (entry_id);
+    CREATE INDEX jwts_by_node ON jwts (node_id);
+    CREATE INDEX jwts_by_task ON jwts (task_id);
+    CREATE INDEX jwts_revoked ON jwts (revoked_ms) WHERE revoked_ms IS NOT NULL;
+    ALTER TABLE entries ADD COLUMN jwt_ttl_seconds BIGINT;",
+    ),
 ];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, selectors, node_selectors, x509_ttl_seconds, owner, \
     purpose, expires_at, inactivity_timeout_seconds, hint, dns_names, revision, created_at, \
-    updated_at, activation, delegates_to, labels";
+    updated_at, activation, delegates_to, labels, jwt_ttl_seconds";
 
 const NODE_COLUMNS: &str = "id, attestation, selectors, status, attested_at, last_seen, \
     svid_serial, svid_not_after, ca_serial, ca_not_after";
@@ -587,9 +620,10 @@ async fn insert_entry(client: &mut Client, entry: &EntryRecord) -> Result<(), Fa
         .execute(
             "INSERT INTO entries (id, spiffe_id, selectors, selectors_sha256, node_selectors,
                 x509_ttl_seconds, owner, purpose, expires_at, inactivity_timeout_seconds, hint,
-                dns_names, revision, created_at, updated_at, activation, delegates_to, labels)
+                dns_names, revision, created_at, updated_at, activation, delegates_to, labels,
+                jwt_ttl_seconds)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                $16, $17, $18)
+                $16, $17, $18, $19)
              ON CONFLICT DO NOTHING",
             &[
                 &entry.id,
@@ -610,6 +644,7 @@ async fn insert_entry(client: &mut Client, entry: &EntryRecord) -> Result<(), Fa
                 &entry.activation,
                 &codec::encode_list(&entry.delegates_to),
                 &codec::encode_list(&entry.labels),
+                &entry.jwt_ttl_seconds,
             ],
         )
         .await?;
@@ -644,7 +679,7 @@ async fn update_entry(
                     node_selectors = $6, x509_ttl_seconds = $7, owner = $8, purpose = $9,
                     expires_at = $10, inactivity_timeout_seconds = $11, hint = $12,
                     dns_names = $13, revision = revision + 1, updated_at = $14,
-                    activation = $15, delegates_to = $16, labels = $17
+                    activation = $15, delegates_to = $16, labels = $17, jwt_ttl_seconds = $18
                  WHERE id = $1 AND revision = $2
                  RETURNING {ENTRY_COLUMNS}"
             ),
@@ -666,6 +701,7 @@ async fn update_entry(
                 &entry.activation,
                 &codec::encode_list(&entry.delegates_to),
                 &codec::encode_list(&entry.labels),
+                &entry.jwt_ttl_seconds,
             ],
         )
         .await;
@@ -921,11 +957,26 @@ async fn publish_root(client: &mut Client, root: &BundleRoot) -> Result<bool, Fa
 }
 
 /// Stores the events whose ids are new, and what they change in the inventory, in one
-/// transaction that waits for batches committing before it. Returns how many were stored.
-async fn store_events(client: &mut Client, batch: &[EventRecord]) -> Result<usize, Failure> {
+/// transaction that waits for batches committing before it. Returns how many were stored, and
+/// whether one revoked a JWT-SVID.
+async fn store_events(
+    client: &mut Client,
+    batch: &[EventRecord],
+) -> Result<(usize, bool), Failure> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
         .await?;
+    let rows = tx
+        .query(
+            "SELECT jti, node_id FROM jwts WHERE jti = ANY($1)",
+            &[&events::jwt_ids(batch)],
+        )
+        .await?;
+    let holders = rows
+        .iter()
+        .map(|row| Ok((col(row, "jti")?, col(row, "node_id")?)))
+        .collect::<Result<_, StoreError>>()?;
+    events::check_jwt_holders(batch, &holders)?;
     let rows = tx
         .query(
             "SELECT serial, node_id FROM svids WHERE serial = ANY($1)",
@@ -939,12 +990,18 @@ async fn store_events(client: &mut Client, batch: &[EventRecord]) -> Result<usiz
     events::check_serial_issuers(batch, &issuers)?;
     let inserted = insert_events(&tx, batch).await?;
     let new: Vec<&EventRecord> = batch.iter().filter(|e| inserted.contains(&e.id)).collect();
+    let mut jwt_revoked = false;
     if !new.is_empty() {
-        apply_inventory_changes(&tx, &InventoryChanges::of(new.iter().copied())).await?;
+        let changes = InventoryChanges::of(new.iter().copied());
+        apply_inventory_changes(&tx, &changes).await?;
         notify_events(&tx).await?;
+        if changes.jwt_revoked {
+            notify(&tx).await?;
+            jwt_revoked = true;
+        }
     }
     tx.commit().await?;
-    Ok(new.len())
+    Ok((new.len(), jwt_revoked))
 }
 
 /// Inserts the batch (without repeated ids) in one statement, in order; returns the ids that
@@ -974,7 +1031,7 @@ async fn insert_events(
                     $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::text[],
                     $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], $15::text[],
                     $16::int8[], $17::int8[], $18::int8[], $19::text[], $20::int8[],
-                    $21::text[], $22::int8[], $23::text[])
+                    $21::text[], $22::int8[], $23::text[], $24::text[], $25::text[])
                     WITH ORDINALITY AS batch ({EVENT_COLUMNS}, position)
                  ORDER BY position
                  ON CONFLICT (id) DO NOTHING
@@ -1004,6 +1061,8 @@ async fn insert_events(
                 &column(batch, |e| codec::encode_event_task(e.task.as_ref())),
                 &column(batch, |e| e.policy_version),
                 &column(batch, |e| codec::encode_policies(&e.policies)),
+                &column(batch, |e| (!e.jti.is_empty()).then_some(e.jti.as_str())),
+                &column(batch, |e| codec::encode_audience(&e.audience)),
             ],
         )
         .await?;
@@ -1083,6 +1142,36 @@ async fn apply_inventory_changes(
             &[
                 &nodes.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>(),
                 &nodes.iter().map(|n| n.last_event_ms).collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    }
+    let jwts = &changes.jwts;
+    if !jwts.is_empty() {
+        fn column<'a, T>(jwts: &'a [JwtRecord], value: impl Fn(&'a JwtRecord) -> T) -> Vec<T> {
+            jwts.iter().map(value).collect()
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO jwts ({JWT_COLUMNS})
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                    $5::text[], $6::text[], $7::int8[], $8::int8[], $9::int8[], $10::text[],
+                    $11::int8[], $12::int8[])
+                 ON CONFLICT (jti) DO UPDATE SET {JWT_MERGE}"
+            ),
+            &[
+                &column(jwts, |j| j.jti.as_str()),
+                &column(jwts, |j| j.entry_id.as_str()),
+                &column(jwts, |j| j.spiffe_id.as_str()),
+                &column(jwts, |j| j.node_id.as_str()),
+                &column(jwts, |j| j.task_id.as_str()),
+                &column(jwts, |j| codec::encode_list(&j.audience)),
+                &column(jwts, |j| j.issued_ms),
+                &column(jwts, |j| j.expires_at),
+                &column(jwts, |j| j.revoked_ms),
+                &column(jwts, |j| j.reason.as_deref()),
+                &column(jwts, |j| j.last_used_ms),
+                &column(jwts, |j| j.uses),
             ],
         )
         .await?;
@@ -1477,6 +1566,122 @@ impl Datastore for PostgresStore {
             .await
     }
 
+    async fn publish_jwt_key(&self, key: JwtKeyRecord) -> Result<(), StoreError> {
+        let changed = self
+            .pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let tx = c.transaction().await?;
+                    let row = tx
+                        .query_opt(
+                            "INSERT INTO jwt_keys (server_id, kid, jwk, active_from, not_after)
+                             VALUES ($1, $2, $3, $4, $5)
+                             ON CONFLICT (server_id, kid) DO UPDATE
+                                SET active_from = EXCLUDED.active_from,
+                                    not_after = EXCLUDED.not_after
+                             WHERE jwt_keys.active_from <> EXCLUDED.active_from
+                                OR jwt_keys.not_after <> EXCLUDED.not_after
+                             RETURNING 1",
+                            &[
+                                &key.server_id,
+                                &key.kid,
+                                &key.jwk,
+                                &key.active_from,
+                                &key.not_after,
+                            ],
+                        )
+                        .await?;
+                    let changed = row.is_some();
+                    if changed {
+                        notify(&tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(changed)
+                })
+            })
+            .await?;
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    async fn jwt_keys(&self, now: i64) -> Result<Vec<JwtKeyRecord>, StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT server_id, kid, jwk, active_from, not_after FROM jwt_keys
+                             WHERE not_after >= $1 ORDER BY server_id, active_from, kid",
+                            &[&now],
+                        )
+                        .await?;
+                    decode_all(&rows, codec::jwt_key_from_row::<Row>)
+                })
+            })
+            .await
+    }
+
+    async fn jwts(&self, filter: JwtFilter) -> Result<Vec<JwtRecord>, StoreError> {
+        self.pool
+            .run(move |c| {
+                let (sql, values) = events::jwts_query(&filter, |i| format!("${i}"));
+                Box::pin(async move {
+                    let params: Vec<Box<dyn ToSql + Sync + Send>> = values
+                        .into_iter()
+                        .map(|v| -> Box<dyn ToSql + Sync + Send> {
+                            match v {
+                                events::QueryValue::Text(t) => Box::new(t),
+                                events::QueryValue::Int(n) => Box::new(n),
+                            }
+                        })
+                        .collect();
+                    let refs: Vec<&(dyn ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                        .collect();
+                    let rows = c.query(&sql, &refs).await?;
+                    decode_all(&rows, codec::jwt_from_row::<Row>)
+                })
+            })
+            .await
+    }
+
+    async fn jwt(&self, jti: &str) -> Result<Option<JwtRecord>, StoreError> {
+        let jti = jti.to_owned();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!("SELECT {JWT_COLUMNS} FROM jwts WHERE jti = $1");
+                    let found =
+                        decode_all(&c.query(&sql, &[&jti]).await?, codec::jwt_from_row::<Row>)?;
+                    Ok(found.into_iter().next())
+                })
+            })
+            .await
+    }
+
+    async fn jwt_revocations(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT jti, expires_at FROM jwts
+                             WHERE revoked_ms IS NOT NULL AND expires_at > $1 ORDER BY jti",
+                            &[&now],
+                        )
+                        .await?;
+                    Ok(rows
+                        .iter()
+                        .map(|row| Ok((col(row, "jti")?, col(row, "expires_at")?)))
+                        .collect::<Result<Vec<_>, StoreError>>()?)
+                })
+            })
+            .await
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -1488,13 +1693,16 @@ impl Datastore for PostgresStore {
         if unique.is_empty() {
             return Ok(StoredCount::default());
         }
-        let stored = self
+        let (stored, jwt_revoked) = self
             .pool
             .run(move |c| Box::pin(async move { store_events(c, &unique).await }))
             .await?;
         if stored > 0 {
             // This replica's readers need not wait for the notification.
             bump(&self.events);
+        }
+        if jwt_revoked {
+            self.bump();
         }
         Ok(StoredCount {
             stored: events::count(stored),

@@ -24,12 +24,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, Transaction, Trans
 use tokio::sync::watch;
 
 use super::codec;
-use super::events::{self, EVENT_COLUMNS, InventoryChanges, SVID_COLUMNS};
+use super::events::{self, EVENT_COLUMNS, InventoryChanges, JWT_COLUMNS, JWT_MERGE, SVID_COLUMNS};
 use super::{
     BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
-    EventRecord, JoinTokenRecord, NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord,
-    NodeStatus, PolicyRecord, RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord,
-    TaskRecord, TokenRefusal, unix_now,
+    EventRecord, JoinTokenRecord, JwtFilter, JwtKeyRecord, JwtRecord, NodeActivity, NodeCaRecord,
+    NodeCredentialsRecord, NodeRecord, NodeStatus, PolicyRecord, RevocationRecord, StoreError,
+    StoredCount, StoredEvent, SvidRecord, TaskRecord, TokenRefusal, unix_now,
 };
 
 /// How long a statement waits for a lock held by another connection (a backup tool, the
@@ -225,11 +225,45 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE events ADD COLUMN policy_version INTEGER;
     ALTER TABLE events ADD COLUMN policies TEXT;",
     ),
+    // JWT-SVIDs: the replicas' signing keys and the tokens' inventory (kept from their events).
+    (
+        7,
+        "ALTER TABLE events ADD COLUMN jti TEXT;
+    ALTER TABLE events ADD COLUMN audience TEXT;
+    CREATE INDEX events_by_jti ON events (jti) WHERE jti IS NOT NULL;
+    CREATE TABLE jwt_keys (
+        server_id TEXT NOT NULL,
+        kid TEXT NOT NULL,
+        jwk TEXT NOT NULL,
+        active_from INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        PRIMARY KEY (server_id, kid)
+    ) STRICT;
+    CREATE TABLE jwts (
+        jti TEXT PRIMARY KEY,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        audience TEXT NOT NULL,
+        issued_ms INTEGER,
+        expires_at INTEGER,
+        revoked_ms INTEGER,
+        reason TEXT,
+        last_used_ms INTEGER,
+        uses INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX jwts_by_entry ON jwts (entry_id);
+    CREATE INDEX jwts_by_node ON jwts (node_id);
+    CREATE INDEX jwts_by_task ON jwts (task_id);
+    CREATE INDEX jwts_revoked ON jwts (revoked_ms) WHERE revoked_ms IS NOT NULL;
+    ALTER TABLE entries ADD COLUMN jwt_ttl_seconds INTEGER;",
+    ),
 ];
 
 const ENTRY_COLUMNS: &str = "id, spiffe_id, selectors, node_selectors, x509_ttl_seconds, owner, \
     purpose, expires_at, inactivity_timeout_seconds, hint, dns_names, revision, created_at, \
-    updated_at, activation, delegates_to, labels";
+    updated_at, activation, delegates_to, labels, jwt_ttl_seconds";
 
 const NODE_COLUMNS: &str = "id, attestation, selectors, status, attested_at, last_seen, \
     svid_serial, svid_not_after, ca_serial, ca_not_after";
@@ -504,9 +538,10 @@ fn insert_entry(tx: &Transaction<'_>, entry: &EntryRecord) -> Result<(), StoreEr
         .execute(
             "INSERT INTO entries (id, spiffe_id, selectors, selectors_sha256, node_selectors,
                 x509_ttl_seconds, owner, purpose, expires_at, inactivity_timeout_seconds, hint,
-                dns_names, revision, created_at, updated_at, activation, delegates_to, labels)
+                dns_names, revision, created_at, updated_at, activation, delegates_to, labels,
+                jwt_ttl_seconds)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                ?16, ?17, ?18)
+                ?16, ?17, ?18, ?19)
              ON CONFLICT DO NOTHING",
             rusqlite::params![
                 entry.id,
@@ -527,6 +562,7 @@ fn insert_entry(tx: &Transaction<'_>, entry: &EntryRecord) -> Result<(), StoreEr
                 entry.activation,
                 codec::encode_list(&entry.delegates_to),
                 codec::encode_list(&entry.labels),
+                entry.jwt_ttl_seconds,
             ],
         )
         .map_err(db_error)?;
@@ -561,7 +597,7 @@ fn update_entry(
                 node_selectors = ?6, x509_ttl_seconds = ?7, owner = ?8, purpose = ?9,
                 expires_at = ?10, inactivity_timeout_seconds = ?11, hint = ?12, dns_names = ?13,
                 revision = revision + 1, updated_at = ?14, activation = ?15, delegates_to = ?16,
-                labels = ?17
+                labels = ?17, jwt_ttl_seconds = ?18
              WHERE id = ?1 AND revision = ?2
              RETURNING {ENTRY_COLUMNS}"
         ))
@@ -585,6 +621,7 @@ fn update_entry(
             entry.activation,
             codec::encode_list(&entry.delegates_to),
             codec::encode_list(&entry.labels),
+            entry.jwt_ttl_seconds,
         ])
         .map_err(clash)?;
     if let Some(row) = rows.next().map_err(clash)? {
@@ -757,6 +794,14 @@ fn upsert_root(tx: &Transaction<'_>, root: &BundleRoot) -> Result<bool, StoreErr
     Ok(changed.is_some())
 }
 
+fn jwt_key_from_row(row: &Row<'_>) -> Result<JwtKeyRecord, StoreError> {
+    codec::jwt_key_from_row(row)
+}
+
+fn jwt_from_row(row: &Row<'_>) -> Result<JwtRecord, StoreError> {
+    codec::jwt_from_row(row)
+}
+
 fn policy_from_row(row: &Row<'_>) -> Result<PolicyRecord, StoreError> {
     codec::policy_from_row(row)
 }
@@ -816,7 +861,22 @@ fn node_activity_from_row(row: &Row<'_>) -> Result<NodeActivity, StoreError> {
 
 /// Stores the events whose ids are new, and what they change in the inventory. Returns how
 /// many were stored.
-fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, StoreError> {
+/// Stores the batch; the number of events new, and whether one revoked a JWT-SVID.
+fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, bool), StoreError> {
+    let mut holder = tx
+        .prepare_cached("SELECT node_id FROM jwts WHERE jti = ?1")
+        .map_err(db_error)?;
+    let mut holders = std::collections::HashMap::new();
+    for jti in events::jwt_ids(batch) {
+        let node: Option<String> = holder
+            .query_row([&jti], |row| row.get(0))
+            .optional()
+            .map_err(db_error)?;
+        if let Some(node) = node {
+            holders.insert(jti, node);
+        }
+    }
+    events::check_jwt_holders(batch, &holders)?;
     let mut issuer = tx
         .prepare_cached("SELECT node_id FROM svids WHERE serial = ?1")
         .map_err(db_error)?;
@@ -835,7 +895,7 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, S
         .prepare_cached(&format!(
             "INSERT INTO events ({EVENT_COLUMNS})
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                ?17, ?18, ?19, ?20, ?21, ?22, ?23)
+                ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)
              ON CONFLICT (id) DO NOTHING"
         ))
         .map_err(db_error)?;
@@ -868,14 +928,17 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<usize, S
                 codec::encode_event_task(event.task.as_ref()),
                 event.policy_version,
                 codec::encode_policies(&event.policies),
+                (!event.jti.is_empty()).then_some(&event.jti),
+                codec::encode_audience(&event.audience),
             ])
             .map_err(db_error)?;
         if inserted == 1 {
             new.push(event);
         }
     }
-    apply_inventory_changes(tx, &InventoryChanges::of(new.iter().copied()))?;
-    Ok(new.len())
+    let changes = InventoryChanges::of(new.iter().copied());
+    apply_inventory_changes(tx, &changes)?;
+    Ok((new.len(), changes.jwt_revoked))
 }
 
 fn apply_inventory_changes(
@@ -937,6 +1000,30 @@ fn apply_inventory_changes(
             events::TASK_MERGE
         ))
         .map_err(db_error)?;
+    let mut jwt = tx
+        .prepare_cached(&format!(
+            "INSERT INTO jwts ({JWT_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (jti) DO UPDATE SET {JWT_MERGE}"
+        ))
+        .map_err(db_error)?;
+    for j in &changes.jwts {
+        jwt.execute(rusqlite::params![
+            j.jti,
+            j.entry_id,
+            j.spiffe_id,
+            j.node_id,
+            j.task_id,
+            codec::encode_list(&j.audience),
+            j.issued_ms,
+            j.expires_at,
+            j.revoked_ms,
+            j.reason,
+            j.last_used_ms,
+            j.uses,
+        ])
+        .map_err(db_error)?;
+    }
     for t in &changes.tasks {
         task.execute(rusqlite::params![
             t.task_id,
@@ -1237,6 +1324,98 @@ impl Datastore for SqliteStore {
         .await
     }
 
+    async fn publish_jwt_key(&self, key: JwtKeyRecord) -> Result<(), StoreError> {
+        let changed = self
+            .write(move |tx| {
+                let changed = tx
+                    .query_row(
+                        "INSERT INTO jwt_keys (server_id, kid, jwk, active_from, not_after)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (server_id, kid) DO UPDATE
+                            SET active_from = excluded.active_from, not_after = excluded.not_after
+                         WHERE jwt_keys.active_from <> excluded.active_from
+                            OR jwt_keys.not_after <> excluded.not_after
+                         RETURNING 1",
+                        rusqlite::params![
+                            key.server_id,
+                            key.kid,
+                            key.jwk,
+                            key.active_from,
+                            key.not_after
+                        ],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                    .map_err(db_error)?;
+                Ok(changed.is_some())
+            })
+            .await?;
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    async fn jwt_keys(&self, now: i64) -> Result<Vec<JwtKeyRecord>, StoreError> {
+        self.run(move |conn| {
+            query_all(
+                conn,
+                "SELECT server_id, kid, jwk, active_from, not_after FROM jwt_keys
+                 WHERE not_after >= ?1 ORDER BY server_id, active_from, kid",
+                [now],
+                jwt_key_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn jwts(&self, filter: JwtFilter) -> Result<Vec<JwtRecord>, StoreError> {
+        self.run(move |conn| {
+            let (sql, values) = events::jwts_query(&filter, |i| format!("?{i}"));
+            let params: Vec<Box<dyn rusqlite::ToSql>> = values
+                .into_iter()
+                .map(|v| -> Box<dyn rusqlite::ToSql> {
+                    match v {
+                        events::QueryValue::Text(t) => Box::new(t),
+                        events::QueryValue::Int(n) => Box::new(n),
+                    }
+                })
+                .collect();
+            query_all(conn, &sql, rusqlite::params_from_iter(params), jwt_from_row)
+        })
+        .await
+    }
+
+    async fn jwt(&self, jti: &str) -> Result<Option<JwtRecord>, StoreError> {
+        let jti = jti.to_owned();
+        self.run(move |conn| {
+            let found = query_all(
+                conn,
+                &format!("SELECT {JWT_COLUMNS} FROM jwts WHERE jti = ?1"),
+                [jti],
+                jwt_from_row,
+            )?;
+            Ok(found.into_iter().next())
+        })
+        .await
+    }
+
+    async fn jwt_revocations(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT jti, expires_at FROM jwts
+                     WHERE revoked_ms IS NOT NULL AND expires_at > ?1 ORDER BY jti",
+                )
+                .map_err(db_error)?;
+            let rows = stmt
+                .query_map([now], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(db_error)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_error)
+        })
+        .await
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -1248,9 +1427,12 @@ impl Datastore for SqliteStore {
         if unique.is_empty() {
             return Ok(StoredCount::default());
         }
-        let stored = self.write(move |tx| insert_events(tx, &unique)).await?;
+        let (stored, jwt_revoked) = self.write(move |tx| insert_events(tx, &unique)).await?;
         if stored > 0 {
             self.bump_events();
+        }
+        if jwt_revoked {
+            self.bump();
         }
         Ok(StoredCount {
             stored: events::count(stored),

@@ -18,9 +18,9 @@ use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
     BundleRoot, CallerRecord, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter,
-    EventOrder, EventRecord, EventTask, JoinTokenRecord, NodeActivity, NodeCaRecord,
-    NodeCredentialsRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError, StoredCount,
-    StoredEvent, SvidRecord, TokenRefusal, event_kind,
+    EventOrder, EventRecord, EventTask, JoinTokenRecord, JwtFilter, JwtKeyRecord, NodeActivity,
+    NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError,
+    StoredCount, StoredEvent, SvidRecord, TokenRefusal, event_kind,
 };
 
 /// The clock of the suite: stores take `now` from their callers.
@@ -54,6 +54,7 @@ fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> EntryRecord {
         purpose: "tests".to_owned(),
         expires_at: None,
         inactivity_timeout_seconds: None,
+        jwt_ttl_seconds: Some(600),
         hint: None,
         dns_names: vec![],
         revision: 0,
@@ -1504,7 +1505,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
         .await;
 
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 6);
+    assert_eq!(harness.query_i64(version).await, 7);
     let old = store.get_entry("old").await.unwrap().unwrap();
     assert_eq!(old.spiffe_id, "spiffe://example.org/old");
     // Entries from before tasks are standing, with no delegation and no labels.
@@ -1519,7 +1520,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
 
     // Opening again migrates nothing and finds the events.
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 6);
+    assert_eq!(harness.query_i64(version).await, 7);
     assert_eq!(ids(&all_events(&*store).await), ["i", "u"]);
     assert_eq!(store.svids(None, None).await.unwrap()[0].uses, 2);
 }
@@ -1657,6 +1658,140 @@ async fn tasks_follow_their_events_and_orders(store: &dyn Datastore) {
         store.order_task_end("nosuch", "operator", "", ms).await,
         Err(StoreError::NotFound { kind: "task", .. })
     ));
+}
+
+/// A JWT-SVID event about `jti`, signed for node `n1`, expiring an hour after [`NOW`].
+fn jwt_event(id: &str, kind: &str, jti: &str, time_ms: i64) -> EventRecord {
+    EventRecord {
+        jti: jti.to_owned(),
+        serial: String::new(),
+        ..event(id, kind, "", time_ms)
+    }
+}
+
+/// JWT-SVIDs: issuance, uses from any node, revocation by the holder or the server only, the
+/// revocations agents are sent, and a change announced when one is revoked.
+async fn jwts_follow_their_events(store: &dyn Datastore) {
+    let issued = EventRecord {
+        audience: vec!["api".into(), "db".into()],
+        ..jwt_event("j-1", event_kind::JWT_ISSUED, "jti-1", NOW * 1000)
+    };
+    let other = jwt_event("j-2", event_kind::JWT_ISSUED, "jti-2", NOW * 1000 + 1);
+    assert_eq!(
+        store.store_events(vec![issued, other]).await.unwrap(),
+        stored(2, 0)
+    );
+    let mut validated = EventRecord {
+        node_id: "n2".into(),
+        count: Some(3),
+        last_ms: Some(NOW * 1000 + 50),
+        detail: "validated".into(),
+        ..jwt_event("j-3", event_kind::JWT_USED, "jti-1", NOW * 1000 + 40)
+    };
+    store.store_events(vec![validated.clone()]).await.unwrap();
+    validated.id = "j-4".into();
+    validated.count = Some(2);
+    store.store_events(vec![validated]).await.unwrap();
+    let jwt = store.jwt("jti-1").await.unwrap().unwrap();
+    assert_eq!(jwt.node_id, "n1", "a use elsewhere does not move the token");
+    assert_eq!(jwt.audience, ["api", "db"]);
+    assert_eq!((jwt.uses, jwt.last_used_ms), (5, Some(NOW * 1000 + 50)));
+    assert_eq!(jwt.expires_at, Some(NOW + 3600));
+    // Another node cannot revoke n1's token: nothing of the batch is stored.
+    let foreign = EventRecord {
+        node_id: "n2".into(),
+        reason: Some("operator".into()),
+        ..jwt_event("j-5", event_kind::JWT_REVOKED, "jti-1", NOW * 1000 + 60)
+    };
+    assert!(matches!(
+        store.store_events(vec![foreign]).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert!(store.jwt_revocations(NOW).await.unwrap().is_empty());
+    let mut changes = store.changes();
+    changes.borrow_and_update();
+    let by_server = EventRecord {
+        node_id: String::new(),
+        reason: Some("operator".into()),
+        ..jwt_event("j-6", event_kind::JWT_REVOKED, "jti-1", NOW * 1000 + 70)
+    };
+    store.store_events(vec![by_server]).await.unwrap();
+    assert!(changes.has_changed().unwrap(), "agents must be told");
+    assert_eq!(
+        store.jwt_revocations(NOW).await.unwrap(),
+        [("jti-1".to_owned(), NOW + 3600)]
+    );
+    assert!(
+        store.jwt_revocations(NOW + 3600).await.unwrap().is_empty(),
+        "forgotten at exp"
+    );
+    let jwt = store.jwt("jti-1").await.unwrap().unwrap();
+    assert_eq!(
+        (jwt.revoked_ms, jwt.reason.as_deref()),
+        (Some(NOW * 1000 + 70), Some("operator"))
+    );
+    let live = store
+        .jwts(JwtFilter {
+            entry_id: Some("e1".into()),
+            live_at: Some(NOW),
+            ..JwtFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        live.iter().map(|j| j.jti.as_str()).collect::<Vec<_>>(),
+        ["jti-2"]
+    );
+    let all = store.jwts(JwtFilter::default()).await.unwrap();
+    assert_eq!(
+        all.iter().map(|j| j.jti.as_str()).collect::<Vec<_>>(),
+        ["jti-2", "jti-1"],
+        "newest first"
+    );
+    let listed = store.list_events(EventFilter::default()).await.unwrap();
+    let first = &listed.iter().find(|e| e.event.id == "j-1").unwrap().event;
+    assert_eq!((first.jti.as_str(), first.audience.len()), ("jti-1", 2));
+}
+
+/// JWT signing keys: published once per kid, times updated in place, gone after not-after.
+async fn jwt_keys_published(store: &dyn Datastore) {
+    let key = |server: &str, kid: &str, from: i64| JwtKeyRecord {
+        server_id: server.into(),
+        kid: kid.into(),
+        jwk: format!("{{\"kid\":\"{kid}\"}}"),
+        active_from: from,
+        not_after: from + 100,
+    };
+    let mut changes = store.changes();
+    changes.borrow_and_update();
+    store.publish_jwt_key(key("s1", "a", NOW)).await.unwrap();
+    assert!(changes.has_changed().unwrap());
+    store.publish_jwt_key(key("s1", "a", NOW)).await.unwrap();
+    assert_eq!(
+        store.jwt_keys(NOW).await.unwrap().len(),
+        1,
+        "publishing again adds nothing"
+    );
+    store
+        .publish_jwt_key(key("s2", "b", NOW + 10))
+        .await
+        .unwrap();
+    store
+        .publish_jwt_key(key("s1", "a", NOW + 50))
+        .await
+        .unwrap();
+    let keys = store.jwt_keys(NOW).await.unwrap();
+    assert_eq!(
+        keys.iter()
+            .map(|k| (k.kid.as_str(), k.active_from))
+            .collect::<Vec<_>>(),
+        [("a", NOW + 50), ("b", NOW + 10)]
+    );
+    assert_eq!(
+        store.jwt_keys(NOW + 115).await.unwrap().len(),
+        1,
+        "b is past its not-after"
+    );
 }
 
 /// Policy versions: each change a new version, the same text again none, clearing one too.
@@ -2044,7 +2179,7 @@ mod sqlite_suite {
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
             out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders,
-            policy_versions;
+            policy_versions, jwts_follow_their_events, jwt_keys_published;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );
@@ -2171,7 +2306,7 @@ mod postgres_suite {
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
             out_of_use_revocation_wins_over_a_rotation, tasks_follow_their_events_and_orders,
-            policy_versions;
+            policy_versions, jwts_follow_their_events, jwt_keys_published;
         harnesses: reopen_keeps_data, newer_schema_refused, corrupt_rows_reported,
             migrates_from_version_1, corrupt_events_reported,
     );

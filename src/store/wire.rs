@@ -11,7 +11,7 @@ use crate::proto::tessera::{Caller, Event, EventKind, TaskLink};
 
 /// An event as stored, reported by `node_id` and received at `received_ms`.
 pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64) -> EventRecord {
-    let svid_used = kind == EventKind::SvidUsed;
+    let used = matches!(kind, EventKind::SvidUsed | EventKind::JwtUsed);
     EventRecord {
         id: event.id.clone(),
         kind: kind_name(kind).to_owned(),
@@ -21,7 +21,8 @@ pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64
         spiffe_id: event.spiffe_id.clone(),
         serial: event.serial.clone(),
         not_after: (event.not_after > 0).then_some(event.not_after),
-        reason: (kind == EventKind::SvidRevoked).then(|| reason_name(event.reason()).to_owned()),
+        reason: matches!(kind, EventKind::SvidRevoked | EventKind::JwtRevoked)
+            .then(|| reason_name(event.reason()).to_owned()),
         caller: event.caller.as_ref().map(|c| CallerRecord {
             pid: i64::from(c.pid),
             uid: i64::from(c.uid),
@@ -30,9 +31,9 @@ pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64
             exe_sha256: c.exe_sha256.clone(),
             unit: c.unit.clone(),
         }),
-        first_ms: svid_used.then_some(event.first_ms),
-        last_ms: svid_used.then_some(event.last_ms),
-        count: svid_used.then_some(event.count.min(i64::MAX as u64) as i64),
+        first_ms: used.then_some(event.first_ms),
+        last_ms: used.then_some(event.last_ms),
+        count: used.then_some(event.count.min(i64::MAX as u64) as i64),
         detail: event.detail.clone(),
         received_ms,
         task: (!event.task_id.is_empty()).then(|| EventTask {
@@ -54,6 +55,8 @@ pub fn to_record(event: &Event, kind: EventKind, node_id: &str, received_ms: i64
         )
         .then_some(event.policy_version),
         policies: event.policies.clone(),
+        jti: event.jti.clone(),
+        audience: event.audience.clone(),
     }
 }
 
@@ -86,6 +89,8 @@ pub fn from_record(record: &EventRecord, trust_domain: &str) -> Event {
     };
     event.policy_version = record.policy_version.unwrap_or(0);
     event.policies = record.policies.clone();
+    event.jti = record.jti.clone();
+    event.audience = record.audience.clone();
     if let Some(task) = &record.task {
         event.task_id = task.task_id.clone();
         event.chain = task

@@ -120,6 +120,38 @@ pub async fn start_agent_with(entries: &str, extra: &str, options: BuildOptions)
     }
 }
 
+/// An example program, as `cargo build --examples` leaves it (scripts/test.sh builds them
+/// first: the `NAME-<hash>` file a test build leaves is the example's test harness, not the
+/// program).
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/TEST-HASH -> target/<profile>/examples/NAME
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the examples first (cargo build --examples; scripts/test.sh does)",
+        path.display()
+    );
+    path.canonicalize().unwrap()
+}
+
+/// Part `index` of a compact JWS (0: the header, 1: the claims), decoded as JSON.
+pub fn jws_part(token: &str, index: usize) -> serde_json::Value {
+    use base64::Engine;
+    let part = token.split('.').nth(index).expect("a compact JWS");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .expect("base64url"),
+    )
+    .expect("JSON")
+}
+
 /// Selector naming this test process's uid.
 pub fn my_uid_selector() -> String {
     format!("unix:uid:{}", nix::unistd::geteuid())

@@ -1136,6 +1136,7 @@ fn derive_entry(entry: &RegistrationEntry, info: &TaskInfo) -> Option<Arc<Regist
         spiffe_id: SpiffeId::parse_workload(&info.spiffe_id).ok()?,
         selectors: Default::default(),
         x509_ttl: entry.x509_ttl,
+        jwt_ttl: entry.jwt_ttl,
         owner: entry.owner.clone(),
         purpose: info.claims.purpose.clone(),
         expires_at: Some(entry.expires_at.map_or(deadline, |e| e.min(deadline))),
