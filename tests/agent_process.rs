@@ -342,6 +342,21 @@ fn tessera_dev_serves_the_calling_user() {
     let nodes = admin_json(&first.admin, &["node", "list"]);
     assert_eq!(nodes[0]["attestation"], "join_token", "{nodes}");
     let bundle = admin_json(&first.admin, &["bundle", "show"]);
+    // JWT-SVIDs signed by the dev server, and WIT-SVIDs (on in dev mode).
+    let jwt = tessera(&["jwt", "fetch", "--socket", &first.uri, "--audience", "api"]);
+    assert!(jwt.status.success(), "{jwt:?}");
+    let valid = tessera(&[
+        "jwt",
+        "validate",
+        "--socket",
+        &first.uri,
+        "--audience",
+        "api",
+        String::from_utf8_lossy(&jwt.stdout).trim(),
+    ]);
+    assert!(valid.status.success(), "{valid:?}");
+    let wit = tessera(&["--output", "json", "wit", "fetch", "--socket", &first.uri]);
+    assert!(wit.status.success(), "{wit:?}");
     first.stop();
 
     // The same directory again: the same root and entry, the TTL brought up to date.

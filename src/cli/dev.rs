@@ -259,6 +259,8 @@ fn next_steps(workload_socket: &str, admin_socket: &str, uid: u32) -> String {
   openssl verify -CAfile /tmp/svid/bundle.pem -untrusted /tmp/svid/svid.pem /tmp/svid/svid.pem
   cargo run -q -- entry list                      # the registered identities
   cargo run -q -- svid watch                      # every rotation and change, until Ctrl-C
+  cargo run -q -- jwt fetch --audience api.example.com   # a JWT-SVID, signed by the server
+  cargo run -q -- --output json wit fetch         # a WIT-SVID and the key it is bound to
   cargo run -q -- entry create --spiffe-id spiffe://{DEV_TRUST_DOMAIN}/tool --selector unix:uid:{uid} \\
       --all-nodes --owner you --purpose trying-it --x509-ttl 1m   # seen by `svid watch` at once
 "

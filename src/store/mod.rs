@@ -938,9 +938,10 @@ pub trait Datastore: Send + Sync + 'static {
     /// Deletes the events older than `older_than_ms` (by `time_ms`) that concern no SVID still
     /// valid at `now` (Unix seconds): their own not-after is absent or before `now`, and the
     /// inventory does not know their serial with a not-after at or after `now`. Also deletes
-    /// from the inventory the SVIDs that expired before `older_than_ms` (or, of unknown
-    /// expiry, with nothing newer than it), and the activity of entries and nodes that no longer
-    /// exist, last active before it. Works in chunks of a few thousand events, each one
+    /// from the inventory the SVIDs and JWT-SVIDs that expired before `older_than_ms` (or, of
+    /// unknown expiry, with nothing newer than it), the JWT signing keys out of the bundle
+    /// before it, and the activity of entries and nodes that no longer exist, last active
+    /// before it. Works in chunks of a few thousand events, each one
     /// transaction, so ingestion is never held up for long; a failure part-way leaves the
     /// chunks before it done, and calling again finishes the work. Returns the events deleted.
     async fn prune_events(&self, older_than_ms: i64, now: i64) -> Result<u64, StoreError>;

@@ -1340,6 +1340,21 @@ async fn prune_inventory(client: &mut Client, older_than_ms: i64) -> Result<(), 
     )
     .await?;
     tx.execute(
+        "DELETE FROM jwts
+         WHERE expires_at < $2
+            OR (expires_at IS NULL
+                AND (issued_ms IS NULL OR issued_ms < $1)
+                AND (revoked_ms IS NULL OR revoked_ms < $1)
+                AND (last_used_ms IS NULL OR last_used_ms < $1))",
+        &[&older_than_ms, &events::seconds_before(older_than_ms)],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM jwt_keys WHERE not_after < $1",
+        &[&events::seconds_before(older_than_ms)],
+    )
+    .await?;
+    tx.execute(
         "DELETE FROM entry_activity
          WHERE NOT EXISTS (SELECT 1 FROM entries WHERE entries.id = entry_activity.entry_id)
             AND (last_issued_ms IS NULL OR last_issued_ms < $1)

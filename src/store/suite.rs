@@ -1751,6 +1751,13 @@ async fn jwts_follow_their_events(store: &dyn Datastore) {
     let listed = store.list_events(EventFilter::default()).await.unwrap();
     let first = &listed.iter().find(|e| e.event.id == "j-1").unwrap().event;
     assert_eq!((first.jti.as_str(), first.audience.len()), ("jti-1", 2));
+    // Pruning: kept while they may be live, gone once expired before the horizon.
+    store.prune_events(NOW * 1000, NOW).await.unwrap();
+    assert!(store.jwt("jti-1").await.unwrap().is_some());
+    let later = NOW + 7200;
+    store.prune_events(later * 1000, later).await.unwrap();
+    assert!(store.jwt("jti-1").await.unwrap().is_none());
+    assert!(store.jwts(JwtFilter::default()).await.unwrap().is_empty());
 }
 
 /// JWT signing keys: published once per kid, times updated in place, gone after not-after.
