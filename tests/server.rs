@@ -1191,7 +1191,7 @@ async fn server_mode_wits_are_signed_by_the_server_and_accounted_for() {
         &server.address,
         &bundle,
         &format!("join_token = \"{}\"", server.join_token()),
-        "[wit]\nenabled = true",
+        "[wit]\nenabled = true\n\n[events]\nuse_window = \"1s\"",
     );
     agent.wait_ready();
     create_entry(&server, "/witness", &[]);
@@ -1243,4 +1243,55 @@ async fn server_mode_wits_are_signed_by_the_server_and_accounted_for() {
             .starts_with("WIT-SVID signed by server")),
         "{issued}"
     );
+
+    // Uses reach the inventory, aggregated: a JWT-SVID fetched once and validated twice.
+    let token = client
+        .fetch_jwtsvid(tessera::proto::workload::JwtsvidRequest {
+            audience: vec!["api".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .svids
+        .remove(0)
+        .svid;
+    for _ in 0..2 {
+        client
+            .validate_jwtsvid(tessera::proto::workload::ValidateJwtsvidRequest {
+                audience: "api".into(),
+                svid: token.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let jti = jws_part(&token, 1)["jti"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let listed = server.admin_json(&["jwt", "list"]);
+        let uses = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["jti"] == jti.as_str())
+            .map_or(0, |j| j["uses"].as_u64().unwrap());
+        if uses == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uses of {jti} not reported: {listed}\n{}",
+            agent.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let used = server.admin_json(&["events", "list", "--kind", "jwt_used"]);
+    let validated: Vec<_> = used
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["jti"] == jti.as_str() && e["detail"] == "validated")
+        .collect();
+    assert_eq!(validated.len(), 1, "aggregated: {used}");
+    assert_eq!(validated[0]["count"], 2, "{used}");
 }
