@@ -326,6 +326,13 @@ async fn entries_pinned_to_a_node_are_served_by_that_node_only() {
         .unwrap()
         .into_inner();
     assert_eq!(valid.spiffe_id, spiffe_id("/pinned"));
+    // And offline, by the `spiffe` crate's verifier, with the JWT bundle node b serves.
+    let b_client = spiffe::WorkloadApiClient::connect_to(b.uri())
+        .await
+        .unwrap();
+    let bundles = b_client.fetch_jwt_bundles().await.unwrap();
+    let checked = spiffe::JwtSvid::parse_and_validate(&pinned.svid, &bundles, &["api"]).unwrap();
+    assert_eq!(checked.spiffe_id().to_string(), spiffe_id("/pinned"));
     let status = on_b
         .fetch_jwtsvid(tessera::proto::workload::JwtsvidRequest {
             audience: vec!["api".into()],
