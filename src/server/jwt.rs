@@ -318,33 +318,49 @@ pub fn revocations_message(revoked: &[(String, i64)]) -> Vec<JwtRevocation> {
 
 impl State {
     /// Revokes every live JWT-SVID `filter` selects, recording one `jwt_revoked` event each;
-    /// agents refuse them once the next snapshot reaches them. The tokens revoked now.
+    /// agents refuse them once the next snapshot reaches them. A listing is bounded, so this
+    /// goes on until none is left. The number revoked now.
     pub async fn revoke_jwts(
         &self,
         mut filter: JwtFilter,
         reason: RevocationReason,
         detail: &str,
-    ) -> Result<Vec<JwtRecord>, StoreError> {
-        filter.live_at = Some(unix_now());
-        let live = self.store.jwts(filter).await?;
-        if live.is_empty() {
-            return Ok(live);
+    ) -> Result<usize, StoreError> {
+        let mut revoked = 0;
+        let mut previous: Option<String> = None;
+        loop {
+            filter.live_at = Some(unix_now());
+            let live = self.store.jwts(filter.clone()).await?;
+            let Some(first) = live.first() else {
+                break;
+            };
+            // A pass that finds what the last one revoked means the revocations do not stick.
+            if previous.as_deref() == Some(first.jti.as_str()) {
+                return Err(StoreError::corrupt(format!(
+                    "JWT-SVID {} is still live after its revocation was stored",
+                    first.jti
+                )));
+            }
+            previous = Some(first.jti.clone());
+            let received = crate::events::model::now_ms();
+            let records = live
+                .iter()
+                .map(|jwt| {
+                    to_record(
+                        &self.jwt_revoked_event(jwt, reason, detail),
+                        EventKind::JwtRevoked,
+                        "",
+                        received,
+                    )
+                })
+                .collect();
+            self.store.store_events(records).await?;
+            revoked += live.len();
         }
-        let received = crate::events::model::now_ms();
-        let records = live
-            .iter()
-            .map(|jwt| {
-                to_record(
-                    &self.jwt_revoked_event(jwt, reason, detail),
-                    EventKind::JwtRevoked,
-                    "",
-                    received,
-                )
-            })
-            .collect();
-        self.store.store_events(records).await?;
-        tracing::info!(target: "tessera::audit", count = live.len(), reason = crate::events::model::reason_name(reason), %detail, "JWT-SVIDs revoked");
-        Ok(live)
+        if revoked > 0 {
+            tracing::info!(target: "tessera::audit", count = revoked, reason = crate::events::model::reason_name(reason), %detail, "JWT-SVIDs revoked");
+        }
+        Ok(revoked)
     }
 
     /// The server's `jwt_revoked` event for `jwt`.
@@ -547,6 +563,82 @@ mod tests {
         assert_eq!(plan(100, 0, Some(100), ttl), Step::Promote);
         // Down past the end: the successor still waits half a key_ttl before use.
         assert_eq!(plan(500, 0, None, ttl), Step::Prepare { active_from: 550 });
+    }
+
+    #[tokio::test]
+    async fn signing_requests_are_checked_before_anything_is_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::server::testing::state(dir.path()).await;
+        let asked = |audience: &[&str], holder: &str| MintJwtSvidRequest {
+            entry_id: "e".into(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            audience: audience.iter().map(|a| a.to_string()).collect(),
+            holder_jwk: holder.into(),
+            ..Default::default()
+        };
+        let holder = serde_json::to_string(JwtKey::generate().unwrap().public_jwk()).unwrap();
+        for (request, expected) in [
+            (asked(&[], ""), "audience must hold"),
+            (asked(&["a", ""], ""), "audience must hold"),
+            (asked(&["a"], &holder), "a WIT-SVID has no audience"),
+            (
+                asked(&[], "{not json"),
+                "holder_jwk is not an EC public JWK",
+            ),
+        ] {
+            let error = state.mint_jwt("n1", request).await.unwrap_err();
+            assert!(
+                matches!(&error, NodeApiError::BadRequest(m) if m.contains(expected)),
+                "{error}"
+            );
+        }
+        // A node the server does not know may serve nothing.
+        let error = state.mint_jwt("n1", asked(&["a"], "")).await.unwrap_err();
+        assert!(matches!(error, NodeApiError::Forbidden(_)), "{error}");
+        assert!(
+            state
+                .store
+                .jwts(JwtFilter::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn revoking_by_node_revokes_each_live_token_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::server::testing::state(dir.path()).await;
+        let now_ms = crate::events::model::now_ms();
+        let issued = |n: usize, node: &str| {
+            let mut event = state.server_event(EventKind::JwtIssued, node, "test".into());
+            event.jti = format!("jti-{node}-{n}");
+            event.spiffe_id = "spiffe://example.org/w".into();
+            event.entry_id = "e".into();
+            event.not_after = unix_now() + 600;
+            to_record(&event, EventKind::JwtIssued, node, now_ms)
+        };
+        let records = (0..3)
+            .map(|n| issued(n, "n1"))
+            .chain([issued(0, "n2")])
+            .collect();
+        state.store.store_events(records).await.unwrap();
+        let by_node = |node: &str| JwtFilter {
+            node_id: Some(node.into()),
+            ..JwtFilter::default()
+        };
+        let revoked = state
+            .revoke_jwts(by_node("n1"), RevocationReason::NodeEvicted, "evicted")
+            .await
+            .unwrap();
+        assert_eq!(revoked, 3);
+        let again = state
+            .revoke_jwts(by_node("n1"), RevocationReason::NodeEvicted, "evicted")
+            .await
+            .unwrap();
+        assert_eq!(again, 0, "revoked once");
+        let revocations = state.store.jwt_revocations(unix_now()).await.unwrap();
+        assert_eq!(revocations.len(), 3, "n2's token stays valid");
     }
 
     #[tokio::test]
