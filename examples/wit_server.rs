@@ -25,6 +25,11 @@ use tokio_stream::StreamExt;
 
 /// What every request is checked against.
 struct Checker {
+    /// This server's origin (`http://ADDR`): a proof must be made out to it, whatever `Host`
+    /// the request claims, so that a proof sent here cannot be replayed to another server.
+    origin: String,
+    /// The trust domain (`spiffe://...`) whose WITs are accepted.
+    trust_domain: String,
     /// The trust domain's WIT bundle, the latest the agent sent.
     bundle: RwLock<JwkSet>,
     /// Proof ids seen, with their expiry: a proof is good for one request.
@@ -56,26 +61,25 @@ async fn run(socket: &str, listen: &str) -> Result<(), String> {
         .await
         .map_err(|s| format!("FetchWITBundles: {}", s.message()))?
         .into_inner();
-    let first = next_bundle(&mut bundles).await?;
+    let (trust_domain, first) = next_bundle(&mut bundles).await?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
     let checker = Arc::new(Checker {
+        origin: format!("http://{local}"),
+        trust_domain,
         bundle: RwLock::new(first),
         seen: Mutex::new(HashMap::new()),
     });
     let follower = checker.clone();
     tokio::spawn(async move {
-        while let Ok(bundle) = next_bundle(&mut bundles).await {
+        while let Ok((_, bundle)) = next_bundle(&mut bundles).await {
             *follower.bundle.write().unwrap_or_else(|e| e.into_inner()) = bundle;
         }
         eprintln!("the WIT bundle stream ended; keeping the last bundle");
     });
-
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    println!(
-        "listening on {}",
-        listener.local_addr().map_err(|e| e.to_string())?
-    );
+    println!("listening on {local}");
     loop {
         let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
         let checker = checker.clone();
@@ -91,17 +95,19 @@ async fn run(socket: &str, listen: &str) -> Result<(), String> {
     }
 }
 
-/// The WIT bundle in the next message of the stream.
+/// The trust domain and its WIT bundle in the next message of the stream.
 async fn next_bundle(
     stream: &mut tonic::Streaming<tessera::proto::workload::WitBundlesResponse>,
-) -> Result<JwkSet, String> {
+) -> Result<(String, JwkSet), String> {
     let message = stream
         .next()
         .await
         .ok_or("the WIT bundle stream ended")?
         .map_err(|s| format!("FetchWITBundles: {}", s.message()))?;
-    let json = message.bundles.values().next().ok_or("no WIT bundle")?;
-    serde_json::from_str(json).map_err(|e| format!("the WIT bundle is not a JWK Set: {e}"))
+    let (trust_domain, json) = message.bundles.iter().next().ok_or("no WIT bundle")?;
+    let bundle =
+        serde_json::from_str(json).map_err(|e| format!("the WIT bundle is not a JWK Set: {e}"))?;
+    Ok((trust_domain.clone(), bundle))
 }
 
 fn answer(checker: &Checker, request: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -125,15 +131,17 @@ fn check(checker: &Checker, request: &Request<Incoming>) -> Result<String, Strin
     };
     let wit = header("workload-identity-token")?;
     let proof = header("workload-proof-token")?;
-    let host = header("host")?;
-    let audience = format!("http://{host}{}", request.uri().path());
+    let audience = format!("{}{}", checker.origin, request.uri().path());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|e| e.to_string())?
         .as_secs() as i64;
     let valid = {
         let bundle = checker.bundle.read().unwrap_or_else(|e| e.into_inner());
-        validate_wit(wit, now, |_| Some(&bundle)).map_err(|e| format!("WIT: {e}"))?
+        validate_wit(wit, now, |td| {
+            (td.id_string() == checker.trust_domain).then_some(&*bundle)
+        })
+        .map_err(|e| format!("WIT: {e}"))?
     };
     let (jti, expires_at) =
         validate_wpt(proof, wit, &valid, &audience, now).map_err(|e| format!("proof: {e}"))?;

@@ -541,6 +541,15 @@ fn server_signed_jwts_are_revoked_by_jti_and_with_their_entry_on_every_node() {
     assert_eq!(revoked["already_revoked"], false, "{revoked}");
     let took = jwt_refused_on(&c.b, "api", &token);
     eprintln!("revocation by jti reached node b's validation in {took:?}");
+    // The holder's agent stops handing it out: the next fetch gets a new token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fetch_jwt(&c.a, "api").1 == jti {
+        assert!(
+            Instant::now() < deadline,
+            "the revoked token is still served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         validate_jwt_on(&c.b, "db", &other).0,
         Some(0),
@@ -565,7 +574,7 @@ fn server_signed_jwts_are_revoked_by_jti_and_with_their_entry_on_every_node() {
         .server
         .admin_json(&["events", "list", "--kind", "jwt_issued"]);
     let issued = issued.as_array().unwrap();
-    assert_eq!(issued.len(), 3 + n, "one event per token: {issued:?}");
+    assert_eq!(issued.len(), 4 + n, "one event per token: {issued:?}");
     assert!(issued.iter().any(|e| e["jti"] == jti.as_str()));
     let revocations = c
         .server
@@ -582,7 +591,7 @@ fn server_signed_jwts_are_revoked_by_jti_and_with_their_entry_on_every_node() {
         "{reasons:?}"
     );
     let listed = c.server.admin_json(&["jwt", "list"]);
-    assert_eq!(listed.as_array().unwrap().len(), 3 + n, "{listed}");
+    assert_eq!(listed.as_array().unwrap().len(), 4 + n, "{listed}");
     assert!(
         listed
             .as_array()

@@ -89,6 +89,10 @@ struct Cached {
     used: u64,
     /// Handed out since it was minted: only such tokens are refreshed in the background.
     in_use: bool,
+    /// Background refreshes that failed in a row.
+    failures: u32,
+    /// No background refresh before this Unix second (after a failure).
+    retry_at: i64,
 }
 
 /// A cached token's key: the entry id and the sorted audience.
@@ -277,11 +281,13 @@ impl JwtAuthority {
         self.bundle_changes.subscribe()
     }
 
-    /// Uses the node API `channel` to ask the server for tokens (server mode).
-    pub(crate) fn connect(&self, channel: tonic::transport::Channel) {
+    /// Uses the node API `channel` to ask the server for tokens (server mode), until the
+    /// returned guard is dropped (the session ended).
+    pub(crate) fn connect(&self, channel: tonic::transport::Channel) -> Connected<'_> {
         if let Signer::Server(current) = &self.signer {
             *lock(current) = Some(channel);
         }
+        Connected(self)
     }
 
     /// Takes the server's JWT keys (public JWKs, JSON) and revocations from a sync message,
@@ -325,7 +331,11 @@ impl JwtAuthority {
             }
         }
         if let Some(revoked) = revoked {
-            *write(&self.remote_revoked) = Arc::new(revoked.into_iter().collect());
+            let revoked: Arc<HashMap<String, i64>> = Arc::new(revoked.into_iter().collect());
+            lock(&self.cache)
+                .tokens
+                .retain(|_, cached| !revoked.contains_key(&cached.token.jti));
+            *write(&self.remote_revoked) = revoked;
         }
         let Some(path) = self.upstream_file.clone() else {
             return;
@@ -362,8 +372,10 @@ impl JwtAuthority {
             let mut cache = lock(&self.cache);
             cache.clock += 1;
             let stamp = cache.clock;
+            // A token minted for another version of the entry, or revoked since, is not
+            // handed out again.
             match cache.tokens.get_mut(&key) {
-                Some(cached) => {
+                Some(cached) if *cached.entry == **entry && !self.is_revoked(&cached.token.jti) => {
                     cached.used = stamp;
                     cached.in_use = true;
                     if !cached.token.stale(now_s) {
@@ -371,7 +383,7 @@ impl JwtAuthority {
                     }
                     Some(cached.token.clone())
                 }
-                None => None,
+                _ => None,
             }
         };
         match self.mint(entry, &key.1, now_s).await {
@@ -388,6 +400,11 @@ impl JwtAuthority {
             },
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether `jti` is revoked, here or by the server.
+    fn is_revoked(&self, jti: &str) -> bool {
+        lock(&self.revoked).contains_key(jti) || read(&self.remote_revoked).contains_key(jti)
     }
 
     fn keep(&self, key: TokenKey, entry: Arc<RegistrationEntry>, token: Token, in_use: bool) {
@@ -411,6 +428,8 @@ impl JwtAuthority {
                 entry,
                 used: stamp,
                 in_use,
+                failures: 0,
+                retry_at: 0,
             },
         );
     }
@@ -530,6 +549,14 @@ impl JwtAuthority {
                 }
             }
             Signer::Server(channel) => {
+                if entry
+                    .expires_at
+                    .is_some_and(|limit| crate::clock::unix_seconds(limit) <= now)
+                {
+                    return Err(JwtError::Claims(
+                        "the entry's registration has expired".into(),
+                    ));
+                }
                 let channel = lock(channel)
                     .clone()
                     .ok_or_else(|| JwtError::Unavailable("not connected to the server".into()))?;
@@ -537,7 +564,7 @@ impl JwtAuthority {
                     entry_id,
                     spiffe_id: entry.spiffe_id.to_string(),
                     audience: audience.to_vec(),
-                    ttl_seconds: self.ttl_of(entry).as_secs() as i64,
+                    ttl_seconds: self.ttl_within_registration(entry, now),
                     holder_jwk: holder
                         .map(|h| serde_json::to_string(h.public_jwk()).unwrap_or_default())
                         .unwrap_or_default(),
@@ -591,6 +618,16 @@ impl JwtAuthority {
             task,
         });
         Ok(token)
+    }
+
+    /// The lifetime to ask for at `now`: [`Self::ttl_of`], cut at the registration's expiry
+    /// (for a task, its deadline).
+    fn ttl_within_registration(&self, entry: &RegistrationEntry, now: i64) -> i64 {
+        let ttl = self.ttl_of(entry).as_secs() as i64;
+        match entry.expires_at {
+            Some(limit) => ttl.min(crate::clock::unix_seconds(limit) - now).max(1),
+            None => ttl,
+        }
     }
 
     /// The lifetime of `entry`'s tokens: its own, else `[jwt] ttl`.
@@ -670,8 +707,7 @@ impl JwtAuthority {
         };
         valid.check(audience, now)?;
         if let Some(jti) = &valid.jti
-            && (lock(&self.revoked).contains_key(jti)
-                || read(&self.remote_revoked).contains_key(jti))
+            && self.is_revoked(jti)
         {
             return Err(JwtError::Revoked(jti.clone()));
         }
@@ -695,9 +731,11 @@ impl JwtAuthority {
                 .filter(|(_, t)| t.expires_at > now)
                 .collect()
         };
-        lock(&self.cache)
-            .tokens
-            .retain(|(entry_id, _), _| live.get(entry_id).is_some());
+        // Tokens of entries that changed are minted afresh from the new version when next asked.
+        lock(&self.cache).tokens.retain(|(entry_id, _), cached| {
+            live.get(entry_id)
+                .is_some_and(|entry| **entry == *cached.entry)
+        });
         let mut revoked = lock(&self.revoked);
         revoked.retain(|_, exp| *exp > now);
         for (entry_id, token) in &gone {
@@ -778,7 +816,7 @@ impl JwtAuthority {
                 cache
                     .tokens
                     .iter()
-                    .filter(|(_, c)| c.in_use && c.token.stale(now))
+                    .filter(|(_, c)| c.in_use && c.token.stale(now) && now >= c.retry_at)
                     .map(|(k, c)| (k.clone(), c.entry.clone()))
                     .collect()
             };
@@ -786,18 +824,36 @@ impl JwtAuthority {
                 match self.mint(&entry, &key.1, now).await {
                     Ok(token) => self.keep(key, entry, token, false),
                     Err(e) => {
-                        tracing::debug!(entry = %entry.id, error = %e, "JWT-SVID refresh failed; the cached token is kept until it expires");
                         let mut cache = lock(&self.cache);
-                        if cache
-                            .tokens
-                            .get(&key)
-                            .is_some_and(|c| c.token.expires_at <= now)
-                        {
+                        let Some(cached) = cache.tokens.get_mut(&key) else {
+                            continue;
+                        };
+                        if cached.failures == 0 {
+                            tracing::warn!(entry = %entry.id, error = %e, "JWT-SVID refresh failed; the cached token is handed out until it expires, and the refresh retried");
+                        }
+                        cached.failures = cached.failures.saturating_add(1);
+                        // 2 s, 4 s ... up to a minute between tries; none after a refusal.
+                        cached.retry_at = now + (1i64 << cached.failures.min(6)).min(60);
+                        if matches!(e, JwtError::Refused(_)) {
+                            cached.in_use = false;
+                        }
+                        if cached.token.expires_at <= now {
                             cache.tokens.remove(&key);
                         }
                     }
                 }
             }
+        }
+    }
+}
+
+/// The server link of one session: while it lasts, tokens are asked for over its channel.
+pub(crate) struct Connected<'a>(&'a JwtAuthority);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        if let Signer::Server(current) = &self.0.signer {
+            *lock(current) = None;
         }
     }
 }
@@ -949,6 +1005,43 @@ mod tests {
                 "act": {"sub": "spiffe://example.org/root/task/t-root", "task_id": "t-root"},
             }),
             "the parent first, the root innermost"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_changed_entry_or_a_revoked_token_is_not_handed_out_again() {
+        let jwt = authority(10);
+        let now = SystemTime::now();
+        let e = entry("e", "spiffe://example.org/agent", &["unix:uid:1"]);
+        let (first, _) = jwt.token(&e, &["a".into()], now).await.unwrap();
+        let mut changed = (*e).clone();
+        changed.owner = "another team".into();
+        let (second, fresh) = jwt
+            .token(&Arc::new(changed), &["a".into()], now)
+            .await
+            .unwrap();
+        assert!(
+            fresh && second.jti != first.jti,
+            "minted from the new version"
+        );
+        let valid = jwt.validate(&second.token, "a", now).unwrap();
+        assert_eq!(valid.claims["tessera"]["owner"], "another team");
+        // The server's revocations reach the cache: the revoked token is not served again.
+        jwt.apply_upstream(None, Some(vec![(second.jti.clone(), second.expires_at)]))
+            .await;
+        assert!(matches!(
+            jwt.validate(&second.token, "a", now),
+            Err(JwtError::Revoked(_))
+        ));
+        let mut again = (*e).clone();
+        again.owner = "another team".into();
+        let (third, fresh) = jwt
+            .token(&Arc::new(again), &["a".into()], now)
+            .await
+            .unwrap();
+        assert!(
+            fresh && third.jti != second.jti,
+            "a new token, not the revoked one"
         );
     }
 

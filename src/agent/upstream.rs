@@ -1146,7 +1146,8 @@ async fn session(
         Err(e) => return (Outcome::Retry(e), Some(credentials)),
     };
     let mut client = NodeClient::new(channel.clone());
-    seams.jwt.connect(channel.clone());
+    // Tokens are signed over this session's connection; between sessions, none is asked for.
+    let _signing = seams.jwt.connect(channel.clone());
     // Events go up the same connection for as long as this session lasts.
     let _uploader = AbortOnDrop(tokio::spawn(super::uploader::run(
         seams.spool.clone(),

@@ -125,7 +125,8 @@ impl JwtSigner {
         let next_record = next.as_ref().map(|key| {
             record_of(key).unwrap_or_else(|| {
                 let from = now + config.key_ttl.as_secs() as i64 / 2;
-                record(server_id, key, from, from, &config)
+                let until = from + config.key_ttl.as_secs() as i64;
+                record(server_id, key, from, until, &config)
             })
         });
         let active_from = record_of(&current).map_or(now, |r| r.active_from);
@@ -189,11 +190,13 @@ impl JwtSigner {
             reason: e.to_string(),
         })?;
         crate::jwt::save_key(&path, &key)?;
+        // Published for its whole signing period ahead: once promoted it stays in the bundle
+        // until the next rotation extends it again.
         let next = record(
             &self.server_id,
             &key,
             active_from,
-            active_from,
+            active_from + self.config.key_ttl.as_secs() as i64,
             &self.config,
         );
         store.publish_jwt_key(next.clone()).await?;
@@ -450,6 +453,7 @@ impl State {
                 ))
             })?;
         let mut purpose = entry.purpose.clone();
+        let mut task_deadline = None;
         let task = if asked.task_id.is_empty() {
             None
         } else {
@@ -463,16 +467,37 @@ impl State {
                     self.config.max_task_depth
                 )));
             }
-            if let Some(known) = self.store.task(&asked.task_id).await? {
-                if known.ended_ms.is_some() {
+            let chain = chain_pairs(&asked.chain);
+            // Every task of the chain the server already knows must be this node's, under the
+            // entry named, with the same ancestry; the rest is checked when their start events
+            // arrive (an anomaly then revokes).
+            for (depth, link) in asked.chain.iter().enumerate() {
+                let Some(known) = self.store.task(&link.task_id).await? else {
+                    continue;
+                };
+                let problem = if known.node_id != node_id {
+                    Some(format!("runs on node {:?}", known.node_id))
+                } else if known.chain != chain[..=depth] {
+                    Some("has another delegation chain".to_owned())
+                } else if depth + 1 == chain.len() && known.entry_id != asked.entry_id {
+                    Some(format!("runs under entry {:?}", known.entry_id))
+                } else if depth + 1 == chain.len() && known.ended_ms.is_some() {
+                    Some("has ended".to_owned())
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
                     return Err(NodeApiError::Forbidden(format!(
-                        "task {} has ended",
-                        asked.task_id
+                        "task {} {problem}",
+                        link.task_id
                     )));
                 }
-                purpose = known.purpose;
+                if depth + 1 == chain.len() {
+                    purpose = known.purpose;
+                    task_deadline = Some(known.deadline);
+                }
             }
-            Some((asked.task_id.clone(), chain_pairs(&asked.chain)))
+            Some((asked.task_id.clone(), chain))
         };
         let now = unix_now();
         let max = self.jwt.max_ttl().as_secs() as i64;
@@ -483,7 +508,11 @@ impl State {
             (_, t) => t.min(max),
         };
         let mut expires_at = now + ttl;
-        if let Some(limit) = entry.expires_at {
+        // Never past the registration, nor past the task's deadline.
+        for limit in [entry.expires_at, task_deadline.filter(|d| *d > 0)]
+            .into_iter()
+            .flatten()
+        {
             expires_at = expires_at.min(limit);
         }
         if expires_at <= now {
@@ -541,6 +570,41 @@ impl State {
                 now_ms,
             )])
             .await?;
+        // The snapshot may lag a deletion or an eviction that committed meanwhile, and the
+        // revocations those made did not see this token: check again now that it is stored.
+        let entry_gone = self.store.get_entry(&entry.id).await?.is_none();
+        let node_gone = self
+            .store
+            .get_node(node_id)
+            .await?
+            .is_none_or(|node| node.status != crate::store::NodeStatus::Active);
+        if entry_gone || node_gone {
+            let (reason, what) = if entry_gone {
+                (RevocationReason::EntryRemoved, "its entry was deleted")
+            } else {
+                (RevocationReason::NodeEvicted, "its node was evicted")
+            };
+            let record = JwtRecord {
+                jti: claims.jti.clone(),
+                entry_id: claims.entry_id.clone(),
+                spiffe_id: claims.subject.clone(),
+                expires_at: Some(expires_at),
+                ..JwtRecord::default()
+            };
+            let revoked = self.jwt_revoked_event(&record, reason, what);
+            self.store
+                .store_events(vec![to_record(
+                    &revoked,
+                    EventKind::JwtRevoked,
+                    "",
+                    crate::events::model::now_ms(),
+                )])
+                .await?;
+            return Err(NodeApiError::Forbidden(format!(
+                "{} is no longer served: {what}",
+                claims.subject
+            )));
+        }
         Ok(MintJwtSvidResponse {
             token,
             jti: claims.jti,
@@ -678,6 +742,17 @@ mod tests {
         assert_eq!(store.jwt_keys(now).await.unwrap().len(), 2);
         signer.promote().unwrap();
         assert_ne!(signer.kid(), first);
+        let promoted = signer.kid();
+        let later = now + 300 + 60 + 1;
+        assert!(
+            store
+                .jwt_keys(later)
+                .await
+                .unwrap()
+                .iter()
+                .any(|k| k.kid == promoted),
+            "the key in use stays in the bundle past max_ttl after it became active"
+        );
         let restarted = JwtSigner::start(dir.path(), "s1", config, &store)
             .await
             .unwrap();

@@ -454,6 +454,13 @@ impl State {
                 Ok(kind) => kind,
                 Err(e) => return Ok(refused(format!("batch {}: {e}", batch.sequence))),
             };
+            if kind == EventKind::JwtIssued {
+                return Ok(refused(format!(
+                    "batch {}: event {index} is jwt_issued: JWT-SVIDs are signed, and their \
+                     issuance recorded, by the server",
+                    batch.sequence
+                )));
+            }
             records.push(to_record(event, kind, node_id, received));
             if kind == EventKind::TaskStarted {
                 let parent = match event.chain.len().checked_sub(2) {
@@ -557,9 +564,11 @@ impl State {
         let stored = self.store.store_events(records).await;
         if stored.is_ok() {
             for task_id in ended_tasks {
+                // Only this node's tokens: a node ends its own tasks.
                 self.revoke_jwts(
                     crate::store::JwtFilter {
                         task_id: Some(task_id.to_owned()),
+                        node_id: Some(node_id.to_owned()),
                         ..Default::default()
                     },
                     RevocationReason::TaskEnded,
@@ -1424,6 +1433,23 @@ mod tests {
             .await
             .unwrap();
         assert!(ack.error.contains("time_ms"), "{ack:?}");
+        // A node never reports signing a JWT-SVID: the server signs and records them.
+        let mut forged = issued("0d");
+        forged.kind = EventKind::JwtIssued as i32;
+        forged.serial.clear();
+        forged.jti = "forged".into();
+        let ack = state
+            .ingest(
+                "node-a",
+                EventBatch {
+                    sequence: 11,
+                    events: vec![forged],
+                },
+            )
+            .await
+            .unwrap();
+        assert!(ack.error.contains("by the server"), "{ack:?}");
+        assert!(state.store.jwt("forged").await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -297,7 +297,20 @@ pub(crate) struct InventoryChanges {
 
 impl InventoryChanges {
     /// Folds `events`, each newly stored, into one change per SVID, entry and node.
+    #[cfg(test)]
     pub(crate) fn of<'a>(events: impl IntoIterator<Item = &'a EventRecord>) -> Self {
+        Self::of_known(events, |_| true)
+    }
+
+    /// Like [`InventoryChanges::of`], leaving out a node's reports about JWT-SVIDs the
+    /// inventory does not hold (`known` says which it does, besides those issued in `events`):
+    /// a use or revocation of a token the server never signed, or pruned long ago, is kept as
+    /// an event and changes nothing else.
+    pub(crate) fn of_known<'a>(
+        events: impl IntoIterator<Item = &'a EventRecord>,
+        known: impl Fn(&str) -> bool,
+    ) -> Self {
+        let mut issued_now: HashSet<&str> = HashSet::new();
         let mut svids: BTreeMap<&str, SvidRecord> = BTreeMap::new();
         let mut entries: BTreeMap<&str, EntryActivity> = BTreeMap::new();
         let mut nodes: BTreeMap<&str, i64> = BTreeMap::new();
@@ -306,7 +319,31 @@ impl InventoryChanges {
         let mut jwt_revoked = false;
         for event in events {
             if let Some(change) = jwt_change(event) {
+                if change.issued_ms.is_some() {
+                    issued_now.insert(&event.jti);
+                } else if !event.node_id.is_empty()
+                    && !issued_now.contains(event.jti.as_str())
+                    && !known(&event.jti)
+                {
+                    continue;
+                }
                 jwt_revoked |= change.revoked_ms.is_some();
+                // Tokens count as the use of their entry, as certificates do.
+                if !event.entry_id.is_empty()
+                    && (change.issued_ms, change.last_used_ms) != (None, None)
+                {
+                    let activity = EntryActivity {
+                        entry_id: event.entry_id.clone(),
+                        last_issued_ms: change.issued_ms,
+                        last_used_ms: change.last_used_ms,
+                    };
+                    match entries.get_mut(event.entry_id.as_str()) {
+                        Some(stored) => merge_entry_activity(stored, activity),
+                        None => {
+                            entries.insert(&event.entry_id, activity);
+                        }
+                    }
+                }
                 match jwts.get_mut(event.jti.as_str()) {
                     Some(stored) => merge_jwt(stored, change),
                     None => {
@@ -373,23 +410,27 @@ impl InventoryChanges {
 }
 
 /// What one event says about its JWT-SVID; `None` for events about none.
+/// Only the issuance says what the token is (entry, subject, node, task, audience, expiry): a
+/// use or a revocation, which other nodes report too, changes nothing of that.
 fn jwt_change(event: &EventRecord) -> Option<JwtRecord> {
     let mut change = JwtRecord {
         jti: event.jti.clone(),
-        entry_id: event.entry_id.clone(),
-        spiffe_id: event.spiffe_id.clone(),
-        node_id: event.node_id.clone(),
-        task_id: event
-            .task
-            .as_ref()
-            .map(|t| t.task_id.clone())
-            .unwrap_or_default(),
-        audience: event.audience.clone(),
-        expires_at: event.not_after,
         ..JwtRecord::default()
     };
     match kind_from_name(&event.kind)? {
-        EventKind::JwtIssued => change.issued_ms = Some(event.time_ms),
+        EventKind::JwtIssued => {
+            change.entry_id = event.entry_id.clone();
+            change.spiffe_id = event.spiffe_id.clone();
+            change.node_id = event.node_id.clone();
+            change.task_id = event
+                .task
+                .as_ref()
+                .map(|t| t.task_id.clone())
+                .unwrap_or_default();
+            change.audience = event.audience.clone();
+            change.expires_at = event.not_after;
+            change.issued_ms = Some(event.time_ms);
+        }
         EventKind::JwtRevoked => {
             change.revoked_ms = Some(event.time_ms);
             change.reason = event.reason.clone();

@@ -972,7 +972,7 @@ async fn store_events(
             &[&events::jwt_ids(batch)],
         )
         .await?;
-    let holders = rows
+    let holders: std::collections::HashMap<String, String> = rows
         .iter()
         .map(|row| Ok((col(row, "jti")?, col(row, "node_id")?)))
         .collect::<Result<_, StoreError>>()?;
@@ -992,7 +992,8 @@ async fn store_events(
     let new: Vec<&EventRecord> = batch.iter().filter(|e| inserted.contains(&e.id)).collect();
     let mut jwt_revoked = false;
     if !new.is_empty() {
-        let changes = InventoryChanges::of(new.iter().copied());
+        let changes =
+            InventoryChanges::of_known(new.iter().copied(), |jti| holders.contains_key(jti));
         apply_inventory_changes(&tx, &changes).await?;
         notify_events(&tx).await?;
         if changes.jwt_revoked {

@@ -936,7 +936,7 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, 
             new.push(event);
         }
     }
-    let changes = InventoryChanges::of(new.iter().copied());
+    let changes = InventoryChanges::of_known(new.iter().copied(), |jti| holders.contains_key(jti));
     apply_inventory_changes(tx, &changes)?;
     Ok((new.len(), changes.jwt_revoked))
 }

@@ -1751,6 +1751,19 @@ async fn jwts_follow_their_events(store: &dyn Datastore) {
     let listed = store.list_events(EventFilter::default()).await.unwrap();
     let first = &listed.iter().find(|e| e.event.id == "j-1").unwrap().event;
     assert_eq!((first.jti.as_str(), first.audience.len()), ("jti-1", 2));
+    // A node's report about a token the inventory does not hold is kept as an event only.
+    let ghost = EventRecord {
+        node_id: "n2".into(),
+        count: Some(1),
+        ..jwt_event("j-7", event_kind::JWT_USED, "ghost", NOW * 1000 + 80)
+    };
+    assert_eq!(store.store_events(vec![ghost]).await.unwrap(), stored(1, 0));
+    assert!(store.jwt("ghost").await.unwrap().is_none());
+    // Tokens are their entry's activity.
+    let activity = store.entry_activity().await.unwrap();
+    let e1 = activity.iter().find(|a| a.entry_id == "e1").unwrap();
+    assert_eq!(e1.last_issued_ms, Some(NOW * 1000 + 1));
+    assert_eq!(e1.last_used_ms, Some(NOW * 1000 + 50));
     // Pruning: kept while they may be live, gone once expired before the horizon.
     store.prune_events(NOW * 1000, NOW).await.unwrap();
     assert!(store.jwt("jti-1").await.unwrap().is_some());
