@@ -164,6 +164,8 @@ pub struct JwtAuthority {
     bundle_changes: watch::Sender<u64>,
     /// Tokens minted and not yet stale.
     cache: Mutex<TokenCache>,
+    /// A gate per token being minted, so that concurrent callers get one token signed.
+    minting: Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Tokens whose form and signature have been verified, by the SHA-256 of the token: a
     /// relying party validating the same bearer token on every request pays for the signature
     /// once. Audience, time and revocation are checked on every call.
@@ -263,6 +265,7 @@ impl JwtAuthority {
             bundle: RwLock::new(Arc::new(bundle)),
             bundle_changes: watch::channel(0).0,
             cache: Mutex::new(TokenCache::default()),
+            minting: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
             minted: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashMap::new()),
@@ -368,23 +371,16 @@ impl JwtAuthority {
         audience.sort();
         audience.dedup();
         let key = (entry.id.clone(), audience);
-        let kept = {
-            let mut cache = lock(&self.cache);
-            cache.clock += 1;
-            let stamp = cache.clock;
-            // A token minted for another version of the entry, or revoked since, is not
-            // handed out again.
-            match cache.tokens.get_mut(&key) {
-                Some(cached) if *cached.entry == **entry && !self.is_revoked(&cached.token.jti) => {
-                    cached.used = stamp;
-                    cached.in_use = true;
-                    if !cached.token.stale(now_s) {
-                        return Ok((cached.token.clone(), false));
-                    }
-                    Some(cached.token.clone())
-                }
-                _ => None,
-            }
+        if let Lookup::Fresh(token) = self.look_up(&key, entry, now_s) {
+            return Ok((token, false));
+        }
+        // One mint per token at a time: callers asking for the same one wait for the first.
+        let turn = self.minting_turn(&key);
+        let _turn = turn.gate.lock().await;
+        let kept = match self.look_up(&key, entry, now_s) {
+            Lookup::Fresh(token) => return Ok((token, false)),
+            Lookup::Stale(token) => Some(token),
+            Lookup::Missing => None,
         };
         match self.mint(entry, &key.1, now_s).await {
             Ok(token) => {
@@ -399,6 +395,36 @@ impl JwtAuthority {
                 _ => Err(JwtError::Unavailable(why)),
             },
             Err(e) => Err(e),
+        }
+    }
+
+    /// The cached token for `key`, marked as used. A token minted for another version of the
+    /// entry, or revoked since, is missing.
+    fn look_up(&self, key: &TokenKey, entry: &RegistrationEntry, now: i64) -> Lookup {
+        let mut cache = lock(&self.cache);
+        cache.clock += 1;
+        let stamp = cache.clock;
+        match cache.tokens.get_mut(key) {
+            Some(cached) if *cached.entry == *entry && !self.is_revoked(&cached.token.jti) => {
+                cached.used = stamp;
+                cached.in_use = true;
+                if cached.token.stale(now) {
+                    Lookup::Stale(cached.token.clone())
+                } else {
+                    Lookup::Fresh(cached.token.clone())
+                }
+            }
+            _ => Lookup::Missing,
+        }
+    }
+
+    /// The gate that lets one caller at a time mint the token of `key`.
+    fn minting_turn(&self, key: &TokenKey) -> MintingTurn<'_> {
+        let gate = lock(&self.minting).entry(key.clone()).or_default().clone();
+        MintingTurn {
+            authority: self,
+            key: key.clone(),
+            gate,
         }
     }
 
@@ -847,6 +873,36 @@ impl JwtAuthority {
     }
 }
 
+/// What the cache holds for a token asked for.
+enum Lookup {
+    /// A token to hand out as it is.
+    Fresh(Token),
+    /// A token past half its life: handed out only when a new one cannot be had.
+    Stale(Token),
+    /// Nothing usable.
+    Missing,
+}
+
+/// One caller's place in line to mint a token; the gate is forgotten with its last user.
+struct MintingTurn<'a> {
+    authority: &'a JwtAuthority,
+    key: TokenKey,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for MintingTurn<'_> {
+    fn drop(&mut self) {
+        let mut minting = lock(&self.authority.minting);
+        // Clones are only taken under this lock: the map's and this one mean no one else waits.
+        if minting
+            .get(&self.key)
+            .is_some_and(|gate| Arc::ptr_eq(gate, &self.gate) && Arc::strong_count(gate) <= 2)
+        {
+            minting.remove(&self.key);
+        }
+    }
+}
+
 /// The server link of one session: while it lasts, tokens are asked for over its channel.
 pub(crate) struct Connected<'a>(&'a JwtAuthority);
 
@@ -1043,6 +1099,23 @@ mod tests {
             fresh && third.jti != second.jti,
             "a new token, not the revoked one"
         );
+    }
+
+    #[tokio::test]
+    async fn callers_asking_for_the_same_new_token_at_once_get_one_signed() {
+        let jwt = authority(10);
+        let e = entry("e", "spiffe://example.org/agent", &["unix:uid:1"]);
+        let now = SystemTime::now();
+        let aud = vec!["new".to_string()];
+        let (a, b, c) = tokio::join!(
+            jwt.token(&e, &aud, now),
+            jwt.token(&e, &aud, now),
+            jwt.token(&e, &aud, now)
+        );
+        let jtis: std::collections::HashSet<String> =
+            [a, b, c].into_iter().map(|t| t.unwrap().0.jti).collect();
+        assert_eq!(jtis.len(), 1, "one token for all three");
+        assert!(lock(&jwt.minting).is_empty(), "the gate is forgotten");
     }
 
     #[tokio::test]

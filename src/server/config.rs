@@ -550,5 +550,33 @@ ca_bundle_file = "/etc/t/node-ca.pem"
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `bogus`"), "{err}");
+        // [jwt]: defaults, and bounds that name the key.
+        assert_eq!(
+            ServerConfig::parse("server.toml", GOOD).unwrap().jwt,
+            JwtSigning::default()
+        );
+        let jwt =
+            |body: &str| ServerConfig::parse("server.toml", &format!("{GOOD}\n[jwt]\n{body}\n"));
+        let set = jwt("max_ttl = \"10m\"\nkey_ttl = \"7d\"").unwrap().jwt;
+        assert_eq!(set.max_ttl, Duration::from_secs(600));
+        assert_eq!(set.key_ttl, Duration::from_secs(7 * 86400));
+        for (body, want) in [
+            (
+                "max_ttl = \"5s\"",
+                "server.toml: jwt.max_ttl = \"5s\": must be between 10s and 24h",
+            ),
+            (
+                "key_ttl = \"30s\"",
+                "server.toml: jwt.key_ttl = \"30s\": must be between 1m and 365days",
+            ),
+            (
+                "max_ttl = \"soon\"",
+                "jwt.max_ttl = \"soon\": not a duration",
+            ),
+            ("audience = \"x\"", "unknown field `audience`"),
+        ] {
+            let err = jwt(body).unwrap_err().to_string();
+            assert!(err.contains(want), "{body}: got {err:?}, want {want:?}");
+        }
     }
 }

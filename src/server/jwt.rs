@@ -225,17 +225,22 @@ impl JwtSigner {
     }
 
     /// Signs with the successor from now on; its file becomes the current one.
+    ///
+    /// The switch happens in memory first: the old key's record ends soon after, whatever the
+    /// disk does. Should the file not be saved, the successor's file stays, and a restart
+    /// promotes it again.
     fn promote(&self) -> Result<(), JwtSignerError> {
         let Some(next) = write(&self.next).take() else {
             return Ok(());
         };
-        crate::jwt::save_key(&self.state_dir.join(CURRENT_FILE), &next.key)?;
-        let _ = std::fs::remove_file(self.state_dir.join(NEXT_FILE));
+        let key = next.key.clone();
+        *write(&self.current) = next;
         tracing::info!(
-            kid = next.key.kid(),
+            kid = key.kid(),
             "JWT-SVIDs are now signed with the next key"
         );
-        *write(&self.current) = next;
+        crate::jwt::save_key(&self.state_dir.join(CURRENT_FILE), &key)?;
+        let _ = std::fs::remove_file(self.state_dir.join(NEXT_FILE));
         Ok(())
     }
 
