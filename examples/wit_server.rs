@@ -6,8 +6,12 @@
 //! and a replay cache of proof ids.
 //!
 //! ```sh
-//! cargo run --example wit_server -- --socket unix:///path/agent.sock --listen 127.0.0.1:0
+//! cargo run --example wit_server -- --socket unix:///path/agent.sock --listen 127.0.0.1:0 \
+//!     [--origin https://api.example.com]
 //! ```
+//!
+//! `--origin` is what clients address proofs to (default `http://` and the bound address):
+//! behind a proxy, or listening on 0.0.0.0, give the name clients use.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -39,20 +43,31 @@ struct Checker {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (socket, listen) = match args.as_slice() {
-        [s, socket, l, listen] if s == "--socket" && l == "--listen" => (socket, listen),
+    let (socket, listen, origin) = match args.as_slice() {
+        [s, socket, l, listen] if s == "--socket" && l == "--listen" => (socket, listen, None),
+        [s, socket, l, listen, o, origin]
+            if s == "--socket" && l == "--listen" && o == "--origin" =>
+        {
+            (
+                socket,
+                listen,
+                Some(origin.trim_end_matches('/').to_owned()),
+            )
+        }
         _ => {
-            eprintln!("usage: wit_server --socket unix:///path/agent.sock --listen ADDR");
+            eprintln!(
+                "usage: wit_server --socket unix:///path/agent.sock --listen ADDR [--origin URL]"
+            );
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(socket, listen).await {
+    if let Err(e) = run(socket, listen, origin).await {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-async fn run(socket: &str, listen: &str) -> Result<(), String> {
+async fn run(socket: &str, listen: &str, origin: Option<String>) -> Result<(), String> {
     let mut client = tessera::cli::client::connect(socket)
         .await
         .map_err(|f| f.message)?;
@@ -61,20 +76,20 @@ async fn run(socket: &str, listen: &str) -> Result<(), String> {
         .await
         .map_err(|s| format!("FetchWITBundles: {}", s.message()))?
         .into_inner();
-    let (trust_domain, first) = next_bundle(&mut bundles).await?;
+    let (trust_domain, first) = next_bundle(&mut bundles, None).await?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let checker = Arc::new(Checker {
-        origin: format!("http://{local}"),
-        trust_domain,
+        origin: origin.unwrap_or_else(|| format!("http://{local}")),
+        trust_domain: trust_domain.clone(),
         bundle: RwLock::new(first),
         seen: Mutex::new(HashMap::new()),
     });
     let follower = checker.clone();
     tokio::spawn(async move {
-        while let Ok((_, bundle)) = next_bundle(&mut bundles).await {
+        while let Ok((_, bundle)) = next_bundle(&mut bundles, Some(&trust_domain)).await {
             *follower.bundle.write().unwrap_or_else(|e| e.into_inner()) = bundle;
         }
         eprintln!("the WIT bundle stream ended; keeping the last bundle");
@@ -95,16 +110,22 @@ async fn run(socket: &str, listen: &str) -> Result<(), String> {
     }
 }
 
-/// The trust domain and its WIT bundle in the next message of the stream.
+/// The trust domain (`want`, or the first one) and its WIT bundle in the next message of the
+/// stream.
 async fn next_bundle(
     stream: &mut tonic::Streaming<tessera::proto::workload::WitBundlesResponse>,
+    want: Option<&str>,
 ) -> Result<(String, JwkSet), String> {
     let message = stream
         .next()
         .await
         .ok_or("the WIT bundle stream ended")?
         .map_err(|s| format!("FetchWITBundles: {}", s.message()))?;
-    let (trust_domain, json) = message.bundles.iter().next().ok_or("no WIT bundle")?;
+    let (trust_domain, json) = match want {
+        Some(want) => message.bundles.get_key_value(want),
+        None => message.bundles.iter().next(),
+    }
+    .ok_or("no WIT bundle for the trust domain")?;
     let bundle =
         serde_json::from_str(json).map_err(|e| format!("the WIT bundle is not a JWK Set: {e}"))?;
     Ok((trust_domain.clone(), bundle))

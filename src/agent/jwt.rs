@@ -836,17 +836,30 @@ impl JwtAuthority {
                 _ = tokio::time::sleep(REFRESH_TICK) => {}
             }
             let now = crate::clock::unix_seconds(SystemTime::now());
-            let due: Vec<(TokenKey, Arc<RegistrationEntry>)> = {
+            let due: Vec<(TokenKey, Arc<RegistrationEntry>, String)> = {
                 let mut cache = lock(&self.cache);
                 cache.tokens.retain(|_, c| c.in_use || !c.token.stale(now));
                 cache
                     .tokens
                     .iter()
                     .filter(|(_, c)| c.in_use && c.token.stale(now) && now >= c.retry_at)
-                    .map(|(k, c)| (k.clone(), c.entry.clone()))
+                    .map(|(k, c)| (k.clone(), c.entry.clone(), c.token.jti.clone()))
                     .collect()
             };
-            for (key, entry) in due {
+            for (key, entry, jti) in due {
+                // A caller minting this token now does the work; and once the gate is ours,
+                // the token must still be the one found due.
+                let turn = self.minting_turn(&key);
+                let Ok(_gate) = turn.gate.try_lock() else {
+                    continue;
+                };
+                let still_due = lock(&self.cache)
+                    .tokens
+                    .get(&key)
+                    .is_some_and(|c| c.token.jti == jti);
+                if !still_due {
+                    continue;
+                }
                 match self.mint(&entry, &key.1, now).await {
                     Ok(token) => self.keep(key, entry, token, false),
                     Err(e) => {

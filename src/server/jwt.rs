@@ -10,6 +10,7 @@
 //! so it adds no key.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -59,6 +60,9 @@ pub struct JwtSigner {
     current: RwLock<PublishedKey>,
     /// The published successor, once made.
     next: RwLock<Option<PublishedKey>>,
+    /// The key in use was promoted but its file not saved yet: the successor's file is then its
+    /// only copy on disk, and no new successor may be made until it is saved.
+    current_unsaved: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for JwtSigner {
@@ -122,17 +126,19 @@ impl JwtSigner {
             &state_dir.join(CURRENT_FILE),
         )?);
         let next = crate::jwt::load_key(&state_dir.join(NEXT_FILE))?.map(Arc::new);
+        let key_ttl = config.key_ttl.as_secs() as i64;
+        // A successor is published for its whole signing period (its stored record rebuilt,
+        // in case key_ttl changed).
         let next_record = next.as_ref().map(|key| {
-            record_of(key).unwrap_or_else(|| {
-                let from = now + config.key_ttl.as_secs() as i64 / 2;
-                let until = from + config.key_ttl.as_secs() as i64;
-                record(server_id, key, from, until, &config)
-            })
+            let from = record_of(key).map_or(now + key_ttl / 2, |r| r.active_from);
+            record(server_id, key, from, from + key_ttl, &config)
         });
         let active_from = record_of(&current).map_or(now, |r| r.active_from);
+        // Without a successor the current key signs until its time is up, or, when that has
+        // passed (the server was down), until a successor made now may be used.
         let signs_until = next_record
             .as_ref()
-            .map_or(active_from + config.key_ttl.as_secs() as i64, |r| {
+            .map_or((active_from + key_ttl).max(now + key_ttl / 2), |r| {
                 r.active_from
             });
         let current_record = record(server_id, &current, active_from, signs_until, &config);
@@ -153,6 +159,7 @@ impl JwtSigner {
                 next.zip(next_record)
                     .map(|(key, record)| PublishedKey { key, record }),
             ),
+            current_unsaved: Default::default(),
         })
     }
 
@@ -184,6 +191,19 @@ impl JwtSigner {
     /// Makes, saves and publishes the successor, active from `active_from`; the current key's
     /// record is extended to cover its tokens until then.
     async fn prepare(&self, store: &dyn Datastore, active_from: i64) -> Result<(), JwtSignerError> {
+        // The current key's record first: it must cover its tokens until the successor's use.
+        let current = {
+            let current = read(&self.current);
+            record(
+                &self.server_id,
+                &current.key,
+                current.record.active_from,
+                active_from,
+                &self.config,
+            )
+        };
+        store.publish_jwt_key(current.clone()).await?;
+        write(&self.current).record = current;
         let path = self.state_dir.join(NEXT_FILE);
         let key = JwtKey::generate().map_err(|e| KeyFileError::Write {
             path: path.clone(),
@@ -200,18 +220,6 @@ impl JwtSigner {
             &self.config,
         );
         store.publish_jwt_key(next.clone()).await?;
-        let current = {
-            let current = read(&self.current);
-            record(
-                &self.server_id,
-                &current.key,
-                current.record.active_from,
-                active_from,
-                &self.config,
-            )
-        };
-        store.publish_jwt_key(current.clone()).await?;
-        write(&self.current).record = current;
         tracing::info!(
             kid = key.kid(),
             active_from,
@@ -227,8 +235,8 @@ impl JwtSigner {
     /// Signs with the successor from now on; its file becomes the current one.
     ///
     /// The switch happens in memory first: the old key's record ends soon after, whatever the
-    /// disk does. Should the file not be saved, the successor's file stays, and a restart
-    /// promotes it again.
+    /// disk does. Should the file not be saved, the successor's file stays (a restart promotes
+    /// it again), and saving is retried before anything else.
     fn promote(&self) -> Result<(), JwtSignerError> {
         let Some(next) = write(&self.next).take() else {
             return Ok(());
@@ -239,7 +247,19 @@ impl JwtSigner {
             kid = key.kid(),
             "JWT-SVIDs are now signed with the next key"
         );
+        self.current_unsaved.store(true, Ordering::Release);
+        self.save_current()
+    }
+
+    /// Saves the key in use as the current file, once it was promoted; then its copy as the
+    /// successor's file goes.
+    fn save_current(&self) -> Result<(), JwtSignerError> {
+        if !self.current_unsaved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let key = read(&self.current).key.clone();
         crate::jwt::save_key(&self.state_dir.join(CURRENT_FILE), &key)?;
+        self.current_unsaved.store(false, Ordering::Release);
         let _ = std::fs::remove_file(self.state_dir.join(NEXT_FILE));
         Ok(())
     }
@@ -253,6 +273,14 @@ impl JwtSigner {
     ) {
         tokio::pin!(stop);
         loop {
+            if let Err(e) = self.save_current() {
+                tracing::error!(error = %e, "cannot save the JWT signing key in use; retrying in 1m");
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                continue;
+            }
             let now = unix_now();
             let step = plan(
                 now,
@@ -506,12 +534,18 @@ impl State {
         };
         let now = unix_now();
         let max = self.jwt.max_ttl().as_secs() as i64;
-        // The entry's own lifetime wins over what the agent asks for.
-        let ttl = match (entry.jwt_ttl_seconds, asked.ttl_seconds) {
-            (Some(t), _) if t > 0 => t.min(max),
-            (_, t) if t <= 0 => DEFAULT_TTL.min(max),
-            (_, t) => t.min(max),
+        // What the agent asks for (its ttl, or the entry's, cut at the registration or task
+        // deadline it knows of), never more than the entry's own lifetime or max_ttl.
+        let asked_ttl = if asked.ttl_seconds > 0 {
+            asked.ttl_seconds
+        } else {
+            DEFAULT_TTL
         };
+        let ttl = entry
+            .jwt_ttl_seconds
+            .filter(|t| *t > 0)
+            .map_or(asked_ttl, |own| own.min(asked_ttl))
+            .min(max);
         let mut expires_at = now + ttl;
         // Never past the registration, nor past the task's deadline.
         for limit in [entry.expires_at, task_deadline.filter(|d| *d > 0)]
@@ -583,11 +617,21 @@ impl State {
             .get_node(node_id)
             .await?
             .is_none_or(|node| node.status != crate::store::NodeStatus::Active);
-        if entry_gone || node_gone {
+        let task_ended = match &claims.task {
+            Some((task_id, _)) => self
+                .store
+                .task(task_id)
+                .await?
+                .is_some_and(|task| task.ended_ms.is_some()),
+            None => false,
+        };
+        if entry_gone || node_gone || task_ended {
             let (reason, what) = if entry_gone {
                 (RevocationReason::EntryRemoved, "its entry was deleted")
-            } else {
+            } else if node_gone {
                 (RevocationReason::NodeEvicted, "its node was evicted")
+            } else {
+                (RevocationReason::TaskEnded, "its task ended")
             };
             let record = JwtRecord {
                 jti: claims.jti.clone(),

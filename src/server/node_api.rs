@@ -455,11 +455,10 @@ impl State {
                 Err(e) => return Ok(refused(format!("batch {}: {e}", batch.sequence))),
             };
             if kind == EventKind::JwtIssued {
-                return Ok(refused(format!(
-                    "batch {}: event {index} is jwt_issued: JWT-SVIDs are signed, and their \
-                     issuance recorded, by the server",
-                    batch.sequence
-                )));
+                // The server signs JWT-SVIDs and records their issuance itself: such a report
+                // is dropped (the rest of the batch is stored).
+                tracing::warn!(target: "tessera::audit", node = node_id, jti = %event.jti, "a node reported signing a JWT-SVID; dropped");
+                continue;
             }
             records.push(to_record(event, kind, node_id, received));
             if kind == EventKind::TaskStarted {
@@ -1433,7 +1432,8 @@ mod tests {
             .await
             .unwrap();
         assert!(ack.error.contains("time_ms"), "{ack:?}");
-        // A node never reports signing a JWT-SVID: the server signs and records them.
+        // A node never reports signing a JWT-SVID (the server signs and records them): such a
+        // report is dropped, the rest of its batch stored.
         let mut forged = issued("0d");
         forged.kind = EventKind::JwtIssued as i32;
         forged.serial.clear();
@@ -1443,12 +1443,13 @@ mod tests {
                 "node-a",
                 EventBatch {
                     sequence: 11,
-                    events: vec![forged],
+                    events: vec![forged, issued("0e")],
                 },
             )
             .await
             .unwrap();
-        assert!(ack.error.contains("by the server"), "{ack:?}");
+        assert_eq!(ack.error, "", "{ack:?}");
+        assert!(ack.stored >= 1, "{ack:?}");
         assert!(state.store.jwt("forged").await.unwrap().is_none());
     }
 

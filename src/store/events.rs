@@ -172,6 +172,46 @@ pub(crate) fn svid_serials(events: &[EventRecord]) -> Vec<String> {
     serials.into_iter().map(str::to_owned).collect()
 }
 
+/// The task ids of a batch's task events, to look up which node runs them.
+pub(crate) fn task_ids(events: &[EventRecord]) -> Vec<String> {
+    let ids: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e.kind == event_kind::TASK_STARTED || e.kind == event_kind::TASK_ENDED)
+        .filter_map(|e| e.task.as_ref().map(|t| t.task_id.as_str()))
+        .collect();
+    ids.into_iter().map(str::to_owned).collect()
+}
+
+/// Refuses a batch from a node with a start or end of a task another node runs: a node
+/// reports its own tasks, and one reporting on another's could end it (and so revoke its
+/// tokens) or take it over. `owners` maps the batch's stored task ids to their node.
+pub(crate) fn check_task_owners(
+    events: &[EventRecord],
+    owners: &std::collections::HashMap<String, String>,
+) -> Result<(), StoreError> {
+    for (index, event) in events.iter().enumerate() {
+        let is_task =
+            event.kind == event_kind::TASK_STARTED || event.kind == event_kind::TASK_ENDED;
+        let Some(task) = event.task.as_ref().filter(|_| is_task) else {
+            continue;
+        };
+        if event.node_id.is_empty() {
+            continue;
+        }
+        if let Some(owner) = owners.get(&task.task_id)
+            && !owner.is_empty()
+            && *owner != event.node_id
+        {
+            return Err(StoreError::invalid(format!(
+                "event {index} (id {:?}) is about task {}, which node {owner:?} runs, not {:?}; \
+                 nothing in the batch was stored",
+                event.id, task.task_id, event.node_id
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The `jti`s of a batch's events about JWT-SVIDs, to look up whom they were signed for.
 pub(crate) fn jwt_ids(events: &[EventRecord]) -> Vec<String> {
     let ids: std::collections::BTreeSet<&str> = events
@@ -299,18 +339,26 @@ impl InventoryChanges {
     /// Folds `events`, each newly stored, into one change per SVID, entry and node.
     #[cfg(test)]
     pub(crate) fn of<'a>(events: impl IntoIterator<Item = &'a EventRecord>) -> Self {
-        Self::of_known(events, |_| true)
+        let events: Vec<&EventRecord> = events.into_iter().collect();
+        // In the tests of the folding alone, every token is held by the node reporting it.
+        let holders = events
+            .iter()
+            .map(|e| (e.jti.clone(), e.node_id.clone()))
+            .collect();
+        Self::of_known(events, &holders)
     }
 
-    /// Like [`InventoryChanges::of`], leaving out a node's reports about JWT-SVIDs the
-    /// inventory does not hold (`known` says which it does, besides those issued in `events`):
-    /// a use or revocation of a token the server never signed, or pruned long ago, is kept as
-    /// an event and changes nothing else.
+    /// Like [`InventoryChanges::of`], with `holders` (the stored JWT-SVIDs' nodes, by `jti`):
+    /// a node's report about a token the inventory does not hold (besides those issued in
+    /// `events`), one the server never signed or that was pruned long ago, is kept as an event
+    /// and changes nothing else; and a use counts as its entry's activity only when the
+    /// token's own node (or the server) reports it.
     pub(crate) fn of_known<'a>(
         events: impl IntoIterator<Item = &'a EventRecord>,
-        known: impl Fn(&str) -> bool,
+        holders: &std::collections::HashMap<String, String>,
     ) -> Self {
-        let mut issued_now: HashSet<&str> = HashSet::new();
+        let mut issued_now: std::collections::HashMap<&str, &str> =
+            std::collections::HashMap::new();
         let mut svids: BTreeMap<&str, SvidRecord> = BTreeMap::new();
         let mut entries: BTreeMap<&str, EntryActivity> = BTreeMap::new();
         let mut nodes: BTreeMap<&str, i64> = BTreeMap::new();
@@ -320,16 +368,21 @@ impl InventoryChanges {
         for event in events {
             if let Some(change) = jwt_change(event) {
                 if change.issued_ms.is_some() {
-                    issued_now.insert(&event.jti);
-                } else if !event.node_id.is_empty()
-                    && !issued_now.contains(event.jti.as_str())
-                    && !known(&event.jti)
-                {
+                    issued_now.insert(&event.jti, &event.node_id);
+                }
+                let holder = issued_now
+                    .get(event.jti.as_str())
+                    .copied()
+                    .or_else(|| holders.get(&event.jti).map(String::as_str));
+                let from_holder = event.node_id.is_empty() || holder == Some(&event.node_id);
+                if !event.node_id.is_empty() && holder.is_none() {
                     continue;
                 }
                 jwt_revoked |= change.revoked_ms.is_some();
-                // Tokens count as the use of their entry, as certificates do.
-                if !event.entry_id.is_empty()
+                // Tokens count as the use of their entry, as certificates do, when their own
+                // node says so.
+                if from_holder
+                    && !event.entry_id.is_empty()
                     && (change.issued_ms, change.last_used_ms) != (None, None)
                 {
                     let activity = EntryActivity {

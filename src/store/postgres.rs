@@ -979,6 +979,17 @@ async fn store_events(
     events::check_jwt_holders(batch, &holders)?;
     let rows = tx
         .query(
+            "SELECT task_id, node_id FROM tasks WHERE task_id = ANY($1)",
+            &[&events::task_ids(batch)],
+        )
+        .await?;
+    let owners = rows
+        .iter()
+        .map(|row| Ok((col(row, "task_id")?, col(row, "node_id")?)))
+        .collect::<Result<_, StoreError>>()?;
+    events::check_task_owners(batch, &owners)?;
+    let rows = tx
+        .query(
             "SELECT serial, node_id FROM svids WHERE serial = ANY($1)",
             &[&events::svid_serials(batch)],
         )
@@ -992,8 +1003,7 @@ async fn store_events(
     let new: Vec<&EventRecord> = batch.iter().filter(|e| inserted.contains(&e.id)).collect();
     let mut jwt_revoked = false;
     if !new.is_empty() {
-        let changes =
-            InventoryChanges::of_known(new.iter().copied(), |jti| holders.contains_key(jti));
+        let changes = InventoryChanges::of_known(new.iter().copied(), &holders);
         apply_inventory_changes(&tx, &changes).await?;
         notify_events(&tx).await?;
         if changes.jwt_revoked {

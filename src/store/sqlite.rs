@@ -877,6 +877,20 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, 
         }
     }
     events::check_jwt_holders(batch, &holders)?;
+    let mut runner = tx
+        .prepare_cached("SELECT node_id FROM tasks WHERE task_id = ?1")
+        .map_err(db_error)?;
+    let mut owners = std::collections::HashMap::new();
+    for task_id in events::task_ids(batch) {
+        let node: Option<String> = runner
+            .query_row([&task_id], |row| row.get(0))
+            .optional()
+            .map_err(db_error)?;
+        if let Some(node) = node {
+            owners.insert(task_id, node);
+        }
+    }
+    events::check_task_owners(batch, &owners)?;
     let mut issuer = tx
         .prepare_cached("SELECT node_id FROM svids WHERE serial = ?1")
         .map_err(db_error)?;
@@ -936,7 +950,7 @@ fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, 
             new.push(event);
         }
     }
-    let changes = InventoryChanges::of_known(new.iter().copied(), |jti| holders.contains_key(jti));
+    let changes = InventoryChanges::of_known(new.iter().copied(), &holders);
     apply_inventory_changes(tx, &changes)?;
     Ok((new.len(), changes.jwt_revoked))
 }

@@ -1658,6 +1658,13 @@ async fn tasks_follow_their_events_and_orders(store: &dyn Datastore) {
         store.order_task_end("nosuch", "operator", "", ms).await,
         Err(StoreError::NotFound { kind: "task", .. })
     ));
+    // Another node cannot end (or start) a task this one runs: the batch is refused.
+    let mut foreign = task_event("t-foreign", event_kind::TASK_ENDED, &["a"], ms + 500);
+    foreign.node_id = "n2".into();
+    assert!(matches!(
+        store.store_events(vec![foreign]).await,
+        Err(StoreError::Invalid { .. })
+    ));
 }
 
 /// A JWT-SVID event about `jti`, signed for node `n1`, expiring an hour after [`NOW`].
@@ -1759,11 +1766,20 @@ async fn jwts_follow_their_events(store: &dyn Datastore) {
     };
     assert_eq!(store.store_events(vec![ghost]).await.unwrap(), stored(1, 0));
     assert!(store.jwt("ghost").await.unwrap().is_none());
-    // Tokens are their entry's activity.
+    // Tokens are their entry's activity, as their own node reports it (n2's validations of
+    // n1's token above do not count).
     let activity = store.entry_activity().await.unwrap();
     let e1 = activity.iter().find(|a| a.entry_id == "e1").unwrap();
     assert_eq!(e1.last_issued_ms, Some(NOW * 1000 + 1));
-    assert_eq!(e1.last_used_ms, Some(NOW * 1000 + 50));
+    assert_eq!(e1.last_used_ms, None);
+    let own_use = EventRecord {
+        count: Some(1),
+        ..jwt_event("j-8", event_kind::JWT_USED, "jti-2", NOW * 1000 + 90)
+    };
+    store.store_events(vec![own_use]).await.unwrap();
+    let activity = store.entry_activity().await.unwrap();
+    let e1 = activity.iter().find(|a| a.entry_id == "e1").unwrap();
+    assert_eq!(e1.last_used_ms, Some(NOW * 1000 + 90));
     // Pruning: kept while they may be live, gone once expired before the horizon.
     store.prune_events(NOW * 1000, NOW).await.unwrap();
     assert!(store.jwt("jti-1").await.unwrap().is_some());
