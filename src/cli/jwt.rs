@@ -103,11 +103,7 @@ pub(super) async fn run(command: JwtCommand, output: Output) -> Result<(), Failu
 }
 
 async fn revoke(args: RevokeArgs, output: Output) -> Result<(), Failure> {
-    if args.reason.trim().is_empty() {
-        return Err(Failure::usage(
-            "--reason is empty; say why the token is revoked, e.g. --reason \"leaked in a log\"",
-        ));
-    }
+    super::revoke::require_reason(&args.reason)?;
     let jti = args.jti.trim().to_owned();
     if jti.is_empty() {
         return Err(Failure::usage("JTI is empty: give the token's jti claim"));
@@ -120,12 +116,7 @@ async fn revoke(args: RevokeArgs, output: Output) -> Result<(), Failure> {
             reason: args.reason,
         })
         .await
-        .map_err(|status| match status.code() {
-            tonic::Code::NotFound | tonic::Code::InvalidArgument => {
-                Failure::usage(status.message().to_owned())
-            }
-            _ => admin.failure(status),
-        })?
+        .map_err(|status| super::revoke::revocation_failure(&admin, status))?
         .into_inner();
     match output {
         Output::Json => print_json(&jwt_json(response.jwt.as_ref(), response.already_revoked)),

@@ -30,7 +30,7 @@ pub(super) struct ReasonArg {
     pub(super) reason: String,
 }
 
-fn require_reason(reason: &str) -> Result<(), Failure> {
+pub(super) fn require_reason(reason: &str) -> Result<(), Failure> {
     if reason.trim().is_empty() {
         return Err(Failure::usage(
             "--reason is empty; say why the credential is revoked, e.g. --reason \"key leaked in CI logs\"",
@@ -56,15 +56,20 @@ pub(super) async fn revoke_svid(args: RevokeSvidArgs, output: Output) -> Result<
             reason: args.reason,
         })
         .await
-        .map_err(|status| match status.code() {
-            // A serial nobody issued is the caller's mistake, like a bad flag.
-            tonic::Code::NotFound | tonic::Code::InvalidArgument => {
-                Failure::usage(status.message().to_owned())
-            }
-            _ => admin.failure(status),
-        })?
+        .map_err(|status| revocation_failure(&admin, status))?
         .into_inner();
     print_revoked(output, &response)
+}
+
+/// How a revocation the server refused ends: a credential nobody issued, or a bad reason, is
+/// the caller's mistake, like a bad flag (exit 2).
+pub(super) fn revocation_failure(admin: &Admin, status: tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument => {
+            Failure::usage(status.message().to_owned())
+        }
+        _ => admin.failure(status),
+    }
 }
 
 pub(super) async fn revoke_entry(

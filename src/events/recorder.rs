@@ -264,6 +264,7 @@ struct Uses {
 
 #[derive(Hash, PartialEq, Eq)]
 struct UseKey {
+    /// What was used: an SVID's serial, or a token's use and `jti`.
     serial: String,
     pid: i32,
     uid: u32,
@@ -458,14 +459,7 @@ impl Recorder {
         event.audience = audience.to_vec();
         event.caller = caller.map(caller_of);
         event.policy_version = self.policy_version();
-        match self.write(true, &event) {
-            Ok(()) => Ok(()),
-            Err(_) if !self.log.required() => Ok(()),
-            Err(source) => Err(RecordError {
-                kind: kind_name(EventKind::JwtIssued),
-                source,
-            }),
-        }
+        self.write_or_refuse(&event)
     }
 
     /// Records that a JWT-SVID is revoked, for `reason`.
@@ -481,29 +475,11 @@ impl Recorder {
     /// Counts one use of a JWT-SVID by `caller`: `fetched` (handed to it) or `validated` (for
     /// it, by ValidateJWTSVID).
     pub fn jwt_used(&self, token: &JwtFacts<'_>, caller: &CallerFacts, how: &'static str) {
-        let now = now_ms();
-        let key = UseKey {
-            serial: format!("{how} {}", token.jti),
-            pid: caller.pid,
-            uid: caller.uid,
-            gid: caller.gid,
-            exe_path: caller.exe_path.clone(),
-        };
-        let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
-        let counted = uses.entry(key).or_insert_with(|| {
+        self.count_use(format!("{how} {}", token.jti), caller, || {
             let mut event = self.jwt_event(EventKind::JwtUsed, token);
-            event.caller = Some(caller_of(caller));
             event.detail = how.to_owned();
-            Uses {
-                event,
-                first_ms: now,
-                last_ms: now,
-                count: 0,
-                opened: tokio::time::Instant::now(),
-            }
+            event
         });
-        counted.last_ms = now;
-        counted.count += 1;
     }
 
     /// Records the start of a task; the task must not begin when this fails.
@@ -515,14 +491,7 @@ impl Recorder {
         let mut event = self.task_event(EventKind::TaskStarted, task);
         event.caller = Some(caller_of(starter));
         event.policy_version = self.policy_version();
-        match self.write(true, &event) {
-            Ok(()) => Ok(()),
-            Err(_) if !self.log.required() => Ok(()),
-            Err(source) => Err(RecordError {
-                kind: kind_name(EventKind::TaskStarted),
-                source,
-            }),
-        }
+        self.write_or_refuse(&event)
     }
 
     /// Records the end of a task for `reason`. A failure is logged: the task has ended anyway.
@@ -589,12 +558,18 @@ impl Recorder {
         let mut event = self.svid_event(EventKind::SvidIssued, entry, svid);
         event.caller = caller.map(caller_of);
         event.policy_version = self.policy_version();
-        match self.write(true, &event) {
+        self.write_or_refuse(&event)
+    }
+
+    /// Writes `event`, which what it records must not happen without: an error when the log
+    /// is required and the write failed. Otherwise a failure is logged and counted by the log
+    /// and in `failed`, and what it records goes on.
+    fn write_or_refuse(&self, event: &Event) -> Result<(), RecordError> {
+        match self.write(true, event) {
             Ok(()) => Ok(()),
-            // Logged and counted by the log and in `failed`; the issuance goes on.
             Err(_) if !self.log.required() => Ok(()),
             Err(source) => Err(RecordError {
-                kind: kind_name(EventKind::SvidIssued),
+                kind: kind_name(event.kind()),
                 source,
             }),
         }
@@ -627,9 +602,17 @@ impl Recorder {
 
     /// Counts one delivery of `svid` to `caller`.
     pub fn used(&self, entry: &RegistrationEntry, svid: &X509Svid, caller: &CallerFacts) {
+        self.count_use(svid.serial_hex.clone(), caller, || {
+            self.svid_event(EventKind::SvidUsed, entry, svid)
+        });
+    }
+
+    /// Counts one use of `what` by `caller` in its window; the window's event, made by `event`
+    /// when it opens, is reported when it closes.
+    fn count_use(&self, what: String, caller: &CallerFacts, event: impl FnOnce() -> Event) {
         let now = now_ms();
         let key = UseKey {
-            serial: svid.serial_hex.clone(),
+            serial: what,
             pid: caller.pid,
             uid: caller.uid,
             gid: caller.gid,
@@ -637,7 +620,7 @@ impl Recorder {
         };
         let mut uses = self.uses.lock().unwrap_or_else(|e| e.into_inner());
         let counted = uses.entry(key).or_insert_with(|| {
-            let mut event = self.svid_event(EventKind::SvidUsed, entry, svid);
+            let mut event = event();
             event.caller = Some(caller_of(caller));
             Uses {
                 event,

@@ -1056,7 +1056,7 @@ async fn stream_updates(
         let policy_changed = sent_policy != Some(snapshot.policy.version);
         let jwt_revocations_changed = sent_jwt_revocations
             .as_ref()
-            .is_none_or(|sent| **sent != *snapshot.jwt_revocations);
+            .is_none_or(|sent| !Arc::ptr_eq(sent, &snapshot.jwt_revocations));
         let update = update.or_else(|| {
             (sent_bundle.is_some()
                 && (crls_changed

@@ -50,7 +50,8 @@ pub struct Snapshot {
     pub policy: Policy,
     /// The JWT-SVID signing keys of every replica, each a public JWK (JSON).
     pub jwt_keys: Vec<String>,
-    /// Every revoked JWT-SVID not yet expired: sent to every node.
+    /// Every revoked JWT-SVID not yet expired: sent to every node. The same allocation as the
+    /// previous snapshot's while the list is unchanged.
     pub jwt_revocations: Arc<Vec<JwtRevocation>>,
 }
 
@@ -301,7 +302,13 @@ pub async fn run_hub(
         loop {
             match load_snapshot(store.as_ref()).await {
                 Ok(mut snapshot) => {
-                    snapshot.history = Arc::new(remember_replaced(&publish.borrow(), &snapshot));
+                    let previous = publish.borrow().clone();
+                    snapshot.history = Arc::new(remember_replaced(&previous, &snapshot));
+                    // Unchanged revocations keep their allocation: streams tell a change by
+                    // the pointer, once per reload rather than once per node.
+                    if snapshot.jwt_revocations == previous.jwt_revocations {
+                        snapshot.jwt_revocations = previous.jwt_revocations.clone();
+                    }
                     publish.send_replace(Arc::new(snapshot));
                     break;
                 }

@@ -162,118 +162,91 @@ pub(crate) fn check_batch(events: &[EventRecord]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The serials of a batch's events about SVIDs, to look up who issued them.
-pub(crate) fn svid_serials(events: &[EventRecord]) -> Vec<String> {
-    let serials: std::collections::BTreeSet<&str> = events
-        .iter()
-        .filter(|e| event_kind::is_svid(&e.kind))
-        .map(|e| e.serial.as_str())
-        .collect();
-    serials.into_iter().map(str::to_owned).collect()
+/// A record of the inventory that belongs to one node, which alone may report on it: an SVID
+/// (the node whose CA issued it), a task (the node it runs on), a JWT-SVID (the node it was
+/// signed for). A node reporting on another's could rewrite its history, end it, or revoke it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owned {
+    /// By serial, in `svids`.
+    Svid,
+    /// By task id, in `tasks`.
+    Task,
+    /// By `jti`, in `jwts`.
+    Jwt,
 }
 
-/// The task ids of a batch's task events, to look up which node runs them.
-pub(crate) fn task_ids(events: &[EventRecord]) -> Vec<String> {
-    let ids: std::collections::BTreeSet<&str> = events
-        .iter()
-        .filter(|e| e.kind == event_kind::TASK_STARTED || e.kind == event_kind::TASK_ENDED)
-        .filter_map(|e| e.task.as_ref().map(|t| t.task_id.as_str()))
-        .collect();
-    ids.into_iter().map(str::to_owned).collect()
-}
+impl Owned {
+    /// Every kind of owned record, in the order a batch is checked.
+    pub(crate) const ALL: [Self; 3] = [Self::Jwt, Self::Task, Self::Svid];
 
-/// Refuses a batch from a node with a start or end of a task another node runs: a node
-/// reports its own tasks, and one reporting on another's could end it (and so revoke its
-/// tokens) or take it over. `owners` maps the batch's stored task ids to their node.
-pub(crate) fn check_task_owners(
-    events: &[EventRecord],
-    owners: &std::collections::HashMap<String, String>,
-) -> Result<(), StoreError> {
-    for (index, event) in events.iter().enumerate() {
-        let is_task =
-            event.kind == event_kind::TASK_STARTED || event.kind == event_kind::TASK_ENDED;
-        let Some(task) = event.task.as_ref().filter(|_| is_task) else {
-            continue;
-        };
-        if event.node_id.is_empty() {
-            continue;
-        }
-        if let Some(owner) = owners.get(&task.task_id)
-            && !owner.is_empty()
-            && *owner != event.node_id
-        {
-            return Err(StoreError::invalid(format!(
-                "event {index} (id {:?}) is about task {}, which node {owner:?} runs, not {:?}; \
-                 nothing in the batch was stored",
-                event.id, task.task_id, event.node_id
-            )));
+    /// The table and key column to look the owning node up in (its column `node_id`).
+    pub(crate) fn table_and_key(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Svid => ("svids", "serial"),
+            Self::Task => ("tasks", "task_id"),
+            Self::Jwt => ("jwts", "jti"),
         }
     }
-    Ok(())
-}
 
-/// The `jti`s of a batch's events about JWT-SVIDs, to look up whom they were signed for.
-pub(crate) fn jwt_ids(events: &[EventRecord]) -> Vec<String> {
-    let ids: std::collections::BTreeSet<&str> = events
-        .iter()
-        .filter(|e| event_kind::is_jwt(&e.kind))
-        .map(|e| e.jti.as_str())
-        .collect();
-    ids.into_iter().map(str::to_owned).collect()
-}
-
-/// Refuses a batch from a node with an event about a JWT-SVID signed for another node, other
-/// than a use: a node reports the signing and revocation of its own tokens only. Events the server produced (no
-/// node) may concern any. `holders` maps the batch's stored `jti`s to their node.
-pub(crate) fn check_jwt_holders(
-    events: &[EventRecord],
-    holders: &std::collections::HashMap<String, String>,
-) -> Result<(), StoreError> {
-    for (index, event) in events.iter().enumerate() {
-        // Any node may validate any token: only issuance and revocation are the holder's.
-        if !event_kind::is_jwt(&event.kind)
-            || event.kind == event_kind::JWT_USED
-            || event.node_id.is_empty()
-        {
-            continue;
-        }
-        if let Some(holder) = holders.get(&event.jti)
-            && !holder.is_empty()
-            && *holder != event.node_id
-        {
-            return Err(StoreError::invalid(format!(
-                "event {index} (id {:?}) is about JWT-SVID {}, which was signed for node \
-                 {holder:?}, not {:?}; nothing in the batch was stored",
-                event.id, event.jti, event.node_id
-            )));
+    /// The record `event` is about, if it is about one of this kind.
+    fn key_of(self, event: &EventRecord) -> Option<&str> {
+        match self {
+            Self::Svid => event_kind::is_svid(&event.kind).then_some(event.serial.as_str()),
+            Self::Task => (event.kind == event_kind::TASK_STARTED
+                || event.kind == event_kind::TASK_ENDED)
+                .then_some(event.task.as_ref()?.task_id.as_str()),
+            Self::Jwt => event_kind::is_jwt(&event.kind).then_some(event.jti.as_str()),
         }
     }
-    Ok(())
-}
 
-/// Refuses a batch with an event about an SVID that another node issued: a node reports on
-/// the SVIDs it minted, and one reporting on another's would rewrite that SVID's history.
-/// `issuers` maps the batch's stored serials to the node that issued them.
-pub(crate) fn check_serial_issuers(
-    events: &[EventRecord],
-    issuers: &std::collections::HashMap<String, String>,
-) -> Result<(), StoreError> {
-    for (index, event) in events.iter().enumerate() {
-        if !event_kind::is_svid(&event.kind) {
-            continue;
-        }
-        if let Some(issuer) = issuers.get(&event.serial)
-            && !issuer.is_empty()
-            && *issuer != event.node_id
-        {
-            return Err(StoreError::invalid(format!(
-                "event {index} (id {:?}) is about serial {}, which node {issuer:?} issued, not \
-                 {:?}; nothing in the batch was stored",
-                event.id, event.serial, event.node_id
-            )));
+    /// Whether `event` must come from the record's node. The server's own events (no node) may
+    /// concern any record, and any node may report the use of any token (it validated it).
+    fn owner_only(self, event: &EventRecord) -> bool {
+        match self {
+            Self::Svid => true,
+            Self::Task => !event.node_id.is_empty(),
+            Self::Jwt => !event.node_id.is_empty() && event.kind != event_kind::JWT_USED,
         }
     }
-    Ok(())
+
+    /// The records of this kind a batch is about, to look up their nodes, sorted, once each.
+    pub(crate) fn keys(self, events: &[EventRecord]) -> Vec<String> {
+        let keys: std::collections::BTreeSet<&str> =
+            events.iter().filter_map(|e| self.key_of(e)).collect();
+        keys.into_iter().map(str::to_owned).collect()
+    }
+
+    /// Refuses a batch with an event about a record another node owns; `owners` maps the
+    /// batch's stored records to their node.
+    pub(crate) fn check(
+        self,
+        events: &[EventRecord],
+        owners: &std::collections::HashMap<String, String>,
+    ) -> Result<(), StoreError> {
+        for (index, event) in events.iter().enumerate() {
+            let Some(key) = self.key_of(event).filter(|_| self.owner_only(event)) else {
+                continue;
+            };
+            if let Some(owner) = owners.get(key)
+                && !owner.is_empty()
+                && *owner != event.node_id
+            {
+                let whose = match self {
+                    Self::Svid => format!("serial {key}, which node {owner:?} issued"),
+                    Self::Task => format!("task {key}, which node {owner:?} runs"),
+                    Self::Jwt => {
+                        format!("JWT-SVID {key}, which was signed for node {owner:?}")
+                    }
+                };
+                return Err(StoreError::invalid(format!(
+                    "event {index} (id {:?}) is about {whose}, not {:?}; nothing in the batch \
+                     was stored",
+                    event.id, event.node_id
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Refuses a filter naming an unknown kind: it could only ever match nothing.
@@ -366,6 +339,7 @@ impl InventoryChanges {
         let mut jwts: BTreeMap<&str, JwtRecord> = BTreeMap::new();
         let mut jwt_revoked = false;
         for event in events {
+            let mut activity = None;
             if let Some(change) = jwt_change(event) {
                 if change.issued_ms.is_some() {
                     issued_now.insert(&event.jti, &event.node_id);
@@ -374,28 +348,14 @@ impl InventoryChanges {
                     .get(event.jti.as_str())
                     .copied()
                     .or_else(|| holders.get(&event.jti).map(String::as_str));
-                let from_holder = event.node_id.is_empty() || holder == Some(&event.node_id);
                 if !event.node_id.is_empty() && holder.is_none() {
                     continue;
                 }
                 jwt_revoked |= change.revoked_ms.is_some();
                 // Tokens count as the use of their entry, as certificates do, when their own
                 // node says so.
-                if from_holder
-                    && !event.entry_id.is_empty()
-                    && (change.issued_ms, change.last_used_ms) != (None, None)
-                {
-                    let activity = EntryActivity {
-                        entry_id: event.entry_id.clone(),
-                        last_issued_ms: change.issued_ms,
-                        last_used_ms: change.last_used_ms,
-                    };
-                    match entries.get_mut(event.entry_id.as_str()) {
-                        Some(stored) => merge_entry_activity(stored, activity),
-                        None => {
-                            entries.insert(&event.entry_id, activity);
-                        }
-                    }
+                if event.node_id.is_empty() || holder == Some(&event.node_id) {
+                    activity = Some((change.issued_ms, change.last_used_ms));
                 }
                 match jwts.get_mut(event.jti.as_str()) {
                     Some(stored) => merge_jwt(stored, change),
@@ -403,33 +363,33 @@ impl InventoryChanges {
                         jwts.insert(&event.jti, change);
                     }
                 }
-                if !event.node_id.is_empty() {
-                    let last = nodes.entry(&event.node_id).or_insert(event.time_ms);
-                    *last = (*last).max(event.time_ms);
+            } else {
+                if let (Some(task), Some(change)) = (&event.task, task_change(event)) {
+                    match tasks.get_mut(task.task_id.as_str()) {
+                        Some(stored) => merge_task(stored, change),
+                        None => {
+                            tasks.insert(&task.task_id, change);
+                        }
+                    }
                 }
-                continue;
-            }
-            if let (Some(task), Some(change)) = (&event.task, task_change(event)) {
-                match tasks.get_mut(task.task_id.as_str()) {
-                    Some(stored) => merge_task(stored, change),
-                    None => {
-                        tasks.insert(&task.task_id, change);
+                if let Some(change) = svid_change(event) {
+                    activity = Some((change.issued_ms, change.last_used_ms));
+                    match svids.get_mut(event.serial.as_str()) {
+                        Some(stored) => merge_svid(stored, change),
+                        None => {
+                            svids.insert(&event.serial, change);
+                        }
                     }
                 }
             }
-            if !event.node_id.is_empty() {
-                let last = nodes.entry(&event.node_id).or_insert(event.time_ms);
-                *last = (*last).max(event.time_ms);
-            }
-            let Some(change) = svid_change(event) else {
-                continue;
-            };
-            if !event.entry_id.is_empty() && (change.issued_ms, change.last_used_ms) != (None, None)
+            if let Some((last_issued_ms, last_used_ms)) = activity
+                && !event.entry_id.is_empty()
+                && (last_issued_ms, last_used_ms) != (None, None)
             {
                 let activity = EntryActivity {
                     entry_id: event.entry_id.clone(),
-                    last_issued_ms: change.issued_ms,
-                    last_used_ms: change.last_used_ms,
+                    last_issued_ms,
+                    last_used_ms,
                 };
                 match entries.get_mut(event.entry_id.as_str()) {
                     Some(stored) => merge_entry_activity(stored, activity),
@@ -438,11 +398,9 @@ impl InventoryChanges {
                     }
                 }
             }
-            match svids.get_mut(event.serial.as_str()) {
-                Some(stored) => merge_svid(stored, change),
-                None => {
-                    svids.insert(&event.serial, change);
-                }
+            if !event.node_id.is_empty() {
+                let last = nodes.entry(&event.node_id).or_insert(event.time_ms);
+                *last = (*last).max(event.time_ms);
             }
         }
         Self {

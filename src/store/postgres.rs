@@ -966,39 +966,24 @@ async fn store_events(
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
         .await?;
-    let rows = tx
-        .query(
-            "SELECT jti, node_id FROM jwts WHERE jti = ANY($1)",
-            &[&events::jwt_ids(batch)],
-        )
-        .await?;
-    let holders: std::collections::HashMap<String, String> = rows
-        .iter()
-        .map(|row| Ok((col(row, "jti")?, col(row, "node_id")?)))
-        .collect::<Result<_, StoreError>>()?;
-    events::check_jwt_holders(batch, &holders)?;
-    let rows = tx
-        .query(
-            "SELECT task_id, node_id FROM tasks WHERE task_id = ANY($1)",
-            &[&events::task_ids(batch)],
-        )
-        .await?;
-    let owners = rows
-        .iter()
-        .map(|row| Ok((col(row, "task_id")?, col(row, "node_id")?)))
-        .collect::<Result<_, StoreError>>()?;
-    events::check_task_owners(batch, &owners)?;
-    let rows = tx
-        .query(
-            "SELECT serial, node_id FROM svids WHERE serial = ANY($1)",
-            &[&events::svid_serials(batch)],
-        )
-        .await?;
-    let issuers = rows
-        .iter()
-        .map(|row| Ok((col(row, "serial")?, col(row, "node_id")?)))
-        .collect::<Result<_, StoreError>>()?;
-    events::check_serial_issuers(batch, &issuers)?;
+    let mut holders = std::collections::HashMap::new();
+    for owned in events::Owned::ALL {
+        let (table, key) = owned.table_and_key();
+        let rows = tx
+            .query(
+                &format!("SELECT {key} AS key, node_id FROM {table} WHERE {key} = ANY($1)"),
+                &[&owned.keys(batch)],
+            )
+            .await?;
+        let owners = rows
+            .iter()
+            .map(|row| Ok((col(row, "key")?, col(row, "node_id")?)))
+            .collect::<Result<_, StoreError>>()?;
+        owned.check(batch, &owners)?;
+        if owned == events::Owned::Jwt {
+            holders = owners;
+        }
+    }
     let inserted = insert_events(&tx, batch).await?;
     let new: Vec<&EventRecord> = batch.iter().filter(|e| inserted.contains(&e.id)).collect();
     let mut jwt_revoked = false;

@@ -859,52 +859,39 @@ fn node_activity_from_row(row: &Row<'_>) -> Result<NodeActivity, StoreError> {
     codec::node_activity_from_row(row)
 }
 
-/// Stores the events whose ids are new, and what they change in the inventory. Returns how
-/// many were stored.
-/// Stores the batch; the number of events new, and whether one revoked a JWT-SVID.
-fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, bool), StoreError> {
-    let mut holder = tx
-        .prepare_cached("SELECT node_id FROM jwts WHERE jti = ?1")
-        .map_err(db_error)?;
-    let mut holders = std::collections::HashMap::new();
-    for jti in events::jwt_ids(batch) {
-        let node: Option<String> = holder
-            .query_row([&jti], |row| row.get(0))
-            .optional()
-            .map_err(db_error)?;
-        if let Some(node) = node {
-            holders.insert(jti, node);
-        }
-    }
-    events::check_jwt_holders(batch, &holders)?;
-    let mut runner = tx
-        .prepare_cached("SELECT node_id FROM tasks WHERE task_id = ?1")
+/// The nodes owning the records of kind `owned` that `batch` is about, by key.
+fn owners_of(
+    tx: &Transaction<'_>,
+    owned: events::Owned,
+    batch: &[EventRecord],
+) -> Result<std::collections::HashMap<String, String>, StoreError> {
+    let (table, key) = owned.table_and_key();
+    let mut lookup = tx
+        .prepare_cached(&format!("SELECT node_id FROM {table} WHERE {key} = ?1"))
         .map_err(db_error)?;
     let mut owners = std::collections::HashMap::new();
-    for task_id in events::task_ids(batch) {
-        let node: Option<String> = runner
-            .query_row([&task_id], |row| row.get(0))
+    for key in owned.keys(batch) {
+        let node: Option<String> = lookup
+            .query_row([&key], |row| row.get(0))
             .optional()
             .map_err(db_error)?;
         if let Some(node) = node {
-            owners.insert(task_id, node);
+            owners.insert(key, node);
         }
     }
-    events::check_task_owners(batch, &owners)?;
-    let mut issuer = tx
-        .prepare_cached("SELECT node_id FROM svids WHERE serial = ?1")
-        .map_err(db_error)?;
-    let mut issuers = std::collections::HashMap::new();
-    for serial in events::svid_serials(batch) {
-        let node: Option<String> = issuer
-            .query_row([&serial], |row| row.get(0))
-            .optional()
-            .map_err(db_error)?;
-        if let Some(node) = node {
-            issuers.insert(serial, node);
+    Ok(owners)
+}
+
+/// Stores the batch; the number of events new, and whether one revoked a JWT-SVID.
+fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, bool), StoreError> {
+    let mut holders = std::collections::HashMap::new();
+    for owned in events::Owned::ALL {
+        let owners = owners_of(tx, owned, batch)?;
+        owned.check(batch, &owners)?;
+        if owned == events::Owned::Jwt {
+            holders = owners;
         }
     }
-    events::check_serial_issuers(batch, &issuers)?;
     let mut insert = tx
         .prepare_cached(&format!(
             "INSERT INTO events ({EVENT_COLUMNS})
@@ -1418,13 +1405,12 @@ impl Datastore for SqliteStore {
     async fn jwt(&self, jti: &str) -> Result<Option<JwtRecord>, StoreError> {
         let jti = jti.to_owned();
         self.run(move |conn| {
-            let found = query_all(
+            query_first(
                 conn,
                 &format!("SELECT {JWT_COLUMNS} FROM jwts WHERE jti = ?1"),
                 [jti],
                 jwt_from_row,
-            )?;
-            Ok(found.into_iter().next())
+            )
         })
         .await
     }
