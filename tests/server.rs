@@ -937,7 +937,7 @@ async fn a_node_ca_cannot_mint_its_way_into_another_node() {
         tessera::tls::channel(&server.address, tls).unwrap(),
     );
     let status = client
-        .sync(tessera::proto::tessera::SyncRequest {})
+        .sync(tessera::proto::tessera::SyncRequest::default())
         .await
         .map(|_| ())
         .expect_err("a forged node SVID is refused");
@@ -1301,4 +1301,109 @@ async fn server_mode_wits_are_signed_by_the_server_and_accounted_for() {
         .collect();
     assert_eq!(validated.len(), 1, "aggregated: {used}");
     assert_eq!(validated[0]["count"], 2, "{used}");
+}
+
+/// Opens a sync stream to `server` as the node of agent `agent`, with its own node SVID.
+async fn sync_as(
+    server: &ServerProcess,
+    agent: &AgentProcess,
+    bundle: &std::path::Path,
+    since_revision: i64,
+) -> tonic::Streaming<tessera::proto::tessera::SyncUpdate> {
+    let upstream = agent.state_dir.join("upstream");
+    let chain: Vec<Vec<u8>> =
+        ::pem::parse_many(std::fs::read_to_string(upstream.join("node_svid.pem")).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect();
+    let key = ::pem::parse(std::fs::read_to_string(upstream.join("node_svid_key.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let roots = tessera::ca::load_pem_certs(bundle).unwrap();
+    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let tls = tessera::tls::client_config(
+        &roots,
+        &tessera::ca::node::server_spiffe_id(&td),
+        Some((&chain, &key)),
+    )
+    .unwrap();
+    let mut client = tessera::proto::tessera::node_client::NodeClient::new(
+        tessera::tls::channel(&server.address, tls).unwrap(),
+    );
+    client
+        .sync(tessera::proto::tessera::SyncRequest { since_revision })
+        .await
+        .expect("sync stream")
+        .into_inner()
+}
+
+fn entry_ids(update: &tessera::proto::tessera::SyncUpdate) -> Vec<String> {
+    let mut ids: Vec<String> = update.upserted.iter().map(|e| e.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnecting_node_catches_up_from_its_revision_across_a_server_restart() {
+    let dir = world_dir();
+    let mut server = ServerProcess::start(dir.path(), "server", "");
+    let bundle = dir.path().join("bundle.pem");
+    server.write_bundle(&bundle);
+    let agent = AgentProcess::start(
+        dir.path(),
+        "a",
+        &server.address,
+        &bundle,
+        &format!("join_token = \"{}\"", server.join_token()),
+    );
+    let kept = server.create_entry("/kept", &[]);
+    let removed = server.create_entry("/removed", &[]);
+
+    let mut stream = sync_as(&server, &agent, &bundle, 0).await;
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.full);
+    let mut expected = vec![kept.clone(), removed.clone()];
+    expected.sort();
+    assert_eq!(entry_ids(&first), expected);
+    let revision = first.revision;
+    assert!(revision > 0);
+    drop(stream);
+
+    // The server restarts; meanwhile one entry is added and one deleted.
+    server.kill();
+    server.restart();
+    let added = server.create_entry("/added", &[]);
+    assert!(
+        server
+            .admin(&["entry", "delete", &removed])
+            .status
+            .success()
+    );
+
+    let mut stream = sync_as(&server, &agent, &bundle, revision).await;
+    let caught_up = stream.message().await.unwrap().unwrap();
+    assert!(
+        !caught_up.full,
+        "only the changes since revision {revision}"
+    );
+    assert_eq!(entry_ids(&caught_up), std::slice::from_ref(&added));
+    assert_eq!(caught_up.removed, std::slice::from_ref(&removed));
+    assert!(caught_up.revision > revision);
+    assert!(caught_up.bundle.is_some() && caught_up.crls.is_some());
+
+    // A revision the server does not have (another database's): the full state.
+    let mut stream = sync_as(&server, &agent, &bundle, caught_up.revision + 1000).await;
+    let full = stream.message().await.unwrap().unwrap();
+    assert!(full.full);
+    let mut expected = vec![kept, added];
+    expected.sort();
+    assert_eq!(entry_ids(&full), expected);
+
+    // The agent itself reconnected the same way: its stream after the restart caught up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.logs().contains("caught up with the server's changes") {
+        assert!(Instant::now() < deadline, "{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -587,6 +587,10 @@ pub struct Upstream {
     disk: DiskState,
     /// Synced entries, sorted by creation then id (the order workloads see).
     entries: Vec<StoredEntry>,
+    /// The server's change log revision `entries` are at, from the last sync message applied
+    /// since this process last attested; 0 when unknown. A new sync stream asks to catch up
+    /// from it instead of being sent everything.
+    synced_revision: i64,
     /// What "now" is for expiry and renewal.
     clock: WallClock,
 }
@@ -601,6 +605,7 @@ impl Upstream {
             trust_domain,
             disk,
             entries,
+            synced_revision: 0,
             clock: Arc::new(SystemTime::now),
         }
     }
@@ -833,6 +838,7 @@ impl Upstream {
 
     /// Applies one sync message; returns whether the bundle changed.
     async fn apply(&mut self, update: SyncUpdate, credentials: &mut Credentials) -> bool {
+        self.synced_revision = update.revision;
         if update.full {
             self.entries = update.upserted.iter().map(StoredEntry::from).collect();
         } else {
@@ -939,6 +945,8 @@ pub async fn run(
             Some(c) => c,
             None => match upstream.attest().await {
                 Ok(c) => {
+                    // A new attestation may bring other node selectors: nothing to catch up from.
+                    upstream.synced_revision = 0;
                     seams.cache.recorder().set_node_id(&c.node_id);
                     publish_ca(&seams, &c);
                     c
@@ -1158,10 +1166,15 @@ async fn session(
         seams.cache.revocations().clone(),
         channel,
     )));
-    let mut stream = match client.sync(SyncRequest {}).await {
+    let request = SyncRequest {
+        since_revision: upstream.synced_revision,
+    };
+    let since = request.since_revision;
+    let mut stream = match client.sync(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => return outcome_of(status_error(status), credentials),
     };
+    let mut first = true;
     loop {
         // Renewal is due by the wall clock, looked at every few seconds: a suspended machine
         // renews as soon as it wakes, not after its monotonic timer runs out.
@@ -1179,6 +1192,9 @@ async fn session(
                 Ok(Some(mut update)) => {
                     backoff.reset();
                     let full = update.full;
+                    if std::mem::take(&mut first) && !full {
+                        tracing::info!(since, revision = update.revision, "caught up with the server's changes since the last stream");
+                    }
                     apply_revocations(seams, update.crls.take(), update.revocations.take());
                     apply_task_ends(seams, update.task_ends.take());
                     if update.full {

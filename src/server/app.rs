@@ -15,7 +15,7 @@ use super::admin_api::AdminService;
 use super::config::{DatastoreConfig, ServerConfig};
 use super::node_api::{NodeService, X509PopBundleError, x509pop_verifier};
 use super::root::{load_or_create_root, load_or_create_server_id};
-use super::sync::{Snapshot, load_snapshot, run_hub};
+use super::sync::{Snapshot, Wakers, load_snapshot, run_hub};
 use crate::ca::node::sign_server_svid;
 use crate::ca::{CaError, SigningCa};
 use crate::proto::tessera::admin_server::AdminServer;
@@ -183,8 +183,8 @@ async fn refresh_serving_config<C: Send + Sync>(
             changed = snapshots.changed() => {
                 if changed.is_err() { return }
                 let current = snapshots.borrow_and_update().bundle.clone();
-                if current == bundle { continue }
-                bundle = current;
+                if *current == bundle { continue }
+                bundle = current.to_vec();
             }
             reached = wait_until_wall_time(renew_at, &now, &shutdown) => if !reached { return },
         }
@@ -259,12 +259,18 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let tasks = Tasks::new(shutdown.clone());
     let initial = load_snapshot(store.as_ref()).await?;
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(initial));
+    let wakers = Arc::new(Wakers::default());
     tasks.spawn_until_shutdown(
         "snapshot hub",
-        run_hub(store.clone(), snapshot_tx, shutdown.signalled()),
+        run_hub(
+            store.clone(),
+            snapshot_tx,
+            wakers.clone(),
+            shutdown.signalled(),
+        ),
     );
 
-    let bundle = snapshot_rx.borrow().bundle.clone();
+    let bundle = snapshot_rx.borrow().bundle.to_vec();
     let (tls, serving_not_after) = serving_config(&root, &config, &bundle)?;
     let (tls_tx, tls_rx) = watch::channel(tls);
 
@@ -290,6 +296,7 @@ pub async fn build(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         snapshots: snapshot_rx,
         shutdown: shutdown.clone(),
         contacts: Default::default(),
+        wakers,
         jwt: jwt.clone(),
     });
     tasks.spawn_until_shutdown(
@@ -445,10 +452,9 @@ mod tests {
             SystemTime::now,
             shutdown.clone(),
         ));
-        snapshots_tx.send_replace(Arc::new(Snapshot {
-            bundle: vec![vec![1], vec![2]],
-            ..Snapshot::default()
-        }));
+        let mut snapshot = Snapshot::default();
+        snapshot.bundle = Arc::new(vec![vec![1], vec![2]]);
+        snapshots_tx.send_replace(Arc::new(snapshot));
         tokio::time::timeout(Duration::from_secs(60), published.changed())
             .await
             .expect("renewed on the bundle change, not at half-life")

@@ -466,8 +466,7 @@ impl State {
         let snapshot = self.snapshots.borrow().clone();
         let now_ms = crate::events::model::now_ms();
         let entry = snapshot
-            .entries
-            .get(&asked.entry_id)
+            .entry(&asked.entry_id)
             .filter(|_| !snapshot.dormant.contains(&asked.entry_id))
             .filter(|_| {
                 snapshot.may_have_issued(

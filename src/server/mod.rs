@@ -45,6 +45,8 @@ pub struct State {
     pub shutdown: crate::runtime::Shutdown,
     /// When each node's contact was last written, so that a busy node costs few writes.
     pub contacts: node_api::Contacts,
+    /// The open sync streams, woken by the snapshot hub when a change concerns their node.
+    pub wakers: Arc<sync::Wakers>,
     /// Signs JWT-SVIDs; its keys rotate in a task of their own.
     pub jwt: Arc<jwt::JwtSigner>,
 }

@@ -18,7 +18,8 @@ use x509_parser::prelude::*;
 use super::State;
 use super::config::OnAnomaly;
 use super::revocation::PublishError;
-use super::sync::{Snapshot, bundle_message, delta, full};
+use super::sync::Snapshot;
+use super::sync::stream::NodeSync;
 use super::tasks::{KnownTask, task_start_problem};
 use crate::ca::BACKDATE;
 use crate::ca::node::{
@@ -27,10 +28,10 @@ use crate::ca::node::{
 use crate::events::model::{MAX_BATCH_EVENTS, check_event, kind_name, new_event_id, now_ms};
 use crate::proto::tessera::node_server::Node;
 use crate::proto::tessera::{
-    AttestRequest, AttestResponse, Bundle, CrlSet, Csrs, Event, EventAck, EventBatch, EventKind,
-    JwtRevocations, MintJwtSvidRequest, MintJwtSvidResponse, NodeCredentials, PublishCrlsRequest,
-    PublishCrlsResponse, RenewRequest, RevocationOrder, RevocationOrders, SyncRequest, SyncUpdate,
-    X509PopChallenge, attest_request, attest_response,
+    AttestRequest, AttestResponse, Bundle, Csrs, Event, EventAck, EventBatch, EventKind,
+    MintJwtSvidRequest, MintJwtSvidResponse, NodeCredentials, PublishCrlsRequest,
+    PublishCrlsResponse, RenewRequest, SyncRequest, SyncUpdate, X509PopChallenge, attest_request,
+    attest_response,
 };
 use crate::proto::tessera::{RevocationReason, TaskEndReason};
 use crate::store::wire::to_record;
@@ -955,11 +956,13 @@ impl Node for NodeService {
             .await
             .map_err(|e| refuse("Sync", &peer, e))?;
         self.state.record_contact(&node.id).await;
+        let since_revision = request.get_ref().since_revision;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(stream_updates(
             self.state.clone(),
             node.id,
             node.attested_at,
+            since_revision,
             self.state.snapshots.clone(),
             tx,
         ));
@@ -967,22 +970,21 @@ impl Node for NodeService {
     }
 }
 
-/// Sends the node its full state, then a delta after every snapshot that changes what it may
-/// serve or the bundle. Ends with PermissionDenied when the node is evicted or banned.
+/// Sends the node its full state (or what changed since `since_revision`), then a delta after
+/// every change that concerns it. Ends with PermissionDenied when the node is evicted or
+/// banned.
 async fn stream_updates(
     state: Arc<State>,
     node_id: String,
     attested_at: i64,
-    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    since_revision: i64,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
     tx: mpsc::Sender<Result<SyncUpdate, Status>>,
 ) {
-    let mut sent: HashMap<String, Arc<crate::proto::tessera::Entry>> = HashMap::new();
-    let mut sent_bundle: Option<(Vec<Vec<u8>>, Vec<String>)> = None;
-    let mut sent_jwt_revocations: Option<Arc<Vec<crate::proto::tessera::JwtRevocation>>> = None;
-    let mut sent_crls: Option<Vec<Vec<u8>>> = None;
-    let mut sent_orders: Option<Vec<RevocationOrder>> = None;
-    let mut sent_task_ends: Option<Vec<crate::proto::tessera::TaskEndOrder>> = None;
-    let mut sent_policy: Option<i64> = None;
+    // Registered before the first look, so no change published after it goes unnoticed.
+    let registration = state.wakers.register(&node_id);
+    let mut sync = NodeSync::new(node_id.clone(), since_revision);
+    let mut started = false;
     let shutdown = state.shutdown.clone();
     // An open stream is contact too, however long nothing changes.
     let mut contact = tokio::time::interval_at(
@@ -991,11 +993,8 @@ async fn stream_updates(
     );
     contact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let snapshot = snapshots.borrow_and_update().clone();
-        let standing = snapshot
-            .nodes
-            .get(&node_id)
-            .map(|n| (n.status, n.attested_at));
+        let snapshot = snapshots.borrow().clone();
+        let standing = snapshot.node(&node_id).map(|n| (n.status, n.attested_at));
         match standing {
             Some((NodeStatus::Active, at)) if at == attested_at => {}
             Some((status, _)) if status != NodeStatus::Active => {
@@ -1019,8 +1018,8 @@ async fn stream_updates(
                     .await;
                 return;
             }
-            // Not in the snapshot yet (attested a moment ago): wait for the next reload.
-            None if sent_bundle.is_none() => {}
+            // Not in the snapshot yet (attested a moment ago): its record wakes this stream.
+            None if !started => {}
             None => {
                 let _ = tx
                     .send(Err(NodeApiError::Forbidden(format!(
@@ -1031,91 +1030,20 @@ async fn stream_updates(
                 return;
             }
         }
-        let now = snapshot.entitled(&node_id);
-        let update = match &sent_bundle {
-            None if snapshot.nodes.contains_key(&node_id) => Some(full(
-                &now,
-                bundle_message(&state.config.trust_domain, &snapshot),
-            )),
-            None => None,
-            Some((roots, jwt_keys)) => {
-                let changed = (*roots != snapshot.bundle || *jwt_keys != snapshot.jwt_keys)
-                    .then(|| bundle_message(&state.config.trust_domain, &snapshot));
-                delta(&sent, &now, changed.as_ref())
+        if standing.is_some()
+            && let Some((update, start)) = sync.next(&snapshot, &state.config.trust_domain)
+        {
+            if let Some(start) = start {
+                started = true;
+                tracing::debug!(node = %node_id, ?start, revision = update.revision, "sync stream started");
             }
-        };
-        let orders = snapshot.orders.get(&node_id).cloned().unwrap_or_default();
-        let crls_changed = sent_crls.as_ref() != Some(&snapshot.crls);
-        let orders_changed = sent_orders.as_ref() != Some(&orders);
-        let task_ends = snapshot
-            .task_ends
-            .get(&node_id)
-            .cloned()
-            .unwrap_or_default();
-        let task_ends_changed = sent_task_ends.as_ref() != Some(&task_ends);
-        let policy_changed = sent_policy != Some(snapshot.policy.version);
-        let jwt_revocations_changed = sent_jwt_revocations
-            .as_ref()
-            .is_none_or(|sent| !Arc::ptr_eq(sent, &snapshot.jwt_revocations));
-        let update = update.or_else(|| {
-            (sent_bundle.is_some()
-                && (crls_changed
-                    || orders_changed
-                    || task_ends_changed
-                    || policy_changed
-                    || jwt_revocations_changed))
-                .then(SyncUpdate::default)
-        });
-        if let Some(mut update) = update {
-            if update.full || crls_changed {
-                update.crls = Some(CrlSet {
-                    crls: snapshot.crls.clone(),
-                });
-            }
-            if update.full || orders_changed {
-                update.revocations = Some(RevocationOrders {
-                    orders: orders.clone(),
-                });
-            }
-            if update.full {
-                update.node_labels = snapshot
-                    .nodes
-                    .get(&node_id)
-                    .map(|n| {
-                        n.selectors
-                            .iter()
-                            .filter_map(|s| s.strip_prefix("node:label:"))
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-            }
-            if update.full || policy_changed {
-                update.policy = Some(snapshot.policy.clone());
-            }
-            if update.full || jwt_revocations_changed {
-                update.jwt_revocations = Some(JwtRevocations {
-                    revoked: (*snapshot.jwt_revocations).clone(),
-                });
-            }
-            if update.full || task_ends_changed {
-                update.task_ends = Some(crate::proto::tessera::TaskEndOrders {
-                    orders: task_ends.clone(),
-                });
-            }
+            drop(snapshot);
             if tx.send(Ok(update)).await.is_err() {
                 return;
             }
-            sent = now;
-            sent_bundle = Some((snapshot.bundle.clone(), snapshot.jwt_keys.clone()));
-            sent_jwt_revocations = Some(snapshot.jwt_revocations.clone());
-            sent_crls = Some(snapshot.crls.clone());
-            sent_orders = Some(orders);
-            sent_task_ends = Some(task_ends);
-            sent_policy = Some(snapshot.policy.version);
         }
         tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = registration.notify.notified() => {}
             _ = contact.tick() => state.record_contact(&node_id).await,
             _ = tx.closed() => return,
             _ = shutdown.signalled() => {
@@ -1478,6 +1406,7 @@ mod tests {
             state.clone(),
             node_id.clone(),
             node.attested_at,
+            0,
             snapshots,
             tx,
         )
@@ -1526,6 +1455,7 @@ mod tests {
             state.clone(),
             node_id.clone(),
             node.attested_at,
+            0,
             snapshots,
             tx,
         ));

@@ -41,8 +41,7 @@ pub fn task_start_problem(
     parent: Option<&KnownTask>,
     max_depth: u32,
 ) -> Option<String> {
-    let entitled = snapshot.entitled(node_id);
-    let Some(entry) = entitled.get(&event.entry_id) else {
+    let Some(entry) = snapshot.entitled_entry(node_id, &event.entry_id) else {
         return Some(format!(
             "task {} runs under entry {:?}, which node {node_id} may not serve",
             event.task_id, event.entry_id
@@ -79,8 +78,7 @@ pub fn task_start_problem(
         ));
     };
     let delegates = snapshot
-        .entries
-        .get(&parent.entry_id)
+        .entry(&parent.entry_id)
         .is_some_and(|p| p.delegates_to.contains(&event.entry_id));
     if !delegates {
         return Some(format!(
@@ -177,10 +175,10 @@ mod tests {
                 ..task_entry("web", &[], &[])
             },
         ] {
-            snapshot.entries.insert(e.id.clone(), Arc::new(e));
+            snapshot.insert_entry(Arc::new(e));
         }
-        snapshot.nodes.insert(
-            "n1".into(),
+        snapshot.insert_node(
+            "n1",
             NodeView {
                 status: NodeStatus::Active,
                 selectors: vec!["node:id:n1".into()],

@@ -50,6 +50,7 @@ pub(crate) async fn state_with(dir: &std::path::Path, top: &str) -> Arc<State> {
         snapshots,
         shutdown,
         contacts: Default::default(),
+        wakers: Default::default(),
         jwt: Arc::new(jwt),
     })
 }

@@ -748,6 +748,13 @@ pub(crate) fn seconds_before(ms: i64) -> i64 {
 /// How many events one pruning transaction deletes at most.
 pub(crate) const PRUNE_CHUNK: i64 = 5_000;
 
+/// Change log records older than this (Unix ms) are pruned: those past
+/// [`super::CHANGE_LOG_KEEP`], or past the events' own horizon when that is shorter.
+pub(super) fn change_log_horizon(events_older_than_ms: i64, now: i64) -> i64 {
+    let keep = i64::try_from(super::CHANGE_LOG_KEEP.as_millis()).unwrap_or(i64::MAX);
+    events_older_than_ms.max(now.saturating_mul(1000).saturating_sub(keep))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

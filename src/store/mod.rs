@@ -800,6 +800,72 @@ pub struct EntryActivity {
     pub last_used_ms: Option<i64>,
 }
 
+/// How long the change log keeps a record: a node away longer than this gets its full state
+/// when it reconnects. Pruned with the events; the latest record always stays.
+pub const CHANGE_LOG_KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// What one record of the change log says changed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// An entry (key: its id) was created, updated or deleted.
+    Entry,
+    /// A node (key: its id) was attested or changed status or selectors.
+    Node,
+    /// An entry's standing (key: the entry id) changed: dormant or awake.
+    Standing,
+    /// The bundle's roots.
+    Bundle,
+    /// The JWT signing keys.
+    JwtKey,
+    /// The CRLs.
+    Crl,
+    /// The revocation orders of a node (key: the node id).
+    Revocation,
+    /// The tasks of a node (key: the node id).
+    Task,
+    /// The authorisation policy.
+    Policy,
+    /// The JWT-SVID revocations.
+    JwtRevocation,
+    /// A kind this version does not know (written by a newer replica): readers reload all.
+    Unknown(String),
+}
+
+impl ChangeKind {
+    /// The kind a change log record names.
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "entry" => Self::Entry,
+            "node" => Self::Node,
+            "standing" => Self::Standing,
+            "bundle" => Self::Bundle,
+            "jwt_key" => Self::JwtKey,
+            "crl" => Self::Crl,
+            "revocation" => Self::Revocation,
+            "task" => Self::Task,
+            "policy" => Self::Policy,
+            "jwt_revocation" => Self::JwtRevocation,
+            other => Self::Unknown(other.to_owned()),
+        }
+    }
+}
+
+/// One committed change to what sync streams send. The datastore writes these itself (by
+/// triggers), in commit order: a reader that has seen revision `r` has seen every change
+/// before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    /// Its position in the log; never reused.
+    pub revision: i64,
+    /// What changed.
+    pub kind: ChangeKind,
+    /// The entry or node the change is about (see [`ChangeKind`]); empty for the sections
+    /// every node gets.
+    pub key: String,
+    /// When it was committed, Unix milliseconds.
+    pub time_ms: i64,
+}
+
 /// The last event a node reported.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeActivity {
@@ -904,6 +970,25 @@ pub trait Datastore: Send + Sync + 'static {
     /// change (after a reconnection, when changes may have been missed): readers reload.
     fn changes(&self) -> watch::Receiver<u64>;
 
+    /// The change log after `revision`, in revision order, at most `limit` records.
+    async fn changes_after(
+        &self,
+        revision: i64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRecord>, StoreError>;
+
+    /// The newest `limit` records of the change log, in revision order.
+    async fn recent_changes(&self, limit: usize) -> Result<Vec<ChangeRecord>, StoreError>;
+
+    /// The latest revision of the change log; 0 when nothing was ever logged.
+    async fn last_revision(&self) -> Result<i64, StoreError>;
+
+    /// The entries with these ids, in no particular order; ids not stored are left out.
+    async fn entries_by_id(&self, ids: &[String]) -> Result<Vec<EntryRecord>, StoreError>;
+
+    /// The nodes with these ids, in no particular order; ids not stored are left out.
+    async fn nodes_by_id(&self, ids: &[String]) -> Result<Vec<NodeRecord>, StoreError>;
+
     /// Stores a batch of events in one transaction, idempotently: an event whose id is already
     /// stored, or repeated within the batch, counts as a duplicate and changes nothing. In the
     /// same transaction, the newly stored events update the inventory: `svid_issued`,
@@ -940,8 +1025,8 @@ pub trait Datastore: Send + Sync + 'static {
     /// inventory does not know their serial with a not-after at or after `now`. Also deletes
     /// from the inventory the SVIDs and JWT-SVIDs that expired before `older_than_ms` (or, of
     /// unknown expiry, with nothing newer than it), the JWT signing keys out of the bundle
-    /// before it, and the activity of entries and nodes that no longer exist, last active
-    /// before it. Works in chunks of a few thousand events, each one
+    /// before it, the activity of entries and nodes that no longer exist, last active
+    /// before it, and the change log's records older than [`CHANGE_LOG_KEEP`] or than it. Works in chunks of a few thousand events, each one
     /// transaction, so ingestion is never held up for long; a failure part-way leaves the
     /// chunks before it done, and calling again finishes the work. Returns the events deleted.
     async fn prune_events(&self, older_than_ms: i64, now: i64) -> Result<u64, StoreError>;

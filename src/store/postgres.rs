@@ -37,10 +37,11 @@ use super::codec::{
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, JWT_COLUMNS, JWT_MERGE, SVID_COLUMNS};
 use super::pg_tls::{ConnectionString, PgTls};
 use super::{
-    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
-    EventRecord, JoinTokenRecord, JwtFilter, JwtKeyRecord, JwtRecord, NodeActivity, NodeCaRecord,
-    NodeCredentialsRecord, NodeRecord, NodeStatus, PolicyRecord, RevocationRecord, StoreError,
-    StoredCount, StoredEvent, SvidRecord, TaskRecord, TokenRefusal, unix_now,
+    BundleRoot, ChangeKind, ChangeRecord, CrlRecord, Datastore, EntryActivity, EntryRecord,
+    EntryStanding, EventFilter, EventRecord, JoinTokenRecord, JwtFilter, JwtKeyRecord, JwtRecord,
+    NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, PolicyRecord,
+    RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TaskRecord, TokenRefusal,
+    unix_now,
 };
 
 /// Connections for operations; a few let slow operations not hold up the others.
@@ -285,6 +286,79 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX jwts_by_task ON jwts (task_id);
     CREATE INDEX jwts_revoked ON jwts (revoked_ms) WHERE revoked_ms IS NOT NULL;
     ALTER TABLE entries ADD COLUMN jwt_ttl_seconds BIGINT;",
+    ),
+    // The change log (see the SQLite backend). Revisions follow commit order: the triggers run
+    // at commit (deferred) and take turns on an advisory lock held until the commit, so a
+    // reader that sees a revision has seen every smaller one. Taken last in a transaction, the
+    // lock never waits on anything that waits on it.
+    (
+        8,
+        r#"CREATE TABLE changes (
+        revision BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        time_ms BIGINT NOT NULL
+    );
+    CREATE INDEX changes_by_time ON changes (time_ms);
+    CREATE FUNCTION tessera_log_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        row_key TEXT := '';
+    BEGIN
+        IF TG_ARGV[1] <> '' THEN
+            IF TG_OP = 'DELETE' THEN
+                row_key := to_jsonb(OLD) ->> TG_ARGV[1];
+            ELSE
+                row_key := to_jsonb(NEW) ->> TG_ARGV[1];
+            END IF;
+        END IF;
+        PERFORM pg_advisory_xact_lock(8387236820507844867);
+        INSERT INTO changes (kind, key, time_ms) VALUES (TG_ARGV[0], COALESCE(row_key, ''),
+            (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT);
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER bundle_roots_logged AFTER INSERT OR UPDATE OR DELETE ON bundle_roots
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('bundle', '');
+    CREATE CONSTRAINT TRIGGER jwt_keys_logged AFTER INSERT OR UPDATE OR DELETE ON jwt_keys
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('jwt_key', '');
+    CREATE CONSTRAINT TRIGGER crls_logged AFTER INSERT OR UPDATE OR DELETE ON crls
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('crl', '');
+    CREATE CONSTRAINT TRIGGER revocations_logged AFTER INSERT OR UPDATE OR DELETE ON revocations
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('revocation', 'node_id');
+    CREATE CONSTRAINT TRIGGER tasks_logged AFTER INSERT OR UPDATE OR DELETE ON tasks
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('task', 'node_id');
+    CREATE CONSTRAINT TRIGGER policies_logged AFTER INSERT OR UPDATE OR DELETE ON policies
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('policy', '');
+    CREATE CONSTRAINT TRIGGER entries_logged AFTER INSERT OR UPDATE OR DELETE ON entries
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('entry', 'id');
+    CREATE CONSTRAINT TRIGGER nodes_logged AFTER INSERT OR DELETE ON nodes
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('node', 'id');
+    CREATE CONSTRAINT TRIGGER nodes_logged_update AFTER UPDATE ON nodes
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.selectors IS DISTINCT FROM NEW.selectors
+            OR OLD.attested_at IS DISTINCT FROM NEW.attested_at)
+        EXECUTE FUNCTION tessera_log_change('node', 'id');
+    CREATE CONSTRAINT TRIGGER standing_logged AFTER INSERT OR DELETE ON entry_standing
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        EXECUTE FUNCTION tessera_log_change('standing', 'entry_id');
+    CREATE CONSTRAINT TRIGGER standing_logged_update AFTER UPDATE ON entry_standing
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        WHEN (OLD.dormant_since_ms IS DISTINCT FROM NEW.dormant_since_ms)
+        EXECUTE FUNCTION tessera_log_change('standing', 'entry_id');
+    CREATE CONSTRAINT TRIGGER jwts_logged_insert AFTER INSERT ON jwts
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.revoked_ms IS NOT NULL)
+        EXECUTE FUNCTION tessera_log_change('jwt_revocation', '');
+    CREATE CONSTRAINT TRIGGER jwts_logged_update AFTER UPDATE ON jwts
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        WHEN (OLD.revoked_ms IS DISTINCT FROM NEW.revoked_ms)
+        EXECUTE FUNCTION tessera_log_change('jwt_revocation', '');"#,
     ),
 ];
 
@@ -593,6 +667,15 @@ async fn notify_events(tx: &Transaction<'_>) -> Result<(), Failure> {
     tx.execute(&format!("SELECT pg_notify('{EVENTS_CHANNEL}', '')"), &[])
         .await?;
     Ok(())
+}
+
+fn change_from_row(row: &Row) -> Result<ChangeRecord, StoreError> {
+    Ok(ChangeRecord {
+        revision: col(row, "revision")?,
+        kind: ChangeKind::parse(col(row, "kind")?),
+        key: col(row, "key")?,
+        time_ms: col(row, "time_ms")?,
+    })
 }
 
 fn col<'r, T: FromSql<'r>>(row: &'r Row, name: &str) -> Result<T, StoreError> {
@@ -1697,6 +1780,88 @@ impl Datastore for PostgresStore {
         self.changes.subscribe()
     }
 
+    async fn changes_after(
+        &self,
+        revision: i64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT revision, kind, key, time_ms FROM changes \
+                             WHERE revision > $1 ORDER BY revision LIMIT $2",
+                            &[&revision, &limit],
+                        )
+                        .await?;
+                    decode_all(&rows, change_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn recent_changes(&self, limit: usize) -> Result<Vec<ChangeRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let rows = c
+                        .query(
+                            "SELECT revision, kind, key, time_ms FROM changes \
+                             ORDER BY revision DESC LIMIT $1",
+                            &[&limit],
+                        )
+                        .await?;
+                    let mut newest_first = decode_all(&rows, change_from_row)?;
+                    newest_first.reverse();
+                    Ok(newest_first)
+                })
+            })
+            .await
+    }
+
+    async fn last_revision(&self) -> Result<i64, StoreError> {
+        self.pool
+            .run(|c| {
+                Box::pin(async move {
+                    let row = c
+                        .query_one(
+                            "SELECT COALESCE(MAX(revision), 0)::BIGINT AS revision FROM changes",
+                            &[],
+                        )
+                        .await?;
+                    Ok(col(&row, "revision")?)
+                })
+            })
+            .await
+    }
+
+    async fn entries_by_id(&self, ids: &[String]) -> Result<Vec<EntryRecord>, StoreError> {
+        let ids = ids.to_vec();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ANY($1)");
+                    decode_all(&c.query(&sql, &[&ids]).await?, entry_from_row)
+                })
+            })
+            .await
+    }
+
+    async fn nodes_by_id(&self, ids: &[String]) -> Result<Vec<NodeRecord>, StoreError> {
+        let ids = ids.to_vec();
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ANY($1)");
+                    decode_all(&c.query(&sql, &[&ids]).await?, node_from_row)
+                })
+            })
+            .await
+    }
+
     async fn store_events(&self, events: Vec<EventRecord>) -> Result<StoredCount, StoreError> {
         events::check_batch(&events)?;
         let total = events.len();
@@ -1797,6 +1962,20 @@ impl Datastore for PostgresStore {
         }
         self.pool
             .run(move |c| Box::pin(prune_inventory(c, older_than_ms)))
+            .await?;
+        let changes_before = events::change_log_horizon(older_than_ms, now);
+        self.pool
+            .run(move |c| {
+                Box::pin(async move {
+                    c.execute(
+                        "DELETE FROM changes WHERE time_ms < $1
+                            AND revision < (SELECT MAX(revision) FROM changes)",
+                        &[&changes_before],
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
             .await?;
         Ok(deleted)
     }

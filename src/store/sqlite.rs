@@ -26,10 +26,11 @@ use tokio::sync::watch;
 use super::codec;
 use super::events::{self, EVENT_COLUMNS, InventoryChanges, JWT_COLUMNS, JWT_MERGE, SVID_COLUMNS};
 use super::{
-    BundleRoot, CrlRecord, Datastore, EntryActivity, EntryRecord, EntryStanding, EventFilter,
-    EventRecord, JoinTokenRecord, JwtFilter, JwtKeyRecord, JwtRecord, NodeActivity, NodeCaRecord,
-    NodeCredentialsRecord, NodeRecord, NodeStatus, PolicyRecord, RevocationRecord, StoreError,
-    StoredCount, StoredEvent, SvidRecord, TaskRecord, TokenRefusal, unix_now,
+    BundleRoot, ChangeKind, ChangeRecord, CrlRecord, Datastore, EntryActivity, EntryRecord,
+    EntryStanding, EventFilter, EventRecord, JoinTokenRecord, JwtFilter, JwtKeyRecord, JwtRecord,
+    NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, PolicyRecord,
+    RevocationRecord, StoreError, StoredCount, StoredEvent, SvidRecord, TaskRecord, TokenRefusal,
+    unix_now,
 };
 
 /// How long a statement waits for a lock held by another connection (a backup tool, the
@@ -258,6 +259,138 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE INDEX jwts_by_task ON jwts (task_id);
     CREATE INDEX jwts_revoked ON jwts (revoked_ms) WHERE revoked_ms IS NOT NULL;
     ALTER TABLE entries ADD COLUMN jwt_ttl_seconds INTEGER;",
+    ),
+    // The change log: every committed change to what sync streams send, one row each, in
+    // commit order (one writer at a time). Triggers write it, so no write path can forget to.
+    (
+        8,
+        "CREATE TABLE changes (
+        revision INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        time_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX changes_by_time ON changes (time_ms);
+    CREATE TRIGGER entries_logged_insert AFTER INSERT ON entries BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('entry', NEW.id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER entries_logged_update AFTER UPDATE ON entries BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('entry', NEW.id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER entries_logged_delete AFTER DELETE ON entries BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('entry', OLD.id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER nodes_logged_insert AFTER INSERT ON nodes BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('node', NEW.id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER nodes_logged_update AFTER UPDATE ON nodes
+    WHEN OLD.status IS NOT NEW.status OR OLD.selectors IS NOT NEW.selectors
+        OR OLD.attested_at IS NOT NEW.attested_at BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('node', NEW.id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER nodes_logged_delete AFTER DELETE ON nodes BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('node', OLD.id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER standing_logged_insert AFTER INSERT ON entry_standing BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('standing', NEW.entry_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER standing_logged_update AFTER UPDATE ON entry_standing
+    WHEN OLD.dormant_since_ms IS NOT NEW.dormant_since_ms BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('standing', NEW.entry_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER standing_logged_delete AFTER DELETE ON entry_standing BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('standing', OLD.entry_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER jwts_logged_insert AFTER INSERT ON jwts WHEN NEW.revoked_ms IS NOT NULL BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('jwt_revocation', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER jwts_logged_update AFTER UPDATE ON jwts
+    WHEN OLD.revoked_ms IS NOT NEW.revoked_ms BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('jwt_revocation', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER bundle_roots_logged_insert AFTER INSERT ON bundle_roots BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('bundle', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER bundle_roots_logged_update AFTER UPDATE ON bundle_roots BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('bundle', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER bundle_roots_logged_delete AFTER DELETE ON bundle_roots BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('bundle', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER jwt_keys_logged_insert AFTER INSERT ON jwt_keys BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('jwt_key', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER jwt_keys_logged_update AFTER UPDATE ON jwt_keys BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('jwt_key', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER jwt_keys_logged_delete AFTER DELETE ON jwt_keys BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('jwt_key', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER crls_logged_insert AFTER INSERT ON crls BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('crl', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER crls_logged_update AFTER UPDATE ON crls BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('crl', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER crls_logged_delete AFTER DELETE ON crls BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('crl', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER revocations_logged_insert AFTER INSERT ON revocations BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('revocation', NEW.node_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER revocations_logged_update AFTER UPDATE ON revocations BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('revocation', NEW.node_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER revocations_logged_delete AFTER DELETE ON revocations BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('revocation', OLD.node_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER tasks_logged_insert AFTER INSERT ON tasks BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('task', NEW.node_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER tasks_logged_update AFTER UPDATE ON tasks BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('task', NEW.node_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER tasks_logged_delete AFTER DELETE ON tasks BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('task', OLD.node_id, CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER policies_logged_insert AFTER INSERT ON policies BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('policy', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER policies_logged_update AFTER UPDATE ON policies BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('policy', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;
+    CREATE TRIGGER policies_logged_delete AFTER DELETE ON policies BEGIN
+        INSERT INTO changes (kind, key, time_ms)
+        VALUES ('policy', '', CAST(unixepoch('subsec') * 1000 AS INTEGER));
+    END;",
     ),
 ];
 
@@ -512,6 +645,16 @@ fn query_first<T, P: rusqlite::Params>(
     let mut stmt = conn.prepare_cached(sql).map_err(db_error)?;
     let mut rows = stmt.query(params).map_err(db_error)?;
     rows.next().map_err(db_error)?.map(decode).transpose()
+}
+
+fn change_from_row(row: &Row<'_>) -> Result<ChangeRecord, StoreError> {
+    let kind: String = row.get("kind").map_err(db_error)?;
+    Ok(ChangeRecord {
+        revision: row.get("revision").map_err(db_error)?,
+        kind: ChangeKind::parse(&kind),
+        key: row.get("key").map_err(db_error)?,
+        time_ms: row.get("time_ms").map_err(db_error)?,
+    })
 }
 
 fn select_entry(conn: &Connection, id: &str) -> Result<Option<EntryRecord>, StoreError> {
@@ -1435,6 +1578,85 @@ impl Datastore for SqliteStore {
         self.changes.subscribe()
     }
 
+    async fn changes_after(
+        &self,
+        revision: i64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |conn| {
+            query_all(
+                conn,
+                "SELECT revision, kind, key, time_ms FROM changes WHERE revision > ?1 \
+                 ORDER BY revision LIMIT ?2",
+                (revision, limit),
+                change_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn recent_changes(&self, limit: usize) -> Result<Vec<ChangeRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |conn| {
+            let mut newest_first = query_all(
+                conn,
+                "SELECT revision, kind, key, time_ms FROM changes \
+                 ORDER BY revision DESC LIMIT ?1",
+                [limit],
+                change_from_row,
+            )?;
+            newest_first.reverse();
+            Ok(newest_first)
+        })
+        .await
+    }
+
+    async fn last_revision(&self) -> Result<i64, StoreError> {
+        self.run(|conn| {
+            conn.query_row(
+                "SELECT COALESCE(MAX(revision), 0) FROM changes",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn entries_by_id(&self, ids: &[String]) -> Result<Vec<EntryRecord>, StoreError> {
+        let ids =
+            serde_json::to_string(ids).map_err(|e| StoreError::corrupt_from("entry ids", e))?;
+        self.run(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries \
+                     WHERE id IN (SELECT value FROM json_each(?1))"
+                ),
+                [ids],
+                entry_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn nodes_by_id(&self, ids: &[String]) -> Result<Vec<NodeRecord>, StoreError> {
+        let ids =
+            serde_json::to_string(ids).map_err(|e| StoreError::corrupt_from("node ids", e))?;
+        self.run(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {NODE_COLUMNS} FROM nodes WHERE id IN (SELECT value FROM json_each(?1))"
+                ),
+                [ids],
+                node_from_row,
+            )
+        })
+        .await
+    }
+
     async fn store_events(&self, events: Vec<EventRecord>) -> Result<StoredCount, StoreError> {
         events::check_batch(&events)?;
         let total = events.len();
@@ -1520,6 +1742,16 @@ impl Datastore for SqliteStore {
         }
         self.write(move |tx| prune_inventory(tx, older_than_ms))
             .await?;
+        let changes_before = events::change_log_horizon(older_than_ms, now);
+        self.write(move |tx| {
+            tx.execute(
+                "DELETE FROM changes WHERE time_ms < ?1
+                    AND revision < (SELECT MAX(revision) FROM changes)",
+                [changes_before],
+            )
+            .map_err(db_error)
+        })
+        .await?;
         Ok(deleted)
     }
 

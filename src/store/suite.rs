@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    BundleRoot, CallerRecord, CrlRecord, Datastore, EntryActivity, EntryRecord, EventFilter,
-    EventOrder, EventRecord, EventTask, JoinTokenRecord, JwtFilter, JwtKeyRecord, NodeActivity,
-    NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, RevocationRecord, StoreError,
-    StoredCount, StoredEvent, SvidRecord, TokenRefusal, event_kind,
+    BundleRoot, CallerRecord, ChangeKind, CrlRecord, Datastore, EntryActivity, EntryRecord,
+    EventFilter, EventOrder, EventRecord, EventTask, JoinTokenRecord, JwtFilter, JwtKeyRecord,
+    NodeActivity, NodeCaRecord, NodeCredentialsRecord, NodeRecord, NodeStatus, RevocationRecord,
+    StoreError, StoredCount, StoredEvent, SvidRecord, TokenRefusal, event_kind,
 };
 
 /// The clock of the suite: stores take `now` from their callers.
@@ -615,6 +615,112 @@ async fn changes_follow_writes(store: &dyn Datastore) {
             .unwrap()
     })
     .await;
+}
+
+async fn change_log_records_commits(store: &dyn Datastore) {
+    let start = store.last_revision().await.unwrap();
+    let created = store
+        .create_entry(entry("c", "spiffe://example.org/c", &["a:1"]), NOW)
+        .await
+        .unwrap();
+    store.update_entry(created, NOW + 1).await.unwrap();
+    store
+        .create_entry(entry("d", "spiffe://example.org/d", &["a:2"]), NOW)
+        .await
+        .unwrap();
+    store.attest_node(node("cn", "01")).await.unwrap();
+    // Contact and renewal change nothing a node is sent: not logged.
+    store.touch_node("cn", NOW + 5).await.unwrap();
+    store
+        .renew_node("cn", credentials("02"), NOW + 6)
+        .await
+        .unwrap();
+    store
+        .set_node_status("cn", NodeStatus::Evicted)
+        .await
+        .unwrap();
+    store
+        .publish_root(root("s1", b"root", NOW + 10))
+        .await
+        .unwrap();
+    store.delete_entry("c").await.unwrap();
+
+    let log = store.changes_after(start, 100).await.unwrap();
+    let seen: Vec<(ChangeKind, &str)> = log
+        .iter()
+        .map(|c| (c.kind.clone(), c.key.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (ChangeKind::Entry, "c"),
+            (ChangeKind::Entry, "c"),
+            (ChangeKind::Entry, "d"),
+            (ChangeKind::Node, "cn"),
+            (ChangeKind::Node, "cn"),
+            (ChangeKind::Bundle, ""),
+            (ChangeKind::Entry, "c"),
+        ]
+    );
+    assert!(log.windows(2).all(|w| w[0].revision < w[1].revision));
+    let last = log.last().unwrap().revision;
+    assert_eq!(store.last_revision().await.unwrap(), last);
+    let first_two = store.changes_after(start, 2).await.unwrap();
+    assert_eq!(first_two, log[..2]);
+    assert_eq!(store.changes_after(last, 10).await.unwrap(), []);
+    let recent = store.recent_changes(3).await.unwrap();
+    assert_eq!(recent, log[4..]);
+
+    let mut entries: Vec<_> = store
+        .entries_by_id(&["c".into(), "d".into(), "zz".into()])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["d"]);
+    let nodes = store
+        .nodes_by_id(&["cn".into(), "nope".into()])
+        .await
+        .unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].status, NodeStatus::Evicted);
+
+    // Pruning keeps the latest record, so the revision never goes back.
+    let after_everything = crate::events::model::now_ms() + 60_000;
+    store.prune_events(after_everything, NOW).await.unwrap();
+    assert_eq!(store.last_revision().await.unwrap(), last);
+    assert_eq!(store.recent_changes(100).await.unwrap(), log[6..]);
+}
+
+/// Concurrent writers each get their own revision, and every commit is in the log.
+async fn change_log_under_concurrent_writers(store: &dyn Datastore) {
+    let start = store.last_revision().await.unwrap();
+    let write = |i: usize| async move {
+        store
+            .create_entry(
+                entry(
+                    &format!("w{i}"),
+                    &format!("spiffe://example.org/w{i}"),
+                    &["a:1"],
+                ),
+                NOW,
+            )
+            .await
+            .unwrap()
+    };
+    for round in 0..4 {
+        let i = round * 4;
+        tokio::join!(write(i), write(i + 1), write(i + 2), write(i + 3));
+    }
+    let log = store.changes_after(start, 100).await.unwrap();
+    let mut keys: Vec<&str> = log.iter().map(|c| c.key.as_str()).collect();
+    keys.sort();
+    let mut expected: Vec<String> = (0..16).map(|i| format!("w{i}")).collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    assert!(log.windows(2).all(|w| w[0].revision < w[1].revision));
 }
 
 /// An SVID event about `serial` on node `n1`, entry `e1`, valid for an hour after [`NOW`].
@@ -1505,7 +1611,7 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
         .await;
 
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 7);
+    assert_eq!(harness.query_i64(version).await, 8);
     let old = store.get_entry("old").await.unwrap().unwrap();
     assert_eq!(old.spiffe_id, "spiffe://example.org/old");
     // Entries from before tasks are standing, with no delegation and no labels.
@@ -1520,8 +1626,17 @@ async fn migrates_from_version_1(harness: &dyn Harness) {
 
     // Opening again migrates nothing and finds the events.
     let store = harness.open().await.unwrap();
-    assert_eq!(harness.query_i64(version).await, 7);
+    assert_eq!(harness.query_i64(version).await, 8);
     assert_eq!(ids(&all_events(&*store).await), ["i", "u"]);
+    // Rows from before the change log are in no record of it; writes since are.
+    assert_eq!(store.last_revision().await.unwrap(), 0);
+    store.delete_entry("old").await.unwrap();
+    let log = store.changes_after(0, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(
+        (&log[0].kind, log[0].key.as_str()),
+        (&ChangeKind::Entry, "old")
+    );
     assert_eq!(store.svids(None, None).await.unwrap()[0].uses, 2);
 }
 
@@ -2208,7 +2323,8 @@ mod sqlite_suite {
             entry_deletion, join_tokens, token_survives_a_failed_join, concurrent_token_use,
             node_attestation,
             banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
-            bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
+            bundle_roots, changes_follow_writes, change_log_records_commits,
+            change_log_under_concurrent_writers, events_round_trip, events_stored_once,
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
@@ -2335,7 +2451,8 @@ mod postgres_suite {
             entry_deletion, join_tokens, token_survives_a_failed_join, concurrent_token_use,
             node_attestation,
             banned_node_stays_banned, evicted_node_attests_again, node_renewal_and_contact,
-            bundle_roots, changes_follow_writes, events_round_trip, events_stored_once,
+            bundle_roots, changes_follow_writes, change_log_records_commits,
+            change_log_under_concurrent_writers, events_round_trip, events_stored_once,
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
