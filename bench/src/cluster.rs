@@ -22,13 +22,17 @@ pub fn failed(what: &str) -> impl FnOnce(tonic::Status) -> BenchError + '_ {
 /// A running server with an admin client on its socket.
 pub struct Server {
     /// The process; killed on drop.
-    _process: Process,
+    process: Process,
     /// Admin API client.
     pub admin: AdminClient<Channel>,
     /// The node API port on loopback.
     pub port: u16,
     /// The trust bundle, as PEM, for agents to bootstrap with.
     pub bundle: PathBuf,
+    /// The configuration file, the admin socket and the log, for a restart.
+    config: PathBuf,
+    admin_socket: PathBuf,
+    log: PathBuf,
 }
 
 impl Server {
@@ -48,18 +52,18 @@ impl Server {
             ),
         )
         .map_err(io_err("writing the server configuration"))?;
-        let config = config.display().to_string();
-        let mut process = start_tessera_logged(
-            &["server", "run", "--config", &config],
-            &admin_socket,
-            &dir.join("server.log"),
-            "warn,tessera::server::app=info",
-        )?;
+        let log = dir.join("server.log");
+        let mut process = start_server(&config, &admin_socket, &log)?;
         let port = logged_address(&mut process, "node API listening on ")?.port();
-        let channel = tessera::cli::client::channel(&admin_socket)
-            .await
-            .map_err(|f| BenchError::Failed(f.message))?;
-        let mut admin = AdminClient::new(channel);
+        // A restart binds the same port: nodes keep the address.
+        let text =
+            std::fs::read_to_string(&config).map_err(io_err("reading the server configuration"))?;
+        std::fs::write(
+            &config,
+            text.replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1),
+        )
+        .map_err(io_err("pinning the server's port"))?;
+        let mut admin = admin_client(&admin_socket).await?;
         let roots = admin
             .get_bundle(GetBundleRequest {})
             .await
@@ -70,11 +74,29 @@ impl Server {
         std::fs::write(&bundle, tessera::ca::to_pem("CERTIFICATE", &roots))
             .map_err(io_err("writing the bundle"))?;
         Ok(Self {
-            _process: process,
+            process,
             admin,
             port,
             bundle,
+            config,
+            admin_socket,
+            log,
         })
+    }
+
+    /// The server process.
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+
+    /// Kills the server (SIGKILL: no draining) and starts it again with the same state and
+    /// port; returns once it listens again.
+    pub async fn restart(&mut self) -> Result<(), BenchError> {
+        self.process.kill();
+        self.process = start_server(&self.config, &self.admin_socket, &self.log)?;
+        logged_address(&mut self.process, "node API listening on ")?;
+        self.admin = admin_client(&self.admin_socket).await?;
+        Ok(())
     }
 
     /// Writes the configuration of agent `name` (server mode, a fresh join token, and the
@@ -113,6 +135,23 @@ impl Server {
         .map_err(io_err("writing an agent configuration"))?;
         Ok(files)
     }
+}
+
+fn start_server(config: &Path, admin_socket: &Path, log: &Path) -> Result<Process, BenchError> {
+    let config = config.display().to_string();
+    start_tessera_logged(
+        &["server", "run", "--config", &config],
+        admin_socket,
+        log,
+        "warn,tessera::server::app=info",
+    )
+}
+
+async fn admin_client(admin_socket: &Path) -> Result<AdminClient<Channel>, BenchError> {
+    let channel = tessera::cli::client::channel(admin_socket)
+        .await
+        .map_err(|f| BenchError::Failed(f.message))?;
+    Ok(AdminClient::new(channel))
 }
 
 /// Where an agent's configuration, socket and state live.

@@ -22,6 +22,7 @@ mod cfssl;
 mod chart;
 mod cluster;
 mod crl_size;
+mod fleet;
 mod ingest;
 mod jwt;
 mod plot;
@@ -228,11 +229,14 @@ pub enum Scenario {
     /// JWT-SVIDs signed by a server: a new audience, and revocation by `jti` to refusal on
     /// another node.
     JwtServer,
+    /// One server against thousands of simulated nodes: attestation, sync, entry changes,
+    /// event upload, a restart.
+    Fleet,
 }
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
@@ -247,6 +251,7 @@ impl Scenario {
         Scenario::PolicyCost,
         Scenario::JwtFetch,
         Scenario::JwtServer,
+        Scenario::Fleet,
     ];
 
     /// The name in reports and on the command line.
@@ -266,6 +271,7 @@ impl Scenario {
             Scenario::PolicyCost => "policy_cost",
             Scenario::JwtFetch => "jwt_fetch",
             Scenario::JwtServer => "jwt_server",
+            Scenario::Fleet => "fleet",
         }
     }
 }
@@ -301,6 +307,18 @@ pub struct Plan {
     pub task_runs: usize,
     /// Task chains ended in the cascade scenario.
     pub cascade_rounds: usize,
+    /// Simulated nodes connected at each step of the fleet scenario (cumulative).
+    pub fleet_levels: &'static [usize],
+    /// Entries pinned to labels in the fleet scenario.
+    pub fleet_entries: usize,
+    /// Changes of a label-pinned entry per fleet step.
+    pub fleet_changes: usize,
+    /// Changes of the entry every node serves per fleet step.
+    pub fleet_everyone_changes: usize,
+    /// Events each node uploads at the first fleet step.
+    pub fleet_events_per_node: usize,
+    /// How long the fleet's server is watched idle for its CPU per node.
+    pub fleet_idle: Duration,
 }
 
 impl Plan {
@@ -320,6 +338,12 @@ impl Plan {
         task_starts: 5,
         task_runs: 3,
         cascade_rounds: 3,
+        fleet_levels: &[100, 200],
+        fleet_entries: 2_000,
+        fleet_changes: 5,
+        fleet_everyone_changes: 2,
+        fleet_events_per_node: 20,
+        fleet_idle: Duration::from_secs(1),
     };
     /// The full run behind the committed report (a few minutes).
     pub const FULL: Plan = Plan {
@@ -337,6 +361,12 @@ impl Plan {
         task_starts: 200,
         task_runs: 50,
         cascade_rounds: 50,
+        fleet_levels: &[1_000, 5_000, 10_000],
+        fleet_entries: 100_000,
+        fleet_changes: 50,
+        fleet_everyone_changes: 3,
+        fleet_events_per_node: 500,
+        fleet_idle: Duration::from_secs(5),
     };
 }
 

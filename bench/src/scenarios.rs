@@ -127,6 +127,7 @@ pub async fn run_all(
             Scenario::PolicyCost => super::policy::policy_cost(plan, &dir).await,
             Scenario::JwtFetch => super::jwt::jwt_fetch(plan, &dir).await,
             Scenario::JwtServer => super::jwt::jwt_server(plan, &dir).await,
+            Scenario::Fleet => super::fleet::fleet(plan, &dir).await,
         }
         .map_err(|e| BenchError::Failed(format!("{}: {e}", scenario.name())))?;
         result.seconds = started.elapsed().as_secs_f64();

@@ -82,8 +82,8 @@ struct State {
     crls: Arc<CrlSet>,
     /// Counts CRL sets installed, so a stream tells a new set from the one it sent.
     crl_generation: u64,
-    /// Number of leases per entry id.
-    demand: HashMap<String, usize>,
+    /// The leases of each entry id, by lease number, each with its stream's waker.
+    demand: Demand,
 }
 
 /// The SVIDs a caller is entitled to, with the bundle they chain to.
@@ -149,8 +149,10 @@ pub enum SerialRevocation {
 pub struct IdentityCache {
     /// Everything mutable; held only briefly (at most one mint per entry while held).
     state: Mutex<State>,
-    /// Bumped on every change a stream might need to send; streams subscribe to it.
+    /// Bumped on every change every stream might need to send; streams subscribe to it.
     generation: watch::Sender<u64>,
+    /// Bumped after every rotation that renewed or withdrew an SVID.
+    rotated: watch::Sender<u64>,
     /// Wakes the rotation task when a new SVID enters the schedule.
     schedule_changed: Notify,
     /// Jitter source, so that SVIDs minted together do not all renew in the same instant.
@@ -162,6 +164,8 @@ pub struct IdentityCache {
     /// One lock per entry being minted on demand, so that concurrent first callers of one
     /// entry mint it once; removed when no caller holds it.
     minting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The next lease's number.
+    next_lease: std::sync::atomic::AtomicU64,
 }
 
 impl IdentityCache {
@@ -189,11 +193,13 @@ impl IdentityCache {
                 demand: HashMap::new(),
             }),
             generation: watch::channel(0).0,
+            rotated: watch::channel(0).0,
             schedule_changed: Notify::new(),
             jitter_seed: Mutex::new(u64::from_le_bytes(seed) | 1),
             recorder,
             revocations,
             minting: Mutex::new(HashMap::new()),
+            next_lease: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -207,9 +213,15 @@ impl IdentityCache {
         &self.recorder
     }
 
-    /// A receiver that changes whenever streams should recompute what they send.
+    /// A receiver that changes whenever every stream should recompute what it sends: the
+    /// entries, the CA or the CRLs changed. A rotation wakes only the leases of its entry.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// A receiver that changes after every rotation that renewed or withdrew an SVID.
+    pub fn rotations(&self) -> watch::Receiver<u64> {
+        self.rotated.subscribe()
     }
 
     /// How many SVIDs are cached; only these are ever renewed.
@@ -219,7 +231,10 @@ impl IdentityCache {
 
     /// Whether some stream currently serves entry `entry_id`'s SVID.
     pub fn in_demand(&self, entry_id: &str) -> bool {
-        self.lock().demand.get(entry_id).is_some_and(|n| *n > 0)
+        self.lock()
+            .demand
+            .get(entry_id)
+            .is_some_and(|leases| !leases.is_empty())
     }
 
     /// Serials and not-afters of the unexpired SVIDs minted for entry `entry_id`, served or
@@ -415,7 +430,11 @@ impl IdentityCache {
     pub fn lease(self: &Arc<Self>) -> Lease {
         Lease {
             cache: self.clone(),
+            number: self
+                .next_lease
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ids: Vec::new(),
+            waker: Arc::new(Notify::new()),
         }
     }
 
@@ -669,7 +688,8 @@ impl IdentityCache {
     /// Renews due SVIDs that are in demand and drops the others; returns the next renewal time.
     /// Minting and recording happen outside the state lock: streams keep reading meanwhile.
     pub fn rotate_due(&self, now: SystemTime) -> Option<SystemTime> {
-        let mut changed = false;
+        // The entries whose streams must send again: only theirs are woken.
+        let mut changed: Vec<String> = Vec::new();
         let mut expired = Vec::new();
         let mut renew = Vec::new();
         let ca = {
@@ -681,7 +701,7 @@ impl IdentityCache {
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in due {
-                let in_demand = state.demand.get(&id).copied().unwrap_or(0) > 0;
+                let in_demand = state.demand.get(&id).is_some_and(|l| !l.is_empty());
                 let entry = state
                     .entries
                     .get(&id)
@@ -696,7 +716,9 @@ impl IdentityCache {
                             expired.push(cached);
                         }
                         // A stream still serves it (its registration expired): make it recompute.
-                        changed |= in_demand;
+                        if in_demand {
+                            changed.push(id);
+                        }
                     }
                 }
             }
@@ -738,7 +760,7 @@ impl IdentityCache {
                     let svid = Arc::new(svid);
                     let renew_at = self.renewal_time(&svid);
                     let replaced = state.svids.insert(
-                        id,
+                        id.clone(),
                         Cached {
                             entry,
                             svid,
@@ -749,7 +771,7 @@ impl IdentityCache {
                     if let Some(old) = replaced.filter(|old| old.svid.not_after > now) {
                         state.superseded.push(old);
                     }
-                    changed = true;
+                    changed.push(id);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -759,7 +781,7 @@ impl IdentityCache {
                     if cached.svid.not_after <= now {
                         tracing::error!(entry = %id, error = %e, "renewal failed and the SVID has expired; withdrawing it");
                         state.svids.remove(&id);
-                        changed = true;
+                        changed.push(id);
                     } else {
                         tracing::error!(entry = %id, error = %e, "renewal failed; retrying");
                         cached.renew_at = (now + RENEWAL_RETRY).min(cached.svid.not_after);
@@ -768,9 +790,17 @@ impl IdentityCache {
             }
         }
         let next_renewal = state.svids.values().map(|c| c.renew_at).min();
+        let wakers: Vec<Arc<Notify>> = changed
+            .iter()
+            .filter_map(|id| state.demand.get(id))
+            .flat_map(|leases| leases.values().cloned())
+            .collect();
         drop(state);
-        if changed {
-            self.bump();
+        for waker in wakers {
+            waker.notify_one();
+        }
+        if !changed.is_empty() {
+            self.rotated.send_modify(|n| *n += 1);
         }
         next_renewal
     }
@@ -934,31 +964,55 @@ fn mint(ca: &SigningCa, entry: &RegistrationEntry, now: SystemTime) -> Result<X5
 /// A stream's claim on the entries it currently serves; released on drop.
 pub struct Lease {
     cache: Arc<IdentityCache>,
+    /// This lease's number among the cache's.
+    number: u64,
+    /// The entries it holds.
     ids: Vec<String>,
+    /// Woken when one of its entries' SVIDs is rotated or withdrawn, and only then; changes
+    /// every stream must see (a CA, CRLs, the entry set) go through the cache's generation.
+    waker: Arc<Notify>,
 }
 
 impl Lease {
-    fn move_to(&mut self, demand: &mut HashMap<String, usize>, ids: Vec<String>) {
+    fn move_to(&mut self, demand: &mut Demand, ids: Vec<String>) {
         for id in &ids {
-            *demand.entry(id.clone()).or_default() += 1;
+            demand
+                .entry(id.clone())
+                .or_default()
+                .insert(self.number, self.waker.clone());
         }
-        release(demand, &self.ids);
+        let kept: std::collections::HashSet<&String> = ids.iter().collect();
+        let dropped: Vec<String> = self
+            .ids
+            .iter()
+            .filter(|id| !kept.contains(id))
+            .cloned()
+            .collect();
+        release(demand, self.number, &dropped);
         self.ids = ids;
+    }
+
+    /// What wakes the lease's stream when one of its SVIDs is rotated.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.waker.clone()
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut state = self.cache.lock();
-        release(&mut state.demand, &self.ids);
+        release(&mut state.demand, self.number, &self.ids);
     }
 }
 
-fn release(demand: &mut HashMap<String, usize>, ids: &[String]) {
+/// The leases of each entry id.
+type Demand = HashMap<String, HashMap<u64, Arc<Notify>>>;
+
+fn release(demand: &mut Demand, lease: u64, ids: &[String]) {
     for id in ids {
-        if let Some(count) = demand.get_mut(id) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(leases) = demand.get_mut(id) {
+            leases.remove(&lease);
+            if leases.is_empty() {
                 demand.remove(id);
             }
         }
@@ -1041,8 +1095,8 @@ mod tests {
         assert_eq!(served.svids[0].1.serial_hex, minted[0].0);
     }
 
-    #[test]
-    fn shares_one_svid_per_entry_and_renews_only_what_is_leased() {
+    #[tokio::test]
+    async fn shares_one_svid_per_entry_and_renews_only_what_is_leased() {
         let cache = setup(Duration::from_secs(100));
         let entries = cache.entries();
         let mut first = cache.lease();
@@ -1067,10 +1121,24 @@ mod tests {
 
         // Past every renewal time: `a` is leased and renewed, `b`'s lease is gone so it is dropped.
         let later = SystemTime::now() + Duration::from_secs(190);
-        let mut gen_rx = cache.subscribe();
+        let generation = cache.subscribe();
+        let mut rotations = cache.rotations();
+        let idle = cache.lease();
         cache.rotate_due(later);
-        assert!(gen_rx.has_changed().unwrap());
-        gen_rx.mark_unchanged();
+        // Only the streams holding `a` are woken; the generation every stream follows stays.
+        let woken = |lease: &Lease| {
+            let waker = lease.waker();
+            async move {
+                tokio::time::timeout(Duration::ZERO, waker.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(woken(&first).await && woken(&second).await);
+        assert!(!woken(&idle).await);
+        assert!(!generation.has_changed().unwrap());
+        assert!(rotations.has_changed().unwrap());
+        rotations.mark_unchanged();
         let state = cache.lock();
         assert_ne!(state.svids["a"].svid.serial_hex, a.svids[0].1.serial_hex);
         assert!(!state.svids.contains_key("b"));

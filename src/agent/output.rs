@@ -337,6 +337,7 @@ pub async fn keep(
     tokio::pin!(shutdown);
     let mut generations = cache.subscribe();
     let mut lease = cache.lease();
+    let rotations = lease.waker();
     let mut out = OutDir::new(output.dir.clone(), output.files);
     let dir = output.dir.display().to_string();
     // What was last written (the whole message), and whether a missing entry was reported.
@@ -407,6 +408,7 @@ pub async fn keep(
                     return;
                 }
             }
+            () = rotations.notified() => {}
             () = hook_wait => {
                 hook_due = None;
                 if let Some(command) = &output.exec {

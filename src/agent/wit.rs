@@ -161,7 +161,7 @@ impl WorkloadService {
                 }
             }
         });
-        let stream = self.spawn_stream(peer_of(&request), ready, first.message, move || {
+        let stream = self.spawn_stream(peer_of(&request), ready, None, first.message, move || {
             slot.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take()
@@ -184,7 +184,7 @@ impl WorkloadService {
         };
         let service = self.clone();
         let wake = wake_on_cache_or_bundle(generation, &jwt);
-        let stream = self.spawn_stream(peer_of(&request), wake, first, move || {
+        let stream = self.spawn_stream(peer_of(&request), wake, None, first, move || {
             if !service.entitled_to_bundles(&facts)? {
                 return Err(ServeError::NoIdentity);
             }

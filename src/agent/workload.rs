@@ -452,7 +452,8 @@ impl WorkloadService {
         }
     }
 
-    /// Runs a stream: `next` is asked for a message after every cache change; `Ok(None)` means
+    /// Runs a stream: `next` is asked for a message after every cache change and every rotation
+    /// `rotations` (the stream's lease's waker) signals; `Ok(None)` means
     /// "nothing new to send", `Err` ends the stream with that error. `generation` must have been
     /// subscribed before `first` was computed, so that no change in between goes unnoticed.
     ///
@@ -464,6 +465,7 @@ impl WorkloadService {
         &self,
         peer: Option<PeerInfo>,
         mut generation: watch::Receiver<u64>,
+        rotations: Option<Arc<tokio::sync::Notify>>,
         first: T,
         mut next: F,
     ) -> ResponseStream<T>
@@ -484,8 +486,17 @@ impl WorkloadService {
                     }
                     tx.reserve().await
                 };
+                // Only this stream's own SVIDs' rotations wake it; every other change comes
+                // through the generation.
+                let rotated = async {
+                    match &rotations {
+                        Some(waker) => waker.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let ended = tokio::select! {
                     changed = generation.changed() => changed.is_err(),
+                    _ = rotated => false,
                     _ = tx.closed() => return,
                     _ = shutdown.signalled() => true,
                     permit = client_reads, if latest.is_some() => {
@@ -661,7 +672,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         self.record_uses(&first, &facts);
         let service = self.clone();
         let peer = peer_of(&request);
-        let stream = self.spawn_stream(peer, generation, message, move || {
+        let rotations = lease.waker();
+        let stream = self.spawn_stream(peer, generation, Some(rotations), message, move || {
             let ids = service.stream_identities(&facts, &mut lease, &mut refusals)?;
             let now = fingerprint(&ids);
             if now == last {
@@ -683,7 +695,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         let mut last = first.clone();
         let service = self.clone();
         let peer = peer_of(&request);
-        let stream = self.spawn_stream(peer, generation, first, move || {
+        let stream = self.spawn_stream(peer, generation, None, first, move || {
             if !service.entitled_to_bundles(&facts)? {
                 return Err(ServeError::NoIdentity);
             }
@@ -759,7 +771,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         let peer = peer_of(&request);
         // Woken by the cache (entitlement) and by the JWT bundle's own changes (server keys).
         let wake = super::wit::wake_on_cache_or_bundle(generation, &jwt);
-        let stream = self.spawn_stream(peer, wake, first, move || {
+        let stream = self.spawn_stream(peer, wake, None, first, move || {
             if !service.entitled_to_bundles(&facts)? {
                 return Err(ServeError::NoIdentity);
             }

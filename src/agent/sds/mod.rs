@@ -127,6 +127,7 @@ impl SdsService {
             inbound: request.into_inner(),
             outbound: tx,
             generation,
+            rotations: caller.lease.waker(),
             shutdown: self.workload.shutdown().clone(),
             _open: open,
         };
@@ -301,8 +302,10 @@ struct Link<Req, Resp> {
     inbound: Streaming<Req>,
     /// Responses, and the status that ends the stream.
     outbound: mpsc::Sender<Result<Resp, Status>>,
-    /// Bumped on every change to identities, bundles or CRLs.
+    /// Bumped on every change to the entries, the CA or CRLs.
     generation: watch::Receiver<u64>,
+    /// Signalled when one of the stream's own SVIDs is rotated.
+    rotations: Arc<tokio::sync::Notify>,
     /// The agent draining.
     shutdown: Shutdown,
     /// Counts the stream as open on its connection (so the connection is never idle) until the
@@ -340,6 +343,7 @@ async fn run<P: Protocol>(
                 Ok(()) => Ok(started),
                 Err(_) => return,
             },
+            _ = link.rotations.notified() => Ok(started),
         };
         let outcome = match resolve {
             Ok(true) => protocol.on_change(&mut caller),

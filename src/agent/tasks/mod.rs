@@ -674,10 +674,17 @@ impl TaskRegistry {
     /// Writes the live tasks to disk shortly after each change and each rotation (which may
     /// have minted a serial a restart must still be able to revoke).
     async fn run_saver(self: Arc<Self>) {
-        let mut rotations = self.cache.subscribe();
+        let mut changes = self.cache.subscribe();
+        let mut rotations = self.cache.rotations();
         loop {
             tokio::select! {
                 _ = self.dirty.notified() => {}
+                changed = changes.changed() => {
+                    if changed.is_err() { return; }
+                    if self.lock().live.is_empty() && !self.path.exists() {
+                        continue;
+                    }
+                }
                 changed = rotations.changed() => {
                     if changed.is_err() { return; }
                     if self.lock().live.is_empty() && !self.path.exists() {
