@@ -26,6 +26,7 @@ use super::chart::{Chart, Distribution};
 use super::cluster::{Server, TRUST_DOMAIN, failed};
 use super::{BenchError, Plan, ScenarioResult};
 use tessera::events::model::{new_event_id, now_ms};
+use tessera::proto::tessera::GetBundleRequest;
 use tessera::proto::tessera::node_client::NodeClient;
 use tessera::proto::tessera::{
     AttestRequest, CreateEntryRequest, CreateJoinTokenRequest, Csrs, Entry, EntryRequest, Event,
@@ -517,21 +518,82 @@ struct Step {
     restart_full: usize,
 }
 
-/// The fleet scenario.
+/// One datastore's run: its label and what each step measured.
+struct Run {
+    label: &'static str,
+    steps: Vec<Step>,
+    /// The replicas' RSS with the entries and no node.
+    baseline_rss_mib: f64,
+    creation_rate: f64,
+    /// Nodes uploading at once, and the events per second stored.
+    ingest: (usize, f64),
+}
+
+/// The fleet scenario: on SQLite, then on PostgreSQL with two replicas sharing the database
+/// and splitting the nodes between them (when `TESSERA_TEST_POSTGRES` names a server).
 pub async fn fleet(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
     let started_at = Instant::now();
+    let mut runs = vec![fleet_on(plan, &dir.join("sqlite"), "", 1, "SQLite").await?];
+    let mut note = "node count steps are cumulative: the nodes of a step stay connected into the next; every step ends with a restart of every replica that every node rides out without attesting again".to_owned();
+    match super::ingest::postgres_database().await {
+        Some(connection) => {
+            let datastore =
+                format!("[datastore]\nkind = \"postgres\"\nconnection = \"{connection}\"");
+            let run = fleet_on(
+                plan,
+                &dir.join("postgres"),
+                &datastore,
+                2,
+                "PostgreSQL, 2 replicas",
+            )
+            .await;
+            tessera_harness::postgres::drop_scratch_database(&connection).await;
+            runs.push(run?);
+        }
+        None => note.push_str("; PostgreSQL not measured: TESSERA_TEST_POSTGRES is not set"),
+    }
+    Ok(result(
+        &runs,
+        plan.fleet_entries,
+        note,
+        started_at.elapsed(),
+    ))
+}
+
+/// The sum of `f` over the replicas' processes.
+fn over_replicas<T: std::iter::Sum<T>>(servers: &[Server], f: impl Fn(&Server) -> T) -> T {
+    servers.iter().map(f).sum()
+}
+
+/// The fleet on `replicas` servers sharing `datastore` (empty: each its own SQLite; so one).
+async fn fleet_on(
+    plan: Plan,
+    dir: &Path,
+    datastore: &str,
+    replicas: usize,
+    label: &'static str,
+) -> Result<Run, BenchError> {
     let levels = plan.fleet_levels;
     let entries = plan.fleet_entries;
     let groups = (entries / ENTRIES_PER_NODE).max(1);
-    let mut server = Server::start(dir, "").await?;
-    let roots = tessera::ca::load_pem_certs(&server.bundle)
-        .map_err(|e| BenchError::Failed(format!("reading the bundle: {e}")))?;
+    let mut servers = Vec::new();
+    for replica in 0..replicas {
+        servers.push(Server::start(&dir.join(format!("r{replica}")), datastore).await?);
+    }
+    // Every replica's root, now that all have published theirs.
+    let roots = servers[0]
+        .admin
+        .get_bundle(GetBundleRequest {})
+        .await
+        .map_err(failed("reading the bundle"))?
+        .into_inner()
+        .roots;
     let creating = Instant::now();
-    let (everyone, group_entries) = create_entries(&server, entries, groups).await?;
+    let (everyone, group_entries) = create_entries(&servers[0], entries, groups).await?;
     let creation_rate = (entries + 1) as f64 / creating.elapsed().as_secs_f64();
-    // What a node costs is measured above the server holding its entries and no node.
+    // What a node costs is measured above the servers holding the entries and no node.
     tokio::time::sleep(plan.fleet_idle).await;
-    let baseline_rss = server.process().rss_kib().0;
+    let baseline_rss = over_replicas(&servers, |s| s.process().rss_kib().0);
 
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let (stop_tx, stop) = watch::channel(false);
@@ -548,11 +610,12 @@ pub async fn fleet(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError>
         let permits = Arc::new(Semaphore::new(ATTESTING_AT_ONCE));
         let mut joining = tokio::task::JoinSet::new();
         for index in nodes.len()..level {
+            // Tokens from the first replica; nodes split between the replicas.
             let (permits, admin, roots, port) = (
                 permits.clone(),
-                server.admin.clone(),
+                servers[0].admin.clone(),
                 roots.clone(),
-                server.port,
+                servers[index % servers.len()].port,
             );
             joining.spawn(async move {
                 let _permit = permits.acquire_owned().await;
@@ -596,13 +659,13 @@ pub async fn fleet(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError>
 
         // Idle: what the connected nodes cost.
         tokio::time::sleep(plan.fleet_idle / 2).await;
-        let cpu_before = server.process().cpu_time();
+        let cpu_before: Duration = over_replicas(&servers, |s| s.process().cpu_time());
         let idle = Instant::now();
         tokio::time::sleep(plan.fleet_idle).await;
-        let cpu = server.process().cpu_time().saturating_sub(cpu_before);
+        let cpu = over_replicas(&servers, |s| s.process().cpu_time()).saturating_sub(cpu_before);
         step.idle_cpu_per_node_us =
             cpu.as_secs_f64() / idle.elapsed().as_secs_f64() / level as f64 * 1e6;
-        let rss = server.process().rss_kib().0;
+        let rss = over_replicas(&servers, |s| s.process().rss_kib().0);
         step.rss_mib = rss as f64 / 1024.0;
         step.rss_per_node_kib = rss.saturating_sub(baseline_rss) as f64 / level as f64;
 
@@ -621,14 +684,21 @@ pub async fn fleet(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError>
                 .map(|(i, _)| i)
                 .collect();
             let entry_id = group_entries[group].clone();
-            time_change(&mut server, &mut reports, &entry_id, &members, &mut pinned).await?;
+            time_change(
+                &mut servers[0],
+                &mut reports,
+                &entry_id,
+                &members,
+                &mut pinned,
+            )
+            .await?;
         }
         step.pinned = Some(Distribution::of(&format!("{level} nodes"), &mut pinned));
         let all: HashSet<usize> = (0..level).collect();
         let mut everyone_samples = Vec::new();
         for _ in 0..plan.fleet_everyone_changes {
             time_change(
-                &mut server,
+                &mut servers[0],
                 &mut reports,
                 &everyone,
                 &all,
@@ -644,7 +714,9 @@ pub async fn fleet(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError>
         // A restart: every node reconnects by itself and is synced again. A first message
         // after the kill is a new stream's.
         let restarting = Instant::now();
-        server.restart().await?;
+        for server in &mut servers {
+            server.restart().await?;
+        }
         let mut waiting: HashSet<usize> = (0..level).collect();
         let (mut caught_up, mut full) = (0, 0);
         until(&mut reports, "the resync after a restart", |seen| {
@@ -664,99 +736,112 @@ pub async fn fleet(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError>
         steps.push(step);
     }
     let _ = stop_tx.send(true);
-    Ok(result(
-        &steps,
-        entries,
-        baseline_rss as f64 / 1024.0,
+    Ok(Run {
+        label,
+        steps,
+        baseline_rss_mib: baseline_rss as f64 / 1024.0,
         creation_rate,
-        (
+        ingest: (
             levels.first().copied().unwrap_or(0),
             ingest_rate.unwrap_or(0.0),
         ),
-        started_at.elapsed(),
-    ))
+    })
 }
 
-/// The report of the steps: figures per step, charts against the number of nodes, and the
-/// targets judged at the largest step.
-fn result(
-    steps: &[Step],
-    entries: usize,
-    baseline_rss_mib: f64,
-    creation_rate: f64,
-    ingest: (usize, f64),
-    elapsed: Duration,
-) -> ScenarioResult {
+/// One figure of a step, drawn against the number of nodes.
+type StepFigure<'a> = dyn Fn(&Step) -> f64 + 'a;
+
+/// The report of the runs: figures per run and step, charts against the number of nodes (a
+/// line per run), and the targets judged at each run's largest step.
+fn result(runs: &[Run], entries: usize, note: String, elapsed: Duration) -> ScenarioResult {
     let ms = |d: &Option<Distribution>, q: f64| d.as_ref().map_or(0.0, |d| d.at(q) / 1000.0);
-    let mut figures = vec![
-        (
-            "entries created/s (admin API, 16 at once)".to_owned(),
-            creation_rate,
-        ),
-        (
-            "server RSS MiB with the entries, no node".to_owned(),
-            baseline_rss_mib,
-        ),
-        (
-            format!("events/s stored, {} nodes uploading at once", ingest.0),
-            ingest.1,
-        ),
-    ];
-    for step in steps {
-        let n = step.nodes;
+    let mut figures = Vec::new();
+    for run in runs {
+        let l = run.label;
         figures.extend([
-            (format!("{n} nodes: attestations/s"), step.attest_per_second),
             (
-                format!("{n} nodes: s until every new node holds its entries"),
-                step.full_set_seconds,
-            ),
-            (format!("{n} nodes: server RSS MiB"), step.rss_mib),
-            (
-                format!("{n} nodes: server RSS KiB per node"),
-                step.rss_per_node_kib,
+                format!("{l}: entries created/s (admin API, 16 at once)"),
+                run.creation_rate,
             ),
             (
-                format!("{n} nodes: server idle CPU µs/s per node"),
-                step.idle_cpu_per_node_us,
+                format!("{l}: server RSS MiB with the entries, no node"),
+                run.baseline_rss_mib,
             ),
             (
-                format!("{n} nodes: pinned entry change p50 ms"),
-                ms(&step.pinned, 0.5),
-            ),
-            (
-                format!("{n} nodes: pinned entry change p99 ms"),
-                ms(&step.pinned, 0.99),
-            ),
-            (
-                format!("{n} nodes: entry every node serves, change p50 ms"),
-                ms(&step.everyone, 0.5),
-            ),
-            (
-                format!("{n} nodes: entry every node serves, change p99 ms"),
-                ms(&step.everyone, 0.99),
-            ),
-            (
-                format!("{n} nodes: restart until all synced, s"),
-                step.restart_seconds,
-            ),
-            (
-                format!("{n} nodes: after the restart, caught up"),
-                step.restart_caught_up as f64,
-            ),
-            (
-                format!("{n} nodes: after the restart, sent everything"),
-                step.restart_full as f64,
+                format!(
+                    "{l}: events/s stored, {} nodes uploading at once",
+                    run.ingest.0
+                ),
+                run.ingest.1,
             ),
         ]);
+        for step in &run.steps {
+            let n = format!("{l}, {} nodes", step.nodes);
+            figures.extend([
+                (format!("{n}: attestations/s"), step.attest_per_second),
+                (
+                    format!("{n}: s until every new node holds its entries"),
+                    step.full_set_seconds,
+                ),
+                (format!("{n}: server RSS MiB"), step.rss_mib),
+                (
+                    format!("{n}: server RSS KiB per node"),
+                    step.rss_per_node_kib,
+                ),
+                (
+                    format!("{n}: server idle CPU µs/s per node"),
+                    step.idle_cpu_per_node_us,
+                ),
+                (
+                    format!("{n}: pinned entry change p50 ms"),
+                    ms(&step.pinned, 0.5),
+                ),
+                (
+                    format!("{n}: pinned entry change p99 ms"),
+                    ms(&step.pinned, 0.99),
+                ),
+                (
+                    format!("{n}: entry every node serves, change p50 ms"),
+                    ms(&step.everyone, 0.5),
+                ),
+                (
+                    format!("{n}: entry every node serves, change p99 ms"),
+                    ms(&step.everyone, 0.99),
+                ),
+                (
+                    format!("{n}: restart until all synced, s"),
+                    step.restart_seconds,
+                ),
+                (
+                    format!("{n}: after the restart, caught up"),
+                    step.restart_caught_up as f64,
+                ),
+                (
+                    format!("{n}: after the restart, sent everything"),
+                    step.restart_full as f64,
+                ),
+            ]);
+        }
     }
-    let met = steps.last().is_some_and(|last| {
-        let limit = CHANGE_TARGET.as_secs_f64() * 1000.0;
-        ms(&last.pinned, 0.99) < limit
-            && ms(&last.everyone, 0.99) < limit
-            && last.restart_seconds < RESTART_TARGET.as_secs_f64()
+    let limit_ms = CHANGE_TARGET.as_secs_f64() * 1000.0;
+    let met = runs.iter().all(|run| {
+        run.steps.last().is_some_and(|last| {
+            ms(&last.pinned, 0.99) < limit_ms
+                && ms(&last.everyone, 0.99) < limit_ms
+                && last.restart_seconds < RESTART_TARGET.as_secs_f64()
+        })
     });
-    let x = |f: &dyn Fn(&Step) -> f64| -> Vec<(f64, f64)> {
-        steps.iter().map(|s| (s.nodes as f64, f(s))).collect()
+    let lines = |what: &[(&str, &StepFigure<'_>)]| -> Vec<(String, Vec<(f64, f64)>)> {
+        runs.iter()
+            .flat_map(|run| {
+                what.iter().map(move |(name, f)| {
+                    (
+                        format!("{}: {name}", run.label),
+                        run.steps.iter().map(|s| (s.nodes as f64, f(s))).collect(),
+                    )
+                })
+            })
+            .collect()
     };
     let charts = vec![
         Chart::Lines {
@@ -764,26 +849,22 @@ fn result(
             title: "One entry change to every entitled node's sync stream".into(),
             x_label: "connected nodes".into(),
             y_label: "ms".into(),
-            series: vec![
-                ("pinned to a label, p50".into(), x(&|s| ms(&s.pinned, 0.5))),
-                ("pinned to a label, p99".into(), x(&|s| ms(&s.pinned, 0.99))),
-                ("every node, p50".into(), x(&|s| ms(&s.everyone, 0.5))),
-                ("every node, p99".into(), x(&|s| ms(&s.everyone, 0.99))),
-            ],
-            limit: Some(("target p99".into(), CHANGE_TARGET.as_secs_f64() * 1000.0)),
+            series: lines(&[
+                ("pinned, p99", &|s| ms(&s.pinned, 0.99)),
+                ("every node, p50", &|s| ms(&s.everyone, 0.5)),
+                ("every node, p99", &|s| ms(&s.everyone, 0.99)),
+            ]),
+            limit: Some(("target p99".into(), limit_ms)),
         },
         Chart::Lines {
             file: "fleet_sync.png".into(),
-            title: "Until every node is synced: a server restart, and new nodes joining".into(),
+            title: "Until every node is synced: a restart, and new nodes joining".into(),
             x_label: "connected nodes".into(),
             y_label: "s".into(),
-            series: vec![
-                ("restart (SIGKILL, start)".into(), x(&|s| s.restart_seconds)),
-                (
-                    "new nodes' first full sets".into(),
-                    x(&|s| s.full_set_seconds),
-                ),
-            ],
+            series: lines(&[
+                ("restart", &|s| s.restart_seconds),
+                ("joining", &|s| s.full_set_seconds),
+            ]),
             limit: Some(("restart target".into(), RESTART_TARGET.as_secs_f64())),
         },
         Chart::Lines {
@@ -791,38 +872,40 @@ fn result(
             title: "Join-token attestations per second (64 at once, a connection each)".into(),
             x_label: "connected nodes".into(),
             y_label: "attestations/s".into(),
-            series: vec![("attestations/s".into(), x(&|s| s.attest_per_second))],
+            series: lines(&[("attestations/s", &|s| s.attest_per_second)]),
             limit: None,
         },
         Chart::Lines {
             file: "fleet_cost.png".into(),
-            title: "What a connected node costs the server".into(),
+            title: "What a connected node costs the servers".into(),
             x_label: "connected nodes".into(),
             y_label: "KiB RSS, µs CPU per s".into(),
-            series: vec![
-                ("RSS KiB per node".into(), x(&|s| s.rss_per_node_kib)),
-                (
-                    "idle CPU µs/s per node".into(),
-                    x(&|s| s.idle_cpu_per_node_us),
-                ),
-            ],
+            series: lines(&[
+                ("RSS KiB per node", &|s| s.rss_per_node_kib),
+                ("idle CPU µs/s per node", &|s| s.idle_cpu_per_node_us),
+            ]),
             limit: None,
         },
     ];
-    let largest = steps.last().map_or(0, |s| s.nodes);
+    let largest = runs
+        .iter()
+        .filter_map(|r| r.steps.last())
+        .map(|s| s.nodes)
+        .max()
+        .unwrap_or(0);
     ScenarioResult {
         name: "fleet".into(),
         description: format!(
-            "One server (SQLite) and up to {largest} simulated nodes in one process: join-token attestation with real CSRs, TLS with the node SVID, the sync stream (reconnecting with the agent's jittered backoff, catching up from its revision) and event upload. {entries} entries pinned to labels ({ENTRIES_PER_NODE} per node) and one every node serves."
+            "Servers and up to {largest} simulated nodes in one process: join-token attestation with real CSRs, TLS with the node SVID, the sync stream (reconnecting with the agent's jittered backoff, catching up from its revision) and event upload. {entries} entries pinned to labels ({ENTRIES_PER_NODE} per node) and one every node serves. One server on SQLite; two replicas on one PostgreSQL database, each node connected to one of them, every change made through the first."
         ),
         target: format!(
-            "at the largest step, one entry change to every entitled node p99 under {} ms, and a restart until every node is synced under {} s",
+            "at the largest step of each datastore, one entry change to every entitled node p99 under {} ms, and a restart until every node is synced under {} s",
             CHANGE_TARGET.as_millis(),
             RESTART_TARGET.as_secs()
         ),
         met,
         figures,
-        note: "node count steps are cumulative: the nodes of a step stay connected into the next; every step ends with a server restart that every node rides out without attesting again".into(),
+        note,
         seconds: elapsed.as_secs_f64(),
         charts,
     }

@@ -180,7 +180,7 @@ pub async fn event_ingest(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
     })
 }
 
-async fn postgres_database() -> Option<String> {
+pub async fn postgres_database() -> Option<String> {
     std::env::var_os("TESSERA_TEST_POSTGRES")?;
     tessera_harness::postgres::scratch_database_from_env().await
 }
