@@ -9,8 +9,10 @@
 //! [`SqliteStore`]: one process owns a SQLite file. Several servers sharing state need the
 //! PostgreSQL backend.
 //!
-//! A batch of events is one transaction of prepared statements: one insert per event, then one
-//! upsert per SVID, entry and node it concerns. Event positions come from an `AUTOINCREMENT`
+//! A batch of events is written with prepared statements: one insert per event, then one
+//! upsert per SVID, entry and node it concerns. Batches that arrive while the connection is busy
+//! are written together in one transaction (one commit for many uploads); when one of them
+//! fails, each is written again alone, so a bad batch fails by itself. Event positions come from an `AUTOINCREMENT`
 //! key, so a position is never handed out twice, not even after the newest events are pruned,
 //! and the single writer makes them follow commit order.
 
@@ -409,6 +411,15 @@ pub struct SqliteStore {
     changes: watch::Sender<u64>,
     /// Moves on after every batch of events that stored something.
     events: watch::Sender<u64>,
+    /// Batches of events waiting for the connection, each with where its outcome goes.
+    pending_events: Arc<Mutex<Vec<PendingBatch>>>,
+}
+
+/// A batch of events waiting to be written, and the caller waiting for its outcome: how many
+/// were stored, and whether one revoked a JWT-SVID.
+struct PendingBatch {
+    events: Vec<EventRecord>,
+    outcome: tokio::sync::oneshot::Sender<Result<(usize, bool), StoreError>>,
 }
 
 impl SqliteStore {
@@ -424,6 +435,7 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             changes: watch::Sender::new(0),
             events: watch::Sender::new(0),
+            pending_events: Arc::default(),
         })
     }
 
@@ -460,15 +472,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        self.run(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_error)?;
-            let value = work(&tx)?;
-            tx.commit().map_err(db_error)?;
-            Ok(value)
-        })
-        .await
+        self.run(move |conn| immediate(conn, work)).await
     }
 
     /// Tells every `changes()` receiver that something changed.
@@ -1026,6 +1030,61 @@ fn owners_of(
 }
 
 /// Stores the batch; the number of events new, and whether one revoked a JWT-SVID.
+/// Runs `work` in one `IMMEDIATE` transaction, committed when it succeeds.
+fn immediate<T>(
+    conn: &mut Connection,
+    work: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_error)?;
+    let value = work(&tx)?;
+    tx.commit().map_err(db_error)?;
+    Ok(value)
+}
+
+fn lock_pending(
+    pending: &Mutex<Vec<PendingBatch>>,
+) -> std::sync::MutexGuard<'_, Vec<PendingBatch>> {
+    // A list of waiting batches holds no invariant a panic could break.
+    pending
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Writes `batches` in one transaction and tells each caller its outcome. When any of them
+/// fails, none is kept and each is written again in a transaction of its own, so a bad batch
+/// fails alone.
+fn write_event_batches(conn: &mut Connection, batches: Vec<PendingBatch>) {
+    if batches.is_empty() {
+        return;
+    }
+    let together = immediate(conn, |tx| {
+        batches
+            .iter()
+            .map(|batch| insert_events(tx, &batch.events))
+            .collect::<Result<Vec<_>, _>>()
+    });
+    match together {
+        Ok(outcomes) => {
+            for (batch, outcome) in batches.into_iter().zip(outcomes) {
+                let _ = batch.outcome.send(Ok(outcome));
+            }
+        }
+        Err(_) if batches.len() > 1 => {
+            for batch in batches {
+                let alone = immediate(conn, |tx| insert_events(tx, &batch.events));
+                let _ = batch.outcome.send(alone);
+            }
+        }
+        Err(e) => {
+            if let Some(batch) = batches.into_iter().next() {
+                let _ = batch.outcome.send(Err(e));
+            }
+        }
+    }
+}
+
 fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, bool), StoreError> {
     let mut holders = std::collections::HashMap::new();
     for owned in events::Owned::ALL {
@@ -1664,7 +1723,24 @@ impl Datastore for SqliteStore {
         if unique.is_empty() {
             return Ok(StoredCount::default());
         }
-        let (stored, jwt_revoked) = self.write(move |tx| insert_events(tx, &unique)).await?;
+        // Batches that arrive while another is being written wait together, and whoever gets
+        // the connection next writes them all in one transaction: one commit (one WAL fsync)
+        // for many nodes' uploads.
+        let (outcome, answer) = tokio::sync::oneshot::channel();
+        lock_pending(&self.pending_events).push(PendingBatch {
+            events: unique,
+            outcome,
+        });
+        let pending = self.pending_events.clone();
+        self.run(move |conn| {
+            let batches = std::mem::take(&mut *lock_pending(&pending));
+            write_event_batches(conn, batches);
+            Ok(())
+        })
+        .await?;
+        let (stored, jwt_revoked) = answer.await.map_err(|e| {
+            StoreError::unavailable_from("the batch was dropped before it was written", e)
+        })??;
         if stored > 0 {
             self.bump_events();
         }

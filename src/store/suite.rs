@@ -1025,6 +1025,55 @@ async fn foreign_serials_refused(store: &dyn Datastore) {
         .unwrap();
 }
 
+/// Batches stored at once (SQLite writes them in one transaction) keep their own outcomes: a
+/// refused one changes nothing and holds no other back; a duplicate counts once.
+async fn concurrent_batches_keep_their_own_outcomes(store: &dyn Datastore) {
+    store
+        .store_events(vec![event("c0", event_kind::SVID_ISSUED, "cc", NOW_MS)])
+        .await
+        .unwrap();
+    let mut foreign = revoked("c-bad", "cc", NOW_MS + 1, "entry_removed");
+    foreign.node_id = "n2".to_owned();
+    let batch = |i: usize| {
+        vec![
+            event(
+                &format!("c{i}-a"),
+                event_kind::SVID_ISSUED,
+                &format!("d{i}"),
+                NOW_MS,
+            ),
+            used(
+                &format!("c{i}-b"),
+                &format!("d{i}"),
+                NOW_MS + 1,
+                NOW_MS + 1,
+                1,
+            ),
+        ]
+    };
+    let (a, b, bad, c, again) = tokio::join!(
+        store.store_events(batch(1)),
+        store.store_events(batch(2)),
+        store.store_events(vec![foreign]),
+        store.store_events(batch(3)),
+        store.store_events(batch(1)),
+    );
+    assert!(matches!(bad, Err(StoreError::Invalid { .. })), "{bad:?}");
+    let (a, again) = (a.unwrap(), again.unwrap());
+    assert_eq!((b.unwrap(), c.unwrap()), (stored(2, 0), stored(2, 0)));
+    // Whichever of the two copies was written first stored the events.
+    assert_eq!(a.stored + again.stored, 2);
+    assert_eq!(a.duplicates + again.duplicates, 2);
+    let events = all_events(store).await;
+    let mut stored_ids = ids(&events);
+    stored_ids.sort();
+    assert_eq!(
+        stored_ids,
+        ["c0", "c1-a", "c1-b", "c2-a", "c2-b", "c3-a", "c3-b"]
+    );
+    assert_eq!(store.svid("cc").await.unwrap().unwrap().revoked_ms, None);
+}
+
 /// A value the database cannot hold is refused as `Invalid` (the batch is at fault and the
 /// node is told so), never `Unavailable` (which the node would retry for ever).
 async fn unstorable_values_are_invalid(store: &dyn Datastore) {
@@ -2327,6 +2376,7 @@ mod sqlite_suite {
             change_log_under_concurrent_writers, events_round_trip, events_stored_once,
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
+            concurrent_batches_keep_their_own_outcomes,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
@@ -2455,6 +2505,7 @@ mod postgres_suite {
             change_log_under_concurrent_writers, events_round_trip, events_stored_once,
             invalid_batch_refused, revocation_before_issuance, uses_aggregate, uses_saturate,
             foreign_serials_refused, unstorable_values_are_invalid,
+            concurrent_batches_keep_their_own_outcomes,
             event_filters_and_paging, events_listed_in_event_time_order, events_appended_moves, prune_keeps_valid_svids,
             prune_works_in_chunks, node_cas_kept_until_expiry, revocations_recorded_once,
             crls_replaced_by_higher_numbers, svid_by_serial, entries_go_dormant_and_wake,
