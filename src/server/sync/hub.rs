@@ -619,7 +619,55 @@ mod tests {
         assert!(snapshot.entry("pinned").is_none());
         assert!(snapshot.may_have_issued("n1", "pinned", "spiffe://example.org/pinned", "", 0));
         drop(n2);
+
+        // A change this version does not know (a newer replica's): everything is read again,
+        // and the streams are told.
+        let db = rusqlite::Connection::open(dir.path().join("tessera.db")).unwrap();
+        db.execute(
+            "INSERT INTO changes (kind, key, time_ms) VALUES ('from_the_future', 'x', 0)",
+            [],
+        )
+        .unwrap();
+        store.create_entry(entry("later", &[]), 4).await.unwrap();
+        assert!(woken(&n1).await);
+        let mut snapshot = snapshots.borrow_and_update().clone();
+        for _ in 0..20 {
+            if snapshot.entry("later").is_some() {
+                break;
+            }
+            snapshots.changed().await.unwrap();
+            snapshot = snapshots.borrow_and_update().clone();
+        }
+        assert!(snapshot.entry("later").is_some());
+        assert_eq!(snapshot.revision, store.last_revision().await.unwrap());
         stop.trigger();
         hub.await.unwrap();
+    }
+
+    #[test]
+    fn the_log_forgets_what_is_past_its_keep_and_says_so() {
+        let mut snapshot = Snapshot::default();
+        let record = |revision: i64, time_ms: i64| ChangeRecord {
+            revision,
+            kind: ChangeKind::Entry,
+            key: format!("e{revision}"),
+            time_ms,
+        };
+        let keep = CHANGE_LOG_KEEP.as_millis() as i64;
+        log(&mut snapshot, &record(1, 1_000));
+        log(&mut snapshot, &record(2, 2_000));
+        // Sections are not logged: streams compare them as a whole.
+        log(
+            &mut snapshot,
+            &ChangeRecord {
+                kind: ChangeKind::Crl,
+                ..record(3, 2_500)
+            },
+        );
+        assert_eq!(snapshot.log.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        // A record past the keep of the newest is dropped, and the floor says what is gone.
+        log(&mut snapshot, &record(4, 1_500 + keep));
+        assert_eq!(snapshot.log.keys().copied().collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(snapshot.log_floor, 1);
     }
 }
