@@ -912,7 +912,7 @@ async fn a_node_ca_cannot_mint_its_way_into_another_node() {
     )
     .unwrap();
     let roots = tessera::ca::load_pem_certs(&bundle).unwrap();
-    let signing = tessera::ca::node::signing_ca_from_grant(&ca_der, ca_key, roots.clone()).unwrap();
+    let signing = tessera::ca::node::signing_ca_from_grant(&ca_der, ca_key, roots).unwrap();
     let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
     let forged_id = tessera::ca::node::node_spiffe_id(&td, &victim).unwrap();
     let forged = tessera::ca::mint_x509_svid(
@@ -927,15 +927,7 @@ async fn a_node_ca_cannot_mint_its_way_into_another_node() {
         std::time::SystemTime::now(),
     )
     .unwrap();
-    let tls = tessera::tls::client_config(
-        &roots,
-        &tessera::ca::node::server_spiffe_id(&td),
-        Some((&forged.chain_der, &forged.key_pkcs8)),
-    )
-    .unwrap();
-    let mut client = tessera::proto::tessera::node_client::NodeClient::new(
-        tessera::tls::channel(&server.address, tls).unwrap(),
-    );
+    let mut client = node_client(&server, &bundle, &forged.chain_der, &forged.key_pkcs8);
     let status = client
         .sync(tessera::proto::tessera::SyncRequest::default())
         .await
@@ -1303,6 +1295,26 @@ async fn server_mode_wits_are_signed_by_the_server_and_accounted_for() {
     assert_eq!(validated[0]["count"], 2, "{used}");
 }
 
+/// A node API client of `server` presenting `chain` (leaf first) and its PKCS#8 `key`.
+fn node_client(
+    server: &ServerProcess,
+    bundle: &std::path::Path,
+    chain: &[Vec<u8>],
+    key: &[u8],
+) -> tessera::proto::tessera::node_client::NodeClient<tonic::transport::Channel> {
+    let roots = tessera::ca::load_pem_certs(bundle).unwrap();
+    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+    let tls = tessera::tls::client_config(
+        &roots,
+        &tessera::ca::node::server_spiffe_id(&td),
+        Some((chain, key)),
+    )
+    .unwrap();
+    tessera::proto::tessera::node_client::NodeClient::new(
+        tessera::tls::channel(&server.address, tls).unwrap(),
+    )
+}
+
 /// Opens a sync stream to `server` as the node of agent `agent`, with its own node SVID.
 async fn sync_as(
     server: &ServerProcess,
@@ -1320,18 +1332,7 @@ async fn sync_as(
     let key = ::pem::parse(std::fs::read_to_string(upstream.join("node_svid_key.pem")).unwrap())
         .unwrap()
         .into_contents();
-    let roots = tessera::ca::load_pem_certs(bundle).unwrap();
-    let td = tessera::spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
-    let tls = tessera::tls::client_config(
-        &roots,
-        &tessera::ca::node::server_spiffe_id(&td),
-        Some((&chain, &key)),
-    )
-    .unwrap();
-    let mut client = tessera::proto::tessera::node_client::NodeClient::new(
-        tessera::tls::channel(&server.address, tls).unwrap(),
-    );
-    client
+    node_client(server, bundle, &chain, &key)
         .sync(tessera::proto::tessera::SyncRequest { since_revision })
         .await
         .expect("sync stream")

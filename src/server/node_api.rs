@@ -984,7 +984,6 @@ async fn stream_updates(
     // Registered before the first look, so no change published after it goes unnoticed.
     let registration = state.wakers.register(&node_id);
     let mut sync = NodeSync::new(node_id.clone(), since_revision);
-    let mut started = false;
     let shutdown = state.shutdown.clone();
     // An open stream is contact too, however long nothing changes.
     let mut contact = tokio::time::interval_at(
@@ -1019,7 +1018,7 @@ async fn stream_updates(
                 return;
             }
             // Not in the snapshot yet (attested a moment ago): its record wakes this stream.
-            None if !started => {}
+            None if !sync.started() => {}
             None => {
                 let _ = tx
                     .send(Err(NodeApiError::Forbidden(format!(
@@ -1034,7 +1033,6 @@ async fn stream_updates(
             && let Some((update, start)) = sync.next(&snapshot, &state.config.trust_domain)
         {
             if let Some(start) = start {
-                started = true;
                 tracing::debug!(node = %node_id, ?start, revision = update.revision, "sync stream started");
             }
             drop(snapshot);

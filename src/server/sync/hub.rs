@@ -143,6 +143,29 @@ enum Section {
 }
 
 impl Section {
+    /// The section a change of `kind` is in; none for entries, standings, nodes and kinds
+    /// this version does not know.
+    fn of(kind: &ChangeKind) -> Option<Section> {
+        match kind {
+            ChangeKind::Bundle => Some(Section::Bundle),
+            ChangeKind::JwtKey => Some(Section::JwtKeys),
+            ChangeKind::Crl => Some(Section::Crls),
+            ChangeKind::Revocation => Some(Section::Orders),
+            ChangeKind::Task => Some(Section::TaskEnds),
+            ChangeKind::Policy => Some(Section::Policy),
+            ChangeKind::JwtRevocation => Some(Section::JwtRevocations),
+            ChangeKind::Entry
+            | ChangeKind::Standing
+            | ChangeKind::Node
+            | ChangeKind::Unknown(_) => None,
+        }
+    }
+
+    /// Whether each node gets its own part of the section (keyed by node), not all of it.
+    fn per_node(self) -> bool {
+        matches!(self, Section::Orders | Section::TaskEnds)
+    }
+
     const ALL: [Section; 7] = [
         Section::Bundle,
         Section::JwtKeys,
@@ -297,45 +320,20 @@ async fn apply(
             ChangeKind::Node => {
                 node_ids.insert(record.key.clone());
             }
-            ChangeKind::Revocation | ChangeKind::Task => {
-                sections.insert(if record.kind == ChangeKind::Task {
-                    Section::TaskEnds
-                } else {
-                    Section::Orders
-                });
-                if record.key.is_empty() {
-                    concerned.all = true;
-                } else {
+            ChangeKind::Unknown(kind) => return Err(Apply::Unknown(kind.clone())),
+            kind => {
+                let Some(section) = Section::of(kind) else {
+                    continue;
+                };
+                sections.insert(section);
+                // Orders and task ends name the node they concern; the rest go to every node.
+                if section.per_node() && !record.key.is_empty() {
                     concerned.nodes.insert(record.key.clone());
+                } else {
+                    concerned.all = true;
                 }
             }
-            ChangeKind::Bundle => {
-                sections.insert(Section::Bundle);
-            }
-            ChangeKind::JwtKey => {
-                sections.insert(Section::JwtKeys);
-            }
-            ChangeKind::Crl => {
-                sections.insert(Section::Crls);
-            }
-            ChangeKind::Policy => {
-                sections.insert(Section::Policy);
-            }
-            ChangeKind::JwtRevocation => {
-                sections.insert(Section::JwtRevocations);
-            }
-            ChangeKind::Unknown(kind) => return Err(Apply::Unknown(kind.clone())),
         }
-    }
-    let global = [
-        Section::Bundle,
-        Section::JwtKeys,
-        Section::Crls,
-        Section::Policy,
-        Section::JwtRevocations,
-    ];
-    if sections.iter().any(|s| global.contains(s)) {
-        concerned.all = true;
     }
     if standings {
         reload_standings(store, &mut next).await?;

@@ -72,6 +72,11 @@ impl NodeSync {
         }
     }
 
+    /// Whether the first message went out.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
     /// The message that brings the node to `snapshot`, or `None` when nothing it holds
     /// changed; the first message also says how it was made. The node must be in the snapshot.
     pub fn next(
