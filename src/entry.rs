@@ -2,6 +2,7 @@
 //!
 //! An entry is registration, not activation: nothing is minted until a matching caller asks.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -534,6 +535,12 @@ pub struct EntrySet {
     pub entries: Vec<Arc<RegistrationEntry>>,
     /// What attestation must gather for these entries; computed once per set.
     needs: FactNeeds,
+    /// Positions in `entries` by each entry's first selector: an entry can match only callers
+    /// that show that one, so a caller's match looks at the entries under its own selectors
+    /// instead of every entry. Built with the set and never changed.
+    by_first_selector: HashMap<Selector, Vec<u32>>,
+    /// Positions of entries without selectors, which every caller shows.
+    without_selectors: Vec<u32>,
 }
 
 impl EntrySet {
@@ -553,15 +560,41 @@ impl EntrySet {
             // The task registry knows where the walk may stop; it says so per call.
             lineage_since: 0,
         };
-        Self { entries, needs }
+        let mut by_first_selector: HashMap<Selector, Vec<u32>> = HashMap::new();
+        let mut without_selectors = Vec::new();
+        for (position, entry) in entries.iter().enumerate() {
+            let position = position as u32;
+            match entry.selectors.first() {
+                Some(first) => by_first_selector
+                    .entry(first.clone())
+                    .or_default()
+                    .push(position),
+                None => without_selectors.push(position),
+            }
+        }
+        Self {
+            entries,
+            needs,
+            by_first_selector,
+            without_selectors,
+        }
     }
 
     /// Entries a caller with `facts` matches at `now`, in order, hints made unique (a later
     /// entry whose hint repeats an earlier one is left out, as the Workload API requires).
     pub fn matching(&self, facts: &SelectorSet, now: SystemTime) -> Vec<Arc<RegistrationEntry>> {
+        let mut candidates = self.without_selectors.clone();
+        for fact in facts {
+            if let Some(positions) = self.by_first_selector.get(fact) {
+                candidates.extend_from_slice(positions);
+            }
+        }
+        // Declaration order decides the default identity.
+        candidates.sort_unstable();
         let mut seen_hints = Vec::new();
         let mut out = Vec::new();
-        for entry in self.entries.iter().filter(|e| e.matches(facts, now)) {
+        let entries = candidates.iter().map(|&p| &self.entries[p as usize]);
+        for entry in entries.filter(|e| e.matches(facts, now)) {
             if let Some(hint) = &entry.hint {
                 if seen_hints.contains(&hint) {
                     tracing::warn!(entry = %entry.id, %hint, "duplicate hint for one caller; entry left out");
@@ -738,6 +771,53 @@ pub(crate) mod tests {
         assert_eq!(ids(&facts(&["unix:uid:1001", "unix:gid:50"])), ["a", "b"]);
         assert_eq!(ids(&facts(&["unix:uid:1001", "unix:gid:51"])), ["b"]);
         assert!(ids(&facts(&["unix:gid:50"])).is_empty());
+    }
+
+    /// The index by first selector finds what a scan of every entry finds, in the same order.
+    #[test]
+    fn matching_through_the_index_agrees_with_a_scan() {
+        let kinds = [
+            "unix:uid:1",
+            "unix:uid:2",
+            "unix:gid:7",
+            "unix:gid:8",
+            "unix:path:/bin/x",
+        ];
+        let mut entries = Vec::new();
+        // Every non-empty combination of up to three selectors, twice over in different order.
+        for round in 0..2 {
+            for mask in 1u32..(1 << kinds.len()) {
+                if mask.count_ones() > 3 || (round == 1 && mask % 3 != 0) {
+                    continue;
+                }
+                let selectors: Vec<&str> = (0..kinds.len())
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| kinds[i])
+                    .collect();
+                let id = format!("e{round}-{mask}");
+                entries.push(entry(&id, &format!("spiffe://td/{id}"), &selectors));
+            }
+        }
+        let set = EntrySet::new(entries.clone());
+        let now = SystemTime::now();
+        for mask in 0u32..(1 << kinds.len()) {
+            let shown: Vec<&str> = (0..kinds.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| kinds[i])
+                .collect();
+            let caller = facts(&shown);
+            let indexed: Vec<String> = set
+                .matching(&caller, now)
+                .iter()
+                .map(|e| e.id.clone())
+                .collect();
+            let scanned: Vec<String> = entries
+                .iter()
+                .filter(|e| e.matches(&caller, now))
+                .map(|e| e.id.clone())
+                .collect();
+            assert_eq!(indexed, scanned, "caller showing {shown:?}");
+        }
     }
 
     #[test]

@@ -18,11 +18,13 @@
 //! `cargo build --workspace` leaves them). The transport floor, the first-fetch probes and the
 //! task probes are this binary's own hidden `floor`, `probe` and `task-probe` commands.
 
+mod callers;
 mod cfssl;
 mod chart;
 mod cluster;
 mod crl_size;
 mod fleet;
+mod identities;
 mod ingest;
 mod jwt;
 mod plot;
@@ -208,6 +210,8 @@ pub enum Scenario {
     MintThroughput,
     /// Thousands of concurrent streams through a rotation.
     StreamsAtScale,
+    /// Up to 100,000 streams of 5,000 callers with two identities each, through a rotation.
+    StreamsManyIdentities,
     /// Thousands of concurrent Envoy SDS streams through a rotation.
     SdsStreams,
     /// Entry deletion at the server to three agents' workload streams.
@@ -236,11 +240,12 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 15] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
         Scenario::StreamsAtScale,
+        Scenario::StreamsManyIdentities,
         Scenario::SdsStreams,
         Scenario::RevocationPropagation,
         Scenario::RevocationToRelyingParty,
@@ -261,6 +266,7 @@ impl Scenario {
             Scenario::FirstFetch => "first_fetch",
             Scenario::MintThroughput => "mint_throughput",
             Scenario::StreamsAtScale => "streams_at_scale",
+            Scenario::StreamsManyIdentities => "streams_many_identities",
             Scenario::SdsStreams => "sds_streams",
             Scenario::RevocationPropagation => "revocation_propagation",
             Scenario::RevocationToRelyingParty => "revocation_to_relying_party",
@@ -289,6 +295,14 @@ pub struct Plan {
     pub stream_levels: &'static [usize],
     /// SVID lifetime in the streams scenario.
     pub stream_ttl: Duration,
+    /// Callers, each a uid and gid of its own, at each step of the many-identities scenario.
+    pub identity_levels: &'static [usize],
+    /// Streams each caller holds on its connection.
+    pub streams_per_caller: usize,
+    /// Identities each caller is entitled to (1: by uid; 2: by uid and by gid).
+    pub identities_per_caller: usize,
+    /// SVID lifetime in the many-identities scenario.
+    pub identity_ttl: Duration,
     /// Events uploaded by one agent in the ingest scenario.
     pub ingest_events: usize,
     /// Entries deleted in the revocation scenario.
@@ -329,6 +343,10 @@ impl Plan {
         mints: 100,
         stream_levels: &[100, 300],
         stream_ttl: Duration::from_secs(4),
+        identity_levels: &[50, 100],
+        streams_per_caller: 10,
+        identities_per_caller: 2,
+        identity_ttl: Duration::from_secs(6),
         ingest_events: 2_000,
         revocation_rounds: 5,
         relying_party_rounds: 10,
@@ -352,6 +370,10 @@ impl Plan {
         mints: 3000,
         stream_levels: &[1000, 5000, 10000],
         stream_ttl: Duration::from_secs(30),
+        identity_levels: &[500, 2_500, 5_000],
+        streams_per_caller: 20,
+        identities_per_caller: 2,
+        identity_ttl: Duration::from_secs(120),
         ingest_events: 100_000,
         revocation_rounds: 200,
         relying_party_rounds: 200,

@@ -113,6 +113,9 @@ pub async fn run_all(
             Scenario::FirstFetch => first_fetch(plan, &dir).await,
             Scenario::MintThroughput => mint_throughput(plan).await,
             Scenario::StreamsAtScale => streams_at_scale(plan, &dir).await,
+            Scenario::StreamsManyIdentities => {
+                super::identities::streams_many_identities(plan, &dir).await
+            }
             Scenario::SdsStreams => super::sds::sds_streams(plan, &dir).await,
             Scenario::RevocationPropagation => {
                 super::revocation::revocation_propagation(plan, &dir).await
@@ -516,6 +519,35 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
     .await
 }
 
+/// What the streams of one level saw of their rotation.
+#[derive(Debug, Default)]
+pub struct RotationTally {
+    /// Streams whose next SVID came at or after the expiry of the one they held.
+    pub late: usize,
+    /// Streams that got no next SVID in time.
+    pub missed: usize,
+    /// Streams that failed to open or broke.
+    pub errors: usize,
+    /// Why the first of those failed.
+    pub first_error: Option<String>,
+}
+
+impl RotationTally {
+    /// Counts one stream: `Some(true)` on time, `Some(false)` late, `None` missed, or why it
+    /// failed.
+    pub fn count(&mut self, seen: Result<Option<bool>, String>) {
+        match seen {
+            Ok(Some(true)) => {}
+            Ok(Some(false)) => self.late += 1,
+            Ok(None) => self.missed += 1,
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+}
+
 /// What a stream saw of the rotation: `Some(true)` its next SVID before the one it held
 /// expired, `Some(false)` late, `None` none within TTL + 10 s.
 pub type RotationSeen = Result<Option<bool>, BenchError>;
@@ -588,23 +620,19 @@ where
         opened.wait().await;
         let open_time = started.elapsed();
         let (rss_open, _) = agent.rss_kib();
-        let (mut late, mut missed, mut errors) = (0usize, 0usize, 0usize);
-        let mut first_error = None;
+        let mut tally = RotationTally::default();
         for task in tasks {
-            match task.await {
-                Ok(Ok(Some(true))) => {}
-                Ok(Ok(Some(false))) => late += 1,
-                Ok(Ok(None)) => missed += 1,
-                Ok(Err(e)) => {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| e.to_string());
-                }
-                Err(e) => {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| e.to_string());
-                }
-            }
+            tally.count(match task.await {
+                Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            });
         }
+        let RotationTally {
+            late,
+            missed,
+            errors,
+            first_error,
+        } = tally;
         let (rss_now, rss_peak) = agent.rss_kib();
         let cpu = agent.cpu_time().saturating_sub(cpu_before);
         drop(channels);
