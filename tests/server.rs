@@ -1081,16 +1081,18 @@ async fn a_half_open_tls_flood_neither_starves_the_server_nor_keeps_a_new_node_o
     wait_for_identity(&agent, &spiffe_id("/during-flood")).await;
     sample();
 
+    // The attackers run until told to stop (or for a minute): still running, the flood lasted
+    // through the join.
+    assert!(
+        !flood.is_finished(),
+        "the flood ended before the agent joined"
+    );
     let closed_during_the_join = closed_so_far() - closed_before_the_agent;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flood.join().unwrap();
     eprintln!(
         "server descriptors: {idle} idle, at most {most} under a flood of 600 half-open connections ({} closed by the server, {closed_during_the_join} while the agent joined)",
         closed_so_far()
-    );
-    assert!(
-        closed_during_the_join > 0,
-        "the flood went on while the agent joined"
     );
     assert!(most < 256, "the server held {most} descriptors of its 512");
 }
