@@ -116,12 +116,17 @@ impl Callers {
 impl Drop for Callers {
     fn drop(&mut self) {
         self.connections.clear();
-        // Every caller's read of the pipe now ends; then each is reaped.
+        // Every caller waiting on the pipe now exits; one still stuck connecting (to an agent
+        // that stopped accepting) is killed. Then each is reaped.
         self.release = None;
         for &pid in &self.pids {
             let mut status = 0;
-            // SAFETY: waits for a child of this process through a valid pointer.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            // SAFETY: signals and waits for a child of this process, which has not been reaped
+            // yet, so the pid is still its own; the status goes through a valid pointer.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
         }
     }
 }
@@ -416,6 +421,20 @@ mod tests {
                 "{pid} was reaped"
             );
         }
+    }
+
+    /// A caller that cannot connect says which step failed and why.
+    #[test]
+    fn a_caller_that_cannot_connect_is_reported_with_its_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("absent.sock");
+        let Err(BenchError::Failed(message)) = Callers::connect(&absent, 1, None) else {
+            panic!("connecting to a socket that does not exist succeeded");
+        };
+        assert!(
+            message.contains("connecting to the agent") && message.contains("No such file"),
+            "{message}"
+        );
     }
 
     fn peer_pid(stream: &UnixStream) -> libc::pid_t {
