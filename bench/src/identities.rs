@@ -83,14 +83,13 @@ pub async fn streams_many_identities(plan: Plan, dir: &Path) -> Result<ScenarioR
         let cpu_before = agent.cpu_time();
 
         let started = Instant::now();
-        let forked: Callers = {
+        let mut forked: Callers = {
             let socket = socket.clone();
             let first_uid = distinct.then_some(FIRST_CALLER_UID);
             tokio::task::spawn_blocking(move || Callers::connect(&socket, callers, first_uid))
                 .await
                 .map_err(|e| BenchError::Failed(format!("forking callers: {e}")))??
         };
-        let mut forked = forked;
         let fork_time = started.elapsed();
         let mut connections = Vec::with_capacity(callers);
         for connection in std::mem::take(&mut forked.connections) {
