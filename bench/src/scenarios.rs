@@ -519,6 +519,22 @@ async fn streams_at_scale(plan: Plan, dir: &Path) -> Result<ScenarioResult, Benc
     .await
 }
 
+/// Spawns one stream's watch, which waits at `opened` once its stream is open; a watch that
+/// fails before it gets there takes its place at the barrier all the same.
+pub fn spawn_watch<T: Send + 'static>(
+    opened: Arc<Barrier>,
+    watch: impl std::future::Future<Output = Result<T, BenchError>> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<T, BenchError>> {
+    tokio::spawn(async move {
+        let outcome = watch.await;
+        if outcome.is_err() {
+            // Never leave the barrier short of a party.
+            opened.wait().await;
+        }
+        outcome
+    })
+}
+
 /// What the streams of one level saw of their rotation.
 #[derive(Debug, Default)]
 pub struct RotationTally {
@@ -545,6 +561,29 @@ impl RotationTally {
                 self.first_error.get_or_insert(e);
             }
         }
+    }
+
+    /// Whether every stream got its next SVID in time.
+    pub fn all_on_time(&self) -> bool {
+        self.late + self.missed + self.errors == 0
+    }
+
+    /// The note a level with failed streams gets, named `level`.
+    pub fn failure_note(&self, level: &str) -> Option<String> {
+        self.first_error.as_ref().map(|error| {
+            format!(
+                "{level}: {} streams failed to open or broke (first: {error})",
+                self.errors
+            )
+        })
+    }
+
+    /// The level's late and missed rotations, as report figures.
+    pub fn figures(&self, level: &str) -> [(String, f64); 2] {
+        [
+            (format!("{level}: late rotations"), self.late as f64),
+            (format!("{level}: missed rotations"), self.missed as f64),
+        ]
     }
 }
 
@@ -607,15 +646,7 @@ where
                 opened.clone(),
                 plan.stream_ttl + Duration::from_secs(10),
             );
-            let opened = opened.clone();
-            tasks.push(tokio::spawn(async move {
-                let outcome = stream.await;
-                if outcome.is_err() {
-                    // Never leave the barrier short of a party.
-                    opened.wait().await;
-                }
-                outcome
-            }));
+            tasks.push(spawn_watch(opened.clone(), stream));
         }
         opened.wait().await;
         let open_time = started.elapsed();
@@ -627,27 +658,17 @@ where
                 Err(e) => Err(e.to_string()),
             });
         }
-        let RotationTally {
-            late,
-            missed,
-            errors,
-            first_error,
-        } = tally;
         let (rss_now, rss_peak) = agent.rss_kib();
         let cpu = agent.cpu_time().saturating_sub(cpu_before);
         drop(channels);
         drop(agent);
         let rss_peak_mib = rss_peak as f64 / 1024.0;
-        let level_met =
-            late + missed + errors == 0 && (level < 10_000 || rss_peak_mib < RSS_LIMIT_MIB);
+        let level_met = tally.all_on_time() && (level < 10_000 || rss_peak_mib < RSS_LIMIT_MIB);
         rss_open_line.push((level as f64, rss_open as f64 / 1024.0));
         rss_peak_line.push((level as f64, rss_peak_mib));
         met &= level_met;
-        if let Some(error) = first_error {
-            notes.push(format!(
-                "{level} streams: {errors} streams failed to open or broke (first: {error})"
-            ));
-        }
+        let label = format!("{level} streams");
+        notes.extend(tally.failure_note(&label));
         figures.extend([
             (
                 format!("{level} streams: time to open all (ms)"),
@@ -670,9 +691,8 @@ where
                 rss_peak_mib,
             ),
             (format!("{level} streams: agent CPU (s)"), cpu.as_secs_f64()),
-            (format!("{level} streams: late rotations"), late as f64),
-            (format!("{level} streams: missed rotations"), missed as f64),
         ]);
+        figures.extend(tally.figures(&label));
     }
     Ok(ScenarioResult {
         name: run.name.into(),

@@ -1029,7 +1029,6 @@ fn owners_of(
     Ok(owners)
 }
 
-/// Stores the batch; the number of events new, and whether one revoked a JWT-SVID.
 /// Runs `work` in one `IMMEDIATE` transaction, committed when it succeeds.
 fn immediate<T>(
     conn: &mut Connection,
@@ -1085,6 +1084,7 @@ fn write_event_batches(conn: &mut Connection, batches: Vec<PendingBatch>) {
     }
 }
 
+/// Stores the batch; the number of events new, and whether one revoked a JWT-SVID.
 fn insert_events(tx: &Transaction<'_>, batch: &[EventRecord]) -> Result<(usize, bool), StoreError> {
     let mut holders = std::collections::HashMap::new();
     for owned in events::Owned::ALL {
