@@ -210,6 +210,17 @@ async fn a_task_run_as_another_user_holds_its_identity_only_while_it_runs() {
     let seven = run(UID_RUNNER, &tessera, &args).await;
     assert_eq!(seven.status.code(), Some(7), "{seven:?}");
 
+    // A command that cannot be executed is named, with the reason, and exits as a shell's would.
+    let mut args = task_args(&uri, "coder", &["--"]);
+    args.push("no-such-command-for-tessera");
+    let missing = run(UID_RUNNER, &tessera, &args).await;
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(127), "{stderr}");
+    assert!(
+        stderr.contains("cannot run no-such-command-for-tessera: No such file"),
+        "{stderr}"
+    );
+
     // Refusals name what is wrong; the command never runs.
     for (uid, entry, expect, code) in [
         (UID_STRANGER, "coder", "selectors of entry coder", 1),

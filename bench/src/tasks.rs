@@ -196,7 +196,7 @@ pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchE
     }
 
     let tessera = tessera_binary();
-    let mut runs = Vec::new();
+    let (mut runs, mut run_held) = (Vec::new(), Vec::new());
     for round in 0..plan.task_runs + 1 {
         let mut command = tessera_harness::command(tessera);
         command
@@ -210,6 +210,7 @@ pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchE
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let spawned = Instant::now();
+        let spawned_ns = monotonic_ns()?;
         let child = command
             .spawn()
             .map_err(io_err("starting tessera task run"))?;
@@ -221,7 +222,7 @@ pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchE
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
-        let (spiffe_id, _) = parse_probe(&output.stdout, &output.stderr)?;
+        let (spiffe_id, held) = parse_probe(&output.stdout, &output.stderr)?;
         if !spiffe_id.starts_with(&entry_id) {
             return Err(BenchError::Failed(format!(
                 "the command of tessera task run held {spiffe_id}, not a task SVID of {WORKER}"
@@ -230,8 +231,14 @@ pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchE
         // The first run pays for loading the binaries.
         if round > 0 {
             runs.push(exited.saturating_duration_since(spawned));
+            run_held.push(Duration::from_nanos(held.saturating_sub(spawned_ns)));
         }
     }
+
+    // What starting any process costs here, and starting `tessera` alone: the floor under the
+    // two process starts in `tessera task run`'s series.
+    let mut process_starts = spawn_to_exit(Path::new("/bin/true"), &[], plan.task_runs).await?;
+    let mut cli_starts = spawn_to_exit(tessera, &["--version"], plan.task_runs).await?;
 
     let started = Distribution::of("StartTask to SVID held", &mut connected);
     let unconnected = Distribution::of(
@@ -239,13 +246,16 @@ pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchE
         &mut unconnected,
     );
     let runs = Distribution::of("tessera task run, spawn to exit", &mut runs);
+    let run_held = Distribution::of("tessera task run, spawn to SVID held", &mut run_held);
     let calls = Distribution::of("StartTask call", &mut calls);
     let bare = Distribution::of("ListTasks call", &mut bare);
+    let process_starts = Distribution::of("/bin/true, spawn to exit", &mut process_starts);
+    let cli_starts = Distribution::of("tessera --version, spawn to exit", &mut cli_starts);
     let p50 = started.at(0.5);
     Ok(ScenarioResult {
         name: "task_start".into(),
         description: format!(
-            "A standalone agent with a task entry for this uid. {} rounds: the harness starts a probe process, which connects to the agent, says it is up on its standard output and waits on its standard input; the harness takes CLOCK_MONOTONIC, calls StartTask for the probe's pid (as its parent, on a connection already open) and writes the go byte; the probe calls FetchX509SVID and reads CLOCK_MONOTONIC once it holds the SVID, whose SPIFFE ID is checked to be the task's. {} rounds, taking turns with those, have the probe connect only after the go, and {} have a ListTasks call (attestation with ancestry and an answer, no task) where StartTask would be, timed as a baseline. Then {} runs of `tessera task run --entry {WORKER} -- <probe>` timed from spawn to exit.",
+            "A standalone agent with a task entry for this uid. {} rounds: the harness starts a probe process, which connects to the agent, says it is up on its standard output and waits on its standard input; the harness takes CLOCK_MONOTONIC, calls StartTask for the probe's pid (as its parent, on a connection already open) and writes the go byte; the probe calls FetchX509SVID and reads CLOCK_MONOTONIC once it holds the SVID, whose SPIFFE ID is checked to be the task's. {} rounds, taking turns with those, have the probe connect only after the go, and {} have a ListTasks call (attestation with ancestry and an answer, no task) where StartTask would be, timed as a baseline. Then {} runs of `tessera task run --entry {WORKER} -- <probe>` timed from spawn to the probe holding its SVID and to exit, and as many starts of `/bin/true` and of `tessera --version`, spawn to exit, as baselines.",
             started.samples, unconnected.samples, bare.samples, runs.samples
         ),
         target: "tessera task run to the task process holding its SVID: p50 under 2 ms (StartTask to SVID held)".into(),
@@ -267,16 +277,32 @@ pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchE
                 "probe connecting after the go p99 (µs)".into(),
                 unconnected.at(0.99),
             ),
+            (
+                "task run spawn to the command holding its SVID p50 (µs)".into(),
+                run_held.at(0.5),
+            ),
+            (
+                "task run spawn to the command holding its SVID p99 (µs)".into(),
+                run_held.at(0.99),
+            ),
             ("task run spawn to exit p50 (µs)".into(), runs.at(0.5)),
             ("task run spawn to exit p90 (µs)".into(), runs.at(0.9)),
             ("task run spawn to exit p99 (µs)".into(), runs.at(0.99)),
+            (
+                "baseline: /bin/true spawn to exit p50 (µs)".into(),
+                process_starts.at(0.5),
+            ),
+            (
+                "baseline: tessera --version spawn to exit p50 (µs)".into(),
+                cli_starts.at(0.5),
+            ),
         ],
-        note: "The target is judged on the first series, StartTask to SVID held: the agent pinning the process and starting the task (which starts minting the task's SVID in the background), the go byte, the probe's FetchX509SVID with attestation (task membership through the process's ancestry) and the SVID; the StartTask call alone (t0 to its answer) is given beside it. As in first_fetch, a new process's connection setup is left out of the judged series: it is the client's own cost, the same for a standing identity, and on this machine its first HTTP/2 exchange in a freshly executed binary costs more than the rest together; the series with the probe connecting after the go shows it. What limits the judged series is the two calls it holds, each made after the harness and the agent have been idle while a probe started: the baseline, a ListTasks call in StartTask's place (attestation and an answer, no task), costs about as much as StartTask here, while a call on a busy connection (fetch_latency's floor) costs a tenth of it. Inside the agent, StartTask's handler took about 0.4 ms and the probe's FetchX509SVID about 0.2 ms (timed in the handlers while this was measured; not part of this run). The last series is the whole CLI command and adds what the target leaves out: starting `tessera`, its connection, the gate process it starts and executes into the probe (a second exec), the probe process's own start-up and exit, the task's end (EndTask) and the CLI's exit.".into(),
+        note: "The target is judged on the first series, StartTask to SVID held: the agent pinning the process and starting the task (which starts minting the task's SVID in the background), the go byte, the probe's FetchX509SVID with attestation (task membership through the process's ancestry) and the SVID; the StartTask call alone (t0 to its answer) is given beside it, with a ListTasks call at the same moment (attestation with ancestry and an answer, no task) for what any call costs there. As in first_fetch, a new process's connection setup is left out of the judged series: it is the client's own cost, the same for a standing identity; the series with the probe connecting after the go shows it. The `tessera task run` series is the whole command from its spawn: starting `tessera` (compare its --version baseline), its connection and StartTask, the fork of the command's process held before its exec, the release, the probe's exec and start-up, its connection and FetchX509SVID; `spawn to exit` adds the probe's exit, the task's end (EndTask) and the CLI's exit. It holds two process starts, so it cannot come below twice the /bin/true baseline on any machine.".into(),
         seconds: 0.0,
         charts: vec![Chart::Cdf {
             file: "task_start.png".into(),
             title: "StartTask to the task process holding its SVID; tessera task run".into(),
-            series: vec![started, unconnected, runs],
+            series: vec![started, unconnected, run_held, runs],
         }],
     })
 }
@@ -705,4 +731,39 @@ async fn start_round(
         )));
     }
     Ok((Duration::from_nanos(held.saturating_sub(t0)), call))
+}
+
+/// `rounds` runs of `program args`, each timed from spawn to exit, after one unmeasured run
+/// that pays for loading the binary.
+async fn spawn_to_exit(
+    program: &Path,
+    args: &[&str],
+    rounds: usize,
+) -> Result<Vec<Duration>, BenchError> {
+    let mut times = Vec::with_capacity(rounds);
+    for round in 0..rounds + 1 {
+        let mut command = std::process::Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let spawned = Instant::now();
+        let child = command
+            .spawn()
+            .map_err(io_err(format!("starting {}", program.display())))?;
+        let (output, exited) = finish(child, STEP).await?;
+        if !output.status.success() {
+            return Err(BenchError::Failed(format!(
+                "{} failed ({}): {}",
+                program.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        if round > 0 {
+            times.push(exited.saturating_duration_since(spawned));
+        }
+    }
+    Ok(times)
 }

@@ -24,6 +24,7 @@ pub mod client;
 mod dev;
 mod entry;
 mod events;
+mod held;
 mod jwt;
 mod node;
 mod policy;
@@ -148,9 +149,6 @@ impl Failure {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
-    if let Some(code) = task::gate_if_asked() {
-        return code;
-    }
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.log_level.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()

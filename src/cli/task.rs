@@ -2,21 +2,17 @@
 //!
 //! `task run` starts a task for a command and ends it when the command exits, passing its exit
 //! status through. The command's process must exist before the agent can pin it, and must not
-//! run before its task does: `task run` starts this same binary as a gate (`task __gate`), which
-//! waits on a pipe, asks the agent for the task with the gate's pid, and only then lets the gate
-//! execute the command, in the same process.
+//! run before its task does: `task run` forks the process and holds it before its exec
+//! ([`HeldCommand`]), asks the agent for the task with its pid, and only then releases it.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::client::{channel, socket_path, status_failure};
+use super::held::{Ended, HeldCommand};
 use super::table::{Table, fields, time_or};
 use super::{Failure, Output};
 use crate::events::model::{JsonTime, task_end_reason_name};
@@ -24,15 +20,6 @@ use crate::proto::tessera::tasks_client::TasksClient;
 use crate::proto::tessera::{
     EndTaskOrderRequest, EndTaskRequest, ListTasksRequest, StartTaskRequest, Task,
 };
-
-/// The variable naming the gate's descriptor; removed before the command runs.
-const GATE_FD_VAR: &str = "TESSERA_TASK_GATE_FD";
-/// The hidden subcommand of the gate.
-const GATE_COMMAND: &str = "__gate";
-/// Exit code of a gate that was never released (its task did not start).
-const GATE_NOT_RELEASED: u8 = 125;
-/// Exit code when the command could not be executed.
-const COMMAND_NOT_RUN: u8 = 127;
 
 #[derive(Args, Debug)]
 pub(super) struct TaskArgs {
@@ -53,11 +40,6 @@ enum TaskCommand {
     End(EndArgs),
     /// List the tasks you may end (your user's; all for root).
     List(ListArgs),
-    #[command(name = GATE_COMMAND, hide = true)]
-    Gate {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<OsString>,
-    },
 }
 
 #[derive(Args, Debug)]
@@ -212,9 +194,6 @@ pub(super) async fn run(args: TaskArgs, output: Output) -> Result<(), Failure> {
                 .tasks;
             print_tasks(output, &tasks)
         }
-        TaskCommand::Gate { .. } => Err(Failure::usage(
-            "task __gate is started by `tessera task run`, not by hand",
-        )),
     }
 }
 
@@ -290,48 +269,17 @@ async fn start(client: &mut Client, request: StartTaskRequest) -> Result<Task, F
         .ok_or_else(|| Failure::failed("the agent started a task but did not describe it"))
 }
 
-/// `task run`: the gate, the task, the release, then the command's exit status.
+/// `task run`: the held process, the task, the release, then the command's exit status.
 async fn run_command(args: RunArgs) -> Result<(), Failure> {
     let request = start_request(&args.task, 0)?;
     let mut client = connect(&args.socket).await?;
-    let (gate_read, gate_write) = nix::unistd::pipe()
-        .map_err(|e| Failure::failed(format!("cannot make the gate's pipe: {e}")))?;
-    // Only the gate holds the read end across exec; the write end stays here.
-    nix::fcntl::fcntl(
-        &gate_write,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| Failure::failed(format!("cannot set up the gate's pipe: {e}")))?;
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure::failed(format!("cannot find this program to start the gate: {e}")))?;
-    let mut child = std::process::Command::new(exe)
-        .arg("task")
-        .arg(GATE_COMMAND)
-        .arg("--")
-        .args(&args.command)
-        .env(GATE_FD_VAR, gate_read.as_raw_fd().to_string())
-        .spawn()
-        .map_err(|e| Failure::failed(format!("cannot start the gate for the command: {e}")))?;
-    drop(gate_read);
-    let pid = child.id() as i32;
-    let task = match start(&mut client, StartTaskRequest { pid, ..request }).await {
-        Ok(task) => task,
-        Err(failure) => {
-            // Closing the pipe unreleased makes the gate exit without running the command.
-            drop(gate_write);
-            let _ = child.wait();
-            return Err(failure);
-        }
-    };
+    let mut held = HeldCommand::fork(&args.command)?;
+    let pid = held.pid();
+    // On failure, dropping `held` unreleased makes its process exit without running anything.
+    let task = start(&mut client, StartTaskRequest { pid, ..request }).await?;
     tracing::debug!(task = %task.task_id, spiffe_id = %task.spiffe_id, pid, "task started");
-    let mut gate = std::fs::File::from(gate_write);
-    if let Err(e) = gate.write_all(b"1") {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(Failure::failed(format!("cannot release the command: {e}")));
-    }
-    drop(gate);
-    let status = wait_forwarding_signals(child).await?;
+    held.release()?;
+    let ended = wait_forwarding_signals(held).await;
     // The agent sees the exit through its pidfd; ending explicitly as well covers an agent
     // whose watcher lagged. Already ended is fine.
     let _ = client
@@ -339,10 +287,9 @@ async fn run_command(args: RunArgs) -> Result<(), Failure> {
             task_id: task.task_id.clone(),
         })
         .await;
-    let code = match (status.code(), status.signal()) {
-        (Some(code), _) => code.clamp(0, 255) as u8,
-        (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
-        (None, None) => 1,
+    let code = match ended? {
+        Ended::Exited(code) => code.clamp(0, 255) as u8,
+        Ended::Killed(signal) => (128 + signal as i32).clamp(0, 255) as u8,
     };
     if code == 0 {
         Ok(())
@@ -351,13 +298,14 @@ async fn run_command(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
-/// Waits for `child`, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT on to it.
-async fn wait_forwarding_signals(
-    mut child: std::process::Child,
-) -> Result<std::process::ExitStatus, Failure> {
+/// Waits for `held`, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT on to it.
+async fn wait_forwarding_signals(held: HeldCommand) -> Result<Ended, Failure> {
     use tokio::signal::unix::{SignalKind, signal};
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let waiter = tokio::task::spawn_blocking(move || child.wait());
+    let pid = nix::unistd::Pid::from_raw(held.pid());
+    let waiter = tokio::task::spawn_blocking(move || {
+        let mut held = held;
+        held.wait()
+    });
     tokio::pin!(waiter);
     let kinds = [
         (SignalKind::interrupt(), nix::sys::signal::Signal::SIGINT),
@@ -376,8 +324,7 @@ async fn wait_forwarding_signals(
         tokio::select! {
             done = &mut waiter => {
                 return done
-                    .map_err(|e| Failure::failed(format!("waiting for the command: {e}")))?
-                    .map_err(|e| Failure::failed(format!("waiting for the command: {e}")));
+                    .map_err(|e| Failure::failed(format!("waiting for the command: {e}")))?;
             }
             Some(forward) = next_signal => {
                 let _ = nix::sys::signal::kill(pid, forward);
@@ -415,50 +362,6 @@ where
         std::task::Poll::Pending
     })
     .await
-}
-
-/// In the gate process (`tessera task __gate -- CMD`): waits for the release, then executes
-/// CMD in this process. Returns `None` when this process is not a gate. Runs before anything
-/// else of the CLI, so that the gate costs one exec and a read.
-pub(super) fn gate_if_asked() -> Option<ExitCode> {
-    let mut args = std::env::args_os().skip(1);
-    if args.next()? != "task" || args.next()? != GATE_COMMAND {
-        return None;
-    }
-    let command: Vec<OsString> = args.skip_while(|a| a == "--").collect();
-    let fd: i32 = match std::env::var(GATE_FD_VAR).ok().and_then(|v| v.parse().ok()) {
-        Some(fd) if fd > 2 => fd,
-        _ => {
-            eprintln!("tessera: task __gate is started by `tessera task run`, not by hand");
-            return Some(ExitCode::from(2));
-        }
-    };
-    // SAFETY of ownership: the descriptor was inherited for this purpose and nothing else in
-    // this process knows it.
-    let gate = owned_fd(fd);
-    let mut byte = [0u8; 1];
-    let released = std::fs::File::from(gate)
-        .read(&mut byte)
-        .is_ok_and(|n| n == 1);
-    if !released {
-        return Some(ExitCode::from(GATE_NOT_RELEASED));
-    }
-    let Some((program, rest)) = command.split_first() else {
-        return Some(ExitCode::from(2));
-    };
-    let error = std::process::Command::new(program)
-        .args(rest)
-        .env_remove(GATE_FD_VAR)
-        .exec();
-    eprintln!("tessera: cannot run {}: {error}", program.to_string_lossy());
-    Some(ExitCode::from(COMMAND_NOT_RUN))
-}
-
-#[allow(unsafe_code)]
-fn owned_fd(fd: i32) -> OwnedFd {
-    // SAFETY: `fd` is the gate's pipe, inherited from `task run` and named in GATE_FD_VAR; no
-    // other owner exists in this freshly executed process.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// A task's JSON form.
