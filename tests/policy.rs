@@ -94,49 +94,116 @@ async fn until_refused(agent: &TestAgent, cert: &Path) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_standalone_policy_decides_and_a_change_revokes_what_it_no_longer_permits() {
-    let uid = my_uid_selector();
-    let dir = world_dir();
+/// A policy that no longer lets anyone start `coder` tasks.
+const NO_CODER_TASKS: &str = r#"
+@id("issue-all")
+permit(principal, action == Tessera::Action::"Issue", resource);
+"#;
+
+/// Starts (or, with the same directory, restarts) a standalone agent with `POLICY` in its
+/// `policy_file`, written there only if the file does not exist yet.
+async fn standalone_agent(dir: tempfile::TempDir) -> TestAgent {
     let policy_file = dir.path().join("policy.cedar");
-    std::fs::write(&policy_file, POLICY).unwrap();
+    if !policy_file.exists() {
+        std::fs::write(&policy_file, POLICY).unwrap();
+    }
     let extra = format!("policy_file = \"{}\"", policy_file.display());
     let config_path = dir.path().join("agent.toml");
     std::fs::write(
         &config_path,
-        config_text(dir.path(), &entries(&uid), &extra),
+        config_text(dir.path(), &entries(&my_uid_selector()), &extra),
     )
     .unwrap();
     let config = tessera::agent::AgentConfig::load(&config_path).unwrap();
     let handle = tessera::agent::build(config, Default::default())
         .await
         .unwrap();
-    let agent = TestAgent {
+    TestAgent {
         handle,
         dir,
         config_path,
-    };
-    let uri = agent.uri();
+    }
+}
+
+/// The arguments of `tessera task run` of a `coder` task for `purpose`, running `command`.
+fn coder_run_args<'a>(uri: &'a str, purpose: &'a str, command: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "task",
+        "run",
+        "--socket",
+        uri,
+        "--entry",
+        "coder",
+        "--purpose",
+        purpose,
+        "--",
+    ];
+    args.extend_from_slice(command);
+    args
+}
+
+/// `tessera task run` of a `coder` task for `purpose`, in its own process group, whose command
+/// writes its SVID into `task_dir` and sleeps; returns once the SVID is there.
+async fn coder_task(agent: &TestAgent, purpose: &str, task_dir: &Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
     let bin = env!("CARGO_BIN_EXE_tessera");
+    let uri = agent.uri();
+    let script = format!(
+        "{bin} svid fetch --socket {uri} --out {} >/dev/null && exec /bin/sleep 60",
+        task_dir.display()
+    );
+    let task = Command::new(bin)
+        .process_group(0)
+        .args(coder_run_args(&uri, purpose, &["/bin/sh", "-c", &script]))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !task_dir.join("svid.pem").exists() {
+        assert!(Instant::now() < deadline, "the task did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task
+}
+
+fn kill_group(mut child: std::process::Child) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait();
+}
+
+/// The end reasons of the tasks `agent` lists, live ones as null.
+async fn end_reasons(agent: &TestAgent) -> Vec<serde_json::Value> {
+    let listed = tessera_async(&[
+        "task",
+        "list",
+        "--all",
+        "--socket",
+        &agent.uri(),
+        "--output",
+        "json",
+    ])
+    .await;
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    listed.iter().map(|t| t["end_reason"].clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_policy_decides_and_a_change_revokes_what_it_no_longer_permits() {
+    let agent = standalone_agent(world_dir()).await;
+    let policy_file = agent.dir.path().join("policy.cedar");
+    let uri = agent.uri();
 
     // The policy decides who starts tasks: a purpose without an issue is refused, and the
     // command never runs.
     let marker = agent.dir.path().join("ran");
     let touch = format!("touch {}", marker.display());
-    let refused = tessera_async(&[
-        "task",
-        "run",
-        "--socket",
+    let refused = tessera_async(&coder_run_args(
         &uri,
-        "--entry",
-        "coder",
-        "--purpose",
         "browse the web",
-        "--",
-        "/bin/sh",
-        "-c",
-        &touch,
-    ])
+        &["/bin/sh", "-c", &touch],
+    ))
     .await;
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
     assert!(
@@ -148,35 +215,8 @@ async fn a_standalone_policy_decides_and_a_change_revokes_what_it_no_longer_perm
 
     // Allowed: a task with an issue in its purpose, holding its SVID while it runs.
     let task_dir = agent.dir.path().join("task");
-    let script = format!(
-        "{bin} svid fetch --socket {uri} --out {} >/dev/null && exec /bin/sleep 60",
-        task_dir.display()
-    );
-    use std::os::unix::process::CommandExt;
-    let mut task = Command::new(bin)
-        .process_group(0)
-        .args([
-            "task",
-            "run",
-            "--socket",
-            &uri,
-            "--entry",
-            "coder",
-            "--purpose",
-            "fix issue 7",
-            "--",
-            "/bin/sh",
-            "-c",
-            &script,
-        ])
-        .spawn()
-        .unwrap();
+    let task = coder_task(&agent, "fix issue 7", &task_dir).await;
     let web_dir = agent.dir.path().join("web");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !task_dir.join("svid.pem").exists() {
-        assert!(Instant::now() < deadline, "the task did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let fetched = tessera_async(&[
         "svid",
         "fetch",
@@ -212,12 +252,7 @@ when { resource.id == "web" };
     .unwrap();
     until_refused(&agent, &task_dir.join("svid.pem")).await;
     until_refused(&agent, &web_pem).await;
-    let listed = tessera_async(&[
-        "task", "list", "--all", "--socket", &uri, "--output", "json",
-    ])
-    .await;
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(listed[0]["end_reason"], "policy_changed", "{listed}");
+    assert_eq!(end_reasons(&agent).await, ["policy_changed"]);
     // /web is no longer issued to this process; /verifier still is.
     let now = tessera_async(&["svid", "fetch", "--socket", &uri, "--output", "json"]).await;
     let ids = text(&now);
@@ -230,11 +265,55 @@ when { resource.id == "web" };
             .any(|l| l.contains("\"policy_denied\"") && l.contains("no-web")),
         "{audit}"
     );
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(task.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = task.wait();
+    kill_group(task);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_restored_after_a_restart_is_checked_again_when_the_policy_changes() {
+    let agent = standalone_agent(world_dir()).await;
+    let task_dir = agent.dir.path().join("task");
+    let task = coder_task(&agent, "fix issue 8", &task_dir).await;
+    let cert = task_dir.join("svid.pem");
+
+    // Restarted under the same policy, the agent goes on with the task.
+    let TestAgent { handle, dir, .. } = agent;
+    handle.stop().await.unwrap();
+    let agent = standalone_agent(dir).await;
+    assert_eq!(agent.handle.task_registry.live().len(), 1);
+    assert!(verify(&agent, &cert).await.status.success());
+    assert_eq!(end_reasons(&agent).await, [serde_json::Value::Null]);
+
+    // Its starter was kept with it, so a policy that no longer lets that starter start it ends
+    // it, and a relying party refuses its certificate.
+    let policy_file = agent.dir.path().join("policy.cedar");
+    std::fs::write(&policy_file, NO_CODER_TASKS).unwrap();
+    until_refused(&agent, &cert).await;
+    assert_eq!(end_reasons(&agent).await, ["policy_changed"]);
+    assert!(agent.handle.task_registry.live().is_empty());
+    kill_group(task);
+
+    // A policy changed while the agent is down ends the task as the agent comes back.
+    std::fs::write(&policy_file, POLICY).unwrap();
+    let until_permitted = Instant::now() + Duration::from_secs(10);
+    let second_dir = agent.dir.path().join("second");
+    let task = loop {
+        // The agent reads the restored policy file within its reload interval.
+        let uri = agent.uri();
+        let probe = tessera_async(&coder_run_args(&uri, "fix issue 9", &["/bin/true"])).await;
+        if probe.status.success() {
+            break coder_task(&agent, "fix issue 9", &second_dir).await;
+        }
+        assert!(Instant::now() < until_permitted, "{}", text(&probe));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let TestAgent { handle, dir, .. } = agent;
+    handle.stop().await.unwrap();
+    std::fs::write(&policy_file, NO_CODER_TASKS).unwrap();
+    let agent = standalone_agent(dir).await;
+    assert!(agent.handle.task_registry.live().is_empty());
+    until_refused(&agent, &second_dir.join("svid.pem")).await;
+    assert_eq!(end_reasons(&agent).await, ["policy_changed"]);
+    kill_group(task);
 }
 
 #[test]

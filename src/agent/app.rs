@@ -483,6 +483,9 @@ pub async fn build(config: AgentConfig, options: BuildOptions) -> Result<AgentHa
     // The only writer of the cache's entries: the source's, plus one per live task.
     let task_registry =
         TaskRegistry::new(cache.clone(), config.tasks, &config.state_dir, gate.clone());
+    // Tasks restored from before a restart meet the policy in force before anything is served
+    // (the follower's first pass would, a moment after the socket opens).
+    task_registry.recheck_policy();
     tasks.spawn_until_shutdown(
         "policy follower",
         follow_policy(

@@ -224,8 +224,9 @@ struct Live {
     /// SVID serials from before a restart, which the cache does not know.
     earlier_serials: Vec<(String, SystemTime)>,
     /// Who started it and, for a delegation, the parent's claims: what a policy change is
-    /// checked against again. Unknown for a task restored after a restart.
-    started_by: Option<(CallerFacts, Option<TaskClaims>)>,
+    /// checked against again. Kept across restarts in the saved tasks; unknown only for a task
+    /// saved by a version that did not keep it.
+    started_by: Option<saved::Starter>,
 }
 
 struct State {
@@ -708,7 +709,12 @@ impl TaskRegistry {
                 .map(|live| {
                     let mut serials = self.cache.svids_of(&live.derived.id);
                     serials.extend(live.earlier_serials.iter().cloned());
-                    SavedTask::of(&live.info, live.boundary_ticks, &serials)
+                    SavedTask::of(
+                        &live.info,
+                        live.boundary_ticks,
+                        &serials,
+                        live.started_by.as_ref(),
+                    )
                 })
                 .collect()
         };
@@ -730,6 +736,7 @@ impl TaskRegistry {
         let now = unix_seconds(SystemTime::now());
         let mut state = self.lock();
         for task in saved {
+            let starter = task.starter();
             let (info, boundary_ticks, serials) = task.into_parts();
             let entry = state.base.get(&info.claims.entry_id).cloned();
             let outcome = match (&entry, pin(info.root.pid, Some(info.root))) {
@@ -744,7 +751,7 @@ impl TaskRegistry {
             match outcome {
                 Ok((entry, target)) => {
                     let id = info.claims.task_id.clone();
-                    let Some(live) = self.make_live(
+                    let Some(mut live) = self.make_live(
                         info.clone(),
                         entry,
                         boundary_ticks,
@@ -756,6 +763,15 @@ impl TaskRegistry {
                         remember(&mut state, info, TaskEndReason::EntryChanged);
                         continue;
                     };
+                    match starter {
+                        Ok(Some(starter)) => live.started_by = Some(starter),
+                        Ok(None) => {
+                            tracing::warn!(task = %id, "saved task does not say who started it (written by an earlier version); a policy change is not checked against it")
+                        }
+                        Err(e) => {
+                            tracing::warn!(task = %id, error = %e, "saved task's starter is unreadable; a policy change is not checked against it")
+                        }
+                    }
                     tracing::info!(task = %id, pid = live.info.root.pid, "task restored");
                     state.roots.insert(live.info.root, id.clone());
                     state.live.insert(id, live);

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::TaskInfo;
-use crate::attest::ProcessStamp;
+use crate::attest::{CallerFacts, ProcessStamp};
 use crate::ca::task::TaskClaims;
 use crate::clock::unix_seconds;
 
@@ -33,13 +33,36 @@ pub(super) struct SavedTask {
     starter_uid: u32,
     /// Serial (lowercase hex) and not-after (Unix seconds) of every unexpired SVID minted for it.
     serials: Vec<(String, i64)>,
+    /// Who started it; absent in files written before it was kept.
+    #[serde(default)]
+    starter: Option<SavedStarter>,
 }
+
+/// The facts of a task's starter and, for a delegation, the parent's claims: what a policy
+/// decided the start on, and decides again when it changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedStarter {
+    pid: i32,
+    uid: u32,
+    gid: u32,
+    exe_path: String,
+    exe_sha256: Option<String>,
+    systemd_unit: Option<String>,
+    /// In their text form (`unix:uid:1000`).
+    selectors: Vec<String>,
+    lineage: Vec<ProcessStamp>,
+    parent: Option<TaskClaims>,
+}
+
+/// Who started a task, as the registry keeps it.
+pub(super) type Starter = (CallerFacts, Option<TaskClaims>);
 
 impl SavedTask {
     pub(super) fn of(
         info: &TaskInfo,
         boundary_ticks: u64,
         serials: &[(String, SystemTime)],
+        starter: Option<&Starter>,
     ) -> Self {
         Self {
             claims: info.claims.clone(),
@@ -54,7 +77,45 @@ impl SavedTask {
                 .iter()
                 .map(|(serial, at)| (serial.clone(), unix_seconds(*at)))
                 .collect(),
+            starter: starter.map(|(caller, parent)| SavedStarter {
+                pid: caller.pid,
+                uid: caller.uid,
+                gid: caller.gid,
+                exe_path: caller.exe_path.clone(),
+                exe_sha256: caller.exe_sha256.clone(),
+                systemd_unit: caller.systemd_unit.clone(),
+                selectors: caller.selectors.iter().map(ToString::to_string).collect(),
+                lineage: caller.lineage.clone(),
+                parent: parent.clone(),
+            }),
         }
+    }
+
+    /// Who started the task: `Ok(None)` when the file did not keep it, an error naming the
+    /// selector when what it kept does not parse.
+    pub(super) fn starter(&self) -> Result<Option<Starter>, String> {
+        let Some(saved) = &self.starter else {
+            return Ok(None);
+        };
+        let selectors = saved
+            .selectors
+            .iter()
+            .map(|text| {
+                text.parse()
+                    .map_err(|e| format!("starter selector {text:?}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let caller = CallerFacts {
+            pid: saved.pid,
+            uid: saved.uid,
+            gid: saved.gid,
+            exe_path: saved.exe_path.clone(),
+            exe_sha256: saved.exe_sha256.clone(),
+            systemd_unit: saved.systemd_unit.clone(),
+            selectors,
+            lineage: saved.lineage.clone(),
+        };
+        Ok(Some((caller, saved.parent.clone())))
     }
 
     /// The task, its boundary tick and its serials.
@@ -119,4 +180,104 @@ pub(super) fn write(path: &Path, tasks: &[SavedTask]) -> std::io::Result<()> {
     };
     let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
     crate::durable::write_atomically(path, &bytes, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::task::TaskLink;
+
+    fn claims(task_id: &str) -> TaskClaims {
+        TaskClaims {
+            task_id: task_id.into(),
+            entry_id: "coder".into(),
+            owner: "team".into(),
+            purpose: "fix issue 7".into(),
+            chain: vec![TaskLink {
+                task_id: task_id.into(),
+                spiffe_id: format!("spiffe://example.org/coder/task/{task_id}"),
+            }],
+        }
+    }
+
+    fn info() -> TaskInfo {
+        TaskInfo {
+            claims: claims("t2"),
+            spiffe_id: "spiffe://example.org/coder/task/t2".into(),
+            root: ProcessStamp {
+                pid: 42,
+                start_ticks: 7,
+            },
+            started_ms: 1_000,
+            deadline: 2_000,
+            idle_timeout: Duration::from_secs(60),
+            starter_uid: 1000,
+            ended: None,
+        }
+    }
+
+    fn starter() -> Starter {
+        let caller = CallerFacts {
+            pid: 41,
+            uid: 1000,
+            gid: 1000,
+            exe_path: "/usr/bin/runtime".into(),
+            exe_sha256: Some("ab".repeat(32)),
+            systemd_unit: Some("runtime.service".into()),
+            selectors: ["unix:uid:1000", "unix:path:/usr/bin/runtime"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect(),
+            lineage: vec![
+                ProcessStamp {
+                    pid: 41,
+                    start_ticks: 5,
+                },
+                ProcessStamp {
+                    pid: 1,
+                    start_ticks: 1,
+                },
+            ],
+        };
+        (caller, Some(claims("t1")))
+    }
+
+    #[test]
+    fn the_starter_survives_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.json");
+        let kept = starter();
+        write(&path, &[SavedTask::of(&info(), 7, &[], Some(&kept))]).unwrap();
+        let read = read(&path).unwrap();
+        let (caller, parent) = read[0].starter().unwrap().unwrap();
+        assert_eq!(caller, kept.0);
+        assert_eq!(parent.unwrap().task_id, "t1");
+    }
+
+    #[test]
+    fn a_file_from_before_the_starter_was_kept_restores_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.json");
+        write(&path, &[SavedTask::of(&info(), 7, &[], Some(&starter()))]).unwrap();
+        let mut file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        file["tasks"][0].as_object_mut().unwrap().remove("starter");
+        std::fs::write(&path, file.to_string()).unwrap();
+        let read = read(&path).unwrap();
+        assert!(read[0].starter().unwrap().is_none());
+        assert_eq!(read[0].clone().into_parts().0.claims.task_id, "t2");
+    }
+
+    #[test]
+    fn an_unreadable_starter_selector_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.json");
+        write(&path, &[SavedTask::of(&info(), 7, &[], Some(&starter()))]).unwrap();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("unix:uid:1000", "unix:colour:blue");
+        std::fs::write(&path, text).unwrap();
+        let error = read(&path).unwrap()[0].starter().unwrap_err();
+        assert!(error.contains("unix:colour:blue"), "{error}");
+    }
 }
