@@ -210,16 +210,20 @@ async fn a_task_run_as_another_user_holds_its_identity_only_while_it_runs() {
     let seven = run(UID_RUNNER, &tessera, &args).await;
     assert_eq!(seven.status.code(), Some(7), "{seven:?}");
 
-    // A command that cannot be executed is named, with the reason, and exits as a shell's would.
+    // A command that cannot be found is named, exits as a shell's would, and starts no task.
+    let tasks_before = ended_reasons(&tessera, &uri).await.len();
     let mut args = task_args(&uri, "coder", &["--"]);
     args.push("no-such-command-for-tessera");
     let missing = run(UID_RUNNER, &tessera, &args).await;
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert_eq!(missing.status.code(), Some(127), "{stderr}");
     assert!(
-        stderr.contains("cannot run no-such-command-for-tessera: No such file"),
+        stderr
+            .contains("cannot run no-such-command-for-tessera: not found in PATH (/usr/bin:/bin)"),
         "{stderr}"
     );
+    assert_eq!(ended_reasons(&tessera, &uri).await.len(), tasks_before);
+    assert!(agent.handle.task_registry.live().is_empty());
 
     // Refusals name what is wrong; the command never runs.
     for (uid, entry, expect, code) in [
@@ -392,6 +396,43 @@ fn run_at_pid(pid: u32, uid: u32, script: &str) -> Output {
         }
     }
     panic!("could not get pid {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn task_run_passes_termination_signals_on_to_its_command() {
+    if !require_root("task_run_passes_termination_signals_on_to_its_command") {
+        return;
+    }
+    let agent = start_agent(&entries()).await;
+    let tessera = agent.tessera_copy("tessera");
+    let uri = agent.uri();
+    for (signal, code) in [
+        (nix::sys::signal::Signal::SIGTERM, 42),
+        (nix::sys::signal::Signal::SIGINT, 43),
+    ] {
+        let dir = out_dir(agent.dir.path(), &format!("signal-{code}"), UID_RUNNER);
+        let ready = dir.join("ready");
+        // The command says it is ready once its trap is set, and exits with `code` on the signal.
+        let script = format!(
+            "trap 'exit {code}' {}; touch {}; while :; do sleep 0.05; done",
+            &signal.as_str()[3..],
+            ready.display()
+        );
+        let mut args = task_args(&uri, "coder", &["--"]);
+        args.extend(["/bin/sh", "-c", &script]);
+        let mut runner = spawn_as(UID_RUNNER, &tessera, &args);
+        eventually(Duration::from_secs(10), || ready.exists().then_some(())).await;
+        // Only the CLI is signalled, as a service manager signals its main process.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(runner.id() as i32), signal).unwrap();
+        let status = tokio::task::spawn_blocking(move || runner.wait().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(code), "{signal}");
+        eventually(Duration::from_secs(5), || {
+            agent.handle.task_registry.live().is_empty().then_some(())
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

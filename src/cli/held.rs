@@ -8,9 +8,10 @@
 //! async-signal-safe: closes, a signal reset, a read, the exec, a write and `_exit`. Everything
 //! it touches is allocated before the fork.
 
-use std::ffi::{CString, OsString, c_char};
+use std::ffi::{CString, OsStr, OsString, c_char};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -22,8 +23,12 @@ use super::Failure;
 
 /// Exit code of a held process that was never released (its task did not start).
 pub const NOT_RELEASED: i32 = 125;
-/// Exit code when the command could not be executed, as shells use it.
-pub const COMMAND_NOT_RUN: i32 = 127;
+/// Exit code when the command is not found, as shells use it.
+pub const COMMAND_NOT_FOUND: i32 = 127;
+/// Exit code when the command is found but cannot be executed, as shells use it.
+pub const COMMAND_NOT_EXECUTABLE: i32 = 126;
+/// The search path when `PATH` is not set, as the C library's `execvp` uses it.
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
 /// A forked process waiting to execute its command. Dropped without [`HeldCommand::wait`], it
 /// is told to exit (or killed, once released) and reaped.
@@ -34,7 +39,9 @@ pub struct HeldCommand {
     /// [`NOT_RELEASED`]. `None` once released.
     release: Option<OwnedFd>,
     /// What the process writes if its exec fails (the errno); end of file once the exec
-    /// succeeded, since the exec closes the process's end.
+    /// succeeded, since the exec closes the process's end. The program is looked up before
+    /// the fork, so this reports only what changed in between or what only the exec finds
+    /// (a missing interpreter).
     exec_error: OwnedFd,
     /// The command's program, for messages.
     program: String,
@@ -53,12 +60,15 @@ pub enum Ended {
 
 impl HeldCommand {
     /// Forks a process for `command` (program and arguments, the program looked up in `PATH`
-    /// as a shell would) and holds it.
+    /// as a shell would) and holds it. A program that is not found or not executable is an
+    /// error before any process exists, with the shell's exit code (127 or 126).
     pub fn fork(command: &[OsString]) -> Result<Self, Failure> {
         let program = command
             .first()
             .ok_or_else(|| Failure::usage("name the command to run after --"))?;
         let shown = program.to_string_lossy().into_owned();
+        let path = CString::new(locate(program)?.into_os_string().as_bytes())
+            .map_err(|_| Failure::usage(format!("the program {shown} holds a NUL byte")))?;
         // Arguments from the command line cannot hold a NUL byte; a caller building them could.
         let argv = command
             .iter()
@@ -74,6 +84,7 @@ impl HeldCommand {
         let (release_read, release_write) = pipe()?;
         let (error_read, error_write) = pipe()?;
         let pid = fork_held(
+            &path,
             &pointers,
             release_read.as_raw_fd(),
             release_write.as_raw_fd(),
@@ -106,26 +117,26 @@ impl HeldCommand {
     }
 
     /// Sends `signal` to the process.
-    pub fn signal(&self, signal: Signal) {
+    fn signal(&self, signal: Signal) {
         if !self.reaped {
             let _ = nix::sys::signal::kill(self.pid, signal);
         }
     }
 
     /// Waits for the process to end (blocking); an exec that failed is an error naming the
-    /// program and the reason, with exit code [`COMMAND_NOT_RUN`].
+    /// program and the reason, with the shell's exit code for it.
     pub fn wait(&mut self) -> Result<Ended, Failure> {
         let ended = self.reap()?;
         let mut errno = [0u8; 4];
         match nix::unistd::read(&self.exec_error, &mut errno) {
-            Ok(4) => Err(Failure {
-                code: COMMAND_NOT_RUN as u8,
-                message: format!(
-                    "cannot run {}: {}",
-                    self.program,
-                    std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
-                ),
-            }),
+            Ok(4) => {
+                let errno = i32::from_ne_bytes(errno);
+                Err(not_run(
+                    &self.program,
+                    Errno::from_raw(errno),
+                    std::io::Error::from_raw_os_error(errno),
+                ))
+            }
             _ => Ok(ended),
         }
     }
@@ -168,10 +179,74 @@ impl Drop for HeldCommand {
     }
 }
 
+/// Where `program` is: itself when it names a path, else the first executable file of that
+/// name in `PATH`'s directories.
+fn locate(program: &OsStr) -> Result<PathBuf, Failure> {
+    let shown = program.to_string_lossy();
+    let executable = |path: &Path| -> Result<(), Errno> {
+        if !path.is_file() {
+            return Err(if path.exists() {
+                Errno::EACCES
+            } else {
+                Errno::ENOENT
+            });
+        }
+        nix::unistd::access(path, nix::unistd::AccessFlags::X_OK)
+    };
+    if program.as_bytes().contains(&b'/') {
+        let path = PathBuf::from(program);
+        return match executable(&path) {
+            Ok(()) => Ok(path),
+            Err(errno) => Err(not_run(&shown, errno, std::io::Error::from(errno))),
+        };
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    let mut denied = None;
+    for dir in std::env::split_paths(&search) {
+        // An empty entry is the current directory, as for the shell.
+        let candidate = if dir.as_os_str().is_empty() {
+            PathBuf::from(".").join(program)
+        } else {
+            dir.join(program)
+        };
+        match executable(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(Errno::EACCES) => denied = Some(candidate),
+            Err(_) => {}
+        }
+    }
+    Err(match denied {
+        Some(path) => not_run(
+            &shown,
+            Errno::EACCES,
+            format!("{} is not executable", path.display()),
+        ),
+        None => not_run(
+            &shown,
+            Errno::ENOENT,
+            format!("not found in PATH ({})", search.to_string_lossy()),
+        ),
+    })
+}
+
+/// The failure for a program that could not be run for `errno`, with the shell's exit code.
+fn not_run(program: &str, errno: Errno, reason: impl std::fmt::Display) -> Failure {
+    let code = match errno {
+        Errno::ENOENT | Errno::ENOTDIR => COMMAND_NOT_FOUND,
+        _ => COMMAND_NOT_EXECUTABLE,
+    };
+    Failure {
+        code: code as u8,
+        message: format!("cannot run {program}: {reason}"),
+    }
+}
+
 /// Forks; the child closes its copy of the release pipe's write end, waits for the release
-/// byte on `release`, then executes `argv`, writing the errno to `exec_error` if that fails.
+/// byte on `release`, then executes `path` with `argv`, writing the errno to `exec_error` if
+/// that fails.
 #[allow(unsafe_code)]
 fn fork_held(
+    path: &CString,
     argv: &[*const c_char],
     release: RawFd,
     release_writer: RawFd,
@@ -181,20 +256,23 @@ fn fork_held(
     // never returns, so no lock another thread held at the fork is ever taken in it.
     match unsafe { nix::unistd::fork() }? {
         nix::unistd::ForkResult::Parent { child } => Ok(child),
-        nix::unistd::ForkResult::Child => held_child(argv, release, release_writer, exec_error),
+        nix::unistd::ForkResult::Child => {
+            held_child(path, argv, release, release_writer, exec_error)
+        }
     }
 }
 
 /// The forked child until its exec. Async-signal-safe calls only: no allocation, no locks.
 #[allow(unsafe_code)]
 fn held_child(
+    path: &CString,
     argv: &[*const c_char],
     release: RawFd,
     release_writer: RawFd,
     exec_error: RawFd,
 ) -> ! {
-    // SAFETY: raw syscalls on descriptors this process owns and on `argv`, a NUL-terminated
-    // array of NUL-terminated strings that outlives the exec; `_exit` skips every destructor
+    // SAFETY: raw syscalls on descriptors this process owns, on `path` and on `argv`, a
+    // NUL-terminated array of NUL-terminated strings that outlives the exec; `_exit` skips every destructor
     // and exit handler, which belong to the parent.
     unsafe {
         // Else the parent closing its end would not reach this read.
@@ -213,10 +291,12 @@ fn held_child(
                 _ => libc::_exit(NOT_RELEASED),
             }
         }
-        libc::execvp(argv[0], argv.as_ptr());
+        // `path` holds a slash, so nothing is searched; a script without `#!` still runs
+        // with /bin/sh, as a shell would run it.
+        libc::execvp(path.as_ptr(), argv.as_ptr());
         let errno = Errno::last_raw().to_ne_bytes();
         libc::write(exec_error, errno.as_ptr().cast(), errno.len());
-        libc::_exit(COMMAND_NOT_RUN)
+        libc::_exit(COMMAND_NOT_FOUND)
     }
 }
 
@@ -248,18 +328,79 @@ mod tests {
         assert!(!marker.exists());
     }
 
+    fn refused(words: &[&str]) -> Failure {
+        match HeldCommand::fork(&command(words)) {
+            Ok(_) => panic!("{words:?} was forked"),
+            Err(failure) => failure,
+        }
+    }
+
     #[test]
-    fn a_missing_program_is_named_with_the_reason() {
-        let mut held = HeldCommand::fork(&command(&["no-such-program-for-tessera"])).unwrap();
-        held.release().unwrap();
-        let failure = held.wait().unwrap_err();
-        assert_eq!(failure.code, COMMAND_NOT_RUN as u8);
+    fn a_program_not_found_is_named_before_any_process_exists() {
+        let failure = refused(&["no-such-program-for-tessera"]);
+        assert_eq!(failure.code, COMMAND_NOT_FOUND as u8);
         assert!(
-            failure.message.contains("no-such-program-for-tessera")
-                && failure.message.contains("No such file"),
+            failure
+                .message
+                .starts_with("cannot run no-such-program-for-tessera: not found in PATH ("),
             "{}",
             failure.message
         );
+        let failure = refused(&["/no/such/program"]);
+        assert_eq!(failure.code, COMMAND_NOT_FOUND as u8);
+        assert!(
+            failure.message.contains("/no/such/program: No such file"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[test]
+    fn a_program_that_is_not_executable_gets_the_shells_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let failure = refused(&[dir.path().to_str().unwrap()]);
+        assert_eq!(
+            failure.code, COMMAND_NOT_EXECUTABLE as u8,
+            "{}",
+            failure.message
+        );
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "echo hi\n").unwrap();
+        // Root may execute any file with an execute bit, and none is set here.
+        let failure = refused(&[plain.to_str().unwrap()]);
+        assert_eq!(
+            failure.code, COMMAND_NOT_EXECUTABLE as u8,
+            "{}",
+            failure.message
+        );
+    }
+
+    /// An executable script holding `text`, forked, released and waited for.
+    fn run_script(text: &str) -> Result<Ended, Failure> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("script");
+        std::fs::write(&script, text).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut held = HeldCommand::fork(&command(&[script.to_str().unwrap()])).unwrap();
+        held.release().unwrap();
+        held.wait()
+    }
+
+    #[test]
+    fn what_only_the_exec_finds_is_reported_after_it() {
+        let failure = run_script("#!/no/such/interpreter\n").unwrap_err();
+        assert_eq!(failure.code, COMMAND_NOT_FOUND as u8);
+        assert!(
+            failure.message.contains("script: No such file"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[test]
+    fn a_script_without_an_interpreter_line_runs_with_the_shell() {
+        assert_eq!(run_script("exit 9\n").unwrap(), Ended::Exited(9));
     }
 
     #[test]

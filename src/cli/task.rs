@@ -278,8 +278,11 @@ async fn run_command(args: RunArgs) -> Result<(), Failure> {
     // On failure, dropping `held` unreleased makes its process exit without running anything.
     let task = start(&mut client, StartTaskRequest { pid, ..request }).await?;
     tracing::debug!(task = %task.task_id, spiffe_id = %task.spiffe_id, pid, "task started");
+    // Caught from before the release, so that a signal the command could already have had
+    // reaches it instead of ending this process.
+    let signals = termination_signals();
     held.release()?;
-    let ended = wait_forwarding_signals(held).await;
+    let ended = wait_forwarding_signals(held, signals).await;
     // The agent sees the exit through its pidfd; ending explicitly as well covers an agent
     // whose watcher lagged. Already ended is fine.
     let _ = client
@@ -298,27 +301,17 @@ async fn run_command(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
-/// Waits for `held`, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT on to it.
-async fn wait_forwarding_signals(held: HeldCommand) -> Result<Ended, Failure> {
-    use tokio::signal::unix::{SignalKind, signal};
+/// Waits for `held`, passing on to it what `streams` catch.
+async fn wait_forwarding_signals(
+    held: HeldCommand,
+    mut streams: Signals,
+) -> Result<Ended, Failure> {
     let pid = nix::unistd::Pid::from_raw(held.pid());
     let waiter = tokio::task::spawn_blocking(move || {
         let mut held = held;
         held.wait()
     });
     tokio::pin!(waiter);
-    let kinds = [
-        (SignalKind::interrupt(), nix::sys::signal::Signal::SIGINT),
-        (SignalKind::terminate(), nix::sys::signal::Signal::SIGTERM),
-        (SignalKind::hangup(), nix::sys::signal::Signal::SIGHUP),
-        (SignalKind::quit(), nix::sys::signal::Signal::SIGQUIT),
-    ];
-    let mut streams = Vec::new();
-    for (kind, forward) in kinds {
-        if let Ok(stream) = signal(kind) {
-            streams.push((stream, forward));
-        }
-    }
     loop {
         let next_signal = futures_signal(&mut streams);
         tokio::select! {
@@ -331,6 +324,23 @@ async fn wait_forwarding_signals(held: HeldCommand) -> Result<Ended, Failure> {
             }
         }
     }
+}
+
+/// The signals `task run` passes on, each with the signal it sends the command.
+type Signals = Vec<(tokio::signal::unix::Signal, nix::sys::signal::Signal)>;
+
+/// Catches SIGINT, SIGTERM, SIGHUP and SIGQUIT (those that can be caught here).
+fn termination_signals() -> Signals {
+    use tokio::signal::unix::{SignalKind, signal};
+    [
+        (SignalKind::interrupt(), nix::sys::signal::Signal::SIGINT),
+        (SignalKind::terminate(), nix::sys::signal::Signal::SIGTERM),
+        (SignalKind::hangup(), nix::sys::signal::Signal::SIGHUP),
+        (SignalKind::quit(), nix::sys::signal::Signal::SIGQUIT),
+    ]
+    .into_iter()
+    .filter_map(|(kind, forward)| signal(kind).ok().map(|stream| (stream, forward)))
+    .collect()
 }
 
 /// The next signal any of `streams` receives.
