@@ -39,7 +39,7 @@
 //! - [`verify`]: what a relying party checks before accepting an X.509-SVID: chain, SPIFFE ID,
 //!   validity and revocation in the CRLs given.
 //! - [`cli`]: the `tessera` command line: `agent`, `server`, `entry`, `token`, `node`, `bundle`,
-//!   `events`, `inventory`, `svid`, `task`, `dev`.
+//!   `events`, `inventory`, `svid`, `jwt`, `wit`, `task`, `policy`, `dev`.
 //! - [`proto`]: code generated from `proto/`: the Workload API, tessera's services, and the part
 //!   of Envoy's API that SDS uses.
 //!

@@ -1,5 +1,6 @@
 //! Tasks in server mode, end to end with real processes: a chain of three tasks on one node,
-//! ended by an operator through the server, and a task whose process exits; in each case a
+//! ended by an operator through the server, a third level the server's rules do not allow
+//! (ended as an anomaly), and a task whose process exits; in each case a
 //! relying party on the other node stops accepting the tasks' certificates, and the server's
 //! task inventory says how each task ended.
 
@@ -22,8 +23,13 @@ struct Cluster {
 /// A server, two join-token agents, three task entries (coder may delegate to reviewer, which
 /// may delegate to tester) and a standing `/verifier` for this test's uid on every node.
 fn cluster() -> Cluster {
+    cluster_with("")
+}
+
+/// As `cluster`, with `server_config` added to the server's configuration.
+fn cluster_with(server_config: &str) -> Cluster {
     let dir = world_dir();
-    let server = ServerProcess::start(dir.path(), "server", "");
+    let server = ServerProcess::start(dir.path(), "server", server_config);
     let bundle = dir.path().join("bundle.pem");
     server.write_bundle(&bundle);
     let join = |name: &str| {
@@ -122,19 +128,47 @@ fn task_run_args<'a>(uri: &'a str, entry: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// A level of a chain, `level.sh OUT CMD...`: fetches its SVID from `agent` into OUT, then runs
+/// the next level.
+fn write_level_script(dir: &Path, agent: &AgentProcess) -> PathBuf {
+    let level = dir.join("level.sh");
+    std::fs::write(
+        &level,
+        format!(
+            "#!/bin/sh\nout=$1\nshift\n{} svid fetch --socket {} --out \"$out\" >/dev/null || exit 3\nexec \"$@\"\n",
+            env!("CARGO_BIN_EXE_tessera"),
+            agent.uri()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&level, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    level
+}
+
 /// The three-level chain on `agent`: each level fetches its SVID into `dirs[n]`, the last then
 /// sleeps.
 fn spawn_chain(agent: &AgentProcess, level: &Path, dirs: &[PathBuf]) -> Child {
+    let level = level.to_str().unwrap();
+    let innermost = [level, dirs[2].to_str().unwrap(), "/bin/sleep", "60"];
+    spawn_chain_to(agent, level, dirs, &innermost)
+}
+
+/// The chain with `innermost` as the third level's command.
+fn spawn_chain_to(
+    agent: &AgentProcess,
+    level: &str,
+    dirs: &[PathBuf],
+    innermost: &[&str],
+) -> Child {
     let bin = env!("CARGO_BIN_EXE_tessera");
     let uri = agent.uri();
-    let level = level.to_str().unwrap();
     let d: Vec<&str> = dirs.iter().map(|d| d.to_str().unwrap()).collect();
     let mut args = task_run_args(&uri, "coder");
     args.extend([level, d[0], bin]);
     args.extend(task_run_args(&uri, "reviewer"));
     args.extend([level, d[1], bin]);
     args.extend(task_run_args(&uri, "tester"));
-    args.extend([level, d[2], "/bin/sleep", "60"]);
+    args.extend(innermost);
     use std::os::unix::process::CommandExt;
     Command::new(bin)
         .args(&args)
@@ -148,30 +182,12 @@ fn spawn_chain(agent: &AgentProcess, level: &Path, dirs: &[PathBuf]) -> Child {
 #[test]
 fn an_operator_ends_a_task_chain_and_another_node_refuses_every_level() {
     let Cluster { dir, server, a, b } = cluster();
-    let level = dir.path().join("level.sh");
-    std::fs::write(
-        &level,
-        format!(
-            "#!/bin/sh\nout=$1\nshift\n{} svid fetch --socket {} --out \"$out\" >/dev/null || exit 3\nexec \"$@\"\n",
-            env!("CARGO_BIN_EXE_tessera"),
-            a.uri()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&level, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let level = write_level_script(dir.path(), &a);
     let dirs: Vec<PathBuf> = (1..=3)
         .map(|n| dir.path().join(format!("level{n}")))
         .collect();
     let mut chain = spawn_chain(&a, &level, &dirs);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !dirs[2].join("svid.pem").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the chain did not start\n{}",
-            a.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until_chain_started(&a, &dirs);
     // Node b's relying party accepts every level while the tasks run.
     for d in &dirs {
         verify_until(&b, &d.join("svid.pem"), true);
@@ -235,6 +251,125 @@ fn an_operator_ends_a_task_chain_and_another_node_refuses_every_level() {
         Some(3),
         "{inventory}"
     );
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(chain.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = chain.wait();
+}
+
+/// Waits until the chain's innermost level has its SVID.
+fn until_chain_started(agent: &AgentProcess, dirs: &[PathBuf]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !dirs[2].join("svid.pem").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the chain did not start\n{}",
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_task_the_server_finds_against_its_rules_is_ended_as_an_anomaly_on_every_node() {
+    // The server allows two levels of delegation; agent a, left at its default, allows four.
+    // The third level is started on a, and the server, checking the task_started event
+    // against its own rules, orders it ended.
+    let Cluster { dir, server, a, b } = cluster_with("max_task_depth = 2");
+    let level = write_level_script(dir.path(), &a);
+    let dirs: Vec<PathBuf> = (1..=3)
+        .map(|n| dir.path().join(format!("level{n}")))
+        .collect();
+    // The third level fetches once as it starts (before or after the server's order, which
+    // comes within milliseconds), and once more when told to, after the order.
+    let bin = env!("CARGO_BIN_EXE_tessera");
+    let (uri, d3) = (a.uri(), dirs[2].display());
+    let third = format!(
+        "mkdir -p {d3}/again; {bin} svid fetch --socket {uri} --out {d3} >/dev/null 2>{d3}/first.err; echo $? > {d3}/first
+while [ ! -e {d3}/go ]; do sleep 0.02; done
+{bin} svid fetch --socket {uri} --out {d3}/again >/dev/null 2>{d3}/second.err; echo $? > {d3}/second
+exec sleep 60"
+    );
+    let mut chain = spawn_chain_to(
+        &a,
+        level.to_str().unwrap(),
+        &dirs,
+        &["/bin/sh", "-c", &third],
+    );
+    let tasks = server_tasks_until(&server, |t| {
+        t.len() == 3 && t.iter().any(|t| !t["end_reason"].is_null())
+    });
+    let ended: Vec<_> = tasks
+        .iter()
+        .filter(|t| !t["end_reason"].is_null())
+        .collect();
+    assert_eq!(ended.len(), 1, "{tasks:?}");
+    assert_eq!(ended[0]["end_reason"], "anomaly", "{tasks:?}");
+    assert_eq!(ended[0]["chain"].as_array().map(Vec::len), Some(3));
+    let task_id = ended[0]["task_id"].as_str().unwrap().to_owned();
+    let spiffe_id = format!("spiffe://example.org/tester/task/{task_id}");
+
+    let read = |name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(dirs[2].join(name))
+                && text.ends_with('\n')
+            {
+                return text.trim().to_owned();
+            }
+            assert!(Instant::now() < deadline, "no {name}\n{}", a.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Every process here runs as this test's uid, which the standing /verifier matches: outside
+    // a task, that is what it gets.
+    let verifier = "spiffe://example.org/verifier";
+    assert_eq!(read("first"), "0", "{}", read("first.err"));
+    match leaf_identity(&dirs[2]) {
+        // It fetched before the order: node b refuses that certificate now.
+        (_, Some(claims)) => {
+            assert_eq!(claims.task_id, task_id);
+            let refused = verify_until(&b, &dirs[2].join("svid.pem"), false);
+            assert!(
+                String::from_utf8_lossy(&refused.stderr).contains("revoked"),
+                "{refused:?}"
+            );
+        }
+        (spiffe_id, None) => assert_eq!(spiffe_id, verifier),
+    }
+    // After the order the third level has no task identity: not its own task's, and not the
+    // reviewer's either, whose task's process started it.
+    std::fs::write(dirs[2].join("go"), "").unwrap();
+    assert_eq!(read("second"), "0", "{}", read("second.err"));
+    assert_eq!(
+        leaf_identity(&dirs[2].join("again")),
+        (verifier.to_owned(), None)
+    );
+    // The two levels within the server's rules go on.
+    for d in &dirs[..2] {
+        verify_until(&b, &d.join("svid.pem"), true);
+    }
+    // The audit trail: the third level's issuance (minted as it started) carries its task and
+    // chain, and its revocation says why.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = server.admin_json(&["events", "list", "--spiffe-id", &spiffe_id]);
+        let events = events.as_array().cloned().unwrap_or_default();
+        let of_kind = |kind: &str| events.iter().find(|e| e["kind"] == kind).cloned();
+        if let (Some(issued), Some(revoked)) = (of_kind("svid_issued"), of_kind("svid_revoked")) {
+            for event in [&issued, &revoked] {
+                assert_eq!(event["task_id"], task_id.as_str(), "{event}");
+                assert_eq!(event["chain"].as_array().map(Vec::len), Some(3), "{event}");
+            }
+            assert_eq!(issued["policy_version"], 0, "no policy: entries decided");
+            assert_eq!(revoked["reason"], "task_ended", "{revoked}");
+            assert_eq!(issued["serial"], revoked["serial"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{events:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _ = nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(chain.id() as i32),
         nix::sys::signal::Signal::SIGKILL,

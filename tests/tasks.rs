@@ -1,6 +1,7 @@
 //! Task credentials with real processes on a standalone agent: `tessera task run` as another
-//! user, a chain of three delegated tasks ended from the top, a recycled pid, the deadline, the
-//! idle timeout, an entry change and an agent restart. Every end is checked where it matters: a
+//! user, a chain of three delegated tasks ended from the top, delegation refused outside its
+//! rules, a recycled pid, a task process's exit seen through its pidfd, the deadline, the idle
+//! timeout, an entry change and an agent restart. Every end is checked where it matters: a
 //! relying party (`tessera svid verify`, with the CRLs of the Workload API) refuses the task's
 //! certificate. These tests need root to start processes as other uids.
 
@@ -140,27 +141,10 @@ fn task_args<'a>(agent_uri: &'a str, entry: &'a str, extra: &[&'a str]) -> Vec<&
     args
 }
 
-/// The SPIFFE ID of the leaf in `dir/svid.pem`.
+/// The SPIFFE ID of the task SVID in `dir/svid.pem`, and its claims.
 fn leaf_claims(dir: &Path) -> (String, TaskClaims) {
-    let pem = std::fs::read(dir.join("svid.pem")).unwrap();
-    let leaf = pem::parse_many(&pem).unwrap().remove(0);
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.contents()).unwrap();
-    let uri = cert
-        .subject_alternative_name()
-        .unwrap()
-        .unwrap()
-        .value
-        .general_names
-        .iter()
-        .find_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(uri) => Some(uri.to_string()),
-            _ => None,
-        })
-        .unwrap();
-    let claims = TaskClaims::from_certificate(leaf.contents())
-        .unwrap()
-        .expect("a task SVID carries the task extension");
-    (uri, claims)
+    let (uri, claims) = leaf_identity(dir);
+    (uri, claims.expect("a task SVID carries the task extension"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -314,6 +298,28 @@ async fn ending_the_root_of_a_three_level_chain_revokes_every_level() {
         );
     }
 
+    // A stranger may not end them: refused, named, and every level still accepted.
+    let refused = run(
+        UID_STRANGER,
+        &tessera,
+        &["task", "end", "--socket", &uri, &root.task_id],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "task {} was started by another user",
+            root.task_id
+        )),
+        "{stderr}"
+    );
+    assert_eq!(agent.handle.task_registry.live().len(), 3);
+    assert_eq!(
+        verify(&tessera, &agent, &dirs[0].join("svid.pem")).await,
+        Ok(())
+    );
+
     // The runner ends the root task; both descendants end with it.
     let ended = run(
         UID_RUNNER,
@@ -357,7 +363,7 @@ async fn ending_the_root_of_a_three_level_chain_revokes_every_level() {
     assert!(reasons.contains(&(2, "parent_ended")), "{reasons:?}");
     assert!(reasons.contains(&(3, "parent_ended")), "{reasons:?}");
 
-    // A stranger may neither see nor end the runner's tasks.
+    // Nor see them.
     let stranger = run(
         UID_STRANGER,
         &tessera,
@@ -372,6 +378,226 @@ async fn ending_the_root_of_a_three_level_chain_revokes_every_level() {
         nix::sys::signal::Signal::SIGKILL,
     );
     let _ = chain.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delegation_keeps_to_the_parents_entry_lifetime_and_depth() {
+    if !require_root("delegation_keeps_to_the_parents_entry_lifetime_and_depth") {
+        return;
+    }
+    let agent = start_agent_with(
+        &entries(),
+        "[tasks]\nmax_depth = 2",
+        BuildOptions::default(),
+    )
+    .await;
+    let tessera = agent.tessera_copy("tessera");
+    let uri = agent.uri();
+    let bin = tessera.display().to_string();
+    let out = out_dir(agent.dir.path(), "attempts", UID_RUNNER);
+    let nested = |entry: &str, flags: &str| {
+        format!("{bin} task run --socket {uri} --entry {entry} --purpose sub-agent {flags} --")
+    };
+    // Inside a coder task of one minute, each attempt leaves its exit status, its stderr and,
+    // if its command ran, a marker.
+    let attempt =
+        |name: &str, command: String| format!("{command} 2> {name}.err; echo $? > {name}.status");
+    let script = [
+        "set -u".to_owned(),
+        format!("cd {}", out.display()),
+        // coder may delegate only to reviewer.
+        attempt("tester", format!("{} touch ran-tester", nested("tester", ""))),
+        // No longer than the parent has left.
+        attempt("long", format!("{} touch ran-long", nested("reviewer", "--ttl 10m"))),
+        // Without --ttl, the child gets what the parent has left, and a third level is one
+        // deeper than max_depth = 2.
+        attempt(
+            "deep",
+            format!(
+                "{} /bin/sh -c '{bin} svid fetch --socket {uri} --out {} >/dev/null && {} touch ran-deep'",
+                nested("reviewer", ""),
+                out.display(),
+                nested("tester", ""),
+            ),
+        ),
+    ]
+    .join("\n");
+    let mut args = task_args(&uri, "coder", &["--ttl", "1m", "--"]);
+    args.extend(["/bin/sh", "-c", &script]);
+    let ran = run(UID_RUNNER, &tessera, &args).await;
+    assert!(ran.status.success(), "{ran:?}");
+
+    let result = |name: &str| {
+        let status = std::fs::read_to_string(out.join(format!("{name}.status"))).unwrap();
+        let stderr = std::fs::read_to_string(out.join(format!("{name}.err"))).unwrap();
+        let ran = out.join(format!("ran-{name}")).exists();
+        (status.trim().parse::<i32>().unwrap(), stderr, ran)
+    };
+    let (status, stderr, ran) = result("tester");
+    assert_eq!((status, ran), (1, false), "{stderr}");
+    assert!(
+        stderr.contains(
+            "may not delegate to entry tester; add it to the delegates_to of entry coder"
+        ),
+        "{stderr}"
+    );
+    let (status, stderr, ran) = result("long");
+    assert_eq!(
+        (status, ran),
+        (2, false),
+        "a --ttl the agent refuses is a usage error: {stderr}"
+    );
+    assert!(
+        stderr.contains("ttl 10m is longer than")
+            && stderr.contains("the parent task's remaining lifetime"),
+        "{stderr}"
+    );
+    let (status, stderr, ran) = result("deep");
+    assert_eq!((status, ran), (1, false), "{stderr}");
+    assert!(
+        stderr.contains("a task at depth 3 is deeper than tasks.max_depth = 2"),
+        "{stderr}"
+    );
+    // The reviewer at depth 2 ran, and its SVID ends with its parent's minute, not its entry's
+    // five.
+    let (spiffe_id, claims) = leaf_claims(&out);
+    assert!(
+        spiffe_id.starts_with("spiffe://example.org/reviewer/task/"),
+        "{spiffe_id}"
+    );
+    assert_eq!(claims.chain.len(), 2);
+    let lifetime = leaf_lifetime(&out);
+    assert!(
+        lifetime <= 60 + 10 + 1,
+        "back-dated 10 s, at most 60 s to live: {lifetime}"
+    );
+    eventually(Duration::from_secs(5), || {
+        agent.handle.task_registry.live().is_empty().then_some(())
+    })
+    .await;
+    let reasons = ended_reasons(&tessera, &uri).await;
+    assert_eq!(
+        reasons.len(),
+        2,
+        "only the coder and the one reviewer started: {reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sub_agent_whose_task_ends_keeps_no_task_identity() {
+    if !require_root("a_sub_agent_whose_task_ends_keeps_no_task_identity") {
+        return;
+    }
+    let agent = start_agent(&entries()).await;
+    let tessera = agent.tessera_copy("tessera");
+    let uri = agent.uri();
+    let bin = tessera.display();
+    let (coder, reviewer) = (
+        out_dir(agent.dir.path(), "coder", UID_RUNNER),
+        out_dir(agent.dir.path(), "reviewer", UID_RUNNER),
+    );
+    // The sub-agent fetches its SVID, then in each of two rounds waits to be told and asks
+    // again.
+    let sub_agent = agent.dir.path().join("sub-agent.sh");
+    let r = reviewer.display();
+    std::fs::write(
+        &sub_agent,
+        format!(
+            "#!/bin/sh\n{bin} svid fetch --socket {uri} --out {r} >/dev/null || exit 3\nfor round in 1 2; do\n  while [ ! -e {r}/go$round ]; do sleep 0.02; done\n  mkdir {r}/again$round\n  {bin} svid fetch --socket {uri} --out {r}/again$round 2> {r}/again$round.err\n  echo $? > {r}/again$round.status\ndone\nexec sleep 60\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &sub_agent,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // The agent fetches its own SVID and runs the sub-agent as a delegated task.
+    let script = format!(
+        "{bin} svid fetch --socket {uri} --out {} >/dev/null || exit 3; exec {bin} task run --socket {uri} --entry reviewer --purpose review -- {}",
+        coder.display(),
+        sub_agent.display()
+    );
+    let mut args = task_args(&uri, "coder", &["--"]);
+    args.extend(["/bin/sh", "-c", &script]);
+    let mut runner = spawn_as(UID_RUNNER, &tessera, &args);
+    let live = eventually(Duration::from_secs(10), || {
+        let live = agent.handle.task_registry.live();
+        (live.len() == 2 && reviewer.join("svid.pem").exists()).then_some(live)
+    })
+    .await;
+    let sub_task = live
+        .iter()
+        .find(|t| t.claims.chain.len() == 2)
+        .unwrap()
+        .claims
+        .task_id
+        .clone();
+    // In round N the sub-agent's process, which the agent's task started, asks for an
+    // identity: it must get none, neither its ended task's nor the agent's task's.
+    let round_gets_nothing = |round: u32| {
+        let reviewer = reviewer.clone();
+        async move {
+            std::fs::write(reviewer.join(format!("go{round}")), "").unwrap();
+            let status = eventually(Duration::from_secs(10), || {
+                std::fs::read_to_string(reviewer.join(format!("again{round}.status")))
+                    .ok()
+                    .filter(|s| s.ends_with('\n'))
+            })
+            .await;
+            let stderr =
+                std::fs::read_to_string(reviewer.join(format!("again{round}.err"))).unwrap();
+            assert_eq!(status.trim(), "1", "round {round}: {stderr}");
+            assert!(
+                stderr.contains("PermissionDenied"),
+                "round {round}: {stderr}"
+            );
+        }
+    };
+
+    // The runner ends the sub-agent's task. Its certificate is refused; the agent's is not.
+    let ended = run(
+        UID_RUNNER,
+        &tessera,
+        &["task", "end", "--socket", &uri, &sub_task],
+    )
+    .await;
+    assert!(ended.status.success(), "{ended:?}");
+    until_revoked(&tessera, &agent, &reviewer.join("svid.pem")).await;
+    assert_eq!(
+        verify(&tessera, &agent, &coder.join("svid.pem")).await,
+        Ok(())
+    );
+    round_gets_nothing(1).await;
+    assert_eq!(agent.handle.task_registry.live().len(), 1);
+
+    // Nor after a restart of the agent.
+    let TestAgent {
+        handle,
+        dir,
+        config_path,
+    } = agent;
+    handle.stop().await.unwrap();
+    let config = AgentConfig::load(&config_path).unwrap();
+    let handle = tessera::agent::build(config, BuildOptions::default())
+        .await
+        .unwrap();
+    let agent = TestAgent {
+        handle,
+        dir,
+        config_path,
+    };
+    assert_eq!(agent.handle.task_registry.live().len(), 1);
+    round_gets_nothing(2).await;
+    assert_eq!(
+        verify(&tessera, &agent, &coder.join("svid.pem")).await,
+        Ok(())
+    );
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(runner.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = runner.wait();
 }
 
 /// Starts `/bin/sh -c SCRIPT` as `uid` with exactly pid `pid`, by setting the kernel's last-pid
@@ -506,10 +732,7 @@ async fn deadlines_idleness_and_entry_changes_end_tasks() {
     })
     .await;
     // The SVID lives no longer than its task: both end at the deadline.
-    let pem = std::fs::read(expiring.join("svid.pem")).unwrap();
-    let leaf = pem::parse_many(&pem).unwrap().remove(0);
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.contents()).unwrap();
-    let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    let lifetime = leaf_lifetime(&expiring);
     assert!(
         lifetime <= 2 + 10 + 1,
         "back-dated 10 s, 2 s to live: {lifetime}"
@@ -533,18 +756,18 @@ async fn deadlines_idleness_and_entry_changes_end_tasks() {
     let reasons = ended_reasons(&tessera, &uri).await;
     assert_eq!(reasons, ["expired"]);
 
-    // Idleness: a task whose processes never ask for its identity.
+    // Idleness: a task whose processes fetch its identity once and then never use it again.
+    let idle = out_dir(agent.dir.path(), "idle", UID_RUNNER);
+    let script = fetch_then_sleep(&idle);
     let mut args = task_args(&uri, "coder", &["--idle-timeout", "1s", "--"]);
-    args.extend(["/bin/sleep", "60"]);
+    args.extend(["/bin/sh", "-c", &script]);
     let mut second = spawn_as(UID_RUNNER, &tessera, &args);
     eventually(Duration::from_secs(10), || {
-        (agent.handle.task_registry.live().len() == 1).then_some(())
+        idle.join("svid.pem").exists().then_some(())
     })
     .await;
-    eventually(Duration::from_secs(10), || {
-        agent.handle.task_registry.live().is_empty().then_some(())
-    })
-    .await;
+    until_revoked(&tessera, &agent, &idle.join("svid.pem")).await;
+    assert!(agent.handle.task_registry.live().is_empty());
     assert_eq!(ended_reasons(&tessera, &uri).await, ["expired", "idle"]);
 
     // An entry change that no longer permits the task: `coder` becomes standing.
@@ -690,10 +913,16 @@ async fn a_task_may_be_started_for_a_process_the_starters_parent_started() {
     // No task is live, so attestation reads no ancestry beyond the parent: that is enough.
     let agent = start_agent(&entries()).await;
     let tessera = agent.tessera_copy("tessera");
+    let uri = agent.uri();
+    let dir = out_dir(agent.dir.path(), "sibling", UID_RUNNER);
+    // The sibling waits until its task has started, fetches the task's SVID and sleeps; the
+    // shell that started it leaves without ending the task.
     let script = format!(
-        "/bin/sleep 30 & sibling=$!; {} task start --socket {} --entry coder --purpose tests --pid $sibling; status=$?; kill $sibling; exit $status",
-        tessera.display(),
-        agent.uri()
+        "( while [ ! -e {d}/go ]; do sleep 0.02; done; {t} svid fetch --socket {uri} --out {d}; exec sleep 60 ) >/dev/null 2>&1 & sibling=$!
+{t} task start --socket {uri} --entry coder --purpose tests --pid $sibling || {{ kill $sibling; exit 1; }}
+echo $sibling > {d}/pid; touch {d}/go",
+        d = dir.display(),
+        t = tessera.display(),
     );
     let out = run(UID_RUNNER, Path::new("/bin/sh"), &["-c", &script]).await;
     assert!(
@@ -701,8 +930,23 @@ async fn a_task_may_be_started_for_a_process_the_starters_parent_started() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    eventually(Duration::from_secs(10), || {
-        agent.handle.task_registry.live().is_empty().then_some(())
-    })
-    .await;
+    let cert = dir.join("svid.pem");
+    eventually(Duration::from_secs(10), || cert.exists().then_some(())).await;
+    assert_eq!(verify(&tessera, &agent, &cert).await, Ok(()));
+
+    // Its process exits: the agent learns it from the pidfd, and relying parties refuse the
+    // certificate.
+    let pid: i32 = std::fs::read_to_string(dir.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    until_revoked(&tessera, &agent, &cert).await;
+    assert_eq!(ended_reasons(&tessera, &uri).await, ["process_exited"]);
+    assert!(agent.handle.task_registry.live().is_empty());
 }

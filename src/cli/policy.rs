@@ -99,7 +99,7 @@ fn describe(policy: &Policy) -> String {
         (v, true) => format!("policy version {v}: cleared, entries alone decide"),
         (v, false) => format!(
             "policy version {v} ({})",
-            &policy.sha256[..policy.sha256.len().min(12)]
+            policy.sha256.chars().take(12).collect::<String>()
         ),
     }
 }

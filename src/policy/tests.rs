@@ -582,3 +582,84 @@ fn guards_never_change_a_decision() {
     }
     assert_eq!(checked, 3 * 2 * 3 * 4 * 2 * 4 * 2);
 }
+
+#[test]
+fn every_field_but_the_time_tells_remembered_requests_apart() {
+    let facts = Facts::new();
+    let other_labels = vec!["env:prod".to_owned(), "zone:b".to_owned()];
+    let split_labels = vec!["env:prodzone:a".to_owned()];
+    let other_id = id("spiffe://example.org/ci/other");
+    let chain = vec![facts.task_id.clone()];
+    let base = facts.request();
+    let key = |r: &Request<'_>| memo::key(r);
+    let mut later = base;
+    later.context.time += 3600;
+    assert_eq!(key(&later), key(&base), "the time is not part of the key");
+
+    type Change<'a> = Box<dyn Fn(&mut Request<'a>) + 'a>;
+    let changes: Vec<(&str, Change<'_>)> = vec![
+        ("uid", Box::new(|r| r.principal.uid = 1001)),
+        ("gid", Box::new(|r| r.principal.gid = 1001)),
+        ("user", Box::new(|r| r.principal.user = None)),
+        ("group", Box::new(|r| r.principal.group = Some("builder"))),
+        ("exe", Box::new(|r| r.principal.exe = "/usr/bin/builde")),
+        ("sha256", Box::new(|r| r.principal.sha256 = Some(""))),
+        ("unit", Box::new(|r| r.principal.systemd_unit = None)),
+        ("node", Box::new(|r| r.principal.node_id = "node-2")),
+        (
+            "node labels",
+            Box::new(|r| r.principal.node_labels = &other_labels),
+        ),
+        // Two labels must not read as one that is their concatenation.
+        (
+            "joined labels",
+            Box::new(|r| r.principal.node_labels = &split_labels),
+        ),
+        (
+            "task",
+            Box::new(|r| {
+                r.principal.task = Some(Task {
+                    id: "t1",
+                    entry_id: "e1",
+                    spiffe_id: &facts.task_id,
+                })
+            }),
+        ),
+        ("chain", Box::new(|r| r.principal.delegation_chain = &chain)),
+        ("action", Box::new(|r| r.action = Action::StartTask)),
+        ("entry", Box::new(|r| r.resource.entry_id = "e2")),
+        ("entry id", Box::new(|r| r.resource.spiffe_id = &other_id)),
+        ("owner", Box::new(|r| r.resource.owner = "cd")),
+        // A string boundary moved between two fields.
+        (
+            "owner and purpose",
+            Box::new(|r| {
+                r.resource.owner = "cib";
+                r.resource.purpose = "uilds";
+            }),
+        ),
+        ("entry labels", Box::new(|r| r.resource.labels = &[])),
+        (
+            "activation",
+            Box::new(|r| r.resource.activation = Activation::Task),
+        ),
+        (
+            "ttl",
+            Box::new(|r| r.context.requested_ttl = Some(Duration::from_secs(60))),
+        ),
+        (
+            "purpose",
+            Box::new(|r| r.context.requested_purpose = Some("")),
+        ),
+        ("depth", Box::new(|r| r.context.delegation_depth = 1)),
+    ];
+    let mut seen = std::collections::HashMap::new();
+    seen.insert(key(&base), "base");
+    for (name, change) in &changes {
+        let mut changed = base;
+        change(&mut changed);
+        if let Some(earlier) = seen.insert(key(&changed), name) {
+            panic!("{name} and {earlier} share a key");
+        }
+    }
+}

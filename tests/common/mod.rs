@@ -331,3 +331,32 @@ pub fn openssl_verify(files: &Path, chain: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// The SPIFFE ID of the leaf in `dir/svid.pem` and its task claims, if it is a task's.
+pub fn leaf_identity(dir: &Path) -> (String, Option<tessera::ca::task::TaskClaims>) {
+    let pem = std::fs::read(dir.join("svid.pem")).unwrap();
+    let leaf = ::pem::parse_many(&pem).unwrap().remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.contents()).unwrap();
+    let spiffe_id = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(uri.to_string()),
+            _ => None,
+        })
+        .unwrap();
+    let claims = tessera::ca::task::TaskClaims::from_certificate(leaf.contents()).unwrap();
+    (spiffe_id, claims)
+}
+
+/// The lifetime, in seconds, of the leaf in `dir/svid.pem`.
+pub fn leaf_lifetime(dir: &Path) -> i64 {
+    let pem = std::fs::read(dir.join("svid.pem")).unwrap();
+    let leaf = ::pem::parse_many(&pem).unwrap().remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.contents()).unwrap();
+    cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()
+}

@@ -235,8 +235,22 @@ struct State {
     live: HashMap<String, Live>,
     /// Task id by the stamp of its process.
     roots: HashMap<ProcessStamp, String>,
+    /// Ended tasks whose process still runs, by its stamp; dropped once it exits.
+    closed: HashMap<ProcessStamp, Closed>,
     /// The latest ended tasks, newest last.
     ended: VecDeque<TaskInfo>,
+}
+
+/// A task that ended while its process still runs. That process, and those it started since
+/// the task began, get no task identity at all: not the ended task's and not that of a task
+/// it was delegated from, whose wider credential a sub-agent must not inherit when its own
+/// ends.
+struct Closed {
+    task_id: String,
+    /// As the task's `Live::boundary_ticks`.
+    boundary_ticks: u64,
+    /// Readable once the process exits.
+    pidfd: Arc<OwnedFd>,
 }
 
 /// Every task of one agent.
@@ -280,6 +294,7 @@ impl TaskRegistry {
                 base: cache.entries(),
                 live: HashMap::new(),
                 roots: HashMap::new(),
+                closed: HashMap::new(),
                 ended: VecDeque::new(),
             }),
             cache,
@@ -440,6 +455,7 @@ impl TaskRegistry {
             )
             .ok_or_else(|| FieldError::new("spiffe_id", &info.spiffe_id, "not a SPIFFE ID"))?;
         live.started_by = Some((caller.clone(), parent_claims));
+        state.closed.remove(&target.stamp);
         state.roots.insert(target.stamp, task_id.clone());
         state.live.insert(task_id, live);
         self.publish(&state);
@@ -608,7 +624,8 @@ impl TaskRegistry {
         let mut ending = Vec::new();
         let mut next = MAX_SLEEP;
         {
-            let state = self.lock();
+            let mut state = self.lock();
+            state.closed.retain(|_, closed| is_alive(&closed.pidfd));
             let now_unix = unix_seconds(now);
             for live in state.live.values() {
                 let id = &live.info.claims.task_id;
@@ -701,9 +718,9 @@ impl TaskRegistry {
     }
 
     fn save(&self) {
-        let saved: Vec<SavedTask> = {
+        let saved = {
             let state = self.lock();
-            state
+            let tasks = state
                 .live
                 .values()
                 .map(|live| {
@@ -716,9 +733,19 @@ impl TaskRegistry {
                         live.started_by.as_ref(),
                     )
                 })
-                .collect()
+                .collect();
+            let closed = state
+                .closed
+                .iter()
+                .map(|(root, closed)| saved::SavedClosed {
+                    task_id: closed.task_id.clone(),
+                    root: *root,
+                    boundary_ticks: closed.boundary_ticks,
+                })
+                .collect();
+            saved::Saved { tasks, closed }
         };
-        if let Err(e) = saved::write(&self.path, &saved) {
+        if let Err(e) = saved::write(&self.path, saved) {
             tracing::error!(file = %self.path.display(), error = %e, "cannot save the live tasks; a restart would forget them and end them unrevoked");
         }
     }
@@ -735,7 +762,15 @@ impl TaskRegistry {
         };
         let now = unix_seconds(SystemTime::now());
         let mut state = self.lock();
-        for task in saved {
+        for closed in saved.closed {
+            close_if_running(
+                &mut state,
+                closed.task_id,
+                closed.root,
+                closed.boundary_ticks,
+            );
+        }
+        for task in saved.tasks {
             let starter = task.starter();
             let (info, boundary_ticks, serials) = task.into_parts();
             let entry = state.base.get(&info.claims.entry_id).cloned();
@@ -778,6 +813,12 @@ impl TaskRegistry {
                 }
                 Err(reason) => {
                     tracing::info!(task = %info.claims.task_id, reason = ?reason, "saved task ended while the agent was down");
+                    close_if_running(
+                        &mut state,
+                        info.claims.task_id.clone(),
+                        info.root,
+                        boundary_ticks,
+                    );
                     self.finish(&info, reason, "", &serials);
                     remember(&mut state, info, reason);
                 }
@@ -924,6 +965,16 @@ impl TaskRegistry {
             state.roots.remove(&live.info.root);
             if let Some(watcher) = &live.watcher {
                 watcher.abort();
+            }
+            if is_alive(&live.pidfd) {
+                state.closed.insert(
+                    live.info.root,
+                    Closed {
+                        task_id: id.clone(),
+                        boundary_ticks: live.boundary_ticks,
+                        pidfd: live.pidfd.clone(),
+                    },
+                );
             }
             let revoked = self.cache.revoke_entry(
                 &live.derived.id,
@@ -1082,25 +1133,41 @@ impl TaskRegistry {
     }
 }
 
-/// The live task a caller with `lineage` runs in (see [`TaskRegistry::task_of`]).
+/// The live task a caller with `lineage` runs in (see [`TaskRegistry::task_of`]); `None` also
+/// when the innermost task it ran in has ended (see [`Closed`]).
 fn member_task<'a>(state: &'a State, lineage: &[ProcessStamp]) -> Option<&'a str> {
+    // Processes between the caller and a task's process must have started since the task
+    // began; one from before is not the task's (it may be an outer task's).
+    let started_since =
+        |depth: usize, boundary: u64| lineage[..depth].iter().all(|p| p.start_ticks >= boundary);
     for (depth, stamp) in lineage.iter().enumerate() {
-        let Some(id) = state.roots.get(stamp) else {
-            continue;
-        };
-        let Some(live) = state.live.get(id) else {
-            continue;
-        };
-        // Processes between the caller and the task's process must have started since the
-        // task began; one from before is not the task's (it may be an outer task's).
-        let started_since = lineage[..depth]
-            .iter()
-            .all(|p| p.start_ticks >= live.boundary_ticks);
-        if started_since && is_alive(&live.pidfd) {
-            return Some(id);
+        if let Some(live) = state.roots.get(stamp).and_then(|id| state.live.get(id)) {
+            if started_since(depth, live.boundary_ticks) && is_alive(&live.pidfd) {
+                return Some(&live.info.claims.task_id);
+            }
+        } else if let Some(closed) = state.closed.get(stamp)
+            && started_since(depth, closed.boundary_ticks)
+            && is_alive(&closed.pidfd)
+        {
+            return None;
         }
     }
     None
+}
+
+/// Records ended task `task_id` as closed if its very process (same pid, same start) still
+/// runs.
+fn close_if_running(state: &mut State, task_id: String, root: ProcessStamp, boundary_ticks: u64) {
+    if let Ok(process) = pin(root.pid, Some(root)) {
+        state.closed.insert(
+            root,
+            Closed {
+                task_id,
+                boundary_ticks,
+                pidfd: Arc::new(process.pidfd),
+            },
+        );
+    }
 }
 
 /// Whether `caller` may end or list `task`: root, the starter's user, or a process of the task

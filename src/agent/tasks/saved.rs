@@ -1,5 +1,7 @@
 //! Live tasks kept in `state_dir/tasks.json`, so that a restarted agent goes on serving the tasks
-//! whose process still runs and can revoke the SVIDs of those that ended while it was down.
+//! whose process still runs and can revoke the SVIDs of those that ended while it was down; and
+//! the processes of ended tasks that still run, which a restart must not let fall back to an
+//! outer task's identity.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -18,6 +20,26 @@ const VERSION: u32 = 1;
 struct SavedFile {
     version: u32,
     tasks: Vec<SavedTask>,
+    /// Absent in files written before it was kept.
+    #[serde(default)]
+    closed: Vec<SavedClosed>,
+}
+
+/// What `tasks.json` keeps.
+#[derive(Debug, Default)]
+pub(super) struct Saved {
+    /// The live tasks.
+    pub tasks: Vec<SavedTask>,
+    /// Ended tasks whose process still ran.
+    pub closed: Vec<SavedClosed>,
+}
+
+/// An ended task whose process still ran when the file was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SavedClosed {
+    pub task_id: String,
+    pub root: ProcessStamp,
+    pub boundary_ticks: u64,
 }
 
 /// One live task as kept on disk.
@@ -159,24 +181,28 @@ pub(super) enum SavedError {
 }
 
 /// The saved tasks; none when the file does not exist.
-pub(super) fn read(path: &Path) -> Result<Vec<SavedTask>, SavedError> {
+pub(super) fn read(path: &Path) -> Result<Saved, SavedError> {
     let text = match std::fs::read(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Saved::default()),
         Err(e) => return Err(SavedError::Read(e)),
     };
     let file: SavedFile = serde_json::from_slice(&text).map_err(SavedError::Format)?;
     if file.version != VERSION {
         return Err(SavedError::Version(file.version));
     }
-    Ok(file.tasks)
+    Ok(Saved {
+        tasks: file.tasks,
+        closed: file.closed,
+    })
 }
 
-/// Replaces the saved tasks with `tasks` (owner-only: it names processes and purposes).
-pub(super) fn write(path: &Path, tasks: &[SavedTask]) -> std::io::Result<()> {
+/// Replaces what is saved with `saved` (owner-only: it names processes and purposes).
+pub(super) fn write(path: &Path, saved: Saved) -> std::io::Result<()> {
     let file = SavedFile {
         version: VERSION,
-        tasks: tasks.to_vec(),
+        tasks: saved.tasks,
+        closed: saved.closed,
     };
     let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
     crate::durable::write_atomically(path, &bytes, 0o600)
@@ -247,37 +273,55 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tasks.json");
         let kept = starter();
-        write(&path, &[SavedTask::of(&info(), 7, &[], Some(&kept))]).unwrap();
+        let closed = SavedClosed {
+            task_id: "t3".into(),
+            root: ProcessStamp {
+                pid: 43,
+                start_ticks: 9,
+            },
+            boundary_ticks: 8,
+        };
+        write(&path, one_task(Some(&kept), vec![closed.clone()])).unwrap();
         let read = read(&path).unwrap();
-        let (caller, parent) = read[0].starter().unwrap().unwrap();
+        let (caller, parent) = read.tasks[0].starter().unwrap().unwrap();
         assert_eq!(caller, kept.0);
         assert_eq!(parent.unwrap().task_id, "t1");
+        assert_eq!(read.closed, [closed]);
+    }
+
+    fn one_task(starter: Option<&Starter>, closed: Vec<SavedClosed>) -> Saved {
+        Saved {
+            tasks: vec![SavedTask::of(&info(), 7, &[], starter)],
+            closed,
+        }
     }
 
     #[test]
-    fn a_file_from_before_the_starter_was_kept_restores_without_it() {
+    fn a_file_from_before_the_starter_and_closed_tasks_were_kept_restores_without_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tasks.json");
-        write(&path, &[SavedTask::of(&info(), 7, &[], Some(&starter()))]).unwrap();
+        write(&path, one_task(Some(&starter()), Vec::new())).unwrap();
         let mut file: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         file["tasks"][0].as_object_mut().unwrap().remove("starter");
+        file.as_object_mut().unwrap().remove("closed");
         std::fs::write(&path, file.to_string()).unwrap();
         let read = read(&path).unwrap();
-        assert!(read[0].starter().unwrap().is_none());
-        assert_eq!(read[0].clone().into_parts().0.claims.task_id, "t2");
+        assert!(read.tasks[0].starter().unwrap().is_none());
+        assert_eq!(read.tasks[0].clone().into_parts().0.claims.task_id, "t2");
+        assert!(read.closed.is_empty());
     }
 
     #[test]
     fn an_unreadable_starter_selector_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tasks.json");
-        write(&path, &[SavedTask::of(&info(), 7, &[], Some(&starter()))]).unwrap();
+        write(&path, one_task(Some(&starter()), Vec::new())).unwrap();
         let text = std::fs::read_to_string(&path)
             .unwrap()
             .replace("unix:uid:1000", "unix:colour:blue");
         std::fs::write(&path, text).unwrap();
-        let error = read(&path).unwrap()[0].starter().unwrap_err();
+        let error = read(&path).unwrap().tasks[0].starter().unwrap_err();
         assert!(error.contains("unix:colour:blue"), "{error}");
     }
 }

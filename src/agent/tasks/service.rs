@@ -75,15 +75,16 @@ fn into_status(error: TaskError) -> Status {
         TaskError::UnknownEntry(_) | TaskError::UnknownTask(_) => {
             Status::not_found(error.to_string())
         }
-        TaskError::StandingEntry(_)
-        | TaskError::EntryExpired(_)
-        | TaskError::TooDeep { .. }
-        | TaskError::TtlTooLong { .. } => Status::failed_precondition(error.to_string()),
+        TaskError::StandingEntry(_) | TaskError::EntryExpired(_) | TaskError::TooDeep { .. } => {
+            Status::failed_precondition(error.to_string())
+        }
         TaskError::NotPermitted(_)
         | TaskError::DelegationRefused { .. }
         | TaskError::PolicyDenied { .. }
         | TaskError::NotYours(_) => Status::permission_denied(error.to_string()),
+        // A lifetime longer than allowed is a bad `--ttl`, refused as the flag it came from.
         TaskError::Field(_)
+        | TaskError::TtlTooLong { .. }
         | TaskError::Target { .. }
         | TaskError::Pin(super::PinError::NoProcess(_) | super::PinError::Changed(_)) => {
             Status::invalid_argument(error.to_string())
