@@ -34,6 +34,7 @@ mod report;
 mod revocation;
 mod scenarios;
 mod sds;
+mod task_ends;
 mod tasks;
 
 use report::{Report, ScenarioResult};
@@ -226,6 +227,8 @@ pub enum Scenario {
     TaskStart,
     /// An operator's end of a three-task chain to CRLs on two other agents' workload streams.
     TaskCascade,
+    /// Every task end trigger to CRLs on two other agents' workload streams.
+    TaskEnds,
     /// What a 100-rule Cedar policy adds to a cached FetchX509SVID; the decision alone.
     PolicyCost,
     /// Cached FetchJWTSVID against cached FetchX509SVID; ValidateJWTSVID; a new audience.
@@ -240,7 +243,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order a run takes them.
-    pub const ALL: [Scenario; 16] = [
+    pub const ALL: [Scenario; 17] = [
         Scenario::FetchLatency,
         Scenario::FirstFetch,
         Scenario::MintThroughput,
@@ -253,6 +256,7 @@ impl Scenario {
         Scenario::CrlSize,
         Scenario::TaskStart,
         Scenario::TaskCascade,
+        Scenario::TaskEnds,
         Scenario::PolicyCost,
         Scenario::JwtFetch,
         Scenario::JwtServer,
@@ -274,6 +278,7 @@ impl Scenario {
             Scenario::CrlSize => "crl_size",
             Scenario::TaskStart => "task_start",
             Scenario::TaskCascade => "task_cascade",
+            Scenario::TaskEnds => "task_ends",
             Scenario::PolicyCost => "policy_cost",
             Scenario::JwtFetch => "jwt_fetch",
             Scenario::JwtServer => "jwt_server",
@@ -321,6 +326,8 @@ pub struct Plan {
     pub task_runs: usize,
     /// Task chains ended in the cascade scenario.
     pub cascade_rounds: usize,
+    /// Rounds of every end trigger in the task-ends scenario.
+    pub task_end_rounds: usize,
     /// Simulated nodes connected at each step of the fleet scenario (cumulative).
     pub fleet_levels: &'static [usize],
     /// Entries pinned to labels in the fleet scenario.
@@ -356,6 +363,7 @@ impl Plan {
         task_starts: 5,
         task_runs: 3,
         cascade_rounds: 3,
+        task_end_rounds: 1,
         fleet_levels: &[100, 200],
         fleet_entries: 2_000,
         fleet_changes: 5,
@@ -383,6 +391,7 @@ impl Plan {
         task_starts: 200,
         task_runs: 50,
         cascade_rounds: 50,
+        task_end_rounds: 30,
         fleet_levels: &[1_000, 5_000, 10_000],
         fleet_entries: 100_000,
         fleet_changes: 50,

@@ -127,6 +127,7 @@ pub async fn run_all(
             Scenario::CrlSize => super::crl_size::crl_size(plan).await,
             Scenario::TaskStart => super::tasks::task_start(plan, &dir).await,
             Scenario::TaskCascade => super::tasks::task_cascade(plan, &dir).await,
+            Scenario::TaskEnds => super::task_ends::task_ends(plan, &dir).await,
             Scenario::PolicyCost => super::policy::policy_cost(plan, &dir).await,
             Scenario::JwtFetch => super::jwt::jwt_fetch(plan, &dir).await,
             Scenario::JwtServer => super::jwt::jwt_server(plan, &dir).await,

@@ -29,7 +29,7 @@ use tessera::proto::tessera::{
 use tessera::proto::workload::X509svidRequest;
 
 /// The longest any one step may take before a scenario gives up.
-const STEP: Duration = Duration::from_secs(30);
+pub(super) const STEP: Duration = Duration::from_secs(30);
 /// The task entry of `task_start`.
 const WORKER: &str = "worker";
 /// The target of `task_start`, in microseconds.
@@ -37,7 +37,7 @@ const START_TARGET_US: f64 = 2_000.0;
 /// The target of `task_cascade`, in microseconds.
 const CASCADE_TARGET_US: f64 = 1_000_000.0;
 
-type TasksApi = TasksClient<
+pub(super) type TasksApi = TasksClient<
     InterceptedService<
         Channel,
         fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
@@ -53,7 +53,7 @@ fn workload_header(mut request: tonic::Request<()>) -> Result<tonic::Request<()>
     Ok(request)
 }
 
-async fn tasks_client(socket: &Path) -> Result<TasksApi, BenchError> {
+pub(super) async fn tasks_client(socket: &Path) -> Result<TasksApi, BenchError> {
     let channel = tessera::cli::client::channel(socket)
         .await
         .map_err(|f| BenchError::Failed(format!("connecting to the agent: {}", f.message)))?;
@@ -308,14 +308,17 @@ pub async fn task_start(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchE
 }
 
 /// One stream message from a relying party on agent 1 or 2.
-struct Update {
-    agent: usize,
-    at: Instant,
-    crls: Vec<Vec<u8>>,
+pub(super) struct Update {
+    /// 1 or 2.
+    pub agent: usize,
+    /// When it arrived.
+    pub at: Instant,
+    /// The CRLs it carried.
+    pub crls: Vec<Vec<u8>>,
 }
 
 /// Whether `crls` list every one of `serials`.
-fn list_all(crls: &[Vec<u8>], serials: &[String]) -> bool {
+pub(super) fn list_all(crls: &[Vec<u8>], serials: &[String]) -> bool {
     let parsed: Vec<_> = crls.iter().filter_map(|der| parse_crl(der).ok()).collect();
     serials
         .iter()
@@ -324,7 +327,7 @@ fn list_all(crls: &[Vec<u8>], serials: &[String]) -> bool {
 
 /// The serial (lowercase hex) and the task id of the leaf in `dir/svid.pem`, once it has been
 /// written whole.
-fn written_svid(dir: &Path) -> Option<(String, String)> {
+pub(super) fn written_svid(dir: &Path) -> Option<(String, String)> {
     let text = std::fs::read(dir.join("svid.pem")).ok()?;
     let leaf = pem::parse_many(&text).ok()?.into_iter().next()?;
     let (_, cert) = X509Certificate::from_der(leaf.contents()).ok()?;
@@ -376,7 +379,7 @@ fn kill_chain(chain: &mut Child) {
 }
 
 /// A chain's process group, killed when dropped (on every way out of a round).
-struct Chain(Child);
+pub(super) struct Chain(pub Child);
 
 impl Drop for Chain {
     fn drop(&mut self) {
@@ -384,101 +387,138 @@ impl Drop for Chain {
     }
 }
 
+/// A task entry for this uid, made through the admin API.
+pub(super) async fn create_task_entry(
+    server: &mut Server,
+    id: &str,
+    delegates_to: Option<&str>,
+    purpose: &str,
+) -> Result<(), BenchError> {
+    server
+        .admin
+        .create_entry(CreateEntryRequest {
+            entry: Some(Entry {
+                id: id.into(),
+                spiffe_id: format!("spiffe://{CLUSTER_DOMAIN}/{id}"),
+                selectors: vec![uid_selector()],
+                x509_ttl_seconds: 600,
+                owner: "bench".into(),
+                purpose: purpose.into(),
+                activation: "task".into(),
+                delegates_to: delegates_to.map(String::from).into_iter().collect(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(failed("creating a task entry"))?;
+    Ok(())
+}
+
+/// Three agents of `server` in server mode and a relying party on each: a FetchX509SVID stream
+/// of the standing `/relying-party` identity (an entry made here for this uid). Tasks run on
+/// agent 0; the streams on agents 1 and 2 report every message with the CRLs it carries.
+pub(super) struct RelyingParties {
+    /// The agents' processes, killed on drop.
+    pub agents: Vec<tessera_harness::Process>,
+    /// Agent 0's Workload API socket.
+    pub socket: PathBuf,
+    /// The messages of agents 1 and 2's streams.
+    pub updates: mpsc::UnboundedReceiver<Update>,
+}
+
+impl RelyingParties {
+    pub async fn start(server: &mut Server, dir: &Path) -> Result<Self, BenchError> {
+        server
+            .admin
+            .create_entry(CreateEntryRequest {
+                entry: Some(Entry {
+                    spiffe_id: format!("spiffe://{CLUSTER_DOMAIN}/relying-party"),
+                    selectors: vec![uid_selector()],
+                    x509_ttl_seconds: 600,
+                    owner: "bench".into(),
+                    purpose: "task benchmarks: the relying parties".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(failed("creating the relying parties' entry"))?;
+        let mut agents = Vec::new();
+        let mut sockets = Vec::new();
+        let (tx, updates) = mpsc::unbounded_channel();
+        let (ready_tx, mut ready) = mpsc::unbounded_channel();
+        for index in 0..3 {
+            let files = server
+                .agent_config(dir, &format!("agent-{index}"), "")
+                .await?;
+            agents.push(files.start()?);
+            let mut client =
+                tessera::cli::client::connect(&format!("unix://{}", files.socket.display()))
+                    .await
+                    .map_err(|f| BenchError::Failed(f.message))?;
+            sockets.push(files.socket);
+            let mut stream = client
+                .fetch_x509svid(X509svidRequest {})
+                .await
+                .map_err(failed("opening a workload stream"))?
+                .into_inner();
+            let (tx, ready_tx) = (tx.clone(), ready_tx.clone());
+            tokio::spawn(async move {
+                let mut first = true;
+                while let Some(Ok(message)) = stream.next().await {
+                    let at = Instant::now();
+                    if std::mem::take(&mut first) && ready_tx.send(index).is_err() {
+                        return;
+                    }
+                    // Agent 0's stream only tells that its agent has the entries.
+                    if index > 0
+                        && tx
+                            .send(Update {
+                                agent: index,
+                                at,
+                                crls: message.crl,
+                            })
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        drop((tx, ready_tx));
+        for _ in 0..3 {
+            tokio::time::timeout(STEP, ready.recv())
+                .await
+                .map_err(|_| BenchError::Failed(format!("an agent sent no SVID within {STEP:?}")))?
+                .ok_or_else(|| BenchError::Failed("a workload stream ended".into()))?;
+        }
+        let socket = sockets.swap_remove(0);
+        Ok(Self {
+            agents,
+            socket,
+            updates,
+        })
+    }
+}
+
 /// Scenario 10: a chain of three delegated tasks on agent 0 ended by an operator through the
 /// server, until relying parties on agents 1 and 2 hold CRLs listing the three task SVIDs.
 pub async fn task_cascade(plan: Plan, dir: &Path) -> Result<ScenarioResult, BenchError> {
     let mut server = Server::start(dir, "").await?;
-    let uid = uid_selector();
     for (id, delegates) in [
         ("tester", None),
         ("reviewer", Some("tester")),
         ("coder", Some("reviewer")),
     ] {
-        server
-            .admin
-            .create_entry(CreateEntryRequest {
-                entry: Some(Entry {
-                    id: id.into(),
-                    spiffe_id: format!("spiffe://{CLUSTER_DOMAIN}/{id}"),
-                    selectors: vec![uid.clone()],
-                    x509_ttl_seconds: 600,
-                    owner: "bench".into(),
-                    purpose: "task cascade benchmark".into(),
-                    activation: "task".into(),
-                    delegates_to: delegates.map(String::from).into_iter().collect(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(failed("creating a task entry"))?;
+        create_task_entry(&mut server, id, delegates, "task cascade benchmark").await?;
     }
-    server
-        .admin
-        .create_entry(CreateEntryRequest {
-            entry: Some(Entry {
-                spiffe_id: format!("spiffe://{CLUSTER_DOMAIN}/relying-party"),
-                selectors: vec![uid.clone()],
-                x509_ttl_seconds: 600,
-                owner: "bench".into(),
-                purpose: "task cascade benchmark: the relying parties".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .map_err(failed("creating the relying parties' entry"))?;
-
-    let mut agents = Vec::new();
-    let mut sockets = Vec::new();
-    let (tx, mut updates) = mpsc::unbounded_channel();
-    let (ready_tx, mut ready) = mpsc::unbounded_channel();
-    for index in 0..3 {
-        let files = server
-            .agent_config(dir, &format!("agent-{index}"), "")
-            .await?;
-        agents.push(files.start()?);
-        let mut client =
-            tessera::cli::client::connect(&format!("unix://{}", files.socket.display()))
-                .await
-                .map_err(|f| BenchError::Failed(f.message))?;
-        sockets.push(files.socket);
-        let mut stream = client
-            .fetch_x509svid(X509svidRequest {})
-            .await
-            .map_err(failed("opening a workload stream"))?
-            .into_inner();
-        let (tx, ready_tx) = (tx.clone(), ready_tx.clone());
-        tokio::spawn(async move {
-            let mut first = true;
-            while let Some(Ok(message)) = stream.next().await {
-                let at = Instant::now();
-                if std::mem::take(&mut first) && ready_tx.send(index).is_err() {
-                    return;
-                }
-                // Agent 0's stream only tells that its agent has the entries.
-                if index > 0
-                    && tx
-                        .send(Update {
-                            agent: index,
-                            at,
-                            crls: message.crl,
-                        })
-                        .is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
-    drop((tx, ready_tx));
-    for _ in 0..3 {
-        tokio::time::timeout(STEP, ready.recv())
-            .await
-            .map_err(|_| BenchError::Failed(format!("an agent sent no SVID within {STEP:?}")))?
-            .ok_or_else(|| BenchError::Failed("a workload stream ended".into()))?;
-    }
+    let RelyingParties {
+        agents: _agents,
+        socket,
+        mut updates,
+    } = RelyingParties::start(&mut server, dir).await?;
 
     let level = dir.join("level.sh");
-    let uri = format!("unix://{}", sockets[0].display());
+    let uri = format!("unix://{}", socket.display());
     std::fs::write(
         &level,
         format!(

@@ -66,6 +66,7 @@ fn quick_benchmark_writes_a_complete_report() {
             "crl_size",
             "task_start",
             "task_cascade",
+            "task_ends",
             "policy_cost",
             "jwt_fetch",
             "jwt_server",
@@ -81,6 +82,8 @@ fn quick_benchmark_writes_a_complete_report() {
             } else if name.contains("sent everything") || name.contains("idle CPU") {
                 // Nodes that could not catch up after a restart; CPU below the clock tick.
                 assert!(value.is_finite() && value >= 0.0, "{name} = {value}");
+            } else if name.starts_with("deadline (SVID expiry after it)") {
+                assert_eq!(value, 0.0, "{name}: a task's SVID never outlives its task");
             } else if name.contains("late") || name.contains("missed") {
                 assert_eq!(
                     value, 0.0,
@@ -132,6 +135,7 @@ fn quick_benchmark_writes_a_complete_report() {
                     "crl_size.png",
                     "task_start.png",
                     "task_cascade.png",
+                    "task_ends.png",
                     "policy_cost.png",
                     "jwt_fetch.png",
                     "jwt_server.png",
