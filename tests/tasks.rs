@@ -915,13 +915,16 @@ async fn a_task_may_be_started_for_a_process_the_starters_parent_started() {
     let tessera = agent.tessera_copy("tessera");
     let uri = agent.uri();
     let dir = out_dir(agent.dir.path(), "sibling", UID_RUNNER);
-    // The sibling waits until its task has started, fetches the task's SVID and sleeps; the
-    // shell that started it leaves without ending the task.
+    // The sibling first starts a helper, then waits until its task has started, fetches the
+    // task's SVID and sleeps; the shell that started it leaves without ending the task. The
+    // helper, started before the task, is not the task's: it asks too, and gets nothing.
+    let early = out_dir(agent.dir.path(), "early", UID_RUNNER);
     let script = format!(
-        "( while [ ! -e {d}/go ]; do sleep 0.02; done; {t} svid fetch --socket {uri} --out {d}; exec sleep 60 ) >/dev/null 2>&1 & sibling=$!
+        "( ( while [ ! -e {d}/go ]; do sleep 0.02; done; {t} svid fetch --socket {uri} --out {e} 2> {e}/err; echo $? > {e}/status ) & while [ ! -e {d}/go ]; do sleep 0.02; done; {t} svid fetch --socket {uri} --out {d}; exec sleep 60 ) >/dev/null 2>&1 & sibling=$!
 {t} task start --socket {uri} --entry coder --purpose tests --pid $sibling || {{ kill $sibling; exit 1; }}
 echo $sibling > {d}/pid; touch {d}/go",
         d = dir.display(),
+        e = early.display(),
         t = tessera.display(),
     );
     let out = run(UID_RUNNER, Path::new("/bin/sh"), &["-c", &script]).await;
@@ -933,6 +936,15 @@ echo $sibling > {d}/pid; touch {d}/go",
     let cert = dir.join("svid.pem");
     eventually(Duration::from_secs(10), || cert.exists().then_some(())).await;
     assert_eq!(verify(&tessera, &agent, &cert).await, Ok(()));
+    let status = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(early.join("status"))
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .await;
+    let stderr = std::fs::read_to_string(early.join("err")).unwrap();
+    assert_eq!(status.trim(), "1", "{stderr}");
+    assert!(stderr.contains("PermissionDenied"), "{stderr}");
 
     // Its process exits: the agent learns it from the pidfd, and relying parties refuse the
     // certificate.

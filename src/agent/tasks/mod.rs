@@ -1078,8 +1078,8 @@ impl TaskRegistry {
                         ),
                     });
                 }
-                let boundary = target.stamp.start_ticks;
-                Ok((target, boundary))
+                // Only what it starts from now on is the task's, not what it started before.
+                Ok((target, boot_ticks_now()))
             }
         }
     }
