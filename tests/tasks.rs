@@ -918,9 +918,12 @@ async fn a_task_may_be_started_for_a_process_the_starters_parent_started() {
     // The sibling first starts a helper, then waits until its task has started, fetches the
     // task's SVID and sleeps; the shell that started it leaves without ending the task. The
     // helper, started before the task, is not the task's: it asks too, and gets nothing.
+    // Start times are whole clock ticks, so the task starts a few ticks after the helper (one
+    // started in the same tick as the task counts as the task's).
     let early = out_dir(agent.dir.path(), "early", UID_RUNNER);
     let script = format!(
         "( ( while [ ! -e {d}/go ]; do sleep 0.02; done; {t} svid fetch --socket {uri} --out {e} 2> {e}/err; echo $? > {e}/status ) & while [ ! -e {d}/go ]; do sleep 0.02; done; {t} svid fetch --socket {uri} --out {d}; exec sleep 60 ) >/dev/null 2>&1 & sibling=$!
+sleep 0.1
 {t} task start --socket {uri} --entry coder --purpose tests --pid $sibling || {{ kill $sibling; exit 1; }}
 echo $sibling > {d}/pid; touch {d}/go",
         d = dir.display(),
