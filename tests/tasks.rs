@@ -471,10 +471,7 @@ async fn delegation_keeps_to_the_parents_entry_lifetime_and_depth() {
         lifetime <= 60 + 10 + 1,
         "back-dated 10 s, at most 60 s to live: {lifetime}"
     );
-    eventually(Duration::from_secs(5), || {
-        agent.handle.task_registry.live().is_empty().then_some(())
-    })
-    .await;
+    until_no_live_task(&agent, Duration::from_secs(5)).await;
     let reasons = ended_reasons(&tessera, &uri).await;
     assert_eq!(
         reasons.len(),
@@ -690,10 +687,7 @@ async fn a_process_that_inherits_the_pid_of_an_ended_task_gets_nothing() {
         Some(137),
         "task run passes the signal on as 128+9"
     );
-    eventually(Duration::from_secs(5), || {
-        agent.handle.task_registry.live().is_empty().then_some(())
-    })
-    .await;
+    until_no_live_task(&agent, Duration::from_secs(5)).await;
 
     // The same user's next process gets the task's pid and asks for an identity.
     let script = format!("exec {} svid fetch --socket {uri}", tessera.display());
@@ -737,10 +731,7 @@ async fn deadlines_idleness_and_entry_changes_end_tasks() {
         lifetime <= 2 + 10 + 1,
         "back-dated 10 s, 2 s to live: {lifetime}"
     );
-    eventually(Duration::from_secs(10), || {
-        agent.handle.task_registry.live().is_empty().then_some(())
-    })
-    .await;
+    until_no_live_task(&agent, Duration::from_secs(10)).await;
     // Refused as revoked or as expired, whichever the relying party checks first.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while verify(&tessera, &agent, &expiring.join("svid.pem"))
@@ -800,6 +791,14 @@ async fn deadlines_idleness_and_entry_changes_end_tasks() {
         );
         let _ = child.wait();
     }
+}
+
+/// Waits, for at most `limit`, until the agent has no live task.
+async fn until_no_live_task(agent: &TestAgent, limit: Duration) {
+    eventually(limit, || {
+        agent.handle.task_registry.live().is_empty().then_some(())
+    })
+    .await;
 }
 
 /// End reasons of the ended tasks, oldest first, as `task list --all` shows them to root.
